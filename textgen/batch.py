@@ -1,0 +1,137 @@
+"""The running batch: sequences decoded together, one row each in a left-padded KV cache.
+
+Like TGI's `CausalLMBatch`, the batch knows how to take in new sequences (prefill, then concatenate),
+run one decoding step for all of them, and drop the ones that finished. Rows are left-padded so that
+every row's newest token sits in the last column: one forward pass then serves prompts of any length.
+Each row gets its own position ids, so a sequence computes the same thing whatever it is batched with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+
+def _cache_layers(cache: Any) -> list[Any]:
+    return list(getattr(cache, "self_attention_cache", cache).layers)
+
+
+class DecodeBatch:
+    def __init__(
+        self,
+        rows: list[Any],
+        cache: Any,
+        attention_mask: torch.Tensor,
+        seen: torch.Tensor,
+    ) -> None:
+        self.rows = (
+            rows  # one object per row, owned by the caller (the engine's sequences)
+        )
+        self.cache = cache
+        self.attention_mask = attention_mask  # [B, L] 1 = real token, 0 = left padding
+        self.seen = seen  # [B, V] tokens present so far (prompt + output), for the repetition penalty
+        self.next_tokens: torch.Tensor | None = (
+            None  # [B, 1] tokens to feed at the next step
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def width(self) -> int:
+        return self.attention_mask.shape[1]
+
+    @classmethod
+    def prefill(
+        cls, model: Any, rows: list[Any], prompts: list[list[int]], vocab_size: int
+    ) -> tuple["DecodeBatch", torch.Tensor]:
+        """Run the prompts of new sequences; return their batch and next-token logits [B, V]."""
+        width = max(len(p) for p in prompts)
+        input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=DynamicCache(),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        # Padding rows attend to nothing; zero their keys/values so no NaN can ever leak into real rows.
+        pad = (mask == 0)[:, None, :, None]
+        for layer in _cache_layers(out.past_key_values):
+            layer.keys.masked_fill_(pad, 0.0)
+            layer.values.masked_fill_(pad, 0.0)
+        seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool)
+        seen.scatter_(1, input_ids.clamp(max=vocab_size - 1), mask.bool())
+        batch = cls(rows, out.past_key_values, mask, seen)
+        return batch, out.logits[:, -1, :].float()
+
+    def step(self, model: Any) -> torch.Tensor:
+        """Feed every row its newest token; return next-token logits [B, V]."""
+        assert (
+            self.next_tokens is not None
+        ), "record() the sampled tokens before the next step"
+        positions = self.attention_mask.sum(-1, keepdim=True)
+        self.attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
+        out = model(
+            input_ids=self.next_tokens,
+            attention_mask=self.attention_mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        self.next_tokens = None
+        return out.logits[:, -1, :].float()
+
+    def record(self, tokens: torch.Tensor) -> None:
+        """Remember the tokens just sampled (one per row): they are the next step's input."""
+        self.next_tokens = tokens.view(-1, 1)
+        self.seen.scatter_(1, self.next_tokens.clamp(max=self.seen.shape[1] - 1), True)
+
+    def filter(self, keep: list[int]) -> None:
+        """Keep only the rows at `keep`, then drop the padding columns no remaining row needs."""
+        if len(keep) == len(self.rows):
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        self.rows = [self.rows[i] for i in keep]
+        self.attention_mask = self.attention_mask[index]
+        self.seen = self.seen[index]
+        if self.next_tokens is not None:
+            self.next_tokens = self.next_tokens[index]
+        used = self.attention_mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else self.width
+        self.attention_mask = self.attention_mask[:, start:]
+        for layer in _cache_layers(self.cache):
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+    def concatenate(self, other: "DecodeBatch") -> None:
+        """Append the rows of `other`, left-padding whichever batch is narrower."""
+        width = max(self.width, other.width)
+        mine, theirs = width - self.width, width - other.width
+        self.attention_mask = torch.cat(
+            [
+                F.pad(self.attention_mask, (mine, 0)),
+                F.pad(other.attention_mask, (theirs, 0)),
+            ]
+        )
+        for a, b in zip(_cache_layers(self.cache), _cache_layers(other.cache)):
+            a.keys = torch.cat(
+                [F.pad(a.keys, (0, 0, mine, 0)), F.pad(b.keys, (0, 0, theirs, 0))]
+            )
+            a.values = torch.cat(
+                [F.pad(a.values, (0, 0, mine, 0)), F.pad(b.values, (0, 0, theirs, 0))]
+            )
+        self.seen = torch.cat([self.seen, other.seen])
+        if self.next_tokens is not None and other.next_tokens is not None:
+            self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
+        self.rows = self.rows + other.rows

@@ -1,0 +1,104 @@
+"""Decoding parameters: one typed object that carries and validates them (vLLM's SamplingParams)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ParamError(ValueError):
+    """An invalid request parameter; `field` names it so the HTTP layer can point at it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Range:
+    """Inclusive bounds of a numeric parameter, with the message users see when they miss it."""
+
+    low: float
+    high: float
+    low_open: bool = False  # True: `low` itself is not allowed
+
+    def check(self, name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamError(name, f"{name} must be a number in {self}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ParamError(
+                name, f"{name} must be a finite number in {self}, got {value}"
+            )
+        too_low = value <= self.low if self.low_open else value < self.low
+        if too_low or value > self.high:
+            raise ParamError(name, f"{name} must be in {self}, got {value}")
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{_fmt(self.low)}, {_fmt(self.high)}]"
+
+    def json_schema(self) -> dict[str, float]:
+        low_key = "exclusiveMinimum" if self.low_open else "minimum"
+        return {low_key: self.low, "maximum": self.high}
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+# The one table of bounds: SamplingParams, the pydantic request models and the OpenAPI document read it.
+RANGES: dict[str, Range] = {
+    "max_new_tokens": Range(1, 4096),
+    "temperature": Range(0.0, 5.0),
+    "top_p": Range(0.0, 1.0, low_open=True),
+    "top_k": Range(0, 100_000),
+    "repetition_penalty": Range(0.0, 10.0, low_open=True),
+    "no_repeat_ngram_size": Range(0, 20),
+    "seed": Range(0, 2**63 - 1),
+}
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Everything that decides how one request is decoded.
+
+    `temperature == 0` or `do_sample=False` means greedy decoding. `top_k == 0` disables top-k.
+    `repetition_penalty == 1` and `no_repeat_ngram_size == 0` disable those penalties.
+    A request without `seed` still gets its own random stream, so its companions in a batch never
+    change what it samples.
+    """
+
+    max_new_tokens: int = 200
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    repetition_penalty: float = 1.2
+    no_repeat_ngram_size: int = 2
+    do_sample: bool = True
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        for name, bounds in RANGES.items():
+            value = getattr(self, name)
+            if value is not None:
+                bounds.check(name, value)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ParamError(
+                "stop",
+                f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}",
+            )
+        for s in self.stop:
+            if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
+                raise ParamError(
+                    "stop",
+                    f"each stop string must have 1 to {MAX_STOP_CHARS} characters, got {s!r}",
+                )
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
