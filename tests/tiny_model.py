@@ -36,10 +36,7 @@ def build_tiny_gpt2(path: Path, vocab_size: int = 512, n_positions: int = 256) -
     model = json.loads(bpe._tokenizer.model.__getstate__())
     tokenizer = GPT2TokenizerFast(
         vocab=model["vocab"],
-        merges=[
-            tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-            for m in model["merges"]
-        ],
+        merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]],
         bos_token="<|endoftext|>",
         eos_token="<|endoftext|>",
         unk_token="<|endoftext|>",

@@ -27,15 +27,11 @@ class DecodeBatch:
         attention_mask: torch.Tensor,
         seen: torch.Tensor,
     ) -> None:
-        self.rows = (
-            rows  # one object per row, owned by the caller (the engine's sequences)
-        )
+        self.rows = rows  # one object per row, owned by the caller (the engine's sequences)
         self.cache = cache
         self.attention_mask = attention_mask  # [B, L] 1 = real token, 0 = left padding
         self.seen = seen  # [B, V] tokens present so far (prompt + output), for the repetition penalty
-        self.next_tokens: torch.Tensor | None = (
-            None  # [B, 1] tokens to feed at the next step
-        )
+        self.next_tokens: torch.Tensor | None = None  # [B, 1] tokens to feed at the next step
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -76,9 +72,7 @@ class DecodeBatch:
 
     def step(self, model: Any) -> torch.Tensor:
         """Feed every row its newest token; return next-token logits [B, V]."""
-        assert (
-            self.next_tokens is not None
-        ), "record() the sampled tokens before the next step"
+        assert self.next_tokens is not None, "record() the sampled tokens before the next step"
         positions = self.attention_mask.sum(-1, keepdim=True)
         self.attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
         out = model(
@@ -125,12 +119,8 @@ class DecodeBatch:
             ]
         )
         for a, b in zip(_cache_layers(self.cache), _cache_layers(other.cache)):
-            a.keys = torch.cat(
-                [F.pad(a.keys, (0, 0, mine, 0)), F.pad(b.keys, (0, 0, theirs, 0))]
-            )
-            a.values = torch.cat(
-                [F.pad(a.values, (0, 0, mine, 0)), F.pad(b.values, (0, 0, theirs, 0))]
-            )
+            a.keys = torch.cat([F.pad(a.keys, (0, 0, mine, 0)), F.pad(b.keys, (0, 0, theirs, 0))])
+            a.values = torch.cat([F.pad(a.values, (0, 0, mine, 0)), F.pad(b.values, (0, 0, theirs, 0))])
         self.seen = torch.cat([self.seen, other.seen])
         if self.next_tokens is not None and other.next_tokens is not None:
             self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])

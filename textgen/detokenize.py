@@ -28,9 +28,7 @@ class IncrementalDetokenizer:
         """Add one token; return the text it completes (possibly empty)."""
         self.ids.append(token_id)
         decode = self.tokenizer.decode
-        prefix = decode(
-            self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True
-        )
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
         full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""  # an incomplete character, or a token that adds no text (a special token)
@@ -41,9 +39,7 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """Text still held back when generation ends (a character the model never completed)."""
         decode = self.tokenizer.decode
-        prefix = decode(
-            self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True
-        )
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
         full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
         self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix) :]

@@ -32,23 +32,28 @@ log = logging.getLogger(__name__)
 
 
 class RequestHandle:
-    """The caller's side of one request: its events, its result, and a way to cancel it."""
+    """The caller's side of one request: its events, its result, and a way to cancel it.
 
-    def __init__(self, sequence: Sequence | None = None) -> None:
-        self.sequence: Sequence | None = sequence
-        try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None
-        self._async_events: asyncio.Queue[Event] = asyncio.Queue()
+    Events cross from the engine thread through a thread-safe queue; an event-loop consumer is woken
+    with `call_soon_threadsafe`, a blocking consumer (tests, benchmarks) just waits on the queue.
+    """
+
+    def __init__(self) -> None:
+        self.sequence: Sequence | None = None
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Event | None = None
+        try:
+            self._loop = asyncio.get_running_loop()
+            self._ready = asyncio.Event()
+        except RuntimeError:
+            pass
 
     def put(self, event: Event) -> None:
         """Called from the engine thread."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._async_events.put_nowait, event)
-        else:
-            self._events.put(event)
+        self._events.put(event)
+        if self._loop is not None and self._ready is not None:
+            self._loop.call_soon_threadsafe(self._ready.set)
 
     def cancel(self) -> None:
         """Leave the batch at the next step boundary (the client went away or timed out)."""
@@ -57,9 +62,16 @@ class RequestHandle:
 
     async def stream(self) -> AsyncIterator[Event]:
         """Events as they come; cancels the request if the consumer stops early."""
+        assert self._ready is not None, "stream() needs a handle submitted from an event loop"
         try:
             while True:
-                event = await self._async_events.get()
+                try:
+                    event = self._events.get_nowait()
+                except queue.Empty:
+                    self._ready.clear()
+                    if self._events.empty():
+                        await self._ready.wait()
+                    continue
                 yield event
                 if event.result is not None:
                     return
@@ -73,7 +85,7 @@ class RequestHandle:
         raise RuntimeError("the engine ended the request without a result")
 
     def wait(self, timeout: float | None = None) -> GenerationResult:
-        """Blocking form of `result`, for callers outside an event loop."""
+        """Blocking form of `result`, for callers outside an event loop (or its thread)."""
         while True:
             event = self._events.get(timeout=timeout)
             if event.result is not None:
@@ -104,9 +116,7 @@ class Engine:
         self.context_length = context_length
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
-        self.is_encoder_decoder = bool(
-            getattr(model.config, "is_encoder_decoder", False)
-        )
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.stats = EngineStats()
@@ -114,9 +124,7 @@ class Engine:
         self._batch: DecodeBatch | None = None
         self._wakeup = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(
-            target=self._run, name="textgen-engine", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="textgen-engine", daemon=True)
 
     # -- caller side ---------------------------------------------------------------------------
 
@@ -169,9 +177,7 @@ class Engine:
                         self._generate_seq2seq(seq)
                 else:
                     self._iterate(new)
-            except (
-                Exception
-            ) as exc:  # a bug or OOM must not leave clients waiting forever
+            except Exception as exc:  # a bug or OOM must not leave clients waiting forever
                 log.exception("engine step failed; failing the affected requests")
                 rows = (self._batch.rows if self._batch else []) + new
                 for seq in rows:
@@ -207,9 +213,10 @@ class Engine:
             if len(batch) == 0:
                 batch = self._batch = None
         if new:
-            fresh, logits = DecodeBatch.prefill(
-                self.model, new, [s.prompt_ids for s in new], self.vocab_size
-            )
+            now = time.perf_counter()
+            for seq in new:
+                seq.started = now
+            fresh, logits = DecodeBatch.prefill(self.model, new, [s.prompt_ids for s in new], self.vocab_size)
             if self._advance(fresh, logits):
                 if batch is None:
                     self._batch = fresh
@@ -228,9 +235,7 @@ class Engine:
             seq.started = seq.started or now
             seq.max_batch_size = max(seq.max_batch_size, len(seqs))
         params = [s.params for s in seqs]
-        logits = apply_penalties(
-            logits, params, batch.seen, [s.banned_tokens() for s in seqs]
-        )
+        logits = apply_penalties(logits, params, batch.seen, [s.banned_tokens() for s in seqs])
         tokens = sample(logits, params, [s.generator for s in seqs])
         batch.record(tokens)
         for seq, token in zip(seqs, tokens.tolist()):
@@ -261,17 +266,13 @@ class Engine:
             do_sample=not p.greedy,
         )
         if not p.greedy:
-            kwargs.update(
-                temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None
-            )
+            kwargs.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None)
             torch.manual_seed(seq.seed)  # only this thread uses the global generator
         if p.ignore_eos:
             kwargs["min_new_tokens"] = seq.max_new_tokens
         input_ids = torch.tensor([seq.prompt_ids])
         output = self.model.generate(input_ids=input_ids, **kwargs)[0].tolist()
-        start = (
-            1 if output and output[0] == self.model.config.decoder_start_token_id else 0
-        )
+        start = 1 if output and output[0] == self.model.config.decoder_start_token_id else 0
         for token in output[start:]:
             seq.append(token)
             if seq.finish_reason is not None:

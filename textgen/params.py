@@ -28,9 +28,7 @@ class Range:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamError(name, f"{name} must be a number in {self}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise ParamError(
-                name, f"{name} must be a finite number in {self}, got {value}"
-            )
+            raise ParamError(name, f"{name} must be a finite number in {self}, got {value}")
         too_low = value <= self.low if self.low_open else value < self.low
         if too_low or value > self.high:
             raise ParamError(name, f"{name} must be in {self}, got {value}")

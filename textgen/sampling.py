@@ -16,9 +16,7 @@ import torch
 
 from textgen.params import SamplingParams
 
-CANDIDATES = (
-    256  # top-k read first; the nucleus of a trained model nearly always lies inside it
-)
+CANDIDATES = 256  # top-k read first; the nucleus of a trained model nearly always lies inside it
 BISECTION_STEPS = 26  # threshold resolution: max probability / 2**26
 
 
@@ -51,15 +49,11 @@ def sample(
     if not rows:
         return tokens
     index = torch.tensor(rows)
-    temperature = torch.tensor(
-        [params[i].temperature for i in rows], dtype=logits.dtype
-    )
+    temperature = torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype)
     probs = torch.softmax(logits[index] / temperature[:, None], dim=-1)
     top_k = torch.tensor([params[i].top_k for i in rows])
     top_p = torch.tensor([params[i].top_p for i in rows], dtype=probs.dtype)
-    uniform = torch.stack(
-        [torch.rand((), generator=generators[i], dtype=probs.dtype) for i in rows]
-    )
+    uniform = torch.stack([torch.rand((), generator=generators[i], dtype=probs.dtype) for i in rows])
     tokens[index] = _sample_nucleus(probs, top_k, top_p, uniform)
     return tokens
 
@@ -75,9 +69,7 @@ def _sample_nucleus(
     cand_p = cand_p * in_k
     # After top-k the distribution is renormalised (as in HF); without top-k it is the full softmax.
     total = torch.where(top_k > 0, cand_p.sum(-1), torch.ones_like(top_p))
-    before = (cand_p.cumsum(-1) - cand_p) / total[
-        :, None
-    ]  # mass of the candidates ahead of each one
+    before = (cand_p.cumsum(-1) - cand_p) / total[:, None]  # mass of the candidates ahead of each one
     weights = cand_p * (before < top_p[:, None])
     # The nucleus lies inside the candidates if they reach top_p, or if top-k cut the vocabulary anyway.
     inside = (top_k > 0) | (cand_p.sum(-1) >= top_p)

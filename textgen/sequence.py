@@ -69,9 +69,7 @@ class Sequence:
         self._ngrams: dict[tuple[int, ...], set[int]] = defaultdict(set)
         if n > 0:
             for i in range(len(prompt_ids) - n + 1):
-                self._ngrams[tuple(prompt_ids[i : i + n - 1])].add(
-                    prompt_ids[i + n - 1]
-                )
+                self._ngrams[tuple(prompt_ids[i : i + n - 1])].add(prompt_ids[i + n - 1])
 
     @property
     def all_ids(self) -> list[int]:
@@ -85,11 +83,7 @@ class Sequence:
         ids = self.all_ids
         if len(ids) < n - 1:
             return set()
-        return (
-            self._ngrams.get(tuple(ids[len(ids) - n + 1 :]), set())
-            if n > 1
-            else set(ids)
-        )
+        return self._ngrams.get(tuple(ids[len(ids) - n + 1 :]), set()) if n > 1 else set(ids)
 
     def append(self, token_id: int) -> None:
         """Take the token sampled for this sequence: update text, n-grams and finish state."""
@@ -123,9 +117,7 @@ class Sequence:
                 tail += self.stop_matcher.flush()
             self._finish(reason, tail, error)
 
-    def _finish(
-        self, reason: FinishReason, delta: str, error: str | None = None
-    ) -> None:
+    def _finish(self, reason: FinishReason, delta: str, error: str | None = None) -> None:
         self.text += delta
         self.finish_reason = reason
         now = time.perf_counter()

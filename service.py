@@ -1,0 +1,91 @@
+"""textgen's HTTP surface: a BentoML service over the `textgen` library.
+
+Everything that is not HTTP or lifecycle lives in `textgen/`; see textgen/http.py for why the
+batchable /generate API only admits requests and the engine does the batching per decoding step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+import bentoml
+from starlette.applications import Starlette
+from starlette.responses import RedirectResponse
+from starlette.routing import Route
+
+from textgen import http
+from textgen.config import Settings
+from textgen.generator import TextGenerator
+from textgen.loading import load_model, resolve_model
+
+log = logging.getLogger("textgen")
+settings = Settings.from_env()
+# Fails here, in the main process, with a non-zero exit when MODEL_NAME cannot be loaded.
+model_source = resolve_model(settings)
+
+# The old FastAPI service had Swagger UI at /docs; BentoML serves it at / (OpenAPI at /docs.json).
+docs_redirect = Starlette(routes=[Route("/", lambda request: RedirectResponse("/", status_code=307))])
+
+
+def stop_server() -> None:
+    """Ask `bentoml serve` (this worker's parent) to shut down."""
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            is_bentoml = b"bentoml" in f.read()
+    except OSError:
+        is_bentoml = False
+    if is_bentoml:
+        os.kill(parent, signal.SIGTERM)
+
+
+@bentoml.asgi_app(docs_redirect, path="/docs")
+@bentoml.service(
+    name="textgen",
+    workers=1,  # one engine per process; it batches every request itself
+    traffic={"timeout": settings.request_timeout},
+)
+class TextGen:
+    def __init__(self) -> None:
+        try:
+            loaded = load_model(settings, model_source)
+        except Exception:
+            log.critical("the model could not be loaded; stopping the server", exc_info=True)
+            stop_server()  # BentoML would otherwise restart this worker forever: a half-up server
+            raise
+        self.generator = TextGenerator(loaded, settings)
+        self.generator.warmup()
+        log.info(
+            "serving %s (%s, %s)",
+            self.generator.model_id,
+            self.generator.loaded.source,
+            settings.dtype,
+        )
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self.generator.close()
+
+    @bentoml.api(
+        route="/generate",
+        batchable=True,
+        max_batch_size=settings.max_batch_size,
+        max_latency_ms=settings.request_timeout * 1000,
+        input_spec=http.GenerateBody,
+        output_spec=http.GenerateReply,
+    )
+    async def generate(self, bodies: list[dict[str, Any]]) -> list[Any]:
+        """Generate text for a prompt. Concurrent requests are batched; each keeps its own parameters."""
+        return http.admit(self.generator, bodies)
+
+    @bentoml.api(
+        route="/generate_stream",
+        input_spec=http.GenerateBody,
+        output_spec=http.StreamReply,
+    )
+    async def generate_stream(self, bodies: list[dict[str, Any]]) -> Any:
+        """Same body as /generate; the text arrives as Server-Sent Events (`data: {json}`), one per delta."""
+        return http.stream(self.generator, bodies[0])

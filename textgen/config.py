@@ -1,0 +1,64 @@
+"""Configuration from environment variables, read once at start-up, with errors that name the variable."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_name: str | None = None  # None: GPT-2, or the offline default when GPT-2 is unavailable
+    threads: int = 1
+    dtype: str = "float32"
+    max_batch_size: int = 32
+    max_new_tokens: int = 1024
+    max_prompt_chars: int = 32_000
+    max_words: int = 200
+    request_timeout: int = 600
+    cache_dir: Path = Path.home() / ".cache" / "textgen"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
+        def integer(name: str, default: int, low: int, high: int) -> int:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+            if not low <= value <= high:
+                raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+            return value
+
+        dtype = env.get("TEXTGEN_DTYPE", "float32").strip() or "float32"
+        if dtype not in DTYPES:
+            raise ConfigError(f"TEXTGEN_DTYPE must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        cache = env.get("TEXTGEN_CACHE_DIR", "").strip()
+        return cls(
+            model_name=env.get("MODEL_NAME", "").strip() or None,
+            threads=integer("TEXTGEN_THREADS", available_cores(), 1, 1024),
+            dtype=dtype,
+            max_batch_size=integer("TEXTGEN_MAX_BATCH_SIZE", 32, 1, 1024),
+            max_new_tokens=integer("TEXTGEN_MAX_NEW_TOKENS", 1024, 1, 4096),
+            max_prompt_chars=integer("TEXTGEN_MAX_PROMPT_CHARS", 32_000, 1, 10_000_000),
+            max_words=integer("TEXTGEN_MAX_WORDS", 200, 0, 1_000_000),
+            request_timeout=integer("TEXTGEN_TIMEOUT", 600, 1, 86_400),
+            cache_dir=Path(cache) if cache else cls.cache_dir,
+        )

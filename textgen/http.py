@@ -1,0 +1,218 @@
+"""HTTP glue between BentoML and the generator: bodies, errors, deferred responses and SSE.
+
+BentoML's dispatcher runs one batch at a time per worker. If the batch function waited for its
+generations, every new arrival would wait for the slowest of them. So the batchable /generate API only
+*admits*: it validates, templates and tokenizes the requests that arrived together, hands them to the
+engine, and returns at once a response object per request that waits for that request's result while
+it is being sent. The dispatcher is free again within milliseconds; the engine batches per step.
+
+Error bodies everywhere have one shape, the one BentoML uses for its own validation errors:
+    {"error": "<summary>", "detail": [{"loc": ["<field>"], "msg": "<what is allowed>", "type": "..."}]}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from _bentoml_sdk.io_models import IORootModel
+from pydantic import ValidationError, field_validator
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from textgen.generator import PreparedRequest, TextGenerator
+from textgen.params import RANGES, ParamError
+from textgen.schemas import GenerateRequest, GenerateResponse, StreamEvent
+
+log = logging.getLogger(__name__)
+
+# -- request and response specs for BentoML ------------------------------------------------------
+
+
+class GenerateBody(IORootModel[list[dict[str, Any]]]):
+    """A flat JSON object (GenerateRequest), presented to the batchable API as a one-item list.
+
+    Validation happens in `admit`, so that every error has textgen's shape and names the bare field.
+    """
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _one_item(cls, value: Any) -> Any:
+        return [value]
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        schema = GenerateRequest.model_json_schema(*args, **kwargs)
+        schema["root_input"] = True
+        return schema
+
+
+GenerateBody.__root_input__ = True  # BentoML: the whole body is the one argument
+
+
+class GenerateReply(IORootModel[GenerateResponse]):
+    """Documents the 200 body; the response itself comes from `admit` (one per request)."""
+
+    @classmethod
+    async def to_http_response(cls, obj: Any, serde: Any) -> Response:
+        (response,) = obj
+        return response
+
+
+class StreamReply(IORootModel[StreamEvent]):
+    """Documents one event of the SSE stream."""
+
+    @classmethod
+    async def to_http_response(cls, obj: Any, serde: Any) -> Response:
+        return obj
+
+
+StreamReply.media_type = "text/event-stream"
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def error_response(status: int, summary: str, detail: list[dict[str, Any]]) -> JSONResponse:
+    return JSONResponse({"error": summary, "detail": detail}, status_code=status)
+
+
+def param_error_response(exc: ParamError) -> JSONResponse:
+    return error_response(
+        400,
+        exc.message,
+        [{"loc": [exc.field], "msg": exc.message, "type": "value_error"}],
+    )
+
+
+def validation_error_response(exc: ValidationError) -> JSONResponse:
+    detail = []
+    for err in exc.errors(include_context=False, include_input=False, include_url=False):
+        loc = [str(part) for part in err["loc"]]
+        msg = err["msg"].removeprefix("Value error, ")
+        field = loc[0] if loc else ""
+        if field in RANGES and str(RANGES[field]) not in msg:
+            msg = f"{msg}; {field} must be a number in {RANGES[field]}"
+        detail.append({"loc": loc, "msg": msg, "type": err["type"]})
+    summary = "; ".join(f"{'.'.join(d['loc']) or 'body'}: {d['msg']}" for d in detail)
+    return error_response(400, summary, detail)
+
+
+def parse_request(raw: Any) -> GenerateRequest | JSONResponse:
+    if not isinstance(raw, dict):
+        return error_response(
+            400,
+            'the body must be a JSON object such as {"prompt": "What is AI?"}',
+            [{"loc": [], "msg": "expected a JSON object", "type": "model_type"}],
+        )
+    try:
+        return GenerateRequest.model_validate(raw)
+    except ValidationError as exc:
+        return validation_error_response(exc)
+
+
+# -- /generate -------------------------------------------------------------------------------------
+
+
+def admit(generator: TextGenerator, bodies: list[Any]) -> list[Response]:
+    """Admit a batch of /generate bodies into the engine; one response object per body."""
+    parsed = [parse_request(b) for b in bodies]
+    valid = [p for p in parsed if isinstance(p, GenerateRequest)]
+    prepared = iter(generator.prepare(valid))
+    responses: list[Response] = []
+    for p in parsed:
+        if isinstance(p, Response):
+            responses.append(p)
+            continue
+        item = next(prepared)
+        if isinstance(item, ParamError):
+            responses.append(param_error_response(item))
+        else:
+            responses.append(GenerationResponse(generator, item))
+    return responses
+
+
+class GenerationResponse(Response):
+    """A JSON response whose body (and status) is known only when the engine finishes the request.
+
+    While waiting it listens for the client going away, and cancels the request if so: its sequence
+    leaves the batch at the next step instead of generating for nobody.
+    """
+
+    media_type = "application/json"
+
+    def __init__(self, generator: TextGenerator, prepared: PreparedRequest) -> None:
+        super().__init__(media_type=self.media_type)
+        self.generator = generator
+        self.prepared = prepared
+        self.handle = generator.submit(prepared)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        result_task = asyncio.ensure_future(self.handle.result())
+        gone_task = asyncio.ensure_future(_client_gone(receive))
+        try:
+            await asyncio.wait({result_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not result_task.done():
+                self.handle.cancel()  # client gone, or we were cancelled (timeout, shutdown)
+                result_task.cancel()
+            gone_task.cancel()
+        if not result_task.done() or result_task.cancelled():
+            return  # nobody to answer
+        result = result_task.result()
+        if result.finish_reason == "error":
+            self.status_code, body = 500, {
+                "error": f"generation failed: {result.error}",
+                "detail": [],
+            }
+        elif result.finish_reason == "cancelled":
+            self.status_code, body = 503, {
+                "error": "the server is shutting down; retry",
+                "detail": [],
+            }
+        else:
+            body = self.generator.response(self.prepared, result).model_dump(mode="json")
+        self.body = json.dumps(body, ensure_ascii=False).encode()
+        self.init_headers()
+        await super().__call__(scope, receive, send)
+
+
+async def _client_gone(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# -- /generate_stream ------------------------------------------------------------------------------
+
+
+def stream(generator: TextGenerator, body: Any) -> Response:
+    """Validate and start a streamed generation; an invalid body is a plain JSON 4xx, not a stream."""
+    parsed = parse_request(body)
+    if isinstance(parsed, Response):
+        return parsed
+    (prepared,) = generator.prepare([parsed])
+    if isinstance(prepared, ParamError):
+        return param_error_response(prepared)
+    handle = generator.submit(prepared)
+
+    async def events() -> AsyncIterator[str]:
+        # Leaving this generator early (client disconnect) cancels the request: see RequestHandle.stream.
+        async for event in handle.stream():
+            if event.result is None:
+                yield sse(StreamEvent(text=event.text).model_dump(mode="json", exclude_none=True))
+            elif event.result.finish_reason in ("error", "cancelled"):
+                yield sse({"error": event.result.error or event.result.finish_reason})
+            else:
+                final = generator.final_event(event.result, event.text)
+                yield sse(final.model_dump(mode="json", exclude_none=True))
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
