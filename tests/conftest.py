@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny GPT-2 built on the spot, and real `bentoml serve` processes on free ports."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for the Hub, even where it resolves
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.server import Server, start_server  # noqa: E402
+from tests.tiny_model import build_tiny_gpt2  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TEXTGEN_CACHE_DIR shared by the session, so the SmolLM2 GGUF is converted once."""
+    return tmp_path_factory.mktemp("textgen-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir: Path, cache_dir: Path) -> Iterator[Server]:
+    env = {"MODEL_NAME": str(tiny_model_dir), "TEXTGEN_CACHE_DIR": str(cache_dir), "TEXTGEN_THREADS": "1"}
+    with start_server(env) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def loaded_tiny(tiny_model_dir: Path, cache_dir: Path):  # type: ignore[no-untyped-def]
+    from textgen.config import Settings
+    from textgen.loading import load_model, resolve_model
+
+    settings = Settings(model_name=str(tiny_model_dir), threads=1, cache_dir=cache_dir)
+    return load_model(settings, resolve_model(settings))

@@ -1,0 +1,164 @@
+"""Iteration-level batching on the tiny GPT-2 (fp32): batching must never change what a request gets."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from textgen.engine import Engine, RequestHandle
+from textgen.params import SamplingParams
+from textgen.sequence import Sequence
+
+GREEDY = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+PROMPTS = [
+    "What is AI?",
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France; Rome is the capital of",
+    "Café 東京 🙂",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(loaded_tiny):
+    engine = Engine(loaded_tiny.model, loaded_tiny.tokenizer, context_length=loaded_tiny.context_length)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def encode(loaded_tiny):
+    return lambda text: loaded_tiny.tokenizer.encode(text)
+
+
+def wait_for_tokens(handle: RequestHandle, n: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while len(handle.sequence.output_ids) < n:
+        assert handle.sequence.finish_reason is None, "finished before the others could join"
+        assert time.monotonic() < deadline
+        time.sleep(0.0005)
+
+
+def test_greedy_matches_hugging_face_generate(engine, encode, loaded_tiny):
+    params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)  # penalties 1.2 and 2 on
+    for prompt in PROMPTS:
+        ids = encode(prompt)
+        ours = engine.submit(ids, params).wait(30)
+        reference = loaded_tiny.model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=30,
+            do_sample=False,
+            repetition_penalty=1.2,
+            no_repeat_ngram_size=2,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(ids) :]
+        assert ours.completion_tokens == 30
+        assert ours.text == loaded_tiny.tokenizer.decode(reference, skip_special_tokens=True)
+
+
+def test_batched_equals_solo_for_prompts_joining_at_different_steps(engine, encode):
+    long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
+    solo_long = engine.submit(encode(PROMPTS[0]), long).wait(30)
+    solo = [engine.submit(encode(p), GREEDY).wait(30) for p in PROMPTS[1:]]
+
+    first = engine.submit(encode(PROMPTS[0]), long)
+    wait_for_tokens(first, 5)
+    second = engine.submit(encode(PROMPTS[1]), GREEDY)
+    wait_for_tokens(first, 20)
+    third = engine.submit(encode(PROMPTS[2]), GREEDY)
+    results = [first.wait(30), second.wait(30), third.wait(30)]
+
+    assert results[0].text == solo_long.text
+    assert [r.text for r in results[1:]] == [s.text for s in solo]
+    assert results[0].max_batch_size == 3 and results[2].max_batch_size >= 2
+
+
+def test_same_seed_same_text_alone_and_in_a_crowd(engine, encode):
+    seeded = SamplingParams(max_new_tokens=30, seed=1234, ignore_eos=True)
+    alone = engine.submit(encode("What is AI?"), seeded).wait(30)
+    crowd = [engine.submit(encode(p), SamplingParams(max_new_tokens=35, ignore_eos=True)) for p in PROMPTS]
+    mine = engine.submit(encode("What is AI?"), seeded)
+    crowd += [engine.submit(encode(p), SamplingParams(max_new_tokens=25, top_k=5)) for p in PROMPTS]
+    result = mine.wait(30)
+    for h in crowd:
+        h.wait(30)
+    assert result.max_batch_size > 1
+    assert result.text == alone.text and result.seed == 1234
+    other_seed = engine.submit(
+        encode("What is AI?"), SamplingParams(max_new_tokens=30, seed=99, ignore_eos=True)
+    )
+    assert other_seed.wait(30).text != alone.text
+
+
+def test_stop_string_spanning_two_tokens_stops_and_is_not_emitted(engine, encode, loaded_tiny):
+    ids = encode(PROMPTS[1])
+    free = engine.submit(ids, GREEDY)
+    text = free.wait(30).text
+    out_ids = free.sequence.output_ids
+    decode = loaded_tiny.tokenizer.decode
+
+    def boundary_stop(k: int) -> str | None:
+        """Last char of token k + first char of token k+1, if that is where it first occurs."""
+        head, nxt = decode(out_ids[: k + 1]), decode([out_ids[k + 1]])
+        if not head or not text.startswith(head) or not nxt or not (head[-1] + nxt[0]).isprintable():
+            return None
+        stop = head[-1] + nxt[0]
+        return stop if text.find(stop) == len(head) - 1 else None
+
+    k, stop = next((k, s) for k in range(2, len(out_ids) - 1) if (s := boundary_stop(k)))
+    expected = text[: text.index(stop)]
+
+    handle = engine.submit(
+        ids, SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True, stop=(stop,))
+    )
+    deltas, result = [], None
+    while result is None:
+        event = handle._events.get(timeout=30)
+        deltas.append(event.text)
+        result = event.result
+    assert result.finish_reason == "stop"
+    assert result.text == expected and "".join(deltas) == expected
+    assert result.completion_tokens == k + 2  # stopped at the token that completed the stop string
+
+
+def test_short_request_after_a_long_one_finishes_first(engine, encode):
+    long = engine.submit(encode(PROMPTS[0]), SamplingParams(max_new_tokens=250, ignore_eos=True))
+    wait_for_tokens(long, 3)
+    short = engine.submit(encode(PROMPTS[1]), SamplingParams(max_new_tokens=5, ignore_eos=True)).wait(30)
+    assert short.finish_reason == "length" and short.completion_tokens == 5
+    assert long.sequence.finish_reason is None  # still generating
+    assert long.wait(30).completion_tokens == 250
+
+
+def test_cancelled_request_leaves_the_batch_at_the_next_step(engine, encode):
+    handle = engine.submit(encode(PROMPTS[0]), SamplingParams(max_new_tokens=250, ignore_eos=True))
+    wait_for_tokens(handle, 3)
+    handle.cancel()
+    result = handle.wait(10)
+    assert result.finish_reason == "cancelled" and result.completion_tokens < 250
+    deadline = time.monotonic() + 2
+    while engine.stats.running and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert engine.stats.running == 0
+
+
+def test_eos_ends_a_request_unless_ignored(loaded_tiny):
+    tokenizer = loaded_tiny.tokenizer
+    eos = tokenizer.eos_token_id
+    word = tokenizer.encode(" Paris")
+
+    def run(params: SamplingParams) -> list:
+        events = []
+        seq = Sequence([1, 2], params, tokenizer, {eos}, 256, events.append)
+        for token in word + [eos] + word:
+            if seq.finish_reason is None:
+                seq.append(token)
+        return events
+
+    events = run(SamplingParams(max_new_tokens=10))
+    assert events[-1].result.finish_reason == "eos"
+    assert events[-1].result.text == " Paris"  # the end-of-text token adds no text
+    events = run(SamplingParams(max_new_tokens=10, ignore_eos=True))
+    assert events[-1].result is None  # still going: EOS was just another token

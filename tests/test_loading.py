@@ -1,0 +1,126 @@
+"""Model resolution and loading, through the real code paths, with no Hub."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+import pytest
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from textgen.config import ConfigError, Settings
+from textgen.engine import Engine
+from textgen.loading import ModelLoadError, configure_threads, load_model, resolve_model
+from textgen.params import SamplingParams
+
+
+def test_local_directory_loads_a_causal_lm(loaded_tiny, tiny_model_dir):
+    assert loaded_tiny.model_id == "tiny-gpt2"
+    assert loaded_tiny.context_length == 256
+    assert not loaded_tiny.is_encoder_decoder
+    assert loaded_tiny.tokenizer.pad_token is not None  # GPT-2 has none; padding needs one
+    assert next(loaded_tiny.model.parameters()).dtype == torch.float32
+
+
+def test_threads_are_set_and_logged(caplog):
+    before = torch.get_num_threads()
+    with caplog.at_level(logging.INFO, logger="textgen.loading"):
+        configure_threads(1)
+    assert torch.get_num_threads() == 1
+    assert "torch uses 1 intra-op thread(s)" in caplog.text
+    torch.set_num_threads(before)
+
+
+def test_bfloat16_is_selectable(tiny_model_dir, cache_dir):
+    settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype="bfloat16", cache_dir=cache_dir)
+    loaded = load_model(settings, resolve_model(settings))
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+
+
+def test_gpt2_alias_means_the_default_hub_model(cache_dir):
+    with pytest.raises(ModelLoadError) as err:  # no Hub here: the error shows what was tried
+        resolve_model(Settings(model_name="gpt2", cache_dir=cache_dir))
+    assert "Hugging Face Hub id 'openai-community/gpt2'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name,tried",
+    [
+        ("/nowhere/model.gguf", "tried GGUF file /nowhere/model.gguf: FileNotFoundError"),
+        ("someone/missing-model", "tried Hugging Face Hub id 'someone/missing-model'"),
+    ],
+)
+def test_unloadable_model_name_says_what_was_tried_and_what_to_do(name, tried, cache_dir):
+    with pytest.raises(ModelLoadError) as err:
+        resolve_model(Settings(model_name=name, cache_dir=cache_dir))
+    message = str(err.value)
+    assert f"Could not load MODEL_NAME='{name}'" in message and tried in message
+    assert "Set MODEL_NAME to a Hub id" in message
+
+
+def test_directory_without_a_model_is_rejected(tmp_path, cache_dir):
+    with pytest.raises(ModelLoadError, match="tried local model directory"):
+        resolve_model(Settings(model_name=str(tmp_path), cache_dir=cache_dir))
+
+
+def test_bad_configuration_names_the_variable():
+    with pytest.raises(ConfigError, match="TEXTGEN_THREADS must be a whole number, got 'two'"):
+        Settings.from_env({"TEXTGEN_THREADS": "two"})
+    with pytest.raises(ConfigError, match="TEXTGEN_DTYPE must be one of float32, bfloat16"):
+        Settings.from_env({"TEXTGEN_DTYPE": "fp8"})
+    settings = Settings.from_env({"MODEL_NAME": " gpt2 ", "TEXTGEN_THREADS": "2"})
+    assert settings.model_name == "gpt2" and settings.threads == 2
+
+
+def test_encoder_decoder_models_load_with_seq2seq_class_and_generate(tmp_path, tiny_model_dir, cache_dir):
+    t5_dir = tmp_path / "tiny-t5"
+    shutil.copytree(tiny_model_dir, t5_dir, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    config = T5Config(
+        vocab_size=512,
+        d_model=32,
+        d_ff=64,
+        d_kv=16,
+        num_layers=1,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=0,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(t5_dir)
+    settings = Settings(model_name=str(t5_dir), threads=1, cache_dir=cache_dir)
+    loaded = load_model(settings, resolve_model(settings))
+    assert loaded.is_encoder_decoder
+    engine = Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length).start()
+    try:
+        ids = loaded.tokenizer.encode("What is AI?")
+        greedy = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+        first, again = engine.submit(ids, greedy).wait(30), engine.submit(ids, greedy).wait(30)
+        assert first.finish_reason == "length" and first.completion_tokens == 8
+        assert first.text == again.text
+        sampled = SamplingParams(max_new_tokens=8, seed=5, ignore_eos=True)
+        assert engine.submit(ids, sampled).wait(30).text == engine.submit(ids, sampled).wait(30).text
+    finally:
+        engine.stop()
+
+
+@pytest.mark.real_model
+def test_offline_default_is_smollm2_with_one_warning_and_a_cached_conversion(cache_dir, caplog):
+    settings = Settings(model_name=None, threads=2, cache_dir=cache_dir)
+    source = resolve_model(settings)  # converts the GGUF unless an earlier test did
+    assert source.model_id == "SmolLM2-135M-Instruct"
+    assert "openai-community/gpt2" not in source.location and source.fallback_reason
+    assert "sha256" in source.origin
+
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        again = resolve_model(settings)
+        loaded = load_model(settings, again)
+    seconds = time.perf_counter() - start
+    assert seconds <= 10, f"a start from the converted cache took {seconds:.1f} s"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "offline default" in r.message]
+    assert len(warnings) == 1
+    assert "Set MODEL_NAME" in warnings[0].message
+    assert loaded.tokenizer.chat_template and loaded.context_length == 8192

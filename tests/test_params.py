@@ -1,0 +1,56 @@
+import math
+
+import pytest
+
+from textgen.params import RANGES, ParamError, SamplingParams
+
+
+def test_defaults_are_the_old_services():
+    p = SamplingParams()
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.repetition_penalty, p.no_repeat_ngram_size) == (
+        200,
+        0.7,
+        0.9,
+        1.2,
+        2,
+    )
+    assert not p.greedy
+
+
+@pytest.mark.parametrize("temperature,do_sample", [(0.0, True), (0.7, False)])
+def test_greedy_when_temperature_zero_or_sampling_off(temperature, do_sample):
+    assert SamplingParams(temperature=temperature, do_sample=do_sample).greedy
+
+
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("temperature", -0.1, "temperature must be in [0, 5], got -0.1"),
+        ("temperature", math.nan, "temperature must be a finite number in [0, 5], got nan"),
+        ("top_p", 0.0, "top_p must be in (0, 1], got 0.0"),
+        ("top_p", 1.5, "top_p must be in (0, 1]"),
+        ("top_k", -1, "top_k must be in [0, 100000], got -1"),
+        ("repetition_penalty", 0.0, "repetition_penalty must be in (0, 10]"),
+        ("max_new_tokens", 0, "max_new_tokens must be in [1, 4096], got 0"),
+        ("no_repeat_ngram_size", 21, "no_repeat_ngram_size must be in [0, 20]"),
+        ("seed", -5, "seed must be in [0, "),
+        ("temperature", "hot", "temperature must be a number in [0, 5], got 'hot'"),
+    ],
+)
+def test_out_of_range_names_field_and_range(field, value, expected):
+    with pytest.raises(ParamError) as err:
+        SamplingParams(**{field: value})
+    assert err.value.field == field
+    assert expected in err.value.message
+
+
+def test_stop_strings_are_bounded():
+    with pytest.raises(ParamError, match="at most 16"):
+        SamplingParams(stop=tuple(str(i) for i in range(17)))
+    with pytest.raises(ParamError, match="1 to 256 characters"):
+        SamplingParams(stop=("",))
+    assert SamplingParams(stop=("\n\n", "END")).stop == ("\n\n", "END")
+
+
+def test_every_bounded_field_exists_on_sampling_params():
+    assert set(RANGES) <= set(SamplingParams.__dataclass_fields__)

@@ -1,0 +1,86 @@
+"""Sampling must be exact: the nucleus found without sorting equals the one a full sort gives."""
+
+import pytest
+import torch
+
+from textgen.params import SamplingParams
+from textgen.sampling import _nucleus_threshold, apply_penalties, sample
+
+
+def reference_nucleus(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> set[int]:
+    """Hugging Face's order and definition, by full sort: temperature, top-k, then top-p."""
+    scaled = logits / temperature
+    if top_k:
+        kth = scaled.topk(top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, -1)
+    order = probs.argsort(descending=True)
+    before = probs[order].cumsum(0) - probs[order]
+    return set(order[before < top_p].tolist())
+
+
+def sampled_support(logits: torch.Tensor, params: SamplingParams, draws: int = 3000) -> set[int]:
+    generators = [torch.Generator().manual_seed(i) for i in range(draws)]
+    batch = logits.expand(draws, -1).clone()
+    return set(sample(batch, [params] * draws, generators).tolist())
+
+
+@pytest.mark.parametrize(
+    "shape,top_k,top_p",
+    [
+        ("peaked", 0, 0.9),  # nucleus inside the first candidates: fast path
+        ("flat", 0, 0.9),  # nucleus of thousands of tokens: threshold bisection
+        ("flat", 0, 0.3),
+        ("flat", 20, 0.8),  # top-k then top-p over the renormalised rest
+        ("peaked", 5, 1.0),
+    ],
+)
+def test_nucleus_matches_full_sort(shape, top_k, top_p):
+    torch.manual_seed(0)
+    vocab = 3000
+    logits = torch.randn(vocab) * (4.0 if shape == "peaked" else 0.05)
+    params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p)
+    expected = reference_nucleus(logits, 0.8, top_k, top_p)
+    small = len(expected) < 400
+    support = sampled_support(logits, params, draws=4000 if small else 1000)
+    assert support <= expected
+    if small:  # every member of a small nucleus shows up in enough draws
+        assert support == expected
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
+def test_bisected_threshold_gives_the_exact_nucleus_of_a_flat_distribution(top_p):
+    torch.manual_seed(0)
+    logits = torch.randn(50257) * 0.05  # like an untrained GPT-2: thousands of tokens in the nucleus
+    probs = torch.softmax(logits, -1)
+    threshold = _nucleus_threshold(probs[None], torch.tensor([top_p]))[0]
+    found = set((probs >= threshold).nonzero().flatten().tolist())
+    assert found == reference_nucleus(logits, 1.0, 0, top_p)
+
+
+def test_greedy_rows_take_the_argmax_and_sampling_rows_follow_their_seed():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 100)
+    params = [SamplingParams(temperature=0), SamplingParams(seed=3), SamplingParams(do_sample=False)]
+    gens = [torch.Generator().manual_seed(p.seed or 0) for p in params]
+    tokens = sample(logits.clone(), params, gens)
+    assert tokens[0] == logits[0].argmax() and tokens[2] == logits[2].argmax()
+    alone = sample(logits[1:2].clone(), [params[1]], [torch.Generator().manual_seed(3)])
+    assert tokens[1] == alone[0]
+
+
+def test_top_k_one_is_greedy():
+    torch.manual_seed(2)
+    logits = torch.randn(8, 500)
+    params = [SamplingParams(top_k=1, top_p=1.0, temperature=1.5)] * 8
+    gens = [torch.Generator().manual_seed(i) for i in range(8)]
+    assert torch.equal(sample(logits.clone(), params, gens), logits.argmax(-1))
+
+
+def test_repetition_penalty_follows_hf_semantics_and_ngram_ban():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_penalties(logits.clone(), [SamplingParams(repetition_penalty=2.0)], seen, [[3]])
+    assert out.tolist() == [[1.0, -4.0, 1.0, float("-inf")]]
+    untouched = apply_penalties(logits.clone(), [SamplingParams(repetition_penalty=1.0)], seen, [[]])
+    assert torch.equal(untouched, logits)

@@ -1,0 +1,56 @@
+import pytest
+from transformers import AutoTokenizer
+
+from textgen.params import ParamError
+from textgen.schemas import GenerateRequest
+from textgen.templates import TEMPLATE_NAMES, render
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_none_is_the_raw_prompt(tokenizer):
+    r = render("none", "What is AI?", tokenizer)
+    assert r.text == "What is AI?" and r.stop == () and r.add_special_tokens
+
+
+def test_assistant_frames_the_prompt_and_stops_at_the_next_turn(tokenizer):
+    r = render("assistant", "What is AI?", tokenizer)
+    assert r.text.endswith("User: What is AI?\nAssistant:")
+    assert "helpful" in r.text
+    assert r.stop == ("\nUser:",)
+
+
+def test_few_shot_ends_with_the_question_and_fits_gpt2_context(tokenizer):
+    r = render("few_shot", "What is AI?", tokenizer)
+    assert r.text.endswith("Q: What is AI?\nA:")
+    assert r.text.count("\nA: ") == 3  # three worked examples
+    assert r.stop == ("\nQ:",)
+    assert len(tokenizer(r.text)["input_ids"]) < 1024 - 200  # room for the default 200 new tokens
+
+
+def test_chat_needs_a_chat_template(tokenizer):
+    with pytest.raises(ParamError) as err:
+        render("chat", "hi", tokenizer)
+    assert err.value.field == "template"
+    assert "no chat template" in err.value.message and "few_shot" in err.value.message
+
+
+def test_chat_uses_the_models_template(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    r = render("chat", "What is AI?", tok)
+    assert r.text == "<user>What is AI?<assistant>"
+    assert not r.add_special_tokens  # the template already carries the model's special tokens
+
+
+def test_unknown_template_is_a_param_error(tokenizer):
+    with pytest.raises(ParamError, match="template must be one of none, assistant, few_shot, chat"):
+        render("poem", "hi", tokenizer)
+
+
+def test_templates_are_listed_in_the_api_schema():
+    schema = GenerateRequest.model_json_schema()
+    assert tuple(schema["properties"]["template"]["enum"]) == TEMPLATE_NAMES
