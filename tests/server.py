@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,12 +53,25 @@ def server_command(port: int) -> list[str]:
 
 @contextmanager
 def start_server(env: dict[str, str], ready_timeout: float = 240.0) -> Iterator[Server]:
+    """`bentoml serve service:TextGen` with `env` on top of this process's environment."""
+    with start_process(server_command, env, ready_timeout) as server:
+        yield server
+
+
+@contextmanager
+def start_process(
+    command: Callable[[int], list[str]],
+    env: dict[str, str],
+    ready_timeout: float = 240.0,
+    ready_path: str = "/readyz",
+) -> Iterator[Server]:
+    """Run `command(port)` in its own process group until the block ends; wait for GET `ready_path`."""
     port = free_port()
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"textgen-test-server-{port}.log"
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"textgen-server-{port}.log"
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            server_command(port),
+            command(port),
             cwd=ROOT,
             env=full_env,
             stdout=log,
@@ -67,7 +80,7 @@ def start_server(env: dict[str, str], ready_timeout: float = 240.0) -> Iterator[
         )
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
     try:
-        wait_ready(server, ready_timeout)
+        wait_ready(server, ready_timeout, ready_path)
         yield server
     finally:
         os.killpg(process.pid, signal.SIGTERM)
@@ -78,13 +91,13 @@ def start_server(env: dict[str, str], ready_timeout: float = 240.0) -> Iterator[
             process.wait()
 
 
-def wait_ready(server: Server, timeout: float) -> None:
+def wait_ready(server: Server, timeout: float, path: str = "/readyz") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()[-4000:]}")
         try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{server.url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -53,7 +53,7 @@ def test_bisected_threshold_gives_the_exact_nucleus_of_a_flat_distribution(top_p
     torch.manual_seed(0)
     logits = torch.randn(50257) * 0.05  # like an untrained GPT-2: thousands of tokens in the nucleus
     probs = torch.softmax(logits, -1)
-    threshold = _nucleus_threshold(probs[None], torch.tensor([top_p]))[0]
+    threshold = _nucleus_threshold(logits[None], probs[None], torch.tensor([top_p]))[0]
     found = set((probs >= threshold).nonzero().flatten().tolist())
     assert found == reference_nucleus(logits, 1.0, 0, top_p)
 

@@ -2,10 +2,11 @@
 
 Order as in Hugging Face `generate`: repetition penalty, n-gram ban, then temperature, top-k, top-p.
 Sorting a 50257-token vocabulary for top-p costs more than a GPT-2 forward pass at batch 32, so no row
-is ever fully sorted: the nucleus is read from a small top-k when it lies inside it (peaked, trained
-models), and otherwise found by bisecting on the probability threshold (flat distributions). Both give
-the exact nucleus; sampling inside it uses the row's own generator, so a seeded request samples the same
-tokens whatever it is batched with.
+is ever fully sorted. With top-k, the candidates are the k likeliest tokens. Without it, one pass sorts
+every token into a histogram of log-probability buckets; the cumulative mass per bucket says which bucket
+holds the nucleus boundary, and only that bucket's tokens are ranked. Both give the exact nucleus (up to
+ties); sampling inside it uses the row's own generator, so a seeded request samples the same tokens
+whatever it is batched with.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 
 from textgen.params import SamplingParams
 
-CANDIDATES = 256  # top-k read first; the nucleus of a trained model nearly always lies inside it
-BISECTION_STEPS = 26  # threshold resolution: max probability / 2**26
+BUCKETS = 4096  # histogram resolution: LOG_RANGE / BUCKETS = 0.007 nats per bucket
+LOG_RANGE = 30.0  # tokens e^30 times less likely than the best share the lowest bucket (negligible mass)
 
 
 def apply_penalties(
@@ -44,58 +45,79 @@ def sample(
     generators: Sequence[torch.Generator],
 ) -> torch.Tensor:
     """One token per row [B]: argmax for greedy rows, top-k/top-p sampling for the others."""
-    tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    if not rows:
-        return tokens
+    if len(rows) < len(params):
+        tokens = logits.argmax(dim=-1)
+        if not rows:
+            return tokens
+    else:
+        tokens = torch.empty(len(params), dtype=torch.long)
     index = torch.tensor(rows)
+    if len(rows) < len(params):
+        logits = logits[index]
     temperature = torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype)
-    probs = torch.softmax(logits[index] / temperature[:, None], dim=-1)
+    scaled = logits / temperature[:, None]
     top_k = torch.tensor([params[i].top_k for i in rows])
-    top_p = torch.tensor([params[i].top_p for i in rows], dtype=probs.dtype)
-    uniform = torch.stack([torch.rand((), generator=generators[i], dtype=probs.dtype) for i in rows])
-    tokens[index] = _sample_nucleus(probs, top_k, top_p, uniform)
+    top_p = torch.tensor([params[i].top_p for i in rows], dtype=logits.dtype)
+    uniform = torch.stack([torch.rand((), generator=generators[i], dtype=logits.dtype) for i in rows])
+    tokens[index] = _sample_nucleus(scaled, top_k, top_p, uniform)
     return tokens
 
 
 def _sample_nucleus(
-    probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor
+    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor
 ) -> torch.Tensor:
-    vocab = probs.shape[1]
-    k_cap = min(vocab, max(CANDIDATES, int(top_k.max())))
-    cand_p, cand_ids = probs.topk(k_cap, dim=-1)  # sorted, largest first
-    k = torch.where(top_k > 0, top_k.clamp(max=k_cap), torch.full_like(top_k, vocab))
-    in_k = torch.arange(k_cap)[None, :] < k[:, None]
-    cand_p = cand_p * in_k
-    # After top-k the distribution is renormalised (as in HF); without top-k it is the full softmax.
-    total = torch.where(top_k > 0, cand_p.sum(-1), torch.ones_like(top_p))
-    before = (cand_p.cumsum(-1) - cand_p) / total[:, None]  # mass of the candidates ahead of each one
-    weights = cand_p * (before < top_p[:, None])
-    # The nucleus lies inside the candidates if they reach top_p, or if top-k cut the vocabulary anyway.
-    inside = (top_k > 0) | (cand_p.sum(-1) >= top_p)
-    out = torch.empty(len(probs), dtype=torch.long)
-    if bool(inside.any()):
-        w = weights[inside]
-        pick = _inverse_cdf(w, uniform[inside])
-        out[inside] = cand_ids[inside].gather(1, pick[:, None]).squeeze(1)
-    outside = ~inside
-    if bool(outside.any()):
-        p = probs[outside]
-        threshold = _nucleus_threshold(p, top_p[outside])
-        out[outside] = _inverse_cdf(p * (p >= threshold[:, None]), uniform[outside])
+    """Sample each row of temperature-scaled logits within its top-k and top-p."""
+    with_k = top_k > 0
+    if bool(with_k.all()):
+        return _sample_top_k(torch.softmax(scaled, -1), top_k, top_p, uniform)
+    out = torch.empty(len(scaled), dtype=torch.long)
+    if bool(with_k.any()):
+        out[with_k] = _sample_top_k(
+            torch.softmax(scaled[with_k], -1), top_k[with_k], top_p[with_k], uniform[with_k]
+        )
+        without_k = ~with_k
+        scaled, top_p, uniform = scaled[without_k], top_p[without_k], uniform[without_k]
+    else:
+        without_k = slice(None)
+    probs = torch.softmax(scaled, -1)
+    threshold = _nucleus_threshold(scaled, probs, top_p)
+    threshold[top_p >= 1.0] = 0.0
+    out[without_k] = _inverse_cdf(probs.masked_fill_(probs < threshold[:, None], 0.0), uniform)
     return out
 
 
-def _nucleus_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Largest t (per row) such that the tokens with probability >= t carry at least top_p."""
-    low = torch.zeros(len(probs), dtype=probs.dtype)
-    high = probs.max(-1).values
-    for _ in range(BISECTION_STEPS):
-        mid = (low + high) / 2
-        enough = (probs * (probs >= mid[:, None])).sum(-1) >= top_p
-        low = torch.where(enough, mid, low)
-        high = torch.where(enough, high, mid)
-    return low
+def _sample_top_k(
+    probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """Top-k, renormalised (as in HF), then top-p over what is left."""
+    k_max = min(probs.shape[1], int(top_k.max()))
+    cand_p, cand_ids = probs.topk(k_max, dim=-1)  # sorted, largest first
+    cand_p = cand_p * (torch.arange(k_max)[None, :] < top_k[:, None])
+    before = (cand_p.cumsum(-1) - cand_p) / cand_p.sum(-1, keepdim=True)
+    pick = _inverse_cdf(cand_p * (before < top_p[:, None]), uniform)
+    return cand_ids.gather(1, pick[:, None]).squeeze(1)
+
+
+def _nucleus_threshold(scaled: torch.Tensor, probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row, the smallest probability inside the top-p nucleus (the tokens to keep are p >= it).
+
+    Every pass over [rows, vocab] costs about as much as reading it from memory, so this makes few:
+    bucket the logits, histogram the mass per bucket, rank only the boundary bucket's tokens.
+    """
+    rows = len(probs)
+    high = scaled.max(-1, keepdim=True).values
+    # Buckets are uniform in log-probability over LOG_RANGE below the best token; monotone in p.
+    bucket = (scaled - (high - LOG_RANGE)).mul_(BUCKETS / LOG_RANGE).clamp_(0, BUCKETS - 1).long()
+    mass = torch.zeros(rows, BUCKETS, dtype=probs.dtype).scatter_add_(1, bucket, probs)
+    from_top = mass.flip(-1).cumsum(-1).flip(-1)  # from_top[b] = mass of buckets >= b
+    boundary = ((from_top >= top_p[:, None]).sum(-1) - 1).clamp(min=0)  # last bucket reaching top_p
+    above = torch.cat([from_top, torch.zeros(rows, 1, dtype=probs.dtype)], 1).gather(1, boundary[:, None] + 1)
+    in_boundary = probs.masked_fill(bucket != boundary[:, None], 0.0)
+    count = int((in_boundary > 0).sum(-1).max().clamp(min=1))
+    ranked = in_boundary.topk(count, dim=-1).values  # the boundary bucket's tokens, largest first
+    needed = (above + ranked.cumsum(-1) < top_p[:, None]).sum(-1).clamp(max=count - 1)
+    return ranked.gather(1, needed[:, None]).squeeze(1)
 
 
 def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
