@@ -56,7 +56,9 @@ class TextGen:
             log.critical("the model could not be loaded; stopping the server", exc_info=True)
             stop_server()  # BentoML would otherwise restart this worker forever: a half-up server
             raise
-        self.generator = TextGenerator(loaded, settings)
+        from textgen.metrics import EngineMetrics  # here, in the worker: see textgen/metrics.py
+
+        self.generator = TextGenerator(loaded, settings, observer=EngineMetrics())
         self.generator.warmup()
         log.info(
             "serving %s (%s, %s)",

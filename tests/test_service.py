@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
@@ -233,3 +234,57 @@ def test_unloadable_model_name_exits_non_zero_before_serving(tmp_path):
     )
     assert result.returncode != 0
     assert f"Could not load MODEL_NAME='{tmp_path / 'missing.gguf'}'" in result.stderr + result.stdout
+
+
+def metric(server, name: str) -> float:
+    """Sum of a metric's samples on /metrics (labels included in `name` must match exactly)."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return sum(values)
+
+
+def test_engine_metrics_are_exported(tiny_server):
+    before = metric(tiny_server, "textgen_generated_tokens_total")
+    generate(tiny_server, prompt="What is AI?", max_new_tokens=7, **GREEDY)
+    text = httpx.get(f"{tiny_server.url}/metrics", timeout=10).text
+    for name in (
+        "textgen_running_sequences",
+        "textgen_waiting_requests",
+        "textgen_batch_size",
+        "textgen_time_to_first_token_seconds_bucket",
+        "textgen_step_seconds_bucket",
+    ):
+        assert name in text
+    assert metric(tiny_server, "textgen_generated_tokens_total") >= before + 7
+    assert metric(tiny_server, 'textgen_requests_finished_total{reason="length"}') >= 1
+
+
+def test_a_disconnected_stream_leaves_the_batch(tiny_server):
+    cancelled = 'textgen_requests_finished_total{reason="cancelled"}'
+    before = metric(tiny_server, cancelled)
+    body = dict(prompt="What is AI?", max_new_tokens=240, **GREEDY)
+    with httpx.stream("POST", f"{tiny_server.url}/generate_stream", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+    # The client is gone after one event: its sequence must leave at the next step, not run 240 tokens.
+    deadline = time.monotonic() + 2
+    while metric(tiny_server, cancelled) <= before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(tiny_server, cancelled) == before + 1
+    assert metric(tiny_server, "textgen_running_sequences") == 0
+
+
+def test_a_client_that_gives_up_on_generate_frees_its_slot(tiny_server):
+    cancelled = 'textgen_requests_finished_total{reason="cancelled"}'
+    before = metric(tiny_server, cancelled)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{tiny_server.url}/generate",
+            json=dict(prompt="What is AI?", max_new_tokens=250, **GREEDY),
+            timeout=httpx.Timeout(5, read=0.05),
+        )
+    deadline = time.monotonic() + 2
+    while metric(tiny_server, cancelled) <= before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(tiny_server, cancelled) == before + 1
+    assert generate(tiny_server, prompt="What is AI?", max_new_tokens=3)["usage"]["completion_tokens"] <= 3

@@ -194,6 +194,6 @@ def test_built_in_schema_matches_the_server(tiny_server):
 
 
 def test_the_ui_never_imports_the_model_stack():
-    code = "import sys, ui.client; print(sorted({'textgen', 'torch', 'transformers'} & set(sys.modules)))"
+    code = "import sys, ui.client, ui.controls, ui.history; print(sorted({'textgen', 'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

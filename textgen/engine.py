@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -92,6 +92,22 @@ class RequestHandle:
                 return event.result
 
 
+class EngineObserver(Protocol):
+    """Told about every step and every finished request, from the engine thread (see metrics.py)."""
+
+    def on_step(self, batch_size: int, tokens: int, seconds: float, running: int, waiting: int) -> None: ...
+
+    def on_finish(self, result: GenerationResult) -> None: ...
+
+
+class _NoObserver:
+    def on_step(self, batch_size: int, tokens: int, seconds: float, running: int, waiting: int) -> None:
+        pass
+
+    def on_finish(self, result: GenerationResult) -> None:
+        pass
+
+
 @dataclass
 class EngineStats:
     running: int = 0
@@ -110,6 +126,7 @@ class Engine:
         context_length: int,
         max_batch_size: int = 32,
         max_prefill_tokens: int = 4096,
+        observer: EngineObserver | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -120,6 +137,7 @@ class Engine:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.stats = EngineStats()
+        self.observer: EngineObserver = observer or _NoObserver()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._batch: DecodeBatch | None = None
         self._wakeup = threading.Condition()
@@ -143,13 +161,14 @@ class Engine:
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
         handle = RequestHandle()
+
+        def emit(event: Event) -> None:
+            if event.result is not None:
+                self.observer.on_finish(event.result)
+            handle.put(event)
+
         handle.sequence = Sequence(
-            prompt_ids,
-            params,
-            self.tokenizer,
-            self.eos_token_ids,
-            self.context_length,
-            handle.put,
+            prompt_ids, params, self.tokenizer, self.eos_token_ids, self.context_length, emit
         )
         with self._wakeup:
             self._waiting.append(handle.sequence)
@@ -171,6 +190,7 @@ class Engine:
                 if self._stopping:
                     break
                 new = self._admit()
+            started, steps = time.perf_counter(), self.stats.steps
             try:
                 if self.is_encoder_decoder:
                     for seq in new:
@@ -184,6 +204,14 @@ class Engine:
                     seq.abort("error", f"{type(exc).__name__}: {exc}")
                 self._batch = None
             self.stats.running = len(self._batch) if self._batch else 0
+            stepped = self.stats.steps > steps
+            self.observer.on_step(
+                self.stats.last_batch_size if stepped else 0,
+                self.stats.last_batch_size if stepped else 0,
+                time.perf_counter() - started,
+                self.stats.running,
+                len(self._waiting),
+            )
         for seq in (self._batch.rows if self._batch else []) + list(self._waiting):
             seq.abort("cancelled", "the server is shutting down")
 

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 
 from textgen.config import Settings
-from textgen.engine import Engine, RequestHandle
+from textgen.engine import Engine, EngineObserver, RequestHandle
 from textgen.loading import LoadedModel
 from textgen.params import ParamError, SamplingParams
 from textgen.postprocess import PostProcessing
@@ -35,7 +35,9 @@ class PreparedRequest:
 
 
 class TextGenerator:
-    def __init__(self, loaded: LoadedModel, settings: Settings) -> None:
+    def __init__(
+        self, loaded: LoadedModel, settings: Settings, observer: EngineObserver | None = None
+    ) -> None:
         self.loaded = loaded
         self.settings = settings
         self.tokenizer = loaded.tokenizer
@@ -44,6 +46,7 @@ class TextGenerator:
             loaded.tokenizer,
             context_length=loaded.context_length,
             max_batch_size=settings.max_batch_size,
+            observer=observer,
         ).start()
 
     @property

@@ -1,0 +1,49 @@
+"""Prometheus metrics of the engine, served on BentoML's /metrics next to its HTTP metrics.
+
+prometheus_client is imported when the metrics are created, not when this module is: BentoML sets
+PROMETHEUS_MULTIPROC_DIR in the worker after importing the service, and a client imported earlier
+would never write where /metrics reads.
+"""
+
+from __future__ import annotations
+
+from textgen.sequence import GenerationResult
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class EngineMetrics:
+    """The engine's observer: called from the engine thread after every step and finished request."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.running = Gauge(
+            "textgen_running_sequences", "Sequences in the running batch.", multiprocess_mode="livesum"
+        )
+        self.waiting = Gauge(
+            "textgen_waiting_requests", "Requests queued for the next step.", multiprocess_mode="livesum"
+        )
+        self.batch_size = Gauge(
+            "textgen_batch_size", "Sequences in the last forward pass.", multiprocess_mode="livesum"
+        )
+        self.tokens = Counter("textgen_generated_tokens", "Tokens generated.")
+        self.finished = Counter("textgen_requests_finished", "Finished requests by reason.", ["reason"])
+        self.first_token = Histogram(
+            "textgen_time_to_first_token_seconds", "From arrival to the first token.", buckets=_BUCKETS
+        )
+        self.step = Histogram(
+            "textgen_step_seconds", "Duration of one decoding step (inter-token latency).", buckets=_BUCKETS
+        )
+
+    def on_step(self, batch_size: int, tokens: int, seconds: float, running: int, waiting: int) -> None:
+        self.batch_size.set(batch_size)
+        self.tokens.inc(tokens)
+        self.step.observe(seconds)
+        self.running.set(running)
+        self.waiting.set(waiting)
+
+    def on_finish(self, result: GenerationResult) -> None:
+        self.finished.labels(result.finish_reason).inc()
+        if result.completion_tokens:
+            self.first_token.observe(result.first_token_seconds)
