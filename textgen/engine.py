@@ -134,7 +134,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.stats = EngineStats()
         self.observer: EngineObserver = observer or _NoObserver()

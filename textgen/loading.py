@@ -166,7 +166,12 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
     model = auto.from_pretrained(source.location, trust_remote_code=False, dtype=torch.float32)
-    model = model.to(getattr(torch, settings.dtype)).eval()
+    if settings.dtype == "int8":
+        from textgen.quantize import quantize_int8
+
+        model = quantize_int8(model.eval())
+    else:
+        model = model.to(getattr(torch, settings.dtype)).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     context = context_length(model, tokenizer)

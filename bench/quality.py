@@ -1,0 +1,107 @@
+"""What bfloat16 and int8 weights cost in quality, measured on the real SmolLM2-135M-Instruct.
+
+Against float32: perplexity on a fixed English text, and greedy agreement on chat prompts (how many of
+the first 48 generated tokens match float32's, and how many answers are identical).
+
+    python bench/quality.py            # writes bench/results/quality.md
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from textgen.config import Settings  # noqa: E402
+from textgen.engine import Engine  # noqa: E402
+from textgen.loading import load_model, resolve_model  # noqa: E402
+from textgen.params import SamplingParams  # noqa: E402
+from textgen.templates import render_chat  # noqa: E402
+
+TEXT = (
+    "The Industrial Revolution began in Britain in the late eighteenth century. New machines for spinning and "
+    "weaving cotton moved work from homes into factories, and steam engines, first used to pump water out of "
+    "mines, soon powered mills, locomotives and ships. Cities grew quickly as people left the countryside to "
+    "find work. Wages rose slowly, but working conditions were often harsh: long hours, child labour and "
+    "dangerous machinery were common until new laws began to limit them. The changes spread to Europe and "
+    "North America during the nineteenth century and transformed how goods were made, how people travelled "
+    "and how they lived."
+)
+PROMPTS = [
+    "What is the capital of France?",
+    "Explain photosynthesis in one sentence.",
+    "Give me three tips for learning a new language.",
+    "Who wrote Romeo and Juliet?",
+    "What is the boiling point of water at sea level?",
+    "Write a haiku about autumn.",
+    "What does a CPU do?",
+    "Translate 'good morning' into Spanish.",
+]
+NEW_TOKENS = 48
+
+
+def perplexity(model, tokenizer) -> float:
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.inference_mode():
+        loss = model(input_ids=ids, labels=ids).loss
+    return float(torch.exp(loss.float()))
+
+
+def greedy_outputs(loaded) -> list[list[int]]:
+    engine = Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length).start()
+    params = SamplingParams(
+        max_new_tokens=NEW_TOKENS, temperature=0, repetition_penalty=1.0, no_repeat_ngram_size=0
+    )
+    outputs = []
+    for prompt in PROMPTS:
+        text = render_chat([{"role": "user", "content": prompt}], loaded.tokenizer).text
+        handle = engine.submit(loaded.tokenizer.encode(text, add_special_tokens=False), params)
+        handle.wait(300)
+        outputs.append(handle.sequence.output_ids)
+    engine.stop()
+    return outputs
+
+
+def main() -> None:
+    rows = []
+    reference: list[list[int]] = []
+    for dtype in ("float32", "bfloat16", "int8"):
+        settings = Settings(model_name=None, threads=2, dtype=dtype)
+        loaded = load_model(settings, resolve_model(settings))
+        start = time.perf_counter()
+        ppl = perplexity(loaded.model, loaded.tokenizer)
+        outputs = greedy_outputs(loaded)
+        seconds = time.perf_counter() - start
+        if dtype == "float32":
+            reference = outputs
+        prefix = [
+            next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), min(len(o), len(r)))
+            for o, r in zip(outputs, reference)
+        ]
+        same = sum(o == r for o, r in zip(outputs, reference))
+        kept = sum(prefix) / sum(len(r) for r in reference)
+        rows.append(f"| {dtype} | {ppl:.2f} | {same}/{len(PROMPTS)} | {kept:.0%} | {seconds:.0f} |")
+        print(rows[-1], flush=True)
+    report = "\n".join(
+        [
+            "Quality cost of the weight formats on SmolLM2-135M-Instruct (the offline default), against float32: "
+            f"perplexity on a fixed {len(TEXT.split())}-word English paragraph, and greedy chat answers to "
+            f"{len(PROMPTS)} prompts ({NEW_TOKENS} tokens, penalties off).",
+            "",
+            "| weights | perplexity | answers identical to float32 | float32 tokens reproduced before the first difference | seconds |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            *rows,
+        ]
+    )
+    out = ROOT / "bench" / "results" / "quality.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report + "\n")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
