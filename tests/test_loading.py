@@ -39,6 +39,22 @@ def test_bfloat16_is_selectable(tiny_model_dir, cache_dir):
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
 
 
+def test_int8_quantizes_gpt2_projections_and_still_generates(tiny_model_dir, cache_dir):
+    settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype="int8", cache_dir=cache_dir)
+    loaded = load_model(settings, resolve_model(settings))
+    modules = list(loaded.model.modules())
+    assert not any(type(m).__name__ == "Conv1D" for m in modules)
+    quantized = [m for m in modules if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(quantized) == 4 * 2  # qkv, attention output, MLP in and out, in each of the 2 blocks
+    engine = Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length).start()
+    try:
+        ids = loaded.tokenizer.encode("What is AI?")
+        result = engine.submit(ids, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)).wait(30)
+        assert result.completion_tokens == 6
+    finally:
+        engine.stop()
+
+
 def test_gpt2_alias_means_the_default_hub_model(cache_dir):
     with pytest.raises(ModelLoadError) as err:  # no Hub here: the error shows what was tried
         resolve_model(Settings(model_name="gpt2", cache_dir=cache_dir))
