@@ -41,14 +41,16 @@ def badge(app: AppTest) -> str:
 
 
 def click_generate(app: AppTest, prompt: str) -> AppTest:
-    app.text_area(key="prompt").input(prompt)
+    param(app, "text_area", "Prompt").input(prompt)
     app.button(key="generate").click().run()
     assert not app.exception, app.exception  # a failure is a message on the page, never a traceback
     return app
 
 
-def param(app: AppTest, kind: str, name: str):  # type: ignore[no-untyped-def]
-    return getattr(app, kind)(key=controls.state_key(name))
+def param(app: AppTest, kind: str, label: str):  # type: ignore[no-untyped-def]
+    """A widget by its label: parameter widgets are labelled with the API's field names."""
+    (widget,) = [w for w in getattr(app, kind) if w.label == label]
+    return widget
 
 
 def test_generate_sends_every_parameter_and_shows_the_streamed_text(monkeypatch, proxy):
@@ -67,8 +69,8 @@ def test_generate_sends_every_parameter_and_shows_the_streamed_text(monkeypatch,
     param(app, "number_input", "seed").set_value(42)
     param(app, "text_area", "stop").input("zzzz\nqq\\tq")
     param(app, "toggle", "ignore_eos").set_value(True)
+    param(app, "number_input", "max_words").set_value(0).run()  # before postprocess=False disables it
     param(app, "toggle", "postprocess").set_value(False)
-    param(app, "number_input", "max_words").set_value(0)
     click_generate(app, "Question: what is the weather like today?")
 
     exchange = proxy.posts()[-1]
@@ -225,7 +227,9 @@ def test_widgets_respect_the_schemas_bounds():
     kinds = {name: controls.widget_kind(p) for name, p in SCHEMA.params.items()}
     assert kinds["max_new_tokens"] == "number" and kinds["temperature"] == "slider"
     assert kinds["template"] == "select" and kinds["stop"] == "lines" and kinds["max_words"] == "number"
-    state: dict = {}
-    controls.init_state(state, SCHEMA)
-    body = controls.request_body(state, SCHEMA, "hi")
-    assert body == {"prompt": "hi", **{name: p.default for name, p in SCHEMA.params.items()}}
+    form = controls.Form({}, SCHEMA)
+    assert form.body() == {"prompt": "", **{name: p.default for name, p in SCHEMA.params.items()}}
+    form.set({"top_p": 0, "template": "chat", "prompt": "hi", "unknown": 1})
+    assert (
+        form.body()["top_p"] == 0.01 and form.body()["template"] == "chat" and form.body()["prompt"] == "hi"
+    )

@@ -7,19 +7,16 @@ own browser download is never used. The screenshot lands in test-artifacts/ for 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 
-from tests.server import ROOT, Server, free_port
+from tests.server import ROOT, Server, start_process
+from tests.test_ui_servers import FINAL, Reply, ScriptedServer, sse
 from ui import controls
 from ui.client import TextgenClient, fallback_request_schema
 
@@ -35,44 +32,60 @@ CHROMIUM_ARGS = [
 ARTIFACTS = ROOT / "test-artifacts"
 
 
-@pytest.fixture
-def streamlit_url(tiny_server: Server, tmp_path: Path) -> Iterator[str]:
-    """`streamlit run ui/app.py` as a user starts it, pointed at the tiny server by TEXTGEN_URL."""
-    port = free_port()
-    command = [sys.executable, "-m", "streamlit", "run", "ui/app.py", "--server.headless", "true"]
-    command += ["--server.port", str(port), "--browser.gatherUsageStats", "false"]
-    log_path = tmp_path / "streamlit.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env={**os.environ, "TEXTGEN_URL": tiny_server.url},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+def streamlit_command(port: int) -> list[str]:
+    """`streamlit run ui/app.py` as a user starts it (README), on a test port."""
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        "ui/app.py",
+        "--server.headless",
+        "true",
+        "--server.address",
+        "127.0.0.1",
+        "--server.port",
+        str(port),
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+
+
+@pytest.fixture(scope="module")
+def streamlit_url(tiny_server: Server) -> Iterator[str]:
+    env = {"TEXTGEN_URL": tiny_server.url}
+    with start_process(streamlit_command, env, ready_timeout=60, ready_path="/_stcore/health") as app:
+        yield app.url
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
+    assert CHROMIUM.exists(), "Debian's chromium is missing: run scripts/install.sh"
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),  # empty: no state from earlier runs
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1000},
+            accept_downloads=True,
         )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while not _answers(f"{url}/_stcore/health"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            yield context
+        finally:
+            context.close()
 
 
-def _answers(url: str) -> bool:
+@pytest.fixture
+def page(browser: BrowserContext, streamlit_url: str) -> Iterator[Page]:
+    """A fresh tab, so a fresh Streamlit session."""
+    page = browser.new_page()
     try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+        page.goto(streamlit_url)
+        expect(page.get_by_text("Server ready")).to_be_visible(timeout=30_000)
+        yield page
+    finally:
+        page.close()
 
 
 def set_number(page: Page, name: str, value: int) -> None:
@@ -82,45 +95,55 @@ def set_number(page: Page, name: str, value: int) -> None:
     expect(box).to_have_value(str(value))
 
 
-def test_type_a_prompt_generate_and_download_the_history(streamlit_url, tiny_server, tmp_path):
-    assert CHROMIUM.exists(), "Debian's chromium is missing: run scripts/install.sh"
+def generate(page: Page, prompt: str) -> None:
+    page.get_by_role("textbox", name="Prompt", exact=True).fill(prompt)
+    page.get_by_role("button", name="Generate").click()
+
+
+def test_type_a_prompt_generate_and_download_the_history(page, tiny_server):
     prompt = "What is AI?"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"),  # empty: no state from earlier runs
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1000},
-            accept_downloads=True,
-        )
-        try:
-            page = browser.new_page()
-            page.goto(streamlit_url)
-            expect(page.get_by_text("Server ready")).to_be_visible(timeout=30_000)
-            set_number(page, "max_new_tokens", 24)
-            set_number(page, "seed", 42)
-            page.get_by_role("textbox", name="Prompt", exact=True).fill(prompt)
-            page.get_by_role("button", name="Generate").click()
-            expect(page.get_by_text("Completion tokens")).to_be_visible(timeout=60_000)
-            expect(page.get_by_text("#1 · completed · What is AI?")).to_be_visible()
+    set_number(page, "max_new_tokens", 24)
+    set_number(page, "seed", 42)
+    generate(page, prompt)
+    expect(page.get_by_text("Completion tokens")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("#1 · completed · What is AI?")).to_be_visible()
 
-            with page.expect_download() as download:
-                page.get_by_role("button", name="Download JSON").click()
-            (entry,) = json.loads(Path(download.value.path()).read_text())
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download JSON").click()
+    (entry,) = json.loads(Path(download.value.path()).read_text())
 
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "ui-browser.png"), full_page=True)
-        finally:
-            browser.close()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui-browser.png"), full_page=True)
 
     # What the page sent and showed is what the server generates for the same request.
-    state: dict = {}
-    schema = fallback_request_schema()
-    controls.init_state(state, schema)
-    expected_body = {**controls.request_body(state, schema, prompt), "max_new_tokens": 24, "seed": 42}
+    form = controls.Form({}, fallback_request_schema())
+    form.set({"prompt": prompt, "max_new_tokens": 24, "seed": 42})
+    expected_body = form.body()
     assert {"prompt": entry["prompt"], **entry["parameters"]} == expected_body
     with TextgenClient(tiny_server.url) as client, client.stream(expected_body) as generation:
         expected_text = "".join(generation)
     assert entry["output"] == expected_text and entry["outcome"] == "completed"
     assert entry["seed"] == 42 and entry["model"] == "tiny-gpt2"
+
+
+def test_stop_ends_the_stream_and_keeps_the_text(page):
+    # The tiny model finishes before anyone can click, so a scripted server streams slowly here.
+    slow = Reply(
+        content_type="text/event-stream",
+        chunks=[sse({"text": f"word{i} "}) for i in range(100)] + [sse({"text": "", **FINAL})],
+        pause=0.1,
+    )
+    with ScriptedServer({"/readyz": Reply(chunks=[b"ok"]), "/generate_stream": slow}) as server:
+        url = page.get_by_role("textbox", name="URL", exact=True)
+        url.fill(server.url)
+        url.press("Enter")  # the server URL can be changed in the page
+        expect(page.get_by_text("Built-in defaults")).to_be_visible()  # it has no /docs.json
+        generate(page, "Tell me a story")
+        expect(page.get_by_text("word5", exact=False)).to_be_visible(timeout=10_000)
+        page.get_by_test_id("stBaseButton-secondary").filter(has_text="Stop").click()
+        expect(page.get_by_text("#1 · stopped · Tell me a story")).to_be_visible()
+        expect(page.get_by_text("Stopped after")).to_be_visible()
+        deadline = time.monotonic() + 5
+        while not server.dropped and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.dropped == ["/generate_stream"]  # the connection closed: the server can cancel

@@ -87,7 +87,8 @@ def test_validation_error_names_the_field_and_keeps_the_servers_range():
     err = error_from_response(response(400, json.dumps(body).encode()), "http://h:1")
     assert isinstance(err, InvalidParameter) and err.field == "temperature"
     assert err.message == (
-        "The server rejected `temperature`: temperature must be in [0, 5], got 9.0. Change it and generate again."
+        "The server rejected `temperature`: temperature must be in [0, 5], got 9.0. "
+        "Change it and generate again."
     )
 
 
@@ -194,6 +195,9 @@ def test_built_in_schema_matches_the_server(tiny_server):
 
 
 def test_the_ui_never_imports_the_model_stack():
-    code = "import sys, ui.client, ui.controls, ui.history; print(sorted({'textgen', 'torch', 'transformers'} & set(sys.modules)))"
+    code = (
+        "import sys, ui.client, ui.controls, ui.history; "
+        "print(sorted({'textgen', 'torch', 'transformers'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

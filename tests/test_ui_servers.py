@@ -111,6 +111,7 @@ class Reply:
 class ScriptedServer(_LoopbackServer):
     def __init__(self, routes: dict[str, Reply]) -> None:
         self.routes = routes
+        self.dropped: list[str] = []  # paths whose client hung up before the reply was complete
         super().__init__(self._answer)
 
     def _answer(self, handler: BaseHTTPRequestHandler) -> None:
@@ -122,10 +123,13 @@ class ScriptedServer(_LoopbackServer):
         handler.send_response(reply.status)
         handler.send_header("Content-Type", reply.content_type)
         handler.end_headers()
-        for chunk in reply.chunks:
-            handler.wfile.write(chunk)
-            handler.wfile.flush()
-            time.sleep(reply.pause)
+        try:
+            for chunk in reply.chunks:
+                handler.wfile.write(chunk)
+                handler.wfile.flush()
+                time.sleep(reply.pause)
+        except (BrokenPipeError, ConnectionResetError):
+            self.dropped.append(handler.path)
 
 
 def sse(*events: dict[str, Any]) -> bytes:
