@@ -12,7 +12,57 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class GrowingLayer(DynamicLayer):
+    """A KV cache layer that writes new keys/values into spare capacity.
+
+    Hugging Face's DynamicLayer concatenates at every step, copying the whole cache: at batch 32 and a
+    few hundred tokens that is hundreds of MB per step for GPT-2. Here capacity doubles when full, so a
+    step copies only the new token's keys and values.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.length = 0
+        self._keys = key_states.new_zeros(0)
+        self._values = value_states.new_zeros(0)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if self._keys.dim() != 4 or end > self._keys.shape[-2]:
+            self._reserve(key_states, end)
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Take new contents (after rows were dropped or added); capacity grows again on the next step."""
+        self._keys, self._values, self.keys, self.values = keys, values, keys, values
+        self.length = keys.shape[-2]
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def _reserve(self, like: torch.Tensor, needed: int) -> None:
+        batch, heads, _, dim = like.shape
+        capacity = max(needed, 2 * self.length, 64)
+        keys = like.new_zeros(batch, heads, capacity, dim)
+        values = like.new_zeros(batch, heads, capacity, dim)
+        if self.length:
+            keys[:, :, : self.length] = self._keys[:, :, : self.length]
+            values[:, :, : self.length] = self._values[:, :, : self.length]
+        self._keys, self._values = keys, values
+
+
+def new_cache() -> Cache:
+    return Cache(layer_class_to_replicate=GrowingLayer)
 
 
 def _cache_layers(cache: Any) -> list[Any]:
@@ -56,7 +106,7 @@ class DecodeBatch:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=DynamicCache(),
+            past_key_values=new_cache(),
             use_cache=True,
             logits_to_keep=1,
         )
@@ -105,8 +155,7 @@ class DecodeBatch:
         start = int(used[0]) if len(used) else self.width
         self.attention_mask = self.attention_mask[:, start:]
         for layer in _cache_layers(self.cache):
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
+            layer.replace(layer.keys[index, :, start:], layer.values[index, :, start:])
 
     def concatenate(self, other: "DecodeBatch") -> None:
         """Append the rows of `other`, left-padding whichever batch is narrower."""
@@ -119,8 +168,10 @@ class DecodeBatch:
             ]
         )
         for a, b in zip(_cache_layers(self.cache), _cache_layers(other.cache)):
-            a.keys = torch.cat([F.pad(a.keys, (0, 0, mine, 0)), F.pad(b.keys, (0, 0, theirs, 0))])
-            a.values = torch.cat([F.pad(a.values, (0, 0, mine, 0)), F.pad(b.values, (0, 0, theirs, 0))])
+            a.replace(
+                torch.cat([F.pad(a.keys, (0, 0, mine, 0)), F.pad(b.keys, (0, 0, theirs, 0))]),
+                torch.cat([F.pad(a.values, (0, 0, mine, 0)), F.pad(b.values, (0, 0, theirs, 0))]),
+            )
         self.seen = torch.cat([self.seen, other.seen])
         if self.next_tokens is not None and other.next_tokens is not None:
             self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
