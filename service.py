@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.responses import RedirectResponse
 from starlette.routing import Route
 
-from textgen import http
+from textgen import http, openai_api, openai_http
 from textgen.config import Settings
 from textgen.generator import TextGenerator
 from textgen.loading import load_model, resolve_model
@@ -43,6 +43,7 @@ def stop_server() -> None:
 
 
 @bentoml.asgi_app(docs_redirect, path="/docs")
+@bentoml.asgi_app(openai_http.models_app, path="/v1")  # GET /v1/models; mounted after the API routes
 @bentoml.service(
     name="textgen",
     workers=1,  # one engine per process; it batches every request itself
@@ -91,3 +92,23 @@ class TextGen:
     async def generate_stream(self, bodies: list[dict[str, Any]]) -> Any:
         """Same body as /generate; the text arrives as Server-Sent Events (`data: {json}`), one per delta."""
         return http.stream(self.generator, bodies[0])
+
+    @bentoml.api(
+        route="/v1/completions",
+        input_spec=http.json_body(openai_api.CompletionRequest, "OpenAI's completions body."),
+        output_spec=http.response_spec(openai_api.CompletionResponse, "application/json", "OpenAI's shape."),
+    )
+    async def completions(self, bodies: list[dict[str, Any]], ctx: bentoml.Context) -> Any:
+        """OpenAI-compatible completions (JSON, or SSE with `stream`); see textgen/openai_api.py."""
+        return openai_http.completions(self.generator, bodies[0], ctx)
+
+    @bentoml.api(
+        route="/v1/chat/completions",
+        input_spec=http.json_body(openai_api.ChatCompletionRequest, "OpenAI's chat completions body."),
+        output_spec=http.response_spec(
+            openai_api.ChatCompletionResponse, "application/json", "OpenAI's shape."
+        ),
+    )
+    async def chat_completions(self, bodies: list[dict[str, Any]], ctx: bentoml.Context) -> Any:
+        """OpenAI-compatible chat completions; models without a chat template get a plain transcript."""
+        return openai_http.chat_completions(self.generator, bodies[0], ctx)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "int8")
@@ -32,6 +32,9 @@ class Settings:
     max_words: int = 200
     request_timeout: int = 600
     cache_dir: Path = Path.home() / ".cache" / "textgen"
+    # TEXTGEN_API_KEY: when set, the /v1 (OpenAI-compatible) routes require `Authorization: Bearer <key>`.
+    # Kept out of repr so that logging the settings never leaks it.
+    api_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -61,4 +64,5 @@ class Settings:
             max_words=integer("TEXTGEN_MAX_WORDS", 200, 0, 1_000_000),
             request_timeout=integer("TEXTGEN_TIMEOUT", 600, 1, 86_400),
             cache_dir=Path(cache) if cache else cls.cache_dir,
+            api_key=env.get("TEXTGEN_API_KEY", "").strip() or None,
         )

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from _bentoml_sdk.io_models import IORootModel
-from pydantic import ValidationError, field_validator
+from pydantic import BaseModel, ValidationError, field_validator
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -32,25 +32,35 @@ log = logging.getLogger(__name__)
 # -- request and response specs for BentoML ------------------------------------------------------
 
 
-class GenerateBody(IORootModel[list[dict[str, Any]]]):
-    """A flat JSON object (GenerateRequest), presented to the batchable API as a one-item list.
+def json_body(schema: type[BaseModel], doc: str) -> type[IORootModel]:
+    """A BentoML input spec that hands the raw JSON body to the API as a one-item list.
 
-    Validation happens in `admit`, so that every error has textgen's shape and names the bare field.
+    `schema` only documents the body (OpenAPI); validation happens in the API itself, so that every
+    error has the route's own shape and names the bare field.
     """
 
-    @field_validator("root", mode="before")
-    @classmethod
-    def _one_item(cls, value: Any) -> Any:
-        return [value]
+    class Body(IORootModel[list[dict[str, Any]]]):
+        @field_validator("root", mode="before")
+        @classmethod
+        def _one_item(cls, value: Any) -> Any:
+            return [value]
 
-    @classmethod
-    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        schema = GenerateRequest.model_json_schema(*args, **kwargs)
-        schema["root_input"] = True
-        return schema
+        @classmethod
+        def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            body_schema = schema.model_json_schema(*args, **kwargs)
+            body_schema["root_input"] = True
+            return body_schema
+
+    Body.__root_input__ = True  # BentoML: the whole body is the one argument
+    Body.__name__ = Body.__qualname__ = f"{schema.__name__}Body"
+    Body.__doc__ = doc
+    return Body
 
 
-GenerateBody.__root_input__ = True  # BentoML: the whole body is the one argument
+GenerateBody = json_body(
+    GenerateRequest,
+    "A flat JSON object (GenerateRequest), presented to the batchable API as a one-item list.",
+)
 
 
 class GenerateReply(IORootModel[GenerateResponse]):
@@ -62,15 +72,21 @@ class GenerateReply(IORootModel[GenerateResponse]):
         return response
 
 
-class StreamReply(IORootModel[StreamEvent]):
-    """Documents one event of the SSE stream."""
+def response_spec(schema: type[BaseModel], media_type: str, doc: str) -> type[IORootModel]:
+    """A BentoML output spec for an API that returns a ready starlette Response; `schema` documents it."""
 
-    @classmethod
-    async def to_http_response(cls, obj: Any, serde: Any) -> Response:
-        return obj
+    class Reply(IORootModel[schema]):  # type: ignore[valid-type]
+        @classmethod
+        async def to_http_response(cls, obj: Any, serde: Any) -> Response:
+            return obj
+
+    Reply.media_type = media_type
+    Reply.__name__ = Reply.__qualname__ = f"{schema.__name__}Reply"
+    Reply.__doc__ = doc
+    return Reply
 
 
-StreamReply.media_type = "text/event-stream"
+StreamReply = response_spec(StreamEvent, "text/event-stream", "Documents one event of the SSE stream.")
 
 
 # -- errors ----------------------------------------------------------------------------------------

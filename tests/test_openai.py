@@ -1,0 +1,482 @@
+"""The OpenAI-compatible API, driven by the official `openai` client against a live `bentoml serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from tests.server import start_server
+from tests.test_service import metric
+from textgen import openai_api, openai_http
+from textgen.config import Settings
+from textgen.params import SamplingParams
+from textgen.sequence import Event, GenerationResult
+from textgen.templates import render_chat
+
+PROMPT = "The quick brown fox"
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is AI?"},
+]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server):
+    with openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model_id(client):
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def complete(client, model_id, **kwargs):
+    return client.completions.create(model=model_id, prompt=kwargs.pop("prompt", PROMPT), **kwargs)
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+def test_models_lists_the_served_model(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny-gpt2"]
+    assert models[0].object == "model"
+
+
+def test_the_routes_are_in_the_openapi_document(tiny_server):
+    doc = httpx.get(f"{tiny_server.url}/docs.json", timeout=30).json()
+    for route in ("/v1/completions", "/v1/chat/completions", "/generate", "/generate_stream"):
+        assert "post" in doc["paths"][route]
+
+
+# -- completions ---------------------------------------------------------------------------------
+
+
+def test_completion_shape_usage_and_length(client, model_id, tokenizer):
+    r = complete(client, model_id, max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == model_id
+    assert r.created > time.time() - 600
+    (choice,) = r.choices
+    assert choice.index == 0 and isinstance(choice.text, str)
+    assert choice.finish_reason == "length"  # max_tokens → length
+    assert r.usage.prompt_tokens == len(tokenizer(PROMPT)["input_ids"])
+    assert r.usage.completion_tokens == 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 5
+
+
+def test_max_tokens_defaults_to_16_as_openai(client, model_id):
+    r = complete(client, model_id, temperature=0)
+    assert r.usage.completion_tokens == 16 or r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens <= 16
+
+
+def test_greedy_stream_deltas_concatenate_to_the_non_stream_text(client, model_id):
+    whole = complete(client, model_id, max_tokens=30, temperature=0)
+    chunks = list(
+        complete(
+            client,
+            model_id,
+            max_tokens=30,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text_chunks, usage_chunk = chunks[:-1], chunks[-1]
+    assert "".join(c.choices[0].text for c in text_chunks) == whole.choices[0].text
+    finishing = [c for c in text_chunks if c.choices[0].finish_reason is not None]
+    assert len(finishing) == 1 and finishing[0].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert usage_chunk.choices == [] and usage_chunk.usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None for c in text_chunks)
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_stream_without_include_usage_sends_no_usage_and_ends_with_done(tiny_server, model_id):
+    body = {"model": model_id, "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{tiny_server.url}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+    assert all('"usage"' not in e for e in events)
+
+
+def test_n_choices_with_a_seed_are_reproducible_and_differ(client, model_id):
+    kwargs = dict(max_tokens=12, temperature=1.0, n=3, seed=7)
+    first, again = complete(client, model_id, **kwargs), complete(client, model_id, **kwargs)
+    texts = [c.text for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.text for c in again.choices]
+    assert len(set(texts)) == 3
+    # Choice i uses seed + i: choice 1 of seed 7 is choice 0 of seed 8.
+    assert complete(client, model_id, max_tokens=12, temperature=1.0, seed=8).choices[0].text == texts[1]
+    assert 3 <= first.usage.completion_tokens <= 36
+
+
+def test_n_choices_stream_one_finish_reason_each(client, model_id):
+    chunks = list(complete(client, model_id, max_tokens=10, temperature=0, n=2, stream=True))
+    texts = {0: "", 1: ""}
+    finished = {0: 0, 1: 0}
+    for c in chunks:
+        (choice,) = c.choices
+        texts[choice.index] += choice.text
+        finished[choice.index] += choice.finish_reason is not None
+    assert finished == {0: 1, 1: 1}
+    whole = complete(client, model_id, max_tokens=10, temperature=0)
+    assert texts == {0: whole.choices[0].text, 1: whole.choices[0].text}  # greedy: both the same
+
+
+def test_a_list_of_prompts(client, model_id, tokenizer):
+    prompts = ["What is AI?", "Paris is the capital of"]
+    r = complete(client, model_id, prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for i, p in enumerate(prompts):
+        alone = complete(client, model_id, prompt=p, max_tokens=6, temperature=0)
+        assert r.choices[2 * i].text == r.choices[2 * i + 1].text == alone.choices[0].text
+    assert r.usage.prompt_tokens == sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+
+
+def test_stop_cuts_before_the_stop_string(client, model_id):
+    text = complete(client, model_id, max_tokens=30, temperature=0).choices[0].text
+    stop = text[6:9]
+    for s in (stop, [stop, "zzzz"]):
+        r = complete(client, model_id, max_tokens=30, temperature=0, stop=s)
+        assert r.choices[0].finish_reason == "stop"
+        assert r.choices[0].text == text[: text.index(stop)]
+
+
+def test_echo_prepends_the_prompt(client, model_id):
+    plain = complete(client, model_id, max_tokens=5, temperature=0).choices[0].text
+    assert (
+        complete(client, model_id, max_tokens=5, temperature=0, echo=True).choices[0].text == PROMPT + plain
+    )
+    streamed = complete(client, model_id, max_tokens=5, temperature=0, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == PROMPT + plain
+
+
+def test_textgen_extras_are_accepted_and_default_to_off(client, model_id):
+    raw = complete(client, model_id, max_tokens=20, temperature=0).choices[0].text
+    off = complete(
+        client,
+        model_id,
+        max_tokens=20,
+        temperature=0,
+        extra_body={"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "top_k": 0},
+    )
+    assert off.choices[0].text == raw
+    penalised = complete(
+        client, model_id, max_tokens=20, temperature=0, extra_body={"repetition_penalty": 1.5}
+    )
+    assert penalised.choices[0].text != raw
+    top_k_1 = complete(client, model_id, max_tokens=20, temperature=1.0, seed=3, extra_body={"top_k": 1})
+    assert top_k_1.choices[0].text == raw
+    assert complete(client, model_id, max_tokens=3, user="someone", presence_penalty=0).choices
+
+
+# -- chat ----------------------------------------------------------------------------------------
+
+
+def test_chat_uses_the_fallback_transcript_on_a_model_without_chat_template(client, model_id, tokenizer):
+    r = client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=20, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    (choice,) = r.choices
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    transcript = "System: Be brief.\nUser: What is AI?\nAssistant:"
+    assert r.usage.prompt_tokens == len(tokenizer(transcript)["input_ids"])
+    # The same as completing the transcript with the fallback's stop string.
+    same = complete(client, model_id, prompt=transcript, max_tokens=20, temperature=0, stop=["\nUser:"])
+    assert choice.message.content == same.choices[0].text
+    assert choice.finish_reason == same.choices[0].finish_reason
+
+
+def test_chat_stream_matches_non_stream(client, model_id):
+    whole = client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=25, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model=model_id,
+            messages=CHAT,
+            max_tokens=25,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in deltas) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in deltas if c.choices[0].finish_reason] == [
+        whole.choices[0].finish_reason
+    ]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_chat_n_and_max_completion_tokens(client, model_id):
+    r = client.chat.completions.create(
+        model=model_id, messages=CHAT, max_completion_tokens=4, temperature=0.8, n=2, seed=1
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.usage.completion_tokens <= 8
+
+
+def test_fallback_template_renders_a_plain_transcript():
+    rendered = openai_api.render_fallback_chat(
+        [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye"},
+        ]
+    )
+    assert rendered.text == "System: S\nUser: Hi\nAssistant: Hello\nUser: Bye\nAssistant:"
+    assert rendered.stop == ("\nUser:",) and rendered.add_special_tokens
+
+
+def test_a_model_chat_template_is_used_when_present(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    messages = [openai_api.ChatMessage(role="user", content="What is AI?")]
+    rendered = openai_api.render_messages(messages, tok)
+    assert rendered.text == "<|user|>What is AI?\n<|assistant|>"
+    assert rendered == render_chat([{"role": "user", "content": "What is AI?"}], tok)
+    assert not rendered.add_special_tokens and rendered.stop == ()
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (dict(temperature=9.0), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=300), "max_tokens"),  # more than the tiny model's context of 256
+        (dict(n=0), "n"),
+        (dict(presence_penalty=0.5), "presence_penalty"),
+        (dict(frequency_penalty=-1.0), "frequency_penalty"),
+        (dict(stop=[""]), "stop"),
+        (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
+        (dict(extra_body={"top_k": -1}), "top_k"),
+        (dict(extra_body={"logit_bias_typo": 1}), "logit_bias_typo"),
+        (dict(prompt=" "), "prompt"),
+        (dict(prompt=[1, 2, 3]), "prompt"),
+    ],
+)
+def test_invalid_parameters_are_400_naming_the_parameter(client, model_id, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as exc:
+        complete(client, model_id, **kwargs)
+    error = exc.value.body
+    assert exc.value.status_code == 400
+    assert error["param"] == param and param in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_penalty_rejection_suggests_repetition_penalty(client, model_id):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=model_id, messages=CHAT, presence_penalty=1.0)
+    assert "repetition_penalty" in exc.value.body["message"]
+
+
+def test_invalid_chat_parameters(client, model_id):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=model_id, messages=[{"role": "robot", "content": "x"}])
+    assert exc.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=model_id, messages=[])
+    assert exc.value.body["param"] == "messages"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=2)
+    assert exc.value.body["param"] == "model" and "tiny-gpt2" in exc.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=CHAT, max_tokens=2)
+
+
+def test_model_may_be_omitted(tiny_server):
+    body = {"prompt": PROMPT, "max_tokens": 2}
+    response = httpx.post(f"{tiny_server.url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200 and response.json()["model"] == "tiny-gpt2"
+
+
+def test_the_server_still_answers_after_errors(client, model_id):
+    for _ in range(3):
+        with pytest.raises(openai.BadRequestError):
+            complete(client, model_id, temperature=-1)
+    assert complete(client, model_id, max_tokens=2).usage.completion_tokens <= 2
+
+
+def test_a_disconnected_stream_cancels_every_choice(tiny_server, model_id):
+    cancelled = 'textgen_requests_finished_total{reason="cancelled"}'
+    before = metric(tiny_server, cancelled)
+    body = {"model": model_id, "prompt": "What is AI?", "max_tokens": 240, "n": 2, "stream": True}
+    with httpx.stream("POST", f"{tiny_server.url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+    deadline = time.monotonic() + 3
+    while metric(tiny_server, cancelled) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Both choices leave at the next step (unless one happened to end on its own first).
+    assert metric(tiny_server, cancelled) >= before + 1
+    assert metric(tiny_server, "textgen_running_sequences") == 0
+
+
+def test_a_client_that_gives_up_on_a_completion_cancels_it(tiny_server, model_id):
+    cancelled = 'textgen_requests_finished_total{reason="cancelled"}'
+    before = metric(tiny_server, cancelled)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{tiny_server.url}/v1/chat/completions",
+            json={"model": model_id, "messages": CHAT, "max_tokens": 200, "n": 3, "temperature": 1},
+            timeout=httpx.Timeout(5, read=0.05),
+        )
+    deadline = time.monotonic() + 3
+    while metric(tiny_server, cancelled) < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(tiny_server, cancelled) >= before + 1
+    assert metric(tiny_server, "textgen_running_sequences") == 0
+
+
+class FakeHandle:
+    """Stands in for an engine RequestHandle: scripted events, and a record of cancel()."""
+
+    def __init__(self, events):
+        self.events = events
+        self.cancelled = False
+
+    async def stream(self):
+        for event in self.events:
+            await asyncio.sleep(0)
+            yield event
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def result(reason, completion_tokens=2, error=None):
+    return GenerationResult("", reason, 3, completion_tokens, 0, 0.0, 0.0, 0.0, 1, error=error)
+
+
+def plan(choices):
+    params = SamplingParams(max_new_tokens=5)
+    return openai_api.Plan(
+        kind="completion",
+        id="cmpl-x",
+        created=0,
+        model="m",
+        prompts=[[1, 2, 3]],
+        prompt_texts=["abc"],
+        choices=[openai_api.EngineRequest(index=i, prompt=0, params=params) for i in range(choices)],
+        stream=True,
+        include_usage=True,
+    )
+
+
+async def collect(events):
+    return [e async for e in events]
+
+
+def test_an_error_after_the_stream_started_is_an_error_event_and_cancels_the_rest():
+    failing = FakeHandle([Event("Hel"), Event("", result("error", error="RuntimeError: boom"))])
+    other = FakeHandle([Event("a")] * 50 + [Event("", result("length"))])
+    events = asyncio.run(collect(openai_http._events(plan(2), [failing, other])))
+    assert events[-1].startswith("data: ")
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert last["error"]["type"] == "server_error" and "boom" in last["error"]["message"]
+    assert "data: [DONE]\n\n" not in events
+    assert failing.cancelled and other.cancelled  # nobody keeps generating for a dead stream
+
+
+def test_eos_is_reported_as_stop_and_usage_counts_the_prompt_once():
+    handles = [FakeHandle([Event("x"), Event("y", result("eos", 2))]) for _ in range(2)]
+    events = asyncio.run(collect(openai_http._events(plan(2), handles)))
+    assert events[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert sorted(r for r in reasons if r) == ["stop", "stop"]
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+
+
+# -- API key ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_model_dir, cache_dir):
+    env = {
+        "MODEL_NAME": str(tiny_model_dir),
+        "TEXTGEN_CACHE_DIR": str(cache_dir),
+        "TEXTGEN_THREADS": "1",
+        "TEXTGEN_API_KEY": "s3cret-key",
+    }
+    with start_server(env) as server:
+        yield server
+
+
+def test_api_key_setting_and_check():
+    assert Settings.from_env({}).api_key is None
+    settings = Settings.from_env({"TEXTGEN_API_KEY": " k3y "})
+    assert settings.api_key == "k3y" and "k3y" not in repr(settings)
+    assert openai_http.authorize(None, None) is None  # no key configured: open
+    assert openai_http.authorize("k3y", "Bearer k3y") is None
+    assert openai_http.authorize("k3y", "bearer k3y") is None
+    for header in (None, "", "k3y", "Bearer", "Bearer k3", "Basic k3y"):
+        assert openai_http.authorize("k3y", header).status_code == 401
+
+
+def test_api_key_is_required_when_configured(keyed_server):
+    def client(key):
+        return openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+    for key in ("wrong", "s3cret-ke", "s3cret-key2"):
+        with pytest.raises(openai.AuthenticationError) as exc:
+            client(key).completions.create(model="tiny-gpt2", prompt=PROMPT, max_tokens=2)
+        assert "TEXTGEN_API_KEY" in exc.value.body["message"]
+        with pytest.raises(openai.AuthenticationError):
+            client(key).chat.completions.create(model="tiny-gpt2", messages=CHAT, max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            client(key).models.list()
+    no_header = httpx.post(f"{keyed_server.url}/v1/completions", json={"prompt": PROMPT}, timeout=60)
+    assert no_header.status_code == 401 and no_header.json()["error"]["code"] == "invalid_api_key"
+
+    good = client("s3cret-key")
+    assert good.models.list().data[0].id == "tiny-gpt2"
+    assert good.completions.create(model="tiny-gpt2", prompt=PROMPT, max_tokens=2).choices
+    assert good.chat.completions.create(model="tiny-gpt2", messages=CHAT, max_tokens=2).choices
+    # textgen's own routes are not behind the key (they predate it).
+    assert httpx.post(f"{keyed_server.url}/generate", json={"prompt": PROMPT, "max_new_tokens": 2}).is_success
+
+
+# -- a real chat model -----------------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+def test_smollm2_answers_with_its_chat_template(cache_dir):
+    with start_server({"MODEL_NAME": "", "TEXTGEN_CACHE_DIR": str(cache_dir)}) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        assert model == "SmolLM2-135M-Instruct"
+        r = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+            max_tokens=30,
+        )
+        assert "Paris" in r.choices[0].message.content
