@@ -43,6 +43,9 @@ class RequestHandle:
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Event | None = None
+        # A consumer that only wants the result is woken once, not per token: every wake-up is
+        # Python work on the event loop, competing with the engine thread for the GIL and the cores.
+        self._wake_per_token = True
         try:
             self._loop = asyncio.get_running_loop()
             self._ready = asyncio.Event()
@@ -53,7 +56,8 @@ class RequestHandle:
         """Called from the engine thread."""
         self._events.put(event)
         if self._loop is not None and self._ready is not None:
-            self._loop.call_soon_threadsafe(self._ready.set)
+            if self._wake_per_token or event.result is not None:
+                self._loop.call_soon_threadsafe(self._ready.set)
 
     def cancel(self) -> None:
         """Leave the batch at the next step boundary (the client went away or timed out)."""
@@ -79,6 +83,7 @@ class RequestHandle:
             self.cancel()
 
     async def result(self) -> GenerationResult:
+        self._wake_per_token = False
         async for event in self.stream():
             if event.result is not None:
                 return event.result
@@ -179,6 +184,8 @@ class Engine:
     # -- engine thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # OpenMP thread counts are per calling thread: repeat the process-wide setting for this one.
+        torch.set_num_threads(torch.get_num_threads())
         with torch.inference_mode():
             self._serve()
 

@@ -165,7 +165,9 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
     config = AutoConfig.from_pretrained(source.location, trust_remote_code=False)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
-    model = auto.from_pretrained(source.location, trust_remote_code=False, dtype=torch.float32)
+    # Load straight into the serving dtype: converting afterwards holds both copies at the peak.
+    load_dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
+    model = auto.from_pretrained(source.location, trust_remote_code=False, dtype=load_dtype)
     if settings.dtype == "int8":
         from textgen.quantize import quantize_int8
 
