@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -68,7 +70,10 @@ def start_process(
     """Run `command(port)` in its own process group until the block ends; wait for GET `ready_path`."""
     port = free_port()
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"textgen-server-{port}.log"
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    # Every `bentoml serve` wipes $BENTOML_HOME/prometheus_multiproc_dir at start, which would blind the
+    # /metrics of any other server already running with the same home: give each its own.
+    home = tempfile.mkdtemp(prefix="bentoml-home-")
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_HOME": home, **env}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command(port),
@@ -89,6 +94,7 @@ def start_process(
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def wait_ready(server: Server, timeout: float, path: str = "/readyz") -> None:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from textgen.params import RANGES, ParamError, Range, SamplingParams
+from textgen.schemas import Usage  # the same counts as /generate's, in OpenAI's field names
 from textgen.templates import RenderedPrompt, has_chat_template, render_chat
 
 N_RANGE = Range(1, 16)  # choices per prompt; they all join the engine's batch at once
@@ -273,12 +274,6 @@ def _plan(
 
 
 # -- response bodies -------------------------------------------------------------------------------
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class CompletionChoice(BaseModel):
