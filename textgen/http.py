@@ -23,9 +23,11 @@ from pydantic import BaseModel, ValidationError, field_validator
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from textgen.engine import RequestHandle
 from textgen.generator import PreparedRequest, TextGenerator
 from textgen.params import RANGES, ParamError
 from textgen.schemas import GenerateRequest, GenerateResponse, StreamEvent
+from textgen.sequence import GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -151,49 +153,63 @@ def admit(generator: TextGenerator, bodies: list[Any]) -> list[Response]:
     return responses
 
 
-class GenerationResponse(Response):
-    """A JSON response whose body (and status) is known only when the engine finishes the request.
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away before the answer"
 
-    While waiting it listens for the client going away, and cancels the request if so: its sequence
-    leaves the batch at the next step instead of generating for nobody.
+
+class DeferredJSONResponse(Response):
+    """A JSON response whose status and body are known only when the engine finishes.
+
+    While waiting it listens for the client going away, and cancels the work if so: its sequences leave
+    the batch at the next step instead of generating for nobody. It always sends a response, even to a
+    client that is gone: BentoML's timeout middleware waits for a response to start and would otherwise
+    hold the request, and its concurrency slot, until the timeout (and stall shutdown meanwhile).
     """
 
     media_type = "application/json"
 
-    def __init__(self, generator: TextGenerator, prepared: PreparedRequest) -> None:
+    def __init__(self, handles: list[RequestHandle]) -> None:
         super().__init__(media_type=self.media_type)
-        self.generator = generator
-        self.prepared = prepared
-        self.handle = generator.submit(prepared)
+        self.handles = handles
+
+    def render_results(self, results: list[GenerationResult]) -> tuple[int, dict[str, Any]]:
+        """Status and JSON body for the finished requests."""
+        raise NotImplementedError
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        result_task = asyncio.ensure_future(self.handle.result())
+        results_task = asyncio.ensure_future(asyncio.gather(*(h.result() for h in self.handles)))
         gone_task = asyncio.ensure_future(_client_gone(receive))
         try:
-            await asyncio.wait({result_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({results_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not result_task.done():
-                self.handle.cancel()  # client gone, or we were cancelled (timeout, shutdown)
-                result_task.cancel()
+            if not results_task.done():
+                for handle in self.handles:
+                    handle.cancel()  # client gone, or we were cancelled (timeout, shutdown)
+                results_task.cancel()
             gone_task.cancel()
-        if not result_task.done() or result_task.cancelled():
-            return  # nobody to answer
-        result = result_task.result()
-        if result.finish_reason == "error":
-            self.status_code, body = 500, {
-                "error": f"generation failed: {result.error}",
-                "detail": [],
-            }
-        elif result.finish_reason == "cancelled":
-            self.status_code, body = 503, {
-                "error": "the server is shutting down; retry",
-                "detail": [],
-            }
+        if results_task.done() and not results_task.cancelled():
+            self.status_code, body = self.render_results(results_task.result())
+            self.body = json.dumps(body, ensure_ascii=False).encode()
         else:
-            body = self.generator.response(self.prepared, result).model_dump(mode="json")
-        self.body = json.dumps(body, ensure_ascii=False).encode()
+            self.status_code, self.body = CLIENT_CLOSED_REQUEST, b""
         self.init_headers()
         await super().__call__(scope, receive, send)
+
+
+class GenerationResponse(DeferredJSONResponse):
+    """/generate's answer: the generated text, post-processed, or what went wrong."""
+
+    def __init__(self, generator: TextGenerator, prepared: PreparedRequest) -> None:
+        super().__init__([generator.submit(prepared)])
+        self.generator = generator
+        self.prepared = prepared
+
+    def render_results(self, results: list[GenerationResult]) -> tuple[int, dict[str, Any]]:
+        (result,) = results
+        if result.finish_reason == "error":
+            return 500, {"error": f"generation failed: {result.error}", "detail": []}
+        if result.finish_reason == "cancelled":
+            return 503, {"error": "the server is shutting down; retry", "detail": []}
+        return 200, self.generator.response(self.prepared, result).model_dump(mode="json")
 
 
 async def _client_gone(receive: Receive) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,12 +22,11 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from textgen import openai_api as api
 from textgen.engine import RequestHandle
 from textgen.generator import TextGenerator
-from textgen.http import _client_gone, sse
+from textgen.http import DeferredJSONResponse, sse
 from textgen.params import ParamError
 from textgen.sequence import GenerationResult
 
@@ -148,43 +146,23 @@ def _usage(plan: api.Plan, results: list[GenerationResult]) -> dict[str, int]:
     return api.usage_body(sum(len(p) for p in plan.prompts), sum(r.completion_tokens for r in results))
 
 
-class CompletionResponse(Response):
+class CompletionResponse(DeferredJSONResponse):
     """The JSON body is known once every choice is done; a client that leaves cancels them all."""
 
-    media_type = "application/json"
-
     def __init__(self, plan: api.Plan, handles: list[RequestHandle]) -> None:
-        super().__init__(media_type=self.media_type)
+        super().__init__(handles)
         self.plan = plan
-        self.handles = handles
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        results_task = asyncio.ensure_future(asyncio.gather(*(h.result() for h in self.handles)))
-        gone_task = asyncio.ensure_future(_client_gone(receive))
-        try:
-            await asyncio.wait({results_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not results_task.done():
-                for h in self.handles:
-                    h.cancel()  # client gone, or we were cancelled (timeout, shutdown)
-                results_task.cancel()
-            gone_task.cancel()
-        if not results_task.done() or results_task.cancelled():
-            return  # nobody to answer
-        results: list[GenerationResult] = results_task.result()
+    def render_results(self, results: list[GenerationResult]) -> tuple[int, dict[str, Any]]:
         failure = _failure(results)
         if failure is not None:
-            self.status_code, body = failure
-        else:
-            plan = self.plan
-            choices = []
-            for choice, r in zip(plan.choices, results):
-                text = plan.prompt_texts[choice.prompt] + r.text if plan.echo else r.text
-                choices.append(api.choice_body(plan, choice.index, text, api.finish_reason(r.finish_reason)))
-            body = api.envelope(plan, chunk=False, choices=choices, usage=_usage(plan, results))
-        self.body = json.dumps(body, ensure_ascii=False).encode()
-        self.init_headers()
-        await super().__call__(scope, receive, send)
+            return failure
+        plan = self.plan
+        choices = []
+        for choice, r in zip(plan.choices, results):
+            text = plan.prompt_texts[choice.prompt] + r.text if plan.echo else r.text
+            choices.append(api.choice_body(plan, choice.index, text, api.finish_reason(r.finish_reason)))
+        return 200, api.envelope(plan, chunk=False, choices=choices, usage=_usage(plan, results))
 
 
 async def _events(plan: api.Plan, handles: list[RequestHandle]) -> AsyncIterator[str]:
