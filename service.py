@@ -26,6 +26,8 @@ settings = Settings.from_env()
 # Fails here, in the main process, with a non-zero exit when MODEL_NAME cannot be loaded.
 model_source = resolve_model(settings)
 
+generate_body = http.generate_body(settings.max_new_tokens)
+
 # The old FastAPI service had Swagger UI at /docs; BentoML serves it at / (OpenAPI at /docs.json).
 docs_redirect = Starlette(routes=[Route("/", lambda request: RedirectResponse("/", status_code=307))])
 
@@ -77,7 +79,7 @@ class TextGen:
         batchable=True,
         max_batch_size=settings.max_batch_size,
         max_latency_ms=settings.request_timeout * 1000,
-        input_spec=http.GenerateBody,
+        input_spec=generate_body,
         output_spec=http.GenerateReply,
     )
     async def generate(self, bodies: list[dict[str, Any]]) -> list[Any]:
@@ -86,7 +88,7 @@ class TextGen:
 
     @bentoml.api(
         route="/generate_stream",
-        input_spec=http.GenerateBody,
+        input_spec=generate_body,
         output_spec=http.StreamReply,
     )
     async def generate_stream(self, bodies: list[dict[str, Any]]) -> Any:

@@ -223,6 +223,7 @@ def test_swagger_ui_and_openapi_are_served_and_docs_redirects(tiny_server):
     schema = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert schema["properties"]["template"]["enum"] == ["none", "assistant", "few_shot", "chat"]
     assert schema["properties"]["temperature"]["maximum"] == 5.0
+    assert schema["properties"]["max_new_tokens"]["maximum"] == 1024  # this server's TEXTGEN_MAX_NEW_TOKENS
     assert "/generate_stream" in spec["paths"]
 
 

@@ -177,10 +177,12 @@ def test_server_down_shows_the_command_that_starts_it(monkeypatch):
 
 def test_validation_error_names_the_field_and_the_servers_range(monkeypatch, tiny_server):
     app = open_app(monkeypatch, tiny_server.url)
-    param(app, "number_input", "max_new_tokens").set_value(2000)  # the schema allows 4096, this server 1024
-    click_generate(app, "What is AI?")
+    # Within every widget's range, but too long for the tiny model's 256-token context: only the server knows.
+    param(app, "number_input", "max_new_tokens").set_value(200)
+    click_generate(app, "The quick brown fox jumps over the lazy dog. " * 12)
     (error,) = app.error
-    assert error.value.startswith("The server rejected `max_new_tokens`: max_new_tokens must be in [1, 1024]")
+    assert error.value.startswith("The server rejected `max_new_tokens`: the prompt is ")
+    assert "more than the model's context of 256" in error.value
     assert app.session_state["history"] == []  # nothing was generated
 
 

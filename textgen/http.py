@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from textgen.engine import RequestHandle
 from textgen.generator import PreparedRequest, TextGenerator
-from textgen.params import RANGES, ParamError
+from textgen.params import RANGES, ParamError, fmt_number
 from textgen.schemas import GenerateRequest, GenerateResponse, StreamEvent
 from textgen.sequence import GenerationResult
 
@@ -34,11 +34,12 @@ log = logging.getLogger(__name__)
 # -- request and response specs for BentoML ------------------------------------------------------
 
 
-def json_body(schema: type[BaseModel], doc: str) -> type[IORootModel]:
+def json_body(schema: type[BaseModel], doc: str, maximums: dict[str, int] | None = None) -> type[IORootModel]:
     """A BentoML input spec that hands the raw JSON body to the API as a one-item list.
 
     `schema` only documents the body (OpenAPI); validation happens in the API itself, so that every
-    error has the route's own shape and names the bare field.
+    error has the route's own shape and names the bare field. `maximums` publishes this server's
+    configured limits (e.g. TEXTGEN_MAX_NEW_TOKENS) in place of the schema's absolute bounds.
     """
 
     class Body(IORootModel[list[dict[str, Any]]]):
@@ -50,6 +51,12 @@ def json_body(schema: type[BaseModel], doc: str) -> type[IORootModel]:
         @classmethod
         def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
             body_schema = schema.model_json_schema(*args, **kwargs)
+            for name, maximum in (maximums or {}).items():
+                field = body_schema["properties"][name]
+                field["description"] = field["description"].replace(
+                    f", {fmt_number(field['maximum'])}]", f", {maximum}]"
+                )
+                field["maximum"] = maximum
             body_schema["root_input"] = True
             return body_schema
 
@@ -59,10 +66,13 @@ def json_body(schema: type[BaseModel], doc: str) -> type[IORootModel]:
     return Body
 
 
-GenerateBody = json_body(
-    GenerateRequest,
-    "A flat JSON object (GenerateRequest), presented to the batchable API as a one-item list.",
-)
+def generate_body(max_new_tokens: int) -> type[IORootModel]:
+    """The /generate and /generate_stream body spec, with this server's max_new_tokens limit."""
+    return json_body(
+        GenerateRequest,
+        "A flat JSON object (GenerateRequest), presented to the batchable API as a one-item list.",
+        maximums={"max_new_tokens": max_new_tokens},
+    )
 
 
 class GenerateReply(IORootModel[GenerateResponse]):

@@ -34,14 +34,15 @@ class Range:
             raise ParamError(name, f"{name} must be in {self}, got {value}")
 
     def __str__(self) -> str:
-        return f"{'(' if self.low_open else '['}{_fmt(self.low)}, {_fmt(self.high)}]"
+        return f"{'(' if self.low_open else '['}{fmt_number(self.low)}, {fmt_number(self.high)}]"
 
     def json_schema(self) -> dict[str, float]:
         low_key = "exclusiveMinimum" if self.low_open else "minimum"
         return {low_key: self.low, "maximum": self.high}
 
 
-def _fmt(x: float) -> str:
+def fmt_number(x: float) -> str:
+    """1.0 -> '1', 0.5 -> '0.5': bounds as people write them."""
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
