@@ -37,6 +37,8 @@ def test_bfloat16_is_selectable(tiny_model_dir, cache_dir):
     settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype="bfloat16", cache_dir=cache_dir)
     loaded = load_model(settings, resolve_model(settings))
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    weight = loaded.model.transformer.h[0].attn.c_attn.weight  # Conv1D: logically [in, out]
+    assert weight.shape == (64, 192) and weight.stride() == (1, 64)  # stored output-major for oneDNN
 
 
 def test_int8_quantizes_gpt2_projections_and_still_generates(tiny_model_dir, cache_dir):
