@@ -55,9 +55,8 @@ class RequestHandle:
     def put(self, event: Event) -> None:
         """Called from the engine thread."""
         self._events.put(event)
-        if self._loop is not None and self._ready is not None:
-            if self._wake_per_token or event.result is not None:
-                self._loop.call_soon_threadsafe(self._ready.set)
+        if self._loop is not None and (self._wake_per_token or event.result is not None):
+            self._loop.call_soon_threadsafe(self._ready.set)
 
     def cancel(self) -> None:
         """Leave the batch at the next step boundary (the client went away or timed out)."""
@@ -116,10 +115,8 @@ class _NoObserver:
 @dataclass
 class EngineStats:
     running: int = 0
-    waiting: int = 0
     steps: int = 0
     last_batch_size: int = 0
-    max_batch_size_seen: int = 0
 
 
 class Engine:
@@ -177,7 +174,6 @@ class Engine:
         )
         with self._wakeup:
             self._waiting.append(handle.sequence)
-            self.stats.waiting = len(self._waiting)
             self._wakeup.notify()
         return handle
 
@@ -237,7 +233,6 @@ class Engine:
                 continue
             tokens += len(seq.prompt_ids)
             new.append(seq)
-        self.stats.waiting = len(self._waiting)
         return new
 
     def _iterate(self, new: list[Sequence]) -> None:
@@ -277,7 +272,6 @@ class Engine:
             seq.append(token)
         self.stats.steps += 1
         self.stats.last_batch_size = len(seqs)
-        self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, len(seqs))
         batch.filter([i for i, s in enumerate(seqs) if s.finish_reason is None])
         return len(batch) > 0
 
