@@ -20,11 +20,14 @@ from textgen import http, openai_api, openai_http
 from textgen.config import Settings
 from textgen.generator import TextGenerator
 from textgen.loading import load_model, resolve_model
+from textgen.model_store import stored_model_source
 
 log = logging.getLogger("textgen")
 settings = Settings.from_env()
-# Fails here, in the main process, with a non-zero exit when MODEL_NAME cannot be loaded.
-model_source = resolve_model(settings)
+# MODEL_NAME wins; else the model this Bento carries (`python -m textgen.import_model`, pinned by
+# `bentoml build`); else GPT-2 (offline: SmolLM2). Resolved here, in the main process, so that a
+# MODEL_NAME that cannot be loaded stops `bentoml serve` with a non-zero exit.
+model_source = (None if settings.model_name else stored_model_source()) or resolve_model(settings)
 
 generate_body = http.generate_body(settings.max_new_tokens)
 

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,6 +68,8 @@ class ModelSource:
     location: str  # a Hub id or a local Hugging Face directory (a converted GGUF is one too)
     model_id: str  # what responses call the model
     origin: str  # what the user named: Hub id, directory, or GGUF file and its sha256
+    kind: str = "hub"  # hub | directory | gguf | store
+    sha256: str | None = None  # of the GGUF file, when the source is one
     fallback_reason: str | None = None  # set when the offline default stands in for GPT-2
 
 
@@ -85,7 +87,7 @@ def resolve_model(settings: Settings) -> ModelSource:
         except Exception as exc:
             reason = _first_line(exc)
             source = _resolve_gguf(offline_model_path(), settings, model_id="SmolLM2-135M-Instruct")
-            return ModelSource(source.location, source.model_id, source.origin, fallback_reason=reason)
+            return replace(source, fallback_reason=reason)
     name = ALIASES.get(name, name)
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
@@ -93,7 +95,7 @@ def resolve_model(settings: Settings) -> ModelSource:
         resolve = lambda: _resolve_gguf(path, settings)  # noqa: E731
     elif path.is_dir():
         tried = f"local model directory {path}"
-        resolve = lambda: _resolve_pretrained(str(path), path.name)  # noqa: E731
+        resolve = lambda: _resolve_pretrained(str(path), path.name, kind="directory")  # noqa: E731
     else:
         tried = f"Hugging Face Hub id {name!r} (no local directory of that name exists)"
         resolve = lambda: _resolve_pretrained(name, name)  # noqa: E731
@@ -156,11 +158,11 @@ def _cannot_load(settings: Settings, tried: str, exc: BaseException) -> str:
     )
 
 
-def _resolve_pretrained(location: str, model_id: str) -> ModelSource:
+def _resolve_pretrained(location: str, model_id: str, kind: str = "hub") -> ModelSource:
     from transformers import AutoConfig
 
     AutoConfig.from_pretrained(location, trust_remote_code=False)  # fetches or finds config.json
-    return ModelSource(location, model_id, origin=location)
+    return ModelSource(location, model_id, origin=location, kind=kind)
 
 
 def _resolve_gguf(path: Path, settings: Settings, model_id: str | None = None) -> ModelSource:
@@ -170,7 +172,8 @@ def _resolve_gguf(path: Path, settings: Settings, model_id: str | None = None) -
     cached = settings.cache_dir / "gguf" / f"{path.stem}-{sha[:16]}"
     if not (cached / "config.json").is_file():
         _convert_gguf(path, cached)
-    return ModelSource(str(cached), model_id or path.stem, origin=f"{path} (sha256 {sha})")
+    origin = f"{path} (sha256 {sha})"
+    return ModelSource(str(cached), model_id or path.stem, origin, kind="gguf", sha256=sha)
 
 
 def offline_model_path() -> Path:
