@@ -9,16 +9,20 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from typing import Any
 
 import bentoml
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import RedirectResponse
 from starlette.routing import Route
 
 from textgen import http, openai_api, openai_http
 from textgen.config import Settings
 from textgen.generator import TextGenerator
+from textgen.guards import Guards
+from textgen.health import ServerState
 from textgen.loading import load_model, resolve_model
 from textgen.model_store import stored_model_source
 
@@ -29,6 +33,7 @@ settings = Settings.from_env()
 # MODEL_NAME that cannot be loaded stops `bentoml serve` with a non-zero exit.
 model_source = (None if settings.model_name else stored_model_source()) or resolve_model(settings)
 
+state = ServerState(settings, model_source)  # this worker's: loading, ready or failed
 generate_body = http.generate_body(settings.max_new_tokens)
 
 # The old FastAPI service had Swagger UI at /docs; BentoML serves it at / (OpenAPI at /docs.json).
@@ -52,30 +57,42 @@ def stop_server() -> None:
 @bentoml.service(
     name="textgen",
     workers=1,  # one engine per process; it batches every request itself
-    traffic={"timeout": settings.request_timeout},
+    # Generations time out at TEXTGEN_TIMEOUT (504, work stopped: textgen/http.py); BentoML's own
+    # timeout, which would leave the work running, only backs that up.
+    traffic={"timeout": settings.request_timeout + 30},
 )
 class TextGen:
     def __init__(self) -> None:
+        # Load in the background: the worker answers /livez at once and /readyz 503 until warm.
+        self._generator: TextGenerator | None = None
+        threading.Thread(target=self._load, name="textgen-start", daemon=True).start()
+
+    def _load(self) -> None:
         try:
             loaded = load_model(settings, model_source)
-        except Exception:
-            log.critical("the model could not be loaded; stopping the server", exc_info=True)
-            stop_server()  # BentoML would otherwise restart this worker forever: a half-up server
-            raise
-        from textgen.metrics import EngineMetrics  # here, in the worker: see textgen/metrics.py
+            from textgen.metrics import EngineMetrics  # here, in the worker: see textgen/metrics.py
 
-        self.generator = TextGenerator(loaded, settings, observer=EngineMetrics())
-        self.generator.warmup()
-        log.info(
-            "serving %s (%s, %s)",
-            self.generator.model_id,
-            self.generator.loaded.source,
-            settings.dtype,
-        )
+            generator = TextGenerator(loaded, settings, observer=EngineMetrics())
+            generator.warmup()
+        except Exception as exc:
+            log.critical("the model could not be loaded; stopping the server", exc_info=True)
+            state.set_failed(str(exc))
+            stop_server()  # BentoML would otherwise restart this worker forever: a half-up server
+            return
+        self._generator = generator
+        state.set_ready(loaded)
+        log.info("serving %s (%s, %s)", loaded.model_id, loaded.source, settings.dtype)
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
-        self.generator.close()
+        if self._generator is not None:
+            self._generator.close()
+
+    @property
+    def generator(self) -> TextGenerator:
+        # The guards (textgen/guards.py) answer 503 until the model is ready, so no route gets here early.
+        assert self._generator is not None, "the model is not loaded yet"
+        return self._generator
 
     @bentoml.api(
         route="/generate",
@@ -117,3 +134,14 @@ class TextGen:
     async def chat_completions(self, bodies: list[dict[str, Any]], ctx: bentoml.Context) -> Any:
         """OpenAI-compatible chat completions; models without a chat template get a plain transcript."""
         return openai_http.chat_completions(self.generator, bodies[0], ctx)
+
+
+# Outermost first: CORS answers browsers' preflight requests before the guards ask them for a key.
+if settings.cors_origins:
+    TextGen.add_asgi_middleware(
+        CORSMiddleware,
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type"],
+    )
+TextGen.add_asgi_middleware(Guards, settings=settings, state=state)

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -25,6 +25,7 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    readiness: list[tuple[int, str]] = field(default_factory=list)  # what the ready path said meanwhile
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -103,9 +104,11 @@ def wait_ready(server: Server, timeout: float, path: str = "/readyz") -> None:
         if server.process.poll() is not None:
             raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()[-4000:]}")
         try:
-            if httpx.get(f"{server.url}{path}", timeout=2).status_code == 200:
+            response = httpx.get(f"{server.url}{path}", timeout=2)
+            server.readiness.append((response.status_code, response.text))
+            if response.status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise TimeoutError(f"server not ready after {timeout} s:\n{server.log()[-4000:]}")

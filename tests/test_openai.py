@@ -15,6 +15,7 @@ from tests.server import start_server
 from tests.test_service import metric
 from textgen import openai_api, openai_http
 from textgen.config import Settings
+from textgen.guards import authorized
 from textgen.params import SamplingParams
 from textgen.sequence import Event, GenerationResult
 from textgen.templates import render_chat
@@ -434,11 +435,14 @@ def test_api_key_setting_and_check():
     assert Settings.from_env({}).api_key is None
     settings = Settings.from_env({"TEXTGEN_API_KEY": " k3y "})
     assert settings.api_key == "k3y" and "k3y" not in repr(settings)
-    assert openai_http.authorize(None, None) is None  # no key configured: open
-    assert openai_http.authorize("k3y", "Bearer k3y") is None
-    assert openai_http.authorize("k3y", "bearer k3y") is None
+    assert authorized(None, None)  # no key configured: open
+    assert authorized("k3y", "Bearer k3y")
+    assert authorized("k3y", "bearer k3y")
     for header in (None, "", "k3y", "Bearer", "Bearer k3", "Basic k3y"):
-        assert openai_http.authorize("k3y", header).status_code == 401
+        assert not authorized("k3y", header)
+
+
+KEY = {"Authorization": "Bearer s3cret-key"}
 
 
 def test_api_key_is_required_when_configured(keyed_server):
@@ -460,8 +464,29 @@ def test_api_key_is_required_when_configured(keyed_server):
     assert good.models.list().data[0].id == "tiny-gpt2"
     assert good.completions.create(model="tiny-gpt2", prompt=PROMPT, max_tokens=2).choices
     assert good.chat.completions.create(model="tiny-gpt2", messages=CHAT, max_tokens=2).choices
-    # textgen's own routes are not behind the key (they predate it).
-    assert httpx.post(f"{keyed_server.url}/generate", json={"prompt": PROMPT, "max_new_tokens": 2}).is_success
+    # Every route but health and metrics is behind the key.
+    body = {"prompt": PROMPT, "max_new_tokens": 2}
+    for path in ("/generate", "/generate_stream"):
+        refused = httpx.post(f"{keyed_server.url}{path}", json=body)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert refused.json()["detail"][0]["loc"] == ["header", "authorization"]
+        assert httpx.post(f"{keyed_server.url}{path}", json=body, headers=KEY).is_success
+    for path in ("/info", "/docs.json", "/"):
+        assert httpx.get(f"{keyed_server.url}{path}").status_code == 401
+        assert httpx.get(f"{keyed_server.url}{path}", headers=KEY).is_success
+    for path in ("/livez", "/healthz", "/readyz", "/metrics"):
+        assert httpx.get(f"{keyed_server.url}{path}").status_code == 200
+
+
+def test_the_ui_client_sends_the_api_key(keyed_server):
+    from ui.client import TextgenClient, TextgenError
+
+    with TextgenClient(keyed_server.url, api_key="s3cret-key") as client:
+        assert client.request_schema().templates
+        assert client.generate({"prompt": PROMPT, "max_new_tokens": 2}).text is not None
+    with TextgenClient(keyed_server.url, api_key="") as client, pytest.raises(TextgenError) as exc:
+        client.generate({"prompt": PROMPT, "max_new_tokens": 2})
+    assert "TEXTGEN_API_KEY" in str(exc.value)
 
 
 # -- a real chat model -----------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -29,5 +31,11 @@ def test_offline_default_answers_a_question_with_its_chat_template(default_serve
     answer = response.json()
     assert answer["model"] == "SmolLM2-135M-Instruct"
     assert "Paris" in answer["generated_text"]
+    # The worker served while the model loaded: /readyz said 503 (JSON) until it was warm, then 200.
+    statuses = [status for status, _ in default_server.readiness]
+    assert statuses[-1] == 200 and 503 in statuses, default_server.readiness
+    assert all(
+        json.loads(text)["status"] == "loading" for status, text in default_server.readiness if status == 503
+    )
     log = default_server.log()
     assert log.count("Serving the offline default instead") == 1

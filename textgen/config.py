@@ -27,12 +27,15 @@ class Settings:
     threads: int = 1
     dtype: str = "float32"
     max_batch_size: int = 32
+    max_queue: int = 128  # requests waiting for a batch slot; beyond it, 429
     max_new_tokens: int = 1024
     max_prompt_chars: int = 32_000
     max_words: int = 200
     request_timeout: int = 600
+    max_body_bytes: int = 1 << 20
+    cors_origins: tuple[str, ...] = ()  # empty: no CORS headers, browsers on other origins are refused
     cache_dir: Path = Path.home() / ".cache" / "textgen"
-    # TEXTGEN_API_KEY: when set, the /v1 (OpenAI-compatible) routes require `Authorization: Bearer <key>`.
+    # TEXTGEN_API_KEY: when set, every route but health and metrics requires `Authorization: Bearer <key>`.
     # Kept out of repr so that logging the settings never leaks it.
     api_key: str | None = field(default=None, repr=False)
 
@@ -59,10 +62,15 @@ class Settings:
             threads=integer("TEXTGEN_THREADS", available_cores(), 1, 1024),
             dtype=dtype,
             max_batch_size=integer("TEXTGEN_MAX_BATCH_SIZE", 32, 1, 1024),
+            max_queue=integer("TEXTGEN_MAX_QUEUE", 128, 0, 1_000_000),
             max_new_tokens=integer("TEXTGEN_MAX_NEW_TOKENS", 1024, 1, 4096),
             max_prompt_chars=integer("TEXTGEN_MAX_PROMPT_CHARS", 32_000, 1, 10_000_000),
             max_words=integer("TEXTGEN_MAX_WORDS", 200, 0, 1_000_000),
             request_timeout=integer("TEXTGEN_TIMEOUT", 600, 1, 86_400),
+            max_body_bytes=integer("TEXTGEN_MAX_BODY_BYTES", 1 << 20, 1024, 1 << 30),
+            cors_origins=tuple(
+                o.strip() for o in env.get("TEXTGEN_CORS_ORIGINS", "").split(",") if o.strip()
+            ),
             cache_dir=Path(cache) if cache else cls.cache_dir,
             api_key=env.get("TEXTGEN_API_KEY", "").strip() or None,
         )

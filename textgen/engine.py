@@ -31,6 +31,14 @@ from textgen.sequence import Event, GenerationResult, Sequence
 log = logging.getLogger(__name__)
 
 
+class QueueFull(RuntimeError):
+    """More requests are waiting for a batch slot than the engine is allowed to queue."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"{limit} requests are already waiting for a batch slot")
+        self.limit = limit
+
+
 class RequestHandle:
     """The caller's side of one request: its events, its result, and a way to cancel it.
 
@@ -128,6 +136,7 @@ class Engine:
         context_length: int,
         max_batch_size: int = 32,
         max_prefill_tokens: int = 4096,
+        max_waiting: int | None = None,
         observer: EngineObserver | None = None,
     ) -> None:
         self.model = model
@@ -135,6 +144,7 @@ class Engine:
         self.context_length = context_length
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.max_waiting = max_waiting  # None: unbounded
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
@@ -160,6 +170,25 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
         """Queue a request; its handle yields events. Call from the event loop (or any thread)."""
+        return self.submit_many([(prompt_ids, params)])[0]
+
+    def submit_many(self, requests: list[tuple[list[int], SamplingParams]]) -> list[RequestHandle]:
+        """Queue requests that belong together (the choices of one call): all of them, or none.
+
+        Raises QueueFull rather than queue without bound: under overload, a quick refusal the client
+        can retry (or send elsewhere) beats an answer that arrives after every timeout.
+        """
+        handles = [self._new_handle(prompt_ids, params) for prompt_ids, params in requests]
+        with self._wakeup:
+            free_slots = self.max_batch_size - self.stats.running  # they take newcomers at the next step
+            queued = len(self._waiting) + len(handles) - free_slots
+            if self.max_waiting is not None and queued > self.max_waiting:
+                raise QueueFull(self.max_waiting)
+            self._waiting.extend(h.sequence for h in handles)
+            self._wakeup.notify()
+        return handles
+
+    def _new_handle(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
         handle = RequestHandle()
@@ -172,9 +201,6 @@ class Engine:
         handle.sequence = Sequence(
             prompt_ids, params, self.tokenizer, self.eos_token_ids, self.context_length, emit
         )
-        with self._wakeup:
-            self._waiting.append(handle.sequence)
-            self._wakeup.notify()
         return handle
 
     # -- engine thread -------------------------------------------------------------------------

@@ -32,6 +32,7 @@ class PreparedRequest:
     prompt_ids: list[int]
     params: SamplingParams
     postprocessing: PostProcessing | None
+    truncated_tokens: int = 0  # dropped from the prompt's start by `truncate`
 
 
 class TextGenerator:
@@ -46,6 +47,7 @@ class TextGenerator:
             loaded.tokenizer,
             context_length=loaded.context_length,
             max_batch_size=settings.max_batch_size,
+            max_waiting=settings.max_queue,
             observer=observer,
         ).start()
 
@@ -93,17 +95,17 @@ class TextGenerator:
             generated_text=text,
             model=self.model_id,
             finish_reason=result.finish_reason,
-            usage=usage(result),
+            usage=usage(result, prepared.truncated_tokens),
             timings=timings(result),
             seed=result.seed,
             batch_size=result.max_batch_size,
         )
 
-    def final_event(self, result: GenerationResult, text: str) -> StreamEvent:
+    def final_event(self, prepared: PreparedRequest, result: GenerationResult, text: str) -> StreamEvent:
         return StreamEvent(
             text=text,
             finish_reason=result.finish_reason,
-            usage=usage(result),
+            usage=usage(result, prepared.truncated_tokens),
             timings=timings(result),
             model=self.model_id,
             seed=result.seed,
@@ -147,6 +149,10 @@ class TextGenerator:
         self, req: GenerateRequest, rendered: RenderedPrompt, prompt_ids: list[int]
     ) -> PreparedRequest:
         context = self.loaded.context_length
+        truncated = 0
+        if req.truncate is not None and len(prompt_ids) > req.truncate:
+            truncated = len(prompt_ids) - req.truncate
+            prompt_ids = prompt_ids[truncated:]
         n = len(prompt_ids)
         if not self.loaded.is_encoder_decoder and n + req.max_new_tokens > context:
             field = "prompt" if n >= context else "max_new_tokens"
@@ -154,7 +160,8 @@ class TextGenerator:
                 field,
                 f"the prompt is {n} tokens and max_new_tokens is {req.max_new_tokens}: together "
                 f"{n + req.max_new_tokens} tokens, more than the model's context of {context}; "
-                f"shorten the prompt or set max_new_tokens to at most {max(context - n, 0)}",
+                f"shorten the prompt, set max_new_tokens to at most {max(context - n, 0)}, or set "
+                f"truncate to keep only the prompt's last {max(context - req.max_new_tokens, 0)} tokens",
             )
         params = SamplingParams(
             max_new_tokens=req.max_new_tokens,
@@ -177,14 +184,15 @@ class TextGenerator:
                 max_words=max_words or None,
                 trim_incomplete_sentence=req.trim_incomplete_sentence,
             )
-        return PreparedRequest(req, prompt_ids, params, post)
+        return PreparedRequest(req, prompt_ids, params, post, truncated)
 
 
-def usage(result: GenerationResult) -> Usage:
+def usage(result: GenerationResult, truncated_tokens: int = 0) -> Usage:
     return Usage(
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
         total_tokens=result.prompt_tokens + result.completion_tokens,
+        truncated_prompt_tokens=truncated_tokens,
     )
 
 

@@ -23,8 +23,9 @@ from pydantic import BaseModel, ValidationError, field_validator
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from textgen.engine import RequestHandle
+from textgen.engine import QueueFull, RequestHandle
 from textgen.generator import PreparedRequest, TextGenerator
+from textgen.metrics import count_rejection
 from textgen.params import RANGES, ParamError, fmt_number
 from textgen.schemas import GenerateRequest, GenerateResponse, StreamEvent
 from textgen.sequence import GenerationResult
@@ -129,6 +130,20 @@ def validation_error_response(exc: ValidationError) -> JSONResponse:
     return error_response(400, summary, detail)
 
 
+OVERLOADED = "the server is at capacity (TEXTGEN_MAX_QUEUE requests are waiting); retry after a second"
+RETRY_AFTER_SECONDS = 1
+
+
+def overloaded(exc: QueueFull, body: dict[str, Any]) -> JSONResponse:
+    log.info("refused a request: %s", exc)
+    count_rejection("overloaded")
+    return JSONResponse(body, status_code=429, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def overloaded_response(exc: QueueFull) -> JSONResponse:
+    return overloaded(exc, {"error": OVERLOADED, "detail": []})
+
+
 def parse_request(raw: Any) -> GenerateRequest | JSONResponse:
     if not isinstance(raw, dict):
         return error_response(
@@ -158,8 +173,11 @@ def admit(generator: TextGenerator, bodies: list[Any]) -> list[Response]:
         item = next(prepared)
         if isinstance(item, ParamError):
             responses.append(param_error_response(item))
-        else:
+            continue
+        try:
             responses.append(GenerationResponse(generator, item))
+        except QueueFull as exc:
+            responses.append(overloaded_response(exc))
     return responses
 
 
@@ -177,39 +195,55 @@ class DeferredJSONResponse(Response):
 
     media_type = "application/json"
 
-    def __init__(self, handles: list[RequestHandle]) -> None:
+    def __init__(self, handles: list[RequestHandle], timeout: float) -> None:
         super().__init__(media_type=self.media_type)
         self.handles = handles
+        self.timeout = timeout  # TEXTGEN_TIMEOUT: after it, the work stops and the client gets a 504
 
     def render_results(self, results: list[GenerationResult]) -> tuple[int, dict[str, Any]]:
         """Status and JSON body for the finished requests."""
         raise NotImplementedError
 
+    def render_timeout(self) -> dict[str, Any]:
+        return {"error": timeout_message(self.timeout), "detail": []}
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         results_task = asyncio.ensure_future(asyncio.gather(*(h.result() for h in self.handles)))
         gone_task = asyncio.ensure_future(_client_gone(receive))
         try:
-            await asyncio.wait({results_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {results_task, gone_task}, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             if not results_task.done():
                 for handle in self.handles:
-                    handle.cancel()  # client gone, or we were cancelled (timeout, shutdown)
+                    handle.cancel()  # timed out, client gone, or we were cancelled (shutdown)
                 results_task.cancel()
             gone_task.cancel()
         if results_task.done() and not results_task.cancelled():
             self.status_code, body = self.render_results(results_task.result())
             self.body = json.dumps(body, ensure_ascii=False).encode()
-        else:
+        elif gone_task.done():
             self.status_code, self.body = CLIENT_CLOSED_REQUEST, b""
+        else:
+            count_rejection("timeout")
+            self.status_code, self.body = 504, json.dumps(self.render_timeout()).encode()
         self.init_headers()
         await super().__call__(scope, receive, send)
+
+
+def timeout_message(timeout: float) -> str:
+    return (
+        f"the request did not finish within {timeout:g} s (TEXTGEN_TIMEOUT) and was stopped; "
+        "ask for fewer tokens, retry when the server is less busy, or raise TEXTGEN_TIMEOUT"
+    )
 
 
 class GenerationResponse(DeferredJSONResponse):
     """/generate's answer: the generated text, post-processed, or what went wrong."""
 
     def __init__(self, generator: TextGenerator, prepared: PreparedRequest) -> None:
-        super().__init__([generator.submit(prepared)])
+        super().__init__([generator.submit(prepared)], generator.settings.request_timeout)
         self.generator = generator
         self.prepared = prepared
 
@@ -240,7 +274,10 @@ def stream(generator: TextGenerator, body: Any) -> Response:
     (prepared,) = generator.prepare([parsed])
     if isinstance(prepared, ParamError):
         return param_error_response(prepared)
-    handle = generator.submit(prepared)
+    try:
+        handle = generator.submit(prepared)
+    except QueueFull as exc:
+        return overloaded_response(exc)
 
     async def events() -> AsyncIterator[str]:
         # Leaving this generator early (client disconnect) cancels the request: see RequestHandle.stream.
@@ -250,7 +287,7 @@ def stream(generator: TextGenerator, body: Any) -> Response:
             elif event.result.finish_reason in ("error", "cancelled"):
                 yield sse({"error": event.result.error or event.result.finish_reason})
             else:
-                final = generator.final_event(event.result, event.text)
+                final = generator.final_event(prepared, event.result, event.text)
                 yield sse(final.model_dump(mode="json", exclude_none=True))
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

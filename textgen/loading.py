@@ -69,7 +69,8 @@ class ModelSource:
     model_id: str  # what responses call the model
     origin: str  # what the user named: Hub id, directory, or GGUF file and its sha256
     kind: str = "hub"  # hub | directory | gguf | store
-    sha256: str | None = None  # of the GGUF file, when the source is one
+    sha256: str | None = None  # of the GGUF file (or, from the store, of the imported content)
+    revision: str | None = None  # the Hub commit, when known
     fallback_reason: str | None = None  # set when the offline default stands in for GPT-2
 
 
@@ -161,8 +162,9 @@ def _cannot_load(settings: Settings, tried: str, exc: BaseException) -> str:
 def _resolve_pretrained(location: str, model_id: str, kind: str = "hub") -> ModelSource:
     from transformers import AutoConfig
 
-    AutoConfig.from_pretrained(location, trust_remote_code=False)  # fetches or finds config.json
-    return ModelSource(location, model_id, origin=location, kind=kind)
+    config = AutoConfig.from_pretrained(location, trust_remote_code=False)  # fetches or finds config.json
+    revision = getattr(config, "_commit_hash", None) if kind == "hub" else None
+    return ModelSource(location, model_id, origin=location, kind=kind, revision=revision)
 
 
 def _resolve_gguf(path: Path, settings: Settings, model_id: str | None = None) -> ModelSource:

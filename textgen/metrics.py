@@ -7,6 +7,8 @@ would never write where /metrics reads.
 
 from __future__ import annotations
 
+from typing import Any
+
 from textgen.sequence import GenerationResult
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -33,7 +35,14 @@ class EngineMetrics:
             "textgen_time_to_first_token_seconds", "From arrival to the first token.", buckets=_BUCKETS
         )
         self.step = Histogram(
-            "textgen_step_seconds", "Duration of one decoding step (inter-token latency).", buckets=_BUCKETS
+            "textgen_step_seconds",
+            "Duration of one engine iteration (a decoding step or a prefill).",
+            buckets=_BUCKETS,
+        )
+        self.per_token = Histogram(
+            "textgen_inter_token_latency_seconds",
+            "Per request: mean time between its generated tokens, after the first.",
+            buckets=_BUCKETS,
         )
 
     def on_step(self, batch_size: int, tokens: int, seconds: float, running: int, waiting: int) -> None:
@@ -47,3 +56,19 @@ class EngineMetrics:
         self.finished.labels(result.finish_reason).inc()
         if result.completion_tokens:
             self.first_token.observe(result.first_token_seconds)
+        if result.completion_tokens > 1:
+            decoding = result.total_seconds - result.first_token_seconds
+            self.per_token.observe(decoding / (result.completion_tokens - 1))
+
+
+_rejections: Any = None
+
+
+def count_rejection(reason: str) -> None:
+    """Count a request refused before generation (unauthorized, body_too_large, overloaded, timeout...)."""
+    global _rejections
+    if _rejections is None:  # created on first use, in the worker: see the module docstring
+        from prometheus_client import Counter
+
+        _rejections = Counter("textgen_rejected_requests", "Requests refused, by reason.", ["reason"])
+    _rejections.labels(reason).inc()

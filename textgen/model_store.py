@@ -82,7 +82,14 @@ def stored_model_source() -> ModelSource | None:
         return None
     labels = model.info.labels
     origin = f"BentoML model {model.tag} ({labels.get('source', 'unknown source')})"
-    return ModelSource(model.path, labels.get("model_id", STORE_NAME), origin, kind="store")
+    return ModelSource(
+        model.path,
+        labels.get("model_id", STORE_NAME),
+        origin,
+        kind="store",
+        sha256=labels.get("sha256"),
+        revision=labels.get("revision"),
+    )
 
 
 def model_files(folder: Path) -> list[str]:

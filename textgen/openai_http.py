@@ -1,4 +1,4 @@
-"""HTTP glue of the OpenAI-compatible routes: auth, OpenAI's error shape, deferred JSON and SSE.
+"""HTTP glue of the OpenAI-compatible routes: OpenAI's error shape, deferred JSON and SSE.
 
 Like /generate, a route only admits: it validates, tokenizes and submits every choice of the request
 to the engine at once (so n choices and list prompts share forward passes), then returns a response
@@ -11,7 +11,6 @@ Errors have OpenAI's shape, which its client libraries turn into typed exception
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,9 +23,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from textgen import openai_api as api
-from textgen.engine import RequestHandle
+from textgen.engine import QueueFull, RequestHandle
 from textgen.generator import TextGenerator
-from textgen.http import DeferredJSONResponse, sse
+from textgen.http import OVERLOADED, DeferredJSONResponse, overloaded, sse, timeout_message
 from textgen.params import ParamError
 from textgen.sequence import GenerationResult
 
@@ -45,22 +44,6 @@ def error_response(
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def authorize(api_key: str | None, authorization: str | None) -> JSONResponse | None:
-    """None when the request may proceed; a 401 when TEXTGEN_API_KEY is set and not presented."""
-    if api_key is None:
-        return None
-    scheme, _, token = (authorization or "").partition(" ")
-    # compare_digest: the time taken does not reveal how much of the key was right.
-    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode()):
-        return None
-    return error_response(
-        401,
-        "missing or wrong API key: send the server's TEXTGEN_API_KEY as 'Authorization: Bearer <key>'",
-        "invalid_request_error",
-        code="invalid_api_key",
-    )
 
 
 def parse(model: type[BaseModel], raw: Any) -> Any:
@@ -102,9 +85,6 @@ def _with_status(ctx: Any, response: Response) -> Response:
 
 
 def _handle(generator: TextGenerator, raw: Any, ctx: Any, model: Any, plan_fn: Any) -> Response:
-    denied = authorize(generator.settings.api_key, ctx.request.headers.get("authorization"))
-    if denied is not None:
-        return denied
     req = parse(model, raw)
     if isinstance(req, Response):
         return req
@@ -123,12 +103,15 @@ def _handle(generator: TextGenerator, raw: Any, ctx: Any, model: Any, plan_fn: A
     except ParamError as exc:
         return error_response(400, exc.message, param=exc.field)
     # Every choice enters the engine now, before anything is awaited: they join the batch together.
-    handles = [generator.engine.submit(plan.prompts[c.prompt], c.params) for c in plan.choices]
+    try:
+        handles = generator.engine.submit_many([(plan.prompts[c.prompt], c.params) for c in plan.choices])
+    except QueueFull as exc:
+        return overloaded(exc, error_body(OVERLOADED, "server_error", code="overloaded"))
     if plan.stream:
         return StreamingResponse(
             _events(plan, handles), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-    return CompletionResponse(plan, handles)
+    return CompletionResponse(plan, handles, generator.settings.request_timeout)
 
 
 def _failure(results: list[GenerationResult]) -> tuple[int, dict[str, Any]] | None:
@@ -149,9 +132,12 @@ def _usage(plan: api.Plan, results: list[GenerationResult]) -> dict[str, int]:
 class CompletionResponse(DeferredJSONResponse):
     """The JSON body is known once every choice is done; a client that leaves cancels them all."""
 
-    def __init__(self, plan: api.Plan, handles: list[RequestHandle]) -> None:
-        super().__init__(handles)
+    def __init__(self, plan: api.Plan, handles: list[RequestHandle], timeout: float) -> None:
+        super().__init__(handles, timeout)
         self.plan = plan
+
+    def render_timeout(self) -> dict[str, Any]:
+        return error_body(timeout_message(self.timeout), "server_error", code="timeout")
 
     def render_results(self, results: list[GenerationResult]) -> tuple[int, dict[str, Any]]:
         failure = _failure(results)
@@ -217,9 +203,6 @@ async def list_models(request: Request) -> Response:
     import bentoml  # here, in the worker, whose service instance holds the generator
 
     generator: TextGenerator = bentoml.get_current_service().generator
-    denied = authorize(generator.settings.api_key, request.headers.get("authorization"))
-    if denied is not None:
-        return denied
     return JSONResponse(api.models_body(generator.model_id, STARTED))
 
 

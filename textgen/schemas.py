@@ -65,6 +65,12 @@ class GenerateRequest(BaseModel):
         "ends before the first one and it is not returned.",
     )
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token.")
+    truncate: int | None = Field(
+        None,
+        ge=1,
+        description="Keep only the last N prompt tokens (after templating) instead of refusing a prompt "
+        "that does not fit the context; the number dropped is reported in usage.truncated_prompt_tokens.",
+    )
     template: TemplateName = Field(
         "none",
         description="Prompt framing: none (raw continuation), assistant (instruction prefix), "
@@ -88,9 +94,10 @@ FinishReason = Literal["length", "stop", "eos"]
 
 
 class Usage(BaseModel):
-    prompt_tokens: int
+    prompt_tokens: int = Field(description="Prompt tokens the model saw (after truncation).")
     completion_tokens: int
     total_tokens: int
+    truncated_prompt_tokens: int = Field(0, description="Prompt tokens dropped by `truncate`.")
 
 
 class Timings(BaseModel):

@@ -111,7 +111,11 @@ def error_from_response(response: httpx.Response, url: str) -> TextgenError:
         return InvalidParameter(
             field, f"The server rejected `{field}`: {message or summary}. Change it and generate again."
         )
-    if response.status_code == 503:
+    if response.status_code == 401:
+        return GenerationFailed(
+            "The server requires an API key: start the UI with TEXTGEN_API_KEY set to the server's key."
+        )
+    if response.status_code in (429, 503):
         return GenerationFailed(f"The server is not available right now ({summary}). Retry in a moment.")
     return GenerationFailed(
         f"The server failed (HTTP {response.status_code}): {summary}. Check the server's log, then retry."
@@ -371,11 +375,16 @@ class HealthReport:
 class TextgenClient:
     """One textgen server at `url`; `timeout` bounds each wait for the server (connect, each read)."""
 
-    def __init__(self, url: str, timeout: float = 120.0) -> None:
+    def __init__(self, url: str, timeout: float = 120.0, api_key: str | None = None) -> None:
         self.url = normalize_url(url)
         self.timeout = timeout
         self.health_timeout = min(timeout, HEALTH_TIMEOUT)
-        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT))
+        # The server's TEXTGEN_API_KEY, when it has one (default: this process's TEXTGEN_API_KEY).
+        api_key = api_key if api_key is not None else os.environ.get("TEXTGEN_API_KEY", "").strip()
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT)
+        )
 
     def __enter__(self) -> TextgenClient:
         return self

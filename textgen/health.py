@@ -1,0 +1,85 @@
+"""What the server says about itself: liveness, readiness (loading, ready, failed) and GET /info.
+
+The model loads in the background after the worker starts serving, so that /livez answers at once (an
+orchestrator does not kill a pod that is merely loading) and /readyz says 503 until the model is loaded
+and warm, then 200: the contract Kubernetes probes and load balancers expect.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Any
+
+from textgen import __version__
+from textgen.config import Settings
+from textgen.loading import LoadedModel, ModelSource
+from textgen.params import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+LIVENESS_PATHS = ("/livez", "/healthz")
+READINESS_PATH = "/readyz"
+INFO_PATH = "/info"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+class ServerState:
+    """Written by the loading thread, read by the HTTP guards (one per worker process)."""
+
+    def __init__(self, settings: Settings, source: ModelSource) -> None:
+        self.settings = settings
+        self.source = source
+        self.status = "loading"  # loading | ready | failed
+        self.reason: str | None = None
+        self.loaded: LoadedModel | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+    def set_ready(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.status = "ready"
+
+    def set_failed(self, reason: str) -> None:
+        self.reason = reason
+        self.status = "failed"
+
+    def liveness(self) -> tuple[int, dict[str, Any]]:
+        return 200, {"status": "alive"}
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        if self.ready:
+            return 200, {"status": "ready", "model": self.source.model_id}
+        body: dict[str, Any] = {"status": self.status, "model": self.source.model_id}
+        if self.reason:
+            body["reason"] = self.reason
+        return 503, body
+
+    def info(self) -> dict[str, Any]:
+        s, source = self.settings, self.source
+        return {
+            "status": self.status,
+            "model": source.model_id,
+            "source": source.origin,
+            "revision": source.revision or source.sha256,
+            "dtype": s.dtype,
+            "context_length": self.loaded.context_length if self.loaded else None,
+            "limits": {
+                "max_new_tokens": s.max_new_tokens,
+                "max_prompt_chars": s.max_prompt_chars,
+                "max_stop_strings": MAX_STOP_STRINGS,
+                "max_stop_chars": MAX_STOP_CHARS,
+                "max_batch_size": s.max_batch_size,
+                "max_queue": s.max_queue,
+                "max_body_bytes": s.max_body_bytes,
+                "timeout_seconds": s.request_timeout,
+            },
+            "auth": s.api_key is not None,
+            "version": {"textgen": __version__}
+            | {p: _version(p) for p in ("bentoml", "transformers", "torch")},
+        }
