@@ -23,6 +23,7 @@ from textgen.config import Settings
 from textgen.generator import TextGenerator
 from textgen.guards import Guards
 from textgen.health import ServerState
+from textgen.openapi import DocumentRewriter
 from textgen.loading import load_model, resolve_model
 from textgen.model_store import stored_model_source
 
@@ -145,3 +146,4 @@ if settings.cors_origins:
         allow_headers=["Authorization", "Content-Type"],
     )
 TextGen.add_asgi_middleware(Guards, settings=settings, state=state)
+TextGen.add_asgi_middleware(DocumentRewriter)

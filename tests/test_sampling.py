@@ -84,3 +84,15 @@ def test_repetition_penalty_follows_hf_semantics_and_ngram_ban():
     assert out.tolist() == [[1.0, -4.0, 1.0, float("-inf")]]
     untouched = apply_penalties(logits.clone(), [SamplingParams(repetition_penalty=1.0)], seen, [[]])
     assert torch.equal(untouched, logits)
+
+
+def test_a_vanishing_penalty_or_temperature_never_yields_nan() -> None:
+    # 5e-324 is a legal float that float32 rounds to 0: dividing by it gave inf logits, then NaN.
+    logits = torch.tensor([[3.0, -1.0, 2.0, 0.5]])
+    seen = torch.tensor([[True, True, False, False]])
+    for penalty, temperature in ((5e-324, 0.7), (1.2, 5e-324), (5e-324, 5e-324)):
+        params = [SamplingParams(repetition_penalty=penalty, temperature=temperature, top_p=0.9, seed=1)]
+        penalized = apply_penalties(logits.clone(), params, seen, [[]])
+        assert torch.isfinite(penalized).all()
+        token = sample(penalized, params, [torch.Generator().manual_seed(1)])
+        assert 0 <= int(token[0]) < 4

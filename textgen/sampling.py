@@ -21,6 +21,9 @@ BUCKETS = 4096  # histogram resolution: LOG_RANGE / BUCKETS = 0.007 nats per buc
 LOG_RANGE = 30.0  # tokens e^30 times less likely than the best share the lowest bucket (negligible mass)
 
 
+MIN_DIVISOR = 1e-6  # smallest temperature or repetition penalty used; smaller legal values act like it
+
+
 def apply_penalties(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -28,7 +31,9 @@ def apply_penalties(
     banned: Sequence[Sequence[int]],
 ) -> torch.Tensor:
     """Repetition penalty on tokens already present, and -inf on tokens that would repeat an n-gram."""
-    penalty = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype)
+    # The floor keeps a legal but vanishing penalty (say 5e-324, which float32 rounds to 0) from
+    # dividing by zero: infinite logits would turn the softmax into NaN.
+    penalty = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype).clamp(min=MIN_DIVISOR)
     if bool((penalty != 1.0).any()):
         penalty = penalty[:, None]
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
@@ -55,7 +60,9 @@ def sample(
     index = torch.tensor(rows)
     if len(rows) < len(params):
         logits = logits[index]
-    temperature = torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype)
+    temperature = torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype).clamp(
+        min=MIN_DIVISOR
+    )
     scaled = logits / temperature[:, None]
     top_k = torch.tensor([params[i].top_k for i in rows])
     top_p = torch.tensor([params[i].top_p for i in rows], dtype=logits.dtype)

@@ -177,15 +177,21 @@ def parse_request_schema(schema: Mapping[str, Any]) -> RequestSchema:
         if name == "prompt":
             continue
         kind = _json_type(prop)
+        exclusive = prop.get("exclusiveMinimum")
+        if isinstance(exclusive, bool):  # OpenAPI 3.0 (what /docs.json says): a flag on `minimum`
+            minimum, exclusive_minimum = prop.get("minimum"), exclusive
+        else:  # JSON Schema 2020-12 (pydantic): the bound itself
+            minimum = exclusive if exclusive is not None else prop.get("minimum")
+            exclusive_minimum = exclusive is not None
         params[name] = Param(
             name=name,
             type=kind,
             default=prop.get("default", [] if kind == "array" else None),
             title=prop.get("title", name),
             description=prop.get("description", ""),
-            minimum=prop.get("exclusiveMinimum", prop.get("minimum")),
+            minimum=minimum,
             maximum=prop.get("maximum"),
-            exclusive_minimum="exclusiveMinimum" in prop,
+            exclusive_minimum=exclusive_minimum,
             choices=tuple(prop.get("enum", ())),
         )
     return RequestSchema(params)
