@@ -57,6 +57,14 @@ class Level:
     peak_rss_mb: float
 
 
+def ensure_model() -> None:
+    """The random-weight GPT-2 (124M) the benchmarks serve, built once (make_model.py)."""
+    if not (MODEL_DIR / "config.json").is_file():
+        import subprocess
+
+        subprocess.run([sys.executable, str(ROOT / "bench" / "make_model.py"), str(MODEL_DIR)], check=True)
+
+
 def prompt_of_exactly(n: int) -> str:
     from transformers import AutoTokenizer
 
@@ -207,10 +215,7 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
-    if not (MODEL_DIR / "config.json").is_file():
-        import subprocess
-
-        subprocess.run([sys.executable, str(ROOT / "bench" / "make_model.py"), str(MODEL_DIR)], check=True)
+    ensure_model()
     prompt = prompt_of_exactly(PROMPT_TOKENS)
 
     env = {"MODEL_NAME": str(MODEL_DIR), "TEXTGEN_DTYPE": args.dtype, "TEXTGEN_THREADS": str(args.threads)}

@@ -16,6 +16,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from textgen import http
 from textgen.config import Settings
 from textgen.metrics import count_rejection
 from textgen.health import INFO_PATH, LIVENESS_PATHS, READINESS_PATH, ServerState
@@ -24,6 +25,7 @@ UNGUARDED_PATHS = frozenset({*LIVENESS_PATHS, READINESS_PATH, "/metrics"})
 # The Swagger page and the OpenAPI document work while the model loads; the APIs wait for it.
 AVAILABLE_WHILE_LOADING = frozenset({"/", "/docs", "/docs.json", "/schema.json", INFO_PATH})
 RETRY_LOADING_SECONDS = 5
+GENERATION_PATHS = frozenset({"/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"})
 
 
 def authorized(api_key: str | None, authorization: str | None) -> bool:
@@ -45,6 +47,7 @@ class Guards:
         self.app = app
         self.settings = settings
         self.state = state
+        self.in_flight = 0  # generation requests let through and not yet answered
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,7 +96,17 @@ class Guards:
         except ValueError as exc:
             message = f"the body is not valid JSON: {exc}"
             return await self._refuse(scope, receive, send, 400, "malformed_json", message, ("body",))
-        await self.app(scope, _replay(body, receive), send)
+        if path not in GENERATION_PATHS:
+            return await self.app(scope, _replay(body, receive), send)
+        # Admission at the door: counting here, before BentoML's dispatcher queues the request, keeps
+        # refusals fast under a burst (the engine's own queue bound only sees admitted requests).
+        if self.in_flight >= self.settings.max_batch_size + self.settings.max_queue:
+            return await self._refuse_overloaded(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            self.in_flight -= 1
 
     async def _reply(
         self, scope: Scope, receive: Receive, send: Send, status: int, body: dict[str, Any]
@@ -101,6 +114,10 @@ class Guards:
         await JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})(
             scope, receive, send
         )
+
+    async def _refuse_overloaded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = http.overloaded_body(scope["path"].startswith("/v1/"))
+        await http.overloaded(body)(scope, receive, send)
 
     async def _refuse(
         self,

@@ -134,14 +134,21 @@ OVERLOADED = "the server is at capacity (TEXTGEN_MAX_QUEUE requests are waiting)
 RETRY_AFTER_SECONDS = 1
 
 
-def overloaded(exc: QueueFull, body: dict[str, Any]) -> JSONResponse:
-    log.info("refused a request: %s", exc)
+def overloaded_body(openai_shape: bool) -> dict[str, Any]:
+    if openai_shape:
+        return {"error": {"message": OVERLOADED, "type": "server_error", "param": None, "code": "overloaded"}}
+    return {"error": OVERLOADED, "detail": []}
+
+
+def overloaded(body: dict[str, Any]) -> JSONResponse:
+    """429: the queue is full (at the door, or in the engine); the client should retry shortly."""
     count_rejection("overloaded")
     return JSONResponse(body, status_code=429, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def overloaded_response(exc: QueueFull) -> JSONResponse:
-    return overloaded(exc, {"error": OVERLOADED, "detail": []})
+    log.info("refused a request: %s", exc)
+    return overloaded(overloaded_body(openai_shape=False))
 
 
 def parse_request(raw: Any) -> GenerateRequest | JSONResponse:

@@ -25,7 +25,7 @@ from starlette.routing import Route
 from textgen import openai_api as api
 from textgen.engine import QueueFull, RequestHandle
 from textgen.generator import TextGenerator
-from textgen.http import OVERLOADED, DeferredJSONResponse, overloaded, sse, timeout_message
+from textgen.http import DeferredJSONResponse, overloaded, overloaded_body, sse, timeout_message
 from textgen.params import ParamError
 from textgen.sequence import GenerationResult
 
@@ -106,7 +106,8 @@ def _handle(generator: TextGenerator, raw: Any, ctx: Any, model: Any, plan_fn: A
     try:
         handles = generator.engine.submit_many([(plan.prompts[c.prompt], c.params) for c in plan.choices])
     except QueueFull as exc:
-        return overloaded(exc, error_body(OVERLOADED, "server_error", code="overloaded"))
+        log.info("refused a request: %s", exc)
+        return overloaded(overloaded_body(openai_shape=True))
     if plan.stream:
         return StreamingResponse(
             _events(plan, handles), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
