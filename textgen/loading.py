@@ -70,6 +70,7 @@ class ModelSource:
     origin: str  # what the user named: Hub id, directory, or GGUF file and its sha256
     kind: str = "hub"  # hub | directory | gguf | store
     sha256: str | None = None  # of the GGUF file (or, from the store, of the imported content)
+    file: str | None = None  # the GGUF file, when the source is one
     revision: str | None = None  # the Hub commit, when known
     fallback_reason: str | None = None  # set when the offline default stands in for GPT-2
 
@@ -175,7 +176,7 @@ def _resolve_gguf(path: Path, settings: Settings, model_id: str | None = None) -
     if not (cached / "config.json").is_file():
         _convert_gguf(path, cached)
     origin = f"{path} (sha256 {sha})"
-    return ModelSource(str(cached), model_id or path.stem, origin, kind="gguf", sha256=sha)
+    return ModelSource(str(cached), model_id or path.stem, origin, kind="gguf", sha256=sha, file=str(path))
 
 
 def offline_model_path() -> Path:

@@ -114,7 +114,8 @@ def _materialize(source: str | None, settings: Settings, revision: str | None) -
     folder = Path(resolved.location)
     if resolved.kind == "gguf":  # converted to torch weights; the file's hash names the content
         assert resolved.sha256 is not None
-        labels.update(source=resolved.origin.split(" (sha256 ")[0], sha256=resolved.sha256)
+        assert resolved.file is not None
+        labels.update(source=resolved.file, sha256=resolved.sha256)
     elif resolved.kind == "directory":
         labels.update(source=str(folder.resolve()), sha256=_folder_sha256(folder))
     else:
