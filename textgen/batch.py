@@ -14,15 +14,20 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-GROWTH_BLOCK = 64  # tokens of spare KV capacity added when a layer is full
+GROWTH_BLOCK = 32  # tokens of spare KV capacity added when a layer is full
 
 
 class GrowingLayer(DynamicLayer):
-    """A KV cache layer that writes new keys/values into spare capacity.
+    """A KV cache layer that writes new keys/values into spare capacity and attends over all of it.
 
     Hugging Face's DynamicLayer concatenates at every step, copying the whole cache: at batch 32 and a
     few hundred tokens that is hundreds of MB per step for GPT-2. Here spare capacity is reserved in blocks, so a
     step copies only the new token's keys and values.
+
+    Attention gets the whole buffer, spare positions included, like transformers' StaticLayer: a slice of it
+    would not be contiguous, and the matmuls of decode attention (textgen/attention.py) would copy the cache to
+    make it so, at every layer and step. `get_mask_sizes` reports the full width, so the attention mask covers the
+    spare positions (the padding mask is extended with zeros there and the causal mask excludes them anyway).
     """
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -31,38 +36,56 @@ class GrowingLayer(DynamicLayer):
         self._keys = key_states.new_zeros(0)
         self._values = value_states.new_zeros(0)
 
+    @property
+    def capacity(self) -> int:
+        return self._keys.shape[-2] if self.is_initialized and self._keys.dim() == 4 else 0
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
-        if self._keys.dim() != 4 or end > self._keys.shape[-2]:
-            self._reserve(key_states, end)
+        if end > self.capacity:
+            # A layer created by this very call gets no spare room: transformers sizes the mask of a layer
+            # it has not seen yet to the query alone. Prefill is one call, so spare room comes at the first step.
+            self._reserve(key_states, _capacity_for(end) if self.length else end)
         self._keys[:, :, self.length : end] = key_states
         self._values[:, :, self.length : end] = value_states
         self.length = end
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
-        return self.keys, self.values
+        return self._keys, self._values
+
+    def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
+        needed = self.get_seq_length() + query_length
+        return (self.capacity if needed <= self.capacity else _capacity_for(needed)), 0
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Take new contents (after rows were dropped or added); capacity grows again on the next step."""
-        self._keys, self._values, self.keys, self.values = keys, values, keys, values
+        self._keys, self._values = keys.contiguous(), values.contiguous()
+        self.keys, self.values = self._keys, self._values
         self.length = keys.shape[-2]
         self.is_initialized = True
 
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
 
-    def _reserve(self, like: torch.Tensor, needed: int) -> None:
-        # Grow by a fixed block rather than doubling: a doubled cache is up to twice the memory for
-        # nothing, and one copy per GROWTH_BLOCK steps is already negligible.
+    def _reserve(self, like: torch.Tensor, capacity: int) -> None:
         batch, heads, _, dim = like.shape
-        capacity = needed + GROWTH_BLOCK
-        keys = like.new_zeros(batch, heads, capacity, dim)
-        values = like.new_zeros(batch, heads, capacity, dim)
+        keys = like.new_empty(batch, heads, capacity, dim)
+        values = like.new_empty(batch, heads, capacity, dim)
         if self.length:
             keys[:, :, : self.length] = self._keys[:, :, : self.length]
             values[:, :, : self.length] = self._values[:, :, : self.length]
+        # Zeros, never garbage, in the spare room: it is masked out, but 0 * NaN would still be NaN.
+        keys[:, :, self.length :].zero_()
+        values[:, :, self.length :].zero_()
         self._keys, self._values = keys, values
+
+
+def _capacity_for(needed: int) -> int:
+    # Grow by a fixed block rather than doubling: a doubled cache is up to twice the memory (and, since
+    # attention reads the spare positions too, twice the attention work) for nothing, and one copy per
+    # GROWTH_BLOCK steps is already negligible.
+    return needed + GROWTH_BLOCK
 
 
 def new_cache() -> Cache:

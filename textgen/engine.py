@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
+from textgen.attention import use_decode_attention
 from textgen.batch import DecodeBatch
 from textgen.params import SamplingParams
 from textgen.sampling import apply_penalties, sample
@@ -146,6 +147,8 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_waiting = max_waiting  # None: unbounded
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        if not self.is_encoder_decoder:
+            use_decode_attention(model)
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.stats = EngineStats()
