@@ -14,6 +14,7 @@ from textgen.config import ConfigError, Settings
 from textgen.engine import Engine
 from textgen.loading import ModelLoadError, configure_threads, load_model, resolve_model
 from textgen.params import SamplingParams
+from textgen.quantize import DENSE_ROWS, Int8Linear
 
 
 def test_local_directory_loads_a_causal_lm(loaded_tiny, tiny_model_dir):
@@ -41,13 +42,15 @@ def test_bfloat16_is_selectable(tiny_model_dir, cache_dir):
     assert weight.shape == (64, 192) and weight.stride() == (1, 64)  # stored output-major for oneDNN
 
 
-def test_int8_quantizes_gpt2_projections_and_still_generates(tiny_model_dir, cache_dir):
+def test_int8_quantizes_every_linear_layer_and_still_generates(tiny_model_dir, cache_dir):
     settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype="int8", cache_dir=cache_dir)
     loaded = load_model(settings, resolve_model(settings))
     modules = list(loaded.model.modules())
-    assert not any(type(m).__name__ == "Conv1D" for m in modules)
-    quantized = [m for m in modules if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
-    assert len(quantized) == 4 * 2  # qkv, attention output, MLP in and out, in each of the 2 blocks
+    assert not any(type(m).__name__ in ("Conv1D", "Linear") for m in modules)
+    quantized = [m for m in modules if isinstance(m, Int8Linear)]
+    # qkv, attention output, MLP in and out in each of the 2 blocks, and the output layer
+    assert len(quantized) == 4 * 2 + 1
+    assert all(m.weight_int8.dtype == torch.int8 for m in quantized)
     engine = Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length).start()
     try:
         ids = loaded.tokenizer.encode("What is AI?")
@@ -55,6 +58,19 @@ def test_int8_quantizes_gpt2_projections_and_still_generates(tiny_model_dir, cac
         assert result.completion_tokens == 6
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("rows", [1, 3, DENSE_ROWS, 40])
+def test_int8_linear_is_close_to_the_float_product(rows):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64), torch.randn(96)
+    layer = Int8Linear(weight, bias)
+    x = torch.randn(rows, 1, 64).bfloat16()
+    expected = torch.nn.functional.linear(x.float(), weight, bias)
+    got = layer(x)
+    assert got.shape == (rows, 1, 96) and got.dtype == torch.bfloat16
+    # int8 rows keep ~1/254 of each row's largest weight; bfloat16 activations ~1/256 of each value
+    assert (got.float() - expected).norm() / expected.norm() < 0.02
 
 
 def test_gpt2_alias_means_the_default_hub_model(cache_dir):
