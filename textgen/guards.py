@@ -86,6 +86,11 @@ class Guards:
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await self._refuse(scope, receive, send, 413, "body_too_large", too_large, ("body",))
+        generation = path in GENERATION_PATHS
+        # Admission at the door, before the body is even read: counting here, ahead of BentoML's dispatcher,
+        # keeps refusals fast under a burst (the engine's own queue bound only sees admitted requests).
+        if generation and self.in_flight >= self.settings.max_batch_size + self.settings.max_queue:
+            return await self._refuse_overloaded(scope, receive, send)
         body = await _read_body(receive, limit)
         if body is None:  # the client left while sending
             return
@@ -96,12 +101,8 @@ class Guards:
         except ValueError as exc:
             message = f"the body is not valid JSON: {exc}"
             return await self._refuse(scope, receive, send, 400, "malformed_json", message, ("body",))
-        if path not in GENERATION_PATHS:
+        if not generation:
             return await self.app(scope, _replay(body, receive), send)
-        # Admission at the door: counting here, before BentoML's dispatcher queues the request, keeps
-        # refusals fast under a burst (the engine's own queue bound only sees admitted requests).
-        if self.in_flight >= self.settings.max_batch_size + self.settings.max_queue:
-            return await self._refuse_overloaded(scope, receive, send)
         self.in_flight += 1
         try:
             await self.app(scope, _replay(body, receive), send)
