@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from textgen.config import ConfigError, Settings
+from textgen.config import ConfigError, Settings, available_cores
 from textgen.engine import Engine
 from textgen.loading import ModelLoadError, configure_threads, load_model, resolve_model
 from textgen.params import SamplingParams
@@ -158,3 +159,21 @@ def test_offline_default_is_smollm2_with_one_warning_and_a_cached_conversion(cac
     assert len(warnings) == 1
     assert "Set MODEL_NAME" in warnings[0].message
     assert loaded.tokenizer.chat_template and loaded.context_length == 8192
+
+
+@pytest.mark.parametrize(
+    "files,expected",
+    [
+        ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2, 1.5 CPUs: 2 threads
+        ({"cpu.max": "max 100000\n"}, 4),  # no limit: the affinity's 4 cores
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1, 1 CPU
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),  # v1 unlimited
+        ({}, 4),  # no cgroup files
+    ],
+)
+def test_default_threads_follow_the_container_cpu_limit(tmp_path, monkeypatch, files, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert available_cores(tmp_path) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,11 +15,35 @@ class ConfigError(ValueError):
     pass
 
 
-def available_cores() -> int:
+def available_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may really use: its affinity, capped by a cgroup CPU quota.
+
+    A container limited to 2 CPUs on a 64-core node still sees 64 cores in its affinity; 64 torch threads
+    sharing a 2-CPU quota get throttled into a fraction of single-thread speed.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(cgroup_root)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_cpu_quota(root: Path) -> float | None:
+    """CPUs allowed by the cgroup (v2 `cpu.max`, or v1 `cpu.cfs_quota_us`/`cpu.cfs_period_us`); None if unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]  # "max 100000" or "200000 100000"
+    except (OSError, ValueError):
+        try:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()  # -1: unlimited
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        value = int(quota) / int(period)
+    except ValueError:  # "max"
+        return None
+    return value if value > 0 else None
 
 
 @dataclass(frozen=True)
