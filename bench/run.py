@@ -174,6 +174,9 @@ def markdown(results: list[Level], dtype: str, threads: int) -> str:
         ours, theirs = by_key.get(("textgen", mode, 32)), by_key.get(("baseline", mode, 32))
         if ours and theirs:
             lines.append(f"\n{mode} at 32 clients: textgen {ours} tok/s = {ours / theirs:.1f}x the baseline.")
+    quality = ROOT / "bench" / "results" / "quality.md"
+    if quality.is_file():  # written by bench/quality.py on the real SmolLM2: what the speed costs
+        lines += ["", "## Quality of the weight formats (bench/quality.py)", "", quality.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 
