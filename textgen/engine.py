@@ -147,8 +147,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_waiting = max_waiting  # None: unbounded
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-        if not self.is_encoder_decoder:
-            use_decode_attention(model)
+        use_decode_attention(model)  # decoder-only models; encoder-decoders keep their own
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.stats = EngineStats()
