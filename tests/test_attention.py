@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from textgen.attention import decode_attention
+from textgen.model.attention import decode_attention
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])  # plain and grouped-query attention

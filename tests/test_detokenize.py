@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from textgen.detokenize import IncrementalDetokenizer, StopMatcher
+from textgen.engine.detokenize import IncrementalDetokenizer, StopMatcher
 
 TEXTS = ["emoji 🙂🚀 and CJK 東京 你好", "Café naïve — déjà vu", "plain ascii text."]
 

@@ -7,9 +7,11 @@ import time
 import pytest
 import torch
 
-from textgen.engine import Engine, RequestHandle
-from textgen.params import SamplingParams
-from textgen.sequence import Sequence
+from textgen.engine.batch import DecodeBatch
+from textgen.engine.core import Engine
+from textgen.engine.handle import RequestHandle
+from textgen.engine.params import SamplingParams
+from textgen.engine.sequence import Sequence
 
 GREEDY = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
 PROMPTS = [
@@ -162,3 +164,20 @@ def test_eos_ends_a_request_unless_ignored(loaded_tiny):
     assert events[-1].result.text == " Paris"  # the end-of-text token adds no text
     events = run(SamplingParams(max_new_tokens=10, ignore_eos=True))
     assert events[-1].result is None  # still going: EOS was just another token
+
+
+def test_answers_may_repeat_their_question_when_the_prompt_is_not_penalized(loaded_tiny):
+    """no_repeat_ngram_size and repetition_penalty see only the answer when a template frames the prompt."""
+    tokenizer = loaded_tiny.tokenizer
+    question = tokenizer.encode("the capital of France")
+    for penalize, banned_after_of in ((True, True), (False, False)):
+        params = SamplingParams(no_repeat_ngram_size=2, penalize_prompt=penalize)
+        seq = Sequence(question, params, tokenizer, set(), 256, lambda event: None)
+        seq.append(question[2])  # "... of" again: is " France" (which followed " of" in the prompt) banned?
+        assert (question[3] in seq.banned_tokens()) is banned_after_of
+    vocab = loaded_tiny.model.config.vocab_size
+    with torch.inference_mode():
+        batch, _ = DecodeBatch.prefill(
+            loaded_tiny.model, ["counted", "free"], [question, question], vocab, count_prompt=[True, False]
+        )
+    assert batch.seen[0, question].all() and not batch.seen[1].any()  # what the repetition penalty sees

@@ -1,4 +1,4 @@
-"""The guards middleware around a plain app, in each readiness state (loading is too quick to catch live)."""
+"""The guards and health middlewares around a plain app, in each readiness state (loading is too quick to catch live)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from textgen.config import Settings
-from textgen.guards import Guards
-from textgen.health import ServerState
-from textgen.loading import ModelSource
+from textgen.api.guards import Guards
+from textgen.api.health import HealthRoutes, ServerState
+from textgen.model.loading import ModelSource
 
 
 async def answered(request):  # the app behind the guards
@@ -24,7 +24,7 @@ APP = Starlette(routes=[Route(p, answered, methods=["GET", "POST"]) for p in ("/
 
 def request(state: ServerState, method: str, path: str, **kwargs) -> httpx.Response:
     async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=Guards(APP, state.settings, state))
+        transport = httpx.ASGITransport(app=Guards(HealthRoutes(APP, state), state.settings, state))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return await client.request(method, path, **kwargs)
 

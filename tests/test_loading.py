@@ -12,10 +12,12 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 from textgen.config import ConfigError, Settings, available_cores
-from textgen.engine import Engine
-from textgen.loading import ModelLoadError, configure_threads, load_model, resolve_model
-from textgen.params import SamplingParams
-from textgen.quantize import DENSE_ROWS, Int8Linear
+from textgen.engine.core import Engine
+from textgen.model.loading import ModelLoadError, configure_threads, load_model, resolve_model
+from textgen.engine.params import SamplingParams
+from textgen.model.cpu import detect_cpu
+from textgen.model.formats import int8_dense_dtype
+from textgen.model.quantize import DENSE_ROWS, Int8Linear
 
 
 def test_local_directory_loads_a_causal_lm(loaded_tiny, tiny_model_dir):
@@ -28,7 +30,7 @@ def test_local_directory_loads_a_causal_lm(loaded_tiny, tiny_model_dir):
 
 def test_threads_are_set_and_logged(caplog):
     before = torch.get_num_threads()
-    with caplog.at_level(logging.INFO, logger="textgen.loading"):
+    with caplog.at_level(logging.INFO, logger="textgen.model.loading"):
         configure_threads(1)
     assert torch.get_num_threads() == 1
     assert "torch uses 1 intra-op thread(s)" in caplog.text
@@ -52,6 +54,8 @@ def test_int8_quantizes_every_linear_layer_and_still_generates(tiny_model_dir, c
     # qkv, attention output, MLP in and out in each of the 2 blocks, and the output layer
     assert len(quantized) == 4 * 2 + 1
     assert all(m.weight_int8.dtype == torch.int8 for m in quantized)
+    # Activations in bfloat16 only where this CPU computes it natively (float32 on AVX2-only CPUs).
+    assert all(m.scales.dtype == int8_dense_dtype(detect_cpu()) for m in quantized)
     engine = Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length).start()
     try:
         ids = loaded.tokenizer.encode("What is AI?")
@@ -61,15 +65,17 @@ def test_int8_quantizes_every_linear_layer_and_still_generates(tiny_model_dir, c
         engine.stop()
 
 
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 3, DENSE_ROWS, 40])
-def test_int8_linear_is_close_to_the_float_product(rows):
+def test_int8_linear_is_close_to_the_float_product(rows, compute):
+    # The compute dtype is the loaded model's: bfloat16 on CPUs that have it natively, else float32.
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 64), torch.randn(96)
-    layer = Int8Linear(weight, bias)
-    x = torch.randn(rows, 1, 64).bfloat16()
+    layer = Int8Linear(weight.to(compute), bias)
+    x = torch.randn(rows, 1, 64).to(compute)
     expected = torch.nn.functional.linear(x.float(), weight, bias)
     got = layer(x)
-    assert got.shape == (rows, 1, 96) and got.dtype == torch.bfloat16
+    assert got.shape == (rows, 1, 96) and got.dtype == compute
     # int8 rows keep ~1/254 of each row's largest weight; bfloat16 activations ~1/256 of each value
     assert (got.float() - expected).norm() / expected.norm() < 0.02
 

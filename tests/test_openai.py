@@ -13,12 +13,15 @@ from transformers import AutoTokenizer
 
 from tests.server import start_server
 from tests.test_service import metric
-from textgen import openai_api, openai_http
+from textgen.api import openai as openai_http
+from textgen.frontend import openai_protocol as openai_api
+from textgen.frontend.prepare import Choice, Prepared, PromptRequest
+from textgen.frontend.templates import RenderedPrompt
 from textgen.config import Settings
-from textgen.guards import authorized
-from textgen.params import SamplingParams
-from textgen.sequence import Event, GenerationResult
-from textgen.templates import render_chat
+from textgen.api.guards import authorized
+from textgen.engine.params import SamplingParams
+from textgen.engine.sequence import Event, GenerationResult
+from textgen.frontend.templates import render_chat
 
 PROMPT = "The quick brown fox"
 CHAT = [
@@ -378,17 +381,9 @@ def result(reason, completion_tokens=2, error=None):
 
 def plan(choices):
     params = SamplingParams(max_new_tokens=5)
-    return openai_api.Plan(
-        kind="completion",
-        id="cmpl-x",
-        created=0,
-        model="m",
-        prompts=[[1, 2, 3]],
-        prompt_texts=["abc"],
-        choices=[openai_api.EngineRequest(index=i, prompt=0, params=params) for i in range(choices)],
-        stream=True,
-        include_usage=True,
-    )
+    call = openai_api.Call("completion", "cmpl-x", 0, "m", stream=True, include_usage=True)
+    request = PromptRequest([RenderedPrompt("abc")], params, n=choices)
+    return call, Prepared(request, [[1, 2, 3]], [Choice(0, params) for _ in range(choices)])
 
 
 async def collect(events):
@@ -398,7 +393,7 @@ async def collect(events):
 def test_an_error_after_the_stream_started_is_an_error_event_and_cancels_the_rest():
     failing = FakeHandle([Event("Hel"), Event("", result("error", error="RuntimeError: boom"))])
     other = FakeHandle([Event("a")] * 50 + [Event("", result("length"))])
-    events = asyncio.run(collect(openai_http._events(plan(2), [failing, other])))
+    events = asyncio.run(collect(openai_http._events(*plan(2), [failing, other])))
     assert events[-1].startswith("data: ")
     last = json.loads(events[-1].removeprefix("data: "))
     assert last["error"]["type"] == "server_error" and "boom" in last["error"]["message"]
@@ -408,7 +403,7 @@ def test_an_error_after_the_stream_started_is_an_error_event_and_cancels_the_res
 
 def test_eos_is_reported_as_stop_and_usage_counts_the_prompt_once():
     handles = [FakeHandle([Event("x"), Event("y", result("eos", 2))]) for _ in range(2)]
-    events = asyncio.run(collect(openai_http._events(plan(2), handles)))
+    events = asyncio.run(collect(openai_http._events(*plan(2), handles)))
     assert events[-1] == "data: [DONE]\n\n"
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
     reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]

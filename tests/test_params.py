@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from textgen.params import RANGES, ParamError, SamplingParams
+from textgen.engine.params import RANGES, ParamError, SamplingParams
 
 
 def test_defaults_are_the_old_services():

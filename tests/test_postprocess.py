@@ -1,4 +1,4 @@
-from textgen.postprocess import (
+from textgen.frontend.postprocess import (
     PostProcessing,
     drop_repeated_lines,
     limit_words,

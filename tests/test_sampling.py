@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from textgen.params import SamplingParams
-from textgen.sampling import _nucleus_threshold, apply_penalties, sample
+from textgen.engine.params import SamplingParams
+from textgen.engine.sampling import _nucleus_threshold, apply_penalties, sample
 
 
 def reference_nucleus(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> set[int]:

@@ -221,7 +221,7 @@ def test_swagger_ui_and_openapi_are_served_and_docs_redirects(tiny_server):
     assert "swagger" in docs.text.lower()
     spec = httpx.get(f"{tiny_server.url}/docs.json", timeout=10).json()
     schema = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert schema["properties"]["template"]["enum"] == ["none", "assistant", "few_shot", "chat"]
+    assert schema["properties"]["template"]["enum"] == ["auto", "none", "assistant", "few_shot", "chat"]
     assert schema["properties"]["temperature"]["maximum"] == 5.0
     assert schema["properties"]["max_new_tokens"]["maximum"] == 1024  # this server's TEXTGEN_MAX_NEW_TOKENS
     assert "/generate_stream" in spec["paths"]

@@ -1,9 +1,9 @@
 import pytest
 from transformers import AutoTokenizer
 
-from textgen.params import ParamError
-from textgen.schemas import GenerateRequest
-from textgen.templates import TEMPLATE_NAMES, render
+from textgen.engine.params import ParamError
+from textgen.frontend.generate_protocol import GenerateRequest
+from textgen.frontend.templates import TEMPLATE_NAMES, render
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +47,19 @@ def test_chat_uses_the_models_template(tiny_model_dir):
 
 
 def test_unknown_template_is_a_param_error(tokenizer):
-    with pytest.raises(ParamError, match="template must be one of none, assistant, few_shot, chat"):
+    with pytest.raises(ParamError, match="template must be one of auto, none, assistant, few_shot, chat"):
         render("poem", "hi", tokenizer)
 
 
 def test_templates_are_listed_in_the_api_schema():
     schema = GenerateRequest.model_json_schema()
     assert tuple(schema["properties"]["template"]["enum"]) == TEMPLATE_NAMES
+
+
+def test_auto_is_the_default_and_uses_the_chat_template_only_when_the_model_has_one(tiny_model_dir):
+    assert GenerateRequest(prompt="x").template == "auto"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert render("auto", "What is AI?", tok) == render("none", "What is AI?", tok)  # GPT-2: as before
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    r = render("auto", "What is AI?", tok)
+    assert r.text == "<user>What is AI?<assistant>" and r.user_text == "What is AI?"

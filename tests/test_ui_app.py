@@ -56,7 +56,7 @@ def param(app: AppTest, kind: str, label: str):  # type: ignore[no-untyped-def]
 def test_generate_sends_every_parameter_and_shows_the_streamed_text(monkeypatch, proxy):
     app = open_app(monkeypatch, proxy.url)
     assert "Server ready" in badge(app)
-    assert param(app, "selectbox", "template").options == ["none", "assistant", "few_shot", "chat"]
+    assert param(app, "selectbox", "template").options == ["auto", "none", "assistant", "few_shot", "chat"]
     assert param(app, "slider", "temperature").value == 0.7  # the server's default
 
     param(app, "selectbox", "template").select("assistant")

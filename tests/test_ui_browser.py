@@ -147,3 +147,27 @@ def test_stop_ends_the_stream_and_keeps_the_text(page):
         while not server.dropped and time.monotonic() < deadline:
             time.sleep(0.1)
         assert server.dropped == ["/generate_stream"]  # the connection closed: the server can cancel
+
+
+@pytest.mark.real_model
+def test_default_settings_answer_with_the_offline_default_model(browser, default_server):
+    """A newcomer's first try: the real model, every control as the page starts, no template chosen."""
+    with start_process(
+        streamlit_command, {"TEXTGEN_URL": default_server.url}, ready_timeout=60, ready_path="/_stcore/health"
+    ) as app:
+        page = browser.new_page()
+        try:
+            page.goto(app.url)
+            expect(page.get_by_text("Server ready")).to_be_visible(timeout=60_000)
+            generate(page, "What is the capital of France?")
+            expect(page.get_by_text("Completion tokens")).to_be_visible(timeout=120_000)
+            expect(page.get_by_text("No text: the model ended at once")).to_have_count(0)
+            with page.expect_download() as download:
+                page.get_by_role("button", name="Download JSON").click()
+            (entry,) = json.loads(Path(download.value.path()).read_text())
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "ui-default-settings.png"), full_page=True)
+        finally:
+            page.close()
+    assert entry["outcome"] == "completed" and entry["output"].strip(), entry
+    assert entry["parameters"].get("template", "auto") == "auto"  # the page's default, not the test's

@@ -190,7 +190,7 @@ def test_built_in_schema_matches_the_server(tiny_server):
         live = client.request_schema()
     built_in = fallback_request_schema()
     assert live.params == built_in.params
-    assert live.templates == ("none", "assistant", "few_shot", "chat")
+    assert live.templates == ("auto", "none", "assistant", "few_shot", "chat")
     assert live.params["top_p"].allowed == "(0, 1]" and live.params["max_new_tokens"].default == 200
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "int8")
+DTYPES = ("float32", "bfloat16", "int8", "auto")  # auto: chosen for this CPU (textgen/model/cpu.py)
 
 
 class ConfigError(ValueError):
@@ -50,7 +50,7 @@ def _cgroup_cpu_quota(root: Path) -> float | None:
 class Settings:
     model_name: str | None = None  # None: GPT-2, or the offline default when GPT-2 is unavailable
     threads: int = 1
-    dtype: str = "float32"
+    dtype: str = "auto"
     max_batch_size: int = 32
     max_queue: int = 128  # requests waiting for a batch slot; beyond it, 429
     max_new_tokens: int = 1024
@@ -78,7 +78,7 @@ class Settings:
                 raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
             return value
 
-        dtype = env.get("TEXTGEN_DTYPE", "float32").strip() or "float32"
+        dtype = env.get("TEXTGEN_DTYPE", "auto").strip() or "auto"
         if dtype not in DTYPES:
             raise ConfigError(f"TEXTGEN_DTYPE must be one of {', '.join(DTYPES)}, got {dtype!r}")
         cache = env.get("TEXTGEN_CACHE_DIR", "").strip()

@@ -11,8 +11,8 @@ import logging
 import sys
 
 from textgen.config import ConfigError, Settings
-from textgen.loading import ModelLoadError
-from textgen.model_store import STORE_NAME, import_model
+from textgen.model.loading import ModelLoadError
+from textgen.model.store import STORE_NAME, import_model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API's bodies, and their translation into engine requests (no HTTP here).
+"""The OpenAI-compatible API's bodies, how they become a PromptRequest, and the bodies of the answers.
 
 /v1/completions and /v1/chat/completions take OpenAI's bodies, plus textgen's `top_k`,
 `repetition_penalty` and `no_repeat_ngram_size` as extra fields (as vLLM does). Unlike /generate,
@@ -6,7 +6,8 @@ nothing is added to what the client asked for: those extras default to off, no t
 frames the prompt and no post-processing touches the output, because OpenAI clients expect the
 model's raw output.
 
-Bounds are those of /generate (params.RANGES), checked by SamplingParams, under OpenAI's names.
+Bounds are those of /generate (params.RANGES), checked by SamplingParams, under OpenAI's names; the
+server's limits are checked once for every dialect, in frontend/prepare.py.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from textgen.params import RANGES, ParamError, Range, SamplingParams
-from textgen.schemas import Usage  # the same counts as /generate's, in OpenAI's field names
-from textgen.templates import RenderedPrompt, has_chat_template, render_chat
+from textgen.engine.params import RANGES, ParamError, Range, SamplingParams
+from textgen.frontend.generate_protocol import Usage  # the same counts, in OpenAI's field names
+from textgen.frontend.prepare import FieldNames, PromptRequest
+from textgen.frontend.templates import RenderedPrompt, has_chat_template, render_chat
 
 N_RANGE = Range(1, 16)  # choices per prompt; they all join the engine's batch at once
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -29,6 +31,8 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # ends with "Assistant:" for the model to continue, and stops where it would invent the user's turn.
 FALLBACK_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 FALLBACK_STOP = ("\nUser:",)
+COMPLETION_FIELDS = FieldNames(prompt="prompt", max_tokens="max_tokens")
+CHAT_FIELDS = FieldNames(prompt="messages", max_tokens="max_tokens")
 
 
 class StreamOptions(BaseModel):
@@ -65,6 +69,31 @@ class SamplingFields(BaseModel):
         default=0, description=f"0 = off. Allowed: {RANGES['no_repeat_ngram_size']}."
     )
 
+    def to_sampling_params(self, max_tokens: int | None, max_tokens_field: str) -> SamplingParams:
+        """Engine parameters under OpenAI's semantics: always sampled (temperature 0 is greedy)."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0:
+                raise ParamError(
+                    name,
+                    f"{name} is not supported by textgen (only 0); use repetition_penalty "
+                    f"(1 = off, > 1 discourages repeats) or no_repeat_ngram_size instead",
+                )
+        N_RANGE.check("n", self.n)
+        try:
+            return SamplingParams(
+                max_new_tokens=max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                repetition_penalty=self.repetition_penalty,
+                no_repeat_ngram_size=self.no_repeat_ngram_size,
+                do_sample=True,
+                seed=self.seed,
+                stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
+            )
+        except ParamError as exc:
+            raise exc.renamed({"max_new_tokens": max_tokens_field}) from None
+
 
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
@@ -74,6 +103,13 @@ class CompletionRequest(SamplingFields):
         default=DEFAULT_COMPLETION_MAX_TOKENS, description="Default 16, as OpenAI."
     )
     echo: bool = Field(default=False, description="Prepend the prompt to each choice's text.")
+
+    def to_prompt_request(self, tokenizer: Any) -> PromptRequest:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        if not prompts:
+            raise ParamError("prompt", "prompt must be a string or a non-empty list of strings")
+        params = self.to_sampling_params(self.max_tokens, "max_tokens")
+        return PromptRequest([RenderedPrompt(p) for p in prompts], params, n=self.n, fields=COMPLETION_FIELDS)
 
 
 class ChatMessage(BaseModel):
@@ -92,6 +128,18 @@ class ChatCompletionRequest(SamplingFields):
     )
     max_tokens: int | None = Field(default=None, description="Default: the server's TEXTGEN_MAX_NEW_TOKENS.")
     max_completion_tokens: int | None = Field(default=None, description="OpenAI's newer name for max_tokens.")
+
+    def to_prompt_request(self, tokenizer: Any) -> PromptRequest:
+        if not self.messages:
+            raise ParamError("messages", "messages must hold at least one message")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ParamError("max_completion_tokens", "give max_tokens or max_completion_tokens, not both")
+        fields = CHAT_FIELDS
+        if self.max_completion_tokens is not None:
+            fields = FieldNames(prompt="messages", max_tokens="max_completion_tokens")
+        # No max_tokens: as long as the server allows, capped by the context (frontend/prepare.py).
+        params = self.to_sampling_params(self.max_tokens or self.max_completion_tokens, fields.max_tokens)
+        return PromptRequest([render_messages(self.messages, tokenizer)], params, n=self.n, fields=fields)
 
 
 def render_fallback_chat(messages: list[dict[str, str]]) -> RenderedPrompt:
@@ -115,39 +163,33 @@ def render_messages(messages: list[ChatMessage], tokenizer: Any) -> RenderedProm
     return render_fallback_chat(plain)
 
 
-@dataclass
-class EngineRequest:
-    """One choice as the engine sees it: which prompt it continues, and how."""
-
-    index: int  # the choice's index in the response
-    prompt: int  # index into Plan.prompts
-    params: SamplingParams
-
-
-@dataclass
-class Plan:
-    """A validated OpenAI request: tokenized prompts and one engine request per choice."""
+@dataclass(frozen=True)
+class Call:
+    """What the answer to one OpenAI request needs to know besides the results."""
 
     kind: Literal["completion", "chat"]
     id: str
     created: int
     model: str
-    prompts: list[list[int]]
-    prompt_texts: list[str]
-    choices: list[EngineRequest]
     stream: bool
     include_usage: bool
-    echo: bool = False
+    echo_texts: list[str] | None = None  # with `echo`: each prompt's text, prepended to its choices
 
-
-@dataclass(frozen=True)
-class Limits:
-    """What the serving process allows, from Settings and the loaded model."""
-
-    model_id: str
-    max_new_tokens: int
-    max_prompt_chars: int
-    context_length: int
+    @classmethod
+    def of(cls, req: "CompletionRequest | ChatCompletionRequest", model: str) -> "Call":
+        kind: Literal["completion", "chat"] = "completion" if isinstance(req, CompletionRequest) else "chat"
+        echo = None
+        if isinstance(req, CompletionRequest) and req.echo:
+            echo = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        return cls(
+            kind=kind,
+            id=f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=model,
+            stream=req.stream,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            echo_texts=echo,
+        )
 
 
 def check_model(requested: str | None, served: str) -> None:
@@ -156,121 +198,6 @@ def check_model(requested: str | None, served: str) -> None:
         raise LookupError(
             f"the model {requested!r} does not exist on this server; it serves {served!r} (GET /v1/models)"
         )
-
-
-def plan_completion(req: CompletionRequest, tokenizer: Any, limits: Limits) -> Plan:
-    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-    if not prompts:
-        raise ParamError("prompt", "prompt must be a string or a non-empty list of strings")
-    rendered = [RenderedPrompt(p) for p in prompts]
-    return _plan(
-        "completion", req, "prompt", rendered, req.max_tokens, "max_tokens", tokenizer, limits, req.echo
-    )
-
-
-def plan_chat(req: ChatCompletionRequest, tokenizer: Any, limits: Limits) -> Plan:
-    if not req.messages:
-        raise ParamError("messages", "messages must hold at least one message")
-    if req.max_tokens is not None and req.max_completion_tokens is not None:
-        raise ParamError("max_completion_tokens", "give max_tokens or max_completion_tokens, not both")
-    field, max_tokens = "max_tokens", req.max_tokens
-    if req.max_completion_tokens is not None:
-        field, max_tokens = "max_completion_tokens", req.max_completion_tokens
-    rendered = [render_messages(req.messages, tokenizer)]
-    return _plan("chat", req, "messages", rendered, max_tokens, field, tokenizer, limits, False)
-
-
-def _plan(
-    kind: Literal["completion", "chat"],
-    req: SamplingFields,
-    prompt_field: str,
-    rendered: list[RenderedPrompt],
-    max_tokens: int | None,
-    max_tokens_field: str,
-    tokenizer: Any,
-    limits: Limits,
-    echo: bool,
-) -> Plan:
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) != 0:
-            raise ParamError(
-                name,
-                f"{name} is not supported by textgen (only 0); use repetition_penalty "
-                f"(1 = off, > 1 discourages repeats) or no_repeat_ngram_size instead",
-            )
-    N_RANGE.check("n", req.n)
-    explicit = max_tokens is not None
-    if max_tokens is None:
-        max_tokens = limits.max_new_tokens  # chat: as long as the server allows; the context caps it too
-    RANGES["max_new_tokens"].check(max_tokens_field, max_tokens)
-    if max_tokens > limits.max_new_tokens:
-        raise ParamError(
-            max_tokens_field,
-            f"{max_tokens_field} must be in [1, {limits.max_new_tokens}] on this server "
-            f"(TEXTGEN_MAX_NEW_TOKENS), got {max_tokens}",
-        )
-    for r in rendered:
-        if not r.text.strip():
-            raise ParamError(prompt_field, f"{prompt_field} must contain some non-whitespace text")
-        if len(r.text) > limits.max_prompt_chars:
-            raise ParamError(
-                prompt_field,
-                f"{prompt_field} must be at most {limits.max_prompt_chars} characters "
-                f"(TEXTGEN_MAX_PROMPT_CHARS), got {len(r.text)}",
-            )
-    ids = [list(tokenizer(r.text, add_special_tokens=r.add_special_tokens)["input_ids"]) for r in rendered]
-    for prompt_ids in ids:
-        n = len(prompt_ids)
-        if n >= limits.context_length:
-            raise ParamError(
-                prompt_field,
-                f"{prompt_field} is {n} tokens, more than the model's context of {limits.context_length}; shorten it",
-            )
-        if explicit and n + max_tokens > limits.context_length:
-            # Chat's default max_tokens is simply capped by the context (the engine does it); an explicit
-            # request for more than fits is an error, so that a client never silently gets less.
-            raise ParamError(
-                max_tokens_field,
-                f"the prompt is {n} tokens and {max_tokens_field} is {max_tokens}: together more than the "
-                f"model's context of {limits.context_length}; set {max_tokens_field} to at most "
-                f"{limits.context_length - n}",
-            )
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    choices = []
-    for p, r in enumerate(rendered):
-        for i in range(req.n):
-            # Choice i uses seed + i: reproducible, and the n choices still differ from each other.
-            seed = None if req.seed is None else req.seed + i
-            try:
-                params = SamplingParams(
-                    max_new_tokens=max_tokens,
-                    temperature=req.temperature,
-                    top_p=req.top_p,
-                    top_k=req.top_k,
-                    repetition_penalty=req.repetition_penalty,
-                    no_repeat_ngram_size=req.no_repeat_ngram_size,
-                    do_sample=True,
-                    seed=seed,
-                    stop=stop + r.stop,
-                )
-            except ParamError as exc:
-                if exc.field == "seed" and req.seed is not None and i > 0:
-                    raise ParamError("seed", f"seed + n - 1 must be at most {RANGES['seed'].high}") from None
-                raise
-            choices.append(EngineRequest(index=p * req.n + i, prompt=p, params=params))
-    prefix = "cmpl" if kind == "completion" else "chatcmpl"
-    return Plan(
-        kind=kind,
-        id=f"{prefix}-{uuid.uuid4().hex}",
-        created=int(time.time()),
-        model=limits.model_id,
-        prompts=ids,
-        prompt_texts=[r.text for r in rendered],
-        choices=choices,
-        stream=req.stream,
-        include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        echo=echo,
-    )
 
 
 # -- response bodies -------------------------------------------------------------------------------
@@ -330,8 +257,8 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def choice_body(plan: Plan, index: int, text: str, reason: str | None) -> dict[str, Any]:
-    if plan.kind == "completion":
+def choice_body(call: Call, index: int, text: str, reason: str | None) -> dict[str, Any]:
+    if call.kind == "completion":
         return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
     return {
         "index": index,
@@ -341,8 +268,8 @@ def choice_body(plan: Plan, index: int, text: str, reason: str | None) -> dict[s
     }
 
 
-def chunk_choice(plan: Plan, index: int, text: str, reason: str | None, first: bool) -> dict[str, Any]:
-    if plan.kind == "completion":
+def chunk_choice(call: Call, index: int, text: str, reason: str | None, first: bool) -> dict[str, Any]:
+    if call.kind == "completion":
         return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
     delta: dict[str, Any] = {"content": text}
     if first:
@@ -350,12 +277,12 @@ def chunk_choice(plan: Plan, index: int, text: str, reason: str | None, first: b
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
 
 
-def envelope(plan: Plan, *, chunk: bool, **fields: Any) -> dict[str, Any]:
-    if plan.kind == "completion":
+def envelope(call: Call, *, chunk: bool, **fields: Any) -> dict[str, Any]:
+    if call.kind == "completion":
         obj = "text_completion"
     else:
         obj = "chat.completion.chunk" if chunk else "chat.completion"
-    return {"id": plan.id, "object": obj, "created": plan.created, "model": plan.model, **fields}
+    return {"id": call.id, "object": obj, "created": call.created, "model": call.model, **fields}
 
 
 def models_body(model_id: str, created: int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from textgen.sequence import GenerationResult
+from textgen.engine.sequence import GenerationResult
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

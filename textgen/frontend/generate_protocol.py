@@ -1,4 +1,8 @@
-"""The request and response bodies of /generate and /generate_stream (pydantic, strict types)."""
+"""/generate and /generate_stream: their bodies (pydantic, strict types), and how they meet the engine.
+
+A GenerateRequest becomes a PromptRequest for the one door (frontend/prepare.py); a finished sequence
+becomes a GenerateResponse or the last StreamEvent, post-processed as the request asked.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from textgen.params import MAX_STOP_CHARS, MAX_STOP_STRINGS, RANGES
-from textgen.templates import TemplateName
+from textgen.engine.params import MAX_STOP_CHARS, MAX_STOP_STRINGS, RANGES, SamplingParams
+from textgen.engine.sequence import GenerationResult
+from textgen.frontend.postprocess import PostProcessing
+from textgen.frontend.prepare import Prepared, PromptRequest
+from textgen.frontend.templates import TemplateName, render
 
 
 def _bounded(name: str, description: str) -> Any:
@@ -72,9 +79,10 @@ class GenerateRequest(BaseModel):
         "that does not fit the context; the number dropped is reported in usage.truncated_prompt_tokens.",
     )
     template: TemplateName = Field(
-        "none",
-        description="Prompt framing: none (raw continuation), assistant (instruction prefix), "
-        "few_shot (Q/A examples), chat (the model's own chat template).",
+        "auto",
+        description="Prompt framing: auto (the model's chat template if it has one, else none), none (raw "
+        "continuation), assistant (instruction prefix), few_shot (Q/A examples), chat (the model's own "
+        "chat template).",
     )
     postprocess: bool = Field(
         True,
@@ -89,8 +97,40 @@ class GenerateRequest(BaseModel):
     )
     trim_incomplete_sentence: bool = Field(False, description="Drop a dangling half-sentence at the end.")
 
+    def to_sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            do_sample=self.do_sample,
+            seed=self.seed,
+            stop=tuple(self.stop),
+            ignore_eos=self.ignore_eos,
+        )
 
-FinishReason = Literal["length", "stop", "eos"]
+    def to_prompt_request(self, tokenizer: Any) -> PromptRequest:
+        """The request as the one door takes it: the prompt in its template, and its parameters."""
+        return PromptRequest(
+            [render(self.template, self.prompt, tokenizer)], self.to_sampling_params(), truncate=self.truncate
+        )
+
+    def postprocessing(self, default_max_words: int) -> PostProcessing | None:
+        if not self.postprocess:
+            return None
+        max_words = default_max_words if self.max_words is None else self.max_words
+        return PostProcessing(
+            strip_prompt=self.strip_prompt,
+            drop_repeated_lines=self.drop_repeated_lines,
+            max_words=max_words or None,
+            trim_incomplete_sentence=self.trim_incomplete_sentence,
+        )
+
+
+# The engine's FinishReason without its failures ("cancelled", "error"), which are HTTP errors instead.
+AnswerFinishReason = Literal["length", "stop", "eos"]
 
 
 class Usage(BaseModel):
@@ -110,7 +150,7 @@ class Timings(BaseModel):
 class GenerateResponse(BaseModel):
     generated_text: str
     model: str
-    finish_reason: FinishReason
+    finish_reason: AnswerFinishReason
     usage: Usage
     timings: Timings
     seed: int = Field(description="The seed used; send it back to reproduce a sampled text.")
@@ -121,8 +161,61 @@ class StreamEvent(BaseModel):
     """One Server-Sent Event of /generate_stream; the last one has `finish_reason` and `usage`."""
 
     text: str
-    finish_reason: FinishReason | None = None
+    finish_reason: AnswerFinishReason | None = None
     usage: Usage | None = None
     timings: Timings | None = None
     model: str | None = None
     seed: int | None = None
+
+
+# -- to and from the engine ------------------------------------------------------------------------
+
+
+def response(
+    req: GenerateRequest,
+    prepared: Prepared,
+    result: GenerationResult,
+    model: str,
+    post: PostProcessing | None,
+) -> GenerateResponse:
+    text = post.apply(result.text, req.prompt) if post is not None else result.text
+    return GenerateResponse(
+        generated_text=text,
+        model=model,
+        finish_reason=result.finish_reason,  # type: ignore[arg-type]
+        usage=usage(result, prepared.truncated_tokens[0]),
+        timings=timings(result),
+        seed=result.seed,
+        batch_size=result.max_batch_size,
+    )
+
+
+def final_event(prepared: Prepared, result: GenerationResult, text: str, model: str) -> StreamEvent:
+    return StreamEvent(
+        text=text,
+        finish_reason=result.finish_reason,  # type: ignore[arg-type]
+        usage=usage(result, prepared.truncated_tokens[0]),
+        timings=timings(result),
+        model=model,
+        seed=result.seed,
+    )
+
+
+def usage(result: GenerationResult, truncated_tokens: int = 0) -> Usage:
+    return Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+        truncated_prompt_tokens=truncated_tokens,
+    )
+
+
+def timings(result: GenerationResult) -> Timings:
+    decode_seconds = result.total_seconds - result.first_token_seconds
+    rate = (result.completion_tokens - 1) / decode_seconds if decode_seconds > 0 else 0.0
+    return Timings(
+        queue_ms=round(result.queue_seconds * 1000, 2),
+        first_token_ms=round(result.first_token_seconds * 1000, 2),
+        total_ms=round(result.total_seconds * 1000, 2),
+        tokens_per_second=round(rate, 2),
+    )

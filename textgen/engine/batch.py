@@ -119,9 +119,17 @@ class DecodeBatch:
 
     @classmethod
     def prefill(
-        cls, model: Any, rows: list[Any], prompts: list[list[int]], vocab_size: int
+        cls,
+        model: Any,
+        rows: list[Any],
+        prompts: list[list[int]],
+        vocab_size: int,
+        count_prompt: list[bool] | None = None,
     ) -> tuple["DecodeBatch", torch.Tensor]:
-        """Run the prompts of new sequences; return their batch and next-token logits [B, V]."""
+        """Run the prompts of new sequences; return their batch and next-token logits [B, V].
+
+        `count_prompt[i]` False: row i's prompt tokens do not count as seen (for the repetition penalty).
+        """
         width = max(len(p) for p in prompts)
         input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -143,7 +151,10 @@ class DecodeBatch:
             layer.keys.masked_fill_(pad, 0.0)
             layer.values.masked_fill_(pad, 0.0)
         seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool)
-        seen.scatter_(1, input_ids.clamp(max=vocab_size - 1), mask.bool())
+        counted = mask.bool()
+        if count_prompt is not None:
+            counted &= torch.tensor(count_prompt)[:, None]
+        seen.scatter_(1, input_ids.clamp(max=vocab_size - 1), counted)
         batch = cls(rows, out.past_key_values, mask, seen)
         return batch, out.logits[:, -1, :].float()
 

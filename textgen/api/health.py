@@ -10,10 +10,14 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any
 
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from textgen import __version__
 from textgen.config import Settings
-from textgen.loading import LoadedModel, ModelSource
-from textgen.params import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from textgen.engine.params import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from textgen.model.cpu import describe as describe_cpu
+from textgen.model.loading import LoadedModel, ModelSource
 
 LIVENESS_PATHS = ("/livez", "/healthz")
 READINESS_PATH = "/readyz"
@@ -36,6 +40,7 @@ class ServerState:
         self.status = "loading"  # loading | ready | failed
         self.reason: str | None = None
         self.loaded: LoadedModel | None = None
+        self.cpu = describe_cpu()  # instruction sets, cores: what the dtype and kernels were chosen for
 
     @property
     def ready(self) -> bool:
@@ -67,7 +72,9 @@ class ServerState:
             "model": source.model_id,
             "source": source.origin,
             "revision": source.revision or source.sha256,
-            "dtype": s.dtype,
+            "dtype": self.loaded.dtype if self.loaded else s.dtype,  # TEXTGEN_DTYPE resolved for this CPU
+            "dtype_reason": self.loaded.dtype_reason if self.loaded else None,
+            "cpu": self.cpu,
             "context_length": self.loaded.context_length if self.loaded else None,
             "limits": {
                 "max_new_tokens": s.max_new_tokens,
@@ -83,3 +90,31 @@ class ServerState:
             "version": {"textgen": __version__}
             | {p: _version(p) for p in ("bentoml", "transformers", "torch")},
         }
+
+
+class HealthRoutes:
+    """ASGI middleware answering /livez (and /healthz), /readyz and GET /info from the ServerState.
+
+    It sits inside the guards (api/guards.py), which let the probes through without a key and ask one
+    for /info like for every other route.
+    """
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path in LIVENESS_PATHS:
+            status, body = self.state.liveness()
+        elif path == READINESS_PATH:
+            status, body = self.state.readiness()
+        elif path == INFO_PATH and scope["method"] == "GET":
+            status, body = 200, self.state.info()
+        else:
+            return await self.app(scope, receive, send)
+        await JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})(
+            scope, receive, send
+        )

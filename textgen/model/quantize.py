@@ -1,4 +1,4 @@
-"""int8 weights: weight-only quantization of every linear layer, activations in bfloat16.
+"""int8 weights: weight-only quantization of every linear layer, activations in the model's compute dtype.
 
 A decoding step at small batch reads every weight once to multiply it by a handful of rows, so its time is
 the time to stream the weights from memory; int8 halves that against bfloat16. Each output row keeps its own
@@ -9,7 +9,11 @@ inside the kernel.
 At large batches the same kernel loses to bfloat16 GEMM (the work is arithmetic, not reading), so each layer
 also keeps its bfloat16 weight and uses it from DENSE_ROWS rows up: measured here on GPT-2, a decoding step
 took 8 ms with int8 against 13.4 in bfloat16 at batch 1 and 14.9 against 17.2 at batch 8, but 24 against 21.5
-at batch 16 and 43 against 31 at batch 32.
+at batch 16 and 43 against 31 at batch 32 (an AVX-512/AMX Xeon).
+
+The compute dtype is the dtype the model was loaded in: bfloat16 where the CPU has it natively, float32
+elsewhere (textgen/model/cpu.py `int8_dense_dtype`), since emulated bfloat16 GEMM is 8x slower than float32
+on an AVX2-only CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ CHUNK_ROWS = 4096  # rows quantized at a time
 
 
 class Int8Linear(nn.Module):
-    """y = x Wᵀ + b, with W as int8 rows and one scale per row (plus W in bfloat16 for large batches)."""
+    """y = x Wᵀ + b, with W as int8 rows and one scale per row (plus W dense for large batches)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -38,11 +42,10 @@ class Int8Linear(nn.Module):
             rows = slice(start, start + CHUNK_ROWS)
             quantized[rows] = torch.round(weight[rows].float() / scales[rows, None]).clamp(-127, 127)
         self.register_buffer("weight_int8", quantized)
-        self.register_buffer("scales", scales.to(torch.bfloat16))
-        self.register_buffer("weight_dense", weight.to(torch.bfloat16).contiguous())
-        self.bias = (
-            None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
-        )
+        compute = weight.dtype  # _weight_int8pack_mm wants scales in the activations' dtype
+        self.register_buffer("scales", scales.to(compute))
+        self.register_buffer("weight_dense", weight.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -56,7 +59,7 @@ class Int8Linear(nn.Module):
 
 
 def quantize_int8(model: Any) -> Any:
-    """Replace the linear layers of a bfloat16 model (GPT-2's Conv1D included) with Int8Linear, in place."""
+    """Replace the linear layers of a model (GPT-2's Conv1D included) with Int8Linear, in place."""
     from transformers.pytorch_utils import Conv1D
 
     for module in list(model.modules()):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from textgen.config import Settings
-from textgen.loading import ModelSource, file_sha256, resolve_model
+from textgen.model.loading import ModelSource, file_sha256, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,24 @@ def stored_model_source() -> ModelSource | None:
         kind="store",
         sha256=labels.get("sha256"),
         revision=labels.get("revision"),
+    )
+
+
+def check_build_has_model() -> None:
+    """Stop `bentoml build` early, with the fix, when bentofile.yaml's model is not in the store.
+
+    `bentoml build` imports the service with the bentofile's model aliases set; without an imported model it
+    would otherwise fail later with BentoML's "No cloud context default found", which says nothing useful.
+    """
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    if STORE_NAME not in BentoMLContainer.model_aliases.get() or stored_model_source() is not None:
+        return
+    raise SystemExit(
+        f"bentoml build: the model {STORE_NAME} is not in the BentoML model store. Import it first:\n"
+        f"    python -m textgen.import_model            # the default model (GPT-2; offline: SmolLM2)\n"
+        f"    python -m textgen.import_model SOURCE     # a Hub id, a local model directory or a .gguf file\n"
+        f"then run `bentoml build` again."
     )
 
 

@@ -1,8 +1,10 @@
 """Prompt templates: how a user's prompt is turned into the text the model continues.
 
-GPT-2 is a plain language model, so the default is `none`: the prompt is continued as is. The other
-templates frame the prompt so that a continuation reads as an answer, and say where that answer ends
-(their stop strings), so generation stops there instead of running into an invented next turn.
+The default, `auto`, frames the prompt with the model's own chat template when it has one (an instruct
+model such as SmolLM2 answers a bare question with an end-of-text token about half the time), and
+continues it as is (`none`) when it has none, as GPT-2. The other templates frame the prompt so that a
+continuation reads as an answer, and say where that answer ends (their stop strings), so generation stops
+there instead of running into an invented next turn.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from textgen.params import ParamError
+from textgen.engine.params import ParamError
 
-TemplateName = Literal["none", "assistant", "few_shot", "chat"]
+TemplateName = Literal["auto", "none", "assistant", "few_shot", "chat"]
 TEMPLATE_NAMES: tuple[str, ...] = get_args(TemplateName)
 
 ASSISTANT_PREFIX = (
@@ -36,20 +38,36 @@ class RenderedPrompt:
     stop: tuple[str, ...] = ()
     # Chat templates already contain the model's special tokens; adding them again would double them.
     add_special_tokens: bool = True
+    # What the user wrote (the part the server's checks look at: blank, too long); None: the text itself.
+    user_text: str | None = None
+    # False for prompts the model answers rather than continues: its penalties then see only its answer.
+    penalize_prompt: bool = True
+
+    def __post_init__(self) -> None:
+        if self.user_text is None:
+            object.__setattr__(self, "user_text", self.text)
 
 
 def render(template: str, prompt: str, tokenizer: Any) -> RenderedPrompt:
-    """Apply `template` to `prompt`; `tokenizer` supplies the chat template for `chat`."""
+    """Apply `template` to `prompt`; `tokenizer` supplies the chat template for `chat` and `auto`."""
+    if template == "auto":
+        template = "chat" if has_chat_template(tokenizer) else "none"
     if template == "none":
         return RenderedPrompt(prompt)
     if template == "assistant":
-        return RenderedPrompt(f"{ASSISTANT_PREFIX}User: {prompt}\nAssistant:", stop=("\nUser:",))
+        text = f"{ASSISTANT_PREFIX}User: {prompt}\nAssistant:"
+        return RenderedPrompt(text, stop=("\nUser:",), user_text=prompt, penalize_prompt=False)
     if template == "few_shot":
         shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in FEW_SHOT_EXAMPLES)
         head = "Answer each question with a short, factual answer.\n\n"
-        return RenderedPrompt(f"{head}{shots}Q: {prompt}\nA:", stop=("\nQ:",))
+        return RenderedPrompt(
+            f"{head}{shots}Q: {prompt}\nA:", stop=("\nQ:",), user_text=prompt, penalize_prompt=False
+        )
     if template == "chat":
-        return render_chat([{"role": "user", "content": prompt}], tokenizer)
+        rendered = render_chat([{"role": "user", "content": prompt}], tokenizer)
+        return RenderedPrompt(
+            rendered.text, rendered.stop, rendered.add_special_tokens, user_text=prompt, penalize_prompt=False
+        )
     raise ParamError(
         "template",
         f"template must be one of {', '.join(TEMPLATE_NAMES)}; got {template!r}",
@@ -66,7 +84,7 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Any) -> RenderedPromp
         raise ParamError(
             "template",
             "this model has no chat template, so template 'chat' is not available; "
-            "use 'none', 'assistant' or 'few_shot', or serve a chat model (e.g. SmolLM2-135M-Instruct)",
+            "use 'auto', 'none', 'assistant' or 'few_shot', or serve a chat model (e.g. SmolLM2-135M-Instruct)",
         )
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return RenderedPrompt(text, add_special_tokens=False)

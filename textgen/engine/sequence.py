@@ -6,14 +6,16 @@ import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
-from textgen.detokenize import IncrementalDetokenizer, StopMatcher
-from textgen.params import SamplingParams
+from textgen.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from textgen.engine.params import SamplingParams
 
-FinishReason = str  # "length" | "stop" | "eos" | "cancelled" | "error"
+# Why a sequence ended. The first three are answers; "cancelled" (client gone, timeout, shutdown) and
+# "error" (a failed step) become HTTP errors in the api wing.
+FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
 
 
 @dataclass
@@ -51,9 +53,10 @@ class Sequence:
         self.prompt_ids = prompt_ids
         self.params = params
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.rng = torch.Generator().manual_seed(self.seed)  # this sequence's own random stream
         self.eos_token_ids = set() if params.ignore_eos else eos_token_ids
-        self.max_new_tokens = min(params.max_new_tokens, max_length - len(prompt_ids))
+        budget = params.max_new_tokens if params.max_new_tokens is not None else max_length
+        self.max_new_tokens = min(budget, max_length - len(prompt_ids))
         self.emit = emit
         self.output_ids: list[int] = []
         self.text = ""
@@ -67,7 +70,7 @@ class Sequence:
         self.first_token: float | None = None
         n = params.no_repeat_ngram_size
         self._ngrams: dict[tuple[int, ...], set[int]] = defaultdict(set)
-        if n > 0:
+        if n > 0 and params.penalize_prompt:
             for i in range(len(prompt_ids) - n + 1):
                 self._ngrams[tuple(prompt_ids[i : i + n - 1])].add(prompt_ids[i + n - 1])
 

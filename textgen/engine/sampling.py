@@ -7,7 +7,7 @@ because `masked_fill` and `where` with a boolean mask ran 5x slower than a produ
 for 32 rows). With top-k, the candidates are the k likeliest tokens. Without it, one pass sorts
 every token into a histogram of log-probability buckets; the cumulative mass per bucket says which bucket
 holds the nucleus boundary, and only that bucket's tokens are ranked. Both give the exact nucleus (up to
-ties); sampling inside it uses the row's own generator, so a seeded request samples the same tokens
+ties); sampling inside it uses the row's own random generator, so a seeded request samples the same tokens
 whatever it is batched with.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from textgen.params import SamplingParams
+from textgen.engine.params import SamplingParams
 
 BUCKETS = 4096  # histogram resolution: LOG_RANGE / BUCKETS = 0.007 nats per bucket
 LOG_RANGE = 30.0  # tokens e^30 times less likely than the best share the lowest bucket (negligible mass)
@@ -50,7 +50,7 @@ def apply_penalties(
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator],
+    rngs: Sequence[torch.Generator],
 ) -> torch.Tensor:
     """One token per row [B]: argmax for greedy rows, top-k/top-p sampling for the others."""
     rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -69,7 +69,7 @@ def sample(
     scaled = logits / temperature[:, None]
     top_k = torch.tensor([params[i].top_k for i in rows])
     top_p = torch.tensor([params[i].top_p for i in rows], dtype=logits.dtype)
-    uniform = torch.stack([torch.rand((), generator=generators[i], dtype=logits.dtype) for i in rows])
+    uniform = torch.stack([torch.rand((), generator=rngs[i], dtype=logits.dtype) for i in rows])
     tokens[index] = _sample_nucleus(scaled, top_k, top_p, uniform)
     return tokens
 

@@ -15,6 +15,13 @@ class ParamError(ValueError):
         self.field = field
         self.message = message
 
+    def renamed(self, names: dict[str, str]) -> "ParamError":
+        """The same error under the caller's name for the field (`max_tokens` for `max_new_tokens`)."""
+        name = names.get(self.field)
+        if name is None:
+            return self
+        return ParamError(name, self.message.replace(self.field, name))
+
 
 @dataclass(frozen=True)
 class Range:
@@ -70,7 +77,7 @@ class SamplingParams:
     change what it samples.
     """
 
-    max_new_tokens: int = 200
+    max_new_tokens: int | None = 200  # None: as many as the server's limit and the context allow
     temperature: float = 0.7
     top_p: float = 0.9
     top_k: int = 0
@@ -80,6 +87,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    # Whether repetition_penalty and no_repeat_ngram_size count the prompt's tokens (Hugging Face's way). A
+    # continuation should not repeat its prompt; an answer must be free to repeat its question's words
+    # ("The capital of France is Paris"), so the answering templates turn this off.
+    penalize_prompt: bool = True
 
     def __post_init__(self) -> None:
         for name, bounds in RANGES.items():

@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 import torch
 
 from textgen.config import Settings
+from textgen.model.cpu import detect_cpu
+from textgen.model.formats import int8_dense_dtype, serving_dtype
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,7 +48,8 @@ class LoadedModel:
     model_id: str  # what responses call the model
     source: str  # where it was loaded from, for logs and /info
     context_length: int
-    dtype: str
+    dtype: str  # the serving format, TEXTGEN_DTYPE resolved for this CPU
+    dtype_reason: str = ""  # why that format (logs and GET /info)
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -75,6 +78,17 @@ class ModelSource:
     file: str | None = None  # the GGUF file, when the source is one
     revision: str | None = None  # the Hub commit, when known
     fallback_reason: str | None = None  # set when the offline default stands in for GPT-2
+    note: str = ""  # how it was found (a cache hit, a fresh conversion), for the start-up log
+
+    def describe(self) -> str:
+        """Where the weights come from, as the start-up log says it."""
+        where = {
+            "hub": f"the Hugging Face Hub ({self.location}, revision {self.revision or 'unknown'})",
+            "directory": f"the local directory {self.location}",
+            "gguf": f"the GGUF file {self.file}, converted to torch weights in {self.location}",
+            "store": f"the BentoML model store: {self.origin}",
+        }[self.kind]
+        return f"{where}{'; ' + self.note if self.note else ''}"
 
 
 def resolve_model(settings: Settings) -> ModelSource:
@@ -165,9 +179,15 @@ def _cannot_load(settings: Settings, tried: str, exc: BaseException) -> str:
 def _resolve_pretrained(location: str, model_id: str, kind: str = "hub") -> ModelSource:
     from transformers import AutoConfig
 
+    note = ""
+    if kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(location, "config.json"), str)
+        note = "found in the local Hugging Face cache" if cached else "downloaded"
     config = AutoConfig.from_pretrained(location, trust_remote_code=False)  # fetches or finds config.json
     revision = getattr(config, "_commit_hash", None) if kind == "hub" else None
-    return ModelSource(location, model_id, origin=location, kind=kind, revision=revision)
+    return ModelSource(location, model_id, origin=location, kind=kind, revision=revision, note=note)
 
 
 def _resolve_gguf(path: Path, settings: Settings, model_id: str | None = None) -> ModelSource:
@@ -175,10 +195,14 @@ def _resolve_gguf(path: Path, settings: Settings, model_id: str | None = None) -
         raise FileNotFoundError(f"no such file: {path}")
     sha = file_sha256(path)
     cached = settings.cache_dir / "gguf" / f"{path.stem}-{sha[:16]}"
+    note = "the conversion cache (TEXTGEN_CACHE_DIR) had it"
     if not (cached / "config.json").is_file():
         _convert_gguf(path, cached)
+        note = "converted now, once; later starts reuse it"
     origin = f"{path} (sha256 {sha})"
-    return ModelSource(str(cached), model_id or path.stem, origin, kind="gguf", sha256=sha, file=str(path))
+    return ModelSource(
+        str(cached), model_id or path.stem, origin, kind="gguf", sha256=sha, file=str(path), note=note
+    )
 
 
 def offline_model_path() -> Path:
@@ -203,21 +227,38 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
     # Load straight into the serving dtype: converting afterwards holds both copies at the peak.
-    load_dtype = torch.float32 if settings.dtype == "float32" else torch.bfloat16
-    model = auto.from_pretrained(source.location, trust_remote_code=False, dtype=load_dtype)
-    if settings.dtype == "int8":
-        from textgen.quantize import quantize_int8
+    cpu = detect_cpu()
+    choice = serving_dtype(settings.dtype, cpu)
+    if "emulated" in choice.reason:
+        log.warning("%s", choice.reason)
+    # int8 layers compute in bfloat16 only where the CPU has it natively (int8_dense_dtype).
+    compute = int8_dense_dtype(cpu) if choice.dtype == "int8" else None
+    load_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(choice.dtype, compute)
+    model = auto.from_pretrained(source.location, trust_remote_code=False, dtype=load_dtype).eval()
+    if choice.dtype == "int8":
+        from textgen.model.quantize import quantize_int8
 
-        model = quantize_int8(model.eval())
-    elif settings.dtype == "bfloat16":
-        model = _output_major(model.eval())
+        model = quantize_int8(model)
     else:
-        model = model.eval()
+        model = _output_major(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     _release_freed_memory()
     context = context_length(model, tokenizer)
-    return LoadedModel(model, tokenizer, source.model_id, source.origin, context, settings.dtype)
+    loaded = LoadedModel(
+        model, tokenizer, source.model_id, source.origin, context, choice.dtype, choice.reason
+    )
+    log.info("model %s from %s", source.model_id, source.describe())
+    log.info("dtype %s (TEXTGEN_DTYPE=%s): %s", choice.dtype, settings.dtype, choice.reason)
+    log.info(
+        "CPU %s (%s, %d usable cores); %d torch threads; context %d tokens",
+        cpu.model,
+        cpu.isa_class,
+        cpu.cores,
+        torch.get_num_threads(),
+        context,
+    )
+    return loaded
 
 
 def _convert_gguf(path: Path, target: Path) -> None:
@@ -252,8 +293,10 @@ def _output_major(model: Any) -> Any:
     """Store transformers' Conv1D weights (GPT-2's projections, logically [in, out]) output-major.
 
     Same values and the same [in, out] view for every caller, but laid out like nn.Linear's weight, which
-    oneDNN's bfloat16 kernels handle much faster: measured here on GPT-2, a decoding step took 12.3 ms
-    instead of 17.3 at batch 1, and 39 ms instead of 48 at batch 32 (float32 showed no gain).
+    oneDNN's bfloat16 kernels handle much faster: measured on an AVX-512/AMX Xeon on GPT-2, a decoding step
+    took 12.3 ms instead of 17.3 at batch 1, and 39 ms instead of 48 at batch 32. In float32 the AVX-512 Xeon
+    showed no gain, but on an AVX2-only EPYC the [in, out] layout cost 29 ms of a 54 ms float32 step at batch 1
+    (issue #12), so every dtype gets this layout.
     """
     from transformers.pytorch_utils import Conv1D
 

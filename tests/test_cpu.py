@@ -1,0 +1,303 @@
+"""CPU detection, the `auto` weight-format rule and the cached probe, on faked /proc/cpuinfo texts.
+
+The machines are the ones issue #12 is about: on an AVX2-only EPYC bfloat16 and int8 are emulated and 2x
+slower than float32, on AVX512_BF16/AMX machines bfloat16 is native. Behaviour only, never speed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from textgen.config import DTYPES, available_cores
+from textgen.model import cpu as cpu_mod
+from textgen.model import probe as probe_mod
+from textgen.model.cpu import ISA_CLASSES, CpuInfo, describe, detect_cpu
+from textgen.model.formats import QUALITY_COST, choose_dtype, emulated, int8_dense_dtype
+from textgen.model.probe import load_probe, probe
+
+BASE = (
+    "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht "
+    "syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl pni pclmulqdq ssse3 cx16 sse4_1 sse4_2 movbe "
+    "popcnt aes xsave avx f16c rdrand hypervisor lahf_lm abm"
+)
+AVX2 = "fma bmi1 avx2 bmi2 erms adx sha_ni"
+AVX512 = "avx512f avx512dq avx512cd avx512bw avx512vl"
+
+
+def cpuinfo(vendor: str, model: str, flags: str, processors: int = 2) -> str:
+    """A /proc/cpuinfo as Linux writes it on x86: one block per logical CPU, blank-line separated."""
+    block = (
+        "processor\t: {n}\nvendor_id\t: {vendor}\ncpu family\t: 6\nmodel\t\t: 143\n"
+        "model name\t: {model}\nstepping\t: 8\ncpu MHz\t\t: 2000.000\ncache size\t: 107520 KB\n"
+        "flags\t\t: {flags}\nbugs\t\t: spectre_v1 spectre_v2\nbogomips\t: 4000.00\n\n"
+    )
+    return "".join(block.format(n=n, vendor=vendor, model=model, flags=flags) for n in range(processors))
+
+
+MACHINES = {
+    # AVX2 only: bfloat16 linear emulated at 17 GFLOP/s, no VNNI.
+    "epyc-zen3": cpuinfo("AuthenticAMD", "AMD EPYC 7763 64-Core Processor", f"{BASE} {AVX2} clzero"),
+    "skylake": cpuinfo(
+        "GenuineIntel", "Intel(R) Xeon(R) Platinum 8175M CPU @ 2.50GHz", f"{BASE} {AVX2} {AVX512}"
+    ),
+    "cascade-lake": cpuinfo(
+        "GenuineIntel",
+        "Intel(R) Xeon(R) Platinum 8259CL CPU @ 2.50GHz",
+        f"{BASE} {AVX2} {AVX512} avx512_vnni",
+    ),
+    "ice-lake": cpuinfo(
+        "GenuineIntel",
+        "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz",
+        f"{BASE} {AVX2} {AVX512} avx512ifma avx512vbmi avx512_vbmi2 gfni vaes avx512_vnni avx512_bitalg",
+    ),
+    "cooper-lake": cpuinfo(
+        "GenuineIntel",
+        "Intel(R) Xeon(R) Platinum 8380H CPU @ 2.90GHz",
+        f"{BASE} {AVX2} {AVX512} avx512_vnni avx512_bf16",
+    ),
+    "epyc-zen4": cpuinfo(
+        "AuthenticAMD",
+        "AMD EPYC 9654 96-Core Processor",
+        f"{BASE} {AVX2} {AVX512} avx512ifma avx512_bf16 avx512vbmi avx512_vbmi2 gfni vaes avx512_vnni",
+    ),
+    "sapphire-rapids": cpuinfo(
+        "GenuineIntel",
+        "Intel(R) Xeon(R) Platinum 8480+",
+        f"{BASE} {AVX2} {AVX512} avx_vnni avx512_bf16 avx512_vnni tsxldtrk amx_bf16 avx512_fp16 amx_tile "
+        "amx_int8",
+    ),
+}
+NATIVE_BF16 = {"cooper-lake", "epyc-zen4", "sapphire-rapids"}
+
+GRAVITON3 = (
+    "processor\t: 0\nBogoMIPS\t: 2100.00\n"
+    "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma "
+    "lrcpc dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs paca pacg dcpodp "
+    "svei8mm svebf16 i8mm bf16 dgh rng\n"
+    "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x1\nCPU part\t: 0xd40\nCPU revision\t: 1\n\n"
+)
+GRAVITON2 = (
+    "processor\t: 0\nBogoMIPS\t: 243.75\n"
+    "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop "
+    "asimddp ssbs\n"
+    "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x3\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n"
+)
+
+INT8_CHEAP = {"float32": 0.0, "bfloat16": 0.006, "int8": 0.005}  # hypothetical: int8 under 1%
+
+
+def machine(name: str) -> CpuInfo:
+    return detect_cpu(MACHINES[name])
+
+
+def test_parsing_keeps_the_model_vendor_and_only_the_flags_that_matter() -> None:
+    spr = machine("sapphire-rapids")
+    assert spr.model == "Intel(R) Xeon(R) Platinum 8480+"
+    assert spr.vendor == "GenuineIntel"
+    assert spr.arch == "x86_64"
+    assert spr.flags == {
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512_bf16",
+        "avx512_vnni",
+        "avx_vnni",
+        "amx_bf16",
+        "amx_int8",
+        "amx_tile",
+        "avx512_fp16",
+    }
+    assert spr.cores == available_cores()
+    assert spr.torch_capability is None  # a faked CPU is not cross-checked against the real torch
+    zen3 = machine("epyc-zen3")
+    assert zen3.vendor == "AuthenticAMD" and zen3.flags == {"avx2", "fma"}
+
+
+@pytest.mark.parametrize(
+    "name, isa, native_bf16, int8_dot",
+    [
+        ("epyc-zen3", "avx2", False, False),
+        ("skylake", "avx512", False, False),
+        ("cascade-lake", "avx512-vnni", False, True),
+        ("ice-lake", "avx512-vnni", False, True),
+        ("cooper-lake", "avx512-bf16", True, True),
+        ("epyc-zen4", "avx512-bf16", True, True),
+        ("sapphire-rapids", "amx", True, True),
+    ],
+)
+def test_isa_class_and_derived_capabilities(name: str, isa: str, native_bf16: bool, int8_dot: bool) -> None:
+    cpu = machine(name)
+    assert cpu.isa_class == isa
+    assert cpu.native_bf16 is native_bf16
+    assert cpu.int8_dot is int8_dot
+
+
+def test_isa_class_below_avx2_and_on_arm() -> None:
+    assert detect_cpu(cpuinfo("GenuineIntel", "Intel(R) Xeon(R) CPU E5-2670", BASE)).isa_class == "baseline"
+    graviton3 = detect_cpu(GRAVITON3)
+    assert graviton3.arch == "aarch64"
+    assert graviton3.model == "ARM Neoverse-V1"
+    assert graviton3.isa_class == "arm64-bf16"
+    assert graviton3.native_bf16 and graviton3.int8_dot
+    graviton2 = detect_cpu(GRAVITON2)
+    assert graviton2.isa_class == "arm64-dotprod"
+    assert not graviton2.native_bf16 and graviton2.int8_dot
+    assert choose_dtype(graviton2).dtype == "float32"
+    assert choose_dtype(graviton3).dtype == "bfloat16"
+
+
+def test_without_proc_cpuinfo_nothing_is_assumed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Not Linux: platform info only, no flags, so never a format that might be emulated."""
+    monkeypatch.setattr(cpu_mod, "CPUINFO_PATH", tmp_path / "missing")
+    cpu = detect_cpu()
+    assert cpu.model
+    assert cpu.flags == frozenset() and not cpu.flags_known
+    assert not cpu.native_bf16
+    assert cpu.isa_class in ISA_CLASSES
+    assert choose_dtype(cpu).dtype == "float32"
+
+
+@pytest.mark.parametrize(
+    "quality",
+    [None, INT8_CHEAP, {"float32": 0.0, "bfloat16": 0.0, "int8": 0.0}],
+    ids=["today", "int8", "free"],
+)
+@pytest.mark.parametrize("name", sorted(MACHINES))
+def test_auto_never_picks_an_emulated_format(name: str, quality: dict[str, float] | None) -> None:
+    cpu = machine(name)
+    choice = choose_dtype(cpu, quality)
+    assert choice.dtype in DTYPES
+    assert emulated(choice.dtype, cpu) is None
+    if not cpu.native_bf16:
+        assert choice.dtype == "float32"
+    assert choice.reason.startswith(f"{choice.dtype}:")
+
+
+@pytest.mark.parametrize("name", sorted(MACHINES))
+def test_auto_with_todays_quality_table(name: str) -> None:
+    choice = choose_dtype(machine(name))
+    assert choice.dtype == ("bfloat16" if name in NATIVE_BF16 else "float32")
+
+
+def test_reasons_say_why() -> None:
+    amx = choose_dtype(machine("sapphire-rapids"))
+    assert "natively (AMX)" in amx.reason and "within 1%" in amx.reason
+    assert "int8 not chosen" in amx.reason and "over the 1% limit" in amx.reason
+    avx2 = choose_dtype(machine("epyc-zen3"))
+    assert "bfloat16 not chosen" in avx2.reason and "emulates" in avx2.reason
+    assert "AVX512_BF16" in choose_dtype(machine("epyc-zen4")).reason
+
+
+def test_int8_is_chosen_once_it_is_cheap_enough_and_native() -> None:
+    choice = choose_dtype(machine("sapphire-rapids"), INT8_CHEAP)
+    assert choice.dtype == "int8"
+    assert "AMX-INT8" in choice.reason
+    assert choose_dtype(machine("epyc-zen4"), INT8_CHEAP).dtype == "int8"
+    # Still not where its bfloat16 activations would be emulated, VNNI or not.
+    assert choose_dtype(machine("epyc-zen3"), INT8_CHEAP).dtype == "float32"
+    assert choose_dtype(machine("cascade-lake"), INT8_CHEAP).dtype == "float32"
+
+
+def test_a_format_over_the_limit_or_unmeasured_is_not_chosen() -> None:
+    spr = machine("sapphire-rapids")
+    assert choose_dtype(spr, {"bfloat16": 0.02, "int8": 0.03}).dtype == "float32"
+    assert choose_dtype(spr, {"bfloat16": 0.01}).dtype == "bfloat16"  # exactly 1% is within 1%
+    assert choose_dtype(spr, {"int8": 0.001}).dtype == "int8"
+    assert choose_dtype(spr, {}).dtype == "float32"
+
+
+def test_quality_table_matches_the_measurements() -> None:
+    """bench/results/quality.md: token-by-token perplexity 22.34 (float32), 22.47 (bfloat16), 22.59 (int8)."""
+    assert QUALITY_COST["bfloat16"] == pytest.approx(22.47 / 22.34 - 1, abs=0.001)
+    assert QUALITY_COST["int8"] == pytest.approx(22.59 / 22.34 - 1, abs=0.001)
+
+
+def test_emulated_warns_only_where_bfloat16_is_not_native() -> None:
+    zen3, spr, cascade = machine("epyc-zen3"), machine("sapphire-rapids"), machine("cascade-lake")
+    for dtype in ("bfloat16", "int8"):
+        warning = emulated(dtype, zen3)
+        assert warning is not None and f"TEXTGEN_DTYPE={dtype}" in warning and "avx2" in warning
+        assert emulated(dtype, cascade) is not None  # VNNI does not help bfloat16 activations
+        assert emulated(dtype, spr) is None
+    assert emulated("float32", zen3) is None
+    with pytest.raises(ValueError):
+        emulated("float16", spr)
+
+
+def test_int8_dense_dtype() -> None:
+    assert int8_dense_dtype(machine("sapphire-rapids")) is torch.bfloat16
+    assert int8_dense_dtype(machine("epyc-zen4")) is torch.bfloat16
+    assert int8_dense_dtype(machine("epyc-zen3")) is torch.float32
+    assert int8_dense_dtype(machine("cascade-lake")) is torch.float32
+
+
+def test_torch_capability_below_the_flags_is_noted() -> None:
+    assert detect_cpu(MACHINES["skylake"], torch_capability="AVX512").notes == ()
+    (note,) = detect_cpu(MACHINES["skylake"], torch_capability="AVX2").notes
+    assert "AVX2" in note and "AVX512" in note
+    assert detect_cpu(MACHINES["epyc-zen3"], torch_capability="AVX2").notes == ()
+
+
+def test_the_real_machine() -> None:
+    cpu = detect_cpu()
+    assert cpu.model and cpu.arch
+    assert cpu.cores == available_cores() >= 1
+    assert cpu.isa_class in ISA_CLASSES
+    assert cpu.torch_capability == torch.backends.cpu.get_cpu_capability()
+    if cpu.arch == "x86_64" and cpu.flags_known:
+        assert "avx2" in cpu.flags or cpu.isa_class == "baseline"
+    assert emulated(choose_dtype(cpu).dtype, cpu) is None
+    info = describe(cpu)
+    assert json.loads(json.dumps(info)) == info
+    assert info["isa_class"] == cpu.isa_class and info["flags"] == sorted(cpu.flags)
+    assert describe()["model"] == cpu.model
+
+
+TINY = {"gemv_shape": (64, 32), "gemm_shape": (8, 32, 32), "budget_s": 0.0}
+
+
+def test_probe_measures_once_then_reuses_its_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = detect_cpu()
+    sizes = {k: TINY[k] for k in ("gemv_shape", "gemm_shape")}
+    assert load_probe(tmp_path, 1, cpu=cpu, **sizes) is None
+
+    first = probe(tmp_path, 1, cpu=cpu, **TINY)
+    assert not first.cached
+    assert first.gemv_shape == (64, 32) and first.gemv_bytes == 64 * 32 * 4
+    assert set(first.bandwidth_gbs) == {"float32", "bfloat16", "int8"}
+    assert set(first.gemm_gflops) == {"float32", "bfloat16"}
+    assert first.bandwidth_gbs["float32"] and first.bandwidth_gbs["float32"] > 0
+    assert first.gemm_gflops["float32"] and first.gemm_gflops["float32"] > 0
+    assert all(v is None or v > 0 for v in [*first.bandwidth_gbs.values(), *first.gemm_gflops.values()])
+    (cache_file,) = tmp_path.glob("cpu-probe-*.json")
+    assert json.loads(cache_file.read_text())["key"]["threads"] == 1
+
+    def no_measuring(*args: object, **kwargs: object) -> None:
+        raise AssertionError("measured again instead of reading the cache")
+
+    monkeypatch.setattr(probe_mod, "_measure", no_measuring)
+    second = probe(tmp_path, 1, cpu=cpu, **TINY)
+    assert second.cached
+    assert second.to_dict() == {**first.to_dict(), "cached": True}
+    assert load_probe(tmp_path, 1, cpu=cpu, **sizes) == second
+    # Another thread count or another size is another measurement.
+    with pytest.raises(AssertionError, match="measured again"):
+        probe(tmp_path, 2, cpu=cpu, **TINY)
+    with pytest.raises(AssertionError, match="measured again"):
+        probe(tmp_path, 1, cpu=cpu, gemv_shape=(128, 32), gemm_shape=(8, 32, 32), budget_s=0.0)
+
+
+def test_probe_remeasures_over_a_corrupt_cache_and_restores_threads(tmp_path: Path) -> None:
+    cpu = detect_cpu()
+    threads = torch.get_num_threads()
+    probe(tmp_path, 1, cpu=cpu, **TINY)
+    (cache_file,) = tmp_path.glob("cpu-probe-*.json")
+    cache_file.write_text("{not json")
+    again = probe(tmp_path, 1, cpu=cpu, **TINY)
+    assert not again.cached
+    assert json.loads(cache_file.read_text())["result"]["threads"] == 1
+    assert torch.get_num_threads() == threads

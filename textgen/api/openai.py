@@ -1,0 +1,167 @@
+"""The OpenAI-compatible routes: parse, go through the one door, answer in OpenAI's shapes (JSON or SSE).
+
+Every choice of a request (n, list prompts) is submitted at once, so they share forward passes; a client
+that leaves cancels them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from textgen.api.bentoml_io import json_body, response_spec
+from textgen.api.errors import OPENAI, Problem, error_response, invalid_body, overloaded
+from textgen.api.responses import DeferredJSONResponse, event_stream, failure, sse
+from textgen.engine.core import QueueFull
+from textgen.engine.handle import RequestHandle
+from textgen.engine.params import ParamError
+from textgen.engine.sequence import GenerationResult
+from textgen.frontend import openai_protocol as protocol
+from textgen.frontend.openai_protocol import Call
+from textgen.frontend.prepare import Frontend, Prepared
+
+log = logging.getLogger(__name__)
+
+CompletionBody = json_body(protocol.CompletionRequest, "OpenAI's completions body.")
+ChatBody = json_body(protocol.ChatCompletionRequest, "OpenAI's chat completions body.")
+CompletionReply = response_spec(protocol.CompletionResponse, "application/json", "OpenAI's shape.")
+ChatReply = response_spec(protocol.ChatCompletionResponse, "application/json", "OpenAI's shape.")
+
+
+def completions(frontend: Frontend, raw: Any, ctx: Any) -> Response:
+    """POST /v1/completions; `ctx` is the API's bentoml.Context."""
+    return _with_status(ctx, _handle(frontend, raw, protocol.CompletionRequest))
+
+
+def chat_completions(frontend: Frontend, raw: Any, ctx: Any) -> Response:
+    """POST /v1/chat/completions; `ctx` is the API's bentoml.Context."""
+    return _with_status(ctx, _handle(frontend, raw, protocol.ChatCompletionRequest))
+
+
+def _with_status(ctx: Any, response: Response) -> Response:
+    # BentoML overwrites the status of an API that takes a Context with ctx's (200 unless set here).
+    ctx.response.status_code = response.status_code
+    return response
+
+
+def _handle(frontend: Frontend, raw: Any, model: type[BaseModel]) -> Response:
+    if not isinstance(raw, dict):
+        return error_response(OPENAI, Problem(400, "the body must be a JSON object", "value_error"))
+    try:
+        req: Any = model.model_validate(raw)
+    except ValidationError as exc:
+        return error_response(OPENAI, invalid_body(exc))
+    try:
+        protocol.check_model(req.model, frontend.model_id)
+    except LookupError as exc:
+        return error_response(OPENAI, Problem(404, str(exc), "model_not_found", "model"))
+    try:
+        (prepared,) = frontend.prepare([req.to_prompt_request(frontend.tokenizer)])
+    except ParamError as exc:
+        prepared = exc
+    if isinstance(prepared, ParamError):
+        return error_response(OPENAI, Problem.of(prepared))
+    try:
+        handles = frontend.submit(prepared)
+    except QueueFull as exc:
+        log.info("refused a request: %s", exc)
+        return error_response(OPENAI, overloaded())
+    call = Call.of(req, frontend.model_id)
+    if call.stream:
+        return event_stream(_events(call, prepared, handles))
+    return CompletionResponse(call, prepared, handles, frontend.settings.request_timeout)
+
+
+def _usage(prepared: Prepared, results: list[GenerationResult]) -> dict[str, int]:
+    # Each prompt counts once however many choices continue it, as OpenAI counts.
+    prompt_tokens = sum(len(p) for p in prepared.prompt_ids)
+    return protocol.usage_body(prompt_tokens, sum(r.completion_tokens for r in results))
+
+
+def _echo(call: Call, prepared: Prepared, choice: int) -> str:
+    return call.echo_texts[prepared.choices[choice].prompt] if call.echo_texts else ""
+
+
+class CompletionResponse(DeferredJSONResponse):
+    """The JSON body is known once every choice is done."""
+
+    def __init__(self, call: Call, prepared: Prepared, handles: list[RequestHandle], timeout: float) -> None:
+        super().__init__(handles, timeout, OPENAI)
+        self.call = call
+        self.prepared = prepared
+
+    def answer(self, results: list[GenerationResult]) -> dict[str, Any]:
+        call, prepared = self.call, self.prepared
+        choices = [
+            protocol.choice_body(
+                call, i, _echo(call, prepared, i) + r.text, protocol.finish_reason(r.finish_reason)
+            )
+            for i, r in enumerate(results)
+        ]
+        return protocol.envelope(call, chunk=False, choices=choices, usage=_usage(prepared, results))
+
+
+async def _events(call: Call, prepared: Prepared, handles: list[RequestHandle]) -> AsyncIterator[str]:
+    """SSE chunks of all choices as they come; exactly one per choice carries its finish_reason.
+
+    Leaving early (client disconnect: starlette cancels this generator) cancels every choice.
+    """
+    merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(i: int, handle: RequestHandle) -> None:
+        async for event in handle.stream():
+            await merged.put((i, event))
+
+    pumps = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        for i in range(len(handles)):
+            echo = _echo(call, prepared, i)
+            if call.kind == "chat" or echo:
+                opening = protocol.chunk_choice(call, i, echo, None, first=True)
+                yield sse(protocol.envelope(call, chunk=True, choices=[opening]))
+        results: list[GenerationResult | None] = [None] * len(handles)
+        while any(r is None for r in results):
+            i, event = await merged.get()
+            reason = None
+            if event.result is not None:
+                results[i] = event.result
+                problem = failure([event.result])
+                if problem is not None:  # the stream has started: the error can only be an event now
+                    yield sse(OPENAI.body(problem))
+                    return
+                reason = protocol.finish_reason(event.result.finish_reason)
+            elif not event.text:
+                continue
+            chunk = protocol.chunk_choice(call, i, event.text, reason, first=False)
+            yield sse(protocol.envelope(call, chunk=True, choices=[chunk]))
+        if call.include_usage:
+            done = [r for r in results if r is not None]
+            yield sse(protocol.envelope(call, chunk=True, choices=[], usage=_usage(prepared, done)))
+        yield sse("[DONE]")
+    finally:
+        for h in handles:
+            h.cancel()
+        for p in pumps:
+            p.cancel()
+
+
+# -- GET /v1/models ----------------------------------------------------------------------------------
+
+
+def models_app(model_id: Callable[[], str]) -> Starlette:
+    """GET /v1/models (mounted at /v1); `model_id` names the served model."""
+    started = int(time.time())  # the model's `created`: when this server started
+
+    async def list_models(request: Request) -> Response:
+        return JSONResponse(protocol.models_body(model_id(), started))
+
+    return Starlette(routes=[Route("/models", list_models, methods=["GET"])])

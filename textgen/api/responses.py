@@ -1,0 +1,101 @@
+"""Responses that wait for the engine: deferred JSON and Server-Sent Events.
+
+BentoML's dispatcher runs one batch at a time per worker. If an API waited for its generations, every new
+arrival would wait for the slowest of them. So the routes only *admit*: they validate, prepare and submit,
+then return at once a response object that waits for the results while it is being sent. The dispatcher
+is free again within milliseconds; the engine batches per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from textgen.api.errors import SHUTTING_DOWN, ErrorShape, Problem, generation_failed, timed_out
+from textgen.engine.handle import RequestHandle
+from textgen.engine.sequence import GenerationResult
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away before the answer"
+
+
+def failure(results: list[GenerationResult]) -> Problem | None:
+    """The problem that spoils an answer: a failed step first, then a cancellation (shutdown)."""
+    for r in results:
+        if r.finish_reason == "error":
+            return generation_failed(r.error)
+    for r in results:
+        if r.finish_reason == "cancelled":
+            return SHUTTING_DOWN
+    return None
+
+
+class DeferredJSONResponse(Response):
+    """A JSON response whose status and body are known only when the engine finishes.
+
+    While waiting it listens for the client going away, and cancels the work if so: its sequences leave
+    the batch at the next step instead of generating for nobody. It always sends a response, even to a
+    client that is gone: BentoML's timeout middleware waits for a response to start and would otherwise
+    hold the request, and its concurrency slot, until the timeout (and stall shutdown meanwhile).
+    """
+
+    media_type = "application/json"
+
+    def __init__(self, handles: list[RequestHandle], timeout: float, shape: ErrorShape) -> None:
+        super().__init__(media_type=self.media_type)
+        self.handles = handles
+        self.timeout = timeout  # TEXTGEN_TIMEOUT: after it, the work stops and the client gets a 504
+        self.shape = shape
+
+    def answer(self, results: list[GenerationResult]) -> dict[str, Any]:
+        """The 200 body for requests that all finished with an answer."""
+        raise NotImplementedError
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        results_task = asyncio.ensure_future(asyncio.gather(*(h.result() for h in self.handles)))
+        gone_task = asyncio.ensure_future(_client_gone(receive))
+        try:
+            await asyncio.wait(
+                {results_task, gone_task}, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if not results_task.done():
+                for handle in self.handles:
+                    handle.cancel()  # timed out, client gone, or we were cancelled (shutdown)
+                results_task.cancel()
+            gone_task.cancel()
+        if results_task.done() and not results_task.cancelled():
+            results = results_task.result()
+            problem = failure(results)
+            if problem is None:
+                self.status_code, body = 200, self.answer(results)
+            else:
+                self.status_code, body = problem.status, self.shape.body(problem)
+            self.body = json.dumps(body, ensure_ascii=False).encode()
+        elif gone_task.done():
+            self.status_code, self.body = CLIENT_CLOSED_REQUEST, b""
+        else:
+            problem = timed_out(self.timeout)
+            self.status_code, self.body = problem.status, json.dumps(self.shape.body(problem)).encode()
+        self.init_headers()
+        await super().__call__(scope, receive, send)
+
+
+async def _client_gone(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One Server-Sent Event whose data is `data` as JSON (or a bare string such as [DONE])."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,59 @@
+"""Encoder-decoder models (T5 and kin): one request at a time through Hugging Face `generate`.
+
+Chosen once, at load time, instead of the causal runner. It honours the same parameters, stop strings and
+events, but neither batches nor streams before the end (the engine-scheduling issue will fold seq2seq into
+the batched step).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from textgen.engine.sequence import Sequence
+
+
+class Seq2SeqRunner:
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.current: Sequence | None = None
+
+    @property
+    def rows(self) -> list[Sequence]:
+        return [self.current] if self.current is not None else []
+
+    def reset(self) -> None:
+        self.current = None
+
+    def step(self, new: list[Sequence]) -> int:
+        for seq in new:
+            self.current = seq
+            self._generate(seq)
+            self.current = None
+        return len(new)
+
+    def _generate(self, seq: Sequence) -> None:
+        seq.started = time.perf_counter()
+        seq.max_batch_size = 1
+        p = seq.params
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=seq.max_new_tokens,
+            repetition_penalty=p.repetition_penalty,
+            no_repeat_ngram_size=p.no_repeat_ngram_size,
+            do_sample=not p.greedy,
+        )
+        if not p.greedy:
+            kwargs.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None)
+            torch.manual_seed(seq.seed)  # only the engine thread uses the global generator
+        if p.ignore_eos:
+            kwargs["min_new_tokens"] = seq.max_new_tokens
+        input_ids = torch.tensor([seq.prompt_ids])
+        output = self.model.generate(input_ids=input_ids, **kwargs)[0].tolist()
+        start = 1 if output and output[0] == self.model.config.decoder_start_token_id else 0
+        for token in output[start:]:
+            seq.append(token)
+            if seq.finish_reason is not None:
+                return
+        seq.abort("length")

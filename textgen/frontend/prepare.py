@@ -1,0 +1,210 @@
+"""The one door into the engine: every dialect's request becomes a `PromptRequest`, and `prepare` checks it.
+
+Each protocol knows how to turn its body into a PromptRequest (vLLM's `to_sampling_params`, TGI's
+`try_into_generate`): prompts rendered by its template, decoding parameters, how many choices. From there
+one path applies the server's limits (blank prompt, TEXTGEN_MAX_PROMPT_CHARS, TEXTGEN_MAX_NEW_TOKENS, the
+model's context, `truncate`), tokenizes, and gives each choice its engine input. Errors name the field as
+the dialect calls it (`max_tokens` on OpenAI's routes, `max_new_tokens` on /generate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+from textgen.config import Settings
+from textgen.engine.core import Engine, EngineObserver
+from textgen.engine.handle import RequestHandle
+from textgen.engine.params import RANGES, ParamError, SamplingParams
+from textgen.frontend.templates import RenderedPrompt
+from textgen.model.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """What the dialect calls the prompt and the token budget, so that errors name its own fields."""
+
+    prompt: str = "prompt"
+    max_tokens: str = "max_new_tokens"
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """One request in the engine's terms, whatever dialect it arrived in."""
+
+    prompts: list[RenderedPrompt]
+    params: SamplingParams  # max_new_tokens None: as many as the server and the context allow
+    n: int = 1  # choices per prompt; choice i samples with seed + i
+    truncate: int | None = None  # keep only the last N prompt tokens instead of refusing an overflow
+    fields: FieldNames = FieldNames()
+
+
+@dataclass
+class Choice:
+    prompt: int  # index into Prepared.prompt_ids
+    params: SamplingParams
+
+
+@dataclass
+class Prepared:
+    """A request that passed every check: token ids per prompt, engine parameters per choice."""
+
+    request: PromptRequest
+    prompt_ids: list[list[int]]
+    choices: list[Choice]
+    truncated_tokens: list[int] = field(default_factory=list)  # dropped from each prompt's start
+
+
+class Frontend:
+    """The loaded model's engine, and the one path from a PromptRequest to running sequences."""
+
+    def __init__(
+        self, loaded: LoadedModel, settings: Settings, observer: EngineObserver | None = None
+    ) -> None:
+        self.loaded = loaded
+        self.settings = settings
+        self.tokenizer = loaded.tokenizer
+        self.engine = Engine(
+            loaded.model,
+            loaded.tokenizer,
+            context_length=loaded.context_length,
+            max_batch_size=settings.max_batch_size,
+            max_waiting=settings.max_queue,
+            observer=observer,
+        ).start()
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.model_id
+
+    def close(self) -> None:
+        self.engine.stop()
+
+    def warmup(self) -> None:
+        """One short generation, so the first user request does not pay for lazy initialisation."""
+        request = PromptRequest(
+            [RenderedPrompt("Hello", user_text="Hello")], SamplingParams(max_new_tokens=2)
+        )
+        prepared = self.prepare([request])[0]
+        assert isinstance(prepared, Prepared), prepared
+        self.submit(prepared)[0].wait(timeout=120)
+
+    def submit(self, prepared: Prepared) -> list[RequestHandle]:
+        """Every choice enters the engine at once (they join the same step), or QueueFull is raised."""
+        return self.engine.submit_many([(prepared.prompt_ids[c.prompt], c.params) for c in prepared.choices])
+
+    def prepare(self, requests: list[PromptRequest]) -> list[Prepared | ParamError]:
+        """Check and tokenize requests that arrived together (one tokenizer call for all their prompts)."""
+        checked: list[PromptRequest | ParamError] = []
+        for request in requests:
+            try:
+                self._check_text(request)
+                checked.append(request)
+            except ParamError as exc:
+                checked.append(exc)
+        ids = iter(self._tokenize([p for r in checked if isinstance(r, PromptRequest) for p in r.prompts]))
+        out: list[Prepared | ParamError] = []
+        for request in checked:
+            if isinstance(request, ParamError):
+                out.append(request)
+                continue
+            prompt_ids = [next(ids) for _ in request.prompts]
+            try:
+                out.append(self._prepare_one(request, prompt_ids))
+            except ParamError as exc:
+                out.append(exc)
+        return out
+
+    # -- the checks, once for every dialect ------------------------------------------------------
+
+    def _check_text(self, request: PromptRequest) -> None:
+        names, limit = request.fields, self.settings.max_prompt_chars
+        if not request.prompts:
+            raise ParamError(names.prompt, f"{names.prompt} must not be empty")
+        for prompt in request.prompts:
+            if not prompt.user_text.strip():
+                raise ParamError(names.prompt, f"{names.prompt} must contain some non-whitespace text")
+            if len(prompt.user_text) > limit:
+                raise ParamError(
+                    names.prompt,
+                    f"{names.prompt} must be at most {limit} characters (TEXTGEN_MAX_PROMPT_CHARS), "
+                    f"got {len(prompt.user_text)}",
+                )
+        wanted = request.params.max_new_tokens
+        if wanted is not None and wanted > self.settings.max_new_tokens:
+            raise ParamError(
+                names.max_tokens,
+                f"{names.max_tokens} must be in [1, {self.settings.max_new_tokens}] on this server "
+                f"(TEXTGEN_MAX_NEW_TOKENS), got {wanted}",
+            )
+
+    def _prepare_one(self, request: PromptRequest, prompt_ids: list[list[int]]) -> Prepared:
+        context = self.loaded.context_length
+        truncated = []
+        for i, ids in enumerate(prompt_ids):
+            cut = max(0, len(ids) - request.truncate) if request.truncate is not None else 0
+            truncated.append(cut)
+            prompt_ids[i] = ids = ids[cut:]
+            if not self.loaded.is_encoder_decoder:  # an encoder's input does not share the decoder's context
+                self._check_context(len(ids), request, context)
+        choices = []
+        for p, prompt in enumerate(request.prompts):
+            params = dataclasses.replace(
+                request.params,
+                max_new_tokens=request.params.max_new_tokens or self.settings.max_new_tokens,
+                stop=request.params.stop + prompt.stop,
+                penalize_prompt=request.params.penalize_prompt and prompt.penalize_prompt,
+            )
+            for i in range(request.n):
+                choices.append(Choice(p, _with_seed(params, i, request.params.seed)))
+        return Prepared(request, prompt_ids, choices, truncated)
+
+    @staticmethod
+    def _check_context(n: int, request: PromptRequest, context: int) -> None:
+        names, wanted = request.fields, request.params.max_new_tokens
+        if wanted is None:  # a default budget is simply capped by the context (the engine does it)
+            if n >= context:
+                raise ParamError(
+                    names.prompt,
+                    f"{_the_prompt(names)} is {n} tokens, more than the model's context of {context}; shorten it",
+                )
+            return
+        if n + wanted <= context:
+            return
+        # An explicit budget that does not fit is an error, so that a client never silently gets less.
+        field_name = names.prompt if n >= context else names.max_tokens
+        advice = f"shorten the prompt, set {names.max_tokens} to at most {max(context - n, 0)}"
+        if names.max_tokens == "max_new_tokens":  # /generate can also keep the prompt's end
+            advice += f", or set truncate to keep only the prompt's last {max(context - wanted, 0)} tokens"
+        raise ParamError(
+            field_name,
+            f"{_the_prompt(names)} is {n} tokens and {names.max_tokens} is {wanted}: together {n + wanted} tokens, "
+            f"more than the model's context of {context}; {advice}",
+        )
+
+    def _tokenize(self, prompts: list[RenderedPrompt]) -> list[list[int]]:
+        """Token ids of every prompt, batched per kind (templated prompts carry their special tokens)."""
+        ids: list[list[int]] = [[] for _ in prompts]
+        for special in (True, False):
+            group = [i for i, p in enumerate(prompts) if p.add_special_tokens == special]
+            if group:
+                encoded = self.tokenizer([prompts[i].text for i in group], add_special_tokens=special)
+                for i, e in zip(group, encoded["input_ids"]):
+                    ids[i] = list(e)
+        return ids
+
+
+def _the_prompt(names: FieldNames) -> str:
+    return "the prompt" if names.prompt == "prompt" else f"the prompt ({names.prompt})"
+
+
+def _with_seed(params: SamplingParams, choice: int, seed: int | None) -> SamplingParams:
+    """Choice i samples with seed + i: reproducible, and the n choices still differ from each other."""
+    if seed is None or choice == 0:
+        return params
+    if seed + choice > RANGES["seed"].high:
+        raise ParamError("seed", f"seed + n - 1 must be at most {RANGES['seed'].high}")
+    return dataclasses.replace(params, seed=seed + choice)

@@ -1,0 +1,119 @@
+"""Choosing the weight format for the CPU at hand (TEXTGEN_DTYPE=auto), and saying when a choice is slow.
+
+`auto` takes the fastest format this CPU runs natively whose quality cost stays within 1% token-by-token
+perplexity of float32; it never picks a format the CPU emulates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from textgen.model.cpu import CpuInfo
+
+# ---------------------------------------------------------------------------------------------------------
+# Choosing the weight format
+
+# Relative increase of token-by-token perplexity against float32 (22.34), measured on SmolLM2-135M-Instruct:
+# see bench/results/quality.md (bfloat16 22.47, int8 22.59). int8 is weight-only per-channel int8 with
+# bfloat16 activations. Re-measure and update when a format's implementation changes.
+QUALITY_COST: Mapping[str, float] = {"float32": 0.0, "bfloat16": 0.006, "int8": 0.011}
+MAX_QUALITY_COST = 0.01  # `auto` accepts at most +1% token-by-token perplexity (issue #12)
+
+# Fastest first, when each runs natively: decoding streams the weights from memory, and int8 reads half the
+# bytes of bfloat16, which reads half of float32. A format this CPU emulates never gets this far.
+SPEED_ORDER = ("int8", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: str  # one of textgen.config.DTYPES
+    reason: str  # a sentence for logs and GET /info
+
+
+def _not_native(dtype: str, cpu: CpuInfo) -> str | None:
+    """Why this CPU would emulate `dtype` (a clause), or None when it runs natively."""
+    if dtype not in SPEED_ORDER:
+        raise ValueError(f"unknown weight format {dtype!r}; expected one of {', '.join(SPEED_ORDER)}")
+    if dtype == "float32" or cpu.native_bf16:
+        return None
+    missing = "no BF16" if cpu.is_arm else "no AVX512_BF16 or AMX"
+    if dtype == "bfloat16":
+        return f"this CPU ({cpu.isa_class}, {missing}) emulates bfloat16"
+    # int8 here is weight-only: activations, scales and the large-batch copy of the weights are bfloat16.
+    return (
+        f"its activations and large-batch weights are bfloat16, which this CPU ({cpu.isa_class}, {missing}) "
+        "emulates"
+    )
+
+
+def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> DtypeChoice:
+    """The weight format for TEXTGEN_DTYPE=auto: the fastest one that this CPU runs natively and that costs
+    at most MAX_QUALITY_COST of token-by-token perplexity against float32 (per `quality`, default
+    QUALITY_COST). A format without a quality measurement is not chosen; float32 is the reference and
+    always allowed.
+
+    int8 additionally needs hardware int8 dot products: the int8 formats worth having on CPU beyond today's
+    weight-only one (int8 activations, `torch._int_mm`) crawl without them, and every CPU with native
+    bfloat16 has them anyway.
+    """
+    table = QUALITY_COST if quality is None else quality
+    passed: list[str] = []
+    for dtype in SPEED_ORDER:
+        if dtype == "float32":
+            break
+        why = _not_native(dtype, cpu)
+        if why is None and dtype == "int8" and not cpu.int8_dot:
+            why = f"this CPU ({cpu.isa_class}) has no int8 dot-product instructions (VNNI, AMX-INT8, DOTPROD)"
+        cost = table.get(dtype)
+        if why is None:
+            if cost is None:
+                why = "its quality cost has not been measured"
+            elif cost > MAX_QUALITY_COST:
+                why = f"perplexity +{cost:.1%} against float32, over the {MAX_QUALITY_COST:.0%} limit"
+        if why is not None:
+            passed.append(f"{dtype} not chosen: {why}")
+            continue
+        assert cost is not None
+        if dtype == "int8":
+            native = f"runs bfloat16 ({cpu.bf16_unit}) and int8 dot products ({cpu.int8_unit}) natively"
+        else:
+            native = f"computes bfloat16 natively ({cpu.bf16_unit})"
+        reason = (
+            f"{dtype}: this CPU {native}; quality within {MAX_QUALITY_COST:.0%} of float32 "
+            f"(perplexity +{cost:.1%})"
+        )
+        return DtypeChoice(dtype, "; ".join([reason, *passed]))
+    reason = f"float32: the fastest format this CPU ({cpu.isa_class}) runs natively within quality bounds"
+    return DtypeChoice("float32", "; ".join([reason, *passed]))
+
+
+def emulated(dtype: str, cpu: CpuInfo) -> str | None:
+    """A warning sentence when an explicitly chosen TEXTGEN_DTYPE is emulated on this CPU, else None."""
+    why = _not_native(dtype, cpu)
+    if why is None:
+        return None
+    return (
+        f"TEXTGEN_DTYPE={dtype} is emulated here: {why}; expect it to be slower than float32 "
+        "(2x slower at 32 clients, measured on an AVX2-only EPYC)"
+    )
+
+
+def serving_dtype(requested: str, cpu: CpuInfo) -> DtypeChoice:
+    """TEXTGEN_DTYPE resolved for this CPU: `auto` chooses (choose_dtype); an explicit format is kept, with
+    the reason saying so and, when this CPU emulates it, why that is slow."""
+    if requested == "auto":
+        return choose_dtype(cpu)
+    warning = emulated(requested, cpu)
+    return DtypeChoice(requested, f"{requested}: set by TEXTGEN_DTYPE" + (f"; {warning}" if warning else ""))
+
+
+def int8_dense_dtype(cpu: CpuInfo) -> torch.dtype:
+    """The dtype for the dense copy int8 layers use at large batches (textgen.model.quantize.DENSE_ROWS).
+
+    That copy exists because at large batches a plain GEMM beats the int8 kernel; the GEMM is only fast in
+    bfloat16 where bfloat16 is native, elsewhere float32 is 8x faster than emulated bfloat16.
+    """
+    return torch.bfloat16 if cpu.native_bf16 else torch.float32

@@ -1,0 +1,239 @@
+"""A short, cached hardware probe: memory bandwidth (1-row products) and GEMM peak per weight format.
+
+It measures the machine instead of trusting its flags. It takes a few seconds, so it is cached on disk and
+never runs on the server start-up path; benchmarks (bench/run.py: the roofline) and GET /info read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from textgen.model.cpu import CpuInfo, detect_cpu
+
+log = logging.getLogger(__name__)
+CACHE_SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
+# ---------------------------------------------------------------------------------------------------------
+# Hardware probe
+
+PROBE_VERSION = 1  # bump when what or how the probe measures changes: old cache files stop matching
+GEMV_SHAPE = (8192, 4096)  # [out, in]: 128 MB in float32, beyond the cache of most (not all) CPUs
+GEMM_SHAPE = (1024, 1024, 1024)  # rows, in, out: 2.1 GFLOP per product
+BUDGET_S = 0.25  # timing per measurement, after one warm-up call
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What this machine measured, with the sizes used (so a cache-resident "bandwidth" is recognizable)."""
+
+    cpu_model: str
+    isa_class: str
+    threads: int
+    torch_version: str
+    gemv_shape: tuple[int, int]  # weight [out, in] of the 1-row products
+    gemv_bytes: int  # of that weight in float32 (half in bfloat16, a quarter in int8)
+    l3_bytes: int | None  # last-level cache the OS reports; when above gemv_bytes, bandwidth is cache speed
+    bandwidth_gbs: Mapping[str, float | None]  # float32 / bfloat16 / int8: weight bytes read per second
+    gemm_shape: tuple[int, int, int]  # rows, in, out
+    gemm_gflops: Mapping[str, float | None]  # float32 / bfloat16
+    seconds: float  # time the measurement took
+    measured_at: str  # ISO 8601, UTC
+    cached: bool = False  # True when read back from the cache file instead of measured now
+    errors: Mapping[str, str] = field(default_factory=dict)  # format → why it could not be measured
+
+    @property
+    def gemv_exceeds_l3(self) -> bool | None:
+        return None if self.l3_bytes is None else self.gemv_bytes > self.l3_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["gemv_exceeds_l3"] = self.gemv_exceeds_l3
+        return data
+
+
+def _probe_key(
+    cpu: CpuInfo, threads: int, gemv_shape: tuple[int, int], gemm_shape: tuple[int, int, int]
+) -> dict[str, Any]:
+    return {
+        "version": PROBE_VERSION,
+        "cpu_model": cpu.model,
+        "flags": sorted(cpu.flags),
+        "torch_version": torch.__version__,
+        "threads": threads,
+        "gemv_shape": list(gemv_shape),
+        "gemm_shape": list(gemm_shape),
+    }
+
+
+def _probe_path(cache_dir: Path, key: Mapping[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir / f"cpu-probe-{digest}.json"
+
+
+def load_probe(
+    cache_dir: Path,
+    threads: int,
+    *,
+    cpu: CpuInfo | None = None,
+    gemv_shape: tuple[int, int] = GEMV_SHAPE,
+    gemm_shape: tuple[int, int, int] = GEMM_SHAPE,
+) -> Probe | None:
+    """The cached probe for this machine, or None, without measuring: cheap enough for GET /info."""
+    cpu = detect_cpu() if cpu is None else cpu
+    key = _probe_key(cpu, threads, gemv_shape, gemm_shape)
+    try:
+        data = json.loads(_probe_path(cache_dir, key).read_text())
+        if data.get("key") != key:
+            return None
+        result = data["result"]
+        return Probe(
+            **{
+                **result,
+                "gemv_shape": tuple(result["gemv_shape"]),
+                "gemm_shape": tuple(result["gemm_shape"]),
+                "cached": True,
+            }
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not isinstance(exc, FileNotFoundError):
+            log.warning("ignoring unreadable CPU probe cache in %s: %s", cache_dir, exc)
+        return None
+
+
+def probe(
+    cache_dir: Path,
+    threads: int,
+    *,
+    cpu: CpuInfo | None = None,
+    gemv_shape: tuple[int, int] = GEMV_SHAPE,
+    gemm_shape: tuple[int, int, int] = GEMM_SHAPE,
+    budget_s: float = BUDGET_S,
+) -> Probe:
+    """Memory bandwidth and GEMM peak per format on `threads` threads, measured once per machine and cached.
+
+    The cache file is keyed by CPU model, flags, torch version, threads and sizes; a later call on the same
+    machine reads it back. Measuring takes ~2-3 s at the default sizes, so keep it off the start-up path.
+    """
+    cpu = detect_cpu() if cpu is None else cpu
+    cached = load_probe(cache_dir, threads, cpu=cpu, gemv_shape=gemv_shape, gemm_shape=gemm_shape)
+    if cached is not None:
+        return cached
+    started = time.perf_counter()
+    bandwidth, gflops, errors = _measure(threads, gemv_shape, gemm_shape, budget_s)
+    result = Probe(
+        cpu_model=cpu.model,
+        isa_class=cpu.isa_class,
+        threads=threads,
+        torch_version=torch.__version__,
+        gemv_shape=gemv_shape,
+        gemv_bytes=gemv_shape[0] * gemv_shape[1] * 4,
+        l3_bytes=_l3_bytes(),
+        bandwidth_gbs=bandwidth,
+        gemm_shape=gemm_shape,
+        gemm_gflops=gflops,
+        seconds=round(time.perf_counter() - started, 3),
+        measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        errors=errors,
+    )
+    key = _probe_key(cpu, threads, gemv_shape, gemm_shape)
+    data = {"key": key, "result": {k: v for k, v in asdict(result).items() if k != "cached"}}
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Write then rename, so a concurrent reader never sees half a file.
+        with tempfile.NamedTemporaryFile("w", dir=cache_dir, suffix=".tmp", delete=False) as tmp:
+            json.dump(data, tmp, indent=1, sort_keys=True)
+        os.replace(tmp.name, _probe_path(cache_dir, key))
+    except OSError as exc:  # a read-only cache is no reason to lose the measurement
+        log.warning("could not cache the CPU probe in %s: %s", cache_dir, exc)
+    return result
+
+
+def _measure(
+    threads: int, gemv_shape: tuple[int, int], gemm_shape: tuple[int, int, int], budget_s: float
+) -> tuple[dict[str, float | None], dict[str, float | None], dict[str, str]]:
+    """(GB/s per format for 1-row products, GFLOP/s per format for `gemm_shape`, errors per format)."""
+    bandwidth: dict[str, float | None] = {}
+    gflops: dict[str, float | None] = {}
+    errors: dict[str, str] = {}
+
+    def record(table: dict[str, float | None], name: str, work: float, fn: Callable[[], Any]) -> None:
+        try:
+            table[name] = round(work / _best_time(fn, budget_s) / 1e9, 2)
+        except Exception as exc:  # e.g. a build without _weight_int8pack_mm: report the rest
+            table[name] = None
+            errors[name] = f"{type(exc).__name__}: {exc}"
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            out_f, in_f = gemv_shape
+            w32 = torch.empty(out_f, in_f).uniform_(-1, 1)
+            x32 = torch.randn(1, in_f)
+            record(bandwidth, "float32", w32.nbytes, lambda: F.linear(x32, w32))
+            w16, x16 = w32.to(torch.bfloat16), x32.to(torch.bfloat16)
+            del w32  # 128 MB at the default size: keep the peak down
+            record(bandwidth, "bfloat16", w16.nbytes, lambda: F.linear(x16, w16))
+            w8 = (w16 * 127).to(torch.int8)
+            scales = torch.full((out_f,), 1 / 127, dtype=torch.bfloat16)
+            del w16
+            # Today's int8 path (textgen.model.quantize): bfloat16 activations, per-row bfloat16 scales.
+            record(
+                bandwidth,
+                "int8",
+                w8.nbytes + scales.nbytes,
+                lambda: torch.ops.aten._weight_int8pack_mm(x16, w8, scales),
+            )
+            del w8
+            rows, in_g, out_g = gemm_shape
+            work = 2.0 * rows * in_g * out_g
+            for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+                w = torch.empty(out_g, in_g, dtype=dtype).uniform_(-1, 1)
+                x = torch.empty(rows, in_g, dtype=dtype).uniform_(-1, 1)
+                record(gflops, name, work, lambda: F.linear(x, w))
+    finally:
+        torch.set_num_threads(previous)
+    return bandwidth, gflops, errors
+
+
+def _best_time(fn: Callable[[], Any], budget_s: float, max_reps: int = 200) -> float:
+    """Fastest of repeated calls within `budget_s` (at least one after a warm-up): the machine's capability,
+    not its noise from other processes."""
+    fn()  # warm-up: oneDNN primitive creation, page faults of the output
+    best = float("inf")
+    deadline = time.perf_counter() + budget_s
+    for _ in range(max_reps):
+        start = time.perf_counter()
+        fn()
+        end = time.perf_counter()
+        best = min(best, end - start)
+        if end >= deadline:
+            break
+    return max(best, 1e-9)
+
+
+def _l3_bytes() -> int | None:
+    """Size of the largest cache level the OS reports for cpu0, or None (not Linux)."""
+    sizes: list[int] = []
+    for index in CACHE_SYSFS.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        match = re.fullmatch(r"(\d+)\s*([KMG]?)", text, re.IGNORECASE)
+        if match:
+            sizes.append(int(match[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[match[2].upper()])
+    return max(sizes) if sizes else None
