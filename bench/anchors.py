@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -55,7 +54,6 @@ MODES: dict[str, dict[str, float]] = {"top-p": {"temperature": 0.7, "top_p": 0.9
 PROMPT_TEXT = (
     "The history of computing is a story of people, ideas and machines that changed how we live. " * 8
 )
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 RESULT_PREFIX = "ANCHOR-RESULT "
 
 
@@ -82,27 +80,11 @@ ANCHORS: dict[str, Anchor] = {
 
 
 def cpu_info() -> dict[str, Any]:
-    """lscpu's "Model name" and which of the flags that matter for these kernels the CPU has."""
-    model, flags = "", set()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name" and not model:
-                model = value.strip()
-            elif key.strip() == "Flags":
-                flags = set(value.split())
-    except (OSError, subprocess.CalledProcessError):
-        text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-        if m := re.search(r"^model name\s*:\s*(.+)$", text, re.M):
-            model = m.group(1).strip()
-        if m := re.search(r"^flags\s*:\s*(.+)$", text, re.M):
-            flags = set(m.group(1).split())
-    return {
-        "model_name": model,
-        "flags": [f for f in CPU_FLAGS if f in flags],
-        "logical_cpus": os.cpu_count(),
-    }
+    """The CPU as textgen describes it (model, instruction-set class, flags), for every result row."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from textgen.model.cpu import describe
+
+    return describe()
 
 
 def package_version(name: str) -> str | None:

@@ -115,7 +115,7 @@ def main() -> None:
             f"perplexity on a fixed {len(TEXT.split())}-word English paragraph (in one forward pass, as a prompt "
             "is read, and token by token through the decoding path, as text is generated at batch 1), and greedy "
             f"chat answers to {len(PROMPTS)} prompts ({NEW_TOKENS} tokens, penalties off). int8 means int8 weights "
-            "for decoding steps of up to 11 rows and their bfloat16 copy for larger products (prompts, big batches).",
+            "for single-row products (one stream's decoding steps) and their dense copy for larger ones (prompts, batches).",
             "",
             "| weights | perplexity, one pass | perplexity, token by token | answers identical to float32 "
             "| float32 tokens reproduced before the first difference | seconds |",

@@ -1,15 +1,22 @@
-"""Benchmark workload W against textgen and, in the same run, the design it replaces.
+"""Workload W on the machine at hand: its roofline, textgen per weight format, the anchors and the old service.
 
 Workload W: a 32-token prompt, 128 new tokens with EOS ignored, top-p sampling (temperature 0.7, top_p
-0.9) and greedy, at 1, 4, 16 and 32 concurrent clients in a closed loop. The model is a random-weight
-GPT-2 with the real GPT2Config() (124M parameters: exactly GPT-2's cost; see make_model.py).
-The baseline is transformers.pipeline("text-generation") behind a plain HTTP handler, one request at a
-time (baseline_server.py). Penalties and post-processing are off, as in the anchors' runs.
+0.9) and greedy, concurrent clients in a closed loop against HTTP /generate. The model is a random-weight
+GPT-2 with the real GPT2Config() (124M parameters: exactly GPT-2's cost; see make_model.py). Penalties and
+post-processing are off, as in the anchors' runs.
 
-    python bench/run.py                        # fp32, writes bench/results/<date>-float32.{md,json,png}
-    python bench/run.py --dtype bfloat16 --skip-baseline
+Everything is measured in the same run, on this machine, and the report names the CPU it came from:
+- the roofline (textgen/model/probe.py): memory bandwidth of a 1-row product over as many bytes as GPT-2's
+  weights in that format, and GEMM peak at 1024 rows, per format;
+- textgen for every TEXTGEN_DTYPE (auto first, and what auto chose and why), as % of the roofline of the
+  format it serves: memory roofline at 1 client (a step streams every weight once), compute roofline at 32;
+- the anchors (bench/anchors.py): CTranslate2 int8/float32 and llama.cpp q8_0/f32, in-process;
+- the old service: transformers.pipeline behind a plain HTTP handler (baseline_server.py), one at a time.
 
-Loopback only; every level is bounded in requests and time.
+    pip install -r requirements-bench.txt     # the anchors; llama-cpp-python builds from source
+    python bench/run.py                       # bench/results/<date>-<cpu class>.{md,json}
+
+Loopback only; every level is bounded in requests and time. Nothing else may run meanwhile.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 from pathlib import Path
 
 import httpx
@@ -33,12 +41,6 @@ from tests.server import Server, server_command, start_process  # noqa: E402
 MODEL_DIR = Path("/tmp/textgen-bench/gpt2-random")
 PROMPT_TOKENS, NEW_TOKENS = 32, 128
 MODES = {"top-p": {"temperature": 0.7, "top_p": 0.9}, "greedy": {"temperature": 0.0}}
-# Anchors measured on this machine for workload W (tok/s): (batch 1, batch 32), greedy / sampled.
-ANCHORS = {
-    "CTranslate2 int8": {"greedy": (65, 449), "top-p": (44, 231)},
-    "llama.cpp q8_0": {"greedy": (156, 440), "top-p": (103, 185)},
-    "transformers generate fp32": {"greedy": (24, 196), "top-p": (22, 121)},
-}
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Level:
     latency_p50_s: float
     latency_p95_s: float
     peak_rss_mb: float
+    dtype: str = ""
 
 
 def ensure_model() -> None:
@@ -156,75 +159,150 @@ def bench_system(system: str, server: Server, levels: list[int], prompt: str, pe
     return results
 
 
-def markdown(results: list[Level], dtype: str, threads: int) -> str:
+DTYPES = ("auto", "float32", "bfloat16", "int8")
+GPT2_PARAMS = 124_439_808  # GPT2Config(): every weight is read once per decoding step
+BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
+
+
+def roofline(threads: int, cache_dir: Path) -> dict[str, Any]:
+    """Bandwidth over GPT-2-sized weights, GEMM peak, and what they allow on workload W, per format."""
+    from textgen.model.probe import probe
+
+    # A 1-row product over ~500 MB of float32 (GPT-2's weights): the bytes a float32 step streams.
+    measured = probe(cache_dir, threads, gemv_shape=(30_000, 4096)).to_dict()
+    table = {}
+    for dtype, size in BYTES.items():
+        gbps = measured["bandwidth_gbs"].get(dtype)
+        gflops = measured["gemm_gflops"].get("bfloat16" if dtype == "int8" else dtype)
+        table[dtype] = {
+            "bandwidth_gbps": gbps,
+            "gemm_gflops": gflops,
+            # one stream: a step reads every weight once; many streams: 2 FLOP per weight per token
+            "memory_tok_s": round(gbps * 1e9 / (GPT2_PARAMS * size), 1) if gbps else None,
+            "compute_tok_s": round(gflops * 1e9 / (2 * GPT2_PARAMS), 1) if gflops else None,
+        }
+    return {"probe": measured, "formats": table}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cpu, roof = report["cpu"], report["roofline"]["formats"]
+    flags = ", ".join(
+        f for f in cpu["flags"] if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+    )
     lines = [
-        f"Workload W, random-weight GPT-2 124M, textgen dtype {dtype}, {threads} torch threads, "
-        f"{dt.date.today()}.",
+        f"# Workload W on {cpu['model']} ({cpu['isa_class']}: {flags}), {report['threads']} threads, {report['date']}",
         "",
-        "| system | decoding | clients | tok/s | TTFT p50 ms | latency p50 s | p95 s | errors | peak RSS MB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"`auto` chose **{report['auto']['dtype']}**: {report['auto']['reason']}",
+        "",
+        "## Roofline of this machine (textgen/model/probe.py)",
+        "",
+        "| format | 1-row GB/s | GEMM GFLOP/s | memory roofline, 1 stream tok/s | compute roofline tok/s |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for r in results:
+    for dtype, r in roof.items():
         lines.append(
-            f"| {r.system} | {r.mode} | {r.clients} | {r.tokens_per_second} | {r.ttft_p50_ms} | "
-            f"{r.latency_p50_s} | {r.latency_p95_s} | {r.errors} | {r.peak_rss_mb:.0f} |"
+            f"| {dtype} | {r['bandwidth_gbps']} | {r['gemm_gflops']} | {r['memory_tok_s']} | {r['compute_tok_s']} |"
         )
-    by_key = {(r.system, r.mode, r.clients): r.tokens_per_second for r in results}
-    for mode in MODES:
-        ours, theirs = by_key.get(("textgen", mode, 32)), by_key.get(("baseline", mode, 32))
-        if ours and theirs:
-            lines.append(f"\n{mode} at 32 clients: textgen {ours} tok/s = {ours / theirs:.1f}x the baseline.")
+    best: dict[tuple[str, int], float] = {}  # fastest anchor per (decoding, clients)
+    for a in report["anchors"]:
+        if a.get("tokens_per_second"):
+            key = (a["mode"], a["clients"])
+            best[key] = max(best.get(key, 0.0), a["tokens_per_second"])
+    lines += [
+        "",
+        "## textgen and the old service (HTTP /generate)",
+        "",
+        "| system | format | decoding | clients | tok/s | % of roofline | x best anchor | TTFT p50 ms | errors | peak RSS MB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["levels"]:
+        fmt = r["dtype"].split("=")[-1]  # "auto=bfloat16": the format auto serves
+        pct = ratio = ""
+        if fmt in roof:
+            limit = roof[fmt]["memory_tok_s"] if r["clients"] == 1 else roof[fmt]["compute_tok_s"]
+            pct = f"{100 * r['tokens_per_second'] / limit:.0f}%" if limit else ""
+        anchor = best.get((r["mode"], r["clients"]))
+        if anchor:
+            ratio = f"{r['tokens_per_second'] / anchor:.2f}"
+        lines.append(
+            f"| {r['system']} | {fmt} | {r['mode']} | {r['clients']} | {r['tokens_per_second']} | {pct} | {ratio} | "
+            f"{r['ttft_p50_ms']} | {r['errors']} | {r['peak_rss_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        "% of roofline: of the memory roofline at 1 client, of the compute roofline otherwise, for the format",
+        "served. x best anchor: against the fastest anchor at the same clients and decoding.",
+        "",
+        "Ready (from `bentoml serve` to /readyz 200, local model): "
+        + ", ".join(f"{d} {s} s" for d, s in report.get("ready_seconds", {}).items()),
+        "",
+        "## Anchors (bench/anchors.py, in-process, same machine, same run)",
+        "",
+        "| anchor | decoding | clients | tok/s | TTFT ms | how N clients run |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for a in report["anchors"]:
+        lines.append(
+            f"| {a['anchor']} | {a['mode']} | {a['clients']} | {a.get('tokens_per_second')} | "
+            f"{a.get('ttft_ms')} | {a.get('batching', a.get('error', ''))} |"
+        )
     quality = ROOT / "bench" / "results" / "quality.md"
     if quality.is_file():  # written by bench/quality.py on the real SmolLM2: what the speed costs
         lines += ["", "## Quality of the weight formats (bench/quality.py)", "", quality.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[Level], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, mode in zip(axes, MODES):
-        for system, style in (("textgen", "o-"), ("baseline", "s--")):
-            rows = [r for r in results if r.system == system and r.mode == mode]
-            if rows:
-                ax.plot([r.clients for r in rows], [r.tokens_per_second for r in rows], style, label=system)
-        for name, anchor in ANCHORS.items():
-            ax.plot([1, 32], anchor[mode], ":", marker="x", alpha=0.6, label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([1, 4, 16, 32], ["1", "4", "16", "32"])
-        ax.set_title(f"workload W, {mode}")
-        ax.set_xlabel("concurrent clients")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("aggregate tokens/s")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+def textgen_levels(
+    dtype: str, levels: list[int], prompt: str, threads: int, per_client: int
+) -> tuple[dict, list]:
+    env = {"MODEL_NAME": str(MODEL_DIR), "TEXTGEN_DTYPE": dtype, "TEXTGEN_THREADS": str(threads)}
+    started = time.perf_counter()
+    with start_process(server_command, env) as server:
+        info = httpx.get(f"{server.url}/info", timeout=10).json()
+        info["ready_seconds"] = round(time.perf_counter() - started, 1)  # `bentoml serve` to /readyz 200
+        results = bench_system("textgen", server, levels, prompt, per_client)
+    for r in results:
+        r.dtype = dtype if dtype != "auto" else f"auto={info['dtype']}"
+    return info, results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--levels", default="1,4,16,32")
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument("--levels", default="1,8,32,64", help="clients, for auto and float32")
+    parser.add_argument("--other-levels", default="1,32", help="clients, for the other formats")
     parser.add_argument("--per-client", type=int, default=2, help="textgen requests per client per level")
+    parser.add_argument("--skip-anchors", action="store_true")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    levels = [int(x) for x in args.levels.split(",")]
+    from textgen.model.cpu import describe
 
     ensure_model()
     prompt = prompt_of_exactly(PROMPT_TOKENS)
+    cpu = describe()
+    started = time.perf_counter()
+    report: dict[str, Any] = {"cpu": cpu, "threads": args.threads, "date": str(dt.date.today())}
+    report["roofline"] = roofline(args.threads, Path("/tmp/textgen-bench/probe"))
+    print(json.dumps(report["roofline"]["formats"]), flush=True)
+    levels: list[Level] = []
+    for dtype in args.dtypes.split(","):
+        wanted = args.levels if dtype in ("auto", "float32") else args.other_levels
+        info, results = textgen_levels(
+            dtype, [int(x) for x in wanted.split(",")], prompt, args.threads, args.per_client
+        )
+        report.setdefault("ready_seconds", {})[dtype] = info["ready_seconds"]
+        if dtype == "auto":
+            report["auto"] = {"dtype": info["dtype"], "reason": info["dtype_reason"]}
+        levels += results
+    report["anchors"] = []
+    if not args.skip_anchors:
+        from bench.anchors import run_anchors
 
-    env = {"MODEL_NAME": str(MODEL_DIR), "TEXTGEN_DTYPE": args.dtype, "TEXTGEN_THREADS": str(args.threads)}
-    results: list[Level] = []
-    with start_process(server_command, env) as server:
-        results += bench_system("textgen", server, levels, prompt, args.per_client)
+        report["anchors"] = run_anchors(MODEL_DIR, (1, 32), tuple(MODES), threads=args.threads, rounds=2)
     if not args.skip_baseline:
         baseline = lambda port: [  # noqa: E731
             sys.executable,
@@ -236,13 +314,15 @@ def main() -> None:
             str(args.threads),
         ]
         with start_process(baseline, {}, ready_path="/") as server:
-            results += bench_system("baseline", server, levels, prompt, args.per_client)
-
+            for level in bench_system("baseline", server, [1], prompt, args.per_client):
+                level.dtype = "float32"
+                levels.append(level)
+    report["levels"] = [asdict(r) for r in levels]
+    report["seconds"] = round(time.perf_counter() - started)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{dt.date.today()}-{args.dtype}"
-    stem.with_suffix(".json").write_text(json.dumps([asdict(r) for r in results], indent=1))
-    stem.with_suffix(".md").write_text(markdown(results, args.dtype, args.threads))
-    plot(results, stem.with_suffix(".png"))
+    stem = args.out / f"{dt.date.today()}-{cpu['isa_class']}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    stem.with_suffix(".md").write_text(markdown(report))
     print(stem.with_suffix(".md").read_text())
 
 

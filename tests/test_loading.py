@@ -41,8 +41,8 @@ def test_bfloat16_is_selectable(tiny_model_dir, cache_dir):
     settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype="bfloat16", cache_dir=cache_dir)
     loaded = load_model(settings, resolve_model(settings))
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
-    weight = loaded.model.transformer.h[0].attn.c_attn.weight  # Conv1D: logically [in, out]
-    assert weight.shape == (64, 192) and weight.stride() == (1, 64)  # stored output-major for oneDNN
+    weight = loaded.model.transformer.h[0].attn.c_attn.weight  # was a Conv1D, [in, out]
+    assert weight.shape == (192, 64) and weight.is_contiguous()  # [out, in], as nn.Linear: oneDNN's layout
 
 
 def test_int8_quantizes_every_linear_layer_and_still_generates(tiny_model_dir, cache_dir):
@@ -143,6 +143,13 @@ def test_encoder_decoder_models_load_with_seq2seq_class_and_generate(tmp_path, t
         assert first.text == again.text
         sampled = SamplingParams(max_new_tokens=8, seed=5, ignore_eos=True)
         assert engine.submit(ids, sampled).wait(30).text == engine.submit(ids, sampled).wait(30).text
+        # OpenAI's and vLLM's extras reach Hugging Face `generate` too: end-of-text (id 0), forced by
+        # logit_bias, is held off by min_tokens; the count penalties and min_p run alongside.
+        extras = dict(min_tokens=3, logit_bias=((0, 100.0),), presence_penalty=1.0, frequency_penalty=0.5)
+        held = engine.submit(ids, SamplingParams(max_new_tokens=8, temperature=0, **extras)).wait(30)
+        assert held.finish_reason == "eos" and held.completion_tokens == 4
+        held = engine.submit(ids, SamplingParams(max_new_tokens=8, seed=5, min_p=0.5, **extras)).wait(30)
+        assert held.finish_reason == "eos" and held.completion_tokens == 4
     finally:
         engine.stop()
 

@@ -26,6 +26,7 @@ import torch
 from textgen.config import Settings
 from textgen.model.cpu import detect_cpu
 from textgen.model.formats import int8_dense_dtype, serving_dtype
+from textgen.model.linear import use_linear
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -240,7 +241,7 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
 
         model = quantize_int8(model)
     else:
-        model = _output_major(model)
+        model = use_linear(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     _release_freed_memory()
@@ -287,23 +288,6 @@ def _convert_gguf(path: Path, target: Path) -> None:
         if not (target / "config.json").is_file():
             raise
     log.info("converted %s in %.1f s", path.name, time.perf_counter() - start)
-
-
-def _output_major(model: Any) -> Any:
-    """Store transformers' Conv1D weights (GPT-2's projections, logically [in, out]) output-major.
-
-    Same values and the same [in, out] view for every caller, but laid out like nn.Linear's weight, which
-    oneDNN's bfloat16 kernels handle much faster: measured on an AVX-512/AMX Xeon on GPT-2, a decoding step
-    took 12.3 ms instead of 17.3 at batch 1, and 39 ms instead of 48 at batch 32. In float32 the AVX-512 Xeon
-    showed no gain, but on an AVX2-only EPYC the [in, out] layout cost 29 ms of a 54 ms float32 step at batch 1
-    (issue #12), so every dtype gets this layout.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    for module in model.modules():
-        if isinstance(module, Conv1D):
-            module.weight.data = module.weight.data.t().contiguous().t()
-    return model
 
 
 def _release_freed_memory() -> None:

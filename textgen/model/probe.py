@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from textgen.model.cpu import CpuInfo, detect_cpu
+from textgen.model.formats import int8_dense_dtype
 
 log = logging.getLogger(__name__)
 CACHE_SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
 # ---------------------------------------------------------------------------------------------------------
 # Hardware probe
 
-PROBE_VERSION = 1  # bump when what or how the probe measures changes: old cache files stop matching
+PROBE_VERSION = 2  # bump when what or how the probe measures changes: old cache files stop matching
 GEMV_SHAPE = (8192, 4096)  # [out, in]: 128 MB in float32, beyond the cache of most (not all) CPUs
 GEMM_SHAPE = (1024, 1024, 1024)  # rows, in, out: 2.1 GFLOP per product
 BUDGET_S = 0.25  # timing per measurement, after one warm-up call
@@ -132,7 +133,8 @@ def probe(
     if cached is not None:
         return cached
     started = time.perf_counter()
-    bandwidth, gflops, errors = _measure(threads, gemv_shape, gemm_shape, budget_s)
+    int8_compute = int8_dense_dtype(cpu)  # what textgen's int8 layers multiply in on this CPU
+    bandwidth, gflops, errors = _measure(threads, gemv_shape, gemm_shape, budget_s, int8_compute)
     result = Probe(
         cpu_model=cpu.model,
         isa_class=cpu.isa_class,
@@ -162,7 +164,11 @@ def probe(
 
 
 def _measure(
-    threads: int, gemv_shape: tuple[int, int], gemm_shape: tuple[int, int, int], budget_s: float
+    threads: int,
+    gemv_shape: tuple[int, int],
+    gemm_shape: tuple[int, int, int],
+    budget_s: float,
+    int8_compute: torch.dtype = torch.bfloat16,
 ) -> tuple[dict[str, float | None], dict[str, float | None], dict[str, str]]:
     """(GB/s per format for 1-row products, GFLOP/s per format for `gemm_shape`, errors per format)."""
     bandwidth: dict[str, float | None] = {}
@@ -188,14 +194,15 @@ def _measure(
             del w32  # 128 MB at the default size: keep the peak down
             record(bandwidth, "bfloat16", w16.nbytes, lambda: F.linear(x16, w16))
             w8 = (w16 * 127).to(torch.int8)
-            scales = torch.full((out_f,), 1 / 127, dtype=torch.bfloat16)
+            scales = torch.full((out_f,), 1 / 127, dtype=int8_compute)
+            x8 = x32.to(int8_compute)
             del w16
-            # Today's int8 path (textgen.model.quantize): bfloat16 activations, per-row bfloat16 scales.
+            # textgen's int8 path (textgen.model.quantize): activations and scales in the compute dtype.
             record(
                 bandwidth,
                 "int8",
                 w8.nbytes + scales.nbytes,
-                lambda: torch.ops.aten._weight_int8pack_mm(x16, w8, scales),
+                lambda: torch.ops.aten._weight_int8pack_mm(x8, w8, scales),
             )
             del w8
             rows, in_g, out_g = gemm_shape

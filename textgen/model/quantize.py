@@ -6,13 +6,14 @@ scale (symmetric, per channel), which costs far less quality than quantizing act
 SmolLM2 in bench/results/quality.md). The matrix product is torch's `_weight_int8pack_mm`, which dequantizes
 inside the kernel.
 
-At large batches the same kernel loses to bfloat16 GEMM (the work is arithmetic, not reading), so each layer
-also keeps its bfloat16 weight and uses it from DENSE_ROWS rows up: measured here on GPT-2, a decoding step
-took 8 ms with int8 against 13.4 in bfloat16 at batch 1 and 14.9 against 17.2 at batch 8, but 24 against 21.5
-at batch 16 and 43 against 31 at batch 32 (an AVX-512/AMX Xeon).
+Beyond one row the same kernel loses to a dense GEMM, so each layer also keeps its weight in the compute dtype
+and uses it from DENSE_ROWS rows up. Measured on an AVX-512/AMX Xeon on GPT-2 (a whole decoding step): at
+1 row 16.6 ms with int8 against 17.8 in bfloat16 (itself a matrix-vector product, textgen/model/linear.py),
+but at 8 rows 35.9 against 27.4, and at 32 rows the dense path takes 38.6 either way. (An earlier version,
+before bfloat16 single rows went through torch.mv, measured int8 ahead up to 11 rows.)
 
 The compute dtype is the dtype the model was loaded in: bfloat16 where the CPU has it natively, float32
-elsewhere (textgen/model/cpu.py `int8_dense_dtype`), since emulated bfloat16 GEMM is 8x slower than float32
+elsewhere (textgen/model/formats.py `int8_dense_dtype`), since emulated bfloat16 GEMM is 8x slower than float32
 on an AVX2-only CPU.
 """
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DENSE_ROWS = 12  # from this many rows (tokens) per product, the bfloat16 copy is faster
+DENSE_ROWS = 2  # from this many rows (tokens) per product, the dense copy is faster
 CHUNK_ROWS = 4096  # rows quantized at a time
 
 
@@ -46,6 +47,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.to(compute))
         self.register_buffer("weight_dense", weight.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, for model code that reads a layer's `.weight` (T5 casts to its dtype)."""
+        return self.weight_dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
