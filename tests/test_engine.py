@@ -181,3 +181,74 @@ def test_answers_may_repeat_their_question_when_the_prompt_is_not_penalized(load
             loaded_tiny.model, ["counted", "free"], [question, question], vocab, count_prompt=[True, False]
         )
     assert batch.seen[0, question].all() and not batch.seen[1].any()  # what the repetition penalty sees
+
+
+def test_min_tokens_holds_off_end_of_text_and_stop_strings(loaded_tiny):
+    tokenizer = loaded_tiny.tokenizer
+    eos = tokenizer.eos_token_id
+    paris, middle = tokenizer.encode(" Paris"), tokenizer.encode(" the capital")
+    params = SamplingParams(max_new_tokens=40, min_tokens=len(paris) + len(middle), stop=(" Paris",))
+    events = []
+    seq = Sequence([1, 2], params, tokenizer, {eos}, 256, events.append)
+    for token in paris + middle:
+        assert eos in seq.banned_tokens()  # end-of-text is not sampled yet
+        seq.append(token)
+        assert seq.finish_reason is None  # " Paris" came too early to stop the text
+    assert eos not in seq.banned_tokens()
+    for token in paris:
+        seq.append(token)
+    result = events[-1].result
+    assert result.finish_reason == "stop" and result.text == " Paris the capital"
+    assert "".join(e.text for e in events) == result.text
+
+
+def test_min_tokens_and_logit_bias_in_the_engine(engine, encode, loaded_tiny):
+    eos = loaded_tiny.tokenizer.eos_token_id
+    ids = encode(PROMPTS[0])
+    # A bias of 100 makes end-of-text the only choice: it ends the text at once, or right after min_tokens.
+    forced = SamplingParams(max_new_tokens=20, temperature=0, logit_bias=((eos, 100.0),))
+    at_once = engine.submit(ids, forced).wait(30)
+    assert at_once.finish_reason == "eos" and at_once.completion_tokens == 1
+    held = engine.submit(
+        ids, SamplingParams(max_new_tokens=20, temperature=0, min_tokens=6, logit_bias=((eos, 100.0),))
+    )
+    result = held.wait(30)
+    assert result.finish_reason == "eos" and result.completion_tokens == 7
+    assert eos not in held.sequence.output_ids[:6]
+
+
+def greedy_with_count_penalties(
+    model, ids: list[int], n: int, frequency: float, presence: float
+) -> list[int]:
+    """OpenAI's definition, one full forward pass per token: logit -= frequency * count + presence."""
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(torch.tensor([ids + out])).logits[0, -1].float()
+            for token in set(out):
+                logits[token] -= frequency * out.count(token) + presence
+            out.append(int(logits.argmax()))
+    return out
+
+
+def test_presence_and_frequency_penalties_are_exact_alone_and_in_a_batch(engine, encode, loaded_tiny):
+    def params(frequency: float, presence: float) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=25,
+            temperature=0,
+            ignore_eos=True,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            frequency_penalty=frequency,
+            presence_penalty=presence,
+        )
+
+    ids = [encode(p) for p in PROMPTS]
+    wanted = [(1.5, 0.5), (0.0, 0.0), (-0.5, 2.0)]
+    expected = [greedy_with_count_penalties(loaded_tiny.model, i, 25, f, p) for i, (f, p) in zip(ids, wanted)]
+    plain = greedy_with_count_penalties(loaded_tiny.model, ids[0], 25, 0.0, 0.0)
+    assert expected[0] != plain  # the penalty changed the text, so the comparison below means something
+    handles = [engine.submit(i, params(f, p)) for i, (f, p) in zip(ids, wanted)]
+    results = [handle.wait(30) for handle in handles]
+    assert [h.sequence.output_ids for h in handles] == expected
+    assert results[0].max_batch_size == 3  # all three shared the steps

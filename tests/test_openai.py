@@ -187,7 +187,7 @@ def test_textgen_extras_are_accepted_and_default_to_off(client, model_id):
     assert penalised.choices[0].text != raw
     top_k_1 = complete(client, model_id, max_tokens=20, temperature=1.0, seed=3, extra_body={"top_k": 1})
     assert top_k_1.choices[0].text == raw
-    assert complete(client, model_id, max_tokens=3, user="someone", presence_penalty=0).choices
+    assert complete(client, model_id, max_tokens=3, user="someone").choices
 
 
 # -- chat ----------------------------------------------------------------------------------------
@@ -273,14 +273,21 @@ def test_a_model_chat_template_is_used_when_present(tiny_model_dir):
         (dict(max_tokens=0), "max_tokens"),
         (dict(max_tokens=300), "max_tokens"),  # more than the tiny model's context of 256
         (dict(n=0), "n"),
-        (dict(presence_penalty=0.5), "presence_penalty"),
-        (dict(frequency_penalty=-1.0), "frequency_penalty"),
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(frequency_penalty=-2.1), "frequency_penalty"),
+        (dict(logit_bias={"abc": 1}), "logit_bias"),
+        (dict(logit_bias={"5": 101}), "logit_bias"),
+        (dict(logit_bias={"100000": -1}), "logit_bias"),  # beyond the tiny model's 512 tokens
+        (dict(extra_body={"min_p": 1.5}), "min_p"),
+        (dict(max_tokens=5, extra_body={"min_tokens": 6}), "min_tokens"),
+        (dict(max_tokens=5, extra_body={"max_completion_tokens": 6}), "max_completion_tokens"),
+        (dict(extra_body={"ignore_eos": "yes"}), "ignore_eos"),
         (dict(stop=[""]), "stop"),
         (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
         (dict(extra_body={"top_k": -1}), "top_k"),
         (dict(extra_body={"logit_bias_typo": 1}), "logit_bias_typo"),
         (dict(prompt=" "), "prompt"),
-        (dict(prompt=[1, 2, 3]), "prompt"),
+        (dict(prompt=[1, 2, 99999]), "prompt"),  # a token id beyond the vocabulary
     ],
 )
 def test_invalid_parameters_are_400_naming_the_parameter(client, model_id, kwargs, param):
@@ -292,12 +299,6 @@ def test_invalid_parameters_are_400_naming_the_parameter(client, model_id, kwarg
     assert error["type"] == "invalid_request_error"
 
 
-def test_penalty_rejection_suggests_repetition_penalty(client, model_id):
-    with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model=model_id, messages=CHAT, presence_penalty=1.0)
-    assert "repetition_penalty" in exc.value.body["message"]
-
-
 def test_invalid_chat_parameters(client, model_id):
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model=model_id, messages=[{"role": "robot", "content": "x"}])
@@ -305,6 +306,194 @@ def test_invalid_chat_parameters(client, model_id):
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model=model_id, messages=[])
     assert exc.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=5, max_completion_tokens=6)
+    assert (
+        exc.value.body["param"] == "max_completion_tokens" and "max_tokens (5)" in exc.value.body["message"]
+    )
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(
+            model=model_id, messages=CHAT, max_completion_tokens=4, extra_body={"min_tokens": 5}
+        )
+    assert exc.value.body["message"] == "min_tokens (5) must be at most max_completion_tokens (4)"
+
+
+def test_content_parts_other_than_text_are_refused_naming_the_message(client, model_id):
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    messages = [CHAT[0], {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=model_id, messages=messages, max_tokens=2)
+    error = exc.value.body
+    assert error["param"] == "messages.1.content" and error["type"] == "invalid_request_error"
+    assert "messages.1.content.1" in error["message"] and "'image_url'" in error["message"]
+    assert "text only" in error["message"]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(
+            model=model_id, messages=[{"role": "user", "content": [{"type": "text"}]}], max_tokens=2
+        )
+    assert exc.value.body["param"] == "messages.0.content"
+
+
+# -- vLLM's and OpenAI's other parameters ------------------------------------------------------------------
+
+
+def test_content_parts_are_the_same_as_a_string(client, model_id):
+    as_parts = [
+        CHAT[0],
+        {"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "AI?"}]},
+    ]
+    as_string = [CHAT[0], {"role": "user", "content": "What is\nAI?"}]  # parts are joined by newlines
+    kwargs = dict(model=model_id, max_completion_tokens=12, temperature=0)
+    parts = client.chat.completions.create(messages=as_parts, **kwargs)
+    string = client.chat.completions.create(messages=as_string, **kwargs)
+    assert parts.choices[0].message.content == string.choices[0].message.content
+    assert parts.usage.model_dump() == string.usage.model_dump()
+
+
+def test_max_completion_tokens_on_both_routes_and_both_names_when_equal(client, model_id):
+    r = complete(client, model_id, temperature=0, extra_body={"max_completion_tokens": 7, "ignore_eos": True})
+    assert r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "length"
+    both = complete(
+        client,
+        model_id,
+        temperature=0,
+        max_tokens=7,
+        extra_body={"max_completion_tokens": 7, "ignore_eos": True},
+    )
+    assert both.choices[0].text == r.choices[0].text
+    chat = client.chat.completions.create(
+        model=model_id,
+        messages=CHAT,
+        max_tokens=6,
+        max_completion_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert chat.usage.completion_tokens == 6 and chat.choices[0].finish_reason == "length"
+
+
+def test_ignore_eos_and_min_tokens(client, model_id, tokenizer):
+    eos = str(tokenizer.eos_token_id)
+    # A bias of 100 makes end-of-text the model's only choice.
+    ends = complete(client, model_id, max_tokens=10, temperature=0, logit_bias={eos: 100})
+    assert ends.usage.completion_tokens == 1 and ends.choices[0].finish_reason == "stop"
+    held = complete(
+        client, model_id, max_tokens=10, temperature=0, logit_bias={eos: 100}, extra_body={"min_tokens": 4}
+    )
+    assert held.usage.completion_tokens == 5 and held.choices[0].finish_reason == "stop"
+    ignored = complete(
+        client, model_id, max_tokens=10, logit_bias={eos: 100}, extra_body={"ignore_eos": True}
+    )
+    assert ignored.usage.completion_tokens == 10 and ignored.choices[0].finish_reason == "length"
+    chat = client.chat.completions.create(
+        model=model_id,
+        messages=CHAT,
+        max_tokens=10,
+        temperature=0,
+        logit_bias={eos: 100},
+        extra_body={"min_tokens": 3},
+    )
+    assert chat.usage.completion_tokens == 4 and chat.choices[0].finish_reason == "stop"
+
+
+def test_logit_bias_presence_and_frequency_penalties(client, model_id, tokenizer):
+    (word,) = tokenizer.encode(" the")
+    forced = complete(
+        client, model_id, max_tokens=6, logit_bias={str(word): 100}, extra_body={"ignore_eos": True}
+    )
+    assert forced.choices[0].text == " the" * 6
+    raw = complete(client, model_id, max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    penalised = complete(
+        client,
+        model_id,
+        max_tokens=20,
+        temperature=0,
+        frequency_penalty=2,
+        presence_penalty=2,
+        extra_body={"ignore_eos": True},
+    )
+    assert penalised.choices[0].text != raw.choices[0].text
+    same = complete(client, model_id, max_tokens=20, temperature=0, presence_penalty=0, frequency_penalty=0)
+    assert same.choices[0].text == complete(client, model_id, max_tokens=20, temperature=0).choices[0].text
+
+
+def test_min_p_one_is_greedy(client, model_id):
+    greedy = complete(client, model_id, max_tokens=15, temperature=0)
+    sampled = complete(client, model_id, max_tokens=15, temperature=1.5, seed=3, extra_body={"min_p": 1.0})
+    assert sampled.choices[0].text == greedy.choices[0].text
+
+
+def test_stop_null_is_accepted(tiny_server, model_id):
+    for path, body in (
+        ("/v1/completions", {"prompt": PROMPT}),
+        ("/v1/chat/completions", {"messages": CHAT}),
+    ):
+        response = httpx.post(
+            f"{tiny_server.url}{path}",
+            json={**body, "model": model_id, "max_tokens": 3, "stop": None},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+
+
+def test_continuous_usage_stats_count_each_chunks_tokens(tiny_server, model_id):
+    body = {
+        "model": model_id,
+        "messages": CHAT,
+        "max_tokens": 8,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    with httpx.stream("POST", f"{tiny_server.url}/v1/chat/completions", json=body, timeout=60) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts[0] == 0 and counts == sorted(counts) and counts[-1] == 8  # the last is the usage chunk
+    assert {c["usage"]["prompt_tokens"] for c in chunks} == {chunks[-1]["usage"]["prompt_tokens"]}
+
+
+def test_special_token_strings_users_write_are_text(tiny_server, model_id, tokenizer):
+    """Role integrity: "<|endoftext|>" in a message or a /generate prompt is 7 characters, not the token."""
+    text = "Hi<|endoftext|>there"
+    as_text = len(tokenizer(text, split_special_tokens=True)["input_ids"])
+    parsed = len(tokenizer(text)["input_ids"])
+    assert as_text > parsed
+
+    def prompt_tokens(path: str, body: dict) -> int:
+        response = httpx.post(f"{tiny_server.url}{path}", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens"]
+
+    generate = {"prompt": text, "template": "none", "max_new_tokens": 1}
+    assert prompt_tokens("/generate", generate) == as_text
+    chat = {"model": model_id, "messages": [{"role": "user", "content": text}], "max_tokens": 1}
+    transcript = f"User: {text}\nAssistant:"
+    assert prompt_tokens("/v1/chat/completions", chat) == len(
+        tokenizer(transcript, split_special_tokens=True)["input_ids"]
+    )
+    # A raw completion prompt is the client's own markup: its special tokens stay tokens, as in vLLM.
+    assert prompt_tokens("/v1/completions", {"model": model_id, "prompt": text, "max_tokens": 1}) == parsed
+
+
+def test_generate_takes_the_new_parameters(tiny_server, tokenizer):
+    eos = str(tokenizer.eos_token_id)
+    body = {
+        "prompt": PROMPT,
+        "template": "none",
+        "max_new_tokens": 10,
+        "temperature": 0,
+        "min_tokens": 4,
+        "logit_bias": {eos: 100},
+        "min_p": 0.1,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.5,
+    }
+    answer = httpx.post(f"{tiny_server.url}/generate", json=body, timeout=60).json()
+    assert answer["finish_reason"] == "eos" and answer["usage"]["completion_tokens"] == 5
+    refused = httpx.post(f"{tiny_server.url}/generate", json={**body, "min_tokens": 11}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["detail"][0]["loc"] == ["min_tokens"]
+    refused = httpx.post(f"{tiny_server.url}/generate", json={**body, "logit_bias": {"x": 1}}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["detail"][0]["loc"] == ["logit_bias"]
 
 
 def test_unknown_model_is_404(client):

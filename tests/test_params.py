@@ -35,6 +35,10 @@ def test_greedy_when_temperature_zero_or_sampling_off(temperature, do_sample):
         ("no_repeat_ngram_size", 21, "no_repeat_ngram_size must be in [0, 20]"),
         ("seed", -5, "seed must be in [0, "),
         ("temperature", "hot", "temperature must be a number in [0, 5], got 'hot'"),
+        ("min_p", 1.5, "min_p must be in [0, 1], got 1.5"),
+        ("min_tokens", -1, "min_tokens must be in [0, 4096], got -1"),
+        ("presence_penalty", 2.5, "presence_penalty must be in [-2, 2], got 2.5"),
+        ("frequency_penalty", -3, "frequency_penalty must be in [-2, 2], got -3"),
     ],
 )
 def test_out_of_range_names_field_and_range(field, value, expected):
@@ -54,3 +58,32 @@ def test_stop_strings_are_bounded():
 
 def test_every_bounded_field_exists_on_sampling_params():
     assert set(RANGES) <= set(SamplingParams.__dataclass_fields__)
+
+
+def test_min_tokens_fits_the_budget_and_errors_speak_the_callers_names():
+    assert SamplingParams(min_tokens=5, max_new_tokens=5).min_tokens == 5
+    assert (
+        SamplingParams(min_tokens=500, max_new_tokens=None).min_tokens == 500
+    )  # the server's budget decides
+    with pytest.raises(ParamError) as err:
+        SamplingParams(min_tokens=6, max_new_tokens=5)
+    assert err.value.field == "min_tokens"
+    renamed = err.value.renamed({"max_new_tokens": "max_completion_tokens"})
+    assert renamed.field == "min_tokens"
+    assert renamed.message == "min_tokens (6) must be at most max_completion_tokens (5)"
+    budget = ParamError("max_new_tokens", "max_new_tokens must be in [1, 4096], got 0")
+    assert budget.renamed({"max_new_tokens": "max_tokens"}).field == "max_tokens"
+
+
+def test_logit_bias_is_bounded_like_openais():
+    assert SamplingParams(logit_bias=((50256, -100.0), (3, 100))).logit_bias[1] == (3, 100)
+    with pytest.raises(ParamError) as err:
+        SamplingParams(logit_bias=((7, 100.5),))
+    assert err.value.field == "logit_bias"
+    assert err.value.message == 'logit_bias["7"] must be in [-100, 100], got 100.5'
+    with pytest.raises(ParamError, match="finite"):
+        SamplingParams(logit_bias=((7, math.inf),))
+    with pytest.raises(ParamError, match="at most 1024 tokens"):
+        SamplingParams(logit_bias=tuple((i, 1.0) for i in range(1025)))
+    with pytest.raises(ParamError, match="token ids"):
+        SamplingParams(logit_bias=((-1, 1.0),))

@@ -96,3 +96,66 @@ def test_a_vanishing_penalty_or_temperature_never_yields_nan() -> None:
         assert torch.isfinite(penalized).all()
         token = sample(penalized, params, [torch.Generator().manual_seed(1)])
         assert 0 <= int(token[0]) < 4
+
+
+def test_presence_and_frequency_penalties_follow_openai_and_touch_only_their_rows():
+    # logit -= frequency_penalty * count + presence_penalty * (count > 0), over the generated tokens.
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    params = [
+        SamplingParams(repetition_penalty=1.0, frequency_penalty=0.5, presence_penalty=1.0),
+        SamplingParams(repetition_penalty=1.0),
+        SamplingParams(repetition_penalty=1.0, frequency_penalty=-1.0, presence_penalty=0.25),
+    ]
+    counts = [
+        (torch.tensor([1, 3]), torch.tensor([2.0, 1.0])),  # token 1 twice, token 3 once
+        None,  # no penalties: no counts kept
+        (torch.tensor([0]), torch.tensor([3.0])),
+    ]
+    seen = torch.zeros(3, 4, dtype=torch.bool)
+    out = apply_penalties(logits.clone(), params, seen, [[], [], []], counts)
+    assert out.tolist() == [[1.0, 0.0, 3.0, 2.5], [1.0, 2.0, 3.0, 4.0], [3.75, 2.0, 3.0, 4.0]]
+
+
+def test_logit_bias_is_added_to_its_own_row_only():
+    logits = torch.zeros(2, 5)
+    params = [SamplingParams(logit_bias=((4, -100.0), (1, 2.5))), SamplingParams()]
+    out = apply_penalties(logits.clone(), params, torch.zeros(2, 5, dtype=torch.bool), [[], []])
+    assert out.tolist() == [[0.0, 2.5, 0.0, 0.0, -100.0], [0.0] * 5]
+    # A bias of 100 all but forces its token, whatever the row samples with.
+    forced = apply_penalties(
+        torch.randn(8, 50),
+        [SamplingParams(logit_bias=((7, 100.0),), temperature=1.5)] * 8,
+        torch.zeros(8, 50, dtype=torch.bool),
+        [[]] * 8,
+    )
+    tokens = sample(
+        forced,
+        [SamplingParams(temperature=1.5, top_p=1.0)] * 8,
+        [torch.Generator().manual_seed(i) for i in range(8)],
+    )
+    assert tokens.tolist() == [7] * 8
+
+
+@pytest.mark.parametrize("min_p,temperature,top_p", [(0.1, 1.0, 1.0), (0.3, 0.7, 1.0), (0.05, 1.2, 0.9)])
+def test_min_p_keeps_exactly_the_tokens_at_least_min_p_times_as_likely_as_the_best(min_p, temperature, top_p):
+    torch.manual_seed(3)
+    logits = torch.randn(200) * 2.0
+    probs = torch.softmax(logits / temperature, -1)
+    kept = set((probs >= min_p * probs.max()).nonzero().flatten().tolist())
+    # top-p applies to what min-p left (renormalised), as in vLLM.
+    renormalised = torch.where(probs >= min_p * probs.max(), logits / temperature, float("-inf"))
+    expected = reference_nucleus(renormalised, 1.0, 0, top_p) & kept
+    params = SamplingParams(min_p=min_p, temperature=temperature, top_p=top_p)
+    assert sampled_support(logits, params, draws=4000) == expected
+
+
+def test_min_p_costs_only_its_rows_and_one_is_greedy():
+    torch.manual_seed(4)
+    logits = torch.randn(6, 300)
+    params = [SamplingParams(min_p=1.0, temperature=2.0, top_p=1.0, seed=i) for i in range(3)]
+    params += [SamplingParams(temperature=2.0, top_p=1.0, seed=i) for i in range(3)]
+    gens = [torch.Generator().manual_seed(i) for i in range(6)]
+    tokens = sample(logits.clone(), params, gens)
+    assert tokens[:3].tolist() == logits[:3].argmax(-1).tolist()  # only the likeliest is kept
+    alone = sample(logits[3:].clone(), params[3:], [torch.Generator().manual_seed(i) for i in range(3, 6)])
+    assert tokens[3:].tolist() == alone.tolist()  # rows without min_p sample as they would alone

@@ -86,6 +86,11 @@ def test_generate_sends_every_parameter_and_shows_the_streamed_text(monkeypatch,
         "do_sample": True,
         "ignore_eos": True,
         "truncate": None,  # a new field the UI has no widget for yet: sent as the server's default
+        "min_p": 0.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "min_tokens": 0,
+        "logprobs": None,
         "seed": 42,
         "stop": ["zzzz", "qq\tq"],
         "template": "assistant",
@@ -230,8 +235,10 @@ def test_widgets_respect_the_schemas_bounds():
     kinds = {name: controls.widget_kind(p) for name, p in SCHEMA.params.items()}
     assert kinds["max_new_tokens"] == "number" and kinds["temperature"] == "slider"
     assert kinds["template"] == "select" and kinds["stop"] == "lines" and kinds["max_words"] == "number"
+    assert kinds["logit_bias"] is None  # an object: no widget, so the server's default (none) applies
     form = controls.Form({}, SCHEMA)
-    assert form.body() == {"prompt": "", **{name: p.default for name, p in SCHEMA.params.items()}}
+    editable = {name: p.default for name, p in SCHEMA.params.items() if kinds[name] is not None}
+    assert form.body() == {"prompt": "", **editable}
     form.set({"top_p": 0, "template": "chat", "prompt": "hi", "unknown": 1})
     assert (
         form.body()["top_p"] == 0.01 and form.body()["template"] == "chat" and form.body()["prompt"] == "hi"

@@ -94,12 +94,14 @@ class GenerationResponse(DeferredJSONResponse):
         self.request = request
         self.prepared = prepared
         self.model = frontend.model_id
+        self.tokenizer = frontend.tokenizer
         self.post = request.postprocessing(frontend.settings.max_words)
 
     def answer(self, results: list[GenerationResult]) -> dict[str, Any]:
         (result,) = results
-        answer = protocol.response(self.request, self.prepared, result, self.model, self.post)
-        return answer.model_dump(mode="json")
+        answer = protocol.response(self.request, self.prepared, result, self.model, self.post, self.tokenizer)
+        # No null members: BentoML's client decodes by the schema, where `logprobs` is an array.
+        return answer.model_dump(mode="json", exclude_none=True)
 
 
 def stream(frontend: Frontend, body: Any) -> Response:
@@ -128,4 +130,4 @@ def stream(frontend: Frontend, body: Any) -> Response:
                 final = protocol.final_event(prepared, event.result, event.text, model)
                 yield sse(final.model_dump(mode="json", exclude_none=True))
 
-    return event_stream(events())
+    return event_stream(events(), [handle], frontend.settings.request_timeout)

@@ -75,10 +75,12 @@ def _handle(frontend: Frontend, raw: Any, model: type[BaseModel]) -> Response:
     except QueueFull as exc:
         log.info("refused a request: %s", exc)
         return error_response(OPENAI, overloaded())
-    call = Call.of(req, frontend.model_id)
+    call = Call.of(req, prepared, frontend.model_id)
     if call.stream:
-        return event_stream(_events(call, prepared, handles))
-    return CompletionResponse(call, prepared, handles, frontend.settings.request_timeout)
+        return event_stream(
+            _events(call, prepared, handles, frontend.tokenizer), handles, frontend.settings.request_timeout
+        )
+    return CompletionResponse(call, prepared, handles, frontend)
 
 
 def _usage(prepared: Prepared, results: list[GenerationResult]) -> dict[str, int]:
@@ -91,31 +93,48 @@ def _echo(call: Call, prepared: Prepared, choice: int) -> str:
     return call.echo_texts[prepared.choices[choice].prompt] if call.echo_texts else ""
 
 
+def _so_far(call: Call, prepared: Prepared, choice: int, tokens: int) -> dict[str, Any]:
+    """With continuous usage stats (vLLM's), a chunk's `usage`: its choice's counts so far; else nothing."""
+    if not call.continuous_usage:
+        return {}
+    prompt_tokens = len(prepared.prompt_ids[prepared.choices[choice].prompt])
+    return {"usage": protocol.usage_body(prompt_tokens, tokens)}
+
+
 class CompletionResponse(DeferredJSONResponse):
     """The JSON body is known once every choice is done."""
 
-    def __init__(self, call: Call, prepared: Prepared, handles: list[RequestHandle], timeout: float) -> None:
-        super().__init__(handles, timeout, OPENAI)
+    def __init__(
+        self, call: Call, prepared: Prepared, handles: list[RequestHandle], frontend: Frontend
+    ) -> None:
+        super().__init__(handles, frontend.settings.request_timeout, OPENAI)
         self.call = call
         self.prepared = prepared
+        self.tokenizer = frontend.tokenizer
 
     def answer(self, results: list[GenerationResult]) -> dict[str, Any]:
         call, prepared = self.call, self.prepared
-        choices = [
-            protocol.choice_body(
-                call, i, _echo(call, prepared, i) + r.text, protocol.finish_reason(r.finish_reason)
+        choices = []
+        for i, r in enumerate(results):
+            echo = _echo(call, prepared, i)
+            scores = protocol.logprobs_body(
+                call, self.tokenizer, r.logprobs, r.prompt_logprobs if echo else None
             )
-            for i, r in enumerate(results)
-        ]
+            reason = protocol.finish_reason(r.finish_reason)
+            choices.append(protocol.choice_body(call, i, echo + r.text, reason, scores))
         return protocol.envelope(call, chunk=False, choices=choices, usage=_usage(prepared, results))
 
 
-async def _events(call: Call, prepared: Prepared, handles: list[RequestHandle]) -> AsyncIterator[str]:
+async def _events(
+    call: Call, prepared: Prepared, handles: list[RequestHandle], tokenizer: Any = None
+) -> AsyncIterator[str]:
     """SSE chunks of all choices as they come; exactly one per choice carries its finish_reason.
 
     Leaving early (client disconnect: starlette cancels this generator) cancels every choice.
     """
-    merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    # Bounded: while the client reads slowly the pumps wait, and the handles' own bounded buffers take the
+    # events (textgen/engine/handle.py), so a stalled stream holds bounded memory.
+    merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(maxsize=2 * len(handles))
 
     async def pump(i: int, handle: RequestHandle) -> None:
         async for event in handle.stream():
@@ -127,7 +146,9 @@ async def _events(call: Call, prepared: Prepared, handles: list[RequestHandle]) 
             echo = _echo(call, prepared, i)
             if call.kind == "chat" or echo:
                 opening = protocol.chunk_choice(call, i, echo, None, first=True)
-                yield sse(protocol.envelope(call, chunk=True, choices=[opening]))
+                yield sse(
+                    protocol.envelope(call, chunk=True, choices=[opening], **_so_far(call, prepared, i, 0))
+                )
         results: list[GenerationResult | None] = [None] * len(handles)
         while any(r is None for r in results):
             i, event = await merged.get()
@@ -141,8 +162,13 @@ async def _events(call: Call, prepared: Prepared, handles: list[RequestHandle]) 
                 reason = protocol.finish_reason(event.result.finish_reason)
             elif not event.text:
                 continue
-            chunk = protocol.chunk_choice(call, i, event.text, reason, first=False)
-            yield sse(protocol.envelope(call, chunk=True, choices=[chunk]))
+            scores = protocol.logprobs_body(call, tokenizer, event.logprobs)
+            chunk = protocol.chunk_choice(call, i, event.text, reason, first=False, logprobs=scores)
+            yield sse(
+                protocol.envelope(
+                    call, chunk=True, choices=[chunk], **_so_far(call, prepared, i, event.tokens)
+                )
+            )
         if call.include_usage:
             done = [r for r in results if r is not None]
             yield sse(protocol.envelope(call, chunk=True, choices=[], usage=_usage(prepared, done)))

@@ -8,13 +8,15 @@ Each row gets its own position ids, so a sequence computes the same thing whatev
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-GROWTH_BLOCK = 32  # tokens of spare KV capacity added when a layer is full
+from textgen.model.memory import GROWTH_BLOCK  # tokens of spare KV capacity added when a layer is full
 
 
 class GrowingLayer(DynamicLayer):
@@ -68,6 +70,15 @@ class GrowingLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
 
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on: undoes a step that failed half-way through the layers.
+
+        The buffer keeps its contents up to `length` (a reservation copies them); what the failed step wrote
+        beyond is overwritten by the next update.
+        """
+        self.length = length
+        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
+
     def _reserve(self, like: torch.Tensor, capacity: int) -> None:
         batch, heads, _, dim = like.shape
         keys = like.new_empty(batch, heads, capacity, dim)
@@ -94,6 +105,15 @@ def new_cache() -> Cache:
 
 def _cache_layers(cache: Any) -> list[Any]:
     return list(getattr(cache, "self_attention_cache", cache).layers)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a decoding step changes in the batch, taken before it: enough to undo a step that failed."""
+
+    attention_mask: torch.Tensor
+    next_tokens: torch.Tensor | None
+    lengths: list[int]  # per cache layer
 
 
 class DecodeBatch:
@@ -125,10 +145,12 @@ class DecodeBatch:
         prompts: list[list[int]],
         vocab_size: int,
         count_prompt: list[bool] | None = None,
+        all_logits: bool = False,
     ) -> tuple["DecodeBatch", torch.Tensor]:
         """Run the prompts of new sequences; return their batch and next-token logits [B, V].
 
         `count_prompt[i]` False: row i's prompt tokens do not count as seen (for the repetition penalty).
+        `all_logits`: return the logits of every position [B, L, V] instead (to score the prompts).
         """
         width = max(len(p) for p in prompts)
         input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -143,7 +165,7 @@ class DecodeBatch:
             position_ids=positions,
             past_key_values=new_cache(),
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if all_logits else 1,
         )
         # Padding rows attend to nothing; zero their keys/values so no NaN can ever leak into real rows.
         pad = (mask == 0)[:, None, :, None]
@@ -156,7 +178,7 @@ class DecodeBatch:
             counted &= torch.tensor(count_prompt)[:, None]
         seen.scatter_(1, input_ids.clamp(max=vocab_size - 1), counted)
         batch = cls(rows, out.past_key_values, mask, seen)
-        return batch, out.logits[:, -1, :].float()
+        return batch, (out.logits if all_logits else out.logits[:, -1, :].float())
 
     def step(self, model: Any) -> torch.Tensor:
         """Feed every row its newest token; return next-token logits [B, V]."""
@@ -194,6 +216,48 @@ class DecodeBatch:
         self.attention_mask = self.attention_mask[:, start:]
         for layer in _cache_layers(self.cache):
             layer.replace(layer.keys[index, :, start:], layer.values[index, :, start:])
+
+    def checkpoint(self) -> Checkpoint:
+        """Cheap (no tensor is copied): `step` replaces the mask and only appends to the cache."""
+        return Checkpoint(
+            self.attention_mask, self.next_tokens, [layer.length for layer in _cache_layers(self.cache)]
+        )
+
+    def rollback(self, checkpoint: Checkpoint) -> None:
+        """Undo a `step` that raised (half-way through the layers, or after): the batch is as before it."""
+        self.attention_mask = checkpoint.attention_mask
+        self.next_tokens = checkpoint.next_tokens
+        for layer, length in zip(_cache_layers(self.cache), checkpoint.lengths):
+            layer.truncate(length)
+
+    def take(self, keep: list[int]) -> "DecodeBatch":
+        """A new batch of copies of the rows at `keep`; this batch is left as it was (to retry rows alone)."""
+        index = torch.tensor(keep, dtype=torch.long)
+        mask = self.attention_mask[index]
+        used = mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else mask.shape[1]
+        layers = []
+        for layer in _cache_layers(self.cache):
+            twin = copy.copy(layer)  # same kind of layer; `replace` gives it tensors of its own
+            twin.replace(layer.keys[index, :, start:], layer.values[index, :, start:])
+            layers.append(twin)
+        cache = copy.copy(self.cache)
+        if hasattr(cache, "self_attention_cache"):
+            cache.self_attention_cache = copy.copy(cache.self_attention_cache)
+        getattr(cache, "self_attention_cache", cache).layers = layers
+        part = DecodeBatch([self.rows[i] for i in keep], cache, mask[:, start:], self.seen[index])
+        if self.next_tokens is not None:
+            part.next_tokens = self.next_tokens[index]
+        return part
+
+    def kv_bytes(self) -> int:
+        """Bytes held by the KV cache, spare capacity included."""
+        total = 0
+        for layer in _cache_layers(self.cache):
+            for name in ("_keys", "_values"):
+                tensor = getattr(layer, name, None)
+                total += tensor.nbytes if isinstance(tensor, torch.Tensor) else 0
+        return total
 
     def concatenate(self, other: "DecodeBatch") -> None:
         """Append the rows of `other`, left-padding whichever batch is narrower."""

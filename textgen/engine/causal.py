@@ -1,28 +1,55 @@
-"""Decoder-only models: the running batch advanced one token per step (iteration-level batching)."""
+"""Decoder-only models: the running batch advanced one token per step (iteration-level batching).
+
+A step that raises (a kernel error, an allocation that fails, a bug one request's parameters reach) does not
+take the batch down with it: the step is undone and each of its rows retried alone, so that only the
+sequences whose own step fails finish with "error"; the others go on as if nothing happened (in float32,
+with the same text: a row computes the same thing alone or batched). vLLM and TGI abort the whole batch.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from textgen.engine.batch import DecodeBatch
+from textgen.engine.faults import FaultInjector
+from textgen.engine.logprobs import TokenLogprob, prompt_logprobs, sampled_logprobs
 from textgen.engine.sampling import apply_penalties, sample
 from textgen.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+# Told about every failed step: seq None for a batched step (its rows are then retried alone), else the
+# sequence whose own step failed (it then finishes with "error").
+ErrorHook = Callable[[Sequence | None, BaseException], None]
 
 
 class CausalRunner:
     """Owns the running DecodeBatch: newcomers are prefilled and joined, finished rows leave."""
 
-    def __init__(self, model: Any, vocab_size: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        vocab_size: int,
+        faults: FaultInjector | None = None,
+        on_error: ErrorHook | None = None,
+    ) -> None:
         self.model = model
         self.vocab_size = vocab_size
         self.batch: DecodeBatch | None = None
+        self.faults = faults  # tests only: None in production
+        self.on_error: ErrorHook = on_error or (lambda seq, exc: None)
 
     @property
     def rows(self) -> list[Sequence]:
         return self.batch.rows if self.batch is not None else []
+
+    def kv_bytes(self) -> int:
+        return self.batch.kv_bytes() if self.batch is not None else 0
 
     def reset(self) -> None:
         self.batch = None
@@ -41,42 +68,142 @@ class CausalRunner:
             now = time.perf_counter()
             for seq in new:
                 seq.started = now
-            fresh, logits = DecodeBatch.prefill(
-                self.model,
-                new,
-                [s.prompt_ids for s in new],
-                self.vocab_size,
-                count_prompt=[s.params.penalize_prompt for s in new],
-            )
-            stepped = len(fresh)
-            if _advance(fresh, logits):
-                if batch is None:
-                    self.batch = fresh
-                else:
-                    batch.concatenate(fresh)
-            return stepped
+            # Prompts to be scored keep the logits of every position: each is prefilled on its own, so that
+            # only it pays for the output layer over its whole prompt.
+            scored = [[s] for s in new if s.params.prompt_logprobs is not None]
+            plain = [s for s in new if s.params.prompt_logprobs is None]
+            for group in ([plain] if plain else []) + scored:
+                self._prefill(group, score=group is not plain)
+            return len(new)
         if batch is None:
             return 0
-        logits = batch.step(self.model)
         stepped = len(batch)
-        if not _advance(batch, logits):
-            self.batch = None
+        self.batch = self._decode(batch)
         return stepped
 
+    def _decode(self, batch: DecodeBatch) -> DecodeBatch | None:
+        """One token for every row; returns the batch that goes on (None when no row is left)."""
+        checkpoint, states = batch.checkpoint(), _rng_states(batch.rows)
+        try:
+            logits = batch.step(self.model)
+            self._check_faults(batch.rows)
+            tokens, scores = _choose(batch, logits)
+        except Exception as exc:
+            failure = exc
+        else:
+            return batch if self._accept(batch, tokens, scores) else None
+        # Outside the except block, so that a row's own failure is not logged chained to the batch's.
+        if len(batch) == 1:
+            self._fail(batch.rows[0], failure)
+            return None
+        self.on_error(None, failure)
+        # Undo the step (the cache may hold half of it, the samplers may have drawn), retry rows alone.
+        batch.rollback(checkpoint)
+        _set_rng_states(batch.rows, states)
+        parts = [self._decode(batch.take([i])) for i in range(len(batch))]
+        return _join([part for part in parts if part is not None])
 
-def _advance(batch: DecodeBatch, logits: torch.Tensor) -> bool:
-    """Sample a token for every row, hand it to its sequence, drop finished rows."""
+    def _prefill(self, group: list[Sequence], score: bool) -> None:
+        states = _rng_states(group)
+        try:
+            fresh, logits = DecodeBatch.prefill(
+                self.model,
+                group,
+                [s.prompt_ids for s in group],
+                self.vocab_size,
+                count_prompt=[s.params.penalize_prompt for s in group],
+                all_logits=score,
+            )
+            self._check_faults(group)
+            if score:
+                (seq,) = group
+                seq.prompt_logprobs = prompt_logprobs(
+                    logits[0], seq.prompt_ids, seq.params.prompt_logprobs or 0
+                )
+                logits = logits[:, -1, :]
+            tokens, scores = _choose(fresh, logits)
+        except Exception as exc:
+            failure = exc
+        else:
+            if self._accept(fresh, tokens, scores):
+                self._join(fresh)
+            return
+        if len(group) == 1:
+            self._fail(group[0], failure)
+            return
+        self.on_error(None, failure)
+        _set_rng_states(group, states)
+        for seq in group:  # nothing of the failed prefill is kept: each prompt is prefilled alone
+            self._prefill([seq], score)
+
+    def _join(self, fresh: DecodeBatch) -> None:
+        if self.batch is None:
+            self.batch = fresh
+        else:
+            self.batch.concatenate(fresh)
+
+    def _accept(self, batch: DecodeBatch, tokens: torch.Tensor, scores: list[TokenLogprob | None]) -> bool:
+        """Hand each row its token, drop finished rows; False when none is left."""
+        batch.record(tokens)
+        seqs = batch.rows
+        for seq, token, score in zip(seqs, tokens.tolist(), scores):
+            try:
+                seq.append(token, score)
+            except Exception as exc:  # the sequence's own bookkeeping (text, stop strings): it alone fails
+                self._fail(seq, exc)
+        batch.filter([i for i, s in enumerate(seqs) if s.finish_reason is None])
+        return len(batch) > 0
+
+    def _check_faults(self, rows: list[Sequence]) -> None:
+        if self.faults is not None:
+            self.faults.check(rows)
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        """The sequence's own step failed: it finishes with "error" (a 500 or an error event)."""
+        self.on_error(seq, exc)
+        try:
+            seq.abort("error", f"{type(exc).__name__}: {exc} (request {seq.request_id})")
+        except Exception:  # its consumer's side failed too: at least let it leave the batch
+            log.exception("request %s: could not report its failure", seq.request_id)
+            seq.finish_reason = "error"
+
+
+def _choose(batch: DecodeBatch, logits: torch.Tensor) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
+    """Sample a token for every row. Nothing changes but the rows' random generators (which the runner
+    saves): a step that fails up to here can be retried."""
     seqs: list[Sequence] = batch.rows
     for seq in seqs:
         seq.max_batch_size = max(seq.max_batch_size, len(seqs))
     params = [s.params for s in seqs]
-    logits = apply_penalties(logits, params, batch.seen, [s.banned_tokens() for s in seqs])
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    raw = logits[wanted] if wanted else None  # a copy: the penalties below change logits in place
+    counts = [s.token_counts() for s in seqs]  # None for rows without presence/frequency penalties
+    logits = apply_penalties(logits, params, batch.seen, [s.banned_tokens() for s in seqs], counts)
     tokens = sample(logits, params, [s.rng for s in seqs])
-    batch.record(tokens)
-    for seq, token in zip(seqs, tokens.tolist()):
-        seq.append(token)
-    batch.filter([i for i, s in enumerate(seqs) if s.finish_reason is None])
-    return len(batch) > 0
+    scores: list[TokenLogprob | None] = [None] * len(seqs)
+    if raw is not None:
+        top = [params[i].logprobs or 0 for i in wanted]
+        for i, score in zip(wanted, sampled_logprobs(raw, tokens[wanted], top)):
+            scores[i] = score
+    return tokens, scores
+
+
+def _rng_states(seqs: list[Sequence]) -> list[torch.Tensor]:
+    return [s.rng.get_state() for s in seqs]  # about 1 µs a row
+
+
+def _set_rng_states(seqs: list[Sequence], states: list[torch.Tensor]) -> None:
+    for seq, state in zip(seqs, states):
+        seq.rng.set_state(state)
+
+
+def _join(parts: list[DecodeBatch]) -> DecodeBatch | None:
+    if not parts:
+        return None
+    joined = parts[0]
+    for part in parts[1:]:
+        joined.concatenate(part)
+    return joined
 
 
 def _drop_cancelled(batch: DecodeBatch) -> None:

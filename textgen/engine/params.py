@@ -16,11 +16,12 @@ class ParamError(ValueError):
         self.message = message
 
     def renamed(self, names: dict[str, str]) -> "ParamError":
-        """The same error under the caller's name for the field (`max_tokens` for `max_new_tokens`)."""
-        name = names.get(self.field)
-        if name is None:
-            return self
-        return ParamError(name, self.message.replace(self.field, name))
+        """The same error under the caller's names for fields (`max_tokens` for `max_new_tokens`), in the
+        field it names and wherever its message mentions one (`min_tokens` must be at most `max_tokens`)."""
+        message = self.message
+        for ours, theirs in names.items():
+            message = message.replace(ours, theirs)
+        return ParamError(names.get(self.field, self.field), message)
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,20 @@ RANGES: dict[str, Range] = {
     "repetition_penalty": Range(0.0, 10.0, low_open=True),
     "no_repeat_ngram_size": Range(0, 20),
     "seed": Range(0, 2**63 - 1),
+    "logprobs": Range(0, 20),
+    "prompt_logprobs": Range(0, 20),
+    "min_p": Range(0.0, 1.0),
+    "min_tokens": Range(0, 4096),
+    # OpenAI's bounds for its two penalties; negative values encourage repeats.
+    "presence_penalty": Range(-2.0, 2.0),
+    "frequency_penalty": Range(-2.0, 2.0),
 }
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+LOGIT_BIAS_RANGE = Range(-100.0, 100.0)  # OpenAI's: -100 bans a token, 100 all but forces it
+# Entries of one request's logit_bias: each costs a scattered write per step, and no real use (banning
+# or favouring a few words' tokens) needs more.
+MAX_LOGIT_BIAS = 1024
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,8 @@ class SamplingParams:
     """Everything that decides how one request is decoded.
 
     `temperature == 0` or `do_sample=False` means greedy decoding. `top_k == 0` disables top-k.
-    `repetition_penalty == 1` and `no_repeat_ngram_size == 0` disable those penalties.
+    `repetition_penalty == 1` and `no_repeat_ngram_size == 0` disable those penalties, as `min_p`,
+    `min_tokens`, `presence_penalty` and `frequency_penalty` at 0 and an empty `logit_bias` do theirs.
     A request without `seed` still gets its own random stream, so its companions in a batch never
     change what it samples.
     """
@@ -91,6 +104,15 @@ class SamplingParams:
     # continuation should not repeat its prompt; an answer must be free to repeat its question's words
     # ("The capital of France is Paris"), so the answering templates turn this off.
     penalize_prompt: bool = True
+    logprobs: int | None = None  # None: none; k: each generated token's log-probability and its top k
+    prompt_logprobs: int | None = None  # None: none; k: the same for every prompt token (scoring, echo)
+    min_p: float = 0.0  # keep only tokens at least min_p times as likely as the likeliest (after temperature)
+    min_tokens: int = 0  # neither an end-of-text token nor a stop string ends the text before this many
+    # OpenAI's penalties, over the generated tokens only: for every token generated so far (count times),
+    # logit -= frequency_penalty * count + presence_penalty.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit) pairs
 
     def __post_init__(self) -> None:
         for name, bounds in RANGES.items():
@@ -108,6 +130,29 @@ class SamplingParams:
                     "stop",
                     f"each stop string must have 1 to {MAX_STOP_CHARS} characters, got {s!r}",
                 )
+        if self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
+            raise ParamError(
+                "min_tokens",
+                f"min_tokens ({self.min_tokens}) must be at most max_new_tokens ({self.max_new_tokens})",
+            )
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ParamError(
+                "logit_bias", f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}"
+            )
+        for token, bias in self.logit_bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ParamError(
+                    "logit_bias", f"logit_bias keys must be token ids (integers >= 0), got {token!r}"
+                )
+            try:
+                LOGIT_BIAS_RANGE.check(f'logit_bias["{token}"]', bias)
+            except ParamError as exc:
+                raise ParamError("logit_bias", exc.message) from None
+
+    @property
+    def penalizes_counts(self) -> bool:
+        """Whether presence_penalty or frequency_penalty needs this row's generated-token counts."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:

@@ -11,7 +11,10 @@ import time
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
+from textgen.engine.params import SamplingParams
+from textgen.engine.sampling import subtract_count_penalties
 from textgen.engine.sequence import Sequence
 
 
@@ -46,9 +49,17 @@ class Seq2SeqRunner:
         )
         if not p.greedy:
             kwargs.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None)
+            if p.min_p > 0:
+                kwargs["min_p"] = p.min_p
             torch.manual_seed(seq.seed)  # only the engine thread uses the global generator
-        if p.ignore_eos:
-            kwargs["min_new_tokens"] = seq.max_new_tokens
+        if p.ignore_eos or p.min_tokens:
+            kwargs["min_new_tokens"] = (
+                seq.max_new_tokens if p.ignore_eos else min(p.min_tokens, seq.max_new_tokens)
+            )
+        if p.logit_bias:
+            kwargs["sequence_bias"] = {(token,): bias for token, bias in p.logit_bias}
+        if p.penalizes_counts:
+            kwargs["logits_processor"] = LogitsProcessorList([_CountPenalties(p)])
         input_ids = torch.tensor([seq.prompt_ids])
         output = self.model.generate(input_ids=input_ids, **kwargs)[0].tolist()
         start = 1 if output and output[0] == self.model.config.decoder_start_token_id else 0
@@ -57,3 +68,16 @@ class Seq2SeqRunner:
             if seq.finish_reason is not None:
                 return
         seq.abort("length")
+
+
+class _CountPenalties(LogitsProcessor):
+    """presence_penalty and frequency_penalty in Hugging Face `generate`, with the batched engine's code."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[0, 1:]  # the decoder's ids after its start token: what was generated so far
+        scores = scores.clone()
+        subtract_count_penalties(scores, [self.params], [generated.unique(return_counts=True)])
+        return scores

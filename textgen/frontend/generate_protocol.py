@@ -10,10 +10,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from textgen.engine.params import MAX_STOP_CHARS, MAX_STOP_STRINGS, RANGES, SamplingParams
+from textgen.engine.params import (
+    LOGIT_BIAS_RANGE,
+    MAX_LOGIT_BIAS,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    RANGES,
+    SamplingParams,
+)
+from textgen.engine.logprobs import TokenLogprob
 from textgen.engine.sequence import GenerationResult
 from textgen.frontend.postprocess import PostProcessing
-from textgen.frontend.prepare import Prepared, PromptRequest
+from textgen.frontend.prepare import Prepared, PromptRequest, logit_bias_pairs
 from textgen.frontend.templates import TemplateName, render
 
 
@@ -52,6 +60,10 @@ class GenerateRequest(BaseModel):
         *_bounded("top_p", "Nucleus sampling: smallest set of tokens with this mass."),
     ] = 0.9
     top_k: Annotated[int, *_bounded("top_k", "Sample among the k likeliest tokens; 0 = off.")] = 0
+    min_p: Annotated[
+        float,
+        *_bounded("min_p", "Keep only tokens at least min_p times as likely as the likeliest; 0 = off."),
+    ] = 0.0
     repetition_penalty: Annotated[
         float,
         *_bounded("repetition_penalty", "Penalty on tokens already present; 1 = off."),
@@ -60,6 +72,26 @@ class GenerateRequest(BaseModel):
         int,
         *_bounded("no_repeat_ngram_size", "Never repeat an n-gram of this size; 0 = off."),
     ] = 2
+    presence_penalty: Annotated[
+        float,
+        *_bounded(
+            "presence_penalty",
+            "Subtracted once from the logit of every token already generated (OpenAI's); 0 = off.",
+        ),
+    ] = 0.0
+    frequency_penalty: Annotated[
+        float,
+        *_bounded(
+            "frequency_penalty",
+            "Subtracted from a token's logit once per time it was generated (OpenAI's); 0 = off.",
+        ),
+    ] = 0.0
+    logit_bias: dict[str, float] | None = Field(
+        None,
+        description="Added to the logits of the given token ids (POST /tokenize gives them), e.g. "
+        '{"50256": -100} bans GPT-2\'s end-of-text. '
+        f"Allowed: {LOGIT_BIAS_RANGE} per token, at most {MAX_LOGIT_BIAS} tokens.",
+    )
     do_sample: bool = Field(True, description="False = greedy decoding, whatever the temperature.")
     seed: Annotated[
         int | None,
@@ -72,6 +104,14 @@ class GenerateRequest(BaseModel):
         "ends before the first one and it is not returned.",
     )
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token.")
+    min_tokens: Annotated[
+        int,
+        *_bounded(
+            "min_tokens",
+            "Neither end-of-text nor a stop string ends the text before this many tokens; at most "
+            "max_new_tokens.",
+        ),
+    ] = 0
     truncate: int | None = Field(
         None,
         ge=1,
@@ -96,6 +136,14 @@ class GenerateRequest(BaseModel):
         description="Cut the text after this many words; 0 = no cap; default: TEXTGEN_MAX_WORDS (200).",
     )
     trim_incomplete_sentence: bool = Field(False, description="Drop a dangling half-sentence at the end.")
+    logprobs: Annotated[
+        int | None,
+        *_bounded(
+            "logprobs",
+            "Return each generated token's log-probability (the model's raw distribution, before temperature "
+            "and penalties) and its N likeliest alternatives; unset = none.",
+        ),
+    ] = None
 
     def to_sampling_params(self) -> SamplingParams:
         return SamplingParams(
@@ -103,12 +151,18 @@ class GenerateRequest(BaseModel):
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
+            min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
             no_repeat_ngram_size=self.no_repeat_ngram_size,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=logit_bias_pairs(self.logit_bias),
             do_sample=self.do_sample,
             seed=self.seed,
             stop=tuple(self.stop),
             ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+            logprobs=self.logprobs,
         )
 
     def to_prompt_request(self, tokenizer: Any) -> PromptRequest:
@@ -147,6 +201,17 @@ class Timings(BaseModel):
     tokens_per_second: float = Field(description="Generated tokens per second, after the first token.")
 
 
+class Alternative(BaseModel):
+    token: str
+    logprob: float
+
+
+class TokenScore(BaseModel):
+    token: str
+    logprob: float
+    top_logprobs: list[Alternative]
+
+
 class GenerateResponse(BaseModel):
     generated_text: str
     model: str
@@ -155,6 +220,12 @@ class GenerateResponse(BaseModel):
     timings: Timings
     seed: int = Field(description="The seed used; send it back to reproduce a sampled text.")
     batch_size: int = Field(description="Most requests that shared a forward pass with this one.")
+    # nullable spelled out: BentoML's OpenAPI writer keeps only the first member of `X | None`.
+    logprobs: list[TokenScore] | None = Field(
+        None,
+        description="With `logprobs`: one entry per generated token.",
+        json_schema_extra={"nullable": True},
+    )
 
 
 class StreamEvent(BaseModel):
@@ -177,6 +248,7 @@ def response(
     result: GenerationResult,
     model: str,
     post: PostProcessing | None,
+    tokenizer: Any = None,
 ) -> GenerateResponse:
     text = post.apply(result.text, req.prompt) if post is not None else result.text
     return GenerateResponse(
@@ -187,7 +259,23 @@ def response(
         timings=timings(result),
         seed=result.seed,
         batch_size=result.max_batch_size,
+        logprobs=token_scores(tokenizer, result.logprobs),
     )
+
+
+def token_scores(tokenizer: Any, scores: list[TokenLogprob] | None) -> list[TokenScore] | None:
+    """Generated tokens as text with their log-probabilities (a generated token always has one)."""
+    if scores is None:
+        return None
+    decode = tokenizer.decode
+    return [
+        TokenScore(
+            token=decode([s.token]),
+            logprob=s.logprob or 0.0,
+            top_logprobs=[Alternative(token=decode([t]), logprob=lp) for t, lp in s.top],
+        )
+        for s in scores
+    ]
 
 
 def final_event(prepared: Prepared, result: GenerationResult, text: str, model: str) -> StreamEvent:

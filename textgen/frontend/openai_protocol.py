@@ -1,8 +1,8 @@
 """The OpenAI-compatible API's bodies, how they become a PromptRequest, and the bodies of the answers.
 
-/v1/completions and /v1/chat/completions take OpenAI's bodies, plus textgen's `top_k`,
-`repetition_penalty` and `no_repeat_ngram_size` as extra fields (as vLLM does). Unlike /generate,
-nothing is added to what the client asked for: those extras default to off, no textgen template
+/v1/completions and /v1/chat/completions take OpenAI's bodies, plus vLLM's and textgen's extra fields
+(`top_k`, `min_p`, `repetition_penalty`, `no_repeat_ngram_size`, `ignore_eos`, `min_tokens`). Unlike
+/generate, nothing is added to what the client asked for: those extras default to off, no textgen template
 frames the prompt and no post-processing touches the output, because OpenAI clients expect the
 model's raw output.
 
@@ -12,6 +12,7 @@ server's limits are checked once for every dialect, in frontend/prepare.py.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,9 +20,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from textgen.engine.params import RANGES, ParamError, Range, SamplingParams
+from textgen.engine.params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, RANGES, ParamError, Range, SamplingParams
 from textgen.frontend.generate_protocol import Usage  # the same counts, in OpenAI's field names
-from textgen.frontend.prepare import FieldNames, PromptRequest
+from textgen.engine.logprobs import TokenLogprob
+from textgen.frontend.prepare import FieldNames, Prepared, PromptRequest, logit_bias_pairs
 from textgen.frontend.templates import RenderedPrompt, has_chat_template, render_chat
 
 N_RANGE = Range(1, 16)  # choices per prompt; they all join the engine's batch at once
@@ -31,14 +33,16 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # ends with "Assistant:" for the model to continue, and stops where it would invent the user's turn.
 FALLBACK_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 FALLBACK_STOP = ("\nUser:",)
-COMPLETION_FIELDS = FieldNames(prompt="prompt", max_tokens="max_tokens")
-CHAT_FIELDS = FieldNames(prompt="messages", max_tokens="max_tokens")
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        default=False,
+        description="vLLM's: with include_usage, every chunk also carries its choice's usage so far.",
+    )
 
 
 class SamplingFields(BaseModel):
@@ -57,27 +61,69 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(default=None, description="Choice i of n uses seed + i.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(default=0.0, description="Only 0 is supported; see repetition_penalty.")
-    frequency_penalty: float = Field(default=0.0, description="Only 0 is supported; see repetition_penalty.")
+    presence_penalty: float = Field(
+        default=0.0,
+        description="Subtracted once from the logit of every token already generated; negative values "
+        f"encourage them. Allowed: {RANGES['presence_penalty']}.",
+    )
+    frequency_penalty: float = Field(
+        default=0.0,
+        description="Subtracted from a token's logit once per time it was generated. "
+        f"Allowed: {RANGES['frequency_penalty']}.",
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None,
+        description='Added to the logits of the given token ids, e.g. {"50256": -100} bans GPT-2\'s '
+        f"end-of-text. Allowed: {LOGIT_BIAS_RANGE} per token, at most {MAX_LOGIT_BIAS} tokens.",
+    )
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = Field(
+        default=None,
+        description="OpenAI's newer name for max_tokens; giving both is fine when they are equal.",
+    )
     user: str | None = Field(default=None, description="Accepted and ignored.")
-    # textgen extras, off by default on these routes
+    # textgen's and vLLM's extras, off by default on these routes
     top_k: int = Field(default=0, description=f"0 = off. Allowed: {RANGES['top_k']}.")
+    min_p: float = Field(
+        default=0.0,
+        description="Keep only tokens at least min_p times as likely as the likeliest; 0 = off. "
+        f"Allowed: {RANGES['min_p']}.",
+    )
     repetition_penalty: float = Field(
         default=1.0, description=f"1 = off. Allowed: {RANGES['repetition_penalty']}."
     )
     no_repeat_ngram_size: int = Field(
         default=0, description=f"0 = off. Allowed: {RANGES['no_repeat_ngram_size']}."
     )
+    ignore_eos: bool = Field(
+        default=False, description="Keep generating past the end-of-text token (vLLM's)."
+    )
+    min_tokens: int = Field(
+        default=0,
+        description="Neither end-of-text nor a stop string ends a choice before this many tokens (vLLM's). "
+        f"Allowed: {RANGES['min_tokens']}, at most max_tokens.",
+    )
+
+    def token_budget(self) -> tuple[int | None, str]:
+        """The token limit and the name the client gave it: max_tokens or max_completion_tokens.
+
+        Load generators send both (guidellm, with the same value); two different limits are a mistake.
+        """
+        given = self.model_fields_set
+        old = self.max_tokens if "max_tokens" in given else None
+        new = self.max_completion_tokens
+        if new is None:
+            return self.max_tokens, "max_tokens"
+        if old is not None and old != new:
+            raise ParamError(
+                "max_completion_tokens",
+                f"max_tokens ({old}) and max_completion_tokens ({new}) differ; they are two names for the "
+                "same limit: give one of them, or the same value in both",
+            )
+        return new, "max_tokens" if old is not None else "max_completion_tokens"
 
     def to_sampling_params(self, max_tokens: int | None, max_tokens_field: str) -> SamplingParams:
         """Engine parameters under OpenAI's semantics: always sampled (temperature 0 is greedy)."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0:
-                raise ParamError(
-                    name,
-                    f"{name} is not supported by textgen (only 0); use repetition_penalty "
-                    f"(1 = off, > 1 discourages repeats) or no_repeat_ngram_size instead",
-                )
         N_RANGE.check("n", self.n)
         try:
             return SamplingParams(
@@ -85,11 +131,17 @@ class SamplingFields(BaseModel):
                 temperature=self.temperature,
                 top_p=self.top_p,
                 top_k=self.top_k,
+                min_p=self.min_p,
                 repetition_penalty=self.repetition_penalty,
                 no_repeat_ngram_size=self.no_repeat_ngram_size,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                logit_bias=logit_bias_pairs(self.logit_bias),
                 do_sample=True,
                 seed=self.seed,
                 stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
+                ignore_eos=self.ignore_eos,
+                min_tokens=self.min_tokens,
             )
         except ParamError as exc:
             raise exc.renamed({"max_new_tokens": max_tokens_field}) from None
@@ -98,26 +150,84 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
-    prompt: str | list[str] = Field(examples=["Once upon a time"])
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        examples=["Once upon a time"],
+        description="A string, a list of strings, a list of token ids, or a list of lists of token ids.",
+    )
     max_tokens: int | None = Field(
-        default=DEFAULT_COMPLETION_MAX_TOKENS, description="Default 16, as OpenAI."
+        default=DEFAULT_COMPLETION_MAX_TOKENS,
+        description="Default 16, as OpenAI; max_completion_tokens is accepted as another name for it.",
     )
     echo: bool = Field(default=False, description="Prepend the prompt to each choice's text.")
+    logprobs: int | None = Field(
+        default=None,
+        description="Log-probabilities of each token and of its `logprobs` likeliest alternatives, from the "
+        "model's raw distribution (before temperature and penalties), 0 to 20; with `echo`, of the prompt's "
+        "tokens too (the first one has none).",
+    )
 
     def to_prompt_request(self, tokenizer: Any) -> PromptRequest:
-        prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-        if not prompts:
-            raise ParamError("prompt", "prompt must be a string or a non-empty list of strings")
-        params = self.to_sampling_params(self.max_tokens, "max_tokens")
-        return PromptRequest([RenderedPrompt(p) for p in prompts], params, n=self.n, fields=COMPLETION_FIELDS)
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]  # type: ignore[list-item]
+        if not prompt:
+            raise ParamError(
+                "prompt", "prompt must be a string, a list of token ids, or a non-empty list of them"
+            )
+        rendered = [
+            (RenderedPrompt(p) if isinstance(p, str) else RenderedPrompt("", token_ids=tuple(p)))
+            for p in prompt
+        ]
+        max_tokens, name = self.token_budget()
+        params = self.to_sampling_params(max_tokens, name)
+        if self.logprobs is not None:
+            RANGES["logprobs"].check("logprobs", self.logprobs)
+            scored = self.logprobs if self.echo else None
+            params = dataclasses.replace(params, logprobs=self.logprobs, prompt_logprobs=scored)
+        return PromptRequest(rendered, params, n=self.n, fields=FieldNames(prompt="prompt", max_tokens=name))
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content. textgen serves text models: only {"type": "text", "text": "..."}."""
+
+    model_config = ConfigDict(extra="allow", strict=True)  # other kinds of parts get textgen's own 400
+
+    type: str = Field(examples=["text"])
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[ContentPart] = Field(
+        description='A string, or a list of text parts [{"type": "text", "text": "..."}], joined by '
+        "newlines."
+    )
     name: str | None = None
+
+    def text(self, index: int) -> str:
+        """The content as one string; `index` is this message's place in `messages`, for errors."""
+        if isinstance(self.content, str):
+            return self.content
+        field = f"messages.{index}.content"
+        texts = []
+        for j, part in enumerate(self.content):
+            if part.type != "text":
+                raise ParamError(
+                    field,
+                    f"{field}.{j} is a part of type {part.type!r}; this server's model reads text only: "
+                    'send the content as a string or as parts {"type": "text", "text": "..."}',
+                )
+            if part.text is None or part.model_extra:
+                raise ParamError(
+                    field,
+                    f'{field}.{j}: a text part is {{"type": "text", "text": "..."}}, '
+                    f"got the keys {sorted(part.model_dump(exclude_none=True))}",
+                )
+            texts.append(part.text)
+        # Several text parts are joined by newlines, as vLLM does.
+        return "\n".join(texts)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -127,18 +237,24 @@ class ChatCompletionRequest(SamplingFields):
         examples=[[{"role": "user", "content": "What is the capital of France?"}]]
     )
     max_tokens: int | None = Field(default=None, description="Default: the server's TEXTGEN_MAX_NEW_TOKENS.")
-    max_completion_tokens: int | None = Field(default=None, description="OpenAI's newer name for max_tokens.")
+    logprobs: bool = Field(default=False, description="Return each generated token's log-probability.")
+    top_logprobs: int | None = Field(
+        default=None, description="With logprobs: also the likeliest alternatives at each position, 0 to 20."
+    )
 
     def to_prompt_request(self, tokenizer: Any) -> PromptRequest:
         if not self.messages:
             raise ParamError("messages", "messages must hold at least one message")
-        if self.max_tokens is not None and self.max_completion_tokens is not None:
-            raise ParamError("max_completion_tokens", "give max_tokens or max_completion_tokens, not both")
-        fields = CHAT_FIELDS
-        if self.max_completion_tokens is not None:
-            fields = FieldNames(prompt="messages", max_tokens="max_completion_tokens")
+        max_tokens, name = self.token_budget()
+        fields = FieldNames(prompt="messages", max_tokens=name)
         # No max_tokens: as long as the server allows, capped by the context (frontend/prepare.py).
-        params = self.to_sampling_params(self.max_tokens or self.max_completion_tokens, fields.max_tokens)
+        params = self.to_sampling_params(max_tokens, name)
+        if self.top_logprobs is not None:
+            RANGES["logprobs"].check("top_logprobs", self.top_logprobs)
+            if not self.logprobs:
+                raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
+        if self.logprobs:
+            params = dataclasses.replace(params, logprobs=self.top_logprobs or 0)
         return PromptRequest([render_messages(self.messages, tokenizer)], params, n=self.n, fields=fields)
 
 
@@ -152,12 +268,13 @@ def render_fallback_chat(messages: list[dict[str, str]]) -> RenderedPrompt:
     The model continues after "Assistant:"; the stop string "\\nUser:" ends its turn.
     """
     lines = [f"{FALLBACK_ROLES[m['role']]}: {m['content']}" for m in messages]
-    return RenderedPrompt("\n".join(lines) + "\nAssistant:", stop=FALLBACK_STOP)
+    # The transcript's own text has no special tokens: all of it is encoded as plain text.
+    return RenderedPrompt("\n".join(lines) + "\nAssistant:", stop=FALLBACK_STOP, special_tokens_as_text=True)
 
 
 def render_messages(messages: list[ChatMessage], tokenizer: Any) -> RenderedPrompt:
     """The model's own chat template when it has one, else the plain fallback transcript."""
-    plain = [{"role": m.role, "content": m.content} for m in messages]
+    plain = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(messages)]
     if has_chat_template(tokenizer):
         return render_chat(plain, tokenizer)
     return render_fallback_chat(plain)
@@ -173,21 +290,26 @@ class Call:
     model: str
     stream: bool
     include_usage: bool
+    continuous_usage: bool = (
+        False  # usage so far in every chunk (vLLM's stream_options.continuous_usage_stats)
+    )
     echo_texts: list[str] | None = None  # with `echo`: each prompt's text, prepended to its choices
 
     @classmethod
-    def of(cls, req: "CompletionRequest | ChatCompletionRequest", model: str) -> "Call":
+    def of(cls, req: "CompletionRequest | ChatCompletionRequest", prepared: Prepared, model: str) -> "Call":
         kind: Literal["completion", "chat"] = "completion" if isinstance(req, CompletionRequest) else "chat"
         echo = None
         if isinstance(req, CompletionRequest) and req.echo:
-            echo = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+            echo = [p.text for p in prepared.request.prompts]
+        options = req.stream_options
         return cls(
             kind=kind,
             id=f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=model,
             stream=req.stream,
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            include_usage=bool(options and options.include_usage),
+            continuous_usage=bool(options and options.include_usage and options.continuous_usage_stats),
             echo_texts=echo,
         )
 
@@ -206,7 +328,7 @@ def check_model(requested: str | None, served: str) -> None:
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict[str, list[Any]] | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -229,7 +351,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: dict[str, list[dict[str, Any]]] | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -257,24 +379,39 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def choice_body(call: Call, index: int, text: str, reason: str | None) -> dict[str, Any]:
+def choice_body(
+    call: Call, index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     if call.kind == "completion":
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
     return {
         "index": index,
         "message": {"role": "assistant", "content": text},
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": reason,
     }
 
 
-def chunk_choice(call: Call, index: int, text: str, reason: str | None, first: bool) -> dict[str, Any]:
+def chunk_choice(
+    call: Call, index: int, text: str, reason: str | None, first: bool, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     if call.kind == "completion":
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
     delta: dict[str, Any] = {"content": text}
     if first:
         delta["role"] = "assistant"
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+
+def logprobs_body(
+    call: Call, tokenizer: Any, scores: list[TokenLogprob] | None, echoed: list[TokenLogprob] | None = None
+) -> dict[str, Any] | None:
+    """A choice's (or a chunk's) `logprobs` in the route's shape; `echoed`: the prompt's, first."""
+    if scores is None:
+        return None
+    if call.kind == "chat":
+        return chat_logprobs(tokenizer, scores)
+    return completion_logprobs(tokenizer, (echoed or []) + scores)
 
 
 def envelope(call: Call, *, chunk: bool, **fields: Any) -> dict[str, Any]:
@@ -289,4 +426,42 @@ def models_body(model_id: str, created: int) -> dict[str, Any]:
     return {
         "object": "list",
         "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "textgen"}],
+    }
+
+
+# -- log-probabilities -------------------------------------------------------------------------------
+
+
+def completion_logprobs(tokenizer: Any, scores: list[TokenLogprob], start_offset: int = 0) -> dict[str, Any]:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset; the first token of
+    an echoed prompt has null log-probability and alternatives."""
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    offset = start_offset
+    for score in scores:
+        text = tokenizer.decode([score.token])
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        token_logprobs.append(score.logprob)
+        top = {tokenizer.decode([t]): lp for t, lp in score.top}
+        top_logprobs.append(None if score.logprob is None else top)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tokenizer: Any, scores: list[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+
+    def entry(token: int, logprob: float | None) -> dict[str, Any]:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]} for s in scores
+        ]
     }

@@ -19,6 +19,7 @@ from textgen.engine.handle import RequestHandle
 from textgen.engine.params import RANGES, ParamError, SamplingParams
 from textgen.frontend.templates import RenderedPrompt
 from textgen.model.loading import LoadedModel
+from textgen.model.memory import kv_budget_tokens
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ class Frontend:
             max_batch_size=settings.max_batch_size,
             max_waiting=settings.max_queue,
             observer=observer,
+            kv_budget_tokens=kv_budget_tokens(loaded.model, loaded.context_length, settings),
+            fault_prompt=settings.test_fault_prompt,  # tests only (textgen/engine/faults.py)
+            fault_after_tokens=settings.test_fault_after_tokens,
         ).start()
 
     @property
@@ -125,6 +129,9 @@ class Frontend:
         if not request.prompts:
             raise ParamError(names.prompt, f"{names.prompt} must not be empty")
         for prompt in request.prompts:
+            if prompt.token_ids is not None:
+                self._check_token_ids(prompt.token_ids, names.prompt)
+                continue
             if not prompt.user_text.strip():
                 raise ParamError(names.prompt, f"{names.prompt} must contain some non-whitespace text")
             if len(prompt.user_text) > limit:
@@ -133,12 +140,33 @@ class Frontend:
                     f"{names.prompt} must be at most {limit} characters (TEXTGEN_MAX_PROMPT_CHARS), "
                     f"got {len(prompt.user_text)}",
                 )
+        self._check_logit_bias(request.params)
         wanted = request.params.max_new_tokens
         if wanted is not None and wanted > self.settings.max_new_tokens:
             raise ParamError(
                 names.max_tokens,
                 f"{names.max_tokens} must be in [1, {self.settings.max_new_tokens}] on this server "
                 f"(TEXTGEN_MAX_NEW_TOKENS), got {wanted}",
+            )
+
+    def _check_logit_bias(self, params: SamplingParams) -> None:
+        vocab = len(self.tokenizer)
+        bad = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise ParamError(
+                "logit_bias",
+                f'logit_bias holds token id "{bad}", outside this model\'s vocabulary [0, {vocab}); '
+                "POST /tokenize gives the ids of a text",
+            )
+
+    def _check_token_ids(self, ids: tuple[int, ...], field_name: str) -> None:
+        vocab = len(self.tokenizer)
+        if not ids:
+            raise ParamError(field_name, f"{field_name} must hold at least one token id")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ParamError(
+                field_name, f"{field_name} holds token id {bad}, outside this model's vocabulary [0, {vocab})"
             )
 
     def _prepare_one(self, request: PromptRequest, prompt_ids: list[list[int]]) -> Prepared:
@@ -160,7 +188,16 @@ class Frontend:
             )
             for i in range(request.n):
                 choices.append(Choice(p, _with_seed(params, i, request.params.seed)))
-        return Prepared(request, prompt_ids, choices, truncated)
+        # Prompts given as token ids, now known to be in the vocabulary, get their text (for echo).
+        decoded = [
+            (
+                p
+                if p.token_ids is None
+                else dataclasses.replace(p, text=self.tokenizer.decode(list(p.token_ids)))
+            )
+            for p in request.prompts
+        ]
+        return Prepared(dataclasses.replace(request, prompts=decoded), prompt_ids, choices, truncated)
 
     @staticmethod
     def _check_context(n: int, request: PromptRequest, context: int) -> None:
@@ -186,15 +223,45 @@ class Frontend:
         )
 
     def _tokenize(self, prompts: list[RenderedPrompt]) -> list[list[int]]:
-        """Token ids of every prompt, batched per kind (templated prompts carry their special tokens)."""
-        ids: list[list[int]] = [[] for _ in prompts]
+        """Token ids of every prompt, batched per kind (templated prompts carry their special tokens).
+
+        Prompts that arrive as ids (the client's, or a chat template's own encoding) are taken as they are.
+        The others are encoded in one tokenizer call per kind: with or without the model's added special
+        tokens (BOS), and with special-token strings parsed or kept as text (RenderedPrompt).
+        """
+        ids: list[list[int]] = [list(p.token_ids or p.template_ids or ()) for p in prompts]
         for special in (True, False):
-            group = [i for i, p in enumerate(prompts) if p.add_special_tokens == special]
-            if group:
-                encoded = self.tokenizer([prompts[i].text for i in group], add_special_tokens=special)
-                for i, e in zip(group, encoded["input_ids"]):
-                    ids[i] = list(e)
+            for as_text in (False, True):
+                group = [
+                    i
+                    for i, p in enumerate(prompts)
+                    if p.token_ids is None
+                    and p.template_ids is None
+                    and p.add_special_tokens == special
+                    and p.special_tokens_as_text == as_text
+                ]
+                if group:
+                    encoded = self.tokenizer(
+                        [prompts[i].text for i in group],
+                        add_special_tokens=special,
+                        split_special_tokens=as_text,
+                    )
+                    for i, e in zip(group, encoded["input_ids"]):
+                        ids[i] = list(e)
         return ids
+
+
+def logit_bias_pairs(raw: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """JSON's {"token id": bias} (keys are strings in JSON, as in OpenAI's API) as SamplingParams takes it."""
+    pairs = []
+    for key, bias in (raw or {}).items():
+        if not (key.isascii() and key.isdigit()):
+            raise ParamError(
+                "logit_bias",
+                f'logit_bias keys are token ids written as strings, such as {{"50256": -100}}; got "{key}"',
+            )
+        pairs.append((int(key), bias))
+    return tuple(pairs)
 
 
 def _the_prompt(names: FieldNames) -> str:

@@ -9,6 +9,7 @@ there instead of running into an invented next turn.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -42,6 +43,15 @@ class RenderedPrompt:
     user_text: str | None = None
     # False for prompts the model answers rather than continues: its penalties then see only its answer.
     penalize_prompt: bool = True
+    token_ids: tuple[int, ...] | None = None  # a prompt given as token ids (`text` is then their decoding)
+    # Whether special-token strings in `text` are plain text: a user who types "<|endoftext|>" or "<|im_end|>"
+    # gets those characters, never the model's control token (role integrity). True for whatever users
+    # write (/generate prompts, chat messages); a raw /v1/completions prompt keeps the model's markup, as
+    # in vLLM, because its whole text is the client's.
+    special_tokens_as_text: bool = False
+    # A chat template's own encoding of `text`: its control tokens as tokens, those inside the messages
+    # as text (render_chat).
+    template_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.user_text is None:
@@ -52,22 +62,27 @@ def render(template: str, prompt: str, tokenizer: Any) -> RenderedPrompt:
     """Apply `template` to `prompt`; `tokenizer` supplies the chat template for `chat` and `auto`."""
     if template == "auto":
         template = "chat" if has_chat_template(tokenizer) else "none"
+    # These templates' own text has no special tokens, so the whole prompt is tokenized as plain text.
     if template == "none":
-        return RenderedPrompt(prompt)
+        return RenderedPrompt(prompt, special_tokens_as_text=True)
     if template == "assistant":
         text = f"{ASSISTANT_PREFIX}User: {prompt}\nAssistant:"
-        return RenderedPrompt(text, stop=("\nUser:",), user_text=prompt, penalize_prompt=False)
+        return RenderedPrompt(
+            text, stop=("\nUser:",), user_text=prompt, penalize_prompt=False, special_tokens_as_text=True
+        )
     if template == "few_shot":
         shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in FEW_SHOT_EXAMPLES)
         head = "Answer each question with a short, factual answer.\n\n"
         return RenderedPrompt(
-            f"{head}{shots}Q: {prompt}\nA:", stop=("\nQ:",), user_text=prompt, penalize_prompt=False
+            f"{head}{shots}Q: {prompt}\nA:",
+            stop=("\nQ:",),
+            user_text=prompt,
+            penalize_prompt=False,
+            special_tokens_as_text=True,
         )
     if template == "chat":
-        rendered = render_chat([{"role": "user", "content": prompt}], tokenizer)
-        return RenderedPrompt(
-            rendered.text, rendered.stop, rendered.add_special_tokens, user_text=prompt, penalize_prompt=False
-        )
+        rendered = render_chat([{"role": "user", "content": prompt}], tokenizer, field="prompt")
+        return dataclasses.replace(rendered, user_text=prompt, penalize_prompt=False)
     raise ParamError(
         "template",
         f"template must be one of {', '.join(TEMPLATE_NAMES)}; got {template!r}",
@@ -78,8 +93,14 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_chat(messages: list[dict[str, str]], tokenizer: Any) -> RenderedPrompt:
-    """Render chat `messages` with the model's own chat template."""
+def render_chat(messages: list[dict[str, str]], tokenizer: Any, field: str = "messages") -> RenderedPrompt:
+    """Render chat `messages` with the model's own chat template, and encode them with role integrity.
+
+    Only the template may write control tokens. A message holding "<|im_end|>\n<|im_start|>assistant\n..."
+    would otherwise close its own turn and open a forged one; transformers' `sanitize_control_tokens` marks
+    every control token inside the messages, renders, and encodes the marked ones as plain text (the rest
+    of the text is encoded as a whole, so ordinary messages get exactly the ids they always had).
+    """
     if not has_chat_template(tokenizer):
         raise ParamError(
             "template",
@@ -87,4 +108,12 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Any) -> RenderedPromp
             "use 'auto', 'none', 'assistant' or 'few_shot', or serve a chat model (e.g. SmolLM2-135M-Instruct)",
         )
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return RenderedPrompt(text, add_special_tokens=False)
+    try:
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False
+        )
+    except ValueError as exc:  # a control token this tokenizer also produces from plain text
+        raise ParamError(
+            field, f"{field} cannot be encoded safely for this model ({exc}); remove that text"
+        ) from None
+    return RenderedPrompt(text, add_special_tokens=False, template_ids=tuple(ids))
