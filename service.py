@@ -21,10 +21,13 @@ from starlette.routing import Route
 
 from textgen.api import generate as generate_routes
 from textgen.api import openai as openai_routes
+from textgen.api.bentoml_fixes import fix_timeout_middleware
+from textgen.api.drain import Drain
 from textgen.api.guards import Guards
 from textgen.api.health import HealthRoutes, ServerState
 from textgen.api.logs import show_textgen_logs
 from textgen.api.openapi import DocumentRewriter
+from textgen.api.tokenizer import TokenizerRoutes
 from textgen.config import Settings
 from textgen.frontend.prepare import Frontend
 from textgen.model.loading import load_model, resolve_model
@@ -32,6 +35,7 @@ from textgen.model.store import check_build_has_model, stored_model_source
 
 show_textgen_logs()
 log = logging.getLogger("textgen")
+fix_timeout_middleware()  # BentoML 1.4 keeps each request's context for the whole traffic timeout otherwise
 settings = Settings.from_env()
 check_build_has_model()  # `bentoml build` without an imported model: say how to import it
 # MODEL_NAME wins; else the model this Bento carries (`python -m textgen.import_model`, pinned by
@@ -73,7 +77,19 @@ class TextGen:
     def __init__(self) -> None:
         # Load in the background: the worker answers /livez at once and /readyz 503 until warm.
         self._frontend: Frontend | None = None
+        # SIGTERM drains this worker instead of closing its socket at once (textgen/api/drain.py).
+        self._drain = Drain(state, settings.drain_seconds, cancel_all=self._cancel_all)
         threading.Thread(target=self._load, name="textgen-start", daemon=True).start()
+
+    @bentoml.on_startup
+    def take_sigterm(self) -> None:
+        # Here: in the worker's main thread, once uvicorn has put its own SIGTERM handler in place.
+        if not self._drain.install():
+            log.warning("SIGTERM will not drain: the service does not run in a worker's main thread")
+
+    def _cancel_all(self) -> None:
+        if self._frontend is not None:
+            self._frontend.engine.cancel_all()
 
     def _load(self) -> None:
         try:
@@ -150,4 +166,5 @@ if settings.cors_origins:
     )
 TextGen.add_asgi_middleware(Guards, settings=settings, state=state)
 TextGen.add_asgi_middleware(HealthRoutes, state=state)
+TextGen.add_asgi_middleware(TokenizerRoutes, state=state)
 TextGen.add_asgi_middleware(DocumentRewriter)

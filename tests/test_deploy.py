@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from textgen.api.drain import EXIT_MARGIN_SECONDS
 from textgen.config import Settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -184,3 +185,17 @@ def test_writable_paths_are_volumes_when_the_root_is_read_only(container, config
         assert any(
             (path.rstrip("/") + "/").startswith(m) for m in mounts
         ), f"{name}={path} is not on a volume"
+
+
+def test_the_drain_fits_in_the_termination_grace_period(deployment, container, config_map):
+    """preStop, then SIGTERM's drain (TEXTGEN_DRAIN_SECONDS), then the exit must end before the kubelet's
+    SIGKILL: otherwise the requests the drain protects are cut anyway."""
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2
+    pre_stop = float(command[1])
+    drain = Settings.from_env(config_map["data"]).drain_seconds
+    assert 0 < pre_stop and 0 < drain
+    assert pre_stop + drain + EXIT_MARGIN_SECONDS <= grace, (pre_stop, drain, grace)
+    # The default too: a ConfigMap without TEXTGEN_DRAIN_SECONDS still fits.
+    assert pre_stop + Settings.from_env({}).drain_seconds + EXIT_MARGIN_SECONDS <= grace

@@ -46,6 +46,35 @@ def _cgroup_cpu_quota(root: Path) -> float | None:
     return value if value > 0 else None
 
 
+def available_memory(
+    cgroup_root: Path = Path("/sys/fs/cgroup"), meminfo: Path = Path("/proc/meminfo")
+) -> int | None:
+    """Bytes this process could still allocate: the host's MemAvailable, capped by the room left under a
+    cgroup memory limit (a container limited to 3 GiB on a 64 GiB node must plan with its 3 GiB). None if
+    unknown.
+    """
+    candidates = []
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                candidates.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),  # cgroup v2
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),  # v1
+    ):
+        try:
+            limit = (cgroup_root / limit_file).read_text().strip()
+            usage = int((cgroup_root / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's huge number: no limit
+            candidates.append(max(0, int(limit) - usage))
+        break
+    return min(candidates) if candidates else None
+
+
 @dataclass(frozen=True)
 class Settings:
     model_name: str | None = None  # None: GPT-2, or the offline default when GPT-2 is unavailable
@@ -60,6 +89,15 @@ class Settings:
     max_body_bytes: int = 1 << 20
     cors_origins: tuple[str, ...] = ()  # empty: no CORS headers, browsers on other origins are refused
     cache_dir: Path = Path.home() / ".cache" / "textgen"
+    # SIGTERM: seconds in-flight requests get to finish (new ones get 503) before the rest are cancelled
+    # and the worker exits. Fits, with deploy/'s preStop sleep and a margin, in its terminationGracePeriodSeconds.
+    drain_seconds: int = 45
+    # Worst-case KV cache tokens the running batch may hold (None: from the memory available at start-up).
+    kv_budget_tokens: int | None = None
+    # For tests only (TEXTGEN_TEST_FAULT_PROMPT): engine steps fail for sequences whose prompt contains this
+    # text, once they have this many tokens (TEXTGEN_TEST_FAULT_AFTER_TOKENS). Never set it in production.
+    test_fault_prompt: str | None = None
+    test_fault_after_tokens: int = 0
     # TEXTGEN_API_KEY: when set, every route but health and metrics requires `Authorization: Bearer <key>`.
     # Kept out of repr so that logging the settings never leaks it.
     api_key: str | None = field(default=None, repr=False)
@@ -97,5 +135,9 @@ class Settings:
                 o.strip() for o in env.get("TEXTGEN_CORS_ORIGINS", "").split(",") if o.strip()
             ),
             cache_dir=Path(cache) if cache else cls.cache_dir,
+            drain_seconds=integer("TEXTGEN_DRAIN_SECONDS", 45, 0, 86_400),
+            kv_budget_tokens=integer("TEXTGEN_KV_BUDGET_TOKENS", 0, 0, 1 << 40) or None,
+            test_fault_prompt=env.get("TEXTGEN_TEST_FAULT_PROMPT") or None,
+            test_fault_after_tokens=integer("TEXTGEN_TEST_FAULT_AFTER_TOKENS", 0, 0, 1 << 20),
             api_key=env.get("TEXTGEN_API_KEY", "").strip() or None,
         )

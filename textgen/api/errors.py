@@ -106,6 +106,15 @@ def generation_failed(error: str | None) -> Problem:
 
 
 SHUTTING_DOWN = Problem(503, "the server is shutting down; retry", "shutting_down")
+RETRY_DRAINING_SECONDS = 1  # another replica (behind the same Service) can answer at once
+
+
+def draining() -> Problem:
+    """503 for a generation that arrives after SIGTERM, while the requests in flight finish (counted by the
+    guards, which refuse it)."""
+    message = "the server is shutting down and takes no new generations; retry, another replica will answer"
+    retry = (("Retry-After", str(RETRY_DRAINING_SECONDS)),)
+    return Problem(503, message, "shutting_down", loc=(), headers=retry)
 
 
 def invalid_body(exc: ValidationError | None = None) -> Problem:

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from textgen.api.errors import Problem, error_response, overloaded, shape_for
+from textgen.api.errors import Problem, draining, error_response, overloaded, shape_for
 from textgen.api.health import INFO_PATH, LIVENESS_PATHS, READINESS_PATH, ServerState
 from textgen.api.metrics import count_rejection
 from textgen.config import Settings
+from textgen.engine.handle import REQUEST_ID
 
 UNGUARDED_PATHS = frozenset({*LIVENESS_PATHS, READINESS_PATH, "/metrics"})
 # The Swagger page and the OpenAPI document work while the model loads; the APIs wait for it.
 AVAILABLE_WHILE_LOADING = frozenset({"/", "/docs", "/docs.json", "/schema.json", INFO_PATH})
 RETRY_LOADING_SECONDS = 5
 GENERATION_PATHS = frozenset({"/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"})
+# A client's X-Request-ID names its request in the engine's logs; anything else is ignored (no log injection).
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 def authorized(api_key: str | None, authorization: str | None) -> bool:
@@ -44,8 +48,7 @@ class Guards:
     def __init__(self, app: ASGIApp, settings: Settings, state: ServerState) -> None:
         self.app = app
         self.settings = settings
-        self.state = state
-        self.in_flight = 0  # generation requests let through and not yet answered
+        self.state = state  # its in_flight counts the generation requests let through and not yet answered
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
@@ -72,6 +75,9 @@ class Guards:
             return await refuse(Problem(503, message, "not_ready", loc=(), headers=retry))
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        generation = path in GENERATION_PATHS
+        if generation and self.state.draining:  # after SIGTERM: the requests in flight finish, no new ones
+            return await refuse(draining())
 
         if not is_json(headers.get("content-type")):
             message = f"send the body as JSON with 'Content-Type: application/json' (got {headers.get('content-type')!r})"
@@ -88,10 +94,9 @@ class Guards:
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await refuse(too_large)
-        generation = path in GENERATION_PATHS
         # Admission at the door, before the body is even read: counting here, ahead of BentoML's dispatcher,
         # keeps refusals fast under a burst (the engine's own queue bound only sees admitted requests).
-        if generation and self.in_flight >= self.settings.max_batch_size + self.settings.max_queue:
+        if generation and self.state.in_flight >= self.settings.max_batch_size + self.settings.max_queue:
             return await refuse(overloaded())
         body = await _read_body(receive, limit)
         if body is None:  # the client left while sending
@@ -106,11 +111,16 @@ class Guards:
             )
         if not generation:
             return await self.app(scope, _replay(body, receive), send)
-        self.in_flight += 1
+        request_id = headers.get("x-request-id")
+        token = REQUEST_ID.set(
+            request_id if request_id and REQUEST_ID_PATTERN.fullmatch(request_id) else None
+        )
+        self.state.in_flight += 1
         try:
             await self.app(scope, _replay(body, receive), send)
         finally:
-            self.in_flight -= 1
+            self.state.in_flight -= 1
+            REQUEST_ID.reset(token)
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:

@@ -19,7 +19,7 @@ from textgen.engine.params import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from textgen.model.cpu import describe as describe_cpu
 from textgen.model.loading import LoadedModel, ModelSource
 
-LIVENESS_PATHS = ("/livez", "/healthz")
+LIVENESS_PATHS = ("/livez", "/healthz", "/health")  # /health: vLLM's, which guidellm checks
 READINESS_PATH = "/readyz"
 INFO_PATH = "/info"
 
@@ -39,6 +39,10 @@ class ServerState:
         self.source = source
         self.status = "loading"  # loading | ready | failed
         self.reason: str | None = None
+        # SIGTERM (textgen/api/drain.py): readiness turns 503 and new generations are refused while the
+        # requests in flight finish.
+        self.draining = False
+        self.in_flight = 0  # generation requests let through by the guards and not yet answered
         self.loaded: LoadedModel | None = None
         self.cpu = describe_cpu()  # instruction sets, cores: what the dtype and kernels were chosen for
 
@@ -58,6 +62,8 @@ class ServerState:
         return 200, {"status": "alive"}
 
     def readiness(self) -> tuple[int, dict[str, Any]]:
+        if self.draining:  # the load balancer must stop sending requests here
+            return 503, {"status": "draining", "model": self.source.model_id}
         if self.ready:
             return 200, {"status": "ready", "model": self.source.model_id}
         body: dict[str, Any] = {"status": self.status, "model": self.source.model_id}
@@ -68,7 +74,7 @@ class ServerState:
     def info(self) -> dict[str, Any]:
         s, source = self.settings, self.source
         return {
-            "status": self.status,
+            "status": "draining" if self.draining else self.status,
             "model": source.model_id,
             "source": source.origin,
             "revision": source.revision or source.sha256,
@@ -85,6 +91,8 @@ class ServerState:
                 "max_queue": s.max_queue,
                 "max_body_bytes": s.max_body_bytes,
                 "timeout_seconds": s.request_timeout,
+                "drain_seconds": s.drain_seconds,
+                "kv_budget_tokens": s.kv_budget_tokens,  # null: sized from the memory at start-up (/metrics)
             },
             "auth": s.api_key is not None,
             "version": {"textgen": __version__}

@@ -39,6 +39,24 @@ class EngineMetrics:
             "Duration of one engine iteration (a decoding step or a prefill).",
             buckets=_BUCKETS,
         )
+        self.failures = Counter(
+            "textgen_engine_failures",
+            'Engine steps that raised: kind "batch" (its rows were retried alone), "request" (failed alone).',
+            ["kind"],
+        )
+        self.kv_reserved = Gauge(
+            "textgen_kv_reserved_tokens",
+            "Worst-case KV tokens of the running batch (rows x longest prompt + max_new_tokens).",
+            multiprocess_mode="livesum",
+        )
+        self.kv_budget = Gauge(
+            "textgen_kv_budget_tokens",
+            "Most worst-case KV tokens the running batch may hold (TEXTGEN_KV_BUDGET_TOKENS).",
+            multiprocess_mode="livesum",
+        )
+        self.kv_bytes = Gauge(
+            "textgen_kv_cache_bytes", "Bytes held by the KV cache now.", multiprocess_mode="livesum"
+        )
         self.per_token = Histogram(
             "textgen_inter_token_latency_seconds",
             "Per request: mean time between its generated tokens, after the first.",
@@ -51,6 +69,14 @@ class EngineMetrics:
         self.step.observe(seconds)
         self.running.set(running)
         self.waiting.set(waiting)
+
+    def on_failure(self, kind: str) -> None:
+        self.failures.labels(kind).inc()
+
+    def on_memory(self, reserved_tokens: int, budget_tokens: int | None, cache_bytes: int) -> None:
+        self.kv_reserved.set(reserved_tokens)
+        self.kv_budget.set(budget_tokens if budget_tokens is not None else float("inf"))
+        self.kv_bytes.set(cache_bytes)
 
     def on_finish(self, result: GenerationResult) -> None:
         self.finished.labels(result.finish_reason).inc()

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from textgen.api.errors import SHUTTING_DOWN, ErrorShape, Problem, generation_failed, timed_out
+from textgen.api.metrics import count_rejection
 from textgen.engine.handle import RequestHandle
 from textgen.engine.sequence import GenerationResult
+
+log = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away before the answer"
 
@@ -97,5 +101,59 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+def event_stream(
+    events: AsyncIterator[str], handles: Sequence[RequestHandle] = (), write_timeout: float | None = None
+) -> StreamingResponse:
+    """Server-Sent Events from `events`; `handles` are the requests they come from (see EventStream)."""
+    return EventStream(events, handles, write_timeout)
+
+
+class ClientStalled(Exception):
+    """The client read nothing for the write timeout: the stream's socket buffers stayed full."""
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that stops a client that stops reading.
+
+    A client that keeps the connection open but reads nothing (a hung consumer, a slowloris) fills the socket
+    buffers; then every write waits. Without a bound the generation would run on and hold its batch slot and
+    its place in TEXTGEN_MAX_QUEUE until the client went away, which may be never. So a write that cannot
+    complete within `write_timeout` (TEXTGEN_TIMEOUT) cancels the requests (they leave the batch at the next
+    step) and ends the response. The events the engine produces meanwhile wait in a bounded buffer
+    (textgen/engine/handle.py EventBuffer).
+    """
+
+    def __init__(
+        self, events: AsyncIterator[str], handles: Sequence[RequestHandle], write_timeout: float | None
+    ) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.handles = list(handles)
+        self.write_timeout = write_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timeout = self.write_timeout
+        if timeout is None:
+            return await super().__call__(scope, receive, send)
+
+        async def timed_send(message: Message) -> None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await send(message)
+            except TimeoutError:
+                raise ClientStalled from None
+
+        try:
+            await super().__call__(scope, receive, timed_send)
+        except ClientStalled:
+            for handle in self.handles:
+                handle.cancel()
+            count_rejection("stalled")
+            log.warning(
+                "a stream's client read nothing for %g s (TEXTGEN_TIMEOUT): its generation was cancelled "
+                "(request %s)",
+                timeout,
+                ", ".join(h.request_id for h in self.handles) or "?",
+            )
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()

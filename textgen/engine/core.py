@@ -16,17 +16,21 @@ import collections
 import logging
 import threading
 import time
+import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from textgen.engine.causal import CausalRunner
-from textgen.engine.handle import RequestHandle
+from textgen.engine.faults import FaultInjector
+from textgen.engine.handle import REQUEST_ID, RequestHandle
 from textgen.engine.params import SamplingParams
 from textgen.engine.seq2seq import Seq2SeqRunner
 from textgen.engine.sequence import Event, GenerationResult, Sequence
 from textgen.model.attention import use_decode_attention
+from textgen.model.memory import GROWTH_BLOCK
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +50,25 @@ class EngineObserver(Protocol):
 
     def on_finish(self, result: GenerationResult) -> None: ...
 
+    def on_failure(self, kind: str) -> None:
+        """A step raised: kind "batch" (a batched step; its rows are retried alone) or "request" (one
+        request's own step, which then fails alone)."""
+
+    def on_memory(self, reserved_tokens: int, budget_tokens: int | None, cache_bytes: int) -> None:
+        """After every iteration: the running batch's worst-case KV tokens, the budget, the bytes it holds."""
+
 
 class _NoObserver:
     def on_step(self, batch_size: int, tokens: int, seconds: float, running: int, waiting: int) -> None:
         pass
 
     def on_finish(self, result: GenerationResult) -> None:
+        pass
+
+    def on_failure(self, kind: str) -> None:
+        pass
+
+    def on_memory(self, reserved_tokens: int, budget_tokens: int | None, cache_bytes: int) -> None:
         pass
 
 
@@ -71,6 +88,23 @@ class EngineStats:
     running: int = 0
     steps: int = 0
     last_batch_size: int = 0
+    kv_reserved_tokens: int = (
+        0  # the running batch's worst case: rows × (longest prompt + max_new_tokens + spare)
+    )
+
+
+def worst_case_tokens(seq: Sequence) -> int:
+    """The most KV positions a sequence can come to hold: its prompt and every token it may generate."""
+    return len(seq.prompt_ids) + seq.max_new_tokens
+
+
+def kv_reservation(rows: int, widest: int) -> int:
+    """KV tokens `rows` sequences may come to hold when the longest worst case among them is `widest`.
+
+    Rows are left-padded to the longest one (textgen/engine/batch.py), so a batch costs rows × its width,
+    not the sum of its rows' lengths, plus the spare room each row's cache grows by.
+    """
+    return rows * (widest + GROWTH_BLOCK) if rows else 0
 
 
 class Engine:
@@ -84,19 +118,38 @@ class Engine:
         max_prefill_tokens: int = 4096,
         max_waiting: int | None = None,
         observer: EngineObserver | None = None,
+        kv_budget_tokens: int | None = None,
+        fault_prompt: str | None = None,
+        fault_after_tokens: int = 0,
     ) -> None:
+        """`kv_budget_tokens`: the most KV tokens the running batch may come to hold in the worst case (see
+        `kv_reservation`); a sequence that would exceed it waits for rows to finish. None: no bound.
+        `fault_prompt`: for tests only, see textgen/engine/faults.py.
+        """
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_waiting = max_waiting  # None: unbounded
+        if kv_budget_tokens is not None and kv_budget_tokens < context_length + GROWTH_BLOCK:
+            raise ValueError(
+                f"kv_budget_tokens={kv_budget_tokens} is less than one full context ({context_length} + "
+                f"{GROWTH_BLOCK}): a long request could never run"
+            )
+        self.kv_budget_tokens = kv_budget_tokens
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.runner: Runner
         if getattr(model.config, "is_encoder_decoder", False):
             self.runner = Seq2SeqRunner(model)
         else:
             use_decode_attention(model)
-            self.runner = CausalRunner(model, int(model.config.get_text_config().vocab_size))
+            faults = FaultInjector(fault_prompt, tokenizer, fault_after_tokens) if fault_prompt else None
+            self.runner = CausalRunner(
+                model,
+                int(model.config.get_text_config().vocab_size),
+                faults=faults,
+                on_error=self._step_failed,
+            )
         self.stats = EngineStats()
         self.observer: EngineObserver = observer or _NoObserver()
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -126,7 +179,12 @@ class Engine:
         Raises QueueFull rather than queue without bound: under overload, a quick refusal the client
         can retry (or send elsewhere) beats an answer that arrives after every timeout.
         """
-        handles = [self._new_handle(prompt_ids, params) for prompt_ids, params in requests]
+        # One id for the call (a client's X-Request-ID, or a fresh one), suffixed by choice when there are more.
+        request_id = REQUEST_ID.get() or uuid.uuid4().hex[:16]
+        handles = [
+            self._new_handle(prompt_ids, params, request_id if len(requests) == 1 else f"{request_id}/{i}")
+            for i, (prompt_ids, params) in enumerate(requests)
+        ]
         with self._wakeup:
             free_slots = self.max_batch_size - self.stats.running  # they take newcomers at the next step
             queued = len(self._waiting) + len(handles) - free_slots
@@ -136,20 +194,51 @@ class Engine:
             self._wakeup.notify()
         return handles
 
-    def _new_handle(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+    def cancel_all(self) -> None:
+        """Stop every running and waiting request at the next step (they finish as "cancelled": a 503 on
+        HTTP). Any thread may call it: it only raises flags the engine thread acts on."""
+        with self._wakeup:
+            for seq in list(self._waiting) + list(self.runner.rows):
+                seq.cancelled = True
+            self._wakeup.notify()
+
+    def _new_handle(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestHandle:
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
-        handle = RequestHandle()
+        handle = RequestHandle(request_id)
+        # The sequence reaches its handle through a weak reference: a strong one would make a cycle (handle →
+        # sequence → emit → handle) that only the cyclic garbage collector frees, so finished requests (and
+        # the native state of their random generators) would pile up between its rare full collections: the
+        # soak test (bench/soak.py) measured +15% RSS over 10k requests. No handle left: nobody is listening.
+        handle_ref = weakref.ref(handle)
 
         def emit(event: Event) -> None:
             if event.result is not None:
                 self.observer.on_finish(event.result)
-            handle.put(event)
+            listener = handle_ref()
+            if listener is not None:
+                listener.put(event)
 
         handle.sequence = Sequence(
             prompt_ids, params, self.tokenizer, self.eos_token_ids, self.context_length, emit
         )
+        handle.sequence.request_id = request_id
         return handle
+
+    def _step_failed(self, seq: Sequence | None, exc: BaseException) -> None:
+        """The runner's report of a failed step (engine thread): a batched step (seq None), whose rows it
+        then retries one by one, or one request's own step, which fails alone. Logged once per request, by
+        its id, never with its prompt."""
+        if seq is None:
+            log.warning("an engine step failed (%s); retrying each of its rows alone", type(exc).__name__)
+            self.observer.on_failure("batch")
+            return
+        log.error(
+            "request %s failed in an engine step; it gets an error, the rest of the batch continues",
+            seq.request_id,
+            exc_info=exc,
+        )
+        self.observer.on_failure("request")
 
     # -- engine thread -------------------------------------------------------------------------
 
@@ -179,26 +268,44 @@ class Engine:
             if stepped:
                 self.stats.steps += 1
                 self.stats.last_batch_size = stepped
-            self.stats.running = len(self.runner.rows)
+            rows = self.runner.rows
+            self.stats.running = len(rows)
+            self.stats.kv_reserved_tokens = kv_reservation(
+                len(rows), max((worst_case_tokens(s) for s in rows), default=0)
+            )
             self.observer.on_step(
                 stepped, stepped, time.perf_counter() - started, self.stats.running, len(self._waiting)
+            )
+            kv_bytes = getattr(self.runner, "kv_bytes", None)  # the seq2seq runner holds no batch
+            self.observer.on_memory(
+                self.stats.kv_reserved_tokens, self.kv_budget_tokens, kv_bytes() if kv_bytes else 0
             )
         for seq in self.runner.rows + list(self._waiting):
             seq.abort("cancelled", "the server is shutting down")
 
     def _schedule(self) -> list[Sequence]:
-        """Take waiting sequences while there is room in the batch and prefill budget."""
-        room = self.max_batch_size - len(self.runner.rows)
+        """Take waiting sequences, in order, while there is room in the batch, the prefill budget and the
+        KV budget. One that does not fit the KV budget waits (and those behind it: no starvation) until
+        rows finish; the budget is at least one full context, so an empty batch always takes the first.
+        """
+        running = self.runner.rows
+        room = self.max_batch_size - len(running)
+        rows, widest = len(running), max((worst_case_tokens(s) for s in running), default=0)
         new: list[Sequence] = []
         tokens = 0
         while self._waiting and len(new) < room:
             seq = self._waiting[0]
-            if new and tokens + len(seq.prompt_ids) > self.max_prefill_tokens:
-                break
-            self._waiting.popleft()
             if seq.cancelled:
+                self._waiting.popleft()
                 seq.abort("cancelled")
                 continue
+            if new and tokens + len(seq.prompt_ids) > self.max_prefill_tokens:
+                break
+            wider = max(widest, worst_case_tokens(seq))
+            if self.kv_budget_tokens is not None and kv_reservation(rows + 1, wider) > self.kv_budget_tokens:
+                break
+            self._waiting.popleft()
+            rows, widest = rows + 1, wider
             tokens += len(seq.prompt_ids)
             new.append(seq)
         return new

@@ -1,0 +1,81 @@
+"""How much KV cache the engine may hold: the model's bytes per cached token, and the budget in tokens.
+
+A decoding batch's KV cache grows with every token of every sequence; left unchecked, enough long requests
+at once take the process past its memory limit (an OOM kill loses every request on the pod). The engine
+admits a sequence only while the worst case of the running batch (every row at prompt + max_new_tokens)
+fits this budget (textgen/engine/core.py); the others wait in the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from textgen.config import Settings, available_memory
+
+log = logging.getLogger(__name__)
+
+# The share of the memory available after loading that the KV cache may take: the rest is for activations
+# (a prefill's attention scores grow with the square of the prompt), sampling buffers, Python and the
+# HTTP server, which all grow with the batch too.
+KV_MEMORY_SHARE = 0.5
+GROWTH_BLOCK = 32  # spare KV positions a row's cache may hold beyond its tokens (textgen/engine/batch.py)
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes one token takes in the KV cache: keys and values, in every layer, in the activations' dtype."""
+    config = model.config.get_text_config()
+    layers = int(config.num_hidden_layers)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    dtype = getattr(model, "dtype", None) or torch.float32  # the compute dtype (int8 weights compute in it)
+    return 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def kv_budget_tokens(model: Any, context_length: int, settings: Settings) -> int | None:
+    """TEXTGEN_KV_BUDGET_TOKENS, or a default from the memory available now; None for encoder-decoders.
+
+    Never less than one full context (else a request that passed validation could wait forever): a
+    configured budget below that is an error that says so; a default below it is raised to it, with a warning.
+    """
+    if getattr(model.config, "is_encoder_decoder", False):
+        return None  # served one request at a time by Hugging Face generate: no batch to bound
+    one_row = context_length + GROWTH_BLOCK
+    configured = settings.kv_budget_tokens
+    if configured is not None:
+        if configured < one_row:
+            raise ValueError(
+                f"TEXTGEN_KV_BUDGET_TOKENS={configured} is less than one full context of this model "
+                f"({context_length} tokens + {GROWTH_BLOCK} spare = {one_row}); set it to at least "
+                f"{one_row}, or unset it to size it from the available memory"
+            )
+        return configured
+    per_token = kv_bytes_per_token(model)
+    available = available_memory()
+    most = settings.max_batch_size * one_row  # more than every row at full context is never needed
+    if available is None:
+        log.warning("KV budget: the available memory is unknown; allowing %d tokens (every row full)", most)
+        return most
+    budget = int(available * KV_MEMORY_SHARE) // per_token
+    if budget < one_row:
+        log.warning(
+            "KV budget: only %d MB of memory is available, less than one full context needs; allowing one "
+            "(%d tokens): long requests run one at a time and the process may still run out of memory",
+            available >> 20,
+            one_row,
+        )
+        return one_row
+    budget = min(budget, most)
+    log.info(
+        "KV budget: %d tokens (%d MB at %d bytes per token; %d%% of the %d MB available; "
+        "TEXTGEN_KV_BUDGET_TOKENS)",
+        budget,
+        budget * per_token >> 20,
+        per_token,
+        int(KV_MEMORY_SHARE * 100),
+        available >> 20,
+    )
+    return budget
