@@ -126,6 +126,9 @@ def test_bento_pins_the_model_and_serves_it_offline(bento: str, home: Path) -> N
         "/".join(p.parts[1:3]) for p in names if p.parts[:1] == ("models",) and p.name == "model.safetensors"
     }
     assert carried == {pinned["tag"].replace(":", "/")}  # the pinned model travels with the Bento, alone
+    # Every wing of the library travels too (a container has no checkout to fall back on).
+    for module in ("service.py", "textgen/api/generate.py", "textgen/engine/core.py", "textgen/model/cpu.py"):
+        assert Path("src") / module in {Path(*p.parts[p.parts[0] == "." :]) for p in names}, module
 
     command = lambda port: [  # noqa: E731
         *(sys.executable, "-m", "bentoml", "serve", bento),

@@ -328,7 +328,8 @@ def check_model(requested: str | None, served: str) -> None:
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: dict[str, list[Any]] | None = None
+    # nullable spelled out: BentoML's OpenAPI writer keeps only the first member of `X | None`.
+    logprobs: dict[str, list[Any]] | None = Field(None, json_schema_extra={"nullable": True})
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -348,22 +349,34 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class AssistantDelta(BaseModel):
+    """A streamed chunk's piece of the message (`role` on the first chunk only)."""
+
+    role: Literal["assistant"] | None = None
+    content: str
+
+
+# One model documents both the JSON answer and the streamed chunks (the OpenAPI document gives the SSE events
+# the 200 body's schema), so what differs between them is optional here. `nullable` is spelled out because
+# BentoML's OpenAPI writer keeps only the first member of `X | None`.
 class ChatChoice(BaseModel):
     index: int
-    message: AssistantMessage
-    logprobs: dict[str, list[dict[str, Any]]] | None = None
-    finish_reason: Literal["stop", "length"] | None
+    message: AssistantMessage | None = Field(None, description="In the JSON answer.")
+    delta: AssistantDelta | None = Field(None, description="In a streamed chunk.")
+    logprobs: dict[str, list[dict[str, Any]]] | None = Field(None, json_schema_extra={"nullable": True})
+    finish_reason: Literal["stop", "length"] | None = Field(json_schema_extra={"nullable": True})
 
 
 class ChatCompletionResponse(BaseModel):
-    """The 200 body of /v1/chat/completions; with `stream`, chunks carry `delta` instead of `message`."""
+    """The 200 body of /v1/chat/completions; with `stream`, chunks carry `delta` instead of `message`, and
+    only the last (with stream_options.include_usage) carries `usage`."""
 
     id: str
-    object: Literal["chat.completion"]
+    object: Literal["chat.completion", "chat.completion.chunk"]
     created: int
     model: str
     choices: list[ChatChoice]
-    usage: Usage
+    usage: Usage | None = Field(None, json_schema_extra={"nullable": True})
 
 
 def finish_reason(reason: str) -> str:
