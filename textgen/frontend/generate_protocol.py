@@ -21,7 +21,7 @@ from textgen.engine.params import (
 from textgen.engine.logprobs import TokenLogprob
 from textgen.engine.sequence import GenerationResult
 from textgen.frontend.postprocess import PostProcessing
-from textgen.frontend.prepare import Prepared, PromptRequest, logit_bias_pairs
+from textgen.frontend.prepare import Prepared, PromptRequest, shared_sampling_fields
 from textgen.frontend.templates import TemplateName, render
 
 
@@ -147,21 +147,10 @@ class GenerateRequest(BaseModel):
 
     def to_sampling_params(self) -> SamplingParams:
         return SamplingParams(
+            **shared_sampling_fields(self),
             max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            no_repeat_ngram_size=self.no_repeat_ngram_size,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            logit_bias=logit_bias_pairs(self.logit_bias),
             do_sample=self.do_sample,
-            seed=self.seed,
             stop=tuple(self.stop),
-            ignore_eos=self.ignore_eos,
-            min_tokens=self.min_tokens,
             logprobs=self.logprobs,
         )
 

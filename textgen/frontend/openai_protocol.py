@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from textgen.engine.params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, RANGES, ParamError, Range, SamplingParams
 from textgen.frontend.generate_protocol import Usage  # the same counts, in OpenAI's field names
 from textgen.engine.logprobs import TokenLogprob
-from textgen.frontend.prepare import FieldNames, Prepared, PromptRequest, logit_bias_pairs
+from textgen.frontend.prepare import FieldNames, Prepared, PromptRequest, shared_sampling_fields
 from textgen.frontend.templates import RenderedPrompt, has_chat_template, render_chat
 
 N_RANGE = Range(1, 16)  # choices per prompt; they all join the engine's batch at once
@@ -127,21 +127,10 @@ class SamplingFields(BaseModel):
         N_RANGE.check("n", self.n)
         try:
             return SamplingParams(
+                **shared_sampling_fields(self),
                 max_new_tokens=max_tokens,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=self.top_k,
-                min_p=self.min_p,
-                repetition_penalty=self.repetition_penalty,
-                no_repeat_ngram_size=self.no_repeat_ngram_size,
-                presence_penalty=self.presence_penalty,
-                frequency_penalty=self.frequency_penalty,
-                logit_bias=logit_bias_pairs(self.logit_bias),
                 do_sample=True,
-                seed=self.seed,
                 stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
-                ignore_eos=self.ignore_eos,
-                min_tokens=self.min_tokens,
             )
         except ParamError as exc:
             raise exc.renamed({"max_new_tokens": max_tokens_field}) from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from textgen.config import Settings
 from textgen.engine.core import Engine, EngineObserver
@@ -275,3 +276,26 @@ def _with_seed(params: SamplingParams, choice: int, seed: int | None) -> Samplin
     if seed + choice > RANGES["seed"].high:
         raise ParamError("seed", f"seed + n - 1 must be at most {RANGES['seed'].high}")
     return dataclasses.replace(params, seed=seed + choice)
+
+
+# The decoding fields every dialect names alike: each protocol's to_sampling_params adds its own (token
+# budget, do_sample, stop, logprobs) to these.
+SHARED_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "ignore_eos",
+    "min_tokens",
+)
+
+
+def shared_sampling_fields(request: Any) -> dict[str, Any]:
+    """The SamplingParams arguments a request model carries under the engine's own names."""
+    fields = {name: getattr(request, name) for name in SHARED_SAMPLING_FIELDS}
+    return fields | {"logit_bias": logit_bias_pairs(request.logit_bias)}
