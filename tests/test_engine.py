@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from textgen.engine.batch import DecodeBatch
-from textgen.engine.core import Engine
 from textgen.engine.handle import RequestHandle
 from textgen.engine.params import SamplingParams
 from textgen.engine.sequence import Sequence
@@ -19,19 +18,6 @@ PROMPTS = [
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France; Rome is the capital of",
     "Café 東京 🙂",
 ]
-
-
-@pytest.fixture(scope="module")
-def engine(loaded_tiny):
-    engine = Engine(loaded_tiny.model, loaded_tiny.tokenizer, context_length=loaded_tiny.context_length)
-    engine.start()
-    yield engine
-    engine.stop()
-
-
-@pytest.fixture(scope="module")
-def encode(loaded_tiny):
-    return lambda text: loaded_tiny.tokenizer.encode(text)
 
 
 def wait_for_tokens(handle: RequestHandle, n: int, timeout: float = 30) -> None:

@@ -12,7 +12,6 @@ import httpx
 import jsonschema
 import pytest
 
-from textgen.engine.core import Engine
 from textgen.engine.params import Constraint, ParamError, SamplingParams
 from textgen.frontend.generate_protocol import GenerateRequest
 from textgen.frontend.openai_protocol import ChatCompletionRequest
@@ -29,19 +28,6 @@ SCHEMA = {
     "additionalProperties": False,
 }
 PROMPT = "Question: what is the weather like today? Answer:"
-
-
-@pytest.fixture(scope="module")
-def engine(loaded_tiny):
-    engine = Engine(loaded_tiny.model, loaded_tiny.tokenizer, context_length=loaded_tiny.context_length)
-    engine.start()
-    yield engine
-    engine.stop()
-
-
-@pytest.fixture(scope="module")
-def encode(loaded_tiny):
-    return lambda text: loaded_tiny.tokenizer.encode(text)
 
 
 def schema_constraint(schema: dict) -> Constraint:
