@@ -170,11 +170,25 @@ class RequestSchema:
         return template.choices if template else ()
 
 
+# Structured output (a schema, a regex, choices): the page offers no widget for them and writes free text, so
+# it neither shows nor sends them (sending a default such as [] would ask for an impossible constraint).
+STRUCTURED_OUTPUT_FIELDS = frozenset(
+    {
+        "response_format",
+        "structured_outputs",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+    }
+)
+
+
 def parse_request_schema(schema: Mapping[str, Any]) -> RequestSchema:
     """Read the /generate requestBody schema (the object with `properties`)."""
     params: dict[str, Param] = {}
     for name, prop in schema.get("properties", {}).items():
-        if name == "prompt":
+        if name == "prompt" or name in STRUCTURED_OUTPUT_FIELDS:
             continue
         kind = _json_type(prop)
         exclusive = prop.get("exclusiveMinimum")
