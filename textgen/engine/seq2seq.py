@@ -50,9 +50,11 @@ class Seq2SeqBatch(DecodeBatch):
         attention_mask: torch.Tensor,
         seen: torch.Tensor,
         encoder_mask: torch.Tensor,
+        encoder_like: torch.Tensor,
     ) -> None:
         super().__init__(rows, cache, attention_mask, seen)
         self.encoder_mask = encoder_mask  # [B, S] 1 = prompt token, 0 = right padding
+        self.encoder_like = encoder_like  # [1, 1, hidden]: the encoder output's dtype and width
 
     @classmethod
     def prefill(
@@ -93,7 +95,9 @@ class Seq2SeqBatch(DecodeBatch):
         if count_prompt is not None:
             counted &= torch.tensor(count_prompt)[:, None]
         seen.scatter_(1, start.clamp(max=vocab_size - 1), counted)
-        batch = cls(rows, out.past_key_values, mask, seen, encoder_mask)
+        batch = cls(
+            rows, out.past_key_values, mask, seen, encoder_mask, encoded.new_zeros(1, 1, encoded.shape[-1])
+        )
         return batch, out.logits[:, -1, :].float()
 
     def step(self, model: Any) -> torch.Tensor:
@@ -101,10 +105,9 @@ class Seq2SeqBatch(DecodeBatch):
         assert self.next_tokens is not None, "record() the sampled tokens before the next step"
         self.attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
         # The encoder's states were turned into the cross-attention cache at the rows' first step and are
-        # not kept: the decoder only reads their shape (for the encoder mask), so a zero-stride stand-in
-        # of that shape costs nothing to keep, filter or join.
-        rows, width = self.encoder_mask.shape
-        states = torch.zeros((), dtype=model.dtype).expand(rows, width, model.config.d_model)
+        # not kept: the decoder only reads their shape and dtype (for the encoder mask), so a zero-stride
+        # stand-in costs nothing to keep, filter or join.
+        states = self.encoder_like.expand(*self.encoder_mask.shape, -1)
         out = model(
             encoder_outputs=(states,),
             attention_mask=self.encoder_mask,
