@@ -143,7 +143,7 @@ def test_encoder_decoder_models_load_with_seq2seq_class_and_generate(tmp_path, t
         assert first.text == again.text
         sampled = SamplingParams(max_new_tokens=8, seed=5, ignore_eos=True)
         assert engine.submit(ids, sampled).wait(30).text == engine.submit(ids, sampled).wait(30).text
-        # OpenAI's and vLLM's extras reach Hugging Face `generate` too: end-of-text (id 0), forced by
+        # OpenAI's and vLLM's extras reach the seq2seq runner too: end-of-text (id 0), forced by
         # logit_bias, is held off by min_tokens; the count penalties and min_p run alongside.
         extras = dict(min_tokens=3, logit_bias=((0, 100.0),), presence_penalty=1.0, frequency_penalty=0.5)
         held = engine.submit(ids, SamplingParams(max_new_tokens=8, temperature=0, **extras)).wait(30)

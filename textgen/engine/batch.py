@@ -245,7 +245,9 @@ class DecodeBatch:
         if hasattr(cache, "self_attention_cache"):
             cache.self_attention_cache = copy.copy(cache.self_attention_cache)
         getattr(cache, "self_attention_cache", cache).layers = layers
-        part = DecodeBatch([self.rows[i] for i in keep], cache, mask[:, start:], self.seen[index])
+        part = copy.copy(self)  # of the same class, so that a subclass (seq2seq.py) only adds its own state
+        part.rows, part.cache, part.attention_mask = [self.rows[i] for i in keep], cache, mask[:, start:]
+        part.seen = self.seen[index]
         if self.next_tokens is not None:
             part.next_tokens = self.next_tokens[index]
         return part

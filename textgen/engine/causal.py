@@ -30,7 +30,14 @@ ErrorHook = Callable[[Sequence | None, BaseException], None]
 
 
 class CausalRunner:
-    """Owns the running DecodeBatch: newcomers are prefilled and joined, finished rows leave."""
+    """Owns the running DecodeBatch: newcomers are prefilled and joined, finished rows leave.
+
+    The encoder-decoder runner (seq2seq.py) is this runner with another kind of batch: everything from
+    sampling to fault isolation is shared, only how a batch is prefilled, stepped and reshaped differs.
+    """
+
+    batch_class: type[DecodeBatch] = DecodeBatch
+    scores_prompts = True  # False: prompt_logprobs are not computed (an encoder's input is not predicted)
 
     def __init__(
         self,
@@ -71,8 +78,9 @@ class CausalRunner:
                 seq.started = now
             # Prompts to be scored keep the logits of every position: each is prefilled on its own, so that
             # only it pays for the output layer over its whole prompt.
-            scored = [[s] for s in new if s.params.prompt_logprobs is not None]
-            plain = [s for s in new if s.params.prompt_logprobs is None]
+            scores = self.scores_prompts
+            scored = [[s] for s in new if scores and s.params.prompt_logprobs is not None]
+            plain = [s for s in new if not scores or s.params.prompt_logprobs is None]
             for group in ([plain] if plain else []) + scored:
                 self._prefill(group, score=group is not plain)
             return len(new)
@@ -107,7 +115,7 @@ class CausalRunner:
     def _prefill(self, group: list[Sequence], score: bool) -> None:
         states = _rng_states(group)
         try:
-            fresh, logits = DecodeBatch.prefill(
+            fresh, logits = self.batch_class.prefill(
                 self.model,
                 group,
                 [s.prompt_ids for s in group],

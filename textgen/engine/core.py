@@ -83,6 +83,8 @@ class Runner(Protocol):
 
     def reset(self) -> None: ...
 
+    def kv_bytes(self) -> int: ...
+
 
 @dataclass
 class EngineStats:
@@ -141,18 +143,18 @@ class Engine:
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         vocab_size = int(model.config.get_text_config().vocab_size)
         self.grammars = Grammars(tokenizer, vocab_size, self.eos_token_ids)  # structured output
-        self.runner: Runner
+        faults = FaultInjector(fault_prompt, tokenizer, fault_after_tokens) if fault_prompt else None
+        runner: type[CausalRunner] = CausalRunner
         if getattr(model.config, "is_encoder_decoder", False):
-            self.runner = Seq2SeqRunner(model)
+            runner = Seq2SeqRunner
         else:
             use_decode_attention(model)
-            faults = FaultInjector(fault_prompt, tokenizer, fault_after_tokens) if fault_prompt else None
-            self.runner = CausalRunner(
-                model,
-                vocab_size,
-                faults=faults,
-                on_error=self._step_failed,
-            )
+        self.runner: Runner = runner(
+            model,
+            vocab_size,
+            faults=faults,
+            on_error=self._step_failed,
+        )
         self.stats = EngineStats()
         self.observer: EngineObserver = observer or _NoObserver()
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -280,9 +282,8 @@ class Engine:
             self.observer.on_step(
                 stepped, stepped, time.perf_counter() - started, self.stats.running, len(self._waiting)
             )
-            kv_bytes = getattr(self.runner, "kv_bytes", None)  # the seq2seq runner holds no batch
             self.observer.on_memory(
-                self.stats.kv_reserved_tokens, self.kv_budget_tokens, kv_bytes() if kv_bytes else 0
+                self.stats.kv_reserved_tokens, self.kv_budget_tokens, self.runner.kv_bytes()
             )
         for seq in self.runner.rows + list(self._waiting):
             seq.abort("cancelled", "the server is shutting down")

@@ -85,15 +85,24 @@ class Sequence:
         self._count_slot: dict[int, int] = {}
         self._count_ids = torch.empty(0, dtype=torch.long)
         self._counts = torch.empty(0)
-        n = params.no_repeat_ngram_size
+        self.context_ids = prompt_ids
         self._ngrams: dict[tuple[int, ...], set[int]] = defaultdict(set)
-        if n > 0 and params.penalize_prompt:
-            for i in range(len(prompt_ids) - n + 1):
-                self._ngrams[tuple(prompt_ids[i : i + n - 1])].add(prompt_ids[i + n - 1])
+        self.set_context(prompt_ids)
+
+    def set_context(self, context_ids: list[int]) -> None:
+        """The ids the output continues, for the n-gram and repetition rules: the prompt for a causal
+        model; for an encoder-decoder, the decoder's own start (its prompt is the encoder's input), as in
+        Hugging Face `generate`. Call before the first token."""
+        self.context_ids = context_ids
+        self._ngrams.clear()
+        n = self.params.no_repeat_ngram_size
+        if n > 0 and self.params.penalize_prompt:
+            for i in range(len(context_ids) - n + 1):
+                self._ngrams[tuple(context_ids[i : i + n - 1])].add(context_ids[i + n - 1])
 
     @property
     def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+        return self.context_ids + self.output_ids
 
     def banned_tokens(self) -> set[int]:
         """Tokens the next step must not sample: those that would complete an n-gram already present

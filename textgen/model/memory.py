@@ -42,7 +42,10 @@ def kv_budget_tokens(model: Any, context_length: int, settings: Settings) -> int
     configured budget below that is an error that says so; a default below it is raised to it, with a warning.
     """
     if getattr(model.config, "is_encoder_decoder", False):
-        return None  # served one request at a time by Hugging Face generate: no batch to bound
+        # Not sized yet: their per-token bytes are the decoder's (self- and cross-attention caches), which
+        # the generic config fields below do not describe (T5's d_kv is not d_model / heads). Until then
+        # the batch is bounded by TEXTGEN_MAX_BATCH_SIZE alone.
+        return None
     one_row = context_length + GROWTH_BLOCK
     configured = settings.kv_budget_tokens
     if configured is not None:
