@@ -113,6 +113,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit) pairs
+    # Speculative decoding (textgen/engine/speculative.py) for this request: None takes the server's
+    # TEXTGEN_SPECULATIVE. It never changes greedy output, nor the distribution of sampled output.
+    speculative: bool | None = None
 
     def __post_init__(self) -> None:
         for name, bounds in RANGES.items():
