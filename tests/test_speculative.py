@@ -218,3 +218,15 @@ def test_sampled_output_keeps_the_models_distribution(engine, encode, counting, 
         cells.append((pooled_obs, pooled_exp))
     statistic = sum((o - e) ** 2 / e for o, e in cells)
     assert statistic < chi2.ppf(1 - 1e-6, len(cells) - 1), (statistic, len(cells))
+
+
+def test_settings_choose_the_default_and_reject_unknown_modes():
+    from textgen.config import ConfigError, Settings
+
+    settings = Settings.from_env(
+        {"TEXTGEN_SPECULATIVE": "ngram", "TEXTGEN_SPEC_TOKENS": "4", "TEXTGEN_SPEC_MAX_BATCH": "2"}
+    )
+    assert (settings.speculative, settings.spec_tokens, settings.spec_max_batch) == ("ngram", 4, 2)
+    assert Settings.from_env({}).speculative == Settings.speculative
+    with pytest.raises(ConfigError, match="TEXTGEN_SPECULATIVE"):
+        Settings.from_env({"TEXTGEN_SPECULATIVE": "medusa"})

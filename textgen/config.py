@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "int8", "auto")  # auto: chosen for this CPU (textgen/model/cpu.py)
+SPECULATIVE_MODES = ("off", "ngram")  # textgen/engine/speculative.py MODES (not imported: no torch here)
 
 
 class ConfigError(ValueError):
@@ -98,6 +99,11 @@ class Settings:
     # text, once they have this many tokens (TEXTGEN_TEST_FAULT_AFTER_TOKENS). Never set it in production.
     test_fault_prompt: str | None = None
     test_fault_after_tokens: int = 0
+    # Speculative decoding (textgen/engine/speculative.py): the default for requests that do not choose
+    # ("off" or "ngram"), drafts per step, and the most running rows it is used for.
+    speculative: str = "off"
+    spec_tokens: int = 5
+    spec_max_batch: int = 1
     # TEXTGEN_API_KEY: when set, every route but health and metrics requires `Authorization: Bearer <key>`.
     # Kept out of repr so that logging the settings never leaks it.
     api_key: str | None = field(default=None, repr=False)
@@ -120,6 +126,11 @@ class Settings:
         if dtype not in DTYPES:
             raise ConfigError(f"TEXTGEN_DTYPE must be one of {', '.join(DTYPES)}, got {dtype!r}")
         cache = env.get("TEXTGEN_CACHE_DIR", "").strip()
+        speculative = env.get("TEXTGEN_SPECULATIVE", "").strip() or cls.speculative
+        if speculative not in SPECULATIVE_MODES:
+            raise ConfigError(
+                f"TEXTGEN_SPECULATIVE must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}"
+            )
         return cls(
             model_name=env.get("MODEL_NAME", "").strip() or None,
             threads=integer("TEXTGEN_THREADS", available_cores(), 1, 1024),
@@ -140,4 +151,7 @@ class Settings:
             test_fault_prompt=env.get("TEXTGEN_TEST_FAULT_PROMPT") or None,
             test_fault_after_tokens=integer("TEXTGEN_TEST_FAULT_AFTER_TOKENS", 0, 0, 1 << 20),
             api_key=env.get("TEXTGEN_API_KEY", "").strip() or None,
+            speculative=speculative,
+            spec_tokens=integer("TEXTGEN_SPEC_TOKENS", cls.spec_tokens, 1, 32),
+            spec_max_batch=integer("TEXTGEN_SPEC_MAX_BATCH", cls.spec_max_batch, 1, 1024),
         )

@@ -79,6 +79,9 @@ class Frontend:
             kv_budget_tokens=kv_budget_tokens(loaded.model, loaded.context_length, settings),
             fault_prompt=settings.test_fault_prompt,  # tests only (textgen/engine/faults.py)
             fault_after_tokens=settings.test_fault_after_tokens,
+            speculative=settings.speculative,
+            spec_tokens=settings.spec_tokens,
+            spec_max_batch=settings.spec_max_batch,
         ).start()
 
     @property
