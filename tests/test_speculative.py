@@ -230,3 +230,61 @@ def test_settings_choose_the_default_and_reject_unknown_modes():
     assert Settings.from_env({}).speculative == Settings.speculative
     with pytest.raises(ConfigError, match="TEXTGEN_SPECULATIVE"):
         Settings.from_env({"TEXTGEN_SPECULATIVE": "medusa"})
+
+
+@pytest.fixture(scope="module")
+def draft_engines(loaded_tiny, tiny_model_dir, tmp_path_factory):
+    """Drafts from the model itself (always right, for greedy) and from another tiny GPT-2 (mostly wrong)."""
+    from tests.tiny_model import build_tiny_gpt2
+    from textgen.engine.speculative import load_draft_model
+
+    model, context = loaded_tiny.model, loaded_tiny.context_length
+    other_dir = tmp_path_factory.mktemp("draft") / "other"
+    build_tiny_gpt2(other_dir)
+    torch.manual_seed(99)  # different weights, same tokenizer and sizes
+    other = load_draft_model(str(other_dir), model, context)
+    for p in other.parameters():
+        p.data.normal_(0, 0.2)
+    engines = {}
+    for name, draft in (("self", load_draft_model(str(tiny_model_dir), model, context)), ("other", other)):
+        counting = Counting()
+        engines[name] = (
+            Engine(
+                model,
+                loaded_tiny.tokenizer,
+                context_length=context,
+                observer=counting,
+                speculative="draft",
+                spec_max_batch=4,
+                draft_model=draft,
+            ).start(),
+            counting,
+        )
+    yield engines
+    for engine, _ in engines.values():
+        engine.stop()
+
+
+@pytest.mark.parametrize("extra", PARAM_SETS[:2], ids=["plain", "defaults"])
+def test_draft_model_greedy_is_the_same(draft_engines, engine, encode, extra):
+    params = SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True, **extra)
+    for prompt in PROMPTS:
+        ids = encode(prompt)
+        expected = engine.submit(ids, replace(params, speculative=False))
+        expected.wait(60)
+        for name, (drafting, counting) in draft_engines.items():
+            handle = drafting.submit(ids, params)
+            handle.wait(60)
+            assert handle.sequence.output_ids == expected.sequence.output_ids, name
+    own, own_count = draft_engines["self"]
+    if extra is PARAM_SETS[0]:  # the model drafting for itself, unpenalized: every draft is right
+        assert own_count.accepted == own_count.drafted > 0
+
+
+def test_draft_model_must_share_the_vocabulary(loaded_tiny, tmp_path):
+    from tests.tiny_model import build_tiny_gpt2
+    from textgen.engine.speculative import load_draft_model
+
+    small = build_tiny_gpt2(tmp_path / "small", vocab_size=300)
+    with pytest.raises(ValueError, match="vocabulary"):
+        load_draft_model(str(small), loaded_tiny.model, loaded_tiny.context_length)

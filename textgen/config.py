@@ -9,7 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "int8", "auto")  # auto: chosen for this CPU (textgen/model/cpu.py)
-SPECULATIVE_MODES = ("off", "ngram")  # textgen/engine/speculative.py MODES (not imported: no torch here)
+SPECULATIVE_MODES = (
+    "off",
+    "ngram",
+    "draft",
+)  # textgen/engine/speculative.py MODES (not imported: no torch here)
 
 
 class ConfigError(ValueError):
@@ -104,6 +108,7 @@ class Settings:
     speculative: str = "off"
     spec_tokens: int = 5
     spec_max_batch: int = 1
+    draft_model: str | None = None  # TEXTGEN_DRAFT_MODEL: for "draft"; must share the model's tokenizer
     # TEXTGEN_API_KEY: when set, every route but health and metrics requires `Authorization: Bearer <key>`.
     # Kept out of repr so that logging the settings never leaks it.
     api_key: str | None = field(default=None, repr=False)
@@ -131,6 +136,11 @@ class Settings:
             raise ConfigError(
                 f"TEXTGEN_SPECULATIVE must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}"
             )
+        draft_model = env.get("TEXTGEN_DRAFT_MODEL", "").strip() or None
+        if speculative == "draft" and draft_model is None:
+            raise ConfigError(
+                "TEXTGEN_SPECULATIVE=draft needs TEXTGEN_DRAFT_MODEL (a small model, same tokenizer)"
+            )
         return cls(
             model_name=env.get("MODEL_NAME", "").strip() or None,
             threads=integer("TEXTGEN_THREADS", available_cores(), 1, 1024),
@@ -154,4 +164,5 @@ class Settings:
             speculative=speculative,
             spec_tokens=integer("TEXTGEN_SPEC_TOKENS", cls.spec_tokens, 1, 32),
             spec_max_batch=integer("TEXTGEN_SPEC_MAX_BATCH", cls.spec_max_batch, 1, 1024),
+            draft_model=draft_model,
         )

@@ -131,8 +131,9 @@ class Engine:
         speculative: str = "off",
         spec_tokens: int = 5,
         spec_max_batch: int = 1,
+        draft_model: Any = None,
     ) -> None:
-        """`speculative`: "off" or "ngram", the default for requests that do not choose (SamplingParams
+        """`speculative`: "off" or "ngram" or "draft" (with `draft_model`, a small model sharing the tokenizer), the default for requests that do not choose (SamplingParams
         .speculative); `spec_tokens` drafts per step, only while at most `spec_max_batch` rows run (see
         textgen/engine/speculative.py). `kv_budget_tokens`: the most KV tokens the running batch may come to hold in the worst case (see
         `kv_reservation`); a sequence that would exceed it waits for rows to finish. None: no bound.
@@ -162,7 +163,9 @@ class Engine:
                 faults=faults,
                 on_error=self._step_failed,
                 # Built even when off: a request may still ask for it (SamplingParams.speculative).
-                speculator=Speculator(speculative, spec_tokens, spec_max_batch, self._speculated),
+                speculator=Speculator(
+                    speculative, spec_tokens, spec_max_batch, self._speculated, draft_model=draft_model
+                ),
             )
         self.stats = EngineStats()
         self.observer: EngineObserver = observer or _NoObserver()

@@ -27,12 +27,17 @@ that accepted more keeps a prefix of its accepted tokens, which is still a corre
 the shortest acceptance rules and the k+1-wide forward costs more: bench/results/*-speculative.md measures
 where that stops paying, and `max_batch` (TEXTGEN_SPEC_MAX_BATCH) is set from it.
 
+Drafts can also come from a small draft model sharing the tokenizer (TEXTGEN_DRAFT_MODEL, mode "draft"):
+it runs k greedy steps with a KV cache of its own per sequence, cropped back to the tokens the target kept.
+Its drafts are point masses too, so the same verification applies.
+
 Rows that ask for logprobs are not speculated (a step without drafts is an ordinary step).
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODES = ("off", "ngram")
+MODES = ("off", "ngram", "draft")
 MAX_NGRAM = 3  # longest n-gram looked up; a longer match is no likelier to continue the same way
 MIN_NGRAM = 1
 
@@ -93,13 +98,19 @@ class Speculator:
         num_tokens: int = 5,
         max_batch: int = 1,
         on_speculation: SpeculationHook | None = None,
+        draft_model: Any = None,
     ) -> None:
         """`mode`: the server's default for requests that do not say (SamplingParams.speculative None):
-        "off" or "ngram". `num_tokens`: most drafts per step. `max_batch`: speculate only while the running
-        batch has at most this many rows (beyond it the plain batched step is faster, see the module doc)."""
+        "off", "ngram" or "draft" (needs `draft_model`). `num_tokens`: most drafts per step. `max_batch`:
+        speculate only while the running batch has at most this many rows (beyond it the plain batched step
+        is faster, see the module doc). A request that asks for speculation while the server's mode is off
+        gets the draft model if there is one, else prompt lookup."""
         if mode not in MODES:
             raise ValueError(f"speculative mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "draft" and draft_model is None:
+            raise ValueError('speculative mode "draft" needs a draft model (TEXTGEN_DRAFT_MODEL)')
         self.default_on = mode != "off"
+        self.drafter: DraftModel | None = DraftModel(draft_model) if draft_model is not None else None
         self.num_tokens = num_tokens
         self.max_batch = max_batch
         self.on_speculation: SpeculationHook = on_speculation or (lambda drafted, accepted: None)
@@ -118,7 +129,15 @@ class Speculator:
                 return None
             # k + 1 tokens come out of a verification: never more than the row may still generate.
             room = min(self.num_tokens, seq.max_new_tokens - len(seq.output_ids) - 1)
-            draft = ngram_draft(seq.all_ids, room)
+            if room <= 0:
+                return None
+            try:
+                draft = self.drafter.draft(seq, room) if self.drafter else ngram_draft(seq.all_ids, room)
+            except Exception as exc:  # drafting is optional: never let it fail a request
+                log.warning("drafting failed (%s); taking an ordinary step", type(exc).__name__)
+                if self.drafter:
+                    self.drafter.forget(seq)
+                return None
             if not draft:
                 return None
             drafts.append(draft)
@@ -155,6 +174,73 @@ class Speculator:
                 if seq.finish_reason is not None:  # EOS, max_new_tokens, a stop string: exactly here
                     break
         return appended
+
+
+def load_draft_model(path: str, target: Any, context_length: int) -> Any:
+    """The draft model at `path` (a Hugging Face directory or id), float32, checked against the target:
+    the same vocabulary (its tokens are the target's) and at least the target's context."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    vocab = int(target.config.get_text_config().vocab_size)
+    theirs = int(model.config.get_text_config().vocab_size)
+    if theirs != vocab:
+        raise ValueError(f"draft model {path}: vocabulary of {theirs} tokens, the model's has {vocab}")
+    positions = getattr(model.config, "n_positions", None) or getattr(
+        model.config, "max_position_embeddings", 0
+    )
+    if positions and positions < context_length:
+        raise ValueError(
+            f"draft model {path}: context of {positions} tokens, the model's is {context_length}"
+        )
+    return model
+
+
+class DraftModel:
+    """Greedy drafts from a small model with the target's vocabulary, one KV cache per sequence.
+
+    Each sequence's cache covers the tokens it was last fed; the next call keeps the longest prefix still
+    valid (the tokens the target accepted) and feeds only the rest.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._states: weakref.WeakKeyDictionary[Sequence, tuple[Any, list[int]]] = weakref.WeakKeyDictionary()
+
+    def forget(self, seq: Sequence) -> None:
+        self._states.pop(seq, None)
+
+    def draft(self, seq: Sequence, k: int) -> list[int]:
+        from transformers import DynamicCache
+
+        ids = seq.all_ids
+        cache, covered = self._states.get(seq, (None, []))
+        if cache is None:
+            cache = DynamicCache()
+        same = 0
+        for a, b in zip(covered, ids):
+            if a != b:
+                break
+            same += 1
+        same = min(same, len(ids) - 1)  # at least the newest token is fed: its logits give the first draft
+        if same < cache.get_seq_length():
+            cache.crop(same - cache.get_seq_length())  # a negative count: tokens to drop
+        feed = ids[same:]
+        tokens: list[int] = []
+        for _ in range(k):
+            start = len(ids) + len(tokens) - 1 if tokens else same
+            out = self.model(
+                input_ids=torch.tensor([feed]),
+                position_ids=torch.arange(start, start + len(feed))[None, :],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            token = int(out.logits[0, -1].argmax())
+            tokens.append(token)
+            feed = [token]
+        self._states[seq] = (cache, ids + tokens[:-1])  # the last draft was never fed
+        return tokens
 
 
 def _kept_drafts(produced: list[int], keep: int) -> int:
