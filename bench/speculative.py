@@ -203,6 +203,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--workloads", default="grounded,shuffled,random")
+    parser.add_argument("--no-backoff", action="store_true", help="speculate at every step (see _record)")
     parser.add_argument("--render", type=Path, default=None, help="only write the .md of this .json")
     args = parser.parse_args()
     if args.render:
@@ -235,6 +236,8 @@ def main() -> None:
         ).start()
         for k in ks
     }
+    for engine in engines.values():
+        engine.runner.speculator.backoff = not args.no_backoff  # type: ignore[attr-defined]
     modes = {
         "greedy": dict(temperature=0.0),
         "sampled": dict(temperature=0.7, top_p=0.9),
@@ -303,6 +306,7 @@ def main() -> None:
         prompt_tokens=len(prompt),
         steer=args.steer,
         repeats=args.repeats,
+        backoff=not args.no_backoff,
         torch=torch.__version__,
     )
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -99,11 +99,13 @@ class Speculator:
         max_batch: int = 1,
         on_speculation: SpeculationHook | None = None,
         draft_model: Any = None,
+        backoff: bool = True,
     ) -> None:
         """`mode`: the server's default for requests that do not say (SamplingParams.speculative None):
         "off", "ngram" or "draft" (needs `draft_model`). `num_tokens`: most drafts per step. `max_batch`:
         speculate only while the running batch has at most this many rows (beyond it the plain batched step
-        is faster, see the module doc). A request that asks for speculation while the server's mode is off
+        is faster, see the module doc). `backoff`: a sequence whose drafts keep failing is speculated less
+        often (see `_record`). A request that asks for speculation while the server's mode is off
         gets the draft model if there is one, else prompt lookup."""
         if mode not in MODES:
             raise ValueError(f"speculative mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -111,6 +113,10 @@ class Speculator:
             raise ValueError('speculative mode "draft" needs a draft model (TEXTGEN_DRAFT_MODEL)')
         self.default_on = mode != "off"
         self.drafter: DraftModel | None = DraftModel(draft_model) if draft_model is not None else None
+        self.backoff = backoff
+        # Per sequence: (consecutive verifications that accepted nothing, output length before which it
+        # takes ordinary steps). See `_record`.
+        self._misses: weakref.WeakKeyDictionary[Sequence, tuple[int, int]] = weakref.WeakKeyDictionary()
         self.num_tokens = num_tokens
         self.max_batch = max_batch
         self.on_speculation: SpeculationHook = on_speculation or (lambda drafted, accepted: None)
@@ -126,6 +132,8 @@ class Speculator:
         drafts = []
         for seq in batch.rows:
             if not self.wants(seq.params):
+                return None
+            if self.backoff and len(seq.output_ids) < self._misses.get(seq, (0, 0))[1]:
                 return None
             # k + 1 tokens come out of a verification: never more than the row may still generate.
             room = min(self.num_tokens, seq.max_new_tokens - len(seq.output_ids) - 1)
@@ -143,6 +151,19 @@ class Speculator:
             drafts.append(draft)
         k = min(len(d) for d in drafts)
         return [d[:k] for d in drafts]
+
+    def _record(self, seq: Sequence, accepted: int) -> None:
+        """Back off from a sequence whose drafts fail: after n verifications in a row that accepted nothing,
+        it takes 2^n ordinary steps (at most 32) before the next; one accepted draft resets it.
+
+        A rejected verification costs a (k+1)-token forward for one token: the worst case (bench
+        "shuffled": a draft at every step, always wrong) ran at 0.64x of plain speed without backoff
+        (k=5, 1 client, float32: bench/results/2026-12-03-speculative-float32-b.md)."""
+        if accepted:
+            self._misses.pop(seq, None)
+            return
+        misses = self._misses.get(seq, (0, 0))[0] + 1
+        self._misses[seq] = (misses, len(seq.output_ids) + 1 + min(2**misses, 32))
 
     def decode(self, runner: "CausalRunner", batch: DecodeBatch, drafts: list[list[int]]) -> int | None:
         """Verify `drafts` and hand each row its tokens; returns the tokens appended (None: the step failed
@@ -163,6 +184,8 @@ class Speculator:
         keep = min(len(p) for p in produced)
         commit(batch, checkpoint.lengths, len(drafts[0]) + 1, [p[:keep] for p in produced])
         self.on_speculation(sum(len(d) for d in drafts), sum(_kept_drafts(p, keep) for p in produced))
+        for seq, tokens in zip(batch.rows, produced):
+            self._record(seq, accepted=len(tokens) - 1)
         appended = 0
         for seq, tokens in zip(batch.rows, produced):
             for token in tokens[:keep]:
