@@ -288,3 +288,15 @@ def test_draft_model_must_share_the_vocabulary(loaded_tiny, tmp_path):
     small = build_tiny_gpt2(tmp_path / "small", vocab_size=300)
     with pytest.raises(ValueError, match="vocabulary"):
         load_draft_model(str(small), loaded_tiny.model, loaded_tiny.context_length)
+
+
+def test_the_server_default_covers_greedy_requests_and_sampled_ones_that_ask():
+    from textgen.engine.speculative import Speculator
+
+    on, off = Speculator("ngram"), Speculator("off")
+    greedy, sampled = SamplingParams(temperature=0), SamplingParams(seed=1)
+    assert on.wants(greedy) and not off.wants(greedy)
+    # A seed's text must not change under a server setting, nor depend on the batch: sampled rows opt in.
+    assert not on.wants(sampled) and on.wants(replace(sampled, speculative=True))
+    assert off.wants(replace(sampled, speculative=True)) and not on.wants(replace(greedy, speculative=False))
+    assert not on.wants(replace(greedy, logprobs=2, speculative=True))  # logprobs: never

@@ -122,8 +122,15 @@ class Speculator:
         self.on_speculation: SpeculationHook = on_speculation or (lambda drafted, accepted: None)
 
     def wants(self, params: SamplingParams) -> bool:
-        on = params.speculative if params.speculative is not None else self.default_on
-        return bool(on) and params.logprobs is None
+        """Whether this request is speculated. The server's default covers greedy requests only: their
+        output does not change. A sampled request speculates only when it asks: its text is then drawn
+        differently (same distribution), so a seed no longer gives the text it gives without
+        speculation, nor, in a speculating batch, the same text whatever it is batched with."""
+        if params.logprobs is not None:
+            return False
+        if params.speculative is not None:
+            return params.speculative
+        return self.default_on and params.greedy
 
     def propose(self, batch: DecodeBatch) -> list[list[int]] | None:
         """One draft per row, all of the same length, or None: take an ordinary step."""
@@ -154,7 +161,9 @@ class Speculator:
 
     def _record(self, seq: Sequence, accepted: int) -> None:
         """Back off from a sequence whose drafts fail: after n verifications in a row that accepted nothing,
-        it takes 2^n ordinary steps (at most 32) before the next; one accepted draft resets it.
+        it takes 2^(n-1) - 1 ordinary steps (at most 31) before the next; one accepted draft resets it.
+        A single miss costs nothing: copying a passage misses once at every span boundary, then hits again
+        (a first version skipped 2 steps after one miss: 1 client grounded fell from 1.98x to 1.62x).
 
         A rejected verification costs a (k+1)-token forward for one token: the worst case (bench
         "shuffled": a draft at every step, always wrong) ran at 0.64x of plain speed without backoff
@@ -163,7 +172,7 @@ class Speculator:
             self._misses.pop(seq, None)
             return
         misses = self._misses.get(seq, (0, 0))[0] + 1
-        self._misses[seq] = (misses, len(seq.output_ids) + 1 + min(2**misses, 32))
+        self._misses[seq] = (misses, len(seq.output_ids) + 1 + min(2 ** (misses - 1) - 1, 31))
 
     def decode(self, runner: "CausalRunner", batch: DecodeBatch, drafts: list[list[int]]) -> int | None:
         """Verify `drafts` and hand each row its tokens; returns the tokens appended (None: the step failed
