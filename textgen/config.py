@@ -103,11 +103,14 @@ class Settings:
     # text, once they have this many tokens (TEXTGEN_TEST_FAULT_AFTER_TOKENS). Never set it in production.
     test_fault_prompt: str | None = None
     test_fault_after_tokens: int = 0
-    # Speculative decoding (textgen/engine/speculative.py): the default for requests that do not choose
-    # ("off" or "ngram"), drafts per step, and the most running rows it is used for.
-    speculative: str = "off"
+    # Speculative decoding (textgen/engine/speculative.py): the default for greedy requests that do not choose
+    # ("off", "ngram", "draft"), drafts per step, and the most running rows it is used for. Chosen from
+    # bench/results/2026-12-03-speculative.md (float32, 2 threads): prompt lookup gained 1.61x at one stream and
+    # 1.20x at 8 rows on a copying workload, lost 0.88x at 16 rows, and at worst 0.93x where drafts always fail;
+    # k=5 beat 3 and 8.
+    speculative: str = "ngram"
     spec_tokens: int = 5
-    spec_max_batch: int = 1
+    spec_max_batch: int = 8
     draft_model: str | None = None  # TEXTGEN_DRAFT_MODEL: for "draft"; must share the model's tokenizer
     # TEXTGEN_API_KEY: when set, every route but health and metrics requires `Authorization: Bearer <key>`.
     # Kept out of repr so that logging the settings never leaks it.
