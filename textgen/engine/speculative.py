@@ -112,7 +112,9 @@ class Speculator:
         if mode == "draft" and draft_model is None:
             raise ValueError('speculative mode "draft" needs a draft model (TEXTGEN_DRAFT_MODEL)')
         self.default_on = mode != "off"
-        self.drafter: DraftModel | None = DraftModel(draft_model) if draft_model is not None else None
+        # "ngram" keeps prompt lookup even when a draft model is configured.
+        use_draft = draft_model is not None and mode != "ngram"
+        self.drafter: DraftModel | None = DraftModel(draft_model) if use_draft else None
         self.backoff = backoff
         # Per sequence: (consecutive verifications that accepted nothing, output length before which it
         # takes ordinary steps). See `_record`.
