@@ -12,7 +12,7 @@ import torch
 from scipy.stats import chi2
 
 from textgen.engine.core import Engine
-from textgen.engine.params import SamplingParams
+from textgen.engine.params import Constraint, SamplingParams
 from textgen.engine.speculative import ngram_draft
 
 REPETITIVE = "The quick brown fox jumps over the lazy dog. " * 4
@@ -300,3 +300,4 @@ def test_the_server_default_covers_greedy_requests_and_sampled_ones_that_ask():
     assert not on.wants(sampled) and on.wants(replace(sampled, speculative=True))
     assert off.wants(replace(sampled, speculative=True)) and not on.wants(replace(greedy, speculative=False))
     assert not on.wants(replace(greedy, logprobs=2, speculative=True))  # logprobs: never
+    assert not on.wants(replace(greedy, constraint=Constraint("regex", "[ab]+"), speculative=True))

@@ -17,6 +17,7 @@ import torch
 
 from textgen.engine.batch import DecodeBatch
 from textgen.engine.faults import FaultInjector
+from textgen.engine.grammar import allowed_tokens, apply_masks, lift_dead_bans
 from textgen.engine.logprobs import TokenLogprob, prompt_logprobs, sampled_logprobs
 from textgen.engine.sampling import apply_penalties, sample
 from textgen.engine.sequence import Sequence
@@ -193,8 +194,11 @@ def _choose(batch: DecodeBatch, logits: torch.Tensor) -> tuple[torch.Tensor, lis
     params = [s.params for s in seqs]
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
     raw = logits[wanted] if wanted else None  # a copy: the penalties below change logits in place
+    allowed = allowed_tokens([s.guide for s in seqs], logits.shape[1])  # structured output; None: free
+    banned = lift_dead_bans([s.banned_tokens() for s in seqs], allowed)
     counts = [s.token_counts() for s in seqs]  # None for rows without presence/frequency penalties
-    logits = apply_penalties(logits, params, batch.seen, [s.banned_tokens() for s in seqs], counts)
+    logits = apply_penalties(logits, params, batch.seen, banned, counts)
+    apply_masks(logits, allowed)
     tokens = sample(logits, params, [s.rng for s in seqs])
     scores: list[TokenLogprob | None] = [None] * len(seqs)
     if raw is not None:

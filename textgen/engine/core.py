@@ -25,6 +25,7 @@ import torch
 
 from textgen.engine.causal import CausalRunner
 from textgen.engine.faults import FaultInjector
+from textgen.engine.grammar import Grammars
 from textgen.engine.handle import REQUEST_ID, RequestHandle
 from textgen.engine.params import SamplingParams
 from textgen.engine.seq2seq import Seq2SeqRunner
@@ -151,6 +152,8 @@ class Engine:
             )
         self.kv_budget_tokens = kv_budget_tokens
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        vocab_size = int(model.config.get_text_config().vocab_size)
+        self.grammars = Grammars(tokenizer, vocab_size, self.eos_token_ids)  # structured output
         self.runner: Runner
         if getattr(model.config, "is_encoder_decoder", False):
             self.runner = Seq2SeqRunner(model)
@@ -159,7 +162,7 @@ class Engine:
             faults = FaultInjector(fault_prompt, tokenizer, fault_after_tokens) if fault_prompt else None
             self.runner = CausalRunner(
                 model,
-                int(model.config.get_text_config().vocab_size),
+                vocab_size,
                 faults=faults,
                 on_error=self._step_failed,
                 # Built even when off: a request may still ask for it (SamplingParams.speculative).
@@ -236,8 +239,9 @@ class Engine:
             if listener is not None:
                 listener.put(event)
 
+        guide = self.grammars.guide(params.constraint) if params.constraint is not None else None
         handle.sequence = Sequence(
-            prompt_ids, params, self.tokenizer, self.eos_token_ids, self.context_length, emit
+            prompt_ids, params, self.tokenizer, self.eos_token_ids, self.context_length, emit, guide
         )
         handle.sequence.request_id = request_id
         return handle

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 class ParamError(ValueError):
@@ -79,6 +79,20 @@ LOGIT_BIAS_RANGE = Range(-100.0, 100.0)  # OpenAI's: -100 bans a token, 100 all 
 MAX_LOGIT_BIAS = 1024
 
 
+ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a request's output must match (structured output, textgen/engine/grammar.py). `spec`: the JSON
+    schema as JSON text, the regular expression, the choices as a JSON list of strings, or the Lark / GBNF
+    grammar (empty for json_object); `field`: the request field it came from, which errors name."""
+
+    kind: ConstraintKind
+    spec: str = ""
+    field: str = "response_format"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Everything that decides how one request is decoded.
@@ -113,6 +127,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit) pairs
+    constraint: Constraint | None = None  # structured output: the grammar the text must match
     # Speculative decoding (textgen/engine/speculative.py) for this request: None takes the server's
     # TEXTGEN_SPECULATIVE. It never changes greedy output, nor the distribution of sampled output.
     speculative: bool | None = None

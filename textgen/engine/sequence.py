@@ -11,6 +11,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from textgen.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from textgen.engine.grammar import Guide
 from textgen.engine.logprobs import TokenLogprob
 from textgen.engine.params import SamplingParams
 
@@ -54,8 +55,10 @@ class Sequence:
         eos_token_ids: set[int],
         max_length: int,
         emit: Callable[[Event], None],
+        guide: Guide | None = None,
     ) -> None:
         self.prompt_ids = prompt_ids
+        self.guide = guide  # structured output: the grammar's state, None for free text
         self.params = params
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.rng = torch.Generator().manual_seed(self.seed)  # this sequence's own random stream
@@ -152,7 +155,8 @@ class Sequence:
         if self.params.penalizes_counts:
             self._count(token_id)
         eos = token_id in self.eos_token_ids
-        last = eos or len(self.output_ids) >= self.max_new_tokens
+        complete = self.guide is not None and self.guide.advance(token_id)  # nothing may follow
+        last = eos or complete or len(self.output_ids) >= self.max_new_tokens
         text = "" if eos else self.detokenizer.push(token_id)
         if last:
             text += self.detokenizer.flush()
@@ -165,7 +169,7 @@ class Sequence:
         if stopped:
             self._finish("stop", delta)
         elif last:
-            self._finish("eos" if eos else "length", delta + self.stop_matcher.flush())
+            self._finish("eos" if eos or complete else "length", delta + self.stop_matcher.flush())
         elif delta:
             self.text += delta
             self.emit(Event(delta, logprobs=self._take_logprobs(), tokens=len(self.output_ids)))

@@ -31,7 +31,8 @@ Drafts can also come from a small draft model sharing the tokenizer (TEXTGEN_DRA
 it runs k greedy steps with a KV cache of its own per sequence, cropped back to the tokens the target kept.
 Its drafts are point masses too, so the same verification applies.
 
-Rows that ask for logprobs are not speculated (a step without drafts is an ordinary step).
+Rows that ask for logprobs or structured output are not speculated (a step without drafts is an ordinary
+step).
 """
 
 from __future__ import annotations
@@ -128,7 +129,9 @@ class Speculator:
         output does not change. A sampled request speculates only when it asks: its text is then drawn
         differently (same distribution), so a seed no longer gives the text it gives without
         speculation, nor, in a speculating batch, the same text whatever it is batched with."""
-        if params.logprobs is not None:
+        if params.logprobs is not None or params.constraint is not None:
+            # Structured output advances its grammar token by token and masks each step by it: drafts
+            # would need a mask per verified position. Not done: such rows take ordinary steps.
             return False
         if params.speculative is not None:
             return params.speculative

@@ -22,6 +22,7 @@ from textgen.engine.logprobs import TokenLogprob
 from textgen.engine.sequence import GenerationResult
 from textgen.frontend.postprocess import PostProcessing
 from textgen.frontend.prepare import Prepared, PromptRequest, shared_sampling_fields
+from textgen.frontend.structured import StructuredOutputFields
 from textgen.frontend.templates import TemplateName, render
 
 
@@ -44,7 +45,7 @@ def _bounded(name: str, description: str) -> Any:
     )
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(StructuredOutputFields):
     """A prompt, how to decode it, how to frame it (template) and how to clean the result."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -126,7 +127,8 @@ class GenerateRequest(BaseModel):
     )
     postprocess: bool = Field(
         True,
-        description="False = return the model's text untouched (stop strings still apply).",
+        description="False = return the model's text untouched (stop strings still apply). Structured output "
+        "(response_format, structured_outputs, guided_*) is always returned untouched.",
     )
     strip_prompt: bool = Field(True, description="Drop the prompt when the model repeats it first.")
     drop_repeated_lines: bool = Field(True, description="Keep only the first of identical lines.")
@@ -161,7 +163,7 @@ class GenerateRequest(BaseModel):
         )
 
     def postprocessing(self, default_max_words: int) -> PostProcessing | None:
-        if not self.postprocess:
+        if not self.postprocess or self.constraint() is not None:  # cleaning would break what must parse
             return None
         max_words = default_max_words if self.max_words is None else self.max_words
         return PostProcessing(

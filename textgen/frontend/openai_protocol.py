@@ -24,6 +24,7 @@ from textgen.engine.params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, RANGES, Para
 from textgen.frontend.generate_protocol import Usage  # the same counts, in OpenAI's field names
 from textgen.engine.logprobs import TokenLogprob
 from textgen.frontend.prepare import FieldNames, Prepared, PromptRequest, shared_sampling_fields
+from textgen.frontend.structured import StructuredOutputFields
 from textgen.frontend.templates import RenderedPrompt, has_chat_template, render_chat
 
 N_RANGE = Range(1, 16)  # choices per prompt; they all join the engine's batch at once
@@ -45,7 +46,7 @@ class StreamOptions(BaseModel):
     )
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(StructuredOutputFields):
     """The fields both routes share. Unknown fields are rejected (400), never silently ignored."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)

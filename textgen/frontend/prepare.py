@@ -105,6 +105,8 @@ class Frontend:
         prepared = self.prepare([request])[0]
         assert isinstance(prepared, Prepared), prepared
         self.submit(prepared)[0].wait(timeout=120)
+        if not self.loaded.is_encoder_decoder:
+            self.engine.grammars.lltokenizer  # indexed now, not on the event loop of the first constrained request
 
     def submit(self, prepared: Prepared) -> list[RequestHandle]:
         """Every choice enters the engine at once (they join the same step), or QueueFull is raised."""
@@ -151,6 +153,7 @@ class Frontend:
                     f"got {len(prompt.user_text)}",
                 )
         self._check_logit_bias(request.params)
+        self._check_constraint(request.params)
         wanted = request.params.max_new_tokens
         if wanted is not None and wanted > self.settings.max_new_tokens:
             raise ParamError(
@@ -168,6 +171,17 @@ class Frontend:
                 f'logit_bias holds token id "{bad}", outside this model\'s vocabulary [0, {vocab}); '
                 "POST /tokenize gives the ids of a text",
             )
+
+    def _check_constraint(self, params: SamplingParams) -> None:
+        constraint = params.constraint
+        if constraint is None:
+            return
+        if self.loaded.is_encoder_decoder:
+            raise ParamError(
+                constraint.field,
+                f"structured output needs a decoder-only model; {self.model_id} is an encoder-decoder",
+            )
+        self.engine.grammars.check(constraint)
 
     def _check_token_ids(self, ids: tuple[int, ...], field_name: str) -> None:
         vocab = len(self.tokenizer)
@@ -305,6 +319,7 @@ SHARED_SAMPLING_FIELDS = (
 
 
 def shared_sampling_fields(request: Any) -> dict[str, Any]:
-    """The SamplingParams arguments a request model carries under the engine's own names."""
+    """The SamplingParams arguments a request model carries under the engine's own names (its structured
+    output included: frontend/structured.py)."""
     fields = {name: getattr(request, name) for name in SHARED_SAMPLING_FIELDS}
-    return fields | {"logit_bias": logit_bias_pairs(request.logit_bias)}
+    return fields | {"logit_bias": logit_bias_pairs(request.logit_bias), "constraint": request.constraint()}
