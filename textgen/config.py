@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "int8", "auto")  # auto: chosen for this CPU (textgen/model/cpu.py)
+SPECULATIVE_MODES = (
+    "off",
+    "ngram",
+    "draft",
+)  # textgen/engine/speculative.py MODES (not imported: no torch here)
 
 
 class ConfigError(ValueError):
@@ -98,6 +103,15 @@ class Settings:
     # text, once they have this many tokens (TEXTGEN_TEST_FAULT_AFTER_TOKENS). Never set it in production.
     test_fault_prompt: str | None = None
     test_fault_after_tokens: int = 0
+    # Speculative decoding (textgen/engine/speculative.py): the default for greedy requests that do not choose
+    # ("off", "ngram", "draft"), drafts per step, and the most running rows it is used for. Chosen from
+    # bench/results/2026-12-03-speculative.md (float32, 2 threads): prompt lookup gained 1.61x at one stream and
+    # 1.20x at 8 rows on a copying workload, lost 0.88x at 16 rows, and at worst 0.93x where drafts always fail;
+    # k=5 beat 3 and 8.
+    speculative: str = "ngram"
+    spec_tokens: int = 5
+    spec_max_batch: int = 8
+    draft_model: str | None = None  # TEXTGEN_DRAFT_MODEL: for "draft"; must share the model's tokenizer
     # TEXTGEN_API_KEY: when set, every route but health and metrics requires `Authorization: Bearer <key>`.
     # Kept out of repr so that logging the settings never leaks it.
     api_key: str | None = field(default=None, repr=False)
@@ -120,6 +134,16 @@ class Settings:
         if dtype not in DTYPES:
             raise ConfigError(f"TEXTGEN_DTYPE must be one of {', '.join(DTYPES)}, got {dtype!r}")
         cache = env.get("TEXTGEN_CACHE_DIR", "").strip()
+        speculative = env.get("TEXTGEN_SPECULATIVE", "").strip() or cls.speculative
+        if speculative not in SPECULATIVE_MODES:
+            raise ConfigError(
+                f"TEXTGEN_SPECULATIVE must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}"
+            )
+        draft_model = env.get("TEXTGEN_DRAFT_MODEL", "").strip() or None
+        if speculative == "draft" and draft_model is None:
+            raise ConfigError(
+                "TEXTGEN_SPECULATIVE=draft needs TEXTGEN_DRAFT_MODEL (a small model, same tokenizer)"
+            )
         return cls(
             model_name=env.get("MODEL_NAME", "").strip() or None,
             threads=integer("TEXTGEN_THREADS", available_cores(), 1, 1024),
@@ -140,4 +164,8 @@ class Settings:
             test_fault_prompt=env.get("TEXTGEN_TEST_FAULT_PROMPT") or None,
             test_fault_after_tokens=integer("TEXTGEN_TEST_FAULT_AFTER_TOKENS", 0, 0, 1 << 20),
             api_key=env.get("TEXTGEN_API_KEY", "").strip() or None,
+            speculative=speculative,
+            spec_tokens=integer("TEXTGEN_SPEC_TOKENS", cls.spec_tokens, 1, 32),
+            spec_max_batch=integer("TEXTGEN_SPEC_MAX_BATCH", cls.spec_max_batch, 1, 1024),
+            draft_model=draft_model,
         )

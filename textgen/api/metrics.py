@@ -57,6 +57,13 @@ class EngineMetrics:
         self.kv_bytes = Gauge(
             "textgen_kv_cache_bytes", "Bytes held by the KV cache now.", multiprocess_mode="livesum"
         )
+        self.spec_drafted = Counter(
+            "textgen_spec_draft_tokens", "Tokens drafted for speculative decoding (TEXTGEN_SPECULATIVE)."
+        )
+        self.spec_accepted = Counter(
+            "textgen_spec_accepted_tokens",
+            "Drafted tokens accepted by the model and kept (acceptance rate: this / draft tokens).",
+        )
         self.per_token = Histogram(
             "textgen_inter_token_latency_seconds",
             "Per request: mean time between its generated tokens, after the first.",
@@ -77,6 +84,10 @@ class EngineMetrics:
         self.kv_reserved.set(reserved_tokens)
         self.kv_budget.set(budget_tokens if budget_tokens is not None else float("inf"))
         self.kv_bytes.set(cache_bytes)
+
+    def on_speculation(self, drafted: int, accepted: int) -> None:
+        self.spec_drafted.inc(drafted)
+        self.spec_accepted.inc(accepted)
 
     def on_finish(self, result: GenerationResult) -> None:
         self.finished.labels(result.finish_reason).inc()

@@ -21,6 +21,7 @@ from textgen.engine.grammar import allowed_tokens, apply_masks, lift_dead_bans
 from textgen.engine.logprobs import TokenLogprob, prompt_logprobs, sampled_logprobs
 from textgen.engine.sampling import apply_penalties, sample
 from textgen.engine.sequence import Sequence
+from textgen.engine.speculative import Speculator
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,11 @@ class CausalRunner:
         vocab_size: int,
         faults: FaultInjector | None = None,
         on_error: ErrorHook | None = None,
+        speculator: Speculator | None = None,
     ) -> None:
         self.model = model
+        self.speculator = speculator  # None: no speculative decoding at all
+        self.last_tokens = 0  # tokens the last step generated (more than its rows when it speculated)
         self.vocab_size = vocab_size
         self.batch: DecodeBatch | None = None
         self.faults = faults  # tests only: None in production
@@ -67,6 +71,7 @@ class CausalRunner:
 
         Returns how many sequences got a token (0 when nothing ran).
         """
+        self.last_tokens = 0
         batch = self.batch
         if batch is not None:
             _drop_cancelled(batch)
@@ -83,15 +88,26 @@ class CausalRunner:
             plain = [s for s in new if not scores or s.params.prompt_logprobs is None]
             for group in ([plain] if plain else []) + scored:
                 self._prefill(group, score=group is not plain)
+            self.last_tokens = len(new)
             return len(new)
         if batch is None:
             return 0
         stepped = len(batch)
+        self.last_tokens = stepped
         self.batch = self._decode(batch)
         return stepped
 
     def _decode(self, batch: DecodeBatch) -> DecodeBatch | None:
-        """One token for every row; returns the batch that goes on (None when no row is left)."""
+        """One token for every row (or several, when it speculates); returns the batch that goes on (None
+        when no row is left)."""
+        if self.speculator is not None:
+            drafts = self.speculator.propose(batch)
+            if drafts is not None:
+                appended = self.speculator.decode(self, batch, drafts)
+                if appended is not None:
+                    self.last_tokens = appended
+                    batch.filter([i for i, s in enumerate(batch.rows) if s.finish_reason is None])
+                    return batch if len(batch) else None
         checkpoint, states = batch.checkpoint(), _rng_states(batch.rows)
         try:
             logits = batch.step(self.model)

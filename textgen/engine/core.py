@@ -30,6 +30,7 @@ from textgen.engine.handle import REQUEST_ID, RequestHandle
 from textgen.engine.params import SamplingParams
 from textgen.engine.seq2seq import Seq2SeqRunner
 from textgen.engine.sequence import Event, GenerationResult, Sequence
+from textgen.engine.speculative import Speculator
 from textgen.model.attention import use_decode_attention
 from textgen.model.memory import GROWTH_BLOCK
 
@@ -58,6 +59,9 @@ class EngineObserver(Protocol):
     def on_memory(self, reserved_tokens: int, budget_tokens: int | None, cache_bytes: int) -> None:
         """After every iteration: the running batch's worst-case KV tokens, the budget, the bytes it holds."""
 
+    def on_speculation(self, drafted: int, accepted: int) -> None:
+        """After every speculative step: draft tokens proposed and draft tokens accepted (kept)."""
+
 
 class _NoObserver:
     def on_step(self, batch_size: int, tokens: int, seconds: float, running: int, waiting: int) -> None:
@@ -70,6 +74,9 @@ class _NoObserver:
         pass
 
     def on_memory(self, reserved_tokens: int, budget_tokens: int | None, cache_bytes: int) -> None:
+        pass
+
+    def on_speculation(self, drafted: int, accepted: int) -> None:
         pass
 
 
@@ -124,8 +131,14 @@ class Engine:
         kv_budget_tokens: int | None = None,
         fault_prompt: str | None = None,
         fault_after_tokens: int = 0,
+        speculative: str = "off",
+        spec_tokens: int = 5,
+        spec_max_batch: int = 1,
+        draft_model: Any = None,
     ) -> None:
-        """`kv_budget_tokens`: the most KV tokens the running batch may come to hold in the worst case (see
+        """`speculative`: "off" or "ngram" or "draft" (with `draft_model`, a small model sharing the tokenizer), the default for requests that do not choose (SamplingParams
+        .speculative); `spec_tokens` drafts per step, only while at most `spec_max_batch` rows run (see
+        textgen/engine/speculative.py). `kv_budget_tokens`: the most KV tokens the running batch may come to hold in the worst case (see
         `kv_reservation`); a sequence that would exceed it waits for rows to finish. None: no bound.
         `fault_prompt`: for tests only, see textgen/engine/faults.py.
         """
@@ -144,17 +157,21 @@ class Engine:
         vocab_size = int(model.config.get_text_config().vocab_size)
         self.grammars = Grammars(tokenizer, vocab_size, self.eos_token_ids)  # structured output
         faults = FaultInjector(fault_prompt, tokenizer, fault_after_tokens) if fault_prompt else None
-        runner: type[CausalRunner] = CausalRunner
+        self.runner: Runner
         if getattr(model.config, "is_encoder_decoder", False):
-            runner = Seq2SeqRunner
+            self.runner = Seq2SeqRunner(model, vocab_size, faults=faults, on_error=self._step_failed)
         else:
             use_decode_attention(model)
-        self.runner: Runner = runner(
-            model,
-            vocab_size,
-            faults=faults,
-            on_error=self._step_failed,
-        )
+            self.runner = CausalRunner(
+                model,
+                vocab_size,
+                faults=faults,
+                on_error=self._step_failed,
+                # Built even when off: a request may still ask for it (SamplingParams.speculative).
+                speculator=Speculator(
+                    speculative, spec_tokens, spec_max_batch, self._speculated, draft_model=draft_model
+                ),
+            )
         self.stats = EngineStats()
         self.observer: EngineObserver = observer or _NoObserver()
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -246,6 +263,11 @@ class Engine:
         )
         self.observer.on_failure("request")
 
+    def _speculated(self, drafted: int, accepted: int) -> None:
+        hook = getattr(self.observer, "on_speculation", None)  # observers written before it lack it
+        if hook is not None:
+            hook(drafted, accepted)
+
     # -- engine thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -279,8 +301,9 @@ class Engine:
             self.stats.kv_reserved_tokens = kv_reservation(
                 len(rows), max((worst_case_tokens(s) for s in rows), default=0)
             )
+            tokens = getattr(self.runner, "last_tokens", stepped)  # more than `stepped` when it speculated
             self.observer.on_step(
-                stepped, stepped, time.perf_counter() - started, self.stats.running, len(self._waiting)
+                stepped, tokens, time.perf_counter() - started, self.stats.running, len(self._waiting)
             )
             self.observer.on_memory(
                 self.stats.kv_reserved_tokens, self.kv_budget_tokens, self.runner.kv_bytes()

@@ -128,6 +128,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit) pairs
     constraint: Constraint | None = None  # structured output: the grammar the text must match
+    # Speculative decoding (textgen/engine/speculative.py) for this request: None takes the server's
+    # TEXTGEN_SPECULATIVE. It never changes greedy output, nor the distribution of sampled output.
+    speculative: bool | None = None
 
     def __post_init__(self) -> None:
         for name, bounds in RANGES.items():

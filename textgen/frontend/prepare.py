@@ -18,6 +18,7 @@ from textgen.config import Settings
 from textgen.engine.core import Engine, EngineObserver
 from textgen.engine.handle import RequestHandle
 from textgen.engine.params import RANGES, ParamError, SamplingParams
+from textgen.engine.speculative import load_draft_model
 from textgen.frontend.templates import RenderedPrompt
 from textgen.model.loading import LoadedModel
 from textgen.model.memory import kv_budget_tokens
@@ -79,6 +80,14 @@ class Frontend:
             kv_budget_tokens=kv_budget_tokens(loaded.model, loaded.context_length, settings),
             fault_prompt=settings.test_fault_prompt,  # tests only (textgen/engine/faults.py)
             fault_after_tokens=settings.test_fault_after_tokens,
+            speculative=settings.speculative,
+            spec_tokens=settings.spec_tokens,
+            spec_max_batch=settings.spec_max_batch,
+            draft_model=(
+                load_draft_model(settings.draft_model, loaded.model, loaded.context_length)
+                if settings.draft_model
+                else None
+            ),
         ).start()
 
     @property
