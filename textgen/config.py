@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "int8", "auto")  # auto: chosen for this CPU (textgen/model/cpu.py)
-SPECULATIVE_MODES = (
-    "off",
-    "ngram",
-    "draft",
-)  # textgen/engine/speculative.py MODES (not imported: no torch here)
+# textgen/engine/speculative.py MODES (not imported: no torch here)
+SPECULATIVE_MODES = ("off", "ngram", "draft")
+# auto: unset request fields take the model's own sampling defaults (textgen/model/sampling_defaults.py);
+# textgen: only textgen's own defaults, as before (vLLM's --generation-config auto|vllm).
+GENERATION_CONFIGS = ("auto", "textgen")
 
 
 class ConfigError(ValueError):
@@ -85,6 +85,7 @@ class Settings:
     model_name: str | None = None  # None: GPT-2, or the offline default when GPT-2 is unavailable
     threads: int = 1
     dtype: str = "auto"
+    generation_config: str = "auto"  # TEXTGEN_GENERATION_CONFIG
     max_batch_size: int = 32
     max_queue: int = 128  # requests waiting for a batch slot; beyond it, 429
     max_new_tokens: int = 1024
@@ -133,6 +134,12 @@ class Settings:
         dtype = env.get("TEXTGEN_DTYPE", "auto").strip() or "auto"
         if dtype not in DTYPES:
             raise ConfigError(f"TEXTGEN_DTYPE must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        generation_config = env.get("TEXTGEN_GENERATION_CONFIG", "auto").strip() or "auto"
+        if generation_config not in GENERATION_CONFIGS:
+            raise ConfigError(
+                f"TEXTGEN_GENERATION_CONFIG must be one of {', '.join(GENERATION_CONFIGS)}, "
+                f"got {generation_config!r}"
+            )
         cache = env.get("TEXTGEN_CACHE_DIR", "").strip()
         speculative = env.get("TEXTGEN_SPECULATIVE", "").strip() or cls.speculative
         if speculative not in SPECULATIVE_MODES:
@@ -148,6 +155,7 @@ class Settings:
             model_name=env.get("MODEL_NAME", "").strip() or None,
             threads=integer("TEXTGEN_THREADS", available_cores(), 1, 1024),
             dtype=dtype,
+            generation_config=generation_config,
             max_batch_size=integer("TEXTGEN_MAX_BATCH_SIZE", 32, 1, 1024),
             max_queue=integer("TEXTGEN_MAX_QUEUE", 128, 0, 1_000_000),
             max_new_tokens=integer("TEXTGEN_MAX_NEW_TOKENS", 1024, 1, 4096),

@@ -57,7 +57,7 @@ def _prepare(frontend: Frontend, bodies: list[Any]) -> list[tuple[GenerateReques
             requests.append(p)
             continue
         try:
-            requests.append(p.to_prompt_request(frontend.tokenizer))
+            requests.append(p.to_prompt_request(frontend.tokenizer, frontend.sampling_defaults))
         except ParamError as exc:
             requests.append(Problem.of(exc))
     prepared = iter(frontend.prepare([r for r in requests if not isinstance(r, Problem)]))

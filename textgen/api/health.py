@@ -82,6 +82,8 @@ class ServerState:
             "dtype_reason": self.loaded.dtype_reason if self.loaded else None,
             "cpu": self.cpu,
             "context_length": self.loaded.context_length if self.loaded else None,
+            # What a request's unset sampling fields fall back to, and from where (the model, or textgen).
+            "sampling_defaults": self.loaded.sampling_defaults.as_info() if self.loaded else None,
             "limits": {
                 "max_new_tokens": s.max_new_tokens,
                 "max_prompt_chars": s.max_prompt_chars,

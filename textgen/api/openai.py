@@ -65,7 +65,9 @@ def _handle(frontend: Frontend, raw: Any, model: type[BaseModel]) -> Response:
     except LookupError as exc:
         return error_response(OPENAI, Problem(404, str(exc), "model_not_found", "model"))
     try:
-        (prepared,) = frontend.prepare([req.to_prompt_request(frontend.tokenizer)])
+        (prepared,) = frontend.prepare(
+            [req.to_prompt_request(frontend.tokenizer, frontend.sampling_defaults)]
+        )
     except ParamError as exc:
         prepared = exc
     if isinstance(prepared, ParamError):

@@ -6,6 +6,7 @@ becomes a GenerateResponse or the last StreamEvent, post-processed as the reques
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -21,13 +22,17 @@ from textgen.engine.params import (
 from textgen.engine.logprobs import TokenLogprob
 from textgen.engine.sequence import GenerationResult
 from textgen.frontend.postprocess import PostProcessing
-from textgen.frontend.prepare import Prepared, PromptRequest, shared_sampling_fields
+from textgen.frontend.prepare import Prepared, PromptRequest, sampling_field, shared_sampling_fields
 from textgen.frontend.structured import StructuredOutputFields
 from textgen.frontend.templates import TemplateName, render
 
+# The fields a model may give a default for (textgen/model/sampling_defaults.py), said in their description.
+_MODEL_DEFAULT = " Unset: the model's default if it has one (GET /info sampling_defaults), else {}."
 
-def _bounded(name: str, description: str) -> Any:
-    """Field metadata for a numeric parameter whose bounds live in `params.RANGES`."""
+
+def _bounded(name: str, description: str, textgen_default: Any = None) -> Any:
+    """Field metadata for a numeric parameter whose bounds live in `params.RANGES`; `textgen_default`: the
+    default when the model may override it."""
     bounds = RANGES[name]
 
     def check(value: Any) -> Any:
@@ -39,6 +44,8 @@ def _bounded(name: str, description: str) -> Any:
         return value
 
     schema = bounds.json_schema()
+    if textgen_default is not None:
+        description += _MODEL_DEFAULT.format(textgen_default)
     return (
         Field(description=f"{description} Allowed: {bounds}.", json_schema_extra=schema),
         AfterValidator(check),
@@ -55,23 +62,23 @@ class GenerateRequest(StructuredOutputFields):
         examples=["What is AI?"],
     )
     max_new_tokens: Annotated[int, *_bounded("max_new_tokens", "Most tokens to generate.")] = 200
-    temperature: Annotated[float, *_bounded("temperature", "Sampling temperature; 0 = greedy.")] = 0.7
+    temperature: Annotated[float, *_bounded("temperature", "Sampling temperature; 0 = greedy.", 0.7)] = 0.7
     top_p: Annotated[
         float,
-        *_bounded("top_p", "Nucleus sampling: smallest set of tokens with this mass."),
+        *_bounded("top_p", "Nucleus sampling: smallest set of tokens with this mass.", 0.9),
     ] = 0.9
-    top_k: Annotated[int, *_bounded("top_k", "Sample among the k likeliest tokens; 0 = off.")] = 0
+    top_k: Annotated[int, *_bounded("top_k", "Sample among the k likeliest tokens; 0 = off.", 0)] = 0
     min_p: Annotated[
         float,
-        *_bounded("min_p", "Keep only tokens at least min_p times as likely as the likeliest; 0 = off."),
+        *_bounded("min_p", "Keep only tokens at least min_p times as likely as the likeliest; 0 = off.", 0),
     ] = 0.0
     repetition_penalty: Annotated[
         float,
-        *_bounded("repetition_penalty", "Penalty on tokens already present; 1 = off."),
+        *_bounded("repetition_penalty", "Penalty on tokens already present; 1 = off.", 1.2),
     ] = 1.2
     no_repeat_ngram_size: Annotated[
         int,
-        *_bounded("no_repeat_ngram_size", "Never repeat an n-gram of this size; 0 = off."),
+        *_bounded("no_repeat_ngram_size", "Never repeat an n-gram of this size; 0 = off.", 2),
     ] = 2
     presence_penalty: Annotated[
         float,
@@ -147,19 +154,22 @@ class GenerateRequest(StructuredOutputFields):
         ),
     ] = None
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """Engine parameters; `defaults`: the model's own for the fields the client did not set."""
         return SamplingParams(
-            **shared_sampling_fields(self),
+            **shared_sampling_fields(self, defaults),
             max_new_tokens=self.max_new_tokens,
-            do_sample=self.do_sample,
+            do_sample=sampling_field(self, "do_sample", defaults),
             stop=tuple(self.stop),
             logprobs=self.logprobs,
         )
 
-    def to_prompt_request(self, tokenizer: Any) -> PromptRequest:
+    def to_prompt_request(self, tokenizer: Any, defaults: Mapping[str, Any] | None = None) -> PromptRequest:
         """The request as the one door takes it: the prompt in its template, and its parameters."""
         return PromptRequest(
-            [render(self.template, self.prompt, tokenizer)], self.to_sampling_params(), truncate=self.truncate
+            [render(self.template, self.prompt, tokenizer)],
+            self.to_sampling_params(defaults),
+            truncate=self.truncate,
         )
 
     def postprocessing(self, default_max_words: int) -> PostProcessing | None:

@@ -2,9 +2,10 @@
 
 /v1/completions and /v1/chat/completions take OpenAI's bodies, plus vLLM's and textgen's extra fields
 (`top_k`, `min_p`, `repetition_penalty`, `no_repeat_ngram_size`, `ignore_eos`, `min_tokens`). Unlike
-/generate, nothing is added to what the client asked for: those extras default to off, no textgen template
-frames the prompt and no post-processing touches the output, because OpenAI clients expect the
-model's raw output.
+/generate, nothing of textgen's is added to what the client asked for: those extras default to off, no
+textgen template frames the prompt and no post-processing touches the output, because OpenAI clients
+expect the model's raw output. A sampling field the client leaves unset takes the model's own default when
+it has one (model/sampling_defaults.py; as vLLM's --generation-config auto), else OpenAI's.
 
 Bounds are those of /generate (params.RANGES), checked by SamplingParams, under OpenAI's names; the
 server's limits are checked once for every dialect, in frontend/prepare.py.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,6 +36,8 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # ends with "Assistant:" for the model to continue, and stops where it would invent the user's turn.
 FALLBACK_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 FALLBACK_STOP = ("\nUser:",)
+# The OpenAPI description of a field the model may give a default for (model/sampling_defaults.py).
+_MODEL_DEFAULT = " Unset: the model's default if it has one (GET /info sampling_defaults), else "
 
 
 class StreamOptions(BaseModel):
@@ -55,8 +59,12 @@ class SamplingFields(StructuredOutputFields):
         default=None,
         description="The served model's id (GET /v1/models). Optional on textgen: omitted means the served model.",
     )
-    temperature: float = Field(default=1.0, description=f"0 = greedy. Allowed: {RANGES['temperature']}.")
-    top_p: float = Field(default=1.0, description=f"Nucleus sampling mass. Allowed: {RANGES['top_p']}.")
+    temperature: float = Field(
+        default=1.0, description=f"0 = greedy. Allowed: {RANGES['temperature']}.{_MODEL_DEFAULT}1."
+    )
+    top_p: float = Field(
+        default=1.0, description=f"Nucleus sampling mass. Allowed: {RANGES['top_p']}.{_MODEL_DEFAULT}1."
+    )
     n: int = Field(default=1, description=f"Choices per prompt. Allowed: {N_RANGE}.")
     stop: str | list[str] | None = Field(default=None, description="Up to 16 strings that end a choice.")
     seed: int | None = Field(default=None, description="Choice i of n uses seed + i.")
@@ -84,17 +92,17 @@ class SamplingFields(StructuredOutputFields):
     )
     user: str | None = Field(default=None, description="Accepted and ignored.")
     # textgen's and vLLM's extras, off by default on these routes
-    top_k: int = Field(default=0, description=f"0 = off. Allowed: {RANGES['top_k']}.")
+    top_k: int = Field(default=0, description=f"0 = off. Allowed: {RANGES['top_k']}.{_MODEL_DEFAULT}0.")
     min_p: float = Field(
         default=0.0,
         description="Keep only tokens at least min_p times as likely as the likeliest; 0 = off. "
-        f"Allowed: {RANGES['min_p']}.",
+        f"Allowed: {RANGES['min_p']}.{_MODEL_DEFAULT}0.",
     )
     repetition_penalty: float = Field(
-        default=1.0, description=f"1 = off. Allowed: {RANGES['repetition_penalty']}."
+        default=1.0, description=f"1 = off. Allowed: {RANGES['repetition_penalty']}.{_MODEL_DEFAULT}1."
     )
     no_repeat_ngram_size: int = Field(
-        default=0, description=f"0 = off. Allowed: {RANGES['no_repeat_ngram_size']}."
+        default=0, description=f"0 = off. Allowed: {RANGES['no_repeat_ngram_size']}.{_MODEL_DEFAULT}0."
     )
     ignore_eos: bool = Field(
         default=False, description="Keep generating past the end-of-text token (vLLM's)."
@@ -123,12 +131,17 @@ class SamplingFields(StructuredOutputFields):
             )
         return new, "max_tokens" if old is not None else "max_completion_tokens"
 
-    def to_sampling_params(self, max_tokens: int | None, max_tokens_field: str) -> SamplingParams:
-        """Engine parameters under OpenAI's semantics: always sampled (temperature 0 is greedy)."""
+    def to_sampling_params(
+        self, max_tokens: int | None, max_tokens_field: str, defaults: Mapping[str, Any] | None = None
+    ) -> SamplingParams:
+        """Engine parameters under OpenAI's semantics: always sampled (temperature 0 is greedy).
+
+        `defaults`: the model's own for the fields the client did not set (as vLLM's generation config).
+        """
         N_RANGE.check("n", self.n)
         try:
             return SamplingParams(
-                **shared_sampling_fields(self),
+                **shared_sampling_fields(self, defaults),
                 max_new_tokens=max_tokens,
                 do_sample=True,
                 stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
@@ -156,7 +169,7 @@ class CompletionRequest(SamplingFields):
         "tokens too (the first one has none).",
     )
 
-    def to_prompt_request(self, tokenizer: Any) -> PromptRequest:
+    def to_prompt_request(self, tokenizer: Any, defaults: Mapping[str, Any] | None = None) -> PromptRequest:
         prompt = self.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]  # type: ignore[list-item]
@@ -169,7 +182,7 @@ class CompletionRequest(SamplingFields):
             for p in prompt
         ]
         max_tokens, name = self.token_budget()
-        params = self.to_sampling_params(max_tokens, name)
+        params = self.to_sampling_params(max_tokens, name, defaults)
         if self.logprobs is not None:
             RANGES["logprobs"].check("logprobs", self.logprobs)
             scored = self.logprobs if self.echo else None
@@ -232,13 +245,13 @@ class ChatCompletionRequest(SamplingFields):
         default=None, description="With logprobs: also the likeliest alternatives at each position, 0 to 20."
     )
 
-    def to_prompt_request(self, tokenizer: Any) -> PromptRequest:
+    def to_prompt_request(self, tokenizer: Any, defaults: Mapping[str, Any] | None = None) -> PromptRequest:
         if not self.messages:
             raise ParamError("messages", "messages must hold at least one message")
         max_tokens, name = self.token_budget()
         fields = FieldNames(prompt="messages", max_tokens=name)
         # No max_tokens: as long as the server allows, capped by the context (frontend/prepare.py).
-        params = self.to_sampling_params(max_tokens, name)
+        params = self.to_sampling_params(max_tokens, name, defaults)
         if self.top_logprobs is not None:
             RANGES["logprobs"].check("top_logprobs", self.top_logprobs)
             if not self.logprobs:

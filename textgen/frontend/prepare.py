@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from textgen.engine.params import RANGES, ParamError, SamplingParams
 from textgen.engine.speculative import load_draft_model
 from textgen.frontend.templates import RenderedPrompt
 from textgen.model.loading import LoadedModel
+from textgen.model.sampling_defaults import SamplingDefaults
 from textgen.model.memory import kv_budget_tokens
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,9 @@ class Frontend:
     def __init__(
         self, loaded: LoadedModel, settings: Settings, observer: EngineObserver | None = None
     ) -> None:
+        # The model's sampling defaults, within the engine's bounds, are what GET /info and the log report.
+        loaded.sampling_defaults = checked_defaults(loaded.sampling_defaults)
+        log.info("%s", loaded.sampling_defaults.describe())
         self.loaded = loaded
         self.settings = settings
         self.tokenizer = loaded.tokenizer
@@ -93,6 +98,11 @@ class Frontend:
     @property
     def model_id(self) -> str:
         return self.loaded.model_id
+
+    @property
+    def sampling_defaults(self) -> Mapping[str, Any]:
+        """The model's defaults for the sampling fields a request leaves unset (model/sampling_defaults.py)."""
+        return self.loaded.sampling_defaults.values
 
     def close(self) -> None:
         self.engine.stop()
@@ -318,8 +328,32 @@ SHARED_SAMPLING_FIELDS = (
 )
 
 
-def shared_sampling_fields(request: Any) -> dict[str, Any]:
+def checked_defaults(defaults: SamplingDefaults) -> SamplingDefaults:
+    """The model's defaults without those outside the engine's bounds (params.RANGES), each dropped with a
+    warning: an odd value in a model's config must not turn every request that omits the field into a 400."""
+    kept = {}
+    for name, value in defaults.values.items():
+        try:
+            if name in RANGES:
+                RANGES[name].check(name, value)
+        except ParamError as exc:
+            log.warning("ignoring the model's default from %s: %s", defaults.source, exc.message)
+            continue
+        kept[name] = value
+    return dataclasses.replace(defaults, values=kept)
+
+
+def sampling_field(request: Any, name: str, defaults: Mapping[str, Any] | None = None) -> Any:
+    """A request's value for one field: the client's if it set it, else the model's default, else the
+    protocol's own default (pydantic's `model_fields_set` tells a sent 0.7 from the field default 0.7)."""
+    if defaults and name in defaults and name not in request.model_fields_set:
+        return defaults[name]
+    return getattr(request, name)
+
+
+def shared_sampling_fields(request: Any, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The SamplingParams arguments a request model carries under the engine's own names (its structured
-    output included: frontend/structured.py)."""
-    fields = {name: getattr(request, name) for name in SHARED_SAMPLING_FIELDS}
+    output included: frontend/structured.py), with the model's `defaults` (model/sampling_defaults.py) for
+    the fields the client did not set."""
+    fields = {name: sampling_field(request, name, defaults) for name in SHARED_SAMPLING_FIELDS}
     return fields | {"logit_bias": logit_bias_pairs(request.logit_bias), "constraint": request.constraint()}

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from textgen.config import Settings
 from textgen.model.cpu import detect_cpu
 from textgen.model.formats import int8_dense_dtype, serving_dtype
 from textgen.model.linear import use_linear
+from textgen.model.sampling_defaults import SamplingDefaults, model_sampling_defaults
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,6 +52,8 @@ class LoadedModel:
     context_length: int
     dtype: str  # the serving format, TEXTGEN_DTYPE resolved for this CPU
     dtype_reason: str = ""  # why that format (logs and GET /info)
+    # What unset request fields fall back to before textgen's own defaults (logs and GET /info).
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -246,8 +249,9 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
         tokenizer.pad_token = tokenizer.eos_token
     _release_freed_memory()
     context = context_length(model, tokenizer)
+    defaults = model_sampling_defaults(model, settings.generation_config, source.file, source.sha256)
     loaded = LoadedModel(
-        model, tokenizer, source.model_id, source.origin, context, choice.dtype, choice.reason
+        model, tokenizer, source.model_id, source.origin, context, choice.dtype, choice.reason, defaults
     )
     log.info("model %s from %s", source.model_id, source.describe())
     log.info("dtype %s (TEXTGEN_DTYPE=%s): %s", choice.dtype, settings.dtype, choice.reason)
