@@ -51,6 +51,9 @@ class StepTimes:
     def on_memory(self, reserved_tokens: int, budget_tokens: int | None, cache_bytes: int) -> None:
         pass
 
+    def on_prefix_cache(self, stats: object) -> None:
+        pass
+
 
 def median_step_ms(engine: Engine, times: StepTimes, ids: list[int], rows: int, constrained: bool) -> float:
     constraint = Constraint("json_schema", json.dumps(SCHEMA)) if constrained else None

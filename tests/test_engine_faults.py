@@ -50,6 +50,9 @@ class Recorder:
         self.reserved.append((reserved_tokens, budget_tokens))
         self.cache_bytes.append(cache_bytes)
 
+    def on_prefix_cache(self, stats: object) -> None:
+        pass
+
 
 def new_engine(loaded, **kwargs) -> Engine:
     return Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length, **kwargs).start()

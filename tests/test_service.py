@@ -260,6 +260,24 @@ def test_engine_metrics_are_exported(tiny_server):
     assert metric(tiny_server, 'textgen_requests_finished_total{reason="length"}') >= 1
 
 
+def test_a_repeated_prompt_is_served_from_the_prefix_cache_with_the_same_text(tiny_server):
+    """The server caches prompt prefixes by default (TEXTGEN_PREFIX_CACHE_MB): the second request of a long
+    prompt takes its KV from the cache, says so on /metrics, and answers the same."""
+    prompt = (
+        "Question: what is the weather like today? Answer: it is sunny and warm. " * 4
+        + "Question: what is AI?"
+    )
+    body = dict(prompt=prompt, template="none", max_new_tokens=8, **GREEDY)
+    queried, hits = "textgen_prefix_cache_queried_tokens_total", "textgen_prefix_cache_hit_tokens_total"
+    before = metric(tiny_server, hits)
+    first = generate(tiny_server, **body)
+    second = generate(tiny_server, **body)
+    assert second["generated_text"] == first["generated_text"]
+    assert metric(tiny_server, hits) >= before + 16 * (first["usage"]["prompt_tokens"] // 16 - 1)
+    assert metric(tiny_server, queried) >= 2 * first["usage"]["prompt_tokens"]
+    assert metric(tiny_server, "textgen_prefix_cache_bytes") > 0
+
+
 def test_a_disconnected_stream_leaves_the_batch(tiny_server):
     cancelled = 'textgen_requests_finished_total{reason="cancelled"}'
     before = metric(tiny_server, cancelled)

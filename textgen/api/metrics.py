@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from textgen.engine.prefix_cache import PrefixCacheStats
 from textgen.engine.sequence import GenerationResult
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -64,6 +65,21 @@ class EngineMetrics:
             "textgen_spec_accepted_tokens",
             "Drafted tokens accepted by the model and kept (acceptance rate: this / draft tokens).",
         )
+        self.prefix_queried = Counter(
+            "textgen_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache."
+        )
+        self.prefix_hits = Counter(
+            "textgen_prefix_cache_hit_tokens",
+            "Prompt tokens whose KV came from the prefix cache (hit rate: hit / queried).",
+        )
+        self.prefix_evicted = Counter(
+            "textgen_prefix_cache_evicted_blocks",
+            "Prefix-cache blocks evicted (least recently used) for room.",
+        )
+        self.prefix_bytes = Gauge(
+            "textgen_prefix_cache_bytes", "Bytes held by the prefix cache.", multiprocess_mode="livesum"
+        )
+        self._prefix_seen = PrefixCacheStats()
         self.per_token = Histogram(
             "textgen_inter_token_latency_seconds",
             "Per request: mean time between its generated tokens, after the first.",
@@ -88,6 +104,14 @@ class EngineMetrics:
     def on_speculation(self, drafted: int, accepted: int) -> None:
         self.spec_drafted.inc(drafted)
         self.spec_accepted.inc(accepted)
+
+    def on_prefix_cache(self, stats: PrefixCacheStats) -> None:
+        seen = self._prefix_seen
+        self.prefix_queried.inc(stats.queried_tokens - seen.queried_tokens)
+        self.prefix_hits.inc(stats.hit_tokens - seen.hit_tokens)
+        self.prefix_evicted.inc(stats.evicted_blocks - seen.evicted_blocks)
+        self.prefix_bytes.set(stats.cached_bytes)
+        self._prefix_seen = PrefixCacheStats(**vars(stats))
 
     def on_finish(self, result: GenerationResult) -> None:
         self.finished.labels(result.finish_reason).inc()

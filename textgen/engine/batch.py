@@ -180,6 +180,59 @@ class DecodeBatch:
         batch = cls(rows, out.past_key_values, mask, seen)
         return batch, (out.logits if all_logits else out.logits[:, -1, :].float())
 
+    @classmethod
+    def start(
+        cls,
+        row: Any,
+        prompt: list[int],
+        vocab_size: int,
+        count_prompt: bool,
+        cached: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    ) -> "DecodeBatch":
+        """A one-row batch whose prompt is computed piece by piece (`extend`): chunked prefill, or the rest of
+        a prompt whose beginning came from the prefix cache (`cached`: per layer keys and values)."""
+        cache = new_cache()
+        done = 0
+        if cached is not None:
+            keys, values = cached
+            layers = []
+            for k, v in zip(keys, values):
+                layer = GrowingLayer()
+                layer.dtype, layer.device = k.dtype, k.device
+                layer.replace(k, v)
+                layers.append(layer)
+            cache = Cache(layers=layers)
+            done = keys[0].shape[2]
+        seen = torch.zeros(1, vocab_size, dtype=torch.bool)
+        if count_prompt:
+            seen[0, torch.tensor(prompt).clamp(max=vocab_size - 1)] = True
+        return cls([row], cache, torch.ones(1, done, dtype=torch.long), seen)
+
+    def extend(self, model: Any, ids: list[int]) -> torch.Tensor:
+        """Feed a one-row batch the next tokens of its prompt; return the logits after the last [1, V]."""
+        assert len(self.rows) == 1 and self.next_tokens is None
+        done = self.width
+        self.attention_mask = F.pad(self.attention_mask, (0, len(ids)), value=1)
+        out = model(
+            input_ids=torch.tensor([ids], dtype=torch.long),
+            attention_mask=self.attention_mask,
+            position_ids=torch.arange(done, done + len(ids))[None],
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache = out.past_key_values
+        return out.logits[:, -1, :].float()
+
+    def row_kv(self, row: int, tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Views of row `row`'s keys and values for its first `tokens` real positions, per layer [H, T, D]."""
+        start = self.width - int(self.attention_mask[row].sum())  # its left padding
+        layers = _cache_layers(self.cache)
+        return (
+            [layer.keys[row, :, start : start + tokens] for layer in layers],
+            [layer.values[row, :, start : start + tokens] for layer in layers],
+        )
+
     def step(self, model: Any) -> torch.Tensor:
         """Feed every row its newest token; return next-token logits [B, V]."""
         assert self.next_tokens is not None, "record() the sampled tokens before the next step"

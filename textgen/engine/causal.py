@@ -8,7 +8,9 @@ with the same text: a row computes the same thing alone or batched). vLLM and TG
 
 from __future__ import annotations
 
+import collections
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,9 +18,11 @@ from typing import Any
 import torch
 
 from textgen.engine.batch import DecodeBatch
+from textgen.engine.chunking import ChunkSizer, PromptFill
 from textgen.engine.faults import FaultInjector
 from textgen.engine.grammar import allowed_tokens, apply_masks, lift_dead_bans
 from textgen.engine.logprobs import TokenLogprob, prompt_logprobs, sampled_logprobs
+from textgen.engine.prefix_cache import PrefixCache
 from textgen.engine.sampling import apply_penalties, sample
 from textgen.engine.sequence import Sequence
 from textgen.engine.speculative import Speculator
@@ -31,7 +35,9 @@ ErrorHook = Callable[[Sequence | None, BaseException], None]
 
 
 class CausalRunner:
-    """Owns the running DecodeBatch: newcomers are prefilled and joined, finished rows leave.
+    """Owns the running DecodeBatch and the prompts being computed: each step decodes the batch, then
+    computes as much of the waiting prompts as the step's budget allows (chunking.py); a prompt whose
+    beginning is in the prefix cache starts from there (prefix_cache.py); finished rows leave.
 
     The encoder-decoder runner (seq2seq.py) is this runner with another kind of batch: everything from
     sampling to fault isolation is shared, only how a batch is prefilled, stepped and reshaped differs.
@@ -39,6 +45,7 @@ class CausalRunner:
 
     batch_class: type[DecodeBatch] = DecodeBatch
     scores_prompts = True  # False: prompt_logprobs are not computed (an encoder's input is not predicted)
+    chunks_prompts = True  # False: every prompt is computed whole, as soon as it is admitted
 
     def __init__(
         self,
@@ -47,55 +54,136 @@ class CausalRunner:
         faults: FaultInjector | None = None,
         on_error: ErrorHook | None = None,
         speculator: Speculator | None = None,
+        max_step_tokens: int = 512,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.model = model
         self.speculator = speculator  # None: no speculative decoding at all
         self.last_tokens = 0  # tokens the last step generated (more than its rows when it speculated)
         self.vocab_size = vocab_size
         self.batch: DecodeBatch | None = None
+        # Admitted, not decoding yet, first come first served: sequences not started, and prompts part-done.
+        self.filling: collections.deque[Sequence | PromptFill] = collections.deque()
+        self.chunks = ChunkSizer(max_step_tokens)
+        self.prefix_cache = prefix_cache
         self.faults = faults  # tests only: None in production
         self.on_error: ErrorHook = on_error or (lambda seq, exc: None)
 
     @property
     def rows(self) -> list[Sequence]:
-        return self.batch.rows if self.batch is not None else []
+        decoding = self.batch.rows if self.batch is not None else []
+        return decoding + [item.seq if isinstance(item, PromptFill) else item for item in self.filling]
 
     def kv_bytes(self) -> int:
-        return self.batch.kv_bytes() if self.batch is not None else 0
+        fills = [item.batch for item in self.filling if isinstance(item, PromptFill)]
+        return sum(b.kv_bytes() for b in fills + ([self.batch] if self.batch is not None else []))
 
     def reset(self) -> None:
         self.batch = None
+        self.filling.clear()
 
     def step(self, new: list[Sequence]) -> int:
-        """One iteration: prefill newcomers, or advance the running batch by one token.
+        """One iteration: a token for every decoding row, then the waiting prompts, within the budget.
 
-        Returns how many sequences got a token (0 when nothing ran).
+        Returns how many sequences got a token (0 when nothing ran); `last_tokens` says how many tokens.
         """
-        self.last_tokens = 0
+        self.filling.extend(new)
+        self.last_tokens = stepped = 0
         batch = self.batch
         if batch is not None:
             _drop_cancelled(batch)
             if len(batch) == 0:
                 batch = self.batch = None
-        if new:
-            now = time.perf_counter()
-            for seq in new:
-                seq.started = now
-            # Prompts to be scored keep the logits of every position: each is prefilled on its own, so that
-            # only it pays for the output layer over its whole prompt.
-            scores = self.scores_prompts
-            scored = [[s] for s in new if scores and s.params.prompt_logprobs is not None]
-            plain = [s for s in new if not scores or s.params.prompt_logprobs is None]
-            for group in ([plain] if plain else []) + scored:
-                self._prefill(group, score=group is not plain)
-            self.last_tokens = len(new)
-            return len(new)
-        if batch is None:
-            return 0
-        stepped = len(batch)
-        self.last_tokens = stepped
-        self.batch = self._decode(batch)
-        return stepped
+        if batch is not None:
+            started = time.perf_counter()
+            self.last_tokens = stepped = len(batch)
+            self.batch = self._decode(batch)
+            self.chunks.decoded(time.perf_counter() - started)
+        # With nothing decoding nobody waits for the prompts: all of them go at once, as they fit.
+        budget = self.chunks.budget(stepped) if stepped and self.chunks_prompts else sys.maxsize
+        completed = self._fill(budget)
+        self.last_tokens += completed
+        return stepped + completed
+
+    def _fill(self, budget: int) -> int:
+        """Compute waiting prompts, in order, until `budget` tokens are spent; those completed get their first
+        token and join the batch. Short prompts without a cached beginning go together in one pass; the others
+        are computed in chunks (PromptFill). Returns how many completed."""
+        completed = 0
+        while self.filling and budget > 0:
+            item = self.filling[0]
+            if isinstance(item, PromptFill):
+                used, finished = self._advance(item, budget)
+                budget -= used
+                completed += finished
+                continue
+            if item.cancelled:
+                self.filling.popleft()
+                item.abort("cancelled")
+                continue
+            if self.scores_prompts and item.params.prompt_logprobs is not None:
+                # Scored prompts keep the logits of every position: each is computed whole and alone, so that
+                # only it pays for the output layer over its whole prompt.
+                self.filling.popleft()
+                item.started = time.perf_counter()
+                self._prefill([item], score=True)
+                budget -= len(item.prompt_ids)
+                completed += 1
+                continue
+            group: list[Sequence] = []
+            while self.filling and isinstance(self.filling[0], Sequence):
+                seq = self.filling[0]
+                if seq.cancelled or (self.scores_prompts and seq.params.prompt_logprobs is not None):
+                    break
+                cached = self.prefix_cache.lookup(seq.prompt_ids) if self.prefix_cache is not None else None
+                if cached is not None or len(seq.prompt_ids) > budget:
+                    # Computed on its own, chunk by chunk, from its cached beginning if it has one.
+                    seq.started = time.perf_counter()
+                    start = self.batch_class.start(
+                        seq, seq.prompt_ids, self.vocab_size, seq.params.penalize_prompt, cached
+                    )
+                    self.filling[0] = PromptFill(seq, start)
+                    break
+                seq.started = time.perf_counter()
+                group.append(self.filling.popleft())
+                budget -= len(seq.prompt_ids)
+            if group:
+                self._prefill(group, score=False)
+                completed += len(group)
+        return completed
+
+    def _advance(self, fill: PromptFill, budget: int) -> tuple[int, int]:
+        """Compute the next chunk of a prompt; returns (tokens used, 1 if it completed and took its first token
+        else 0). A failure fails its sequence alone."""
+        seq = fill.seq
+        if seq.cancelled:  # cancelled half-way: its partial cache goes with it
+            self.filling.popleft()
+            seq.abort("cancelled")
+            return 0, 0
+        n = min(budget, fill.remaining)
+        states = _rng_states([seq])
+        started = time.perf_counter()
+        try:
+            logits = fill.batch.extend(self.model, seq.prompt_ids[fill.done : fill.done + n])
+            self._check_faults([seq])
+        except Exception as exc:
+            self.filling.popleft()
+            self._fail(seq, exc)
+            return n, 0
+        self.chunks.prefilled(n, time.perf_counter() - started)
+        if fill.remaining:
+            return n, 0
+        self.filling.popleft()
+        self._remember_prompts(fill.batch)
+        try:
+            tokens, scores = _choose(fill.batch, logits)
+        except Exception as exc:
+            _set_rng_states([seq], states)
+            self._fail(seq, exc)
+            return n, 0
+        if self._accept(fill.batch, tokens, scores):
+            self._join(fill.batch)
+        return n, 1
 
     def _decode(self, batch: DecodeBatch) -> DecodeBatch | None:
         """One token for every row (or several, when it speculates); returns the batch that goes on (None
@@ -129,7 +217,9 @@ class CausalRunner:
         return _join([part for part in parts if part is not None])
 
     def _prefill(self, group: list[Sequence], score: bool) -> None:
+        """Compute whole prompts in one pass (left-padded together), and give each its first token."""
         states = _rng_states(group)
+        started = time.perf_counter()
         try:
             fresh, logits = self.batch_class.prefill(
                 self.model,
@@ -140,6 +230,8 @@ class CausalRunner:
                 all_logits=score,
             )
             self._check_faults(group)
+            self.chunks.prefilled(fresh.width * len(group), time.perf_counter() - started)
+            self._remember_prompts(fresh)
             if score:
                 (seq,) = group
                 seq.prompt_logprobs = prompt_logprobs(
@@ -160,6 +252,14 @@ class CausalRunner:
         _set_rng_states(group, states)
         for seq in group:  # nothing of the failed prefill is kept: each prompt is prefilled alone
             self._prefill([seq], score)
+
+    def _remember_prompts(self, fresh: DecodeBatch) -> None:
+        """Offer the KV of freshly computed prompts to the prefix cache (before any row leaves the batch)."""
+        if self.prefix_cache is None:
+            return
+        for i, seq in enumerate(fresh.rows):
+            keys, values = fresh.row_kv(i, len(seq.prompt_ids))
+            self.prefix_cache.insert(seq.prompt_ids, keys, values)
 
     def _join(self, fresh: DecodeBatch) -> None:
         if self.batch is None:

@@ -28,6 +28,7 @@ from textgen.engine.faults import FaultInjector
 from textgen.engine.grammar import Grammars
 from textgen.engine.handle import REQUEST_ID, RequestHandle
 from textgen.engine.params import SamplingParams
+from textgen.engine.prefix_cache import PrefixCache, PrefixCacheStats
 from textgen.engine.seq2seq import Seq2SeqRunner
 from textgen.engine.sequence import Event, GenerationResult, Sequence
 from textgen.engine.speculative import Speculator
@@ -59,6 +60,9 @@ class EngineObserver(Protocol):
     def on_memory(self, reserved_tokens: int, budget_tokens: int | None, cache_bytes: int) -> None:
         """After every iteration: the running batch's worst-case KV tokens, the budget, the bytes it holds."""
 
+    def on_prefix_cache(self, stats: PrefixCacheStats) -> None:
+        """After every iteration with a prefix cache: its running totals."""
+
     def on_speculation(self, drafted: int, accepted: int) -> None:
         """After every speculative step: draft tokens proposed and draft tokens accepted (kept)."""
 
@@ -77,6 +81,9 @@ class _NoObserver:
         pass
 
     def on_speculation(self, drafted: int, accepted: int) -> None:
+        pass
+
+    def on_prefix_cache(self, stats: PrefixCacheStats) -> None:
         pass
 
 
@@ -135,11 +142,18 @@ class Engine:
         spec_tokens: int = 5,
         spec_max_batch: int = 1,
         draft_model: Any = None,
+        max_step_tokens: int = 512,
+        prefix_cache_bytes: int = 0,
+        model_key: str = "",
     ) -> None:
-        """`speculative`: "off" or "ngram" or "draft" (with `draft_model`, a small model sharing the tokenizer), the default for requests that do not choose (SamplingParams
-        .speculative); `spec_tokens` drafts per step, only while at most `spec_max_batch` rows run (see
-        textgen/engine/speculative.py). `kv_budget_tokens`: the most KV tokens the running batch may come to hold in the worst case (see
+        """`speculative`: "off", "ngram" or "draft" (with `draft_model`, a small model sharing the tokenizer),
+        the default for requests that do not choose (SamplingParams.speculative); `spec_tokens` drafts per
+        step, only while at most `spec_max_batch` rows run (see textgen/engine/speculative.py).
+        `kv_budget_tokens`: the most KV tokens the running batch may come to hold in the worst case (see
         `kv_reservation`); a sequence that would exceed it waits for rows to finish. None: no bound.
+        `max_step_tokens`: the most tokens one step computes while rows are decoding (chunking.py).
+        `prefix_cache_bytes`: memory for the KV of prompt prefixes (prefix_cache.py); 0: no prefix caching.
+        `model_key`: what the model is (id, format): the prefix cache's namespace.
         `fault_prompt`: for tests only, see textgen/engine/faults.py.
         """
         self.tokenizer = tokenizer
@@ -158,10 +172,13 @@ class Engine:
         self.grammars = Grammars(tokenizer, vocab_size, self.eos_token_ids)  # structured output
         faults = FaultInjector(fault_prompt, tokenizer, fault_after_tokens) if fault_prompt else None
         self.runner: Runner
+        self.prefix_cache: PrefixCache | None = None
         if getattr(model.config, "is_encoder_decoder", False):
             self.runner = Seq2SeqRunner(model, vocab_size, faults=faults, on_error=self._step_failed)
         else:
             use_decode_attention(model)
+            if prefix_cache_bytes > 0:
+                self.prefix_cache = PrefixCache(prefix_cache_bytes, model_key)
             self.runner = CausalRunner(
                 model,
                 vocab_size,
@@ -171,6 +188,8 @@ class Engine:
                 speculator=Speculator(
                     speculative, spec_tokens, spec_max_batch, self._speculated, draft_model=draft_model
                 ),
+                max_step_tokens=max_step_tokens,
+                prefix_cache=self.prefix_cache,
             )
         self.stats = EngineStats()
         self.observer: EngineObserver = observer or _NoObserver()
@@ -308,6 +327,8 @@ class Engine:
             self.observer.on_memory(
                 self.stats.kv_reserved_tokens, self.kv_budget_tokens, self.runner.kv_bytes()
             )
+            if self.prefix_cache is not None:
+                self.observer.on_prefix_cache(self.prefix_cache.stats)
         for seq in self.runner.rows + list(self._waiting):
             seq.abort("cancelled", "the server is shutting down")
 

@@ -185,6 +185,7 @@ class Seq2SeqRunner(CausalRunner):
 
     batch_class = Seq2SeqBatch
     scores_prompts = False
+    chunks_prompts = False  # an encoder reads its whole input in one pass; no prefix cache either
 
     def __init__(
         self,

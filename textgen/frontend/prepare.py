@@ -93,6 +93,9 @@ class Frontend:
                 if settings.draft_model
                 else None
             ),
+            max_step_tokens=settings.max_step_tokens,
+            prefix_cache_bytes=settings.prefix_cache_mb << 20,
+            model_key=f"{loaded.model_id} from {loaded.source} as {loaded.dtype}",
         ).start()
 
     @property

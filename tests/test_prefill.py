@@ -1,0 +1,190 @@
+"""Chunked prefill and automatic prefix caching on the tiny GPT-2 (float32, greedy): neither may change
+what a request gets, a chunked prompt lets running streams go on, a cancelled half-computed prompt leaves
+nothing behind, and cached KV never crosses from one model to another."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+
+from textgen.engine.chunking import PromptFill
+from textgen.engine.core import Engine
+from textgen.engine.params import SamplingParams
+from textgen.engine.prefix_cache import BLOCK, PrefixCache
+
+GREEDY = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+LONG = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
+SHARED = (
+    "You are a helpful assistant. Answer briefly and truthfully. Examples follow. Question: what is AI? "
+    "Answer: the study of machines that learn, reason and act. Question: what is the weather like today? "
+    "Answer: it is sunny and warm, with a light breeze. Question: "
+)
+SUFFIXES = ["what is the capital of France?", "what is the capital of Italy?", "Café 東京 🙂 naïve?"]
+
+
+def new_engine(loaded, **kwargs) -> Engine:  # type: ignore[no-untyped-def]
+    return Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length, **kwargs).start()
+
+
+@pytest.fixture(scope="module")
+def plain(loaded_tiny):  # type: ignore[no-untyped-def]
+    """No chunking (a step may compute any number of prompt tokens) and no prefix cache: the reference."""
+    engine = new_engine(loaded_tiny, max_step_tokens=1 << 20, prefix_cache_bytes=0)
+    yield engine
+    engine.stop()
+
+
+def long_prompt(encode, n: int = 150) -> list[int]:  # type: ignore[no-untyped-def]
+    ids = encode(SHARED * 4)
+    assert len(ids) >= n
+    return ids[:n]
+
+
+def wait_until(condition, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.0005)
+
+
+def test_a_long_prompt_is_computed_in_chunks_while_streams_go_on_and_gets_the_same_tokens(
+    loaded_tiny, encode, plain
+):
+    prompt = long_prompt(encode)
+    expected = plain.submit(prompt, GREEDY).wait(30).text
+    expected_stream = plain.submit(encode("What is AI?"), LONG).wait(30).text
+    engine = new_engine(loaded_tiny, max_step_tokens=16, prefix_cache_bytes=0)
+    try:
+        stream = engine.submit(encode("What is AI?"), LONG)
+        wait_until(lambda: len(stream.sequence.output_ids) >= 3)
+        arrived = len(stream.sequence.output_ids)
+        late = engine.submit(prompt, GREEDY)
+        wait_until(lambda: late.sequence.output_ids != [])
+        # 150 tokens at most 16 a step: at least 9 steps, each of which gave the running stream a token.
+        assert len(stream.sequence.output_ids) - arrived >= len(prompt) // 16
+        assert late.wait(30).text == expected
+        assert stream.wait(30).text == expected_stream
+    finally:
+        engine.stop()
+
+
+def test_cancelling_a_half_computed_prompt_frees_it_and_the_engine_goes_on(loaded_tiny, encode, plain):
+    engine = new_engine(loaded_tiny, max_step_tokens=16, prefix_cache_bytes=0)
+    try:
+        stream = engine.submit(encode("What is AI?"), LONG)
+        wait_until(lambda: len(stream.sequence.output_ids) >= 3)
+        late = engine.submit(long_prompt(encode), GREEDY)
+        runner = engine.runner
+
+        def half_done() -> bool:
+            return any(
+                isinstance(f, PromptFill) and f.seq is late.sequence and f.done > 0 for f in runner.filling
+            )
+
+        wait_until(half_done)
+        late.cancel()
+        result = late.wait(10)
+        assert result.finish_reason == "cancelled" and result.completion_tokens == 0
+        wait_until(lambda: not runner.filling)
+        assert runner.rows == [stream.sequence]
+        assert (
+            engine.submit(encode(SUFFIXES[0]), GREEDY).wait(30).text
+            == plain.submit(encode(SUFFIXES[0]), GREEDY).wait(30).text
+        )
+        assert stream.wait(30).completion_tokens == 200
+    finally:
+        engine.stop()
+
+
+def test_a_prefix_cache_hit_gives_the_same_tokens_as_a_miss(loaded_tiny, encode, plain):
+    prompts = [encode(SHARED + suffix) for suffix in SUFFIXES]
+    expected = [plain.submit(p, GREEDY).wait(30).text for p in prompts]
+    engine = new_engine(loaded_tiny, prefix_cache_bytes=1 << 24)
+    try:
+        first = engine.submit(prompts[0], GREEDY).wait(30).text  # a miss: computes and caches the prefix
+        stats = engine.prefix_cache.stats
+        assert stats.hit_tokens == 0 and stats.cached_blocks == len(prompts[0]) // BLOCK
+        again = [engine.submit(p, GREEDY).wait(30).text for p in prompts]  # all hits
+        shared = len(encode(SHARED)) // BLOCK * BLOCK
+        assert stats.hit_tokens >= shared * len(prompts)
+        assert [first] + again == [expected[0]] + expected
+        # Hits arriving together, next to a running stream, still get the same tokens.
+        handles = [engine.submit(p, GREEDY) for p in prompts]
+        assert [h.wait(30).text for h in handles] == expected
+    finally:
+        engine.stop()
+
+
+def test_the_prefix_cache_stays_within_its_budget_evicting_least_recently_used_leaves(
+    loaded_tiny, encode, plain
+):
+    # Room for 12 blocks: every prompt below has 9 or more of its own, so each insertion evicts.
+    config = loaded_tiny.model.config
+    block_bytes = 2 * config.n_layer * BLOCK * config.n_embd * 4
+    engine = new_engine(loaded_tiny, prefix_cache_bytes=12 * block_bytes)
+    try:
+        prompts = [encode(f"{i} {i} {i}. " + SHARED) for i in range(6)]
+        expected = [plain.submit(p, GREEDY).wait(30).text for p in prompts]
+        cache = engine.prefix_cache
+        for _ in range(2):
+            for prompt, text in zip(prompts, expected):
+                assert engine.submit(prompt, GREEDY).wait(30).text == text
+                assert cache.stats.cached_bytes <= cache.budget_bytes
+        assert cache.stats.evicted_blocks > 0
+        # Least recently used goes first: the prompt just served is still whole, the first one is gone.
+        assert len(cache.match(prompts[-1])) == (len(prompts[-1]) - 1) // BLOCK
+        assert cache.match(prompts[0]) == []
+    finally:
+        engine.stop()
+
+
+def test_eviction_never_drops_a_block_whose_children_are_cached() -> None:
+    layers, heads, dim = 2, 1, 4
+    per_block = 2 * layers * heads * BLOCK * dim * 4
+    cache = PrefixCache(3 * per_block, "test")
+
+    def kv(n: int) -> list[torch.Tensor]:
+        return [torch.randn(heads, n, dim) for _ in range(layers)]
+
+    chain = list(range(3 * BLOCK + 1))
+    cache.insert(chain, kv(len(chain)), kv(len(chain)))
+    assert len(cache.match(chain)) == 3
+    other = [1000 + t for t in range(BLOCK + 1)]
+    cache.insert(other, kv(len(other)), kv(len(other)))  # evicts the chain's leaf, not its root
+    assert len(cache.match(chain)) == 2 and len(cache.match(other)) == 1
+    assert cache.stats.cached_bytes == 3 * per_block and cache.stats.evicted_blocks == 1
+    keys, values = cache.lookup(chain)  # type: ignore[misc]
+    assert keys[0].shape == (1, heads, 2 * BLOCK, dim)
+
+
+def test_the_prefix_cache_never_hands_one_models_kv_to_another(loaded_tiny, encode):
+    """Two models with the same tokenizer (a second, perturbed copy of the tiny GPT-2) in one process: the same
+    prompt, cached by both, gives each model its own tokens."""
+    other = copy.deepcopy(loaded_tiny.model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    prompt = encode(SHARED + SUFFIXES[0])
+    engines = [
+        new_engine(loaded_tiny, prefix_cache_bytes=1 << 24, model_key="tiny"),
+        Engine(
+            other,
+            loaded_tiny.tokenizer,
+            context_length=loaded_tiny.context_length,
+            prefix_cache_bytes=1 << 24,
+            model_key="tiny perturbed",
+        ).start(),
+    ]
+    try:
+        first = [e.submit(prompt, GREEDY).wait(30).text for e in engines]
+        again = [e.submit(prompt, GREEDY).wait(30).text for e in engines]
+        assert first[0] != first[1]  # otherwise the test could not tell
+        assert again == first
+        assert all(e.prefix_cache.stats.hit_tokens > 0 for e in engines)
+        assert engines[0].prefix_cache.root != engines[1].prefix_cache.root
+    finally:
+        for e in engines:
+            e.stop()

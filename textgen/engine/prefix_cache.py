@@ -1,0 +1,127 @@
+"""Automatic prefix caching: the KV of prompt prefixes kept across requests, in blocks, bounded, LRU.
+
+Templates (`few_shot`, `assistant`), chat system prompts and repeated prompts share long beginnings; their
+keys and values are the same whoever asks, so a prompt whose first blocks were computed before starts from
+them and computes only the rest (vLLM's automatic prefix caching, llama.cpp's `cache_prompt`).
+
+The cache is a tree of blocks of BLOCK tokens: a block is found by its parent block and its own tokens, so a
+block stands for its whole prefix and prompts that share a beginning share its blocks. A hit never covers a
+prompt's last token: the step that computes it gives the logits of the first new token. Eviction is least
+recently used among the leaves (a block whose children are cached is never dropped before them), so a
+prefix stays usable as long as it stays cached. Every key starts from the cache's namespace (the model, its
+weights' format): one cache never hands one model's KV to another.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 16  # tokens per block: finer than vLLM's 16 would be is no gain here, coarser wastes a prompt's tail
+
+
+@dataclass
+class _Block:
+    key: tuple[int | str, tuple[int, ...]]  # (parent block id or the root, its tokens)
+    keys: torch.Tensor  # [layers, heads, BLOCK, head_dim]
+    values: torch.Tensor
+    children: int = 0
+
+
+@dataclass
+class PrefixCacheStats:
+    queried_tokens: int = 0  # prompt tokens looked up (vLLM's prefix_cache_queries)
+    hit_tokens: int = 0  # of those, served from the cache (vLLM's prefix_cache_hits)
+    evicted_blocks: int = 0
+    cached_blocks: int = 0
+    cached_bytes: int = 0
+
+
+class PrefixCache:
+    def __init__(self, budget_bytes: int, namespace: str) -> None:
+        """`budget_bytes`: the most the cached blocks may hold; `namespace`: what the KV belongs to (model id
+        and format): blocks of different namespaces never match."""
+        self.budget_bytes = budget_bytes
+        self.root: int | str = f"root of {namespace}"  # the parent of every first block; block ids are ints
+        self._ids = itertools.count(1)
+        self._index: dict[tuple[int | str, tuple[int, ...]], int] = {}  # block key -> block id
+        self._blocks: collections.OrderedDict[int, _Block] = collections.OrderedDict()  # LRU order
+        self.stats = PrefixCacheStats()
+
+    def match(self, prompt: list[int]) -> list[int]:
+        """Ids of the cached blocks that begin `prompt`, longest run first to last, never its last token."""
+        found: list[int] = []
+        parent: int | str = self.root
+        for start in range(0, len(prompt) - 1 - BLOCK + 1, BLOCK):
+            block_id = self._index.get((parent, tuple(prompt[start : start + BLOCK])))
+            if block_id is None:
+                break
+            found.append(block_id)
+            parent = block_id
+        return found
+
+    def lookup(self, prompt: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """The cached keys and values of the longest cached beginning of `prompt` (one [1, heads, tokens, dim]
+        tensor per layer each), or None. Counts the query, and marks the blocks used."""
+        blocks = self.match(prompt)
+        self.stats.queried_tokens += len(prompt)
+        self.stats.hit_tokens += len(blocks) * BLOCK
+        if not blocks:
+            return None
+        for block_id in reversed(blocks):  # the deepest first: parents end up the more recently used
+            self._blocks.move_to_end(block_id)
+        keys = torch.cat([self._blocks[b].keys for b in blocks], dim=2)
+        values = torch.cat([self._blocks[b].values for b in blocks], dim=2)
+        return [k[None] for k in keys.unbind(0)], [v[None] for v in values.unbind(0)]
+
+    def insert(self, prompt: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Keep the full blocks of `prompt` not cached yet. keys/values: per layer, [heads, >= tokens, dim],
+        position 0 being the prompt's first token (views are fine: blocks are copied)."""
+        parent: int | str = self.root
+        per_block = 0
+        for start in range(0, len(prompt) - BLOCK + 1, BLOCK):
+            key = (parent, tuple(prompt[start : start + BLOCK]))
+            block_id = self._index.get(key)
+            if block_id is None:
+                block_keys = torch.stack([k[:, start : start + BLOCK] for k in keys])
+                block_values = torch.stack([v[:, start : start + BLOCK] for v in values])
+                per_block = per_block or block_keys.nbytes + block_values.nbytes
+                if not self._make_room(per_block, keep=parent):
+                    return
+                block_id = next(self._ids)
+                self._blocks[block_id] = _Block(key, block_keys, block_values)
+                self._index[key] = block_id
+                if isinstance(parent, int) and parent in self._blocks:
+                    self._blocks[parent].children += 1
+                self.stats.cached_blocks += 1
+                self.stats.cached_bytes += per_block
+            else:
+                self._blocks.move_to_end(block_id)
+            parent = block_id
+
+    def clear(self) -> None:
+        self._index.clear()
+        self._blocks.clear()
+        self.stats.cached_blocks = self.stats.cached_bytes = 0
+
+    def _make_room(self, nbytes: int, keep: int | str) -> bool:
+        """Evict least recently used leaves (never `keep`, the parent of the block to come) until `nbytes`
+        more fit; False if they cannot."""
+        if nbytes > self.budget_bytes:
+            return False
+        while self.stats.cached_bytes + nbytes > self.budget_bytes:
+            victim = next((i for i, b in self._blocks.items() if b.children == 0 and i != keep), None)
+            if victim is None:
+                return False
+            block = self._blocks.pop(victim)
+            del self._index[block.key]
+            parent = self._blocks.get(block.key[0]) if isinstance(block.key[0], int) else None
+            if parent is not None:
+                parent.children -= 1
+            self.stats.cached_blocks -= 1
+            self.stats.cached_bytes -= block.keys.nbytes + block.values.nbytes
+            self.stats.evicted_blocks += 1
+        return True
