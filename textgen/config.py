@@ -100,7 +100,7 @@ class Settings:
     drain_seconds: int = 45
     # Worst-case KV cache tokens the running batch may hold (None: from the memory available at start-up).
     kv_budget_tokens: int | None = None
-    max_step_tokens: int = 512  # the most tokens one step computes while rows decode (engine/chunking.py)
+    max_step_tokens: int = 512  # the most tokens one step computes while rows decode; 0: no chunking (engine/chunking.py)
     prefix_cache_mb: int = 256  # memory for cached prompt-prefix KV (engine/prefix_cache.py); 0: off
     # For tests only (TEXTGEN_TEST_FAULT_PROMPT): engine steps fail for sequences whose prompt contains this
     # text, once they have this many tokens (TEXTGEN_TEST_FAULT_AFTER_TOKENS). Never set it in production.
@@ -171,7 +171,7 @@ class Settings:
             cache_dir=Path(cache) if cache else cls.cache_dir,
             drain_seconds=integer("TEXTGEN_DRAIN_SECONDS", 45, 0, 86_400),
             kv_budget_tokens=integer("TEXTGEN_KV_BUDGET_TOKENS", 0, 0, 1 << 40) or None,
-            max_step_tokens=integer("TEXTGEN_MAX_STEP_TOKENS", 512, 16, 1 << 20),
+            max_step_tokens=integer("TEXTGEN_MAX_STEP_TOKENS", 512, 0, 1 << 20),
             prefix_cache_mb=integer("TEXTGEN_PREFIX_CACHE_MB", 256, 0, 1 << 20),
             test_fault_prompt=env.get("TEXTGEN_TEST_FAULT_PROMPT") or None,
             test_fault_after_tokens=integer("TEXTGEN_TEST_FAULT_AFTER_TOKENS", 0, 0, 1 << 20),

@@ -106,51 +106,62 @@ class CausalRunner:
         return stepped + completed
 
     def _fill(self, budget: int) -> int:
-        """Compute waiting prompts, in order, until `budget` tokens are spent; those completed get their first
-        token and join the batch. Short prompts without a cached beginning go together in one pass; the others
-        are computed in chunks (PromptFill). Returns how many completed."""
+        """Compute waiting prompts, first come first served, within `budget` tokens; those completed get their
+        first token and join the batch. Returns how many completed.
+
+        While rows decode, one pass at most (each pass reads every weight: on a CPU that alone costs about a
+        decoding step): the next chunk of the prompt in progress, or whole prompts that fit the budget
+        together, or the first chunk of one that does not fit or whose beginning is cached. With nothing
+        decoding (`budget` unlimited) it goes on until every waiting prompt is done.
+        """
         completed = 0
+        unlimited = budget == sys.maxsize
         while self.filling and budget > 0:
             item = self.filling[0]
-            if isinstance(item, PromptFill):
-                used, finished = self._advance(item, budget)
-                budget -= used
-                completed += finished
-                continue
-            if item.cancelled:
+            if isinstance(item, Sequence) and item.cancelled:
                 self.filling.popleft()
                 item.abort("cancelled")
                 continue
-            if self.scores_prompts and item.params.prompt_logprobs is not None:
+            if isinstance(item, PromptFill):
+                used, finished = self._advance(item, budget)
+                budget, completed = budget - used, completed + finished
+            elif self.scores_prompts and item.params.prompt_logprobs is not None:
                 # Scored prompts keep the logits of every position: each is computed whole and alone, so that
                 # only it pays for the output layer over its whole prompt.
                 self.filling.popleft()
                 item.started = time.perf_counter()
                 self._prefill([item], score=True)
-                budget -= len(item.prompt_ids)
-                completed += 1
-                continue
-            group: list[Sequence] = []
-            while self.filling and isinstance(self.filling[0], Sequence):
-                seq = self.filling[0]
-                if seq.cancelled or (self.scores_prompts and seq.params.prompt_logprobs is not None):
-                    break
-                cached = self.prefix_cache.lookup(seq.prompt_ids) if self.prefix_cache is not None else None
-                if cached is not None or len(seq.prompt_ids) > budget:
+                budget, completed = budget - len(item.prompt_ids), completed + 1
+            else:
+                cached = self.prefix_cache.lookup(item.prompt_ids) if self.prefix_cache is not None else None
+                item.started = time.perf_counter()
+                if cached is not None or len(item.prompt_ids) > budget:
                     # Computed on its own, chunk by chunk, from its cached beginning if it has one.
-                    seq.started = time.perf_counter()
                     start = self.batch_class.start(
-                        seq, seq.prompt_ids, self.vocab_size, seq.params.penalize_prompt, cached
+                        item, item.prompt_ids, self.vocab_size, item.params.penalize_prompt, cached
                     )
-                    self.filling[0] = PromptFill(seq, start)
-                    break
-                seq.started = time.perf_counter()
-                group.append(self.filling.popleft())
-                budget -= len(seq.prompt_ids)
-            if group:
+                    self.filling[0] = PromptFill(item, start)
+                    continue
+                group = [self.filling.popleft()]
+                used = len(item.prompt_ids)
+                while self.filling and self._joins_group(self.filling[0], budget - used):
+                    seq = self.filling.popleft()
+                    seq.started = time.perf_counter()
+                    group.append(seq)
+                    used += len(seq.prompt_ids)
                 self._prefill(group, score=False)
-                completed += len(group)
+                budget, completed = budget - used, completed + len(group)
+            if not unlimited:
+                break
         return completed
+
+    def _joins_group(self, item: Sequence | PromptFill, room: int) -> bool:
+        """Whether a waiting prompt can be computed whole in the same pass as the ones before it."""
+        if not isinstance(item, Sequence) or item.cancelled or len(item.prompt_ids) > room:
+            return False
+        if self.scores_prompts and item.params.prompt_logprobs is not None:
+            return False
+        return self.prefix_cache is None or not self.prefix_cache.match(item.prompt_ids)
 
     def _advance(self, fill: PromptFill, budget: int) -> tuple[int, int]:
         """Compute the next chunk of a prompt; returns (tokens used, 1 if it completed and took its first token
