@@ -100,7 +100,9 @@ class Settings:
     drain_seconds: int = 45
     # Worst-case KV cache tokens the running batch may hold (None: from the memory available at start-up).
     kv_budget_tokens: int | None = None
-    max_step_tokens: int = 512  # the most tokens one step computes while rows decode; 0: no chunking (engine/chunking.py)
+    max_step_tokens: int = (
+        512  # the most tokens one step computes while rows decode; 0: no chunking (engine/chunking.py)
+    )
     prefix_cache_mb: int = 256  # memory for cached prompt-prefix KV (engine/prefix_cache.py); 0: off
     # For tests only (TEXTGEN_TEST_FAULT_PROMPT): engine steps fail for sequences whose prompt contains this
     # text, once they have this many tokens (TEXTGEN_TEST_FAULT_AFTER_TOKENS). Never set it in production.

@@ -69,6 +69,13 @@ class ChunkSizer:
         efficient = fixed / (2 * per_token)
         return int(max(MIN_CHUNK, min(cap, max(by_time, efficient))))
 
+    def cap(self, decoding: int) -> int:
+        """The most prompt tokens of whole short prompts one step may take together (TEXTGEN_MAX_STEP_TOKENS,
+        less the decoding rows' own)."""
+        if self.max_step_tokens <= 0:
+            return sys.maxsize
+        return max(MIN_CHUNK, self.max_step_tokens - decoding)
+
     def cost(self) -> tuple[float, float] | None:
         """(fixed seconds, seconds per token) of a prefill pass, fitted to the recent ones; None until passes
         of two different sizes were timed."""
