@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
-from textgen.engine.core import Engine
+from textgen.config import Settings
+from textgen.engine.core import Engine, kv_reservation, widest, worst_case_widths
 from textgen.engine.params import SamplingParams
+from textgen.engine.seq2seq import Seq2SeqBatch
+from textgen.model.memory import GROWTH_BLOCK, kv_budget_tokens, kv_bytes_per_token
 from tests.test_engine import wait_for_tokens
+from tests.test_engine_faults import Recorder
 
 PROMPTS = [
     "What is AI?",
@@ -40,6 +46,25 @@ def randomized(model: torch.nn.Module) -> torch.nn.Module:
         for weight in model.parameters():
             weight.normal_(0, 0.3)
     return model.eval()
+
+
+def bart_config(vocab_size: int, **overrides) -> BartConfig:
+    values = dict(
+        vocab_size=vocab_size,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=256,
+        pad_token_id=1,
+        eos_token_id=0,
+        decoder_start_token_id=0,
+        forced_eos_token_id=None,
+    )
+    return BartConfig(**values | overrides)
 
 
 @pytest.fixture(scope="module")
@@ -178,22 +203,7 @@ def test_a_failing_step_fails_only_its_own_request(t5, loaded_tiny, encode):
 
 def test_absolute_position_decoders_take_newcomers_when_the_batch_is_empty(loaded_tiny, encode):
     """BART's decoder positions come from the batch's width, so a row may not join mid-way: it waits."""
-    config = BartConfig(
-        vocab_size=len(loaded_tiny.tokenizer),
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=256,
-        pad_token_id=1,
-        eos_token_id=0,
-        decoder_start_token_id=0,
-        forced_eos_token_id=None,
-    )
-    bart = randomized(BartForConditionalGeneration(config))
+    bart = randomized(BartForConditionalGeneration(bart_config(len(loaded_tiny.tokenizer))))
     engine = Engine(bart, loaded_tiny.tokenizer, context_length=256).start()
     try:
         first = engine.submit(encode(PROMPTS[1]), GREEDY)
@@ -211,3 +221,81 @@ def test_absolute_position_decoders_take_newcomers_when_the_batch_is_empty(loade
         ]
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_kv_bytes_per_token_is_what_a_seq2seq_batch_really_holds(kind, loaded_tiny, encode):
+    """Decoder and encoder sides unlike the generic config fields: the formula must read the decoder's own."""
+    vocab = len(loaded_tiny.tokenizer)
+    if kind == "t5":  # d_kv 24, not d_model / heads = 16; 3 decoder layers, not the encoder's 1
+        config = T5Config(
+            vocab_size=vocab,
+            d_model=32,
+            d_ff=64,
+            d_kv=24,
+            num_layers=1,
+            num_decoder_layers=3,
+            num_heads=2,
+            pad_token_id=0,
+            eos_token_id=0,
+            decoder_start_token_id=0,
+        )
+        model = T5ForConditionalGeneration(config)
+    else:  # 3 decoder layers of 4 heads, under 1 encoder layer of 2 heads
+        model = BartForConditionalGeneration(
+            bart_config(vocab, encoder_layers=1, decoder_layers=3, decoder_attention_heads=4)
+        )
+    model = randomized(model)
+    per_token = kv_bytes_per_token(model)
+    assert per_token == 2 * 3 * (2 * 24 if kind == "t5" else 4 * 8) * 4  # float32
+    prompts = [encode(p) for p in PROMPTS]
+    new_tokens = 20
+    with torch.inference_mode():
+        batch, logits = Seq2SeqBatch.prefill(model, list(range(3)), prompts, vocab)
+        for _ in range(new_tokens - 1):  # the last token is sampled but never fed
+            batch.record(logits.argmax(-1))
+            logits = batch.step(model)
+    encoder_width = max(len(p) for p in prompts)
+    (capacity,) = {layer.capacity for layer in batch.cache.self_attention_cache.layers}
+    assert new_tokens <= capacity <= new_tokens + GROWTH_BLOCK  # start token + 19 fed, and the spare room
+    assert batch.kv_bytes() == per_token * 3 * (encoder_width + capacity)
+    # ... which the engine's worst case for these rows covers.
+    widths = [(len(p), new_tokens) for p in prompts]
+    assert batch.kv_bytes() <= per_token * kv_reservation(3, widest(widths))
+    # The default budget is a real one now (here every row at full context: the model is tiny) ...
+    assert kv_budget_tokens(model, 256, Settings(max_batch_size=4)) == 4 * (256 + GROWTH_BLOCK)
+    # ... except for an encoder-decoder whose config names no decoder shape it knows.
+    unknown = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=True, model_type="other"))
+    assert kv_budget_tokens(unknown, 256, Settings()) is None
+
+
+def test_the_kv_budget_queues_seq2seq_requests_and_each_completes_as_alone(t5, engine, encode, loaded_tiny):
+    # Long prompts with short outputs, short prompts with long ones: a batch pads both sides to their longest.
+    requests = [
+        (encode(PROMPTS[1]), SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)),
+        (encode(PROMPTS[0]), SamplingParams(max_new_tokens=150, temperature=0, ignore_eos=True)),
+        (encode(PROMPTS[2]), SamplingParams(max_new_tokens=90, temperature=0, ignore_eos=True)),
+    ] * 2
+    alone = [engine.submit(ids, params).wait(60).text for ids, params in requests]
+    widths = [(len(ids), params.max_new_tokens) for ids, params in requests]
+    assert widest(widths) == len(encode(PROMPTS[1])) + 150  # one row's prompt, another's output
+    budget = kv_reservation(2, widest(widths))  # two rows of the widest mix, never three
+    assert budget >= 256 + GROWTH_BLOCK and kv_reservation(3, widest(widths)) > budget
+    recorder = Recorder()
+    bounded = Engine(
+        t5, loaded_tiny.tokenizer, context_length=256, kv_budget_tokens=budget, observer=recorder
+    ).start()
+    try:
+        handles = bounded.submit_many(requests)
+        results = [h.wait(60) for h in handles]
+        assert [worst_case_widths(h.sequence, True) for h in handles] == widths
+    finally:
+        bounded.stop()
+    assert [r.text for r in results] == alone
+    assert [r.finish_reason for r in results] == ["length"] * 6
+    assert max(r.max_batch_size for r in results) == 2  # they queued, and still shared steps
+    assert {b for _, b in recorder.reserved} == {budget}
+    assert max(reserved for reserved, _ in recorder.reserved) <= budget
+    per_token = kv_bytes_per_token(t5)
+    for (reserved, _), held in zip(recorder.reserved, recorder.cache_bytes):
+        assert held <= reserved * per_token  # what the cache held, never more than what was reserved
