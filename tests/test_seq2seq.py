@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import re
 from types import SimpleNamespace
 
+import jsonschema
 import pytest
 import torch
-from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    T5Config,
+    T5ForConditionalGeneration,
+    T5Tokenizer,
+)
 
 from textgen.config import Settings
 from textgen.engine.core import Engine, kv_reservation, widest, worst_case_widths
-from textgen.engine.params import SamplingParams
+from textgen.engine.params import Constraint, ParamError, SamplingParams
 from textgen.engine.seq2seq import Seq2SeqBatch
+from textgen.frontend.prepare import Frontend, Prepared, PromptRequest
+from textgen.frontend.templates import RenderedPrompt
+from textgen.model.loading import LoadedModel
 from textgen.model.memory import GROWTH_BLOCK, kv_budget_tokens, kv_bytes_per_token
 from tests.test_engine import wait_for_tokens
 from tests.test_engine_faults import Recorder
@@ -299,3 +311,120 @@ def test_the_kv_budget_queues_seq2seq_requests_and_each_completes_as_alone(t5, e
     per_token = kv_bytes_per_token(t5)
     for (reserved, _), held in zip(recorder.reserved, recorder.cache_bytes):
         assert held <= reserved * per_token  # what the cache held, never more than what was reserved
+
+
+# -- structured output ---------------------------------------------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 20},
+    },
+    "required": ["color", "count"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_output_parses_and_validates_for_every_seed(engine, encode):
+    params = [
+        SamplingParams(
+            max_new_tokens=60,
+            temperature=1.0,
+            seed=seed,
+            constraint=Constraint("json_schema", json.dumps(SCHEMA)),
+        )
+        for seed in range(8)
+    ]
+    handles = engine.submit_many([(encode(PROMPTS[1]), p) for p in params])
+    results = [h.wait(60) for h in handles]
+    for result in results:
+        assert result.finish_reason == "eos", result  # the grammar ended it, not the token budget
+        jsonschema.validate(json.loads(result.text), SCHEMA)
+    assert len({r.text for r in results}) > 2  # sampled: the masks constrain, they do not decide
+    assert max(h.sequence.max_batch_size for h in handles) == 8  # all in one batch
+
+
+def test_the_guide_follows_the_decoder_not_the_encoder_prompt(engine, encode):
+    # The prompt is itself a complete answer: a guide fed the encoder's tokens would be finished before the
+    # first step (and an empty output would not parse).
+    answer = '{"color": "red", "count": 3}'
+    constraint = Constraint("json_schema", json.dumps(SCHEMA))
+    handle = engine.submit(
+        encode(answer), SamplingParams(max_new_tokens=60, temperature=0, constraint=constraint)
+    )
+    result = handle.wait(30)
+    assert result.finish_reason == "eos" and result.completion_tokens > 5
+    jsonschema.validate(json.loads(result.text), SCHEMA)
+    # The decoder's tokens alone, replayed through a fresh guide, are a complete sentence of the grammar.
+    replay = engine.grammars.guide(constraint)
+    for token in handle.sequence.output_ids:
+        replay.advance(token)  # raises if the token broke the grammar
+    assert replay.matcher.is_accepting()
+
+
+def test_regex_and_choice_hold_and_free_rows_are_untouched(engine, encode):
+    pattern = r"[A-Z][a-z]{2,6} (is|was) [0-9]{1,3}"
+    choices = ["sunny and warm", "cold", "raining"]
+    free = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    alone = engine.submit(encode(PROMPTS[0]), free).wait(30).text
+    for seed in range(5):
+        regex = SamplingParams(
+            max_new_tokens=40, seed=seed, temperature=1.0, constraint=Constraint("regex", pattern)
+        )
+        choice = SamplingParams(
+            max_new_tokens=40,
+            seed=seed,
+            temperature=1.0,
+            constraint=Constraint("choice", json.dumps(choices)),
+        )
+        handles = engine.submit_many(
+            [(encode(PROMPTS[1]), regex), (encode(PROMPTS[2]), choice), (encode(PROMPTS[0]), free)]
+        )
+        text, chosen, unconstrained = (h.wait(30).text for h in handles)
+        assert re.fullmatch(pattern, text), text
+        assert chosen in choices
+        assert unconstrained == alone  # float32, greedy: a free row's text is its own
+
+
+def frontend_for(model, tokenizer) -> Frontend:
+    loaded = LoadedModel(model, tokenizer, "tiny-t5", "test", 256, "float32")
+    return Frontend(loaded, Settings(max_batch_size=4, speculative="off"))
+
+
+def constrained(constraint: Constraint) -> PromptRequest:
+    params = SamplingParams(max_new_tokens=40, temperature=0, constraint=constraint)
+    return PromptRequest([RenderedPrompt(PROMPTS[1], user_text=PROMPTS[1])], params)
+
+
+def test_the_frontend_takes_structured_requests_for_an_encoder_decoder(t5, loaded_tiny):
+    frontend = frontend_for(t5, loaded_tiny.tokenizer)
+    try:
+        frontend.warmup()
+        schema = Constraint("json_schema", json.dumps(SCHEMA), "structured_outputs.json")
+        (prepared,) = frontend.prepare([constrained(schema)])
+        assert isinstance(prepared, Prepared), prepared
+        result = frontend.submit(prepared)[0].wait(30)
+        jsonschema.validate(json.loads(result.text), SCHEMA)
+        # What does not compile is still a 400 naming the field.
+        (error,) = frontend.prepare([constrained(Constraint("regex", "(", "guided_regex"))])
+        assert isinstance(error, ParamError) and error.field == "guided_regex"
+    finally:
+        frontend.close()
+
+
+def test_a_t5_tokenizer_cannot_be_constrained_and_the_400_says_why(t5, caplog):
+    """T5's own tokenizer (SentencePiece, a Metaspace decoder, no byte fallback) is one llguidance cannot
+    index: the refusal is the tokenizer's, with the reason, and the server still starts."""
+    frontend = frontend_for(t5, T5Tokenizer())
+    try:
+        frontend.warmup()  # does not raise: it logs that structured output is unavailable
+        assert any("structured output is not available" in r.getMessage() for r in caplog.records)
+        (error,) = frontend.prepare([constrained(Constraint("choice", '["a"]', "guided_choice"))])
+        assert isinstance(error, ParamError) and error.field == "guided_choice"
+        assert "Metaspace" in error.message and "T5" in error.message and "byte fallback" in error.message
+        plain = PromptRequest([RenderedPrompt("Hello", user_text="Hello")], SamplingParams(max_new_tokens=3))
+        (prepared,) = frontend.prepare([plain])
+        assert frontend.submit(prepared)[0].wait(30).completion_tokens == 3  # free text is unaffected
+    finally:
+        frontend.close()
