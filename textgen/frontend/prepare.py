@@ -115,8 +115,10 @@ class Frontend:
         prepared = self.prepare([request])[0]
         assert isinstance(prepared, Prepared), prepared
         self.submit(prepared)[0].wait(timeout=120)
-        if not self.loaded.is_encoder_decoder:
-            self.engine.grammars.lltokenizer  # indexed now, not on the event loop of the first constrained request
+        # The vocabulary is indexed now, not on the event loop of the first constrained request.
+        reason = self.engine.grammars.unsupported()
+        if reason is not None:
+            log.warning("%s; requests that ask for it get a 400", reason)
 
     def submit(self, prepared: Prepared) -> list[RequestHandle]:
         """Every choice enters the engine at once (they join the same step), or QueueFull is raised."""
@@ -186,11 +188,8 @@ class Frontend:
         constraint = params.constraint
         if constraint is None:
             return
-        if self.loaded.is_encoder_decoder:
-            raise ParamError(
-                constraint.field,
-                f"structured output needs a decoder-only model; {self.model_id} is an encoder-decoder",
-            )
+        # Encoder-decoders too: their runner shares the causal one's masked sampling, and a guide only ever
+        # sees the decoder's tokens (never the encoder's prompt). What can rule it out is the tokenizer.
         self.engine.grammars.check(constraint)
 
     def _check_token_ids(self, ids: tuple[int, ...], field_name: str) -> None:
