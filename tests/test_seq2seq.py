@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from types import SimpleNamespace
@@ -186,6 +187,16 @@ def test_parameters_are_honoured(engine, encode):
     assert result.logprobs is not None and len(result.logprobs) == 5
     assert [lp.token for lp in result.logprobs] == scored.sequence.output_ids
     assert all(len(lp.top) == 2 and lp.logprob is not None and lp.logprob <= 0 for lp in result.logprobs)
+
+
+def test_a_request_asking_for_speculation_is_simply_not_speculated(engine, encode):
+    """The seq2seq runner has no speculator (speculative.py drafts for decoder-only models): `speculative`
+    true on a request (the HTTP field) is no error, the request just decodes as usual."""
+    assert engine.runner.speculator is None
+    ids = encode(PROMPTS[1])
+    plain = engine.submit(ids, GREEDY).wait(30)
+    asked = engine.submit(ids, dataclasses.replace(GREEDY, speculative=True)).wait(30)
+    assert asked.finish_reason == plain.finish_reason == "length" and asked.text == plain.text
 
 
 def test_cancelling_one_row_leaves_the_others_exact(engine, encode):

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from textgen.config import Settings
 from textgen.engine.core import Engine, EngineObserver
 from textgen.engine.handle import RequestHandle
@@ -324,7 +326,25 @@ SHARED_SAMPLING_FIELDS = (
     "seed",
     "ignore_eos",
     "min_tokens",
+    "speculative",  # SpeculativeField: the engine's SamplingParams.speculative under the same name
 )
+
+
+class SpeculativeField(BaseModel):
+    """The per-request switch for speculative decoding, defined once for /generate and the OpenAI routes
+    (each protocol's request model inherits it; SHARED_SAMPLING_FIELDS carries it to SamplingParams)."""
+
+    # nullable spelled out: BentoML's OpenAPI writer keeps only the first member of `X | None`.
+    speculative: bool | None = Field(
+        None,
+        description="Speculative decoding for this request: the server's drafter (prompt lookup, or its draft "
+        "model, TEXTGEN_DRAFT_MODEL) proposes a few tokens and one forward pass checks them all. Greedy "
+        "output stays the same (exact in float32); sampled output keeps its distribution, though a seed then "
+        "gives another text. true = on, false = off; unset or null = the server's TEXTGEN_SPECULATIVE, "
+        "which covers greedy requests only. Requests with logprobs or structured output, and "
+        "encoder-decoder models, are never speculated.",
+        json_schema_extra={"nullable": True},
+    )
 
 
 def checked_defaults(defaults: SamplingDefaults) -> SamplingDefaults:
