@@ -63,6 +63,8 @@ def test_the_routes_are_in_the_openapi_document(tiny_server):
     doc = httpx.get(f"{tiny_server.url}/docs.json", timeout=30).json()
     for route in ("/v1/completions", "/v1/chat/completions", "/generate", "/generate_stream"):
         assert "post" in doc["paths"][route]
+        body = doc["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert "Speculative decoding" in body["properties"]["speculative"]["description"]
 
 
 # -- completions ---------------------------------------------------------------------------------
@@ -190,6 +192,28 @@ def test_textgen_extras_are_accepted_and_default_to_off(client, model_id):
     assert complete(client, model_id, max_tokens=3, user="someone").choices
 
 
+def test_speculative_is_accepted_and_keeps_greedy_text(client, model_id):
+    texts = {
+        flag: complete(client, model_id, max_tokens=20, temperature=0, extra_body={"speculative": flag})
+        .choices[0]
+        .text
+        for flag in (True, False, None)
+    }
+    assert texts[True] == texts[False] == texts[None]
+    chats = {
+        flag: client.chat.completions.create(
+            model=model_id, messages=CHAT, max_tokens=20, temperature=0, extra_body={"speculative": flag}
+        )
+        .choices[0]
+        .message.content
+        for flag in (True, False)
+    }
+    assert chats[True] == chats[False]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=model_id, messages=CHAT, extra_body={"speculative": 1})
+    assert exc.value.body["param"] == "speculative"
+
+
 # -- chat ----------------------------------------------------------------------------------------
 
 
@@ -282,6 +306,7 @@ def test_a_model_chat_template_is_used_when_present(tiny_model_dir):
         (dict(max_tokens=5, extra_body={"min_tokens": 6}), "min_tokens"),
         (dict(max_tokens=5, extra_body={"max_completion_tokens": 6}), "max_completion_tokens"),
         (dict(extra_body={"ignore_eos": "yes"}), "ignore_eos"),
+        (dict(extra_body={"speculative": "yes"}), "speculative"),
         (dict(stop=[""]), "stop"),
         (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
         (dict(extra_body={"top_k": -1}), "top_k"),

@@ -154,6 +154,7 @@ BAD_BODIES = [
     ({"prompt": "x", "stop": ["a"] * 17}, "stop", "at most 16"),
     ({"prompt": "x", "temprature": 0.5}, "temprature", "Extra inputs are not permitted"),
     ({"prompt": 42}, "prompt", "valid string"),
+    ({"prompt": "x", "speculative": "yes"}, "speculative", "valid boolean"),
     ({"max_new_tokens": 5}, "prompt", "Field required"),
 ]
 
@@ -224,6 +225,9 @@ def test_swagger_ui_and_openapi_are_served_and_docs_redirects(tiny_server):
     assert schema["properties"]["template"]["enum"] == ["auto", "none", "assistant", "few_shot", "chat"]
     assert schema["properties"]["temperature"]["maximum"] == 5.0
     assert schema["properties"]["max_new_tokens"]["maximum"] == 1024  # this server's TEXTGEN_MAX_NEW_TOKENS
+    speculative = schema["properties"]["speculative"]
+    assert speculative["type"] == "boolean" and speculative["nullable"] and speculative["default"] is None
+    assert "Speculative decoding" in speculative["description"]
     assert "/generate_stream" in spec["paths"]
 
 
@@ -242,6 +246,30 @@ def metric(server, name: str) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")]
     return sum(values)
+
+
+def test_speculative_is_chosen_per_request(tiny_server):
+    """The tiny server runs the default TEXTGEN_SPECULATIVE=ngram, which speculates greedy requests that do not
+    choose; `speculative: false` keeps one out, and either way the text is the same."""
+    drafted = lambda: metric(tiny_server, "textgen_spec_draft_tokens_total")  # noqa: E731
+    # A prompt that repeats itself and no penalties: prompt lookup finds drafts on the tiny model.
+    body = dict(
+        prompt="The quick brown fox jumps over the lazy dog. " * 4,
+        template="none",
+        max_new_tokens=30,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        **GREEDY,
+    )
+    before = drafted()
+    off = generate(tiny_server, **body, speculative=False)
+    assert drafted() == before
+    default = generate(tiny_server, **body)
+    after_default = drafted()
+    assert after_default > before
+    on = generate(tiny_server, **body, speculative=True)
+    assert drafted() > after_default
+    assert on["generated_text"] == default["generated_text"] == off["generated_text"]
 
 
 def test_engine_metrics_are_exported(tiny_server):

@@ -301,3 +301,65 @@ def test_the_server_default_covers_greedy_requests_and_sampled_ones_that_ask():
     assert off.wants(replace(sampled, speculative=True)) and not on.wants(replace(greedy, speculative=False))
     assert not on.wants(replace(greedy, logprobs=2, speculative=True))  # logprobs: never
     assert not on.wants(replace(greedy, constraint=Constraint("regex", "[ab]+"), speculative=True))
+
+
+# -- the request field (`speculative` on /generate and the OpenAI bodies), through the frontend ---------------
+
+
+@pytest.fixture(scope="module")
+def frontend_off(loaded_tiny):
+    """The frontend of a server started with TEXTGEN_SPECULATIVE=off, counting drafted tokens as /metrics does."""
+    from textgen.config import Settings
+    from textgen.frontend.prepare import Frontend
+
+    counting = Counting()
+    frontend = Frontend(
+        loaded_tiny, Settings(threads=1, dtype="float32", speculative="off"), observer=counting
+    )
+    yield frontend, counting
+    frontend.close()
+
+
+def run_body(frontend, request_class, body: dict) -> str:
+    """A request body as the HTTP routes take it (pydantic, then the one door), run to its end: the text."""
+    from textgen.frontend.prepare import Prepared
+
+    request = request_class.model_validate(body)
+    (prepared,) = frontend.prepare(
+        [request.to_prompt_request(frontend.tokenizer, frontend.sampling_defaults)]
+    )
+    assert isinstance(prepared, Prepared), prepared
+    (handle,) = frontend.submit(prepared)
+    return handle.wait(60).text
+
+
+def test_the_request_field_turns_speculation_on_and_off_per_request(frontend_off):
+    from textgen.frontend.generate_protocol import GenerateRequest
+    from textgen.frontend.openai_protocol import CompletionRequest
+
+    frontend, counting = frontend_off
+    body = dict(
+        prompt=REPETITIVE, template="none", max_new_tokens=40, temperature=0, ignore_eos=True, **PLAIN
+    )
+
+    def drafted_by(request_class, body: dict) -> tuple[str, int]:
+        before = counting.drafted
+        text = run_body(frontend, request_class, body)
+        return text, counting.drafted - before
+
+    default, none_by_default = drafted_by(GenerateRequest, body)
+    null, none_for_null = drafted_by(GenerateRequest, {**body, "speculative": None})
+    off, none_when_off = drafted_by(GenerateRequest, {**body, "speculative": False})
+    on, drafted = drafted_by(GenerateRequest, {**body, "speculative": True})
+    assert none_by_default == none_for_null == none_when_off == 0  # the server's default is off
+    assert drafted > 0 and on == off == default == null  # greedy: the same text, speculated or not
+    # A sampled request may ask for it too (its default is never to speculate); top_k 1 makes it loop like
+    # greedy, so that prompt lookup finds drafts.
+    sampled = {**body, "temperature": 0.8, "top_k": 1, "seed": 1}
+    _, sampled_drafts = drafted_by(GenerateRequest, {**sampled, "speculative": True})
+    assert sampled_drafts > 0
+    # The OpenAI bodies carry it the same way (SHARED_SAMPLING_FIELDS).
+    completion = dict(prompt=REPETITIVE, max_tokens=40, temperature=0, ignore_eos=True)
+    plain, none = drafted_by(CompletionRequest, completion)
+    spec, some = drafted_by(CompletionRequest, {**completion, "speculative": True})
+    assert none == 0 and some > 0 and spec == plain

@@ -69,6 +69,8 @@ def test_generate_sends_every_parameter_and_shows_the_streamed_text(monkeypatch,
     param(app, "number_input", "seed").set_value(42)
     param(app, "text_area", "stop").input("zzzz\nqq\\tq")
     param(app, "toggle", "ignore_eos").set_value(True)
+    assert param(app, "selectbox", "speculative").value == "server default"
+    param(app, "selectbox", "speculative").select("on")
     param(app, "number_input", "max_words").set_value(0).run()  # before postprocess=False disables it
     param(app, "toggle", "postprocess").set_value(False)
     click_generate(app, "Question: what is the weather like today?")
@@ -93,6 +95,7 @@ def test_generate_sends_every_parameter_and_shows_the_streamed_text(monkeypatch,
         "logprobs": None,
         "seed": 42,
         "stop": ["zzzz", "qq\tq"],
+        "speculative": True,
         "template": "assistant",
         "postprocess": False,
         "strip_prompt": True,
@@ -236,6 +239,13 @@ def test_widgets_respect_the_schemas_bounds():
     assert kinds["max_new_tokens"] == "number" and kinds["temperature"] == "slider"
     assert kinds["template"] == "select" and kinds["stop"] == "lines" and kinds["max_words"] == "number"
     assert kinds["logit_bias"] is None  # an object: no widget, so the server's default (none) applies
+    # A nullable boolean: "server default" sends null, never a toggle's false.
+    speculative = SCHEMA.params["speculative"]
+    assert kinds["speculative"] == "choice3" and speculative.default is None
+    for value, label in ((None, "server default"), (True, "on"), (False, "off")):
+        assert controls.to_widget(speculative, value) == label
+        assert controls.from_widget(speculative, label) is value
+    assert controls.to_widget(speculative, 1) == "server default"  # not a boolean: back to the default
     form = controls.Form({}, SCHEMA)
     editable = {name: p.default for name, p in SCHEMA.params.items() if kinds[name] is not None}
     assert form.body() == {"prompt": "", **editable}

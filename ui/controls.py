@@ -14,7 +14,7 @@ import streamlit as st
 
 from ui.client import Param, RequestSchema
 
-WidgetKind = Literal["toggle", "slider", "number", "select", "lines"]
+WidgetKind = Literal["toggle", "choice3", "slider", "number", "select", "lines"]
 
 # Streamlit's number inputs go through JavaScript numbers; larger integers lose precision there.
 JS_MAX_SAFE_INT = 2**53 - 1
@@ -36,6 +36,7 @@ DECODING = (
     "min_tokens",
     "seed",
     "stop",
+    "speculative",
 )
 POSTPROCESSING = (
     "postprocess",
@@ -56,11 +57,15 @@ PRESETS: dict[str, dict[str, Any] | None] = {
 
 NULL_PLACEHOLDERS = {"seed": "random"}
 
+# A boolean whose default is null (speculative) has three states; a toggle would send false, overriding the
+# server's default, so it gets a choice whose first option sends null.
+CHOICE3_LABELS: dict[bool | None, str] = {None: "server default", True: "on", False: "off"}
+
 
 def widget_kind(param: Param) -> WidgetKind | None:
     """The widget for a field, or None for a type the UI does not know (the server default applies)."""
     if param.type == "boolean":
-        return "toggle"
+        return "toggle" if param.default is not None else "choice3"
     if param.type == "string" and param.choices:
         return "select"
     if param.type == "array":
@@ -100,6 +105,8 @@ def to_widget(param: Param, value: Any) -> Any:
     kind = widget_kind(param)
     if kind == "lines":
         return "\n".join(escape_line(s) for s in value or [])
+    if kind == "choice3":
+        return CHOICE3_LABELS[value if isinstance(value, bool) else None]  # isinstance: 1 is not True here
     if kind in ("slider", "number") and value is not None:
         low, high, _ = numeric_bounds(param)
         value = int(value) if param.type == "integer" else float(value)
@@ -115,6 +122,8 @@ def from_widget(param: Param, value: Any) -> Any:
     kind = widget_kind(param)
     if kind == "lines":
         return [unescape_line(line) for line in str(value or "").split("\n") if line]
+    if kind == "choice3":
+        return next((v for v, label in CHOICE3_LABELS.items() if label == value), None)
     if param.type == "number" and value is not None:
         return round(float(value), 6)  # slider arithmetic leaves 0.7000000000000001
     if param.type == "integer" and value is not None:
@@ -225,6 +234,11 @@ def _toggle(param: Param, value: Any, **common: Any) -> Any:
     return st.toggle(value=bool(value), **common)
 
 
+def _choice3(param: Param, value: Any, **common: Any) -> Any:
+    labels = tuple(CHOICE3_LABELS.values())
+    return st.selectbox(options=labels, index=labels.index(value), **common)
+
+
 def _select(param: Param, value: Any, **common: Any) -> Any:
     return st.selectbox(options=param.choices, index=param.choices.index(value), **common)
 
@@ -247,4 +261,11 @@ def _number(param: Param, value: Any, **common: Any) -> Any:
     )
 
 
-_WIDGETS = {"toggle": _toggle, "select": _select, "lines": _lines, "slider": _slider, "number": _number}
+_WIDGETS = {
+    "toggle": _toggle,
+    "choice3": _choice3,
+    "select": _select,
+    "lines": _lines,
+    "slider": _slider,
+    "number": _number,
+}

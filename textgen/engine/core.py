@@ -105,9 +105,8 @@ class EngineStats:
     running: int = 0
     steps: int = 0
     last_batch_size: int = 0
-    kv_reserved_tokens: int = (
-        0  # the running batch's worst case: rows × (longest prompt + max_new_tokens + spare)
-    )
+    # The running batch's worst case: rows × (longest prompt + max_new_tokens + spare); see kv_reservation.
+    kv_reserved_tokens: int = 0
 
 
 def worst_case_tokens(seq: Sequence) -> int:
@@ -115,11 +114,31 @@ def worst_case_tokens(seq: Sequence) -> int:
     return len(seq.prompt_ids) + seq.max_new_tokens
 
 
+def worst_case_widths(seq: Sequence, encoder_decoder: bool) -> tuple[int, int]:
+    """The most (encoder, decoder) KV positions a sequence can come to hold.
+
+    Causal: no encoder side, and its prompt and output share one cache. Encoder-decoder: its prompt's
+    cross-attention cache, and a self-attention cache of the start token plus every token fed back (all
+    but the last of max_new_tokens): max_new_tokens in all.
+    """
+    if encoder_decoder:
+        return len(seq.prompt_ids), max(seq.max_new_tokens, 1)
+    return 0, worst_case_tokens(seq)
+
+
+def widest(widths: list[tuple[int, int]]) -> int:
+    """The worst-case width of a batch of rows of these widths: the encoder side and the decoder side are
+    padded each to its own longest row (textgen/engine/seq2seq.py), so a row with a long prompt and another
+    with a long output make a batch as wide as both together."""
+    return max((e for e, _ in widths), default=0) + max((d for _, d in widths), default=0)
+
+
 def kv_reservation(rows: int, widest: int) -> int:
     """KV tokens `rows` sequences may come to hold when the longest worst case among them is `widest`.
 
     Rows are left-padded to the longest one (textgen/engine/batch.py), so a batch costs rows × its width,
-    not the sum of its rows' lengths, plus the spare room each row's cache grows by.
+    not the sum of its rows' lengths, plus the spare room each row's cache grows by (the self-attention
+    cache only: an encoder-decoder's cross-attention cache is filled once, at its exact width).
     """
     return rows * (widest + GROWTH_BLOCK) if rows else 0
 
@@ -167,13 +186,14 @@ class Engine:
                 f"{GROWTH_BLOCK}): a long request could never run"
             )
         self.kv_budget_tokens = kv_budget_tokens
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         vocab_size = int(model.config.get_text_config().vocab_size)
         self.grammars = Grammars(tokenizer, vocab_size, self.eos_token_ids)  # structured output
         faults = FaultInjector(fault_prompt, tokenizer, fault_after_tokens) if fault_prompt else None
         self.runner: Runner
         self.prefix_cache: PrefixCache | None = None
-        if getattr(model.config, "is_encoder_decoder", False):
+        if self.encoder_decoder:
             self.runner = Seq2SeqRunner(model, vocab_size, faults=faults, on_error=self._step_failed)
         else:
             use_decode_attention(model)
@@ -318,7 +338,7 @@ class Engine:
             rows = self.runner.rows
             self.stats.running = len(rows)
             self.stats.kv_reserved_tokens = kv_reservation(
-                len(rows), max((worst_case_tokens(s) for s in rows), default=0)
+                len(rows), widest([worst_case_widths(s, self.encoder_decoder) for s in rows])
             )
             tokens = getattr(self.runner, "last_tokens", stepped)  # more than `stepped` when it speculated
             self.observer.on_step(
@@ -339,7 +359,7 @@ class Engine:
         """
         running = self.runner.rows
         room = self.max_batch_size - len(running)
-        rows, widest = len(running), max((worst_case_tokens(s) for s in running), default=0)
+        widths = [worst_case_widths(s, self.encoder_decoder) for s in running]
         new: list[Sequence] = []
         tokens = 0
         while self._waiting and len(new) < room:
@@ -350,11 +370,18 @@ class Engine:
                 continue
             if new and tokens + len(seq.prompt_ids) > self.max_prefill_tokens:
                 break
-            wider = max(widest, worst_case_tokens(seq))
-            if self.kv_budget_tokens is not None and kv_reservation(rows + 1, wider) > self.kv_budget_tokens:
+            joined = widths + [worst_case_widths(seq, self.encoder_decoder)]
+            # An empty batch takes its first row whatever the budget: the budget holds one full context, and
+            # an encoder's input is not checked against the context (frontend/prepare.py), so a long one
+            # would otherwise wait forever. TEXTGEN_MAX_PROMPT_CHARS bounds it.
+            if (
+                widths
+                and self.kv_budget_tokens is not None
+                and kv_reservation(len(joined), widest(joined)) > self.kv_budget_tokens
+            ):
                 break
             self._waiting.popleft()
-            rows, widest = rows + 1, wider
+            widths = joined
             tokens += len(seq.prompt_ids)
             new.append(seq)
         return new

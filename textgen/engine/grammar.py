@@ -53,21 +53,48 @@ class Grammars:
         self.vocab_size = vocab_size  # the model's logits width: ids the tokenizer lacks are never allowed
         self.eos_token_ids = sorted(eos_token_ids)
         self._indexed: Any = None
+        self._unsupported: str | None = None  # why this tokenizer cannot be indexed, once that is known
         self._lock = threading.Lock()
 
     @property
     def lltokenizer(self) -> Any:
         """The vocabulary as llguidance indexes it, built once (0.25 s for GPT-2 here): at warm-up, so that
-        the first constrained request does not hold up the event loop while it is built."""
+        the first constrained request does not hold up the event loop while it is built.
+
+        Raises ValueError, saying why, for a tokenizer llguidance cannot index (see `unsupported`).
+        """
         with self._lock:
-            if self._indexed is None:
-                self._indexed = llguidance.hf.from_tokenizer(
-                    self.tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids or None
-                )
+            if self._indexed is None and self._unsupported is None:
+                try:
+                    self._indexed = llguidance.hf.from_tokenizer(
+                        self.tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids or None
+                    )
+                except ValueError as exc:
+                    self._unsupported = _unsupported_tokenizer(self.tokenizer, exc)
+            if self._unsupported is not None:
+                raise ValueError(self._unsupported)
             return self._indexed
 
+    def unsupported(self) -> str | None:
+        """Why structured output is impossible with this tokenizer, or None when it is possible.
+
+        llguidance computes masks over the bytes each token stands for, which it reads off the tokenizer's
+        decoder: byte-level BPE (GPT-2, BART, most causal models) or SentencePiece with byte fallback (Llama).
+        T5's tokenizer (SentencePiece with a Metaspace decoder and no byte fallback) is neither, so the T5
+        family cannot be constrained whatever its runner; a model's architecture alone never prevents it.
+        """
+        try:
+            self.lltokenizer
+        except ValueError as exc:
+            return str(exc)
+        return None
+
     def check(self, constraint: Constraint) -> None:
-        """Raise ParamError (a 400 naming the field) when the constraint does not compile."""
+        """Raise ParamError (a 400 naming the field) when the constraint does not compile, or when this
+        model's tokenizer cannot be constrained at all."""
+        reason = self.unsupported()
+        if reason is not None:
+            raise ParamError(constraint.field, f"{constraint.field}: {reason}")
         try:
             grammar = grammar_of(constraint)
         except (ValueError, TypeError) as exc:
@@ -137,6 +164,22 @@ def apply_masks(logits: torch.Tensor, allowed: list[torch.Tensor | None]) -> Non
     for row, mask in enumerate(allowed):
         if mask is not None:
             logits[row].masked_fill_(~mask, float("-inf"))
+
+
+def _unsupported_tokenizer(tokenizer: Any, exc: ValueError) -> str:
+    """The 400's explanation: what llguidance said, and what it means for this tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = type(backend.decoder).__name__ if backend is not None and backend.decoder is not None else None
+    detail = _one_line([str(exc)])
+    if decoder == "Metaspace":
+        detail = (
+            "its decoder is Metaspace (SentencePiece without byte fallback, as in T5 and Flan-T5), which "
+            f"llguidance cannot read token bytes from ({detail})"
+        )
+    return (
+        f"structured output is not available for this model: its tokenizer ({type(tokenizer).__name__}) "
+        f"cannot be indexed by the grammar engine: {detail}"
+    )
 
 
 def _what(constraint: Constraint) -> str:

@@ -22,7 +22,13 @@ from textgen.engine.params import (
 from textgen.engine.logprobs import TokenLogprob
 from textgen.engine.sequence import GenerationResult
 from textgen.frontend.postprocess import PostProcessing
-from textgen.frontend.prepare import Prepared, PromptRequest, sampling_field, shared_sampling_fields
+from textgen.frontend.prepare import (
+    Prepared,
+    PromptRequest,
+    SpeculativeField,
+    sampling_field,
+    shared_sampling_fields,
+)
 from textgen.frontend.structured import StructuredOutputFields
 from textgen.frontend.templates import TemplateName, render
 
@@ -52,7 +58,7 @@ def _bounded(name: str, description: str, textgen_default: Any = None) -> Any:
     )
 
 
-class GenerateRequest(StructuredOutputFields):
+class GenerateRequest(StructuredOutputFields, SpeculativeField):
     """A prompt, how to decode it, how to frame it (template) and how to clean the result."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)

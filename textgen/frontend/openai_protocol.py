@@ -1,8 +1,9 @@
 """The OpenAI-compatible API's bodies, how they become a PromptRequest, and the bodies of the answers.
 
 /v1/completions and /v1/chat/completions take OpenAI's bodies, plus vLLM's and textgen's extra fields
-(`top_k`, `min_p`, `repetition_penalty`, `no_repeat_ngram_size`, `ignore_eos`, `min_tokens`). Unlike
-/generate, nothing of textgen's is added to what the client asked for: those extras default to off, no
+(`top_k`, `min_p`, `repetition_penalty`, `no_repeat_ngram_size`, `ignore_eos`, `min_tokens`,
+`speculative`). Unlike /generate, nothing of textgen's is added to what the client asked for: those extras
+default to off (`speculative` to the server's default, as on /generate: it changes speed, not quality), no
 textgen template frames the prompt and no post-processing touches the output, because OpenAI clients
 expect the model's raw output. A sampling field the client leaves unset takes the model's own default when
 it has one (model/sampling_defaults.py; as vLLM's --generation-config auto), else OpenAI's.
@@ -25,7 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from textgen.engine.params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, RANGES, ParamError, Range, SamplingParams
 from textgen.frontend.generate_protocol import Usage  # the same counts, in OpenAI's field names
 from textgen.engine.logprobs import TokenLogprob
-from textgen.frontend.prepare import FieldNames, Prepared, PromptRequest, shared_sampling_fields
+from textgen.frontend.prepare import (
+    FieldNames,
+    Prepared,
+    PromptRequest,
+    SpeculativeField,
+    shared_sampling_fields,
+)
 from textgen.frontend.structured import StructuredOutputFields
 from textgen.frontend.templates import RenderedPrompt, has_chat_template, render_chat
 
@@ -50,7 +57,7 @@ class StreamOptions(BaseModel):
     )
 
 
-class SamplingFields(StructuredOutputFields):
+class SamplingFields(StructuredOutputFields, SpeculativeField):
     """The fields both routes share. Unknown fields are rejected (400), never silently ignored."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)

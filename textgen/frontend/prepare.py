@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from textgen.config import Settings
 from textgen.engine.core import Engine, EngineObserver
 from textgen.engine.handle import RequestHandle
@@ -118,8 +120,10 @@ class Frontend:
         prepared = self.prepare([request])[0]
         assert isinstance(prepared, Prepared), prepared
         self.submit(prepared)[0].wait(timeout=120)
-        if not self.loaded.is_encoder_decoder:
-            self.engine.grammars.lltokenizer  # indexed now, not on the event loop of the first constrained request
+        # The vocabulary is indexed now, not on the event loop of the first constrained request.
+        reason = self.engine.grammars.unsupported()
+        if reason is not None:
+            log.warning("%s; requests that ask for it get a 400", reason)
 
     def submit(self, prepared: Prepared) -> list[RequestHandle]:
         """Every choice enters the engine at once (they join the same step), or QueueFull is raised."""
@@ -189,11 +193,8 @@ class Frontend:
         constraint = params.constraint
         if constraint is None:
             return
-        if self.loaded.is_encoder_decoder:
-            raise ParamError(
-                constraint.field,
-                f"structured output needs a decoder-only model; {self.model_id} is an encoder-decoder",
-            )
+        # Encoder-decoders too: their runner shares the causal one's masked sampling, and a guide only ever
+        # sees the decoder's tokens (never the encoder's prompt). What can rule it out is the tokenizer.
         self.engine.grammars.check(constraint)
 
     def _check_token_ids(self, ids: tuple[int, ...], field_name: str) -> None:
@@ -328,7 +329,25 @@ SHARED_SAMPLING_FIELDS = (
     "seed",
     "ignore_eos",
     "min_tokens",
+    "speculative",  # SpeculativeField: the engine's SamplingParams.speculative under the same name
 )
+
+
+class SpeculativeField(BaseModel):
+    """The per-request switch for speculative decoding, defined once for /generate and the OpenAI routes
+    (each protocol's request model inherits it; SHARED_SAMPLING_FIELDS carries it to SamplingParams)."""
+
+    # nullable spelled out: BentoML's OpenAPI writer keeps only the first member of `X | None`.
+    speculative: bool | None = Field(
+        None,
+        description="Speculative decoding for this request: the server's drafter (prompt lookup, or its draft "
+        "model, TEXTGEN_DRAFT_MODEL) proposes a few tokens and one forward pass checks them all. Greedy "
+        "output stays the same (exact in float32); sampled output keeps its distribution, though a seed then "
+        "gives another text. true = on, false = off; unset or null = the server's TEXTGEN_SPECULATIVE, "
+        "which covers greedy requests only. Requests with logprobs or structured output, and "
+        "encoder-decoder models, are never speculated.",
+        json_schema_extra={"nullable": True},
+    )
 
 
 def checked_defaults(defaults: SamplingDefaults) -> SamplingDefaults:

@@ -2,8 +2,9 @@
 
 A decoding batch's KV cache grows with every token of every sequence; left unchecked, enough long requests
 at once take the process past its memory limit (an OOM kill loses every request on the pod). The engine
-admits a sequence only while the worst case of the running batch (every row at prompt + max_new_tokens)
-fits this budget (textgen/engine/core.py); the others wait in the queue.
+admits a sequence only while the worst case of the running batch (every row at prompt + max_new_tokens;
+for an encoder-decoder, encoder input + max_new_tokens) fits this budget (textgen/engine/core.py); the
+others wait in the queue.
 """
 
 from __future__ import annotations
@@ -25,27 +26,57 @@ GROWTH_BLOCK = 32  # spare KV positions a row's cache may hold beyond its tokens
 
 
 def kv_bytes_per_token(model: Any) -> int:
-    """Bytes one token takes in the KV cache: keys and values, in every layer, in the activations' dtype."""
-    config = model.config.get_text_config()
-    layers = int(config.num_hidden_layers)
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    """Bytes one KV position takes: keys and values, in every layer that caches them, in the compute dtype.
+
+    For an encoder-decoder a position is either one of the decoder's (its self-attention cache: the start
+    token and each token fed back) or one of the encoder's (the cross-attention cache: every decoder layer
+    keeps keys and values of its row's whole encoder output). Both take the decoder's layers × heads × head
+    width, so one price serves both and the engine counts positions of either kind (textgen/engine/core.py).
+    The encoder's output itself is not kept once the cross-attention cache is filled (engine/seq2seq.py).
+
+    Raises ValueError for an encoder-decoder whose config this does not know how to read.
+    """
+    if getattr(model.config, "is_encoder_decoder", False):
+        layers, kv_heads, head_dim = decoder_kv_shape(model.config)
+    else:
+        config = model.config.get_text_config()
+        layers = int(config.num_hidden_layers)
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     dtype = getattr(model, "dtype", None) or torch.float32  # the compute dtype (int8 weights compute in it)
     return 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
-def kv_budget_tokens(model: Any, context_length: int, settings: Settings) -> int | None:
-    """TEXTGEN_KV_BUDGET_TOKENS, or a default from the memory available now; None for encoder-decoders.
+def decoder_kv_shape(config: Any) -> tuple[int, int, int]:
+    """An encoder-decoder's decoder: (layers, heads, per-head width) of its self- and cross-attention caches.
 
+    Not the generic fields: for T5 and BART, num_hidden_layers and num_attention_heads name the encoder's.
+    """
+    if getattr(config, "d_kv", None) is not None:
+        # T5 and kin (mT5, umT5, LongT5, Switch): the head width is d_kv, not d_model / num_heads
+        # (flan-t5-small: 6 heads of 64 over d_model 512); num_decoder_layers defaults to num_layers.
+        layers = int(getattr(config, "num_decoder_layers", None) or config.num_layers)
+        return layers, int(config.num_heads), int(config.d_kv)
+    layers, heads = getattr(config, "decoder_layers", None), getattr(config, "decoder_attention_heads", None)
+    if layers is not None and heads is not None:
+        # BART and kin (mBART, Marian, Pegasus, M2M100, Blenderbot): both attentions of a decoder layer have
+        # decoder_attention_heads heads of d_model / heads.
+        return int(layers), int(heads), int(config.d_model) // int(heads)
+    raise ValueError(
+        f"cannot size the KV cache of a {config.model_type!r} encoder-decoder: its config names neither "
+        "T5's d_kv nor BART's decoder_layers and decoder_attention_heads"
+    )
+
+
+def kv_budget_tokens(model: Any, context_length: int, settings: Settings) -> int | None:
+    """TEXTGEN_KV_BUDGET_TOKENS, or a default from the memory available now.
+
+    In KV positions: for an encoder-decoder, encoder and decoder positions together (kv_bytes_per_token).
     Never less than one full context (else a request that passed validation could wait forever): a
     configured budget below that is an error that says so; a default below it is raised to it, with a warning.
+    None (no bound but TEXTGEN_MAX_BATCH_SIZE) only for an encoder-decoder whose config cannot be sized.
     """
-    if getattr(model.config, "is_encoder_decoder", False):
-        # Not sized yet: their per-token bytes are the decoder's (self- and cross-attention caches), which
-        # the generic config fields below do not describe (T5's d_kv is not d_model / heads). Until then
-        # the batch is bounded by TEXTGEN_MAX_BATCH_SIZE alone.
-        return None
     one_row = context_length + GROWTH_BLOCK
     configured = settings.kv_budget_tokens
     if configured is not None:
@@ -56,7 +87,11 @@ def kv_budget_tokens(model: Any, context_length: int, settings: Settings) -> int
                 f"{one_row}, or unset it to size it from the available memory"
             )
         return configured
-    per_token = kv_bytes_per_token(model)
+    try:
+        per_token = kv_bytes_per_token(model)
+    except ValueError as exc:
+        log.warning("KV budget: none (%s); set TEXTGEN_KV_BUDGET_TOKENS to bound the batch's cache", exc)
+        return None
     available = available_memory()
     most = settings.max_batch_size * one_row  # more than every row at full context is never needed
     if available is None:
