@@ -347,8 +347,9 @@ class Engine:
             self.observer.on_memory(
                 self.stats.kv_reserved_tokens, self.kv_budget_tokens, self.runner.kv_bytes()
             )
-            if self.prefix_cache is not None:
-                self.observer.on_prefix_cache(self.prefix_cache.stats)
+            report = getattr(self.observer, "on_prefix_cache", None)  # observers written before it lack it
+            if self.prefix_cache is not None and report is not None:
+                report(self.prefix_cache.stats)
         for seq in self.runner.rows + list(self._waiting):
             seq.abort("cancelled", "the server is shutting down")
 
