@@ -1,7 +1,9 @@
 """Choosing the weight format for the CPU at hand (TEXTGEN_DTYPE=auto), and saying when a choice is slow.
 
 `auto` takes the fastest format this CPU runs natively whose quality cost stays within 1% token-by-token
-perplexity of float32; it never picks a format the CPU emulates.
+perplexity of float32; it never picks a format the CPU emulates. "Natively" is for this process: under a
+kernel-library cap (ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon, textgen/model/cpu.py) bfloat16 is emulated, so the
+choice and the warning read CpuInfo's effective picture, not the raw /proc/cpuinfo flags.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ def _not_native(dtype: str, cpu: CpuInfo) -> str | None:
     # (int8_dense_dtype): nothing of it is emulated anywhere.
     if dtype != "bfloat16" or cpu.native_bf16:
         return None
+    cap = cpu.bf16_capped_by
+    if cap is not None:  # the CPU has the units, but this process may not use them
+        return (
+            f"{cap} keeps oneDNN off this CPU's bfloat16 units ({cpu.raw_isa_class}), so this process "
+            f"({cpu.isa_class}) emulates bfloat16"
+        )
     missing = "no BF16" if cpu.is_arm else "no AVX512_BF16 or AMX"
     return f"this CPU ({cpu.isa_class}, {missing}) emulates bfloat16"
 
@@ -66,6 +74,12 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
             why = (
                 "measured faster only on x86 CPUs with native bfloat16 and int8 dot products, "
                 f"not on this {cpu.isa_class} one"
+            )
+        if why is None and dtype == "int8" and not cpu.int8_kernel_vectorized:
+            why = (
+                f"torch's int8 kernel is not vectorized here (torch capability {cpu.torch_capability}, "
+                f"{', '.join(str(c) for c in cpu.caps if c.library == 'ATen') or 'no cap'}): "
+                "6.3 GFLOP/s against float32's 28.5 at one row on an AMX Xeon"
             )
         cost = table.get(dtype)
         if why is None:

@@ -263,6 +263,8 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
         torch.get_num_threads(),
         context,
     )
+    for note in cpu.notes:  # kernel-library caps (ONEDNN_MAX_CPU_ISA, ...) and other kernel caveats
+        log.info("CPU: %s", note)
     return loaded
 
 
