@@ -329,7 +329,7 @@ def test_mkl_and_aten_caps_do_not_make_bfloat16_emulated() -> None:
         (note,) = cpu.notes
         assert note.startswith(next(f"{k}={v}" for k, v in env.items())) and "emulated" not in note
     # ATEN_CPU_CAPABILITY=default: torch's own kernels unvectorized, its int8 weight-only kernel with them
-    # (6.3 GFLOP/s against float32's 28.5 at one row, bench/results/isa-caps.md), so no int8; bfloat16
+    # (6.1 GFLOP/s against float32's 28.9 at one row, bench/results/isa-caps.md), so no int8; bfloat16
     # products are still oneDNN's.
     assert capped("epyc-zen3", ATEN_CPU_CAPABILITY="default").isa_class == "baseline"
     scalar = capped("sapphire-rapids", ATEN_CPU_CAPABILITY="default")

@@ -87,14 +87,14 @@ _ARM_IMPLEMENTERS = {
 # Kernel-library ISA caps
 #
 # Measured on the AMX Xeon (KVM, family 6 model 167, torch 2.13.0+cpu with oneDNN 3.12 and oneMKL 2024.2,
-# 2 threads; bench/results/isa-caps.md): GEMM 1024^3 in bfloat16 1496 GFLOP/s, 36 with ONEDNN_MAX_CPU_ISA=AVX2,
-# 76 with AVX512_CORE, 226 with AVX512_CORE_BF16 (so bfloat16 products run on oneDNN's units, and only
-# oneDNN's cap makes them emulated); float32 GEMM 318-381 GFLOP/s, 214 with MKL_ENABLE_INSTRUCTIONS=AVX2
-# (float32 products are oneMKL's); torch.backends.cpu.get_cpu_capability() AVX2 with ATEN_CPU_CAPABILITY=avx2,
-# and the int8 weight-only kernel (_weight_int8pack_mm, ATen's own) 83 -> 64 GFLOP/s at one row. Neither the
-# MKL nor the ATen cap changed bfloat16 products (1436, 1431 GFLOP/s). Spelling, checked in their verbose
-# logs: oneDNN takes any case and ignores unknown values, oneMKL takes upper case only, ATen lower case only
-# (other spellings are ignored, ATen with a warning).
+# 2 threads; bench/results/isa-caps.md): a 1024^3 GEMM in bfloat16 runs at 1343 GFLOP/s, 33 with
+# ONEDNN_MAX_CPU_ISA=AVX2, 68 with AVX512_CORE, 199 with AVX512_CORE_BF16 (bfloat16 products are oneDNN's,
+# and only oneDNN's cap makes them emulated); in float32 at 332, 199 with MKL_ENABLE_INSTRUCTIONS=AVX2
+# (float32 products are oneMKL's); ATEN_CPU_CAPABILITY=avx2 turns torch.backends.cpu.get_cpu_capability() to
+# AVX2 and the int8 weight-only kernel (_weight_int8pack_mm, ATen's own) from 75 to 57 GFLOP/s at one row.
+# Neither the MKL nor the ATen cap slowed bfloat16 products (1326, 1353 GFLOP/s). Spellings, checked in their
+# verbose logs: oneDNN takes any case and ignores unknown values, oneMKL takes upper case only, ATen lower
+# case only (other spellings are ignored, by ATen with a warning).
 
 # oneDNN: the flags each ONEDNN_MAX_CPU_ISA value leaves usable; None: no cap. Partial order from oneDNN's
 # dispatcher docs: SSE41 < AVX < AVX2 < AVX2_VNNI < AVX2_VNNI_2; AVX2 < AVX512_CORE < AVX512_CORE_VNNI <
@@ -231,7 +231,7 @@ class CpuInfo:
     def int8_kernel_vectorized(self) -> bool:
         """torch's int8 weight-only kernel (`_weight_int8pack_mm`, ATen's own) is vectorized in this process.
 
-        With ATEN_CPU_CAPABILITY=default it ran at 6.3 GFLOP/s at one row instead of 80 (float32: 28.5) on the
+        With ATEN_CPU_CAPABILITY=default it ran at 6.1 GFLOP/s at one row instead of 75 (float32: 28.9) on the
         AMX Xeon (bench/results/isa-caps.md): int8 is then slower than float32, native units or not.
         """
         if self.is_arm or not self.flags_known:

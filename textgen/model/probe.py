@@ -73,7 +73,7 @@ def _probe_key(
         "cpu_model": cpu.model,
         "flags": sorted(cpu.flags),
         # The same CPU under ONEDNN_MAX_CPU_ISA=AVX2 (or another cap) measures something else (bfloat16
-        # GEMM 36 instead of 1496 GFLOP/s on the AMX Xeon): a capped measurement is its own cache entry.
+        # GEMM 33 instead of 1343 GFLOP/s on the AMX Xeon): a capped measurement is its own cache entry.
         "raw_flags": sorted(cpu.raw_flags or ()),
         "caps": [str(cap) for cap in cpu.caps],
         "torch_version": torch.__version__,
