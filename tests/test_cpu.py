@@ -19,7 +19,14 @@ from textgen.config import DTYPES, available_cores
 from textgen.model import cpu as cpu_mod
 from textgen.model import probe as probe_mod
 from textgen.model.cpu import ISA_CLASSES, CpuInfo, describe, detect_cpu
-from textgen.model.formats import QUALITY_COST, choose_dtype, emulated, int8_dense_dtype
+from textgen.model.formats import (
+    QUALITY_COST,
+    choose_dtype,
+    emulated,
+    int8_dense_dtype,
+    serving_dtype,
+    slow,
+)
 from textgen.model.probe import load_probe, probe
 
 BASE = (
@@ -232,6 +239,28 @@ def test_emulated_warns_only_where_bfloat16_is_not_native() -> None:
         emulated("float16", spr)
 
 
+def test_explicit_formats_warn_when_emulated_or_measured_slow() -> None:
+    """bfloat16 where it is emulated; int8 where its one-row products multiply float32 activations (torch's
+    int8 kernel does not vectorize them: 17.8 against float32's 37.3 tok/s for one stream on the AVX2
+    class) or ATen's kernels are unvectorized."""
+    spr, zen3 = machine("sapphire-rapids"), machine("epyc-zen3")
+    avx2_on_spr = capped("sapphire-rapids", **AVX2_CAPS)
+    for cpu in (spr, zen3, avx2_on_spr):
+        assert serving_dtype("float32", cpu).warning is None
+    assert serving_dtype("bfloat16", spr).warning is None and serving_dtype("int8", spr).warning is None
+    for cpu in (zen3, avx2_on_spr):
+        choice = serving_dtype("bfloat16", cpu)
+        assert choice.warning is not None and "emulated" in choice.warning and choice.warning in choice.reason
+        choice = serving_dtype("int8", cpu)
+        assert choice.warning is not None and choice.warning == slow("int8", cpu)
+        assert "slower than float32" in choice.warning and "float32 activations" in choice.warning
+    scalar = capped("sapphire-rapids", ATEN_CPU_CAPABILITY="default")
+    assert "not vectorized" in (slow("int8", scalar) or "")
+    assert slow("int8", detect_cpu(GRAVITON2)) is None  # measured on x86 only
+    assert slow("bfloat16", zen3) is None and slow("float32", zen3) is None
+    assert choose_dtype(avx2_on_spr).warning is None  # auto never needs one
+
+
 def test_int8_dense_dtype() -> None:
     assert int8_dense_dtype(machine("sapphire-rapids")) is torch.bfloat16
     assert int8_dense_dtype(machine("epyc-zen4")) is torch.bfloat16
@@ -364,7 +393,8 @@ def test_a_cap_above_the_cpu_changes_nothing() -> None:
     # AVX2 on an AVX2-only EPYC forbids nothing it has.
     zen3 = capped("epyc-zen3", ONEDNN_MAX_CPU_ISA="AVX2")
     assert zen3.flags == {"avx2", "fma"} and not zen3.capped and zen3.notes == ()
-    assert "ONEDNN" not in (emulated("bfloat16", zen3) or "")  # emulated by the CPU itself, not a cap
+    warning = emulated("bfloat16", zen3) or ""
+    assert "no AVX512_BF16 or AMX" in warning and "keeps oneDNN" not in warning  # the CPU's own lack
 
 
 def test_spellings_the_libraries_ignore_are_noted_not_applied() -> None:

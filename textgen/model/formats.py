@@ -34,6 +34,7 @@ SPEED_ORDER = ("int8", "bfloat16", "float32")
 class DtypeChoice:
     dtype: str  # one of textgen.config.DTYPES
     reason: str  # a sentence for logs and GET /info
+    warning: str | None = None  # set when an explicit format is emulated or measured slow on this CPU
 
 
 def _not_native(dtype: str, cpu: CpuInfo) -> str | None:
@@ -111,17 +112,36 @@ def emulated(dtype: str, cpu: CpuInfo) -> str | None:
         return None
     return (
         f"TEXTGEN_DTYPE={dtype} is emulated here: {why}; expect it to be slower than float32 "
-        "(2x slower at 32 clients, measured on an AVX2-only EPYC)"
+        "(at 32 clients 2x slower on an AVX2-only EPYC, 3x under ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon)"
+    )
+
+
+def slow(dtype: str, cpu: CpuInfo) -> str | None:
+    """A warning sentence when an explicitly chosen TEXTGEN_DTYPE runs natively but was measured slower than
+    float32 on a CPU like this one, else None. Only int8 on x86: its one-row products use torch's
+    `_weight_int8pack_mm`, which in torch 2.13 is vectorized for bfloat16 activations only (float32 ones:
+    7 GFLOP/s at one row against float32's 29, with AVX-512 or AVX2 kernels, bench/results/isa-caps.md)."""
+    if dtype != "int8" or cpu.is_arm or (cpu.native_bf16 and cpu.int8_kernel_vectorized):
+        return None
+    if not cpu.native_bf16:
+        why = "its one-row products multiply float32 activations (bfloat16 is not native here), which torch's int8 kernel does not vectorize"
+    else:
+        why = f"torch's int8 kernel is not vectorized here (torch capability {cpu.torch_capability})"
+    return (
+        f"TEXTGEN_DTYPE=int8 is slower than float32 at few clients here: {why}; one stream ran at 17.8 "
+        "tok/s against float32's 37.3 with the AVX2 class's kernels (bench/results/"
+        "2026-12-03-avx2-capped-on-amx.md)"
     )
 
 
 def serving_dtype(requested: str, cpu: CpuInfo) -> DtypeChoice:
     """TEXTGEN_DTYPE resolved for this CPU: `auto` chooses (choose_dtype); an explicit format is kept, with
-    the reason saying so and, when this CPU emulates it, why that is slow."""
+    the reason saying so and, when this CPU emulates it or runs it slower than float32, why."""
     if requested == "auto":
         return choose_dtype(cpu)
-    warning = emulated(requested, cpu)
-    return DtypeChoice(requested, f"{requested}: set by TEXTGEN_DTYPE" + (f"; {warning}" if warning else ""))
+    warning = emulated(requested, cpu) or slow(requested, cpu)
+    reason = f"{requested}: set by TEXTGEN_DTYPE" + (f"; {warning}" if warning else "")
+    return DtypeChoice(requested, reason, warning)
 
 
 def int8_dense_dtype(cpu: CpuInfo) -> torch.dtype:
