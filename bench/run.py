@@ -16,6 +16,15 @@ Everything is measured in the same run, on this machine, and the report names th
     pip install -r requirements-bench.txt     # the anchors; llama-cpp-python builds from source
     python bench/run.py                       # bench/results/<date>-<cpu class>.{md,json}
 
+Another CPU class's kernels on this machine: cap the kernel libraries (textgen/model/cpu.py), e.g. the AVX2
+class on an AVX-512 host. The caps reach every server and anchor this script starts (they inherit its
+environment; each server's GET /info is checked), the report names the caps and the real CPU, and the file
+is bench/results/<date>-<class>-capped-on-<real class>. llama.cpp's ISA is fixed when it is built, so only
+the CTranslate2 anchors follow the caps (their GEMMs are oneMKL's):
+
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+        python bench/run.py --anchors "CTranslate2 int8"
+
 Loopback only; every level is bounded in requests and time. Nothing else may run meanwhile.
 """
 
@@ -164,16 +173,24 @@ GPT2_PARAMS = 124_439_808  # GPT2Config(): every weight is read once per decodin
 BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 
 
-def roofline(threads: int, cache_dir: Path) -> dict[str, Any]:
+def roofline(threads: int, cache_dir: Path, native_bf16: bool) -> dict[str, Any]:
     """Bandwidth over GPT-2-sized weights, GEMM peak, and what they allow on workload W, per format."""
     from textgen.model.probe import probe
 
     # A 1-row product over ~500 MB of float32 (GPT-2's weights): the bytes a float32 step streams.
     measured = probe(cache_dir, threads, gemv_shape=(30_000, 4096)).to_dict()
+    return {"probe": measured, "formats": roofline_formats(measured, native_bf16)}
+
+
+def roofline_formats(measured: dict[str, Any], native_bf16: bool) -> dict[str, dict[str, Any]]:
+    """Per format: what the probe's rates allow on workload W."""
     table = {}
     for dtype, size in BYTES.items():
         gbps = measured["bandwidth_gbs"].get(dtype)
-        gflops = measured["gemm_gflops"].get("bfloat16" if dtype == "int8" else dtype)
+        # int8 batches multiply its dense copy, in bfloat16 only where that is native
+        # (textgen/model/formats.py int8_dense_dtype): its compute roofline is that GEMM's.
+        dense = ("bfloat16" if native_bf16 else "float32") if dtype == "int8" else dtype
+        gflops = measured["gemm_gflops"].get(dense)
         table[dtype] = {
             "bandwidth_gbps": gbps,
             "gemm_gflops": gflops,
@@ -181,7 +198,7 @@ def roofline(threads: int, cache_dir: Path) -> dict[str, Any]:
             "memory_tok_s": round(gbps * 1e9 / (GPT2_PARAMS * size), 1) if gbps else None,
             "compute_tok_s": round(gflops * 1e9 / (2 * GPT2_PARAMS), 1) if gflops else None,
         }
-    return {"probe": measured, "formats": table}
+    return table
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -189,9 +206,31 @@ def markdown(report: dict[str, Any]) -> str:
     flags = ", ".join(
         f for f in cpu["flags"] if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
     )
-    lines = [
-        f"# Workload W on {cpu['model']} ({cpu['isa_class']}: {flags}), {report['threads']} threads, {report['date']}",
-        "",
+    if cpu.get("capped"):
+        raw = ", ".join(
+            f for f in cpu["raw_flags"] if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+        )
+        lines = [
+            f"# Workload W, {cpu['isa_class']} kernels emulated by caps on {cpu['model']} "
+            f"({cpu['raw_isa_class']}: {raw}), {report['threads']} threads, {report['date']}",
+            "",
+            f"Caps: `{' '.join(cpu['caps'])}`, so this process and every server and anchor it started used "
+            f"{cpu['isa_class']} kernels ({flags or 'no AVX2'}) on this {cpu['raw_isa_class']} CPU "
+            f"(torch capability {cpu['torch_capability']}). " + "; ".join(cpu["notes"]) + ".",
+            "",
+            "Memory bandwidth is this host's, not that of a CPU of this class: a real AVX2 server's may be "
+            "~3x lower (issue #12's AVX2-only EPYC: ~13 GB/s), so its one-stream speeds would be lower; the "
+            "kernels and what `auto` chooses are the class's. llama.cpp anchors (if any) were built for "
+            "this host's ISA and are not capped.",
+            "",
+        ]
+    else:
+        lines = [
+            f"# Workload W on {cpu['model']} ({cpu['isa_class']}: {flags}), {report['threads']} threads, "
+            f"{report['date']}",
+            "",
+        ]
+    lines += [
         f"`auto` chose **{report['auto']['dtype']}**: {report['auto']['reason']}",
         "",
         "## Roofline of this machine (textgen/model/probe.py)",
@@ -225,13 +264,16 @@ def markdown(report: dict[str, Any]) -> str:
         if anchor:
             ratio = f"{r['tokens_per_second'] / anchor:.2f}"
         lines.append(
-            f"| {r['system']} | {fmt} | {r['mode']} | {r['clients']} | {r['tokens_per_second']} | {pct} | {ratio} | "
+            f"| {r['system']} | {r['dtype']} | {r['mode']} | {r['clients']} | {r['tokens_per_second']} | {pct} | "
+            f"{ratio} | "
             f"{r['ttft_p50_ms']} | {r['errors']} | {r['peak_rss_mb']:.0f} |"
         )
     lines += [
         "",
         "% of roofline: of the memory roofline at 1 client, of the compute roofline otherwise, for the format",
-        "served. x best anchor: against the fastest anchor at the same clients and decoding.",
+        "served. x best anchor: against the fastest anchor at the same clients and decoding. Greedy requests",
+        "are speculated (TEXTGEN_SPECULATIVE=ngram): a verification step multiplies several rows at once (int8:",
+        "its dense copy), so greedy can pass the one-row roofline.",
         "",
         "Ready (from `bentoml serve` to /readyz 200, local model): "
         + ", ".join(f"{d} {s} s" for d, s in report.get("ready_seconds", {}).items()),
@@ -253,13 +295,18 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def textgen_levels(
-    dtype: str, levels: list[int], prompt: str, threads: int, per_client: int
+    dtype: str, levels: list[int], prompt: str, threads: int, per_client: int, cpu: dict[str, Any]
 ) -> tuple[dict, list]:
     env = {"MODEL_NAME": str(MODEL_DIR), "TEXTGEN_DTYPE": dtype, "TEXTGEN_THREADS": str(threads)}
     started = time.perf_counter()
     with start_process(server_command, env) as server:
         info = httpx.get(f"{server.url}/info", timeout=10).json()
         info["ready_seconds"] = round(time.perf_counter() - started, 1)  # `bentoml serve` to /readyz 200
+        # The server (a BentoML worker process) must see the same kernel picture as this process, caps
+        # included, or its numbers would be filed under the wrong class.
+        served = {k: info["cpu"].get(k) for k in ("isa_class", "caps", "torch_capability")}
+        if served != {k: cpu.get(k) for k in served}:
+            raise SystemExit(f"the {dtype} server runs another CPU picture than this process: {served}")
         results = bench_system("textgen", server, levels, prompt, per_client)
     for r in results:
         r.dtype = dtype if dtype != "auto" else f"auto={info['dtype']}"
@@ -276,9 +323,21 @@ def main() -> None:
     parser.add_argument("--other-levels", default="1,32", help="clients, for the other formats")
     parser.add_argument("--per-client", type=int, default=2, help="textgen requests per client per level")
     parser.add_argument("--skip-anchors", action="store_true")
+    parser.add_argument(
+        "--anchors", default="", help="comma-separated anchors (bench/anchors.py); all if empty"
+    )
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--render", type=Path, help="only rewrite the .md of this saved .json report")
     args = parser.parse_args()
+    if args.render:
+        report = json.loads(args.render.read_text())
+        report["roofline"]["formats"] = roofline_formats(
+            report["roofline"]["probe"], report["cpu"]["native_bf16"]
+        )
+        args.render.write_text(json.dumps(report, indent=1))
+        args.render.with_suffix(".md").write_text(markdown(report))
+        return
     from textgen.model.cpu import describe
 
     ensure_model()
@@ -286,13 +345,13 @@ def main() -> None:
     cpu = describe()
     started = time.perf_counter()
     report: dict[str, Any] = {"cpu": cpu, "threads": args.threads, "date": str(dt.date.today())}
-    report["roofline"] = roofline(args.threads, Path("/tmp/textgen-bench/probe"))
+    report["roofline"] = roofline(args.threads, Path("/tmp/textgen-bench/probe"), cpu["native_bf16"])
     print(json.dumps(report["roofline"]["formats"]), flush=True)
     levels: list[Level] = []
     for dtype in args.dtypes.split(","):
         wanted = args.levels if dtype in ("auto", "float32") else args.other_levels
         info, results = textgen_levels(
-            dtype, [int(x) for x in wanted.split(",")], prompt, args.threads, args.per_client
+            dtype, [int(x) for x in wanted.split(",")], prompt, args.threads, args.per_client, cpu
         )
         report.setdefault("ready_seconds", {})[dtype] = info["ready_seconds"]
         if dtype == "auto":
@@ -300,9 +359,12 @@ def main() -> None:
         levels += results
     report["anchors"] = []
     if not args.skip_anchors:
-        from bench.anchors import run_anchors
+        from bench.anchors import ANCHORS, run_anchors
 
-        report["anchors"] = run_anchors(MODEL_DIR, (1, 32), tuple(MODES), threads=args.threads, rounds=2)
+        names = [a.strip() for a in args.anchors.split(",") if a.strip()] or list(ANCHORS)
+        report["anchors"] = run_anchors(
+            MODEL_DIR, (1, 32), tuple(MODES), anchors=names, threads=args.threads, rounds=2
+        )
     if not args.skip_baseline:
         baseline = lambda port: [  # noqa: E731
             sys.executable,
@@ -321,6 +383,8 @@ def main() -> None:
     report["seconds"] = round(time.perf_counter() - started)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{dt.date.today()}-{cpu['isa_class']}"
+    if cpu.get("capped"):  # another class's kernels on this CPU: say so in the name too
+        stem = stem.with_name(f"{stem.name}-capped-on-{cpu['raw_isa_class']}")
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     stem.with_suffix(".md").write_text(markdown(report))
     print(stem.with_suffix(".md").read_text())

@@ -7,6 +7,9 @@ slower than float32, on AVX512_BF16/AMX machines bfloat16 is native. Behaviour o
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,14 @@ from textgen.config import DTYPES, available_cores
 from textgen.model import cpu as cpu_mod
 from textgen.model import probe as probe_mod
 from textgen.model.cpu import ISA_CLASSES, CpuInfo, describe, detect_cpu
-from textgen.model.formats import QUALITY_COST, choose_dtype, emulated, int8_dense_dtype
+from textgen.model.formats import (
+    QUALITY_COST,
+    choose_dtype,
+    emulated,
+    int8_dense_dtype,
+    serving_dtype,
+    slow,
+)
 from textgen.model.probe import load_probe, probe
 
 BASE = (
@@ -229,6 +239,28 @@ def test_emulated_warns_only_where_bfloat16_is_not_native() -> None:
         emulated("float16", spr)
 
 
+def test_explicit_formats_warn_when_emulated_or_measured_slow() -> None:
+    """bfloat16 where it is emulated; int8 where its one-row products multiply float32 activations (torch's
+    int8 kernel does not vectorize them: 17.8 against float32's 37.3 tok/s for one stream on the AVX2
+    class) or ATen's kernels are unvectorized."""
+    spr, zen3 = machine("sapphire-rapids"), machine("epyc-zen3")
+    avx2_on_spr = capped("sapphire-rapids", **AVX2_CAPS)
+    for cpu in (spr, zen3, avx2_on_spr):
+        assert serving_dtype("float32", cpu).warning is None
+    assert serving_dtype("bfloat16", spr).warning is None and serving_dtype("int8", spr).warning is None
+    for cpu in (zen3, avx2_on_spr):
+        choice = serving_dtype("bfloat16", cpu)
+        assert choice.warning is not None and "emulated" in choice.warning and choice.warning in choice.reason
+        choice = serving_dtype("int8", cpu)
+        assert choice.warning is not None and choice.warning == slow("int8", cpu)
+        assert "slower than float32" in choice.warning and "float32 activations" in choice.warning
+    scalar = capped("sapphire-rapids", ATEN_CPU_CAPABILITY="default")
+    assert "not vectorized" in (slow("int8", scalar) or "")
+    assert slow("int8", detect_cpu(GRAVITON2)) is None  # measured on x86 only
+    assert slow("bfloat16", zen3) is None and slow("float32", zen3) is None
+    assert choose_dtype(avx2_on_spr).warning is None  # auto never needs one
+
+
 def test_int8_dense_dtype() -> None:
     assert int8_dense_dtype(machine("sapphire-rapids")) is torch.bfloat16
     assert int8_dense_dtype(machine("epyc-zen4")) is torch.bfloat16
@@ -241,6 +273,191 @@ def test_torch_capability_below_the_flags_is_noted() -> None:
     (note,) = detect_cpu(MACHINES["skylake"], torch_capability="AVX2").notes
     assert "AVX2" in note and "AVX512" in note
     assert detect_cpu(MACHINES["epyc-zen3"], torch_capability="AVX2").notes == ()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel-library ISA caps (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY)
+
+AVX2_CAPS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def capped(name: str, **env: str) -> CpuInfo:
+    return detect_cpu(MACHINES[name], env=env)
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE_BF16))
+def test_onednn_capped_to_avx2_is_the_avx2_class_and_auto_never_emulates(name: str) -> None:
+    """AVX-512-bf16/AMX flags + ONEDNN_MAX_CPU_ISA=AVX2: bfloat16 products are emulated in this process."""
+    cpu = capped(name, ONEDNN_MAX_CPU_ISA="AVX2")
+    assert cpu.isa_class == "avx2"
+    assert cpu.flags == {"avx2", "fma"}
+    assert cpu.raw_flags == machine(name).flags  # the CPU's own flags stay visible
+    assert cpu.raw_isa_class == machine(name).isa_class != "avx2"
+    assert not cpu.native_bf16 and not cpu.int8_dot
+    assert cpu.bf16_unit is None and cpu.int8_unit is None
+    assert int8_dense_dtype(cpu) is torch.float32
+    for quality in (None, INT8_CHEAP, {"float32": 0.0, "bfloat16": 0.0, "int8": 0.0}):
+        choice = choose_dtype(cpu, quality)
+        assert choice.dtype == "float32"
+        assert emulated(choice.dtype, cpu) is None
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in choose_dtype(cpu).reason
+    warning = emulated("bfloat16", cpu)
+    assert warning is not None and "ONEDNN_MAX_CPU_ISA=AVX2" in warning and "emulates bfloat16" in warning
+    (note,) = cpu.notes
+    assert note.startswith("ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN") and "avx512_bf16" in note
+    assert "emulated" in note
+
+
+def test_all_three_caps_at_avx2_on_sapphire_rapids() -> None:
+    cpu = detect_cpu(MACHINES["sapphire-rapids"], env=AVX2_CAPS)
+    assert cpu.isa_class == "avx2" and cpu.raw_isa_class == "amx" and cpu.capped
+    assert [str(cap) for cap in cpu.caps] == [f"{k}={v}" for k, v in AVX2_CAPS.items()]
+    assert [note.split()[0] for note in cpu.notes] == [f"{k}={v}" for k, v in AVX2_CAPS.items()]
+    assert choose_dtype(cpu).dtype == "float32"
+    info = describe(cpu)
+    assert info["isa_class"] == "avx2" and info["flags"] == ["avx2", "fma"]
+    assert info["raw_isa_class"] == "amx" and info["raw_flags"] == sorted(cpu_mod.X86_FLAGS)
+    assert info["caps"] == [f"{k}={v}" for k, v in AVX2_CAPS.items()] and info["capped"] is True
+    assert info["native_bf16"] is False
+
+
+@pytest.mark.parametrize(
+    "value, isa, native_bf16, unit, auto",
+    [
+        ("AVX512_CORE", "avx512", False, None, "float32"),
+        ("AVX512_CORE_VNNI", "avx512-vnni", False, None, "float32"),
+        ("AVX512_CORE_BF16", "avx512-bf16", True, "AVX512_BF16", "int8"),
+        ("AVX10_1_512", "avx512-bf16", True, "AVX512_BF16", "int8"),
+        ("AVX512_CORE_AMX", "amx", True, "AMX", "int8"),
+        ("AVX10_1_512_AMX", "amx", True, "AMX", "int8"),
+        ("AVX2_VNNI", "avx2-vnni", False, None, "float32"),
+        ("DEFAULT", "amx", True, "AMX", "int8"),
+        ("avx2", "avx2", False, None, "float32"),  # oneDNN takes any case
+    ],
+)
+def test_onednn_cap_levels_on_sapphire_rapids(
+    value: str, isa: str, native_bf16: bool, unit: str | None, auto: str
+) -> None:
+    cpu = capped("sapphire-rapids", ONEDNN_MAX_CPU_ISA=value)
+    assert cpu.isa_class == isa
+    assert cpu.native_bf16 is native_bf16 and cpu.bf16_unit == unit
+    assert choose_dtype(cpu).dtype == auto
+    assert (emulated("bfloat16", cpu) is None) is native_bf16
+
+
+def test_mkl_and_aten_caps_do_not_make_bfloat16_emulated() -> None:
+    """bfloat16 products are oneDNN's: measured at full speed under MKL_ENABLE_INSTRUCTIONS=AVX2 and under
+    ATEN_CPU_CAPABILITY=avx2 (bench/results/isa-caps.md), so only the class says AVX2."""
+    for env in ({"MKL_ENABLE_INSTRUCTIONS": "AVX2"}, {"ATEN_CPU_CAPABILITY": "avx2"}):
+        cpu = capped("sapphire-rapids", **env)
+        assert cpu.isa_class == "avx2" and cpu.raw_isa_class == "amx"
+        assert cpu.native_bf16 and cpu.bf16_unit == "AMX" and cpu.int8_unit == "AMX-INT8"
+        assert cpu.bf16_capped_by is None
+        assert emulated("bfloat16", cpu) is None
+        assert choose_dtype(cpu).dtype == "int8"
+        (note,) = cpu.notes
+        assert note.startswith(next(f"{k}={v}" for k, v in env.items())) and "emulated" not in note
+    # ATEN_CPU_CAPABILITY=default: torch's own kernels unvectorized, its int8 weight-only kernel with them
+    # (6.1 GFLOP/s against float32's 28.9 at one row, bench/results/isa-caps.md), so no int8; bfloat16
+    # products are still oneDNN's.
+    assert capped("epyc-zen3", ATEN_CPU_CAPABILITY="default").isa_class == "baseline"
+    scalar = capped("sapphire-rapids", ATEN_CPU_CAPABILITY="default")
+    assert scalar.isa_class == "baseline" and scalar.native_bf16 and not scalar.int8_kernel_vectorized
+    choice = choose_dtype(scalar)
+    assert (
+        choice.dtype == "bfloat16"
+        and "int8 not chosen: torch's int8 kernel is not vectorized" in choice.reason
+    )
+    assert (
+        choose_dtype(detect_cpu(MACHINES["sapphire-rapids"], torch_capability="DEFAULT")).dtype == "bfloat16"
+    )
+    assert machine("sapphire-rapids").int8_kernel_vectorized
+    assert capped("skylake", MKL_ENABLE_INSTRUCTIONS="AVX512").isa_class == "avx512"
+    assert capped("sapphire-rapids", MKL_ENABLE_INSTRUCTIONS="AVX512_E1").isa_class == "avx512-vnni"
+
+
+def test_a_cap_above_the_cpu_changes_nothing() -> None:
+    for name in ("cascade-lake", "skylake", "sapphire-rapids"):  # Intel: oneMKL honours its variable
+        cpu = detect_cpu(
+            MACHINES[name],
+            env={
+                "ONEDNN_MAX_CPU_ISA": "AVX10_1_512_AMX",
+                "MKL_ENABLE_INSTRUCTIONS": "AVX512_E4",
+                "ATEN_CPU_CAPABILITY": "avx512",
+            },
+        )
+        assert cpu.flags == cpu.raw_flags == machine(name).flags
+        assert cpu.isa_class == machine(name).isa_class
+        assert len(cpu.caps) == 3 and not cpu.capped
+        assert cpu.notes == ()
+    # AVX2 on an AVX2-only EPYC forbids nothing it has.
+    zen3 = capped("epyc-zen3", ONEDNN_MAX_CPU_ISA="AVX2")
+    assert zen3.flags == {"avx2", "fma"} and not zen3.capped and zen3.notes == ()
+    warning = emulated("bfloat16", zen3) or ""
+    assert "no AVX512_BF16 or AMX" in warning and "keeps oneDNN" not in warning  # the CPU's own lack
+
+
+def test_spellings_the_libraries_ignore_are_noted_not_applied() -> None:
+    # oneMKL takes upper case only, ATen lower case only, oneDNN ignores unknown names (their verbose logs).
+    for env, variable in (
+        ({"MKL_ENABLE_INSTRUCTIONS": "avx2"}, "MKL_ENABLE_INSTRUCTIONS"),
+        ({"ATEN_CPU_CAPABILITY": "AVX2"}, "ATEN_CPU_CAPABILITY"),
+        ({"ONEDNN_MAX_CPU_ISA": "BOGUS"}, "ONEDNN_MAX_CPU_ISA"),
+    ):
+        cpu = capped("sapphire-rapids", **env)
+        assert cpu.isa_class == "amx" and cpu.caps == ()
+        (note,) = cpu.notes
+        assert note.startswith(variable) and "ignore" in note
+    # DNNL_MAX_CPU_ISA is oneDNN's older name; ONEDNN_MAX_CPU_ISA wins when both are set.
+    assert capped("sapphire-rapids", DNNL_MAX_CPU_ISA="AVX2").isa_class == "avx2"
+    both = capped("sapphire-rapids", ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16", DNNL_MAX_CPU_ISA="AVX2")
+    assert both.isa_class == "avx512-bf16"
+    # oneMKL honours its variable on Intel CPUs only.
+    zen4 = capped("epyc-zen4", MKL_ENABLE_INSTRUCTIONS="AVX2")
+    assert zen4.isa_class == "avx512-bf16" and zen4.caps == ()
+    assert "Intel CPUs only" in zen4.notes[0]
+    # Caps are x86 names: an Arm CPU is left alone.
+    graviton3 = detect_cpu(GRAVITON3, env=AVX2_CAPS)
+    assert graviton3.isa_class == "arm64-bf16" and graviton3.caps == ()
+
+
+def test_a_faked_cpu_ignores_this_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable, value in AVX2_CAPS.items():
+        monkeypatch.setenv(variable, value)
+    assert machine("sapphire-rapids").isa_class == "amx"
+    assert detect_cpu(MACHINES["sapphire-rapids"], env=dict(AVX2_CAPS)).isa_class == "avx2"
+
+
+def test_a_capped_probe_is_cached_apart() -> None:
+    sizes = ((64, 32), (8, 32, 32))
+    free = probe_mod._probe_key(machine("sapphire-rapids"), 2, *sizes)
+    avx2 = probe_mod._probe_key(capped("sapphire-rapids", ONEDNN_MAX_CPU_ISA="AVX2"), 2, *sizes)
+    mkl = probe_mod._probe_key(capped("sapphire-rapids", MKL_ENABLE_INSTRUCTIONS="AVX2"), 2, *sizes)
+    assert len({json.dumps(k, sort_keys=True) for k in (free, avx2, mkl)}) == 3
+    assert avx2["caps"] == ["ONEDNN_MAX_CPU_ISA=AVX2"] and free["caps"] == []
+
+
+def test_this_process_under_caps() -> None:
+    """The real libraries under the caps, in a fresh interpreter: torch's capability drops to AVX2 and the
+    effective class with it; auto serves float32 on a CPU whose bfloat16 is native."""
+    cpu = detect_cpu()
+    if cpu.arch != "x86_64" or not {"avx2", "fma"} <= (cpu.raw_flags or set()):
+        pytest.skip("needs an x86 CPU with AVX2")
+    code = (
+        "import json; from textgen.model.cpu import describe, detect_cpu; "
+        "from textgen.model.formats import choose_dtype; "
+        "print(json.dumps({**describe(), 'auto': choose_dtype(detect_cpu()).dtype}))"
+    )
+    env = {**os.environ, **AVX2_CAPS}
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True
+    )
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["torch_capability"] == "AVX2"
+    assert info["isa_class"] == "avx2" and info["raw_isa_class"] == cpu.raw_isa_class
+    assert info["auto"] == "float32" and info["native_bf16"] is False
+    assert info["caps"] == [f"{k}={v}" for k, v in AVX2_CAPS.items()]
 
 
 def test_the_real_machine() -> None:

@@ -6,6 +6,11 @@ at 5 GOP/s without VNNI, so bfloat16 and int8 there are 2x slower than float32 a
 AVX512_BF16 or AMX, bfloat16 is computed natively and is the faster format. Nothing can pick well without
 knowing which of these machines it is on; this module tells it, from /proc/cpuinfo (cheap, start-up safe).
 Choosing the format is textgen/model/formats.py; measuring the machine, textgen/model/probe.py.
+
+What the CPU has is not always what this process may use: the kernel libraries honour ISA caps set in the
+environment (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY), and a format that is native on
+the CPU is emulated under a cap below it. So CpuInfo keeps the raw flags and the effective ones (the raw flags
+minus what the caps forbid), and the format choice reads the effective ones.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +83,129 @@ _ARM_IMPLEMENTERS = {
 }
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Kernel-library ISA caps
+#
+# Measured on the AMX Xeon (KVM, family 6 model 167, torch 2.13.0+cpu with oneDNN 3.12 and oneMKL 2024.2,
+# 2 threads; bench/results/isa-caps.md): a 1024^3 GEMM in bfloat16 runs at 1343 GFLOP/s, 33 with
+# ONEDNN_MAX_CPU_ISA=AVX2, 68 with AVX512_CORE, 199 with AVX512_CORE_BF16 (bfloat16 products are oneDNN's,
+# and only oneDNN's cap makes them emulated); in float32 at 332, 199 with MKL_ENABLE_INSTRUCTIONS=AVX2
+# (float32 products are oneMKL's); ATEN_CPU_CAPABILITY=avx2 turns torch.backends.cpu.get_cpu_capability() to
+# AVX2 and the int8 weight-only kernel (_weight_int8pack_mm, ATen's own) from 75 to 57 GFLOP/s at one row.
+# Neither the MKL nor the ATen cap slowed bfloat16 products (1326, 1353 GFLOP/s). Spellings, checked in their
+# verbose logs: oneDNN takes any case and ignores unknown values, oneMKL takes upper case only, ATen lower
+# case only (other spellings are ignored, by ATen with a warning).
+
+# oneDNN: the flags each ONEDNN_MAX_CPU_ISA value leaves usable; None: no cap. Partial order from oneDNN's
+# dispatcher docs: SSE41 < AVX < AVX2 < AVX2_VNNI < AVX2_VNNI_2; AVX2 < AVX512_CORE < AVX512_CORE_VNNI <
+# AVX512_CORE_BF16 < AVX10_1_512 < AVX10_1_512_AMX < AVX10_1_512_AMX_FP16; AVX2_VNNI < AVX10_1_512.
+_AVX2 = frozenset({"avx2", "fma"})
+_AVX512 = _AVX2 | {"avx512f"}
+_AVX10_1 = _AVX512 | {"avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni"}
+_ONEDNN_ALLOWED: Mapping[str, frozenset[str] | None] = {
+    "SSE41": frozenset(),
+    "AVX": frozenset(),
+    "AVX2": _AVX2,
+    "AVX2_VNNI": _AVX2 | {"avx_vnni"},
+    "AVX2_VNNI_2": _AVX2 | {"avx_vnni"},
+    "AVX512_CORE": _AVX512,
+    "AVX512_CORE_VNNI": _AVX512 | {"avx512_vnni"},
+    "AVX512_CORE_BF16": _AVX512 | {"avx512_vnni", "avx512_bf16"},
+    "AVX10_1_512": _AVX10_1,
+    "AVX512_CORE_FP16": _AVX10_1,
+    "AVX10_1_512_AMX": None,  # every flag textgen looks at
+    "AVX512_CORE_AMX": None,
+    "AVX10_1_512_AMX_FP16": None,
+    "AVX512_CORE_AMX_FP16": None,
+    "DEFAULT": None,
+}
+# oneMKL (MKL_ENABLE_INSTRUCTIONS; its docs: honoured on Intel CPUs only).
+_MKL_ALLOWED: Mapping[str, frozenset[str] | None] = {
+    "SSE4_2": frozenset(),
+    "AVX": frozenset(),
+    "AVX2": _AVX2,
+    "AVX2_E1": _AVX2 | {"avx_vnni"},
+    "AVX512": _AVX512,
+    "AVX512_E1": _AVX512 | {"avx512_vnni"},
+    "AVX512_E2": _AVX512 | {"avx512_vnni"},
+    "AVX512_E3": _AVX512 | {"avx512_vnni", "avx512_bf16"},
+    "AVX512_E4": None,  # AMX, FP16
+}
+# torch's own vectorized kernels (ATEN_CPU_CAPABILITY; torch.backends.cpu.get_cpu_capability() names).
+_ATEN_ALLOWED: Mapping[str, frozenset[str] | None] = {
+    "DEFAULT": frozenset(),
+    "AVX2": _AVX2,
+    "AVX512": None,
+}
+
+
+@dataclass(frozen=True)
+class IsaCap:
+    """One environment variable that keeps a kernel library below what the CPU has."""
+
+    variable: str  # as set: ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA), MKL_ENABLE_INSTRUCTIONS, ...
+    value: str
+    library: str  # "oneDNN", "oneMKL", "ATen"
+    removed: frozenset[str]  # flags of this CPU that the library may not use
+
+    def __str__(self) -> str:
+        return f"{self.variable}={self.value}"
+
+
+# What each library computes in textgen, for the notes.
+_LIBRARY_WORK = {
+    "oneDNN": "bfloat16 and int8 matrix products",
+    "oneMKL": "float32 matrix products",
+    "ATen": "torch's own vectorized kernels: elementwise ops, int8 weight-only products",
+}
+
+
+def _caps(flags: frozenset[str], vendor: str, env: Mapping[str, str]) -> tuple[list[IsaCap], list[str]]:
+    """The caps in `env` that apply to an x86 CPU with `flags`, and notes on values the libraries ignore."""
+    caps: list[IsaCap] = []
+    notes: list[str] = []
+
+    def add(variable: str, value: str, library: str, allowed: frozenset[str] | None) -> None:
+        removed = frozenset() if allowed is None else flags - allowed
+        caps.append(IsaCap(variable, value, library, removed))
+
+    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # DNNL_: oneDNN's older prefix
+        value = env.get(variable, "").strip()
+        if value:
+            if value.upper() in _ONEDNN_ALLOWED:
+                add(variable, value, "oneDNN", _ONEDNN_ALLOWED[value.upper()])
+            else:
+                notes.append(f"{variable}={value} is not a oneDNN ISA name; oneDNN ignores it")
+            break  # oneDNN reads ONEDNN_ first
+    value = env.get("MKL_ENABLE_INSTRUCTIONS", "").strip()
+    if value:
+        if vendor and vendor != "GenuineIntel":
+            notes.append(f"MKL_ENABLE_INSTRUCTIONS={value} ignored: oneMKL honours it on Intel CPUs only")
+        elif value in _MKL_ALLOWED:
+            add("MKL_ENABLE_INSTRUCTIONS", value, "oneMKL", _MKL_ALLOWED[value])
+        else:
+            notes.append(
+                f"MKL_ENABLE_INSTRUCTIONS={value} is not a oneMKL value (upper case); oneMKL ignores it"
+            )
+    value = env.get("ATEN_CPU_CAPABILITY", "").strip()
+    if value:
+        if value in ("default", "avx2", "avx512"):
+            add("ATEN_CPU_CAPABILITY", value, "ATen", _ATEN_ALLOWED[value.upper()])
+        else:
+            notes.append(
+                f"ATEN_CPU_CAPABILITY={value} is not default, avx2 or avx512 (lower case); torch ignores it"
+            )
+    return caps, notes
+
+
 @dataclass(frozen=True)
 class CpuInfo:
-    """The CPU as far as speed goes. `flags` holds only the flags in X86_FLAGS / ARM_FEATURES."""
+    """The CPU as far as speed goes, for this process. Flags are only those in X86_FLAGS / ARM_FEATURES.
+
+    `flags` are the effective ones: what /proc/cpuinfo lists (`raw_flags`) minus what any kernel-library cap
+    forbids; the ISA class comes from them. Each library is capped on its own (`usable_by`): bfloat16 and
+    int8 matrix products are oneDNN's (measured above), so whether they are native reads oneDNN's flags.
+    """
 
     model: str
     vendor: str
@@ -88,7 +214,50 @@ class CpuInfo:
     cores: int  # usable by this process (affinity and cgroup quota), not the machine's count
     torch_capability: str | None = None  # torch.backends.cpu.get_cpu_capability(); None: not checked
     flags_known: bool = True  # False when the OS gave no flags (no /proc/cpuinfo): then assume nothing
-    notes: tuple[str, ...] = ()  # disagreements worth a log line (torch capability vs flags, ...)
+    notes: tuple[str, ...] = ()  # disagreements worth a log line (torch capability vs flags, caps, ...)
+    raw_flags: frozenset[str] | None = None  # what /proc/cpuinfo lists; None: the same as `flags`
+    caps: tuple[IsaCap, ...] = field(default=())  # the caps set for this process that apply to this CPU
+
+    def __post_init__(self) -> None:
+        if self.raw_flags is None:
+            object.__setattr__(self, "raw_flags", self.flags)
+
+    def usable_by(self, library: str) -> frozenset[str]:
+        """The flags one kernel library ("oneDNN", "oneMKL", "ATen") may use here: the raw ones minus its caps."""
+        assert self.raw_flags is not None
+        return self.raw_flags.difference(*(cap.removed for cap in self.caps if cap.library == library))
+
+    @property
+    def int8_kernel_vectorized(self) -> bool:
+        """torch's int8 weight-only kernel (`_weight_int8pack_mm`, ATen's own) is vectorized in this process.
+
+        With ATEN_CPU_CAPABILITY=default it ran at 6.1 GFLOP/s at one row instead of 75 (float32: 28.9) on the
+        AMX Xeon (bench/results/isa-caps.md): int8 is then slower than float32, native units or not.
+        """
+        if self.is_arm or not self.flags_known:
+            return True  # ATen's caps are x86 names; other CPUs are judged by their flags alone
+        return self.torch_capability != "DEFAULT" and _AVX2 <= self.usable_by("ATen")
+
+    @property
+    def capped(self) -> bool:
+        """A cap keeps some library below this CPU's instruction sets."""
+        return any(cap.removed for cap in self.caps)
+
+    @property
+    def raw_isa_class(self) -> str:
+        """The ISA class of the CPU itself, whatever the caps."""
+        assert self.raw_flags is not None
+        return replace(self, flags=self.raw_flags, caps=()).isa_class
+
+    @property
+    def bf16_capped_by(self) -> IsaCap | None:
+        """The cap that makes bfloat16 emulated in this process although the CPU computes it natively."""
+        if self.native_bf16 or self.is_arm:
+            return None
+        assert self.raw_flags is not None
+        if not ({"avx512_bf16", "amx_bf16"} & self.raw_flags):
+            return None
+        return next((cap for cap in self.caps if cap.library == "oneDNN" and cap.removed), None)
 
     @property
     def is_arm(self) -> bool:
@@ -99,14 +268,14 @@ class CpuInfo:
         """bfloat16 products run on bfloat16 hardware (oneDNN uses it) rather than being emulated."""
         if self.is_arm:
             return "bf16" in self.flags
-        return "avx512_bf16" in self.flags or "amx_bf16" in self.flags
+        return bool({"avx512_bf16", "amx_bf16"} & self.usable_by("oneDNN"))
 
     @property
     def int8_dot(self) -> bool:
         """int8×int8 dot products in hardware; without them `torch._int_mm` crawls (5 GOP/s on Zen 3)."""
         if self.is_arm:
             return "asimddp" in self.flags or "i8mm" in self.flags
-        return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & self.flags)
+        return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & self.usable_by("oneDNN"))
 
     @property
     def isa_class(self) -> str:
@@ -138,11 +307,12 @@ class CpuInfo:
             return None
         if self.is_arm:
             return "BF16"
-        return "AMX" if "amx_bf16" in self.flags else "AVX512_BF16"
+        return "AMX" if "amx_bf16" in self.usable_by("oneDNN") else "AVX512_BF16"
 
     @property
     def int8_unit(self) -> str | None:
         """What computes int8 dot products: "AMX-INT8", "AVX512-VNNI", "AVX-VNNI", "I8MM", "DOTPROD"."""
+        usable = self.flags if self.is_arm else self.usable_by("oneDNN")
         for flag, name in (
             ("amx_int8", "AMX-INT8"),
             ("avx512_vnni", "AVX512-VNNI"),
@@ -150,19 +320,27 @@ class CpuInfo:
             ("i8mm", "I8MM"),
             ("asimddp", "DOTPROD"),
         ):
-            if flag in self.flags:
+            if flag in usable:
                 return name
         return None
 
 
-def detect_cpu(cpuinfo_text: str | None = None, *, torch_capability: str | None = None) -> CpuInfo:
+def detect_cpu(
+    cpuinfo_text: str | None = None,
+    *,
+    torch_capability: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> CpuInfo:
     """The CPU this process runs on, from /proc/cpuinfo (or `cpuinfo_text`, so tests can fake a machine).
 
     When reading the real machine, torch's own capability check is recorded and cross-checked against the
-    flags. With injected text it is not (the real torch says nothing about a faked CPU) unless
-    `torch_capability` is passed too.
+    flags, and the kernel-library caps come from this process's environment. With injected text neither
+    is (the real torch and environment say nothing about a faked CPU) unless `torch_capability` or `env`
+    is passed too.
     """
     real = cpuinfo_text is None
+    if env is None:
+        env = os.environ if real else {}
     if real:
         try:
             cpuinfo_text = CPUINFO_PATH.read_text(errors="replace")
@@ -184,6 +362,7 @@ def detect_cpu(cpuinfo_text: str | None = None, *, torch_capability: str | None 
                 flags_known=False,
             ),
             real,
+            [],
         )
 
     fields = _first_block(cpuinfo_text)
@@ -207,17 +386,21 @@ def detect_cpu(cpuinfo_text: str | None = None, *, torch_capability: str | None 
         flags = frozenset(raw.split()) & X86_FLAGS
         vendor = fields.get("vendor_id", "")
         model = fields.get("model name", "") or platform.processor() or arch
+    caps, cap_notes = _caps(flags, vendor, env) if arch == "x86_64" else ([], [])
     return _with_notes(
         CpuInfo(
             model=" ".join(model.split()),
             vendor=vendor,
             arch=arch,
-            flags=flags,
+            flags=flags - frozenset().union(*(c.removed for c in caps)),
             cores=cores,
             torch_capability=torch_capability,
             flags_known=bool(raw.strip()),
+            raw_flags=flags,
+            caps=tuple(caps),
         ),
         real,
+        cap_notes,
     )
 
 
@@ -251,34 +434,41 @@ def _torch_capability() -> str | None:
         return None
 
 
-def _with_notes(cpu: CpuInfo, real: bool) -> CpuInfo:
-    """Attach the reasons to distrust part of the picture: torch kernels below the flags, no oneDNN."""
-    notes: list[str] = []
-    cap = cpu.torch_capability
-    if cap and cpu.flags_known and not cpu.is_arm:
-        expected = (
-            "AVX512" if "avx512f" in cpu.flags else ("AVX2" if cpu.isa_class.startswith("avx2") else None)
+def _with_notes(cpu: CpuInfo, real: bool, cap_notes: list[str]) -> CpuInfo:
+    """Attach the reasons to distrust part of the picture: kernel-library caps, torch kernels below the
+    flags, no oneDNN."""
+    notes = list(cap_notes)
+    for cap in cpu.caps:
+        if not cap.removed:
+            continue
+        note = (
+            f"{cap} keeps {cap.library} ({_LIBRARY_WORK[cap.library]}) off {', '.join(sorted(cap.removed))}"
         )
+        if cap is cpu.bf16_capped_by:
+            note += ": bfloat16 products are emulated in this process"
+        notes.append(note)
+    torch_cap = cpu.torch_capability
+    aten_capped = any(c.library == "ATen" for c in cpu.caps)
+    if torch_cap and cpu.flags_known and not cpu.is_arm and not aten_capped:
+        raw = cpu.raw_flags or frozenset()
+        expected = "AVX512" if "avx512f" in raw else ("AVX2" if _AVX2 <= raw else None)
         rank = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
-        if expected and cap in rank and rank[cap] < rank[expected]:
-            why = (
-                f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']} caps it"
-                if real and os.environ.get("ATEN_CPU_CAPABILITY")
-                else "this torch build may lack the kernels, or the CPU lacks AVX-512 BW/VL/DQ"
-            )
+        if expected and torch_cap in rank and rank[torch_cap] < rank[expected]:
             notes.append(
-                f"torch vectorizes with {cap} although the CPU flags allow {expected} ({why}); "
-                "matrix products still go through oneDNN/MKL, which detect the CPU themselves"
+                f"torch vectorizes with {torch_cap} although the CPU flags allow {expected} (this torch build "
+                "may lack the kernels, or the CPU lacks AVX-512 BW/VL/DQ); matrix products still go through "
+                "oneDNN/MKL, which detect the CPU themselves"
             )
-        elif cap in rank and expected is None and rank[cap] > 0:
-            notes.append(f"torch reports {cap} although /proc/cpuinfo lists no AVX2+FMA")
+        elif torch_cap in rank and expected is None and rank[torch_cap] > 0:
+            notes.append(f"torch reports {torch_cap} although /proc/cpuinfo lists no AVX2+FMA")
     if real and cpu.native_bf16 and not torch.backends.mkldnn.is_available():
         notes.append("this torch has no oneDNN, so bfloat16 products may not use the CPU's bfloat16 units")
     return replace(cpu, notes=tuple(notes)) if notes else cpu
 
 
 def describe(cpu: CpuInfo | None = None) -> dict[str, Any]:
-    """The CPU for GET /info and benchmark reports (JSON-ready)."""
+    """The CPU for GET /info and benchmark reports (JSON-ready): the effective picture (`isa_class`,
+    `flags`), the CPU's own (`raw_isa_class`, `raw_flags`) and the caps set for this process."""
     cpu = detect_cpu() if cpu is None else cpu
     return {
         "model": cpu.model,
@@ -286,6 +476,10 @@ def describe(cpu: CpuInfo | None = None) -> dict[str, Any]:
         "arch": cpu.arch,
         "isa_class": cpu.isa_class,
         "flags": sorted(cpu.flags),
+        "raw_isa_class": cpu.raw_isa_class,
+        "raw_flags": sorted(cpu.raw_flags or ()),
+        "caps": [str(cap) for cap in cpu.caps],
+        "capped": cpu.capped,
         "cores": cpu.cores,
         "torch_capability": cpu.torch_capability,
         "native_bf16": cpu.native_bf16,

@@ -1,7 +1,9 @@
 """Choosing the weight format for the CPU at hand (TEXTGEN_DTYPE=auto), and saying when a choice is slow.
 
 `auto` takes the fastest format this CPU runs natively whose quality cost stays within 1% token-by-token
-perplexity of float32; it never picks a format the CPU emulates.
+perplexity of float32; it never picks a format the CPU emulates. "Natively" is for this process: under a
+kernel-library cap (ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon, textgen/model/cpu.py) bfloat16 is emulated, so the
+choice and the warning read CpuInfo's effective picture, not the raw /proc/cpuinfo flags.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ SPEED_ORDER = ("int8", "bfloat16", "float32")
 class DtypeChoice:
     dtype: str  # one of textgen.config.DTYPES
     reason: str  # a sentence for logs and GET /info
+    warning: str | None = None  # set when an explicit format is emulated or measured slow on this CPU
 
 
 def _not_native(dtype: str, cpu: CpuInfo) -> str | None:
@@ -42,6 +45,12 @@ def _not_native(dtype: str, cpu: CpuInfo) -> str | None:
     # (int8_dense_dtype): nothing of it is emulated anywhere.
     if dtype != "bfloat16" or cpu.native_bf16:
         return None
+    cap = cpu.bf16_capped_by
+    if cap is not None:  # the CPU has the units, but this process may not use them
+        return (
+            f"{cap} keeps oneDNN off this CPU's bfloat16 units ({cpu.raw_isa_class}), so this process "
+            f"({cpu.isa_class}) emulates bfloat16"
+        )
     missing = "no BF16" if cpu.is_arm else "no AVX512_BF16 or AMX"
     return f"this CPU ({cpu.isa_class}, {missing}) emulates bfloat16"
 
@@ -66,6 +75,12 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
             why = (
                 "measured faster only on x86 CPUs with native bfloat16 and int8 dot products, "
                 f"not on this {cpu.isa_class} one"
+            )
+        if why is None and dtype == "int8" and not cpu.int8_kernel_vectorized:
+            why = (
+                f"torch's int8 kernel is not vectorized here (torch capability {cpu.torch_capability}, "
+                f"{', '.join(str(c) for c in cpu.caps if c.library == 'ATen') or 'no cap'}): "
+                "6.1 GFLOP/s against float32's 28.9 at one row on an AMX Xeon"
             )
         cost = table.get(dtype)
         if why is None:
@@ -97,17 +112,36 @@ def emulated(dtype: str, cpu: CpuInfo) -> str | None:
         return None
     return (
         f"TEXTGEN_DTYPE={dtype} is emulated here: {why}; expect it to be slower than float32 "
-        "(2x slower at 32 clients, measured on an AVX2-only EPYC)"
+        "(at 32 clients 2x slower on an AVX2-only EPYC, 3x under ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon)"
+    )
+
+
+def slow(dtype: str, cpu: CpuInfo) -> str | None:
+    """A warning sentence when an explicitly chosen TEXTGEN_DTYPE runs natively but was measured slower than
+    float32 on a CPU like this one, else None. Only int8 on x86: its one-row products use torch's
+    `_weight_int8pack_mm`, which in torch 2.13 is vectorized for bfloat16 activations only (float32 ones:
+    7 GFLOP/s at one row against float32's 29, with AVX-512 or AVX2 kernels, bench/results/isa-caps.md)."""
+    if dtype != "int8" or cpu.is_arm or (cpu.native_bf16 and cpu.int8_kernel_vectorized):
+        return None
+    if not cpu.native_bf16:
+        why = "its one-row products multiply float32 activations (bfloat16 is not native here), which torch's int8 kernel does not vectorize"
+    else:
+        why = f"torch's int8 kernel is not vectorized here (torch capability {cpu.torch_capability})"
+    return (
+        f"TEXTGEN_DTYPE=int8 is slower than float32 at few clients here: {why}; one stream ran at 17.8 "
+        "tok/s against float32's 37.3 with the AVX2 class's kernels (bench/results/"
+        "2026-12-03-avx2-capped-on-amx.md)"
     )
 
 
 def serving_dtype(requested: str, cpu: CpuInfo) -> DtypeChoice:
     """TEXTGEN_DTYPE resolved for this CPU: `auto` chooses (choose_dtype); an explicit format is kept, with
-    the reason saying so and, when this CPU emulates it, why that is slow."""
+    the reason saying so and, when this CPU emulates it or runs it slower than float32, why."""
     if requested == "auto":
         return choose_dtype(cpu)
-    warning = emulated(requested, cpu)
-    return DtypeChoice(requested, f"{requested}: set by TEXTGEN_DTYPE" + (f"; {warning}" if warning else ""))
+    warning = emulated(requested, cpu) or slow(requested, cpu)
+    reason = f"{requested}: set by TEXTGEN_DTYPE" + (f"; {warning}" if warning else "")
+    return DtypeChoice(requested, reason, warning)
 
 
 def int8_dense_dtype(cpu: CpuInfo) -> torch.dtype:

@@ -233,7 +233,7 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
     # Load straight into the serving dtype: converting afterwards holds both copies at the peak.
     cpu = detect_cpu()
     choice = serving_dtype(settings.dtype, cpu)
-    if "emulated" in choice.reason:
+    if choice.warning:  # an explicit format this CPU emulates, or runs slower than float32
         log.warning("%s", choice.reason)
     # int8 layers compute in bfloat16 only where the CPU has it natively (int8_dense_dtype).
     compute = int8_dense_dtype(cpu) if choice.dtype == "int8" else None
@@ -263,6 +263,8 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
         torch.get_num_threads(),
         context,
     )
+    for note in cpu.notes:  # kernel-library caps (ONEDNN_MAX_CPU_ISA, ...) and other kernel caveats
+        log.info("CPU: %s", note)
     return loaded
 
 

@@ -30,7 +30,7 @@ CACHE_SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
 # ---------------------------------------------------------------------------------------------------------
 # Hardware probe
 
-PROBE_VERSION = 2  # bump when what or how the probe measures changes: old cache files stop matching
+PROBE_VERSION = 3  # bump when what or how the probe measures changes: old cache files stop matching
 GEMV_SHAPE = (8192, 4096)  # [out, in]: 128 MB in float32, beyond the cache of most (not all) CPUs
 GEMM_SHAPE = (1024, 1024, 1024)  # rows, in, out: 2.1 GFLOP per product
 BUDGET_S = 0.25  # timing per measurement, after one warm-up call
@@ -72,6 +72,10 @@ def _probe_key(
         "version": PROBE_VERSION,
         "cpu_model": cpu.model,
         "flags": sorted(cpu.flags),
+        # The same CPU under ONEDNN_MAX_CPU_ISA=AVX2 (or another cap) measures something else (bfloat16
+        # GEMM 33 instead of 1343 GFLOP/s on the AMX Xeon): a capped measurement is its own cache entry.
+        "raw_flags": sorted(cpu.raw_flags or ()),
+        "caps": [str(cap) for cap in cpu.caps],
         "torch_version": torch.__version__,
         "threads": threads,
         "gemv_shape": list(gemv_shape),
