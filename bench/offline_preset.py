@@ -33,11 +33,13 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/offline_preset.py` from anywhere
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the tests: never the Hub, so the offline default is served
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
