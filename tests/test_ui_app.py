@@ -13,9 +13,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from tests.server import ROOT, Server, free_port
-from tests.test_ui_servers import RecordingProxy, Reply, ScriptedServer, sse
+from tests.test_ui_servers import FINAL, RecordingProxy, Reply, ScriptedServer, sse
 from ui import controls
-from ui.client import fallback_request_schema
+from ui.client import FALLBACK_SCHEMA_PATH, fallback_request_schema
 from ui.history import export_json
 
 APP = ROOT / "ui" / "app.py"
@@ -168,6 +168,68 @@ KNOBS = [
     ("slider", "repetition_penalty"),
     ("toggle", "do_sample"),
 ]
+
+
+def scripted_textgen(model_defaults: dict) -> dict[str, Reply]:
+    """A textgen server whose model has its own sampling defaults (GET /info), as the offline default has."""
+    body_schema = json.loads(FALLBACK_SCHEMA_PATH.read_text())
+    openapi = {
+        "paths": {
+            "/generate": {"post": {"requestBody": {"content": {"application/json": {"schema": body_schema}}}}}
+        }
+    }
+    info = {"sampling_defaults": {"mode": "auto", "source": "a preset", "values": model_defaults}}
+    return {
+        "/readyz": Reply(chunks=[b'{"status": "ready"}']),
+        "/docs.json": Reply(chunks=[json.dumps(openapi).encode()]),
+        "/info": Reply(chunks=[json.dumps(info).encode()]),
+        "/generate_stream": Reply(
+            content_type="text/event-stream", chunks=[sse({"text": "Paris.", **FINAL})]
+        ),
+    }
+
+
+def test_default_settings_send_the_models_own_sampling_defaults(monkeypatch):
+    """The page sends every field it has a widget for, so its widgets start at what the server uses for a
+    field left out: the model's own defaults (GET /info), not the route's temperature 0.7 (issue #13)."""
+    model = {"temperature": 0.05, "top_p": 0.9}
+    with ScriptedServer(scripted_textgen(model)) as server, RecordingProxy(server.url) as proxy:
+        app = open_app(monkeypatch, proxy.url)
+        assert param(app, "slider", "temperature").value == 0.05
+        assert param(app, "slider", "top_p").value == 0.9
+        assert param(app, "selectbox", "template").value == "auto"
+        assert any("the model's own: temperature 0.05, top_p 0.9" in c.value for c in app.sidebar.caption)
+        click_generate(app, "What is the capital of France?")
+        body = proxy.posts()[-1].body
+        editable = {n: p.default for n, p in SCHEMA.params.items() if controls.widget_kind(p) is not None}
+        assert body == {"prompt": "What is the capital of France?", **editable, **model}
+        assert app.markdown[0].value == "Paris."
+
+        # "Balanced" is the server's defaults, so the model's too.
+        param(app, "slider", "temperature").set_value(1.5).run()
+        app.segmented_control(key="ui.preset").set_value("balanced").run()
+        assert param(app, "slider", "temperature").value == 0.05
+
+
+def test_untouched_settings_follow_the_server_once_it_is_ready(monkeypatch):
+    """Opened while the server loads, the page shows the built-in defaults; once the server is ready, every
+    value nobody changed takes the server's default (the model's own), and what the user set stays."""
+    routes = scripted_textgen({"temperature": 0.05, "top_p": 0.5, "repetition_penalty": 1.0})
+    routes["/readyz"] = Reply(503, chunks=[b'{"status": "loading"}'])
+    with ScriptedServer(routes) as server:
+        app = open_app(monkeypatch, server.url)
+        assert "Server loading" in badge(app)
+        assert param(app, "slider", "temperature").value == 0.7 and param(app, "slider", "top_p").value == 0.9
+        param(app, "number_input", "top_k").set_value(20).run()
+        param(app, "slider", "repetition_penalty").set_value(1.5).run()
+        routes["/readyz"] = Reply(chunks=[b'{"status": "ready"}'])
+        app.run()
+        assert "Server ready" in badge(app)
+        assert param(app, "slider", "temperature").value == 0.05  # followed
+        assert param(app, "slider", "top_p").value == 0.5  # followed
+        assert param(app, "number_input", "top_k").value == 20  # the user's
+        assert param(app, "slider", "repetition_penalty").value == 1.5  # the user's, though the model has one
+        assert app.session_state["form.values"]["temperature"] == 0.05
 
 
 def test_server_down_shows_the_command_that_starts_it(monkeypatch):

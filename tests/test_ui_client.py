@@ -194,6 +194,31 @@ def test_built_in_schema_matches_the_server(tiny_server):
     assert live.params["top_p"].allowed == "(0, 1]" and live.params["max_new_tokens"].default == 200
 
 
+def test_the_models_sampling_defaults_become_the_schemas_defaults(tiny_server):
+    with TextgenClient(tiny_server.url) as client:
+        assert client.sampling_defaults() == {}  # GPT-2's generation config has none
+    info = {
+        "sampling_defaults": {"mode": "auto", "source": "x", "values": {"temperature": 0.05, "top_p": 0.9}}
+    }
+    routes = {"/info": Reply(chunks=[json.dumps(info).encode()])}
+    with ScriptedServer(routes) as server, TextgenClient(server.url) as client:
+        model = client.sampling_defaults()
+    assert model == {"temperature": 0.05, "top_p": 0.9}
+    schema = fallback_request_schema()
+    # Values of the wrong type for their field, and fields the schema lacks, are left out.
+    odd = {"top_k": 2.5, "do_sample": 1, "repetition_penalty": True, "no_such_field": 3}
+    patched = schema.with_defaults({**model, **odd})
+    assert patched.params["temperature"].default == 0.05 and patched.params["top_p"].default == 0.9
+    for name in ("top_k", "do_sample", "repetition_penalty"):
+        assert patched.params[name] == schema.params[name]
+    assert schema.params["temperature"].default == 0.7  # the original is untouched
+    # An older server's /info, without sampling_defaults: the route's defaults are what it uses.
+    with ScriptedServer({"/info": Reply(chunks=[b'{"model": "old"}'])}) as server, TextgenClient(
+        server.url
+    ) as c:
+        assert c.sampling_defaults() == {}
+
+
 def test_the_ui_never_imports_the_model_stack():
     code = (
         "import sys, ui.client, ui.controls, ui.history; "

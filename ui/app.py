@@ -44,19 +44,30 @@ SIDEBAR_WIDTH_PX = 360  # room for the presets on one line
 
 
 @st.cache_data(ttl=60, show_spinner=False)
-def server_schema(url: str) -> RequestSchema:
-    """The server's request schema; failures raise, so only a schema actually read is cached."""
+def server_schema(url: str) -> tuple[RequestSchema, dict[str, Any]]:
+    """The server's request schema with the served model's own sampling defaults (GET /info) as the defaults
+    of those fields, and those defaults; failures raise, so only a schema actually read is cached.
+
+    Every request the page sends carries each field it has a widget for, so its widgets must start at what
+    the server would use for a field left out (the model's temperature, say), not at the route's own default.
+    """
     with TextgenClient(url) as client:
-        return client.request_schema()
+        schema = client.request_schema()
+        model_defaults = client.sampling_defaults()
+    return schema.with_defaults(model_defaults), model_defaults
 
 
 def current_schema(client: TextgenClient | None, health: HealthReport) -> tuple[RequestSchema, str]:
     """The schema to build widgets from, and where it came from, in words."""
     if client is not None and health.state == "ready":
         try:
-            return server_schema(client.url), "Defaults and ranges from the server."
+            schema, model_defaults = server_schema(client.url)
         except TextgenError as err:
             return fallback_request_schema(), f"Built-in defaults: {err.message}"
+        if not model_defaults:
+            return schema, "Defaults and ranges from the server."
+        shown = ", ".join(f"{name} {value}" for name, value in model_defaults.items())
+        return schema, f"Defaults and ranges from the server; the model's own: {shown}."
     return fallback_request_schema(), "Built-in defaults, until the server is ready."
 
 
@@ -114,7 +125,8 @@ def parameters(state: SessionStateProxy, form: controls.Form, source: str) -> bo
         key="ui.preset",
         format_func=str.capitalize,
         on_change=lambda: apply_preset(state, form),
-        help=f"Sets {', '.join(controls.PRESET_FIELDS)} at once; balanced is the server's defaults.",
+        help=f"Sets {', '.join(controls.PRESET_FIELDS)} at once; balanced is the server's defaults "
+        "(the model's own where it has them).",
     )
     form.render_sections()
     st.subheader("Output")

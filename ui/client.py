@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -168,6 +168,30 @@ class RequestSchema:
     def templates(self) -> tuple[str, ...]:
         template = self.params.get("template")
         return template.choices if template else ()
+
+    def with_defaults(self, values: Mapping[str, Any]) -> RequestSchema:
+        """This schema with `values` as the defaults of the fields it has, where the type fits.
+
+        For the served model's own sampling defaults (GET /info): a request that leaves temperature out gets
+        the model's, not the route's 0.7 that /docs.json states, so a page that starts from /docs.json alone
+        would override the model with every request it sends.
+        """
+        params = dict(self.params)
+        for name, value in values.items():
+            param = params.get(name)
+            if param is not None and _fits(param.type, value):
+                params[name] = replace(param, default=value)
+        return RequestSchema(params)
+
+
+def _fits(json_type: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return json_type == "boolean"
+    if json_type == "integer":
+        return isinstance(value, int)
+    if json_type == "number":
+        return isinstance(value, (int, float))
+    return False  # the model defaults are numbers and flags only
 
 
 # Structured output (a schema, a regex, choices): the page offers no widget for them and writes free text, so
@@ -454,6 +478,20 @@ class TextgenClient:
         except ValueError:
             raise UnexpectedReply(f"{self.url}/docs.json is not JSON: is this the textgen server?") from None
         return parse_request_schema(request_body_schema(openapi))
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """GET /info's `sampling_defaults.values`: the served model's own defaults for the sampling fields a
+        request leaves out ({} when the model has none, or the server is older than them)."""
+        response = self.call(lambda: self.http.get("/info", timeout=self.health_timeout))
+        if response.status_code != 200:
+            raise error_from_response(response, self.url)
+        try:
+            info = response.json()
+        except ValueError:
+            raise UnexpectedReply(f"{self.url}/info is not JSON: is this the textgen server?") from None
+        defaults = info.get("sampling_defaults") if isinstance(info, dict) else None
+        values = defaults.get("values") if isinstance(defaults, dict) else None
+        return dict(values) if isinstance(values, dict) else {}
 
     def generate(self, body: Mapping[str, Any]) -> Completion:
         """POST /generate: the whole text at once, post-processed as the body asks."""

