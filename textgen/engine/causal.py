@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from textgen.engine.batch import DecodeBatch
-from textgen.engine.chunking import ChunkSizer, PromptFill
+from textgen.engine.chunking import SHORT_PROMPT, ChunkSizer, PromptFill
 from textgen.engine.faults import FaultInjector
 from textgen.engine.grammar import allowed_tokens, apply_masks, lift_dead_bans
 from textgen.engine.logprobs import TokenLogprob, prompt_logprobs, sampled_logprobs
@@ -127,7 +127,7 @@ class CausalRunner:
             return True
         if item.cancelled or (self.scores_prompts and item.params.prompt_logprobs is not None):
             return False
-        if len(item.prompt_ids) > chunk:
+        if len(item.prompt_ids) > max(chunk, SHORT_PROMPT):
             return True
         if self.prefix_cache is None:
             return False
@@ -167,7 +167,7 @@ class CausalRunner:
                 if self.prefix_cache is not None:
                     cached = self.prefix_cache.lookup(item.prompt_ids, self.chunks.worth_reusing())
                 item.started = time.perf_counter()
-                if cached is not None or len(item.prompt_ids) > chunk:
+                if cached is not None or len(item.prompt_ids) > max(chunk, SHORT_PROMPT):
                     # Computed on its own, chunk by chunk, from its cached beginning if it has one.
                     start = self.batch_class.start(
                         item, item.prompt_ids, self.vocab_size, item.params.penalize_prompt, cached
@@ -176,7 +176,8 @@ class CausalRunner:
                     continue
                 group = [self.filling.popleft()]
                 used = len(item.prompt_ids)
-                while self.filling and self._joins_group(self.filling[0], min(chunk, cap - used)):
+                whole = max(chunk, SHORT_PROMPT)
+                while self.filling and self._joins_group(self.filling[0], min(whole, cap - used)):
                     seq = self.filling.popleft()
                     seq.started = time.perf_counter()
                     group.append(seq)

@@ -23,6 +23,9 @@ FIRST_CHUNK = 64  # before prefill passes of two different sizes have been timed
 SHARE = 0.9  # a chunk's pass aims at this fraction of a decoding step: the step at most about doubles
 SAMPLES = 32  # recent prefill passes the cost model is fitted to
 BLOCK_TOKENS = 16  # the prefix cache's block (prefix_cache.BLOCK)
+# Prompts up to this long are never cut, whatever the timings say: they stay batched together, as
+# before chunked prefill, on every CPU (a chunk is computed alone, in a pass of its own).
+SHORT_PROMPT = 128
 MAX_UNREUSED = 64  # a cached beginning this long is always reused, whatever the timings say
 
 
