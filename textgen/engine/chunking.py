@@ -16,13 +16,13 @@ import sys
 from dataclasses import dataclass
 
 from textgen.engine.batch import DecodeBatch
+from textgen.engine.prefix_cache import BLOCK
 from textgen.engine.sequence import Sequence
 
 MIN_CHUNK = 16  # tokens: the smallest chunk whatever the timings say
 FIRST_CHUNK = 64  # before prefill passes of two different sizes have been timed
 SHARE = 0.9  # a chunk's pass aims at this fraction of a decoding step: the step at most about doubles
 SAMPLES = 32  # recent prefill passes the cost model is fitted to
-BLOCK_TOKENS = 16  # the prefix cache's block (prefix_cache.BLOCK)
 # Prompts up to this long are never cut, whatever the timings say: they stay batched together, as
 # before chunked prefill, on every CPU (a chunk is computed alone, in a pass of its own).
 SHORT_PROMPT = 128
@@ -90,7 +90,7 @@ class ChunkSizer:
         if cost is None:
             return MAX_UNREUSED
         fixed, per_token = cost
-        return max(BLOCK_TOKENS, min(MAX_UNREUSED, int(fixed / per_token)))
+        return max(BLOCK, min(MAX_UNREUSED, int(fixed / per_token)))
 
     def cost(self) -> tuple[float, float] | None:
         """(fixed seconds, seconds per token) of a prefill pass, fitted to the recent ones; None until passes
