@@ -87,6 +87,12 @@ def cpu_info() -> dict[str, Any]:
     return describe()
 
 
+def cpu_line(cpu: dict[str, Any]) -> str:
+    """ "model (class: the flags that decide the formats)", for the first line of a result file."""
+    flags = ", ".join(f for f in cpu["flags"] if f.startswith(("amx", "avx512_bf16", "avx512f", "avx2")))
+    return f"{cpu['model']} ({cpu['isa_class']}: {flags})"
+
+
 def package_version(name: str) -> str | None:
     try:
         return metadata.version(name)

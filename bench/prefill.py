@@ -130,6 +130,7 @@ def arrival(engine: Any, clock: StepClock, params: Any, vocab: int) -> dict[str,
         "arrival_steps": len(during),
         "long_ttft_ms": 1000 * (first_token - submitted),
         "ratio_p99_to_normal": percentile(during, 0.99) / statistics.median(normal),
+        "arrival_gaps_ms": [round(1000 * g, 1) for g in during],
     }
 
 
@@ -244,13 +245,14 @@ def run_config(config: str, tree: Path, dtype: str, threads: int) -> dict[str, A
 
 
 def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    from bench.anchors import cpu_line
+
     cpu = meta["cpu"]
-    flags = ", ".join(f for f in cpu["flags"] if f.startswith(("amx", "avx512_bf16", "avx512f", "avx2")))
     base = next(r for r in results if r["config"] == "baseline")
     lines = [
         f"# Chunked prefill and prefix caching, {meta['date']}",
         "",
-        f"CPU: {cpu['model']} ({cpu['isa_class']}: {flags}), {meta['threads']} threads, torch {meta['torch']}, "
+        f"CPU: {cpu_line(cpu)}, {meta['threads']} threads, torch {meta['torch']}, "
         f"TEXTGEN_DTYPE={meta['dtype']} (served as {base['dtype']}). Random-weight GPT-2 124M, real vocabulary, "
         f"in-process Engine. baseline = textgen {meta['baseline_rev']} (before chunked prefill), in the same "
         "run. Workloads: bench/prefill.py.",

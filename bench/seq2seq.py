@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGene
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.anchors import cpu_info  # noqa: E402
+from bench.anchors import cpu_info, cpu_line  # noqa: E402
 from bench.seq2seq_baseline import GenerateRunner  # noqa: E402
 from textgen.engine.core import Engine  # noqa: E402
 from textgen.engine.params import SamplingParams  # noqa: E402
@@ -158,11 +158,10 @@ def engine_for(model: Any, tokenizer: Any, runner: str) -> Engine:
 
 
 def markdown(levels: list[Level], cpu: dict[str, Any], dtype: str, threads: int, date: str) -> str:
-    flags = ", ".join(f for f in cpu["flags"] if f.startswith(("amx", "avx512_bf16", "avx512f", "avx2")))
     lines = [
         f"# Seq2seq: batched runner vs one-at-a-time generate, {date}",
         "",
-        f"CPU: {cpu['model']} ({cpu['isa_class']}: {flags}), {threads} threads, torch {torch.__version__}.",
+        f"CPU: {cpu_line(cpu)}, {threads} threads, torch {torch.__version__}.",
         f"Model: random-weight T5 with google/flan-t5-small's sizes (77M parameters), {dtype}. "
         f"Workload: {PROMPT_TOKENS}-token prompts, {NEW_TOKENS} new tokens (EOS ignored), greedy, penalties off, "
         "closed-loop clients in-process through the Engine (bench/seq2seq.py).",

@@ -1,9 +1,15 @@
-"""The running batch: sequences decoded together, one row each in a left-padded KV cache.
+"""The running batch: sequences decoded together, in segments of rows left-padded among themselves.
 
 Like TGI's `CausalLMBatch`, the batch knows how to take in new sequences (prefill, then concatenate),
-run one decoding step for all of them, and drop the ones that finished. Rows are left-padded so that
-every row's newest token sits in the last column: one forward pass then serves prompts of any length.
-Each row gets its own position ids, so a sequence computes the same thing whatever it is batched with.
+run one decoding step for all of them, and drop the ones that finished. Within a segment rows are
+left-padded, so that every row's newest token sits in the last column; each row gets its own position ids,
+so a sequence computes the same thing whatever it is batched with.
+
+One forward pass serves every segment (the weights are read once per step), but each segment attends over
+its own width (textgen/model/attention.py). One padded cache for all rows made a 1000-token prompt joining
+16 short streams re-lay all 17 rows to 1000 positions (136 ms) and then read them at every step (90 ms a
+step instead of 34; GPT-2, 2-core Xeon): rows of very different lengths now go to segments of their own,
+and rows of similar lengths share one (MERGE_PADDING).
 """
 
 from __future__ import annotations
@@ -14,23 +20,33 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
+from textgen.model.attention import decodes_with_segments
 from textgen.model.memory import GROWTH_BLOCK  # tokens of spare KV capacity added when a layer is full
+
+# A new segment rather than a merge when merging would pad more than this many positions (rows x columns),
+# about what costs a step as much as one more segment does. Measured on a 2-core Xeon (AMX), GPT-2 int8:
+# 32 rows of 64 positions step in 45.7 ms as one segment, 48.0 as two, 50.6 as four (about 1.2 ms a
+# segment); 16 rows padded by 1920 and 7680 positions take 5.5 and 26 ms longer (about 3 us a position).
+MERGE_PADDING = 384
+MAX_SEGMENTS = 4  # beyond, the two segments cheapest to merge are merged
 
 
 class GrowingLayer(DynamicLayer):
-    """A KV cache layer that writes new keys/values into spare capacity and attends over all of it.
+    """A KV cache layer that writes new keys/values into spare capacity.
 
     Hugging Face's DynamicLayer concatenates at every step, copying the whole cache: at batch 32 and a
     few hundred tokens that is hundreds of MB per step for GPT-2. Here spare capacity is reserved in blocks, so a
     step copies only the new token's keys and values.
 
-    Attention gets the whole buffer, spare positions included, like transformers' StaticLayer: a slice of it
-    would not be contiguous, and the matmuls of decode attention (textgen/attention.py) would copy the cache to
-    make it so, at every layer and step. `get_mask_sizes` reports the full width, so the attention mask covers the
-    spare positions (the padding mask is extended with zeros there and the causal mask excludes them anyway).
+    Hugging Face's attention (prefill, and models that keep their own attention) gets the whole buffer, spare
+    positions included, like transformers' StaticLayer: `get_mask_sizes` reports the full width, so the
+    attention mask covers the spare positions (the padding mask is extended with zeros there and the causal
+    mask excludes them anyway). textgen's decode attention reads `keys`/`values`, the filled part only.
     """
+
+    room = 0  # positions to reserve at once when the layer grows (a prompt computed in chunks: all of it)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -42,6 +58,11 @@ class GrowingLayer(DynamicLayer):
     def capacity(self) -> int:
         return self._keys.shape[-2] if self.is_initialized and self._keys.dim() == 4 else 0
 
+    @property
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole key and value buffers [B, H, capacity, D], spare room (zeros) included."""
+        return self._keys, self._values
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -49,7 +70,7 @@ class GrowingLayer(DynamicLayer):
         if end > self.capacity:
             # A layer created by this very call gets no spare room: transformers sizes the mask of a layer
             # it has not seen yet to the query alone. Prefill is one call, so spare room comes at the first step.
-            self._reserve(key_states, _capacity_for(end) if self.length else end)
+            self._reserve(key_states, self._grown(end) if self.length else end)
         self._keys[:, :, self.length : end] = key_states
         self._values[:, :, self.length : end] = value_states
         self.length = end
@@ -58,7 +79,10 @@ class GrowingLayer(DynamicLayer):
 
     def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
         needed = self.get_seq_length() + query_length
-        return (self.capacity if needed <= self.capacity else _capacity_for(needed)), 0
+        return (self.capacity if needed <= self.capacity else self._grown(needed)), 0
+
+    def _grown(self, needed: int) -> int:
+        return max(self.room, _capacity_for(needed))
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Take new contents (after rows were dropped or added); capacity grows again on the next step."""
@@ -129,35 +153,205 @@ def _cache_layers(cache: Any) -> list[Any]:
     return list(getattr(cache, "self_attention_cache", cache).layers)
 
 
+class Segment:
+    """Rows left-padded together: one padding mask, one KV buffer per layer (a Hugging Face cache)."""
+
+    def __init__(self, cache: Any, mask: torch.Tensor) -> None:
+        self.cache = cache
+        self.mask = mask  # [b, L] 1 = real token, 0 = left padding
+
+    def __len__(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def layers(self) -> list[Any]:
+        return _cache_layers(self.cache)
+
+    def lengths(self) -> list[int]:
+        return [layer.length for layer in self.layers()]
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only the rows at `keep`, then drop the padding columns no remaining row needs."""
+        if len(keep) == len(self):
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        mask = self.mask[index]
+        start = _first_used(mask)
+        self.mask = mask[:, start:]
+        width = self.width
+        for layer in self.layers():
+            if not isinstance(layer, GrowingLayer):
+                layer.replace(layer.keys[index, :, start:], layer.values[index, :, start:])
+                continue
+            keys, values = _spare_buffers(layer.keys, len(keep), width)
+            for j, i in enumerate(keep):
+                keys[j, :, :width] = layer.keys[i, :, start:]
+                values[j, :, :width] = layer.values[i, :, start:]
+            layer.adopt(keys, values, width)
+
+    def copy(self, keep: list[int]) -> "Segment":
+        """A segment of copies of the rows at `keep`; this one is left as it was."""
+        index = torch.tensor(keep, dtype=torch.long)
+        mask = self.mask[index]
+        start = _first_used(mask)
+        layers = []
+        for layer in self.layers():
+            twin = copy.copy(layer)  # same kind of layer; `replace` gives it tensors of its own
+            twin.replace(layer.keys[index, :, start:], layer.values[index, :, start:])
+            layers.append(twin)
+        cache = copy.copy(self.cache)
+        if hasattr(cache, "self_attention_cache"):
+            cache.self_attention_cache = copy.copy(cache.self_attention_cache)
+        getattr(cache, "self_attention_cache", cache).layers = layers
+        return Segment(cache, mask[:, start:])
+
+    def padding_to_merge(self, other: "Segment") -> int:
+        """Positions (rows x columns) of left padding that merging `other` into this segment would add."""
+        width = max(self.width, other.width)
+        return len(self) * (width - self.width) + len(other) * (width - other.width)
+
+    def merge(self, other: "Segment") -> None:
+        """Append the rows of `other`, left-padding whichever segment is narrower."""
+        width = max(self.width, other.width)
+        mine, theirs = width - self.width, width - other.width
+        self.mask = torch.cat([F.pad(self.mask, (mine, 0)), F.pad(other.mask, (theirs, 0))])
+        ours = self.mask.shape[0] - len(other)
+        for a, b in zip(self.layers(), other.layers()):
+            if not isinstance(a, GrowingLayer):
+                a.replace(
+                    torch.cat([F.pad(a.keys, (0, 0, mine, 0)), F.pad(b.keys, (0, 0, theirs, 0))]),
+                    torch.cat([F.pad(a.values, (0, 0, mine, 0)), F.pad(b.values, (0, 0, theirs, 0))]),
+                )
+                continue
+            keys, values = _spare_buffers(a.keys, ours + len(other), width)
+            for buffer, x, y in ((keys, a.keys, b.keys), (values, a.values, b.values)):
+                buffer[:ours, :, :mine].zero_()
+                buffer[:ours, :, mine:width] = x
+                buffer[ours:, :, :theirs].zero_()
+                buffer[ours:, :, theirs:width] = y
+            a.adopt(keys, values, width)
+
+    def kv_bytes(self) -> int:
+        total = 0
+        for layer in self.layers():
+            for name in ("_keys", "_values"):
+                tensor = getattr(layer, name, None)
+                total += tensor.nbytes if isinstance(tensor, torch.Tensor) else 0
+        return total
+
+
+def _first_used(mask: torch.Tensor) -> int:
+    used = mask.any(0).nonzero()
+    return int(used[0]) if len(used) else mask.shape[1]
+
+
+class _SegmentedLayer(CacheLayerMixin):
+    """One model layer's view of every segment: writes each segment's rows of a step into its own cache."""
+
+    def __init__(self, cache: "SegmentedCache", index: int) -> None:
+        super().__init__()
+        self.cache, self.index = cache, index
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        for (start, stop), segment in zip(self.cache.spans, self.cache.segments):
+            segment.layers()[self.index].update(key_states[start:stop], value_states[start:stop])
+        # What the attention reads comes from `SegmentedCache.parts`; these are for code that looks at shapes.
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return max(segment.layers()[self.index].length for segment in self.cache.segments)
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class SegmentedCache(Cache):
+    """The cache a segmented decoding step passes to the model; textgen's decode attention asks it for each
+    segment's rows, keys, values and mask (`parts`), as `kv_segments`.
+
+    Attention reads each segment's whole buffer, spare room included, masked: a slice of the filled part is
+    not contiguous, and the matmuls then took 130 us each instead of a few (GPT-2, one row, 2-core Xeon:
+    20.2 ms a step against 16.6).
+    """
+
+    def __init__(self, segments: list[Segment], queries: int) -> None:
+        self.segments = segments
+        self.spans = _spans(segments)
+        self.queries = queries
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        n_layers = len(segments[0].layers())
+        super().__init__(layers=[_SegmentedLayer(self, i) for i in range(n_layers)])
+
+    def parts(self, layer: int) -> list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per segment: its rows (start, stop), its key and value buffers at `layer` [b, H, C, D], its mask
+        [b, 1, q, C] (called after the step's update, so the buffers hold the step's q new positions)."""
+        result = []
+        for index, ((start, stop), segment) in enumerate(zip(self.spans, self.segments)):
+            keys, values = segment.layers()[layer].buffers
+            result.append((start, stop, keys, values, self._mask(index, keys.shape[2])))
+        return result
+
+    def _mask(self, index: int, capacity: int) -> torch.Tensor:
+        """The rows' real positions, then the q new ones (query j sees those up to its own), then spare room
+        nobody sees; the same for every layer of the step."""
+        mask = self._masks.get((index, capacity))
+        if mask is None:
+            segment, q = self.segments[index], self.queries
+            rows, width = segment.mask.shape
+            mask = torch.zeros(rows, 1, q, capacity, dtype=torch.bool)
+            mask[..., :width] = segment.mask.bool()[:, None, None, :]
+            mask[..., width : width + q] = torch.ones(q, q, dtype=torch.bool).tril()
+            self._masks[(index, capacity)] = mask
+        return mask
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """What a decoding step changes in the batch, taken before it: enough to undo a step that failed."""
 
-    attention_mask: torch.Tensor
+    masks: list[torch.Tensor]
     next_tokens: torch.Tensor | None
-    lengths: list[int]  # per cache layer
+    lengths: list[list[int]]  # per segment, per cache layer
 
 
 class DecodeBatch:
-    def __init__(
-        self,
-        rows: list[Any],
-        cache: Any,
-        attention_mask: torch.Tensor,
-        seen: torch.Tensor,
-    ) -> None:
+    def __init__(self, rows: list[Any], segments: list[Segment], seen: torch.Tensor) -> None:
         self.rows = rows  # one object per row, owned by the caller (the engine's sequences)
-        self.cache = cache
-        self.attention_mask = attention_mask  # [B, L] 1 = real token, 0 = left padding
+        self.segments = segments  # their rows in order: the first segment's rows are rows[:len(it)], ...
         self.seen = seen  # [B, V] tokens present so far (prompt + output), for the repetition penalty
         self.next_tokens: torch.Tensor | None = None  # [B, 1] tokens to feed at the next step
+        # Positions a prompt computed piece by piece (`start`, `extend`) reserves at once: growing by the
+        # usual block at every chunk copied the whole cache each time (a 1000-token prompt: 15 copies).
+        self.room = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
     def width(self) -> int:
-        return self.attention_mask.shape[1]
+        """Positions of the widest segment (a one-row batch: the positions of its sequence)."""
+        return max(segment.width for segment in self.segments)
+
+    @property
+    def cache(self) -> Any:
+        """The cache of a batch of one segment (prefill, a prompt in progress, encoder-decoders)."""
+        (segment,) = self.segments
+        return segment.cache
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        (segment,) = self.segments
+        return segment.mask
 
     @classmethod
     def prefill(
@@ -199,7 +393,7 @@ class DecodeBatch:
         if count_prompt is not None:
             counted &= torch.tensor(count_prompt)[:, None]
         seen.scatter_(1, input_ids.clamp(max=vocab_size - 1), counted)
-        batch = cls(rows, out.past_key_values, mask, seen)
+        batch = cls(rows, [Segment(out.past_key_values, mask)], seen)
         return batch, (out.logits if all_logits else out.logits[:, -1, :].float())
 
     @classmethod
@@ -213,63 +407,108 @@ class DecodeBatch:
     ) -> "DecodeBatch":
         """A one-row batch whose prompt is computed piece by piece (`extend`): chunked prefill, or the rest of
         a prompt whose beginning came from the prefix cache (`cached`: per layer keys and values)."""
+        room = _capacity_for(len(prompt))
         cache = new_cache()
         done = 0
         if cached is not None:
             keys, values = cached
+            done = keys[0].shape[2]
             layers = []
             for k, v in zip(keys, values):
                 layer = GrowingLayer()
-                layer.dtype, layer.device = k.dtype, k.device
-                layer.replace(k, v)
+                layer.dtype, layer.device, layer.room = k.dtype, k.device, room
+                # Room for the whole prompt at once: the cached beginning is copied once, not again at
+                # the first chunk to make room.
+                buffers = k.new_zeros(1, k.shape[1], room, k.shape[3]), v.new_zeros(
+                    1, v.shape[1], room, v.shape[3]
+                )
+                buffers[0][:, :, :done], buffers[1][:, :, :done] = k, v
+                layer.adopt(*buffers, done)
                 layers.append(layer)
             cache = Cache(layers=layers)
-            done = keys[0].shape[2]
         seen = torch.zeros(1, vocab_size, dtype=torch.bool)
         if count_prompt:
             seen[0, torch.tensor(prompt).clamp(max=vocab_size - 1)] = True
-        return cls([row], cache, torch.ones(1, done, dtype=torch.long), seen)
+        batch = cls([row], [Segment(cache, torch.ones(1, done, dtype=torch.long))], seen)
+        batch.room = room
+        return batch
 
     def extend(self, model: Any, ids: list[int]) -> torch.Tensor:
         """Feed a one-row batch the next tokens of its prompt; return the logits after the last [1, V]."""
         assert len(self.rows) == 1 and self.next_tokens is None
-        done = self.width
-        self.attention_mask = F.pad(self.attention_mask, (0, len(ids)), value=1)
+        (segment,) = self.segments
+        done = segment.width
+        segment.mask = F.pad(segment.mask, (0, len(ids)), value=1)
         out = model(
             input_ids=torch.tensor([ids], dtype=torch.long),
-            attention_mask=self.attention_mask,
+            attention_mask=segment.mask,
             position_ids=torch.arange(done, done + len(ids))[None],
-            past_key_values=self.cache,
+            past_key_values=segment.cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        self.cache = out.past_key_values
+        segment.cache = out.past_key_values
+        for layer in segment.layers():  # created by this call if it was the first: room for the whole prompt
+            layer.room = self.room
         return out.logits[:, -1, :].float()
 
     def row_kv(self, row: int, tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Views of row `row`'s keys and values for its first `tokens` real positions, per layer [H, T, D]."""
-        start = self.width - int(self.attention_mask[row].sum())  # its left padding
-        layers = _cache_layers(self.cache)
+        segment, i = self._locate(row)
+        start = segment.width - int(segment.mask[i].sum())  # its left padding
+        layers = segment.layers()
         return (
-            [layer.keys[row, :, start : start + tokens] for layer in layers],
-            [layer.values[row, :, start : start + tokens] for layer in layers],
+            [layer.keys[i, :, start : start + tokens] for layer in layers],
+            [layer.values[i, :, start : start + tokens] for layer in layers],
         )
 
     def step(self, model: Any) -> torch.Tensor:
         """Feed every row its newest token; return next-token logits [B, V]."""
         assert self.next_tokens is not None, "record() the sampled tokens before the next step"
-        positions = self.attention_mask.sum(-1, keepdim=True)
-        self.attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
+        logits = self.forward(model, self.next_tokens)
+        self.next_tokens = None
+        return logits[:, -1, :]
+
+    def forward(self, model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feed every row `input_ids[row]` [B, q] after its cached positions; return the logits of all of
+        them [B, q, V] (float32). The masks and caches grow by q positions (`cut` takes them back)."""
+        queries = input_ids.shape[1]
+        positions = torch.cat([s.mask.sum(-1, keepdim=True) for s in self.segments]) + torch.arange(queries)
+        if decodes_with_segments(model):
+            cache = SegmentedCache(self.segments, queries)
+            out = model(
+                input_ids=input_ids,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                kv_segments=cache,
+            )
+            for segment in self.segments:
+                segment.mask = F.pad(segment.mask, (0, queries), value=1)
+            return out.logits.float()
+        # A model with attention of its own (it could not take textgen's): one segment, Hugging Face masks.
+        while len(self.segments) > 1:
+            self._merge_cheapest()
+        (segment,) = self.segments
+        segment.mask = F.pad(segment.mask, (0, queries), value=1)
         out = model(
-            input_ids=self.next_tokens,
-            attention_mask=self.attention_mask,
+            input_ids=input_ids,
+            attention_mask=segment.mask,
             position_ids=positions,
-            past_key_values=self.cache,
+            past_key_values=segment.cache,
             use_cache=True,
         )
-        self.cache = out.past_key_values
-        self.next_tokens = None
-        return out.logits[:, -1, :].float()
+        segment.cache = out.past_key_values
+        return out.logits.float()
+
+    def cut(self, positions: int) -> None:
+        """Forget every row's last `positions` positions (the rejected part of a speculative step)."""
+        if not positions:
+            return
+        for segment in self.segments:
+            for layer in segment.layers():
+                layer.truncate(layer.length - positions)
+            segment.mask = segment.mask[:, : segment.width - positions]
 
     def record(self, tokens: torch.Tensor) -> None:
         """Remember the tokens just sampled (one per row): they are the next step's input."""
@@ -277,99 +516,113 @@ class DecodeBatch:
         self.seen.scatter_(1, self.next_tokens.clamp(max=self.seen.shape[1] - 1), True)
 
     def filter(self, keep: list[int]) -> None:
-        """Keep only the rows at `keep`, then drop the padding columns no remaining row needs."""
+        """Keep only the rows at `keep` (in order); segments left empty go."""
         if len(keep) == len(self.rows):
             return
         index = torch.tensor(keep, dtype=torch.long)
         self.rows = [self.rows[i] for i in keep]
-        self.attention_mask = self.attention_mask[index]
         self.seen = self.seen[index]
         if self.next_tokens is not None:
             self.next_tokens = self.next_tokens[index]
-        used = self.attention_mask.any(0).nonzero()
-        start = int(used[0]) if len(used) else self.width
-        self.attention_mask = self.attention_mask[:, start:]
-        width = self.attention_mask.shape[1]
-        for layer in _cache_layers(self.cache):
-            if not isinstance(layer, GrowingLayer):
-                layer.replace(layer.keys[index, :, start:], layer.values[index, :, start:])
-                continue
-            keys, values = _spare_buffers(layer.keys, len(keep), width)
-            for j, i in enumerate(keep):
-                keys[j, :, :width] = layer.keys[i, :, start:]
-                values[j, :, :width] = layer.values[i, :, start:]
-            layer.adopt(keys, values, width)
+        segments = []
+        for segment, local in zip(self.segments, self._split(keep)):
+            if local:
+                segment.select(local)
+                segments.append(segment)
+        self.segments = segments
 
     def checkpoint(self) -> Checkpoint:
-        """Cheap (no tensor is copied): `step` replaces the mask and only appends to the cache."""
+        """Cheap (no tensor is copied): a step replaces the masks and only appends to the caches."""
         return Checkpoint(
-            self.attention_mask, self.next_tokens, [layer.length for layer in _cache_layers(self.cache)]
+            [s.mask for s in self.segments], self.next_tokens, [s.lengths() for s in self.segments]
         )
 
     def rollback(self, checkpoint: Checkpoint) -> None:
         """Undo a `step` that raised (half-way through the layers, or after): the batch is as before it."""
-        self.attention_mask = checkpoint.attention_mask
         self.next_tokens = checkpoint.next_tokens
-        for layer, length in zip(_cache_layers(self.cache), checkpoint.lengths):
-            layer.truncate(length)
+        for segment, mask, lengths in zip(self.segments, checkpoint.masks, checkpoint.lengths):
+            segment.mask = mask
+            for layer, length in zip(segment.layers(), lengths):
+                layer.truncate(length)
 
     def take(self, keep: list[int]) -> "DecodeBatch":
         """A new batch of copies of the rows at `keep`; this batch is left as it was (to retry rows alone)."""
         index = torch.tensor(keep, dtype=torch.long)
-        mask = self.attention_mask[index]
-        used = mask.any(0).nonzero()
-        start = int(used[0]) if len(used) else mask.shape[1]
-        layers = []
-        for layer in _cache_layers(self.cache):
-            twin = copy.copy(layer)  # same kind of layer; `replace` gives it tensors of its own
-            twin.replace(layer.keys[index, :, start:], layer.values[index, :, start:])
-            layers.append(twin)
-        cache = copy.copy(self.cache)
-        if hasattr(cache, "self_attention_cache"):
-            cache.self_attention_cache = copy.copy(cache.self_attention_cache)
-        getattr(cache, "self_attention_cache", cache).layers = layers
+        segments = [s.copy(local) for s, local in zip(self.segments, self._split(keep)) if local]
         part = copy.copy(self)  # of the same class, so that a subclass (seq2seq.py) only adds its own state
-        part.rows, part.cache, part.attention_mask = [self.rows[i] for i in keep], cache, mask[:, start:]
-        part.seen = self.seen[index]
+        part.rows, part.segments, part.seen = [self.rows[i] for i in keep], segments, self.seen[index]
         if self.next_tokens is not None:
             part.next_tokens = self.next_tokens[index]
         return part
 
     def kv_bytes(self) -> int:
         """Bytes held by the KV cache, spare capacity included."""
-        total = 0
-        for layer in _cache_layers(self.cache):
-            for name in ("_keys", "_values"):
-                tensor = getattr(layer, name, None)
-                total += tensor.nbytes if isinstance(tensor, torch.Tensor) else 0
-        return total
+        return sum(segment.kv_bytes() for segment in self.segments)
 
-    def concatenate(self, other: "DecodeBatch") -> None:
-        """Append the rows of `other`, left-padding whichever batch is narrower."""
-        width = max(self.width, other.width)
-        mine, theirs = width - self.width, width - other.width
-        self.attention_mask = torch.cat(
-            [
-                F.pad(self.attention_mask, (mine, 0)),
-                F.pad(other.attention_mask, (theirs, 0)),
-            ]
+    def concatenate(self, other: "DecodeBatch", segmented: bool = False) -> None:
+        """Append the rows of `other`. `segmented` (the model decodes with textgen's attention): its segments
+        may stay segments of their own, else everything is merged into one."""
+        rows, seen = self.rows, self.seen
+        nexts = self.next_tokens if self.next_tokens is not None and other.next_tokens is not None else None
+        for segment, (start, stop) in zip(other.segments, _spans(other.segments)):
+            at = self._place(segment, segmented)
+            if at is None:
+                end = len(rows)
+                self.segments.append(segment)
+            else:
+                end = _spans(self.segments)[at][1]  # the new rows follow that segment's
+                self.segments[at].merge(segment)
+            rows = rows[:end] + other.rows[start:stop] + rows[end:]
+            seen = torch.cat([seen[:end], other.seen[start:stop], seen[end:]])
+            if nexts is not None:
+                nexts = torch.cat([nexts[:end], other.next_tokens[start:stop], nexts[end:]])
+        self.rows, self.seen = rows, seen
+        self.next_tokens = nexts
+        while len(self.segments) > MAX_SEGMENTS:
+            self._merge_cheapest()
+
+    def _place(self, segment: Segment, segmented: bool) -> int | None:
+        """The segment `segment` merges into (None: it becomes one of its own)."""
+        if not self.segments:
+            return None
+        if not segmented:
+            return 0
+        costs = [s.padding_to_merge(segment) for s in self.segments]
+        best = min(range(len(costs)), key=costs.__getitem__)
+        return best if costs[best] <= MERGE_PADDING else None
+
+    def _merge_cheapest(self) -> None:
+        """Merge the two segments whose merge pads least (their rows are moved together)."""
+        pairs = [(a, b) for a in range(len(self.segments)) for b in range(a + 1, len(self.segments))]
+        a, b = min(pairs, key=lambda p: self.segments[p[0]].padding_to_merge(self.segments[p[1]]))
+        spans = _spans(self.segments)
+        (a_start, a_stop), (b_start, b_stop) = spans[a], spans[b]
+        order = (
+            list(range(a_stop))
+            + list(range(b_start, b_stop))
+            + list(range(a_stop, b_start))
+            + list(range(b_stop, len(self.rows)))
         )
-        ours = len(self.rows)
-        for a, b in zip(_cache_layers(self.cache), _cache_layers(other.cache)):
-            if not isinstance(a, GrowingLayer):
-                a.replace(
-                    torch.cat([F.pad(a.keys, (0, 0, mine, 0)), F.pad(b.keys, (0, 0, theirs, 0))]),
-                    torch.cat([F.pad(a.values, (0, 0, mine, 0)), F.pad(b.values, (0, 0, theirs, 0))]),
-                )
-                continue
-            keys, values = _spare_buffers(a.keys, ours + len(other.rows), width)
-            for buffer, x, y in ((keys, a.keys, b.keys), (values, a.values, b.values)):
-                buffer[:ours, :, :mine].zero_()
-                buffer[:ours, :, mine:width] = x
-                buffer[ours:, :, :theirs].zero_()
-                buffer[ours:, :, theirs:width] = y
-            a.adopt(keys, values, width)
-        self.seen = torch.cat([self.seen, other.seen])
-        if self.next_tokens is not None and other.next_tokens is not None:
-            self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
-        self.rows = self.rows + other.rows
+        index = torch.tensor(order, dtype=torch.long)
+        self.rows = [self.rows[i] for i in order]
+        self.seen = self.seen[index]
+        if self.next_tokens is not None:
+            self.next_tokens = self.next_tokens[index]
+        self.segments[a].merge(self.segments.pop(b))
+
+    def _locate(self, row: int) -> tuple[Segment, int]:
+        for segment, (start, stop) in zip(self.segments, _spans(self.segments)):
+            if row < stop:
+                return segment, row - start
+        raise IndexError(row)
+
+    def _split(self, keep: list[int]) -> list[list[int]]:
+        """`keep` (batch rows, in order) as each segment's local row indices."""
+        return [[i - start for i in keep if start <= i < stop] for start, stop in _spans(self.segments)]
+
+
+def _spans(segments: list[Segment]) -> list[tuple[int, int]]:
+    bounds = [0]
+    for segment in segments:
+        bounds.append(bounds[-1] + len(segment))
+    return list(zip(bounds[:-1], bounds[1:]))

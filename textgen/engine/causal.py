@@ -26,6 +26,7 @@ from textgen.engine.prefix_cache import BLOCK, PrefixCache
 from textgen.engine.sampling import apply_penalties, sample
 from textgen.engine.sequence import Sequence
 from textgen.engine.speculative import Speculator
+from textgen.model.attention import decodes_with_segments
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,9 @@ class CausalRunner:
             if len(batch) == 0:
                 batch = self.batch = None
         decoding = len(batch) if batch is not None else 0
-        chunk = self.chunks.budget(decoding) if decoding and self.chunks_prompts else sys.maxsize
+        head = self.filling[0] if self.filling else None
+        last = head.last if isinstance(head, PromptFill) else None
+        chunk = self.chunks.budget(decoding, last) if decoding and self.chunks_prompts else sys.maxsize
         completed = 0
         if self.filling and not self._is_long(self.filling[0], chunk):
             # Short prompts get an iteration of their own, as before chunked prefill: sharing it with the
@@ -212,7 +215,8 @@ class CausalRunner:
             self.filling.popleft()
             self._fail(seq, exc)
             return 0
-        self.chunks.prefilled(n, time.perf_counter() - started)
+        fill.last = (n, time.perf_counter() - started)
+        self.chunks.prefilled(*fill.last)
         if fill.remaining:
             return 0
         self.filling.popleft()
@@ -256,7 +260,7 @@ class CausalRunner:
         batch.rollback(checkpoint)
         _set_rng_states(batch.rows, states)
         parts = [self._decode(batch.take([i])) for i in range(len(batch))]
-        return _join([part for part in parts if part is not None])
+        return _join([part for part in parts if part is not None], decodes_with_segments(self.model))
 
     def _prefill(self, group: list[Sequence], score: bool) -> None:
         """Compute whole prompts in one pass (left-padded together), and give each its first token."""
@@ -272,7 +276,7 @@ class CausalRunner:
                 all_logits=score,
             )
             self._check_faults(group)
-            self.chunks.prefilled(fresh.width * len(group), time.perf_counter() - started)
+            self.chunks.prefilled(fresh.width * len(group), time.perf_counter() - started, len(group))
             self._remember_prompts(fresh)
             if score:
                 (seq,) = group
@@ -307,7 +311,7 @@ class CausalRunner:
         if self.batch is None:
             self.batch = fresh
         else:
-            self.batch.concatenate(fresh)
+            self.batch.concatenate(fresh, segmented=decodes_with_segments(self.model))
 
     def _accept(self, batch: DecodeBatch, tokens: torch.Tensor, scores: list[TokenLogprob | None]) -> bool:
         """Hand each row its token, drop finished rows; False when none is left."""
@@ -367,12 +371,12 @@ def _set_rng_states(seqs: list[Sequence], states: list[torch.Tensor]) -> None:
         seq.rng.set_state(state)
 
 
-def _join(parts: list[DecodeBatch]) -> DecodeBatch | None:
+def _join(parts: list[DecodeBatch], segmented: bool) -> DecodeBatch | None:
     if not parts:
         return None
     joined = parts[0]
     for part in parts[1:]:
-        joined.concatenate(part)
+        joined.concatenate(part, segmented)
     return joined
 
 

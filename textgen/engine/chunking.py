@@ -36,6 +36,7 @@ class PromptFill:
 
     seq: Sequence
     batch: DecodeBatch
+    last: tuple[int, float] | None = None  # its last chunk: (tokens, seconds)
 
     @property
     def done(self) -> int:
@@ -50,10 +51,14 @@ class ChunkSizer:
     """How many prompt tokens a step may compute while rows are decoding.
 
     A prefill pass costs about `fixed + per_token * n`. On a CPU the fixed part, reading every weight once, is
-    about a decoding step by itself (2-core Xeon, GPT-2 int8, one row: 1 token 17.7 ms, 16 tokens 25.6, 64
-    36.1, 128 48.8, 256 74.2), so both are fitted to the recent passes (least squares) rather than assumed per
-    token. The chunk is what fits in SHARE of a decoding step, but never so small that the fixed part is more
-    than a third of its pass: below that, a long prompt would wait many more steps for little gain in latency.
+    about a decoding step by itself (2-core Xeon, GPT-2 int8, one row: 1 token 16.3 ms, 16 tokens 27.4, 64
+    40.0, 128 63.0), so both are fitted (least squares) to recent one-row passes rather than assumed per
+    token; passes of many prompts together cost differently per token and are left out (with them in, the fit
+    once put the fixed part at 84 ms). The first chunk of a prompt is what the fit says fits in SHARE of a
+    decoding step; each later one is sized from the time its predecessor took (the cost per token grows with
+    the depth of the prompt, which every chunk attends over). A chunk is never so small that the fixed part is
+    more than a third of its pass: below that, a long prompt would wait many more steps for little gain in
+    latency.
     """
 
     def __init__(self, max_step_tokens: int) -> None:
@@ -61,18 +66,30 @@ class ChunkSizer:
         self.step_seconds: float | None = None  # a decoding step, moving average
         self.passes: collections.deque[tuple[int, float]] = collections.deque(maxlen=SAMPLES)
 
-    def budget(self, decoding: int) -> int:
-        """Prompt tokens for this step, after `decoding` rows got theirs (they count against the cap)."""
+    def budget(self, decoding: int, last: tuple[int, float] | None = None) -> int:
+        """Prompt tokens for this step, after `decoding` rows got theirs (they count against the cap).
+
+        `last`: the (tokens, seconds) of the previous chunk of the prompt this one continues. The next chunk
+        is scaled by how far that one was from the time aimed at (at most halved or doubled): with cost
+        `fixed + per_token * n` this settles on the aimed time whatever the prompt's depth does to
+        `per_token` (it converges at the rate fixed / aimed time).
+        """
         if self.max_step_tokens <= 0:
             return sys.maxsize
         cap = max(MIN_CHUNK, self.max_step_tokens - decoding)
         cost = self.cost()
-        if self.step_seconds is None or cost is None:
+        if self.step_seconds is None or (cost is None and last is None):
             return min(cap, FIRST_CHUNK)
-        fixed, per_token = cost
-        by_time = (SHARE * self.step_seconds - fixed) / per_token
-        efficient = fixed / (2 * per_token)
-        return int(max(MIN_CHUNK, min(cap, max(by_time, efficient))))
+        aim = SHARE * self.step_seconds
+        if last is not None:
+            tokens, seconds = last
+            chunk = tokens * min(2.0, max(0.5, aim / seconds))
+            if cost is not None and seconds > cost[0]:
+                chunk = max(chunk, cost[0] / (2 * (seconds - cost[0]) / tokens))  # the efficiency floor
+        else:
+            fixed, per_token = cost
+            chunk = max((aim - fixed) / per_token, fixed / (2 * per_token))
+        return int(max(MIN_CHUNK, min(cap, chunk)))
 
     def cap(self, decoding: int) -> int:
         """The most prompt tokens of whole short prompts one step may take together (TEXTGEN_MAX_STEP_TOKENS,
@@ -108,5 +125,6 @@ class ChunkSizer:
     def decoded(self, seconds: float) -> None:
         self.step_seconds = seconds if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * seconds
 
-    def prefilled(self, tokens: int, seconds: float) -> None:
-        self.passes.append((tokens, seconds))
+    def prefilled(self, tokens: int, seconds: float, rows: int = 1) -> None:
+        if rows == 1:
+            self.passes.append((tokens, seconds))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import EncoderDecoderCache
 
-from textgen.engine.batch import DecodeBatch, new_cache
+from textgen.engine.batch import DecodeBatch, Segment, new_cache
 from textgen.engine.causal import CausalRunner, ErrorHook
 from textgen.engine.faults import FaultInjector
 from textgen.engine.sequence import Sequence
@@ -52,7 +52,7 @@ class Seq2SeqBatch(DecodeBatch):
         encoder_mask: torch.Tensor,
         encoder_like: torch.Tensor,
     ) -> None:
-        super().__init__(rows, cache, attention_mask, seen)
+        super().__init__(rows, [Segment(cache, attention_mask)], seen)
         self.encoder_mask = encoder_mask  # [B, S] 1 = prompt token, 0 = right padding
         self.encoder_like = encoder_like  # [1, 1, hidden]: the encoder output's dtype and width
 
@@ -103,7 +103,8 @@ class Seq2SeqBatch(DecodeBatch):
     def step(self, model: Any) -> torch.Tensor:
         """Feed every row its newest token; return next-token logits [B, V]."""
         assert self.next_tokens is not None, "record() the sampled tokens before the next step"
-        self.attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
+        (segment,) = self.segments  # an encoder-decoder's rows are always one segment
+        segment.mask = F.pad(segment.mask, (0, 1), value=1)
         # The encoder's states were turned into the cross-attention cache at the rows' first step and are
         # not kept: the decoder only reads their shape and dtype (for the encoder mask), so a zero-stride
         # stand-in costs nothing to keep, filter or join.
@@ -112,11 +113,11 @@ class Seq2SeqBatch(DecodeBatch):
             encoder_outputs=(states,),
             attention_mask=self.encoder_mask,
             decoder_input_ids=self.next_tokens,
-            decoder_attention_mask=self.attention_mask,
-            past_key_values=self.cache,
+            decoder_attention_mask=segment.mask,
+            past_key_values=segment.cache,
             use_cache=True,
         )
-        self.cache = out.past_key_values
+        segment.cache = out.past_key_values
         self.next_tokens = None
         return out.logits[:, -1, :].float()
 
@@ -159,7 +160,7 @@ class Seq2SeqBatch(DecodeBatch):
         part.cache.is_updated = dict(self.cache.is_updated)
         return part
 
-    def concatenate(self, other: DecodeBatch) -> None:
+    def concatenate(self, other: DecodeBatch, segmented: bool = False) -> None:
         """Append the rows of `other`: the decoder side left-padded (DecodeBatch), the encoder side right-padded."""
         assert isinstance(other, Seq2SeqBatch)
         width = max(self.encoder_mask.shape[1], other.encoder_mask.shape[1])
@@ -172,7 +173,7 @@ class Seq2SeqBatch(DecodeBatch):
                 torch.cat([F.pad(a.keys, (0, 0, 0, mine)), F.pad(b.keys, (0, 0, 0, theirs))]),
                 torch.cat([F.pad(a.values, (0, 0, 0, mine)), F.pad(b.values, (0, 0, 0, theirs))]),
             )
-        super().concatenate(other)
+        super().concatenate(other)  # one segment: its cross-attention cache is one buffer too
 
     def kv_bytes(self) -> int:
         """Bytes held by both caches (the cross-attention one is the size of the encoder's output, twice)."""

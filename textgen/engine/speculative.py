@@ -43,9 +43,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
-from textgen.engine.batch import DecodeBatch, _cache_layers
+from textgen.engine.batch import DecodeBatch
 from textgen.engine.params import SamplingParams
 from textgen.engine.sampling import (
     MIN_DIVISOR,
@@ -196,7 +195,7 @@ class Speculator:
                 seq.rng.set_state(state)
             return None
         keep = min(len(p) for p in produced)
-        commit(batch, checkpoint.lengths, len(drafts[0]) + 1, [p[:keep] for p in produced])
+        commit(batch, len(drafts[0]) + 1, [p[:keep] for p in produced])
         self.on_speculation(sum(len(d) for d in drafts), sum(_kept_drafts(p, keep) for p in produced))
         for seq, tokens in zip(batch.rows, produced):
             self._record(seq, accepted=len(tokens) - 1)
@@ -289,33 +288,20 @@ def _kept_drafts(produced: list[int], keep: int) -> int:
 def verify_forward(model: Any, batch: DecodeBatch, drafts: list[list[int]]) -> torch.Tensor:
     """Feed every row [its newest token, its drafts] in one pass; return logits [B, k+1, V] (float32).
 
-    The cache and mask grow by k+1 positions; `commit` cuts them back to what was accepted.
+    The caches and masks grow by k+1 positions; `commit` cuts them back to what was accepted.
     """
     assert batch.next_tokens is not None
     k = len(drafts[0])
     inputs = torch.cat([batch.next_tokens, torch.tensor(drafts, dtype=torch.long).view(len(drafts), k)], 1)
-    positions = batch.attention_mask.sum(-1, keepdim=True) + torch.arange(k + 1)
-    batch.attention_mask = F.pad(batch.attention_mask, (0, k + 1), value=1)
-    out = model(
-        input_ids=inputs,
-        attention_mask=batch.attention_mask,
-        position_ids=positions,
-        past_key_values=batch.cache,
-        use_cache=True,
-    )
-    batch.cache = out.past_key_values
+    logits = batch.forward(model, inputs)
     batch.next_tokens = None
-    return out.logits.float()
+    return logits
 
 
-def commit(batch: DecodeBatch, lengths: list[int], fed: int, kept: list[list[int]]) -> None:
+def commit(batch: DecodeBatch, fed: int, kept: list[list[int]]) -> None:
     """After a verification of `fed` positions per row, keep the cache of each row's newest token and the
-    first L-1 of its `kept` tokens; the L-th is the next step's input. `lengths`: the cache layers' lengths
-    before the verification."""
-    keep = len(kept[0])
-    for layer, length in zip(_cache_layers(batch.cache), lengths):
-        layer.truncate(length + keep)
-    batch.attention_mask = batch.attention_mask[:, : batch.attention_mask.shape[1] - fed + keep]
+    first L-1 of its `kept` tokens; the L-th is the next step's input."""
+    batch.cut(fed - len(kept[0]))
     tokens = torch.tensor(kept, dtype=torch.long)
     batch.seen.scatter_(1, tokens.clamp(max=batch.seen.shape[1] - 1), True)
     batch.next_tokens = tokens[:, -1:].clone()

@@ -1,4 +1,4 @@
-"""Attention for decoding steps: one query token per row, computed with two plain matmuls.
+"""Attention for decoding steps: one query token per row (or a few drafted ones), computed with plain matmuls.
 
 PyTorch's CPU `scaled_dot_product_attention` runs a flash kernel built for long queries; with the single
 query of a decoding step it is slow: measured here on GPT-2's shapes (12 heads of 64), 2.9 ms per layer for
@@ -7,6 +7,10 @@ every decoding step. Prefill (many query tokens) still goes to SDPA, which is go
 
 Registered with transformers' AttentionInterface as "textgen", so the model's own attention modules call it;
 masks are built exactly as for "sdpa". Scores are taken in the model's dtype and the softmax in float32.
+
+It also takes textgen's running batch in segments (`kv_segments`, textgen/engine/batch.py): rows of very
+different lengths are kept in separate left-padded caches, and each segment's rows attend over that
+segment's width only, in the same forward pass (a decoding step, or a few drafted tokens to verify).
 """
 
 from __future__ import annotations
@@ -32,30 +36,60 @@ def decode_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    kv_segments: Any = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Same contract as transformers' sdpa_attention_forward: [B, H, q, D] in, [B, q, H, D] out."""
+    """Same contract as transformers' sdpa_attention_forward: [B, H, q, D] in, [B, q, H, D] out.
+
+    `kv_segments` (a decoding step of textgen's batch, textgen/engine/batch.py): the rows come in segments
+    of different widths, each with its own keys, values and mask; `kv_segments.parts(layer)` lists them as
+    (first row, end row, keys [b, KV, L, D], values, bool mask [b, 1, q, L]). Each segment attends over its
+    own width, so short rows never read a long row's padding.
+    """
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if kv_segments is not None:
+        parts = kv_segments.parts(module.layer_idx)
+        if len(parts) == 1:
+            _, _, keys, values, mask = parts[0]
+            return _attend(query, keys, values, mask, scale), None
+        outs = [
+            _attend(query[start:stop], keys, values, mask, scale) for start, stop, keys, values, mask in parts
+        ]
+        return torch.cat(outs), None
     if query.shape[2] != 1 or kwargs.get("position_bias") is not None or dropout:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    rows, heads, _, dim = query.shape
+    return _attend(query, key, value, attention_mask, scale), None
+
+
+def _attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """softmax(q kᵀ) v for a few query tokens per row; mask [B, 1, q, L], bool or additive."""
+    rows, heads, queries, dim = query.shape
     kv_heads = key.shape[1]
+    group = heads // kv_heads
     # Grouped-query attention: the query heads that share a key/value head become that head's query rows,
     # so keys and values are read once and never repeated.
-    query = query.reshape(rows, kv_heads, heads // kv_heads, dim)
-    scale = scaling if scaling is not None else dim**-0.5
-    scores = torch.matmul(query * scale, key.transpose(-1, -2))  # [B, KV, group, L]
-    if attention_mask is not None:
-        if attention_mask.shape[1] != 1:  # one mask per query head: group it like the queries
-            attention_mask = attention_mask.reshape(rows, kv_heads, heads // kv_heads, -1)
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
+    grouped = query.reshape(rows, kv_heads, group * queries, dim)
+    scores = torch.matmul(grouped * scale, key.transpose(-1, -2))  # [B, KV, group * q, L]
+    if mask is not None:
+        scores = scores.view(rows, kv_heads, group, queries, -1)
+        mask = mask[:, :, None]  # [B, 1, 1, q, L]: the same for every head
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
         else:
-            scores = scores + attention_mask
+            scores = scores + mask
+        scores = scores.view(rows, kv_heads, group * queries, -1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    out = torch.matmul(probs, value)  # [B, KV, group, D]
-    return out.reshape(rows, heads, 1, dim).transpose(1, 2), None
+    out = torch.matmul(probs, value)  # [B, KV, group * q, D]
+    return out.reshape(rows, heads, queries, dim).transpose(1, 2)
+
+
+def decodes_with_segments(model: Any) -> bool:
+    """Whether the model's attention is decode_attention, which takes a batch in segments."""
+    return getattr(model.config, "_attn_implementation", None) == NAME
 
 
 AttentionInterface.register(NAME, decode_attention)
