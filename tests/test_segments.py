@@ -214,17 +214,58 @@ def test_the_engine_puts_a_long_prompt_in_a_segment_of_its_own_and_everyone_gets
             time.sleep(0.0005)
         return [h.wait(30).text for h in handles], arrival.wait(30).text, most
 
-    results = []
+    results, passes_apart = [], []
     for segmented in (True, False):
         engine = Engine(loaded_tiny.model, loaded_tiny.tokenizer, context_length=loaded_tiny.context_length)
         if not segmented:
             engine.runner.model.set_attn_implementation("sdpa")  # one left-padded cache
+        apart = engine.runner._advance
+        calls: list[int] = []
+        engine.runner._advance = lambda fill, chunk: calls.append(chunk) or apart(fill, chunk)
         engine.start()
         try:
             results.append(run(engine))
         finally:
             engine.stop()
             use_decode_attention(loaded_tiny.model)
+        passes_apart.append(len(calls))
     (texts, text, most), (plain_texts, plain_text, plain_most) = results
     assert most == 2 and plain_most == 1
+    # Segmented, every chunk of the long prompt shared a decoding step's pass; otherwise each had its own.
+    assert passes_apart[0] == 0 and passes_apart[1] >= 2
     assert (texts, text) == (plain_texts, plain_text)
+
+
+def test_a_long_prompt_whose_shared_pass_fails_fails_alone(loaded_tiny, encode):
+    """The chunk shares the streams' pass; when that pass fails because of the long prompt, both are undone
+    and done apart: the prompt fails, the streams go on with the text they get alone."""
+    from textgen.engine.core import Engine
+    from textgen.engine.params import SamplingParams
+
+    streams = SamplingParams(max_new_tokens=60, temperature=0, ignore_eos=True)
+    short = [encode(text) for text in ("What is AI?", "Paris is the")]
+    poisoned = encode("POISON ") + prompt(160, 60)
+    expected = []
+    engine = Engine(loaded_tiny.model, loaded_tiny.tokenizer, context_length=loaded_tiny.context_length)
+    engine.start()
+    try:
+        expected = [engine.submit(ids, streams).wait(30).text for ids in short]
+    finally:
+        engine.stop()
+    engine = Engine(
+        loaded_tiny.model,
+        loaded_tiny.tokenizer,
+        context_length=loaded_tiny.context_length,
+        fault_prompt="POISON",
+    ).start()
+    try:
+        handles = [engine.submit(ids, streams) for ids in short]
+        deadline = time.monotonic() + 30
+        while min(len(h.sequence.output_ids) for h in handles) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.0005)
+        bad = engine.submit(poisoned, SamplingParams(max_new_tokens=5, temperature=0))
+        assert bad.wait(30).finish_reason == "error"
+        assert [h.wait(30).text for h in handles] == expected
+    finally:
+        engine.stop()

@@ -260,8 +260,14 @@ class _SegmentedLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        for (start, stop), segment in zip(self.cache.spans, self.cache.segments):
-            segment.layers()[self.index].update(key_states[start:stop], value_states[start:stop])
+        """Keys and values of the packed step [1, H, T, D] go to their segments, [rows, H, q, D] each."""
+        for (start, stop), segment, q in zip(self.cache.spans, self.cache.segments, self.cache.queries):
+            rows = (len(segment), q)
+            segment.cache.update(
+                key_states[0, :, start:stop].unflatten(1, rows).transpose(0, 1),
+                value_states[0, :, start:stop].unflatten(1, rows).transpose(0, 1),
+                self.index,
+            )
         # What the attention reads comes from `SegmentedCache.parts`; these are for code that looks at shapes.
         return key_states, value_states
 
@@ -269,44 +275,51 @@ class _SegmentedLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return max(segment.layers()[self.index].length for segment in self.cache.segments)
+        return max(segment.cache.get_seq_length(self.index) for segment in self.cache.segments)
 
     def get_max_length(self) -> int:
         return -1
 
 
 class SegmentedCache(Cache):
-    """The cache a segmented decoding step passes to the model; textgen's decode attention asks it for each
-    segment's rows, keys, values and mask (`parts`), as `kv_segments`.
+    """The cache of a segmented forward pass. Its tokens come packed in one sequence [1, T]: each segment's
+    rows, q tokens a row (one to decode, or a few drafted ones to verify), then possibly a chunk of a prompt
+    being computed (a one-row segment of its own, q = the chunk). textgen's decode attention asks it, as
+    `kv_segments`, for each part's tokens, keys, values and mask (`parts`).
 
     Attention reads each segment's whole buffer, spare room included, masked: a slice of the filled part is
     not contiguous, and the matmuls then took 130 us each instead of a few (GPT-2, one row, 2-core Xeon:
     20.2 ms a step against 16.6).
     """
 
-    def __init__(self, segments: list[Segment], queries: int) -> None:
-        self.segments = segments
-        self.spans = _spans(segments)
-        self.queries = queries
+    def __init__(self, parts: list[tuple[Segment, int]]) -> None:
+        self.segments = [segment for segment, _ in parts]
+        self.queries = [queries for _, queries in parts]
+        bounds = [0]
+        for segment, queries in parts:
+            bounds.append(bounds[-1] + len(segment) * queries)
+        self.spans = list(zip(bounds[:-1], bounds[1:]))  # each part's tokens in the packed sequence
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
-        n_layers = len(segments[0].layers())
-        super().__init__(layers=[_SegmentedLayer(self, i) for i in range(n_layers)])
+        layers = max(len(segment.layers()) for segment in self.segments)
+        super().__init__(layers=[_SegmentedLayer(self, i) for i in range(layers)])
 
-    def parts(self, layer: int) -> list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per segment: its rows (start, stop), its key and value buffers at `layer` [b, H, C, D], its mask
-        [b, 1, q, C] (called after the step's update, so the buffers hold the step's q new positions)."""
+    def parts(self, layer: int) -> list[tuple[int, int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per part: its tokens in the packed sequence (start, stop), its queries per row, its key and value
+        buffers at `layer` [rows, H, C, D] and its mask [rows, 1, q, C] (asked after the update, so the
+        buffers hold the new positions)."""
         result = []
         for index, ((start, stop), segment) in enumerate(zip(self.spans, self.segments)):
             keys, values = segment.layers()[layer].buffers
-            result.append((start, stop, keys, values, self._mask(index, keys.shape[2])))
+            mask = self._mask(index, keys.shape[2])
+            result.append((start, stop, self.queries[index], keys, values, mask))
         return result
 
     def _mask(self, index: int, capacity: int) -> torch.Tensor:
         """The rows' real positions, then the q new ones (query j sees those up to its own), then spare room
-        nobody sees; the same for every layer of the step."""
+        nobody sees; the same for every layer of the pass."""
         mask = self._masks.get((index, capacity))
         if mask is None:
-            segment, q = self.segments[index], self.queries
+            segment, q = self.segments[index], self.queries[index]
             rows, width = segment.mask.shape
             mask = torch.zeros(rows, 1, q, capacity, dtype=torch.bool)
             mask[..., :width] = segment.mask.bool()[:, None, None, :]
@@ -465,28 +478,56 @@ class DecodeBatch:
     def step(self, model: Any) -> torch.Tensor:
         """Feed every row its newest token; return next-token logits [B, V]."""
         assert self.next_tokens is not None, "record() the sampled tokens before the next step"
-        logits = self.forward(model, self.next_tokens)
+        logits, _ = self.forward(model, self.next_tokens)
         self.next_tokens = None
         return logits[:, -1, :]
 
-    def forward(self, model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, model: Any, input_ids: torch.Tensor, chunk: tuple["DecodeBatch", list[int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed every row `input_ids[row]` [B, q] after its cached positions; return the logits of all of
-        them [B, q, V] (float32). The masks and caches grow by q positions (`cut` takes them back)."""
+        them [B, q, V] (float32). The masks and caches grow by q positions (`cut` takes them back).
+
+        `chunk` (a one-row batch whose prompt is being computed, `start`; the next tokens of that prompt):
+        computed in the same pass, which reads the weights once for both; the second value returned is then
+        the logits after the chunk's last token [1, V]. Needs a model that decodes with segments.
+        """
         queries = input_ids.shape[1]
         positions = torch.cat([s.mask.sum(-1, keepdim=True) for s in self.segments]) + torch.arange(queries)
         if decodes_with_segments(model):
-            cache = SegmentedCache(self.segments, queries)
+            parts = [(segment, queries) for segment in self.segments]
+            ids, places = [input_ids.reshape(-1)], [positions.reshape(-1)]
+            if chunk is not None:
+                filling, tokens = chunk
+                (segment,) = filling.segments
+                parts.append((segment, len(tokens)))
+                ids.append(torch.tensor(tokens, dtype=torch.long))
+                places.append(torch.arange(segment.width, segment.width + len(tokens)))
+            cache = SegmentedCache(parts)
+            decoded = input_ids.numel()
+            keep: int | torch.Tensor = 0  # every position's logits
+            if chunk is not None:  # the decoded rows', and the chunk's last position's only
+                keep = torch.cat([torch.arange(decoded), torch.tensor([decoded + len(chunk[1]) - 1])])
             out = model(
-                input_ids=input_ids,
-                position_ids=positions,
+                input_ids=torch.cat(ids)[None],
+                position_ids=torch.cat(places)[None],
                 past_key_values=cache,
                 use_cache=True,
                 kv_segments=cache,
+                logits_to_keep=keep,
             )
-            for segment in self.segments:
-                segment.mask = F.pad(segment.mask, (0, queries), value=1)
-            return out.logits.float()
+            for segment, q in parts:
+                segment.mask = F.pad(segment.mask, (0, q), value=1)
+            logits = out.logits[0].float()
+            if chunk is None:
+                return logits.view(*input_ids.shape, -1), None
+            for layer in (
+                chunk[0].segments[0].layers()
+            ):  # a layer this pass created: room for the whole prompt
+                layer.room = chunk[0].room
+            return logits[:decoded].view(*input_ids.shape, -1), logits[decoded:]
         # A model with attention of its own (it could not take textgen's): one segment, Hugging Face masks.
+        assert chunk is None, "a chunk shares a pass only with textgen's decode attention"
         while len(self.segments) > 1:
             self._merge_cheapest()
         (segment,) = self.segments
@@ -499,7 +540,7 @@ class DecodeBatch:
             use_cache=True,
         )
         segment.cache = out.past_key_values
-        return out.logits.float()
+        return out.logits.float(), None
 
     def cut(self, positions: int) -> None:
         """Forget every row's last `positions` positions (the rejected part of a speculative step)."""
@@ -542,8 +583,8 @@ class DecodeBatch:
         self.next_tokens = checkpoint.next_tokens
         for segment, mask, lengths in zip(self.segments, checkpoint.masks, checkpoint.lengths):
             segment.mask = mask
-            for layer, length in zip(segment.layers(), lengths):
-                layer.truncate(length)
+            for i, layer in enumerate(segment.layers()):
+                layer.truncate(lengths[i] if i < len(lengths) else 0)  # a layer the failed pass created
 
     def take(self, keep: list[int]) -> "DecodeBatch":
         """A new batch of copies of the rows at `keep`; this batch is left as it was (to retry rows alone)."""

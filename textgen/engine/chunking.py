@@ -22,6 +22,9 @@ from textgen.engine.sequence import Sequence
 MIN_CHUNK = 16  # tokens: the smallest chunk whatever the timings say
 FIRST_CHUNK = 64  # before prefill passes of two different sizes have been timed
 SHARE = 0.9  # a chunk's pass aims at this fraction of a decoding step: the step at most about doubles
+# A chunk computed in the decoding step's own pass (textgen/engine/causal.py) adds at most about this
+# fraction of a step: streams' tokens come about 1.5x further apart while a long prompt is read.
+SHARED_SHARE = 0.5
 SAMPLES = 32  # recent prefill passes the cost model is fitted to
 # Prompts up to this long are never cut, whatever the timings say: they stay batched together, as
 # before chunked prefill, on every CPU (a chunk is computed alone, in a pass of its own).
@@ -36,7 +39,16 @@ class PromptFill:
 
     seq: Sequence
     batch: DecodeBatch
-    last: tuple[int, float] | None = None  # its last chunk: (tokens, seconds)
+    last: tuple[int, float] | None = None  # its last chunk computed in a pass of its own: (tokens, seconds)
+    chunk: int = 0  # its last chunk computed in a decoding step's pass: tokens
+    per_token: float | None = None  # what a token of it added to a decoding step's pass, moving average
+
+    def shared(self, tokens: int, added: float) -> None:
+        """Its last chunk, `tokens`, was computed in a decoding step's pass and added `added` seconds to it."""
+        self.chunk = tokens
+        cost = added / tokens
+        # Averaged: the time added is a difference of two noisy step times (+-10 ms on a 2-core Xeon).
+        self.per_token = cost if self.per_token is None else 0.5 * self.per_token + 0.5 * cost
 
     @property
     def done(self) -> int:
@@ -90,6 +102,19 @@ class ChunkSizer:
             fixed, per_token = cost
             chunk = max((aim - fixed) / per_token, fixed / (2 * per_token))
         return int(max(MIN_CHUNK, min(cap, chunk)))
+
+    def shared_budget(self, decoding: int, fill: PromptFill) -> int:
+        """Tokens of `fill` to compute in the decoding step's own pass: what adds SHARED_SHARE of a step at
+        the cost per token its previous chunks added (it grows with the prompt's depth). No fixed part to
+        pay, so no floor but MIN_CHUNK: the first chunk is that, and a chunk at most doubles the one before
+        (a first guess from one-row passes put 49 tokens at 40 ms when 20 ms was aimed at)."""
+        if self.max_step_tokens <= 0:
+            return sys.maxsize
+        cap = max(MIN_CHUNK, self.max_step_tokens - decoding)
+        if fill.per_token is None or self.step_seconds is None:
+            return min(cap, MIN_CHUNK)
+        chunk = SHARED_SHARE * self.step_seconds / fill.per_token
+        return int(max(MIN_CHUNK, min(cap, 2 * fill.chunk, chunk)))
 
     def cap(self, decoding: int) -> int:
         """The most prompt tokens of whole short prompts one step may take together (TEXTGEN_MAX_STEP_TOKENS,

@@ -293,7 +293,7 @@ def verify_forward(model: Any, batch: DecodeBatch, drafts: list[list[int]]) -> t
     assert batch.next_tokens is not None
     k = len(drafts[0])
     inputs = torch.cat([batch.next_tokens, torch.tensor(drafts, dtype=torch.long).view(len(drafts), k)], 1)
-    logits = batch.forward(model, inputs)
+    logits, _ = batch.forward(model, inputs)
     batch.next_tokens = None
     return logits
 

@@ -41,21 +41,19 @@ def decode_attention(
 ) -> tuple[torch.Tensor, None]:
     """Same contract as transformers' sdpa_attention_forward: [B, H, q, D] in, [B, q, H, D] out.
 
-    `kv_segments` (a decoding step of textgen's batch, textgen/engine/batch.py): the rows come in segments
-    of different widths, each with its own keys, values and mask; `kv_segments.parts(layer)` lists them as
-    (first row, end row, keys [b, KV, L, D], values, bool mask [b, 1, q, L]). Each segment attends over its
-    own width, so short rows never read a long row's padding.
+    `kv_segments` (a forward pass of textgen's batch, textgen/engine/batch.py): the tokens come packed in one
+    sequence [1, H, T, D], in parts of different widths, each with its own keys, values and mask;
+    `kv_segments.parts(layer)` lists them as (first token, end token, tokens per row, keys [rows, KV, C, D],
+    values, bool mask [rows, 1, q, C]). Each part attends over its own width only: short rows never read a
+    long row's padding, and a chunk of a prompt being computed shares the pass with the decoding rows.
     """
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if kv_segments is not None:
-        parts = kv_segments.parts(module.layer_idx)
-        if len(parts) == 1:
-            _, _, keys, values, mask = parts[0]
-            return _attend(query, keys, values, mask, scale), None
-        outs = [
-            _attend(query[start:stop], keys, values, mask, scale) for start, stop, keys, values, mask in parts
-        ]
-        return torch.cat(outs), None
+        outs = []
+        for start, stop, queries, keys, values, mask in kv_segments.parts(module.layer_idx):
+            part = query[0, :, start:stop].unflatten(1, (-1, queries)).transpose(0, 1)  # [rows, H, q, D]
+            outs.append(_attend(part, keys, values, mask, scale).flatten(0, 1))  # [rows * q, H, D]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs))[None], None
     if query.shape[2] != 1 or kwargs.get("position_bias") is not None or dropout:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
