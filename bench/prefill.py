@@ -5,7 +5,8 @@ Three engines, each measured in a subprocess of its own (a fresh process, the sa
 - baseline: textgen as it was before chunked prefill (`--baseline-rev`, exported with `git archive`): an
   engine iteration is a prefill or a decoding step, a prompt is computed whole, nothing is cached.
 - unchunked: this tree with TEXTGEN_MAX_STEP_TOKENS=0 (no chunking) and the prefix cache off.
-- chunked: this tree with its defaults (chunk sized from the timed decoding step, cap 512; 256 MB cache).
+- chunked: this tree with its defaults (a long prompt's chunks share the decoding steps' passes, sized from
+  what they add to a step, cap 512; 256 MB cache).
 
 Workloads (random-weight GPT-2 124M, the real GPT-2 vocabulary: every forward pass costs what GPT-2's does):
 

@@ -36,9 +36,10 @@ ErrorHook = Callable[[Sequence | None, BaseException], None]
 
 
 class CausalRunner:
-    """Owns the running DecodeBatch and the prompts being computed: each step decodes the batch, then
-    computes as much of the waiting prompts as the step's budget allows (chunking.py); a prompt whose
-    beginning is in the prefix cache starts from there (prefix_cache.py); finished rows leave.
+    """Owns the running DecodeBatch and the prompts being computed: each step decodes the batch and
+    computes as much of the waiting prompts as the step's budget allows (chunking.py), a long prompt's chunk
+    in the decoding step's own pass; a prompt whose beginning is in the prefix cache starts from there
+    (prefix_cache.py); finished rows leave.
 
     The encoder-decoder runner (seq2seq.py) is this runner with another kind of batch: everything from
     sampling to fault isolation is shared, only how a batch is prefilled, stepped and reshaped differs.
@@ -84,7 +85,8 @@ class CausalRunner:
         self.filling.clear()
 
     def step(self, new: list[Sequence]) -> int:
-        """One iteration: the waiting short prompts alone, or a long prompt's next chunk and a decoding step.
+        """One iteration: the waiting short prompts alone, or a long prompt's next chunk and a decoding step
+        (in one forward pass when the model decodes with textgen's attention).
 
         Returns how many sequences got a token (0 when nothing ran); `last_tokens` says how many tokens.
         """

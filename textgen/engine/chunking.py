@@ -1,12 +1,13 @@
 """Chunked prefill: a long prompt is computed a chunk per engine step, between the running rows' tokens.
 
 Without it, a 1000-token prompt is one forward pass during which every running stream waits (on a 2-core
-CPU, seconds). With it, each step decodes the running batch and then computes a chunk of the waiting
-prompts, sized to cost about as long as the decoding step itself, so a stream's inter-token latency at most
-roughly doubles while a long prompt arrives. The size follows the CPU at hand: it comes from the measured
-time of a decoding step and the fitted cost of a prefill pass (ChunkSizer), not from a constant tuned on one
-machine, capped by TEXTGEN_MAX_STEP_TOKENS (0: no chunking). With nothing decoding, nobody waits: every
-waiting prompt goes at once.
+CPU, seconds). With it, each step decodes the running batch and computes a chunk of the prompt: in the same
+forward pass when the model decodes with textgen's attention (the chunk then adds about SHARED_SHARE of a
+step), else in a pass of its own sized to cost about a decoding step. Either way the size follows the CPU at
+hand: it comes from measured times (the decoding step's, what the prompt's previous chunks cost or added, a
+cost fitted to recent one-row passes; ChunkSizer), not from a constant tuned on one machine, capped by
+TEXTGEN_MAX_STEP_TOKENS (0: no chunking). With nothing decoding, nobody waits: every waiting prompt goes at
+once.
 """
 
 from __future__ import annotations
