@@ -25,7 +25,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -101,20 +100,10 @@ def worker(dtype: str, threads: int) -> dict[str, Any]:
 
 
 def run(tree: Path, dtype: str, threads: int) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        "--dtype",
-        dtype,
-        "--threads",
-        str(threads),
-    ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-4000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from bench.trees import run_worker
+
+    args = ["--worker", "--dtype", dtype, "--threads", str(threads)]
+    return run_worker(Path(__file__).resolve(), tree, args, threads)
 
 
 def markdown(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
@@ -170,13 +159,10 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from bench.anchors import cpu_info
 
+    from bench.trees import export
+
     with tempfile.TemporaryDirectory() as tmp:
-        baseline = Path(tmp) / "baseline"
-        baseline.mkdir()
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", args.baseline_rev], capture_output=True, check=True
-        )
-        subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive.stdout, check=True)
+        baseline = export(args.baseline_rev, Path(tmp))
         results = {
             "left-padded": run(baseline, args.dtype, args.threads),
             "segmented": run(ROOT, args.dtype, args.threads),

@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -236,13 +234,10 @@ def worker(config: str, dtype: str, threads: int) -> dict[str, Any]:
 
 
 def run_config(config: str, tree: Path, dtype: str, threads: int) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--tree", str(tree)]
-    cmd += ["--dtype", dtype, "--threads", str(threads)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree)
-    if out.returncode != 0:
-        raise RuntimeError(f"{config} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from bench.trees import run_worker
+
+    args = ["--worker", config, "--tree", str(tree), "--dtype", dtype, "--threads", str(threads)]
+    return run_worker(Path(__file__).resolve(), tree, args, threads)
 
 
 def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
@@ -319,15 +314,13 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     from bench.anchors import cpu_info
+    from bench.trees import export
     from bench.run import ensure_model
 
     ensure_model()
     results = []
     with tempfile.TemporaryDirectory() as baseline_tree:
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", args.baseline_rev], capture_output=True, check=True
-        )
-        subprocess.run(["tar", "-x", "-C", baseline_tree], input=archive.stdout, check=True)
+        export(args.baseline_rev, Path(baseline_tree))
         for config in args.configs.split(","):
             tree = Path(baseline_tree) if config == "baseline" else ROOT
             print(f"{config} ...", file=sys.stderr, flush=True)
