@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -194,25 +195,42 @@ def test_a_poisoned_request_fails_alone_and_the_rest_of_its_batch_gets_the_same_
     guarded_server: Server,
 ) -> None:
     def body(prompt: str) -> dict[str, Any]:
-        return {"prompt": prompt, "max_new_tokens": 30, **PLAIN}
+        return {"prompt": prompt, "max_new_tokens": 100, **PLAIN}
 
     clean = post_all(guarded_server, [("/generate", body(p), {}) for p in CLEAN_PROMPTS])
     expected = [r.json()["generated_text"] for r in clean]
     errors_before = metric(guarded_server, 'textgen_requests_finished_total{reason="error"}')
+    batch_failures_before = metric(guarded_server, 'textgen_engine_failures_total{kind="batch"}')
+
+    # The clean requests stream; the poisoned one is sent once every clean one has a token, so it joins
+    # their running batch (they have ~99 steps to go) and fails inside it, whatever the CPU's speed.
+    started = [threading.Event() for _ in CLEAN_PROMPTS]
+
+    def stream(i: int) -> str:
+        with httpx.stream(
+            "POST", f"{guarded_server.url}/generate_stream", json=body(CLEAN_PROMPTS[i]), timeout=120
+        ) as r:
+            texts = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    texts.append(json.loads(line[6:]).get("text", ""))
+                    started[i].set()
+            return "".join(texts)
 
     poisoned = f"{POISON} What is the weather like today?"
-    requests = [("/generate", body(p), {}) for p in CLEAN_PROMPTS]
-    requests.insert(3, ("/generate", body(poisoned), {}))
-    responses = post_all(guarded_server, requests)
+    with ThreadPoolExecutor(len(CLEAN_PROMPTS)) as pool:
+        streams = [pool.submit(stream, i) for i in range(len(CLEAN_PROMPTS))]
+        assert all(event.wait(60) for event in started)
+        failed = httpx.post(f"{guarded_server.url}/generate", json=body(poisoned), timeout=60)
+        texts = [s.result() for s in streams]
 
-    failed = responses.pop(3)
     assert failed.status_code == 500, failed.text
     message = failed.json()["error"]
     assert "generation failed" in message and "InjectedFault" in message and "retry, or report it" in message
     request_id = message.split("(request ")[1].split(")")[0]
-    assert [r.status_code for r in responses] == [200] * 7
-    assert [r.json()["generated_text"] for r in responses] == expected
-    assert max(r.json()["batch_size"] for r in responses) > 1  # they did share steps with each other
+    assert texts == expected
+    # It failed inside the batch (the step undone, its rows retried alone), not alone.
+    assert metric(guarded_server, 'textgen_engine_failures_total{kind="batch"}') > batch_failures_before
 
     # A streamed request fails with an error event; a client's X-Request-ID names it in the log.
     with httpx.stream(
@@ -227,7 +245,6 @@ def test_a_poisoned_request_fails_alone_and_the_rest_of_its_batch_gets_the_same_
 
     assert metric(guarded_server, 'textgen_requests_finished_total{reason="error"}') == errors_before + 2
     assert metric(guarded_server, 'textgen_engine_failures_total{kind="request"}') >= 2
-    assert metric(guarded_server, 'textgen_engine_failures_total{kind="batch"}') >= 1
     log = guarded_server.log()
     assert log.count(f"request {request_id} failed in an engine step") == 1  # logged once, by its id
     assert log.count("request client-chosen-id-42 failed in an engine step") == 1

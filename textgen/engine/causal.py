@@ -243,10 +243,11 @@ class CausalRunner:
             fill.batch.rollback(checkpoints[1])
             _set_rng_states(batch.rows + [seq], states)
             completed = self._advance(fill, n)
-            stepped = len(self.batch) if self.batch is not None else 0
+            stepped = self.last_tokens = len(self.batch) if self.batch is not None else 0
             if self.batch is not None:
-                self.batch = self._decode(self.batch)
-            return completed + stepped
+                self.batch = self._decode(self.batch)  # sets last_tokens higher when it speculates
+            self.last_tokens += completed
+            return stepped + completed
         # What the chunk added to the step: the next chunk is sized from it.
         fill.shared(n, max(time.perf_counter() - started - (self.chunks.step_seconds or 0.0), 1e-4))
         stepped = len(batch)
