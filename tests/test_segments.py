@@ -18,10 +18,28 @@ from textgen.model.attention import use_decode_attention
 VOCAB_USED = 500  # the tiny tokenizer's vocabulary is 512
 
 
-@pytest.fixture(scope="module")
-def model(loaded_tiny):  # type: ignore[no-untyped-def]
-    use_decode_attention(loaded_tiny.model)  # as the engine does
-    return loaded_tiny.model
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request, loaded_tiny):  # type: ignore[no-untyped-def]
+    """The tiny GPT-2 (loaded as the server loads it), and a tiny Llama built here: rotary positions and
+    grouped-query attention (4 query heads share 2 key/value heads), as SmolLM2 has."""
+    if request.param == "gpt2":
+        model = loaded_tiny.model
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        )
+        model = LlamaForCausalLM(config).eval()
+    use_decode_attention(model)  # as the engine does
+    return model
 
 
 def prompt(length: int, seed: int) -> list[int]:
@@ -169,6 +187,29 @@ def test_verifying_drafts_across_segments_equals_feeding_them_one_by_one(model, 
     torch.testing.assert_close(logits, torch.stack(expected, 1), rtol=1e-4, atol=1e-4)
     commit(batch, 4, [drafts[0][:2], drafts[1][:2]])  # one draft accepted, then the next input
     assert [s.width for s in batch.segments] == [w + 2 for w in widths]
+
+
+def test_a_chunk_in_the_decoding_pass_gives_what_it_gives_apart(model, split_easily):
+    """A prompt's chunk computed in the decoding step's pass: the rows' logits are the step's, the chunk's
+    are what computing it on its own gives, and its cache goes on as if it had been."""
+    decoder = Decoder(model)
+    decoder.join([0, 1], [prompt(6, 70), prompt(9, 71)])
+    decoder.join(2, prompt(120, 72))
+    decoder.step(2)
+    long = prompt(90, 73)
+    reference, mixed = (DecodeBatch.start(9, long, model.config.vocab_size, False) for _ in range(2))
+    expected_rows = decoder.batch.take([0, 1, 2]).step(model)
+    for done, n in ((0, 30), (30, 40), (70, 20)):  # the first chunk creates the prompt's cache
+        expected_chunk = reference.extend(model, long[done : done + n])
+        rows, chunk = decoder.batch.forward(model, decoder.batch.next_tokens, (mixed, long[done : done + n]))
+        decoder.batch.record(rows[:, -1].argmax(-1))
+        torch.testing.assert_close(chunk, expected_chunk, rtol=1e-4, atol=1e-4)
+        if done == 0:
+            torch.testing.assert_close(rows[:, -1], expected_rows, rtol=1e-4, atol=1e-4)
+    assert mixed.width == reference.width == 90
+    mixed.record(chunk.argmax(-1))
+    reference.record(expected_chunk.argmax(-1))
+    torch.testing.assert_close(mixed.step(model), reference.step(model), rtol=1e-4, atol=1e-4)
 
 
 def test_a_model_with_its_own_attention_keeps_one_segment(loaded_tiny):
