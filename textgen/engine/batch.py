@@ -132,12 +132,14 @@ def _capacity_for(needed: int) -> int:
     return needed + GROWTH_BLOCK
 
 
-def _spare_buffers(like: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key and value buffers for `rows` rows of `width` positions plus spare room; only the spare room is
-    zeroed here (the caller writes every position below `width`, padding included), so each byte is written
-    once."""
+def _spare_buffers(
+    like: torch.Tensor, rows: int, width: int, capacity: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value buffers for `rows` rows of `width` positions plus spare room (up to `capacity`); only
+    the spare room is zeroed here (the caller writes every position below `width`, padding included), so
+    each byte is written once."""
     _, heads, _, dim = like.shape
-    capacity = _capacity_for(width)
+    capacity = capacity or _capacity_for(width)
     keys = like.new_empty(rows, heads, capacity, dim)
     values = like.new_empty(rows, heads, capacity, dim)
     keys[:, :, width:].zero_()
@@ -432,9 +434,7 @@ class DecodeBatch:
                 layer.dtype, layer.device, layer.room = k.dtype, k.device, room
                 # Room for the whole prompt at once: the cached beginning is copied once, not again at
                 # the first chunk to make room.
-                buffers = k.new_zeros(1, k.shape[1], room, k.shape[3]), v.new_zeros(
-                    1, v.shape[1], room, v.shape[3]
-                )
+                buffers = _spare_buffers(k, 1, done, room)
                 buffers[0][:, :, :done], buffers[1][:, :, :done] = k, v
                 layer.adopt(*buffers, done)
                 layers.append(layer)
