@@ -136,9 +136,11 @@ def widest(widths: list[tuple[int, int]]) -> int:
 def kv_reservation(rows: int, widest: int) -> int:
     """KV tokens `rows` sequences may come to hold when the longest worst case among them is `widest`.
 
-    Rows are left-padded to the longest one (textgen/engine/batch.py), so a batch costs rows × its width,
-    not the sum of its rows' lengths, plus the spare room each row's cache grows by (the self-attention
-    cache only: an encoder-decoder's cross-attention cache is filled once, at its exact width).
+    Rows are left-padded to the longest one of their segment (textgen/engine/batch.py), and no segment is
+    wider than the batch's longest row, so rows × that width bounds the batch, not the sum of its rows'
+    lengths (segments merge when that pads little, and at most 4 are kept), plus the spare room each row's
+    cache grows by (the self-attention cache only: an encoder-decoder's cross-attention cache is filled
+    once, at its exact width).
     """
     return rows * (widest + GROWTH_BLOCK) if rows else 0
 
