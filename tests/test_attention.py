@@ -38,3 +38,16 @@ def test_prompts_still_go_to_sdpa():
     ours, _ = decode_attention(module, query, key, value, None)
     reference, _ = sdpa_attention_forward(module, query, key, value, None)
     torch.testing.assert_close(ours, reference)
+
+
+def test_a_model_whose_attention_has_no_layer_index_keeps_its_own_attention():
+    """Segments are found by layer index; a model without one keeps its attention (one padded cache)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from textgen.model.attention import decodes_with_segments, use_decode_attention
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))
+    model.transformer.h[1].attn.layer_idx = None
+    assert not use_decode_attention(model) and not decodes_with_segments(model)
+    model.transformer.h[1].attn.layer_idx = 1
+    assert use_decode_attention(model) and decodes_with_segments(model)

@@ -98,6 +98,15 @@ def use_decode_attention(model: Any) -> bool:
     """Switch a decoder-only model to decode_attention; keep its own attention if it cannot take it."""
     if getattr(model.config, "is_encoder_decoder", False):
         return False
+    # The batch's segments are found by each attention module's layer index (`kv_segments.parts`).
+    unindexed = [
+        type(m).__name__
+        for m in model.modules()
+        if type(m).__name__.endswith("Attention") and getattr(m, "layer_idx", None) is None
+    ]
+    if unindexed:
+        log.info("keeping %s's own attention: %s has no layer index", type(model).__name__, unindexed[0])
+        return False
     try:
         model.set_attn_implementation(NAME)
     except (ValueError, NotImplementedError, AttributeError) as exc:
