@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import EncoderDecoderCache
 
-from textgen.engine.batch import DecodeBatch, Segment, new_cache
+from textgen.engine.batch import DecodeBatch
+from textgen.engine.kv_cache import Segment, new_cache
 from textgen.engine.causal import CausalRunner, ErrorHook
 from textgen.engine.faults import FaultInjector
 from textgen.engine.sequence import Sequence

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 # (a prefill's attention scores grow with the square of the prompt), sampling buffers, Python and the
 # HTTP server, which all grow with the batch too.
 KV_MEMORY_SHARE = 0.5
-GROWTH_BLOCK = 32  # spare KV positions a row's cache may hold beyond its tokens (textgen/engine/batch.py)
+GROWTH_BLOCK = 32  # spare KV positions a row's cache may hold beyond its tokens (textgen/engine/kv_cache.py)
 
 
 def kv_bytes_per_token(model: Any) -> int:
