@@ -41,8 +41,8 @@ def decode_attention(
 ) -> tuple[torch.Tensor, None]:
     """Same contract as transformers' sdpa_attention_forward: [B, H, q, D] in, [B, q, H, D] out.
 
-    `kv_segments` (a forward pass of textgen's batch, textgen/engine/kv_cache.py): the tokens come packed in one
-    sequence [1, H, T, D], in parts of different widths, each with its own keys, values and mask;
+    `kv_segments` (a forward pass of textgen's batch, textgen/engine/kv_cache.py): the tokens come packed in
+    one sequence [1, H, T, D], in parts of different widths, each with its own keys, values and mask;
     `kv_segments.parts(layer)` lists them as (first token, end token, tokens per row, keys [rows, KV, C, D],
     values, bool mask [rows, 1, q, C]). Each part attends over its own width only: short rows never read a
     long row's padding, and a chunk of a prompt being computed shares the pass with the decoding rows.
