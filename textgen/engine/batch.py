@@ -57,9 +57,6 @@ class DecodeBatch:
         self.segments = segments  # their rows in order: the first segment's rows are rows[:len(it)], ...
         self.seen = seen  # [B, V] tokens present so far (prompt + output), for the repetition penalty
         self.next_tokens: torch.Tensor | None = None  # [B, 1] tokens to feed at the next step
-        # Positions a prompt computed piece by piece (`start`, `extend`) reserves at once: growing by the
-        # usual block at every chunk copied the whole cache each time (a 1000-token prompt: 15 copies).
-        self.room = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -134,16 +131,16 @@ class DecodeBatch:
     ) -> "DecodeBatch":
         """A one-row batch whose prompt is computed piece by piece (`extend`): chunked prefill, or the rest of
         a prompt whose beginning came from the prefix cache (`cached`: per layer keys and values)."""
-        room = capacity_for(len(prompt))
-        cache = new_cache()
+        room = capacity_for(len(prompt))  # the whole prompt's cache, reserved at once
+        cache = new_cache(room)
         done = 0
         if cached is not None:
             keys, values = cached
             done = keys[0].shape[2]
             layers = []
             for k, v in zip(keys, values):
-                layer = GrowingLayer()
-                layer.dtype, layer.device, layer.room = k.dtype, k.device, room
+                layer = GrowingLayer(room)
+                layer.dtype, layer.device = k.dtype, k.device
                 # Room for the whole prompt at once: the cached beginning is copied once, not again at
                 # the first chunk to make room.
                 buffers = spare_buffers(k, 1, done, room)
@@ -154,9 +151,7 @@ class DecodeBatch:
         seen = torch.zeros(1, vocab_size, dtype=torch.bool)
         if count_prompt:
             seen[0, torch.tensor(prompt).clamp(max=vocab_size - 1)] = True
-        batch = cls([row], [Segment(cache, torch.ones(1, done, dtype=torch.long))], seen)
-        batch.room = room
-        return batch
+        return cls([row], [Segment(cache, torch.ones(1, done, dtype=torch.long))], seen)
 
     def extend(self, model: Any, ids: list[int]) -> torch.Tensor:
         """Feed a one-row batch the next tokens of its prompt; return the logits after the last [1, V]."""
@@ -173,8 +168,6 @@ class DecodeBatch:
             logits_to_keep=1,
         )
         segment.cache = out.past_key_values
-        for layer in segment.layers():  # created by this call if it was the first: room for the whole prompt
-            layer.room = self.room
         return out.logits[:, -1, :].float()
 
     def row_kv(self, row: int, tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -233,10 +226,6 @@ class DecodeBatch:
             logits = out.logits[0].float()
             if chunk is None:
                 return logits.view(*input_ids.shape, -1), None
-            for layer in (
-                chunk[0].segments[0].layers()
-            ):  # a layer this pass created: room for the whole prompt
-                layer.room = chunk[0].room
             return logits[:decoded].view(*input_ids.shape, -1), logits[decoded:]
         # A model with attention of its own (it could not take textgen's): one segment, Hugging Face masks.
         assert chunk is None, "a chunk shares a pass only with textgen's decode attention"

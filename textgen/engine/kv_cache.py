@@ -11,6 +11,7 @@ values and mask from.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
@@ -33,7 +34,12 @@ class GrowingLayer(DynamicLayer):
     mask excludes them anyway). textgen's decode attention reads the whole buffers too (`buffers`), masked.
     """
 
-    room = 0  # positions to reserve at once when the layer grows (a prompt computed in chunks: all of it)
+    def __init__(self, room: int = 0) -> None:
+        super().__init__()
+        # Positions to reserve at once when the layer grows. A prompt computed piece by piece reserves all
+        # of it: growing by the usual block at every chunk copied the whole cache each time (a 1000-token
+        # prompt: 15 copies).
+        self.room = room
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -134,8 +140,9 @@ def spare_buffers(
     return keys, values
 
 
-def new_cache() -> Cache:
-    return Cache(layer_class_to_replicate=GrowingLayer)
+def new_cache(room: int = 0) -> Cache:
+    """A cache whose layers (made at the first update) are GrowingLayers reserving `room` positions."""
+    return Cache(layer_class_to_replicate=functools.partial(GrowingLayer, room))
 
 
 def cache_layers(cache: Any) -> list[Any]:
