@@ -87,9 +87,9 @@ class ChunkSizer:
         `fixed + per_token * n` this settles on the aimed time whatever the prompt's depth does to
         `per_token` (it converges at the rate fixed / aimed time).
         """
-        if self.max_step_tokens <= 0:
-            return sys.maxsize
-        cap = max(MIN_CHUNK, self.max_step_tokens - decoding)
+        cap = self.cap(decoding)
+        if cap == sys.maxsize:
+            return cap
         cost = self.cost()
         if self.step_seconds is None or (cost is None and last is None):
             return min(cap, FIRST_CHUNK)
@@ -109,17 +109,17 @@ class ChunkSizer:
         the cost per token its previous chunks added (it grows with the prompt's depth). No fixed part to
         pay, so no floor but MIN_CHUNK: the first chunk is that, and a chunk at most doubles the one before
         (a first guess from one-row passes put 49 tokens at 40 ms when 20 ms was aimed at)."""
-        if self.max_step_tokens <= 0:
-            return sys.maxsize
-        cap = max(MIN_CHUNK, self.max_step_tokens - decoding)
+        cap = self.cap(decoding)
+        if cap == sys.maxsize:
+            return cap
         if fill.per_token is None or self.step_seconds is None:
             return min(cap, MIN_CHUNK)
         chunk = SHARED_SHARE * self.step_seconds / fill.per_token
         return int(max(MIN_CHUNK, min(cap, 2 * fill.chunk, chunk)))
 
     def cap(self, decoding: int) -> int:
-        """The most prompt tokens of whole short prompts one step may take together (TEXTGEN_MAX_STEP_TOKENS,
-        less the decoding rows' own)."""
+        """The most prompt tokens one step may compute (TEXTGEN_MAX_STEP_TOKENS, less the decoding rows' own;
+        sys.maxsize: no chunking)."""
         if self.max_step_tokens <= 0:
             return sys.maxsize
         return max(MIN_CHUNK, self.max_step_tokens - decoding)
