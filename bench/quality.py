@@ -23,6 +23,7 @@ from textgen.engine.core import Engine  # noqa: E402
 from textgen.model.loading import load_model, resolve_model  # noqa: E402
 from textgen.engine.params import SamplingParams  # noqa: E402
 from textgen.frontend.templates import render_chat  # noqa: E402
+from textgen.model.quantize import DENSE_ROWS, Int8Linear  # noqa: E402
 
 TEXT = (
     "The Industrial Revolution began in Britain in the late eighteenth century. New machines for spinning and "
@@ -44,6 +45,7 @@ PROMPTS = [
     "Translate 'good morning' into Spanish.",
 ]
 NEW_TOKENS = 48
+INT8_7BIT = "int8, 7-bit activations"
 
 
 def perplexity(model, tokenizer) -> float:
@@ -56,8 +58,8 @@ def perplexity(model, tokenizer) -> float:
 def stepwise_perplexity(model, tokenizer) -> float:
     """Perplexity through the serving path: one token per decoding step, as at batch 1.
 
-    This is what int8 weights change: a prompt-sized forward pass uses their bfloat16 copy (see
-    textgen/quantize.py), so `perplexity` alone would not see the int8 kernel at all.
+    This is what int8 weights change: a prompt-sized forward pass uses their dense copy (see
+    textgen/model/quantize.py), so `perplexity` alone would not see the int8 kernel at all.
     """
     use_decode_attention(model)
     ids = tokenizer.encode(TEXT)
@@ -89,15 +91,20 @@ def greedy_outputs(loaded) -> list[list[int]]:
 def main() -> None:
     rows = []
     reference: list[list[int]] = []
-    for dtype in ("float32", "bfloat16", "int8"):
+    for name in ("float32", "bfloat16", "int8", INT8_7BIT):
+        dtype = "int8" if name == INT8_7BIT else name
         settings = Settings(model_name=None, threads=2, dtype=dtype)
         loaded = load_model(settings, resolve_model(settings))
+        if name == INT8_7BIT:  # what x86 CPUs without AVX512-VNNI compute (textgen/model/quantize.py)
+            for layer in loaded.model.modules():
+                if isinstance(layer, Int8Linear):
+                    layer.reduce_range = True
         start = time.perf_counter()
         ppl = perplexity(loaded.model, loaded.tokenizer)
         step_ppl = stepwise_perplexity(loaded.model, loaded.tokenizer)
         outputs = greedy_outputs(loaded)
         seconds = time.perf_counter() - start
-        if dtype == "float32":
+        if name == "float32":
             reference = outputs
         prefix = [
             next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), min(len(o), len(r)))
@@ -106,7 +113,7 @@ def main() -> None:
         same = sum(o == r for o, r in zip(outputs, reference))
         kept = sum(prefix) / sum(len(r) for r in reference)
         rows.append(
-            f"| {dtype} | {ppl:.2f} | {step_ppl:.2f} | {same}/{len(PROMPTS)} | {kept:.0%} | {seconds:.0f} |"
+            f"| {name} | {ppl:.2f} | {step_ppl:.2f} | {same}/{len(PROMPTS)} | {kept:.0%} | {seconds:.0f} |"
         )
         print(rows[-1], flush=True)
     report = "\n".join(
@@ -115,7 +122,9 @@ def main() -> None:
             f"perplexity on a fixed {len(TEXT.split())}-word English paragraph (in one forward pass, as a prompt "
             "is read, and token by token through the decoding path, as text is generated at batch 1), and greedy "
             f"chat answers to {len(PROMPTS)} prompts ({NEW_TOKENS} tokens, penalties off). int8 means int8 weights "
-            "for single-row products (one stream's decoding steps) and their dense copy for larger ones (prompts, batches).",
+            f"with activations quantized per row for products of fewer than {DENSE_ROWS} rows (decoding steps), "
+            "8-bit with FBGEMM's AVX512-VNNI kernel and 7-bit on other x86 CPUs, and the weights' dense copy "
+            "for larger products (prompts, big batches).",
             "",
             "| weights | perplexity, one pass | perplexity, token by token | answers identical to float32 "
             "| float32 tokens reproduced before the first difference | seconds |",

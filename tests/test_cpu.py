@@ -20,14 +20,16 @@ from textgen.model import cpu as cpu_mod
 from textgen.model import probe as probe_mod
 from textgen.model.cpu import ISA_CLASSES, CpuInfo, describe, detect_cpu
 from textgen.model.formats import (
+    INT8_7BIT_COST,
     QUALITY_COST,
     choose_dtype,
+    costly,
     emulated,
     int8_dense_dtype,
     serving_dtype,
-    slow,
 )
 from textgen.model.probe import load_probe, probe
+from textgen.model.quantize import activations_need_7_bits
 
 BASE = (
     "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht "
@@ -133,6 +135,7 @@ def test_isa_class_and_derived_capabilities(name: str, isa: str, native_bf16: bo
     assert cpu.isa_class == isa
     assert cpu.native_bf16 is native_bf16
     assert cpu.int8_dot is int8_dot
+    assert cpu.int8_activation_bits == (8 if int8_dot else 7)  # FBGEMM's VNNI kernel, or its 16-bit pairs
 
 
 def test_isa_class_below_avx2_and_on_arm() -> None:
@@ -142,6 +145,7 @@ def test_isa_class_below_avx2_and_on_arm() -> None:
     assert graviton3.model == "ARM Neoverse-V1"
     assert graviton3.isa_class == "arm64-bf16"
     assert graviton3.native_bf16 and graviton3.int8_dot
+    assert graviton3.int8_activation_bits is None  # no FBGEMM on ARM: int8 is weight-only there
     graviton2 = detect_cpu(GRAVITON2)
     assert graviton2.isa_class == "arm64-dotprod"
     assert not graviton2.native_bf16 and graviton2.int8_dot
@@ -178,7 +182,7 @@ def test_auto_never_picks_an_emulated_format(name: str, quality: dict[str, float
 
 @pytest.mark.parametrize("name", sorted(MACHINES))
 def test_auto_with_todays_quality_table(name: str) -> None:
-    # int8 costs +0.7% (under the 1% limit) and is the fastest where bfloat16 is native on x86
+    # int8 costs +0.2% (under the 1% limit) and is the fastest where bfloat16 is native on x86
     choice = choose_dtype(machine(name))
     assert choice.dtype == ("int8" if name in NATIVE_BF16 else "float32")
 
@@ -198,7 +202,7 @@ def test_reasons_say_why() -> None:
 def test_int8_is_chosen_once_it_is_cheap_enough_and_native() -> None:
     choice = choose_dtype(machine("sapphire-rapids"), INT8_CHEAP)
     assert choice.dtype == "int8"
-    assert "AMX-INT8" in choice.reason
+    assert "int8 dot products (AVX512-VNNI)" in choice.reason
     assert choose_dtype(machine("epyc-zen4"), INT8_CHEAP).dtype == "int8"
     # Still not where its bfloat16 activations would be emulated, VNNI or not.
     assert choose_dtype(machine("epyc-zen3"), INT8_CHEAP).dtype == "float32"
@@ -221,9 +225,12 @@ def test_quality_table_matches_the_measurements() -> None:
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells and cells[0] in QUALITY_COST:
             perplexity[cells[0]] = float(cells[2])
+        elif cells and cells[0] == "int8, 7-bit activations":
+            perplexity["int8-7bit"] = float(cells[2])
     for dtype in ("bfloat16", "int8"):
         measured = perplexity[dtype] / perplexity["float32"] - 1
         assert QUALITY_COST[dtype] == pytest.approx(measured, abs=0.0005), (dtype, measured)
+    assert INT8_7BIT_COST == pytest.approx(perplexity["int8-7bit"] / perplexity["float32"] - 1, abs=0.0005)
 
 
 def test_emulated_warns_only_where_bfloat16_is_not_native() -> None:
@@ -239,25 +246,24 @@ def test_emulated_warns_only_where_bfloat16_is_not_native() -> None:
         emulated("float16", spr)
 
 
-def test_explicit_formats_warn_when_emulated_or_measured_slow() -> None:
-    """bfloat16 where it is emulated; int8 where its one-row products multiply float32 activations (torch's
-    int8 kernel does not vectorize them: 17.8 against float32's 37.3 tok/s for one stream on the AVX2
-    class) or ATen's kernels are unvectorized."""
-    spr, zen3 = machine("sapphire-rapids"), machine("epyc-zen3")
+def test_explicit_formats_warn_when_emulated_or_over_the_quality_limit() -> None:
+    """bfloat16 where it is emulated; int8 where FBGEMM has no VNNI, so its activations are 7-bit
+    (perplexity +6% on SmolLM2, bench/results/quality.md)."""
+    spr, zen3, skylake = machine("sapphire-rapids"), machine("epyc-zen3"), machine("skylake")
     avx2_on_spr = capped("sapphire-rapids", **AVX2_CAPS)
     for cpu in (spr, zen3, avx2_on_spr):
         assert serving_dtype("float32", cpu).warning is None
     assert serving_dtype("bfloat16", spr).warning is None and serving_dtype("int8", spr).warning is None
+    assert serving_dtype("int8", machine("cascade-lake")).warning is None  # VNNI: 8-bit activations
     for cpu in (zen3, avx2_on_spr):
         choice = serving_dtype("bfloat16", cpu)
         assert choice.warning is not None and "emulated" in choice.warning and choice.warning in choice.reason
+    for cpu in (zen3, skylake, avx2_on_spr, capped("sapphire-rapids", FBGEMM_ENABLE_INSTRUCTIONS="AVX512")):
         choice = serving_dtype("int8", cpu)
-        assert choice.warning is not None and choice.warning == slow("int8", cpu)
-        assert "slower than float32" in choice.warning and "float32 activations" in choice.warning
-    scalar = capped("sapphire-rapids", ATEN_CPU_CAPABILITY="default")
-    assert "not vectorized" in (slow("int8", scalar) or "")
-    assert slow("int8", detect_cpu(GRAVITON2)) is None  # measured on x86 only
-    assert slow("bfloat16", zen3) is None and slow("float32", zen3) is None
+        assert choice.warning is not None and choice.warning == costly("int8", cpu)
+        assert "7 bits" in choice.warning and f"+{INT8_7BIT_COST:.1%}" in choice.warning
+    assert costly("int8", detect_cpu(GRAVITON2)) is None  # weight-only int8 on ARM
+    assert costly("bfloat16", zen3) is None and costly("float32", zen3) is None
     assert choose_dtype(avx2_on_spr).warning is None  # auto never needs one
 
 
@@ -278,7 +284,12 @@ def test_torch_capability_below_the_flags_is_noted() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Kernel-library ISA caps (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY)
 
-AVX2_CAPS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+AVX2_CAPS = {
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+}
 
 
 def capped(name: str, **env: str) -> CpuInfo:
@@ -293,8 +304,8 @@ def test_onednn_capped_to_avx2_is_the_avx2_class_and_auto_never_emulates(name: s
     assert cpu.flags == {"avx2", "fma"}
     assert cpu.raw_flags == machine(name).flags  # the CPU's own flags stay visible
     assert cpu.raw_isa_class == machine(name).isa_class != "avx2"
-    assert not cpu.native_bf16 and not cpu.int8_dot
-    assert cpu.bf16_unit is None and cpu.int8_unit is None
+    assert not cpu.native_bf16 and cpu.bf16_unit is None
+    assert cpu.int8_dot and cpu.int8_unit == "AVX512-VNNI"  # int8 products are FBGEMM's, not capped here
     assert int8_dense_dtype(cpu) is torch.float32
     for quality in (None, INT8_CHEAP, {"float32": 0.0, "bfloat16": 0.0, "int8": 0.0}):
         choice = choose_dtype(cpu, quality)
@@ -351,29 +362,43 @@ def test_mkl_and_aten_caps_do_not_make_bfloat16_emulated() -> None:
     for env in ({"MKL_ENABLE_INSTRUCTIONS": "AVX2"}, {"ATEN_CPU_CAPABILITY": "avx2"}):
         cpu = capped("sapphire-rapids", **env)
         assert cpu.isa_class == "avx2" and cpu.raw_isa_class == "amx"
-        assert cpu.native_bf16 and cpu.bf16_unit == "AMX" and cpu.int8_unit == "AMX-INT8"
+        assert cpu.native_bf16 and cpu.bf16_unit == "AMX" and cpu.int8_unit == "AVX512-VNNI"
         assert cpu.bf16_capped_by is None
         assert emulated("bfloat16", cpu) is None
         assert choose_dtype(cpu).dtype == "int8"
         (note,) = cpu.notes
         assert note.startswith(next(f"{k}={v}" for k, v in env.items())) and "emulated" not in note
-    # ATEN_CPU_CAPABILITY=default: torch's own kernels unvectorized, its int8 weight-only kernel with them
-    # (6.1 GFLOP/s against float32's 28.9 at one row, bench/results/isa-caps.md), so no int8; bfloat16
-    # products are still oneDNN's.
+    # ATEN_CPU_CAPABILITY=default: torch's own kernels unvectorized, but int8 products are FBGEMM's (a
+    # GPT-2 step's 49 products in 5.1 ms at one row under it, as without it) and bfloat16 ones oneDNN's.
     assert capped("epyc-zen3", ATEN_CPU_CAPABILITY="default").isa_class == "baseline"
     scalar = capped("sapphire-rapids", ATEN_CPU_CAPABILITY="default")
-    assert scalar.isa_class == "baseline" and scalar.native_bf16 and not scalar.int8_kernel_vectorized
-    choice = choose_dtype(scalar)
-    assert (
-        choice.dtype == "bfloat16"
-        and "int8 not chosen: torch's int8 kernel is not vectorized" in choice.reason
-    )
-    assert (
-        choose_dtype(detect_cpu(MACHINES["sapphire-rapids"], torch_capability="DEFAULT")).dtype == "bfloat16"
-    )
-    assert machine("sapphire-rapids").int8_kernel_vectorized
+    assert scalar.isa_class == "baseline" and scalar.native_bf16 and scalar.int8_dot
+    assert choose_dtype(scalar).dtype == "int8"
     assert capped("skylake", MKL_ENABLE_INSTRUCTIONS="AVX512").isa_class == "avx512"
     assert capped("sapphire-rapids", MKL_ENABLE_INSTRUCTIONS="AVX512_E1").isa_class == "avx512-vnni"
+
+
+@pytest.mark.parametrize(
+    "value, bits, auto",
+    [
+        ("AVX2", 7, "bfloat16"),
+        ("avx512", 7, "bfloat16"),
+        ("AVX512_256", 7, "bfloat16"),
+        ("avx512_e1", 8, "int8"),
+    ],
+)
+def test_fbgemm_cap_decides_int8_activation_bits(value: str, bits: int, auto: str) -> None:
+    """FBGEMM takes any case (checked in torch 2.13: FBGEMM_ENABLE_INSTRUCTIONS=avx2 overflows 8-bit
+    activations as AVX2 does); below AVX512_E1 (VNNI) its kernels add products in 16-bit pairs."""
+    cpu = capped("sapphire-rapids", FBGEMM_ENABLE_INSTRUCTIONS=value)
+    assert cpu.int8_activation_bits == bits and cpu.native_bf16
+    choice = choose_dtype(cpu)
+    assert choice.dtype == auto
+    assert (costly("int8", cpu) is None) is (bits == 8)
+    if bits == 7:
+        (note,) = cpu.notes
+        assert note.startswith(f"FBGEMM_ENABLE_INSTRUCTIONS={value} keeps FBGEMM (int8 matrix products)")
+    assert "FBGEMM ignores it" in capped("sapphire-rapids", FBGEMM_ENABLE_INSTRUCTIONS="BOGUS").notes[0]
 
 
 def test_a_cap_above_the_cpu_changes_nothing() -> None:
@@ -446,7 +471,9 @@ def test_this_process_under_caps() -> None:
     code = (
         "import json; from textgen.model.cpu import describe, detect_cpu; "
         "from textgen.model.formats import choose_dtype; "
-        "print(json.dumps({**describe(), 'auto': choose_dtype(detect_cpu()).dtype}))"
+        "from textgen.model.quantize import activations_need_7_bits; "
+        "print(json.dumps({**describe(), 'auto': choose_dtype(detect_cpu()).dtype, "
+        "'kernel_7_bits': activations_need_7_bits()}))"
     )
     env = {**os.environ, **AVX2_CAPS}
     root = Path(__file__).resolve().parent.parent
@@ -458,10 +485,14 @@ def test_this_process_under_caps() -> None:
     assert info["isa_class"] == "avx2" and info["raw_isa_class"] == cpu.raw_isa_class
     assert info["auto"] == "float32" and info["native_bf16"] is False
     assert info["caps"] == [f"{k}={v}" for k, v in AVX2_CAPS.items()]
+    # FBGEMM's kernel itself, asked: under its AVX2 cap 8-bit activations overflow, as the flags say.
+    assert info["int8_activation_bits"] == 7 and info["kernel_7_bits"] is True
 
 
 def test_the_real_machine() -> None:
     cpu = detect_cpu()
+    if cpu.arch == "x86_64" and cpu.flags_known:  # the flags and FBGEMM's kernel agree on int8's activations
+        assert activations_need_7_bits() is (cpu.int8_activation_bits == 7)
     assert cpu.model and cpu.arch
     assert cpu.cores == available_cores() >= 1
     assert cpu.isa_class in ISA_CLASSES

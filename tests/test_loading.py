@@ -17,7 +17,7 @@ from textgen.model.loading import ModelLoadError, configure_threads, load_model,
 from textgen.engine.params import SamplingParams
 from textgen.model.cpu import detect_cpu
 from textgen.model.formats import int8_dense_dtype
-from textgen.model.quantize import DENSE_ROWS, Int8Linear
+from textgen.model.quantize import DENSE_ROWS, Int8Linear, activations_need_7_bits
 
 
 def test_local_directory_loads_a_causal_lm(loaded_tiny, tiny_model_dir):
@@ -53,9 +53,9 @@ def test_int8_quantizes_every_linear_layer_and_still_generates(tiny_model_dir, c
     quantized = [m for m in modules if isinstance(m, Int8Linear)]
     # qkv, attention output, MLP in and out in each of the 2 blocks, and the output layer
     assert len(quantized) == 4 * 2 + 1
-    assert all(m.weight_int8.dtype == torch.int8 for m in quantized)
-    # Activations in bfloat16 only where this CPU computes it natively (float32 on AVX2-only CPUs).
-    assert all(m.scales.dtype == int8_dense_dtype(detect_cpu()) for m in quantized)
+    # The dense copy (large batches) in bfloat16 only where this CPU computes it natively.
+    assert all(m.weight_dense.dtype == int8_dense_dtype(detect_cpu()) for m in quantized)
+    assert all(hasattr(m, "packed") and m.reduce_range is activations_need_7_bits() for m in quantized)
     engine = Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length).start()
     try:
         ids = loaded.tokenizer.encode("What is AI?")
@@ -65,19 +65,41 @@ def test_int8_quantizes_every_linear_layer_and_still_generates(tiny_model_dir, c
         engine.stop()
 
 
+@pytest.mark.parametrize("bits", [8, 7])
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 3, DENSE_ROWS, 40])
-def test_int8_linear_is_close_to_the_float_product(rows, compute):
+@pytest.mark.parametrize("rows", [1, 3, 40, DENSE_ROWS])
+def test_int8_linear_is_close_to_the_float_product(rows, compute, bits):
     # The compute dtype is the loaded model's: bfloat16 on CPUs that have it natively, else float32.
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 64), torch.randn(96)
     layer = Int8Linear(weight.to(compute), bias)
+    if bits == 7:
+        layer.reduce_range = True  # as on CPUs without AVX512-VNNI
+    elif activations_need_7_bits():
+        pytest.skip("FBGEMM here has no VNNI: 8-bit activations would overflow its kernel")
     x = torch.randn(rows, 1, 64).to(compute)
     expected = torch.nn.functional.linear(x.float(), weight, bias)
     got = layer(x)
     assert got.shape == (rows, 1, 96) and got.dtype == compute
-    # int8 rows keep ~1/254 of each row's largest weight; bfloat16 activations ~1/256 of each value
-    assert (got.float() - expected).norm() / expected.norm() < 0.02
+    # int8 weights keep ~1/254 of each row's largest weight, activations ~1/255 (1/127 at 7 bits) of their
+    # row's range; the error adds up over 64 products
+    assert (got.float() - expected).norm() / expected.norm() < (0.02 if bits == 8 else 0.04)
+
+
+def test_int8_rows_are_quantized_as_if_alone():
+    """A row next to one 1000x larger keeps its own precision: without a range per row, its activations
+    would all round to zero or one step."""
+    torch.manual_seed(0)
+    weight = torch.randn(96, 64)
+    layer = Int8Linear(weight, None)
+    x = torch.randn(4, 64)
+    x[0] *= 1000
+    expected = torch.nn.functional.linear(x, weight)
+    got = layer(x)
+    for row in range(4):
+        assert (got[row] - expected[row]).norm() / expected[row].norm() < 0.04, row
+    alone = layer(x[1:2])[0]
+    assert (got[1] - alone).norm() / alone.norm() < 0.04
 
 
 def test_gpt2_alias_means_the_default_hub_model(cache_dir):

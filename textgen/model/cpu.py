@@ -131,6 +131,15 @@ _MKL_ALLOWED: Mapping[str, frozenset[str] | None] = {
     "AVX512_E3": _AVX512 | {"avx512_vnni", "avx512_bf16"},
     "AVX512_E4": None,  # AMX, FP16
 }
+# FBGEMM, int8 products (FBGEMM_ENABLE_INSTRUCTIONS; any case, unknown values ignored, checked in this torch
+# build): "E1" is AVX512-VNNI, "_256" the same instructions on 256-bit registers.
+_FBGEMM_ALLOWED: Mapping[str, frozenset[str] | None] = {
+    "AVX2": _AVX2,
+    "AVX512": _AVX512,
+    "AVX512_256": _AVX512,
+    "AVX512_E1": None,
+    "AVX512_E1_256": None,
+}
 # torch's own vectorized kernels (ATEN_CPU_CAPABILITY; torch.backends.cpu.get_cpu_capability() names).
 _ATEN_ALLOWED: Mapping[str, frozenset[str] | None] = {
     "DEFAULT": frozenset(),
@@ -145,7 +154,7 @@ class IsaCap:
 
     variable: str  # as set: ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA), MKL_ENABLE_INSTRUCTIONS, ...
     value: str
-    library: str  # "oneDNN", "oneMKL", "ATen"
+    library: str  # "oneDNN", "oneMKL", "FBGEMM", "ATen"
     removed: frozenset[str]  # flags of this CPU that the library may not use
 
     def __str__(self) -> str:
@@ -154,9 +163,10 @@ class IsaCap:
 
 # What each library computes in textgen, for the notes.
 _LIBRARY_WORK = {
-    "oneDNN": "bfloat16 and int8 matrix products",
+    "oneDNN": "bfloat16 matrix products",
     "oneMKL": "float32 matrix products",
-    "ATen": "torch's own vectorized kernels: elementwise ops, int8 weight-only products",
+    "FBGEMM": "int8 matrix products",
+    "ATen": "torch's own vectorized kernels: elementwise ops, int8 weight-only products on ARM",
 }
 
 
@@ -187,6 +197,12 @@ def _caps(flags: frozenset[str], vendor: str, env: Mapping[str, str]) -> tuple[l
             notes.append(
                 f"MKL_ENABLE_INSTRUCTIONS={value} is not a oneMKL value (upper case); oneMKL ignores it"
             )
+    value = env.get("FBGEMM_ENABLE_INSTRUCTIONS", "").strip()
+    if value:
+        if value.upper() in _FBGEMM_ALLOWED:
+            add("FBGEMM_ENABLE_INSTRUCTIONS", value, "FBGEMM", _FBGEMM_ALLOWED[value.upper()])
+        else:
+            notes.append(f"FBGEMM_ENABLE_INSTRUCTIONS={value} is not an FBGEMM ISA name; FBGEMM ignores it")
     value = env.get("ATEN_CPU_CAPABILITY", "").strip()
     if value:
         if value in ("default", "avx2", "avx512"):
@@ -223,20 +239,10 @@ class CpuInfo:
             object.__setattr__(self, "raw_flags", self.flags)
 
     def usable_by(self, library: str) -> frozenset[str]:
-        """The flags one kernel library ("oneDNN", "oneMKL", "ATen") may use here: the raw ones minus its caps."""
+        """The flags one kernel library ("oneDNN", "oneMKL", "FBGEMM", "ATen") may use here: the raw ones minus
+        its caps."""
         assert self.raw_flags is not None
         return self.raw_flags.difference(*(cap.removed for cap in self.caps if cap.library == library))
-
-    @property
-    def int8_kernel_vectorized(self) -> bool:
-        """torch's int8 weight-only kernel (`_weight_int8pack_mm`, ATen's own) is vectorized in this process.
-
-        With ATEN_CPU_CAPABILITY=default it ran at 6.1 GFLOP/s at one row instead of 75 (float32: 28.9) on the
-        AMX Xeon (bench/results/isa-caps.md): int8 is then slower than float32, native units or not.
-        """
-        if self.is_arm or not self.flags_known:
-            return True  # ATen's caps are x86 names; other CPUs are judged by their flags alone
-        return self.torch_capability != "DEFAULT" and _AVX2 <= self.usable_by("ATen")
 
     @property
     def capped(self) -> bool:
@@ -272,10 +278,21 @@ class CpuInfo:
 
     @property
     def int8_dot(self) -> bool:
-        """int8×int8 dot products in hardware; without them `torch._int_mm` crawls (5 GOP/s on Zen 3)."""
+        """int8 dot products summed in 32 bits in hardware, as textgen's int8 products use them: on x86
+        FBGEMM's AVX512-VNNI kernel (textgen/model/quantize.py; FBGEMM has none for AVX-VNNI or AMX)."""
         if self.is_arm:
             return "asimddp" in self.flags or "i8mm" in self.flags
-        return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & self.usable_by("oneDNN"))
+        return "avx512_vnni" in self.usable_by("FBGEMM")
+
+    @property
+    def int8_activation_bits(self) -> int | None:
+        """Bits textgen's int8 layers quantize activations to on this CPU (textgen/model/quantize.py): 8 with
+        FBGEMM's VNNI kernel; 7 with its AVX2 and AVX-512 ones, which add pairs of u8 x s8 products in 16
+        bits that 8-bit activations overflow (SmolLM2's perplexity: 5790 instead of 22.4). None on ARM,
+        where int8 is weight-only."""
+        if self.is_arm:
+            return None
+        return 8 if self.int8_dot else 7
 
     @property
     def isa_class(self) -> str:
@@ -311,12 +328,10 @@ class CpuInfo:
 
     @property
     def int8_unit(self) -> str | None:
-        """What computes int8 dot products: "AMX-INT8", "AVX512-VNNI", "AVX-VNNI", "I8MM", "DOTPROD"."""
-        usable = self.flags if self.is_arm else self.usable_by("oneDNN")
+        """What computes textgen's int8 dot products: "AVX512-VNNI", "I8MM", "DOTPROD"; None: none."""
+        usable = self.flags if self.is_arm else self.usable_by("FBGEMM")
         for flag, name in (
-            ("amx_int8", "AMX-INT8"),
             ("avx512_vnni", "AVX512-VNNI"),
-            ("avx_vnni", "AVX-VNNI"),
             ("i8mm", "I8MM"),
             ("asimddp", "DOTPROD"),
         ):
@@ -484,5 +499,6 @@ def describe(cpu: CpuInfo | None = None) -> dict[str, Any]:
         "torch_capability": cpu.torch_capability,
         "native_bf16": cpu.native_bf16,
         "int8_dot": cpu.int8_dot,
+        "int8_activation_bits": cpu.int8_activation_bits,
         "notes": list(cpu.notes),
     }

@@ -18,11 +18,13 @@ from textgen.model.cpu import CpuInfo
 # ---------------------------------------------------------------------------------------------------------
 # Choosing the weight format
 
-# Relative increase of token-by-token perplexity against float32 (22.34), measured on SmolLM2-135M-Instruct
-# through the serving path: bench/results/quality.md (bfloat16 22.38, int8 22.50; tests/test_cpu.py reads
-# that file and checks these numbers). int8 is weight-only per-channel int8. Re-measure (python
-# bench/quality.py) and update when a format's implementation changes.
-QUALITY_COST: Mapping[str, float] = {"float32": 0.0, "bfloat16": 0.0018, "int8": 0.0072}
+# Relative increase of token-by-token perplexity against float32, measured on SmolLM2-135M-Instruct through
+# the serving path: bench/results/quality.md (tests/test_cpu.py reads that file and checks these numbers).
+# int8 is per-channel int8 weights with activations quantized per row as they are multiplied (FBGEMM,
+# textgen/model/quantize.py): to 8 bits with AVX512-VNNI, to 7 bits on other x86 CPUs, whose cost is
+# INT8_7BIT_COST. Re-measure (python bench/quality.py) and update when a format's implementation changes.
+QUALITY_COST: Mapping[str, float] = {"float32": 0.0, "bfloat16": 0.0018, "int8": 0.0022}
+INT8_7BIT_COST = 0.0595
 MAX_QUALITY_COST = 0.01  # `auto` accepts at most +1% token-by-token perplexity (issue #12)
 
 # Fastest first, when each runs natively: decoding streams the weights from memory, and int8 reads half the
@@ -41,8 +43,8 @@ def _not_native(dtype: str, cpu: CpuInfo) -> str | None:
     """Why this CPU would emulate `dtype` (a clause), or None when it runs natively."""
     if dtype not in SPEED_ORDER:
         raise ValueError(f"unknown weight format {dtype!r}; expected one of {', '.join(SPEED_ORDER)}")
-    # int8 is weight-only and computes in bfloat16 only where the CPU has it natively, else in float32
-    # (int8_dense_dtype): nothing of it is emulated anywhere.
+    # int8 products are FBGEMM's integer ones, and its dense copy for large batches is bfloat16 only where
+    # the CPU has it natively, else float32 (int8_dense_dtype): nothing of it is emulated anywhere.
     if dtype != "bfloat16" or cpu.native_bf16:
         return None
     cap = cpu.bf16_capped_by
@@ -61,9 +63,9 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
     QUALITY_COST). A format without a quality measurement is not chosen; float32 is the reference and
     always allowed.
 
-    int8 is chosen only where it was measured faster: on x86 CPUs with native bfloat16 (and int8 dot
-    products, which every such CPU has). Elsewhere its float32 path is not slower in principle (a quarter of the bytes
-    to stream) but unmeasured, so `auto` keeps float32 there; TEXTGEN_DTYPE=int8 selects it explicitly.
+    int8 is chosen only where it was measured faster: on x86 CPUs with native bfloat16 and AVX512-VNNI
+    (which every such CPU has), where its activations are 8-bit. Without VNNI they are 7-bit, which costs
+    over 1%; on ARM int8 is unmeasured. TEXTGEN_DTYPE=int8 selects it explicitly.
     """
     table = QUALITY_COST if quality is None else quality
     passed: list[str] = []
@@ -75,12 +77,6 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
             why = (
                 "measured faster only on x86 CPUs with native bfloat16 and int8 dot products, "
                 f"not on this {cpu.isa_class} one"
-            )
-        if why is None and dtype == "int8" and not cpu.int8_kernel_vectorized:
-            why = (
-                f"torch's int8 kernel is not vectorized here (torch capability {cpu.torch_capability}, "
-                f"{', '.join(str(c) for c in cpu.caps if c.library == 'ATen') or 'no cap'}): "
-                "6.1 GFLOP/s against float32's 28.9 at one row on an AMX Xeon"
             )
         cost = table.get(dtype)
         if why is None:
@@ -116,30 +112,24 @@ def emulated(dtype: str, cpu: CpuInfo) -> str | None:
     )
 
 
-def slow(dtype: str, cpu: CpuInfo) -> str | None:
-    """A warning sentence when an explicitly chosen TEXTGEN_DTYPE runs natively but was measured slower than
-    float32 on a CPU like this one, else None. Only int8 on x86: its one-row products use torch's
-    `_weight_int8pack_mm`, which in torch 2.13 is vectorized for bfloat16 activations only (float32 ones:
-    7 GFLOP/s at one row against float32's 29, with AVX-512 or AVX2 kernels, bench/results/isa-caps.md)."""
-    if dtype != "int8" or cpu.is_arm or (cpu.native_bf16 and cpu.int8_kernel_vectorized):
+def costly(dtype: str, cpu: CpuInfo) -> str | None:
+    """A warning sentence when an explicitly chosen TEXTGEN_DTYPE costs this CPU more than 1% perplexity,
+    else None: int8 on x86 CPUs without AVX512-VNNI, where its activations are 7-bit."""
+    if dtype != "int8" or cpu.int8_activation_bits != 7:
         return None
-    if not cpu.native_bf16:
-        why = "its one-row products multiply float32 activations (bfloat16 is not native here), which torch's int8 kernel does not vectorize"
-    else:
-        why = f"torch's int8 kernel is not vectorized here (torch capability {cpu.torch_capability})"
     return (
-        f"TEXTGEN_DTYPE=int8 is slower than float32 at few clients here: {why}; one stream ran at 17.8 "
-        "tok/s against float32's 37.3 with the AVX2 class's kernels (bench/results/"
-        "2026-12-03-avx2-capped-on-amx.md)"
+        f"TEXTGEN_DTYPE=int8 quantizes activations to 7 bits on this CPU ({cpu.isa_class}, FBGEMM without "
+        f"AVX512-VNNI): perplexity +{INT8_7BIT_COST:.1%} against float32 (+{QUALITY_COST['int8']:.1%} with "
+        "VNNI; bench/results/quality.md), for about twice float32's speed at few clients"
     )
 
 
 def serving_dtype(requested: str, cpu: CpuInfo) -> DtypeChoice:
     """TEXTGEN_DTYPE resolved for this CPU: `auto` chooses (choose_dtype); an explicit format is kept, with
-    the reason saying so and, when this CPU emulates it or runs it slower than float32, why."""
+    the reason saying so and, when this CPU emulates it or it costs over 1% quality here, why."""
     if requested == "auto":
         return choose_dtype(cpu)
-    warning = emulated(requested, cpu) or slow(requested, cpu)
+    warning = emulated(requested, cpu) or costly(requested, cpu)
     reason = f"{requested}: set by TEXTGEN_DTYPE" + (f"; {warning}" if warning else "")
     return DtypeChoice(requested, reason, warning)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from textgen.model.cpu import CpuInfo, detect_cpu
 from textgen.model.formats import int8_dense_dtype
+from textgen.model.quantize import Int8Linear
 
 log = logging.getLogger(__name__)
 CACHE_SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
@@ -182,7 +183,7 @@ def _measure(
     def record(table: dict[str, float | None], name: str, work: float, fn: Callable[[], Any]) -> None:
         try:
             table[name] = round(work / _best_time(fn, budget_s) / 1e9, 2)
-        except Exception as exc:  # e.g. a build without _weight_int8pack_mm: report the rest
+        except Exception as exc:  # e.g. a torch build without FBGEMM: report the rest
             table[name] = None
             errors[name] = f"{type(exc).__name__}: {exc}"
 
@@ -197,18 +198,12 @@ def _measure(
             w16, x16 = w32.to(torch.bfloat16), x32.to(torch.bfloat16)
             del w32  # 128 MB at the default size: keep the peak down
             record(bandwidth, "bfloat16", w16.nbytes, lambda: F.linear(x16, w16))
-            w8 = (w16 * 127).to(torch.int8)
-            scales = torch.full((out_f,), 1 / 127, dtype=int8_compute)
+            # textgen's int8 path (textgen.model.quantize): FBGEMM's int8 product at one row.
+            int8 = Int8Linear(w16.to(int8_compute), None)
             x8 = x32.to(int8_compute)
             del w16
-            # textgen's int8 path (textgen.model.quantize): activations and scales in the compute dtype.
-            record(
-                bandwidth,
-                "int8",
-                w8.nbytes + scales.nbytes,
-                lambda: torch.ops.aten._weight_int8pack_mm(x8, w8, scales),
-            )
-            del w8
+            record(bandwidth, "int8", out_f * in_f + 4 * out_f, lambda: int8(x8))
+            del int8
             rows, in_g, out_g = gemm_shape
             work = 2.0 * rows * in_g * out_g
             for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):

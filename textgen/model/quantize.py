@@ -1,32 +1,66 @@
-"""int8 weights: weight-only quantization of every linear layer, activations in the model's compute dtype.
+"""int8 weights: every linear layer's weights as int8 rows with one scale each, multiplied by FBGEMM.
 
 A decoding step at small batch reads every weight once to multiply it by a handful of rows, so its time is
 the time to stream the weights from memory; int8 halves that against bfloat16. Each output row keeps its own
-scale (symmetric, per channel), which costs far less quality than quantizing activations too (measured on
-SmolLM2 in bench/results/quality.md). The matrix product is torch's `_weight_int8pack_mm`, which dequantizes
-inside the kernel.
+scale (symmetric, per channel). The product is FBGEMM's dynamic int8 linear (torch's
+`quantized::linear_dynamic`, the kernel behind `torch.ao.quantization.quantize_dynamic`): it quantizes the
+activations to 8 bits as it goes and multiplies int8 by int8, with VNNI where the CPU has it and AVX2
+otherwise. Measured with GPT-2's 49 products cycled as in a decoding step (AVX-512/AMX Xeon, 2 threads):
+at 1 row 4.9 ms against 10.2 with torch's weight-only `_weight_int8pack_mm` (this module's kernel before)
+and 12.6 with bfloat16 torch.mv; at 8 rows 10.4 against bfloat16 F.linear's 18.1; at 32, 16.9 against 20.4;
+with FBGEMM held to its AVX2 kernels (FBGEMM_ENABLE_INSTRUCTIONS=AVX2) 7.6 / 9.4 / 26.0 against float32's
+18.2 / 47.7 / 58.8. Quality: bench/results/quality.md.
 
-Beyond one row the same kernel loses to a dense GEMM, so each layer also keeps its weight in the compute dtype
-and uses it from DENSE_ROWS rows up. Measured on an AVX-512/AMX Xeon on GPT-2 (a whole decoding step): at
-1 row 16.6 ms with int8 against 17.8 in bfloat16 (itself a matrix-vector product, textgen/model/linear.py),
-but at 8 rows 35.9 against 27.4, and at 32 rows the dense path takes 38.6 either way. (An earlier version,
-before bfloat16 single rows went through torch.mv, measured int8 ahead up to 11 rows.)
+FBGEMM quantizes a product's activations with one range for all its rows. A row much smaller than the
+others would lose precision to them, so with several rows each is first divided by its own largest value
+(and the output multiplied back): every row then spans the same range, as if quantized alone. Activations
+are 8-bit where FBGEMM multiplies with AVX512-VNNI (SmolLM2's token-by-token perplexity 22.39 against
+float32's 22.34) and 7-bit elsewhere (`reduce_range`; 23.67): FBGEMM's AVX2 and plain AVX-512 kernels add
+pairs of u8 x s8 products in 16 bits, which 8-bit activations overflow (perplexity 5790).
+`activations_need_7_bits` asks the kernel itself rather than the CPU flags.
 
-The compute dtype is the dtype the model was loaded in: bfloat16 where the CPU has it natively, float32
-elsewhere (textgen/model/formats.py `int8_dense_dtype`), since emulated bfloat16 GEMM is 8x slower than float32
-on an AVX2-only CPU.
+From DENSE_ROWS rows up (a prompt's prefill, a big mixed step) a plain GEMM is faster than the int8 one
+(64 rows: 19.7 ms against bfloat16's 18.8 without the output layer; 512 rows: 108 against 49.5), so each
+layer also keeps its weight in the compute dtype: the dtype the model was loaded in, bfloat16 where the CPU
+has it natively, float32 elsewhere (textgen/model/formats.py `int8_dense_dtype`).
+
+Where torch has no FBGEMM (ARM builds), the one-row product falls back to `_weight_int8pack_mm` and larger
+ones go to the dense copy.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-DENSE_ROWS = 2  # from this many rows (tokens) per product, the dense copy is faster
+DENSE_ROWS = 64  # from this many rows (tokens) per product, the dense copy is faster
 CHUNK_ROWS = 4096  # rows quantized at a time
+HAS_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def _fbgemm_pack(quantized: torch.Tensor, scales: torch.Tensor) -> Any:
+    """FBGEMM's packed form of int8 weights [out, in] with per-row scales (for quantized::linear_dynamic)."""
+    zero_points = torch.zeros(quantized.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        # torch 2.13 warns that quantized tensor types will go; FBGEMM's packing still takes one.
+        warnings.filterwarnings("ignore", message=".*quantized tensor", category=UserWarning)
+        weight = torch._make_per_channel_quantized_tensor(quantized, scales.double(), zero_points, 0)
+        return torch.ops.quantized.linear_prepack(weight, None)
+
+
+@functools.cache
+def activations_need_7_bits() -> bool:
+    """FBGEMM's kernel in this process adds pairs of u8 x s8 products in 16 bits (no VNNI, or capped by
+    FBGEMM_ENABLE_INSTRUCTIONS), so 8-bit activations would overflow it. Asked with a product that does:
+    every weight and activation at its largest, each pair 2 x 255 x 127 = 64770 > 32767."""
+    packed = _fbgemm_pack(torch.full((8, 64), 127, dtype=torch.int8), torch.full((8,), 1 / 127))
+    out = torch.ops.quantized.linear_dynamic(torch.ones(1, 64), packed, False)
+    return not torch.allclose(out, torch.full_like(out, 64.0))
 
 
 class Int8Linear(nn.Module):
@@ -42,9 +76,13 @@ class Int8Linear(nn.Module):
         for start in range(0, self.out_features, CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
             quantized[rows] = torch.round(weight[rows].float() / scales[rows, None]).clamp(-127, 127)
-        self.register_buffer("weight_int8", quantized)
-        compute = weight.dtype  # _weight_int8pack_mm wants scales in the activations' dtype
-        self.register_buffer("scales", scales.to(compute))
+        compute = weight.dtype
+        if HAS_FBGEMM:
+            self.packed = _fbgemm_pack(quantized, scales)  # FBGEMM's own copy: the int8 tensor can go
+            self.reduce_range = activations_need_7_bits()
+        else:
+            self.register_buffer("weight_int8", quantized)
+            self.register_buffer("scales", scales.to(compute))  # _weight_int8pack_mm: the activations' dtype
         self.register_buffer("weight_dense", weight.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute), requires_grad=False)
 
@@ -55,13 +93,24 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] >= DENSE_ROWS:
+        rows = flat.shape[0]
+        if rows >= DENSE_ROWS or (rows > 1 and not HAS_FBGEMM):
             out = F.linear(flat, self.weight_dense, self.bias)
         else:
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
+            out = self._int8_product(flat)
             if self.bias is not None:
                 out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _int8_product(self, flat: torch.Tensor) -> torch.Tensor:
+        if not HAS_FBGEMM:
+            return torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
+        activations, peaks = flat.float(), None
+        if flat.shape[0] > 1:  # every row on the same range: each quantized as finely as it would be alone
+            peaks = activations.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+            activations = activations / peaks
+        out = torch.ops.quantized.linear_dynamic(activations, self.packed, self.reduce_range)
+        return (out if peaks is None else out * peaks).to(flat.dtype)
 
 
 def quantize_int8(model: Any) -> Any:
