@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -23,7 +24,7 @@ from textgen.engine.core import Engine  # noqa: E402
 from textgen.model.loading import load_model, resolve_model  # noqa: E402
 from textgen.engine.params import SamplingParams  # noqa: E402
 from textgen.frontend.templates import render_chat  # noqa: E402
-from textgen.model.quantize import DENSE_ROWS, Int8Linear  # noqa: E402
+from textgen.model import quantize  # noqa: E402
 
 TEXT = (
     "The Industrial Revolution began in Britain in the late eighteenth century. New machines for spinning and "
@@ -32,7 +33,27 @@ TEXT = (
     "find work. Wages rose slowly, but working conditions were often harsh: long hours, child labour and "
     "dangerous machinery were common until new laws began to limit them. The changes spread to Europe and "
     "North America during the nineteenth century and transformed how goods were made, how people travelled "
-    "and how they lived."
+    "and how they lived.\n\n"
+    "Plants make their own food through photosynthesis. In their leaves, chlorophyll absorbs sunlight, and the "
+    "plant uses that energy to turn water from the soil and carbon dioxide from the air into sugar. Oxygen is "
+    "released as a by-product, which is why forests and oceans full of algae matter so much for the air we "
+    "breathe. The sugar is either used at once for growth or stored as starch in roots, seeds and fruit, "
+    "where animals, including people, find much of their food.\n\n"
+    "A computer follows instructions stored in its memory. The processor fetches an instruction, decodes it "
+    "and carries it out, billions of times every second. Some instructions add or compare numbers, others "
+    "move data between memory and the processor, and others decide which instruction comes next. Programs "
+    "written in languages such as Python or C are translated into these simple steps, so that a few basic "
+    "operations, repeated very quickly, can display a web page, play music or predict the weather.\n\n"
+    "To learn a new language, it helps to practise a little every day rather than a lot once a week. Listen "
+    "to people speaking it, read short texts you enjoy, and try to use new words in sentences of your own. "
+    "Mistakes are part of the process: most learners understand far more than they can say at first, and "
+    "speaking becomes easier with time. Travelling to a country where the language is spoken, or talking "
+    "with a friend who speaks it, can make the words feel real and memorable.\n\n"
+    "Water boils at one hundred degrees Celsius at sea level, but at lower temperatures high in the "
+    "mountains, because the air pressure there is lower. This is why cooking pasta or boiling an egg takes "
+    "longer at altitude, and why pressure cookers, which raise the pressure inside the pot, cook food faster. "
+    "The same principle explains why a bottle of soda fizzes when it is opened: the drop in pressure lets the "
+    "dissolved gas escape as bubbles."
 )
 PROMPTS = [
     "What is the capital of France?",
@@ -45,7 +66,7 @@ PROMPTS = [
     "Translate 'good morning' into Spanish.",
 ]
 NEW_TOKENS = 48
-INT8_7BIT = "int8, 7-bit activations"
+INT8_7BIT = "int8, 7-bit weights"
 
 
 def perplexity(model, tokenizer) -> float:
@@ -94,11 +115,10 @@ def main() -> None:
     for name in ("float32", "bfloat16", "int8", INT8_7BIT):
         dtype = "int8" if name == INT8_7BIT else name
         settings = Settings(model_name=None, threads=2, dtype=dtype)
-        loaded = load_model(settings, resolve_model(settings))
-        if name == INT8_7BIT:  # what x86 CPUs without AVX512-VNNI compute (textgen/model/quantize.py)
-            for layer in loaded.model.modules():
-                if isinstance(layer, Int8Linear):
-                    layer.reduce_range = True
+        # int8 as this CPU's FBGEMM kernel takes it; INT8_7BIT as on x86 CPUs without AVX512-VNNI
+        levels = 63 if name == INT8_7BIT else quantize.weight_levels()
+        with mock.patch.object(quantize, "weight_levels", lambda: levels):
+            loaded = load_model(settings, resolve_model(settings))
         start = time.perf_counter()
         ppl = perplexity(loaded.model, loaded.tokenizer)
         step_ppl = stepwise_perplexity(loaded.model, loaded.tokenizer)
@@ -122,9 +142,10 @@ def main() -> None:
             f"perplexity on a fixed {len(TEXT.split())}-word English paragraph (in one forward pass, as a prompt "
             "is read, and token by token through the decoding path, as text is generated at batch 1), and greedy "
             f"chat answers to {len(PROMPTS)} prompts ({NEW_TOKENS} tokens, penalties off). int8 means int8 weights "
-            f"with activations quantized per row for products of fewer than {DENSE_ROWS} rows (decoding steps), "
-            "8-bit with FBGEMM's AVX512-VNNI kernel and 7-bit on other x86 CPUs, and the weights' dense copy "
-            "for larger products (prompts, big batches).",
+            f"and 8-bit activations quantized per row for products of fewer than {quantize.DENSE_ROWS} rows "
+            "(decoding steps), and the weights' dense copy for larger products (prompts, big batches); its "
+            "weights are 7-bit on x86 CPUs without AVX512-VNNI (FBGEMM's kernels there add pairs of products "
+            "in 16 bits).",
             "",
             "| weights | perplexity, one pass | perplexity, token by token | answers identical to float32 "
             "| float32 tokens reproduced before the first difference | seconds |",

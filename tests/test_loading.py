@@ -17,7 +17,7 @@ from textgen.model.loading import ModelLoadError, configure_threads, load_model,
 from textgen.engine.params import SamplingParams
 from textgen.model.cpu import detect_cpu
 from textgen.model.formats import int8_dense_dtype
-from textgen.model.quantize import DENSE_ROWS, Int8Linear, activations_need_7_bits
+from textgen.model.quantize import DENSE_ROWS, Int8Linear, weight_levels
 
 
 def test_local_directory_loads_a_causal_lm(loaded_tiny, tiny_model_dir):
@@ -55,7 +55,9 @@ def test_int8_quantizes_every_linear_layer_and_still_generates(tiny_model_dir, c
     assert len(quantized) == 4 * 2 + 1
     # The dense copy (large batches) in bfloat16 only where this CPU computes it natively.
     assert all(m.weight_dense.dtype == int8_dense_dtype(detect_cpu()) for m in quantized)
-    assert all(hasattr(m, "packed") and m.reduce_range is activations_need_7_bits() for m in quantized)
+    assert all(hasattr(m, "packed") for m in quantized)
+    # Smoothed by a calibration pass over the model's own tokenizer (SmoothQuant)
+    assert any(bool((m.input_scale != 1).any()) for m in quantized)
     engine = Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length).start()
     try:
         ids = loaded.tokenizer.encode("What is AI?")
@@ -65,25 +67,38 @@ def test_int8_quantizes_every_linear_layer_and_still_generates(tiny_model_dir, c
         engine.stop()
 
 
-@pytest.mark.parametrize("bits", [8, 7])
+@pytest.mark.parametrize("levels", [127, 63])
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 3, 40, DENSE_ROWS])
-def test_int8_linear_is_close_to_the_float_product(rows, compute, bits):
+def test_int8_linear_is_close_to_the_float_product(rows, compute, levels):
     # The compute dtype is the loaded model's: bfloat16 on CPUs that have it natively, else float32.
+    if levels > weight_levels():
+        pytest.skip("FBGEMM here has no VNNI: 8-bit weights would overflow its kernel")
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 64), torch.randn(96)
-    layer = Int8Linear(weight.to(compute), bias)
-    if bits == 7:
-        layer.reduce_range = True  # as on CPUs without AVX512-VNNI
-    elif activations_need_7_bits():
-        pytest.skip("FBGEMM here has no VNNI: 8-bit activations would overflow its kernel")
+    layer = Int8Linear(weight.to(compute), bias, levels=levels)
     x = torch.randn(rows, 1, 64).to(compute)
     expected = torch.nn.functional.linear(x.float(), weight, bias)
     got = layer(x)
     assert got.shape == (rows, 1, 96) and got.dtype == compute
-    # int8 weights keep ~1/254 of each row's largest weight, activations ~1/255 (1/127 at 7 bits) of their
+    # int8 weights keep ~1/254 of each row's largest weight (1/126 at 7 bits), activations ~1/255 of their
     # row's range; the error adds up over 64 products
-    assert (got.float() - expected).norm() / expected.norm() < (0.02 if bits == 8 else 0.04)
+    assert (got.float() - expected).norm() / expected.norm() < (0.02 if levels == 127 else 0.03)
+
+
+def test_smoothing_moves_an_outlier_channel_into_the_weights():
+    """One input channel 50x the others takes most of each row's 8-bit range; smoothed by the calibration
+    peaks, the product is closer to the float one (and exactly the same math: W s, x / s)."""
+    torch.manual_seed(0)
+    weight = torch.randn(96, 64)
+    x = torch.randn(16, 64)
+    x[:, 3] *= 50
+    expected = torch.nn.functional.linear(x, weight)
+    errors = {}
+    for name, peaks in (("plain", None), ("smoothed", x.abs().amax(dim=0))):
+        got = Int8Linear(weight, None, input_peaks=peaks)(x)
+        errors[name] = float((got - expected).norm() / expected.norm())
+    assert errors["smoothed"] < 0.6 * errors["plain"], errors
 
 
 def test_int8_rows_are_quantized_as_if_alone():

@@ -285,14 +285,16 @@ class CpuInfo:
         return "avx512_vnni" in self.usable_by("FBGEMM")
 
     @property
-    def int8_activation_bits(self) -> int | None:
-        """Bits textgen's int8 layers quantize activations to on this CPU (textgen/model/quantize.py): 8 with
-        FBGEMM's VNNI kernel; 7 with its AVX2 and AVX-512 ones, which add pairs of u8 x s8 products in 16
-        bits that 8-bit activations overflow (SmolLM2's perplexity: 5790 instead of 22.4). None on ARM,
-        where int8 is weight-only."""
-        if self.is_arm:
-            return None
-        return 8 if self.int8_dot else 7
+    def int8_weight_bits(self) -> int:
+        """Bits of textgen's int8 weights on this CPU (textgen/model/quantize.py): 8 where FBGEMM multiplies
+        with VNNI (and on ARM, where int8 is weight-only); 7 with FBGEMM's AVX2 and AVX-512 kernels, which
+        add pairs of u8 x s8 products in 16 bits that 8-bit weights overflow."""
+        return 8 if self.is_arm or self.int8_dot else 7
+
+    @property
+    def fbgemm_kernels(self) -> bool:
+        """FBGEMM has kernels for this CPU (it needs AVX2 and FMA): textgen's int8 products run on them."""
+        return not self.is_arm and self.flags_known and _AVX2 <= self.usable_by("FBGEMM")
 
     @property
     def isa_class(self) -> str:
@@ -499,6 +501,6 @@ def describe(cpu: CpuInfo | None = None) -> dict[str, Any]:
         "torch_capability": cpu.torch_capability,
         "native_bf16": cpu.native_bf16,
         "int8_dot": cpu.int8_dot,
-        "int8_activation_bits": cpu.int8_activation_bits,
+        "int8_weight_bits": cpu.int8_weight_bits,
         "notes": list(cpu.notes),
     }

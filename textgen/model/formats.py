@@ -20,11 +20,10 @@ from textgen.model.cpu import CpuInfo
 
 # Relative increase of token-by-token perplexity against float32, measured on SmolLM2-135M-Instruct through
 # the serving path: bench/results/quality.md (tests/test_cpu.py reads that file and checks these numbers).
-# int8 is per-channel int8 weights with activations quantized per row as they are multiplied (FBGEMM,
-# textgen/model/quantize.py): to 8 bits with AVX512-VNNI, to 7 bits on other x86 CPUs, whose cost is
-# INT8_7BIT_COST. Re-measure (python bench/quality.py) and update when a format's implementation changes.
-QUALITY_COST: Mapping[str, float] = {"float32": 0.0, "bfloat16": 0.0018, "int8": 0.0022}
-INT8_7BIT_COST = 0.0595
+# int8 is per-channel int8 weights with activations quantized per row to 8 bits as they are multiplied
+# (FBGEMM, textgen/model/quantize.py); "int8-7bit" is the same with 7-bit weights, as on x86 CPUs without
+# AVX512-VNNI. Re-measure (python bench/quality.py) and update when a format's implementation changes.
+QUALITY_COST: Mapping[str, float] = {"float32": 0.0, "bfloat16": 0.0040, "int8": 0.0103, "int8-7bit": 0.0280}
 MAX_QUALITY_COST = 0.01  # `auto` accepts at most +1% token-by-token perplexity (issue #12)
 
 # Fastest first, when each runs natively: decoding streams the weights from memory, and int8 reads half the
@@ -63,9 +62,9 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
     QUALITY_COST). A format without a quality measurement is not chosen; float32 is the reference and
     always allowed.
 
-    int8 is chosen only where it was measured faster: on x86 CPUs with native bfloat16 and AVX512-VNNI
-    (which every such CPU has), where its activations are 8-bit. Without VNNI they are 7-bit, which costs
-    over 1%; on ARM int8 is unmeasured. TEXTGEN_DTYPE=int8 selects it explicitly.
+    int8 is chosen on x86 CPUs FBGEMM has kernels for (AVX2 and up), where it was measured faster than
+    float32 (an AMX Xeon, and the same under AVX2 caps) at the cost of "int8" (AVX512-VNNI) or "int8-7bit"
+    (without it). On ARM, int8 is weight-only and unmeasured; TEXTGEN_DTYPE=int8 selects it explicitly.
     """
     table = QUALITY_COST if quality is None else quality
     passed: list[str] = []
@@ -73,28 +72,30 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
         if dtype == "float32":
             break
         why = _not_native(dtype, cpu)
-        if why is None and dtype == "int8" and (cpu.is_arm or not (cpu.native_bf16 and cpu.int8_dot)):
+        if why is None and dtype == "int8" and not cpu.fbgemm_kernels:
             why = (
-                "measured faster only on x86 CPUs with native bfloat16 and int8 dot products, "
-                f"not on this {cpu.isa_class} one"
+                "measured on x86 only, where FBGEMM multiplies it"
+                if cpu.is_arm
+                else f"FBGEMM, which multiplies it, needs AVX2 and FMA (this CPU: {cpu.isa_class})"
             )
-        cost = table.get(dtype)
+        cost = table.get(quality_key(dtype, cpu))
         if why is None:
             if cost is None:
                 why = "its quality cost has not been measured"
             elif cost > MAX_QUALITY_COST:
-                why = f"perplexity +{cost:.1%} against float32, over the {MAX_QUALITY_COST:.0%} limit"
+                why = f"perplexity +{cost:.2%} against float32, over the {MAX_QUALITY_COST:.0%} limit"
         if why is not None:
             passed.append(f"{dtype} not chosen: {why}")
             continue
         assert cost is not None
         if dtype == "int8":
-            native = f"runs bfloat16 ({cpu.bf16_unit}) and int8 dot products ({cpu.int8_unit}) natively"
+            kernel = cpu.int8_unit or f"{cpu.isa_class}: 7-bit weights, its pairs of products add in 16 bits"
+            native = f"runs FBGEMM's int8 products natively ({kernel})"
         else:
             native = f"computes bfloat16 natively ({cpu.bf16_unit})"
         reason = (
             f"{dtype}: this CPU {native}; quality within {MAX_QUALITY_COST:.0%} of float32 "
-            f"(perplexity +{cost:.1%})"
+            f"(perplexity +{cost:.2%})"
         )
         return DtypeChoice(dtype, "; ".join([reason, *passed]))
     reason = f"float32: the fastest format this CPU ({cpu.isa_class}) runs natively within quality bounds"
@@ -112,15 +113,22 @@ def emulated(dtype: str, cpu: CpuInfo) -> str | None:
     )
 
 
+def quality_key(dtype: str, cpu: CpuInfo) -> str:
+    """The QUALITY_COST entry of `dtype` on this CPU: int8's weights are 7-bit on x86 CPUs without VNNI."""
+    return "int8-7bit" if dtype == "int8" and cpu.int8_weight_bits == 7 else dtype
+
+
 def costly(dtype: str, cpu: CpuInfo) -> str | None:
-    """A warning sentence when an explicitly chosen TEXTGEN_DTYPE costs this CPU more than 1% perplexity,
-    else None: int8 on x86 CPUs without AVX512-VNNI, where its activations are 7-bit."""
-    if dtype != "int8" or cpu.int8_activation_bits != 7:
+    """A warning sentence when an explicitly chosen TEXTGEN_DTYPE costs more quality on this CPU than `auto`
+    accepts (QUALITY_COST over MAX_QUALITY_COST), else None."""
+    cost = QUALITY_COST.get(quality_key(dtype, cpu))
+    if cost is None or cost <= MAX_QUALITY_COST:
         return None
+    seven_bit = quality_key(dtype, cpu) == "int8-7bit"
+    why = " (7-bit weights: this CPU's FBGEMM kernel adds pairs of products in 16 bits)" if seven_bit else ""
     return (
-        f"TEXTGEN_DTYPE=int8 quantizes activations to 7 bits on this CPU ({cpu.isa_class}, FBGEMM without "
-        f"AVX512-VNNI): perplexity +{INT8_7BIT_COST:.1%} against float32 (+{QUALITY_COST['int8']:.1%} with "
-        "VNNI; bench/results/quality.md), for about twice float32's speed at few clients"
+        f"TEXTGEN_DTYPE={dtype} costs +{cost:.2%} token-by-token perplexity against float32 here{why}, over "
+        f"the {MAX_QUALITY_COST:.0%} `auto` accepts (SmolLM2, bench/results/quality.md)"
     )
 
 

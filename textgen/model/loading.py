@@ -233,7 +233,7 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
     # Load straight into the serving dtype: converting afterwards holds both copies at the peak.
     cpu = detect_cpu()
     choice = serving_dtype(settings.dtype, cpu)
-    if choice.warning:  # an explicit format this CPU emulates, or that costs it over 1% quality
+    if choice.warning:  # an explicit format this CPU emulates, or that costs over 1% quality
         log.warning("%s", choice.reason)
     # int8 layers compute in bfloat16 only where the CPU has it natively (int8_dense_dtype).
     compute = int8_dense_dtype(cpu) if choice.dtype == "int8" else None
@@ -242,7 +242,7 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
     if choice.dtype == "int8":
         from textgen.model.quantize import quantize_int8
 
-        model = quantize_int8(model)
+        model = quantize_int8(model, tokenizer)
     else:
         model = use_linear(model)
     if tokenizer.pad_token is None:

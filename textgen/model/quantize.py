@@ -11,13 +11,23 @@ and 12.6 with bfloat16 torch.mv; at 8 rows 10.4 against bfloat16 F.linear's 18.1
 with FBGEMM held to its AVX2 kernels (FBGEMM_ENABLE_INSTRUCTIONS=AVX2) 7.6 / 9.4 / 26.0 against float32's
 18.2 / 47.7 / 58.8. Quality: bench/results/quality.md.
 
-FBGEMM quantizes a product's activations with one range for all its rows. A row much smaller than the
-others would lose precision to them, so with several rows each is first divided by its own largest value
-(and the output multiplied back): every row then spans the same range, as if quantized alone. Activations
-are 8-bit where FBGEMM multiplies with AVX512-VNNI (SmolLM2's token-by-token perplexity 22.39 against
-float32's 22.34) and 7-bit elsewhere (`reduce_range`; 23.67): FBGEMM's AVX2 and plain AVX-512 kernels add
-pairs of u8 x s8 products in 16 bits, which 8-bit activations overflow (perplexity 5790).
-`activations_need_7_bits` asks the kernel itself rather than the CPU flags.
+FBGEMM quantizes a product's activations (8-bit) with one range for all its rows. A row much smaller than
+the others would lose precision to them, so with several rows each is first divided by its own largest
+value (and the output multiplied back): every row then spans the same range, as if quantized alone.
+
+A few input channels of a transformer's linear layers carry values far larger than the rest, and a row's
+8-bit range is spent on them. As SmoothQuant does (Xiao et al., 2023), each layer's inputs are divided per
+channel by s = sqrt(largest input / largest weight) in that channel and its weight columns multiplied by
+the same s before quantizing, which moves half the outliers' range into the weights; the largest inputs
+come from one forward pass over CALIBRATION_TEXT at load (`input_peaks`). Token-by-token perplexity on
+SmolLM2 (bench/results/quality.md, float32 17.53): 17.91 without smoothing, 17.68 with it (with
+alpha 0.7 instead of 0.5: 17.85); weight-only int8, this module's kernel before, 17.70.
+
+Where FBGEMM multiplies with AVX512-VNNI, weights use all of int8 (+-127). Its AVX2 and plain AVX-512
+kernels add pairs of u8 x s8 products in 16 bits, which +-127 weights overflow (SmolLM2's perplexity: 5790
+on a short text), so there weights are 7-bit (+-63: 2 x 255 x 63 = 32130 fits); PyTorch's own answer on
+those kernels, 7-bit activations (`reduce_range`), cost 6% on that text. `weight_levels` asks the kernel
+itself rather than the CPU flags.
 
 From DENSE_ROWS rows up (a prompt's prefill, a big mixed step) a plain GEMM is faster than the int8 one
 (64 rows: 19.7 ms against bfloat16's 18.8 without the output layer; 512 rows: 108 against 49.5), so each
@@ -31,6 +41,7 @@ ones go to the dense copy.
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from typing import Any
 
@@ -38,9 +49,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 DENSE_ROWS = 64  # from this many rows (tokens) per product, the dense copy is faster
 CHUNK_ROWS = 4096  # rows quantized at a time
 HAS_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
+SMOOTHING = 0.5  # SmoothQuant's alpha: the share of each input channel's range moved into the weights
+CALIBRATION_TOKENS = 256
+# Varied on purpose (story, code, dates, science, dialogue), and not the text bench/quality.py measures on.
+CALIBRATION_TEXT = (
+    "Once upon a time, in a small village by the sea, there lived an old fisherman and his wife. Every "
+    "morning he rowed out before sunrise and came back at noon with whatever the nets had caught.\n"
+    "Q: How do I sort a list in Python?\nA: Use sorted(items) or items.sort(); both accept a key function, "
+    "for example sorted(words, key=len).\n"
+    "The meeting is scheduled for 3:30 pm on Tuesday, 14 March 2023, in room 204. Please bring the "
+    "quarterly report, the budget spreadsheet and your laptop.\n"
+    "The mitochondria is the powerhouse of the cell, producing ATP through oxidative phosphorylation; "
+    "enzymes in its inner membrane pass electrons along a chain and pump protons across it.\n"
+    "User: Can you recommend a good book about the history of science?\nAssistant: Certainly! You might "
+    "enjoy 'A Short History of Nearly Everything' by Bill Bryson, which explains big ideas with humour."
+)
 
 
 def _fbgemm_pack(quantized: torch.Tensor, scales: torch.Tensor) -> Any:
@@ -54,32 +82,52 @@ def _fbgemm_pack(quantized: torch.Tensor, scales: torch.Tensor) -> Any:
 
 
 @functools.cache
-def activations_need_7_bits() -> bool:
-    """FBGEMM's kernel in this process adds pairs of u8 x s8 products in 16 bits (no VNNI, or capped by
-    FBGEMM_ENABLE_INSTRUCTIONS), so 8-bit activations would overflow it. Asked with a product that does:
-    every weight and activation at its largest, each pair 2 x 255 x 127 = 64770 > 32767."""
+def weight_levels() -> int:
+    """The largest int8 weight FBGEMM's kernel in this process takes: 127 where it sums products in 32 bits
+    (VNNI), 63 where it adds pairs of u8 x s8 products in 16 bits (no VNNI, or capped by
+    FBGEMM_ENABLE_INSTRUCTIONS). Asked with a product that overflows the pairs: every weight and
+    activation at its largest, each pair 2 x 255 x 127 = 64770 > 32767."""
+    if not HAS_FBGEMM:
+        return 127  # torch's weight-only kernel multiplies in floating point
     packed = _fbgemm_pack(torch.full((8, 64), 127, dtype=torch.int8), torch.full((8,), 1 / 127))
     out = torch.ops.quantized.linear_dynamic(torch.ones(1, 64), packed, False)
-    return not torch.allclose(out, torch.full_like(out, 64.0))
+    return 127 if torch.allclose(out, torch.full_like(out, 64.0)) else 63
 
 
 class Int8Linear(nn.Module):
     """y = x Wᵀ + b, with W as int8 rows and one scale per row (plus W dense for large batches)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        levels: int | None = None,
+        input_peaks: torch.Tensor | None = None,
+    ) -> None:
+        """`levels`: the largest int8 weight (default: weight_levels()); `input_peaks`: the largest |input|
+        per channel seen in calibration, to smooth the int8 product with (none: no smoothing)."""
         super().__init__()
         weight = weight.detach()  # [out, in]
         self.out_features, self.in_features = weight.shape
-        scales = weight.abs().amax(dim=1).float().clamp(min=1e-12) / 127
+        levels = weight_levels() if levels is None else levels
+        compute = weight.dtype
+        smoothing = torch.ones(self.in_features)
+        if input_peaks is not None and HAS_FBGEMM:
+            column_peaks = weight.abs().amax(dim=0).float().clamp(min=1e-5)
+            smoothing = (
+                input_peaks.float().clamp(min=1e-5) ** SMOOTHING / column_peaks ** (1 - SMOOTHING)
+            ).clamp(min=1e-5)
+        self.register_buffer("input_scale", (1 / smoothing).float())  # inputs x this, weight columns / it
+        scales = torch.empty(self.out_features)
         quantized = torch.empty(weight.shape, dtype=torch.int8)
         # In chunks of rows: a float32 copy of GPT-2's whole output layer would be 154 MB.
         for start in range(0, self.out_features, CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
-            quantized[rows] = torch.round(weight[rows].float() / scales[rows, None]).clamp(-127, 127)
-        compute = weight.dtype
+            smoothed = weight[rows].float() * smoothing
+            scales[rows] = smoothed.abs().amax(dim=1).clamp(min=1e-12) / levels
+            quantized[rows] = torch.round(smoothed / scales[rows, None]).clamp(-levels, levels)
         if HAS_FBGEMM:
             self.packed = _fbgemm_pack(quantized, scales)  # FBGEMM's own copy: the int8 tensor can go
-            self.reduce_range = activations_need_7_bits()
         else:
             self.register_buffer("weight_int8", quantized)
             self.register_buffer("scales", scales.to(compute))  # _weight_int8pack_mm: the activations' dtype
@@ -105,22 +153,53 @@ class Int8Linear(nn.Module):
     def _int8_product(self, flat: torch.Tensor) -> torch.Tensor:
         if not HAS_FBGEMM:
             return torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
-        activations, peaks = flat.float(), None
+        activations, peaks = flat.float() * self.input_scale, None
         if flat.shape[0] > 1:  # every row on the same range: each quantized as finely as it would be alone
             peaks = activations.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
             activations = activations / peaks
-        out = torch.ops.quantized.linear_dynamic(activations, self.packed, self.reduce_range)
+        out = torch.ops.quantized.linear_dynamic(activations, self.packed, False)
         return (out if peaks is None else out * peaks).to(flat.dtype)
 
 
-def quantize_int8(model: Any) -> Any:
-    """Replace the linear layers of a model (GPT-2's Conv1D included) with Int8Linear, in place."""
+def input_peaks(model: Any, tokenizer: Any) -> dict[nn.Module, torch.Tensor]:
+    """The largest |input| per channel of every linear layer (GPT-2's Conv1D too) over CALIBRATION_TEXT, in
+    one forward pass of the model as loaded. Empty if the model cannot run it (then nothing is smoothed)."""
     from transformers.pytorch_utils import Conv1D
 
+    peaks: dict[nn.Module, torch.Tensor] = {}
+
+    def record(layer: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        seen = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+        peaks[layer] = torch.maximum(peaks[layer], seen) if layer in peaks else seen
+
+    layers = [m for m in model.modules() if isinstance(m, (Conv1D, nn.Linear))]
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    try:
+        ids = tokenizer(CALIBRATION_TEXT, return_tensors="pt").input_ids[:, :CALIBRATION_TOKENS]
+        extra = {"decoder_input_ids": ids} if getattr(model.config, "is_encoder_decoder", False) else {}
+        with torch.inference_mode():
+            model(input_ids=ids, **extra)
+    except Exception as exc:  # an unusual model: int8 without smoothing still works
+        log.warning(
+            "int8: no calibration pass (%s: %s); activations are not smoothed", type(exc).__name__, exc
+        )
+        return {}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return peaks
+
+
+def quantize_int8(model: Any, tokenizer: Any = None) -> Any:
+    """Replace the linear layers of a model (GPT-2's Conv1D included) with Int8Linear, in place; with a
+    tokenizer, each layer's int8 product is smoothed by the inputs of a calibration pass (input_peaks)."""
+    from transformers.pytorch_utils import Conv1D
+
+    peaks = input_peaks(model, tokenizer) if tokenizer is not None and HAS_FBGEMM else {}
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, Conv1D):  # a transposed linear layer: weight is [in, out]
-                setattr(module, name, Int8Linear(child.weight.t(), child.bias))
+                setattr(module, name, Int8Linear(child.weight.t(), child.bias, input_peaks=peaks.get(child)))
             elif isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child.weight, child.bias))
+                setattr(module, name, Int8Linear(child.weight, child.bias, input_peaks=peaks.get(child)))
     return model
