@@ -139,7 +139,7 @@ def main() -> None:
     report = "\n".join(
         [
             "Quality cost of the weight formats on SmolLM2-135M-Instruct (the offline default), against float32: "
-            f"perplexity on a fixed {len(TEXT.split())}-word English paragraph (in one forward pass, as a prompt "
+            f"perplexity on a fixed {len(TEXT.split())}-word English text of five paragraphs (in one forward pass, as a prompt "
             "is read, and token by token through the decoding path, as text is generated at batch 1), and greedy "
             f"chat answers to {len(PROMPTS)} prompts ({NEW_TOKENS} tokens, penalties off). int8 means int8 weights "
             f"and 8-bit activations quantized per row for products of fewer than {quantize.DENSE_ROWS} rows "

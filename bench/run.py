@@ -22,8 +22,8 @@ environment; each server's GET /info is checked), the report names the caps and 
 is bench/results/<date>-<class>-capped-on-<real class>. llama.cpp's ISA is fixed when it is built, so only
 the CTranslate2 anchors follow the caps (their GEMMs are oneMKL's):
 
-    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \
-        python bench/run.py --anchors "CTranslate2 int8"
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 \
+        ATEN_CPU_CAPABILITY=avx2 python bench/run.py --anchors "CTranslate2 int8"
 
 Loopback only; every level is bounded in requests and time. Nothing else may run meanwhile.
 """
@@ -187,8 +187,8 @@ def roofline_formats(measured: dict[str, Any], native_bf16: bool) -> dict[str, d
     table = {}
     for dtype, size in BYTES.items():
         gbps = measured["bandwidth_gbs"].get(dtype)
-        # int8 batches multiply its dense copy, in bfloat16 only where that is native
-        # (textgen/model/formats.py int8_dense_dtype): its compute roofline is that GEMM's.
+        # int8 products of 64 rows and more multiply its dense copy, in bfloat16 only where that is native
+        # (textgen/model/formats.py int8_dense_dtype), the fastest GEMM here: its compute roofline.
         dense = ("bfloat16" if native_bf16 else "float32") if dtype == "int8" else dtype
         gflops = measured["gemm_gflops"].get(dense)
         table[dtype] = {
@@ -272,8 +272,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "% of roofline: of the memory roofline at 1 client, of the compute roofline otherwise, for the format",
         "served. x best anchor: against the fastest anchor at the same clients and decoding. Greedy requests",
-        "are speculated (TEXTGEN_SPECULATIVE=ngram): a verification step multiplies several rows at once (int8:",
-        "its dense copy), so greedy can pass the one-row roofline.",
+        "are speculated (TEXTGEN_SPECULATIVE=ngram): a verification step multiplies several rows at once, so",
+        "greedy can pass the one-row roofline.",
         "",
         "Ready (from `bentoml serve` to /readyz 200, local model): "
         + ", ".join(f"{d} {s} s" for d, s in report.get("ready_seconds", {}).items()),

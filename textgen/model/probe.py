@@ -31,7 +31,7 @@ CACHE_SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
 # ---------------------------------------------------------------------------------------------------------
 # Hardware probe
 
-PROBE_VERSION = 3  # bump when what or how the probe measures changes: old cache files stop matching
+PROBE_VERSION = 4  # bump when what or how the probe measures changes: old cache files stop matching
 GEMV_SHAPE = (8192, 4096)  # [out, in]: 128 MB in float32, beyond the cache of most (not all) CPUs
 GEMM_SHAPE = (1024, 1024, 1024)  # rows, in, out: 2.1 GFLOP per product
 BUDGET_S = 0.25  # timing per measurement, after one warm-up call
