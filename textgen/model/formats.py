@@ -121,11 +121,15 @@ def quality_key(dtype: str, cpu: CpuInfo) -> str:
 def costly(dtype: str, cpu: CpuInfo) -> str | None:
     """A warning sentence when an explicitly chosen TEXTGEN_DTYPE costs more quality on this CPU than `auto`
     accepts (QUALITY_COST over MAX_QUALITY_COST), else None."""
-    cost = QUALITY_COST.get(quality_key(dtype, cpu))
+    key = quality_key(dtype, cpu)
+    cost = QUALITY_COST.get(key)
     if cost is None or cost <= MAX_QUALITY_COST:
         return None
-    seven_bit = quality_key(dtype, cpu) == "int8-7bit"
-    why = " (7-bit weights: this CPU's FBGEMM kernel adds pairs of products in 16 bits)" if seven_bit else ""
+    why = (
+        " (7-bit weights: this CPU's FBGEMM kernel adds pairs of products in 16 bits)"
+        if key == "int8-7bit"
+        else ""
+    )
     return (
         f"TEXTGEN_DTYPE={dtype} costs +{cost:.2%} token-by-token perplexity against float32 here{why}, over "
         f"the {MAX_QUALITY_COST:.0%} `auto` accepts (SmolLM2, bench/results/quality.md)"

@@ -153,7 +153,7 @@ class Int8Linear(nn.Module):
     def _int8_product(self, flat: torch.Tensor) -> torch.Tensor:
         if not HAS_FBGEMM:
             return torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
-        activations, peaks = flat.float() * self.input_scale, None
+        activations, peaks = flat * self.input_scale, None  # float32, as FBGEMM takes them (type promotion)
         if flat.shape[0] > 1:  # every row on the same range: each quantized as finely as it would be alone
             peaks = activations.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
             activations = activations / peaks
