@@ -310,3 +310,37 @@ def test_a_long_prompt_whose_shared_pass_fails_fails_alone(loaded_tiny, encode):
         assert [h.wait(30).text for h in handles] == expected
     finally:
         engine.stop()
+
+
+def test_the_layers_outgrow_their_caches_at_different_steps_through_joins_and_leaves(model):
+    """Each layer keeps its capacity at its own phase of GROWTH_BLOCK, so one step never copies every
+    layer's cache at once (on a VM the whole cache copied in one step made it ten times a normal step)."""
+    from textgen.engine.kv_cache import phase_of
+    from textgen.model.memory import GROWTH_BLOCK
+
+    prompts = {name: prompt(6 + 3 * name, name) for name in range(4)}
+    decoder = Decoder(model)
+    decoder.join([0, 1], [prompts[0], prompts[1]])
+    grown_at: dict[int, list[int]] = {}  # step -> the layers that took a bigger buffer at it
+    before = None
+    for step in range(3 * GROWTH_BLOCK):
+        if step == 20:
+            decoder.join(2, prompts[2])  # a merge re-lays every layer: each keeps its phase
+        if step == 50:
+            decoder.join(3, prompts[3])
+        if step == 70:
+            decoder.leave(0)
+        decoder.step()
+        (segment,) = decoder.batch.segments
+        layers = segment.layers()
+        for i, layer in enumerate(layers):
+            assert layer.capacity % GROWTH_BLOCK == phase_of(i) % GROWTH_BLOCK, f"layer {i} at step {step}"
+            assert segment.width <= layer.capacity <= segment.width + GROWTH_BLOCK
+        capacities = [layer.capacity for layer in layers]
+        if before is not None and step not in (20, 50, 70):
+            grown_at[step] = [i for i, (a, b) in enumerate(zip(before, capacities)) if b != a]
+        before = capacities
+    growths = [layers for layers in grown_at.values() if layers]
+    assert len(growths) >= 4  # the rows did outgrow their room, more than once
+    assert all(len(layers) == 1 for layers in growths), grown_at
+    check_against_solo(model, decoder, prompts)

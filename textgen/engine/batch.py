@@ -29,6 +29,7 @@ from textgen.engine.kv_cache import (
     cache_layers,
     capacity_for,
     new_cache,
+    phase_of,
     row_spans,
     spare_buffers,
 )
@@ -103,7 +104,7 @@ class DecodeBatch:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=new_cache(),
+            past_key_values=new_cache(staggered=decodes_with_segments(model)),
             use_cache=True,
             logits_to_keep=0 if all_logits else 1,
         )
@@ -128,18 +129,21 @@ class DecodeBatch:
         vocab_size: int,
         count_prompt: bool,
         cached: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+        staggered: bool = False,
     ) -> "DecodeBatch":
         """A one-row batch whose prompt is computed piece by piece (`extend`): chunked prefill, or the rest of
-        a prompt whose beginning came from the prefix cache (`cached`: per layer keys and values)."""
+        a prompt whose beginning came from the prefix cache (`cached`: per layer keys and values).
+        `staggered`: its layers grow at different steps (the model decodes with textgen's attention;
+        kv_cache.new_cache)."""
         room = capacity_for(len(prompt))  # the whole prompt's cache, reserved at once
-        cache = new_cache(room)
+        cache = new_cache(room, staggered)
         done = 0
         if cached is not None:
             keys, values = cached
             done = keys[0].shape[2]
             layers = []
-            for k, v in zip(keys, values):
-                layer = GrowingLayer(room)
+            for i, (k, v) in enumerate(zip(keys, values)):
+                layer = GrowingLayer(room, phase_of(i) if staggered else 0)
                 layer.dtype, layer.device = k.dtype, k.device
                 # Room for the whole prompt at once: the cached beginning is copied once, not again at
                 # the first chunk to make room.

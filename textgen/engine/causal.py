@@ -197,7 +197,14 @@ class CausalRunner:
         beginning if it has one."""
         fill = PromptFill(
             seq,
-            self.batch_class.start(seq, seq.prompt_ids, self.vocab_size, seq.params.penalize_prompt, cached),
+            self.batch_class.start(
+                seq,
+                seq.prompt_ids,
+                self.vocab_size,
+                seq.params.penalize_prompt,
+                cached,
+                staggered=decodes_with_segments(self.model),
+            ),
         )
         self.filling[0] = fill
         return fill

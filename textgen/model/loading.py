@@ -27,6 +27,7 @@ from textgen.config import Settings
 from textgen.model.cpu import detect_cpu
 from textgen.model.formats import int8_dense_dtype, serving_dtype
 from textgen.model.linear import use_linear
+from textgen.model.memory import keep_freed_memory
 from textgen.model.sampling_defaults import SamplingDefaults, model_sampling_defaults
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,7 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     _release_freed_memory()
+    malloc = keep_freed_memory()  # from here on: serving, whose buffers come and go at every step
     context = context_length(model, tokenizer)
     defaults = model_sampling_defaults(model, settings.generation_config, source.file, source.sha256)
     loaded = LoadedModel(
@@ -263,6 +265,7 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
         torch.get_num_threads(),
         context,
     )
+    log.info("memory: %s", malloc)
     for note in cpu.notes:  # kernel-library caps (ONEDNN_MAX_CPU_ISA, ...) and other kernel caveats
         log.info("CPU: %s", note)
     return loaded

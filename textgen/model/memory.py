@@ -9,7 +9,9 @@ others wait in the queue.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 from typing import Any
 
 import torch
@@ -23,6 +25,38 @@ log = logging.getLogger(__name__)
 # HTTP server, which all grow with the batch too.
 KV_MEMORY_SHARE = 0.5
 GROWTH_BLOCK = 32  # spare KV positions a row's cache may hold beyond its tokens (textgen/engine/kv_cache.py)
+
+# glibc's malloc, as tuned by keep_freed_memory: blocks up to this size come from its heaps (its largest
+# mmap threshold on 64-bit) and freed memory up to RETAINED_BYTES stays there for reuse.
+HEAP_BLOCK_BYTES = 32 << 20
+RETAINED_BYTES = 1 << 30
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_GLIBC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def keep_freed_memory() -> str:
+    """Keep the memory a decoding step frees for the next steps, instead of giving it back to the kernel;
+    returns what was done, for the start-up log.
+
+    KV buffers, logits and activations of a few MB are freed and allocated again at every join, leave and
+    growth of the batch. By default glibc maps each block over its (adaptive) mmap threshold anew and unmaps
+    it when freed, so every new buffer is fresh memory the kernel must fault in: on a 2-core Xeon VM that came
+    at 0.4-4 GB/s against 12 for reused memory, and a batch's KV growth took 300-600 ms steps among 35 ms
+    ones (16 streams at ~700 positions; the streams' ITL p99 250-400 ms, 48 ms with this). Settings already
+    in the environment (MALLOC_*_ variables, GLIBC_TUNABLES) are left as they are; other C libraries as well.
+    """
+    if any(name in os.environ for name in _GLIBC_SETTINGS):
+        return "glibc malloc settings left as set in the environment"
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return "not glibc: the C library's malloc settings are left as they are"
+    if not (mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES) and mallopt(_M_TRIM_THRESHOLD, RETAINED_BYTES)):
+        return "glibc refused the malloc settings; left as they are"
+    return (
+        f"glibc malloc keeps freed memory for reuse (blocks up to {HEAP_BLOCK_BYTES >> 20} MB from its heaps, "
+        f"up to {RETAINED_BYTES >> 20} MB retained)"
+    )
 
 
 def kv_bytes_per_token(model: Any) -> int:
