@@ -118,6 +118,20 @@ def test_a_prefix_cache_hit_gives_the_same_tokens_as_a_miss(loaded_tiny, encode,
         engine.stop()
 
 
+def test_a_prompt_too_short_for_its_beginning_to_be_reused_is_not_cached(loaded_tiny, encode):
+    engine = new_engine(loaded_tiny, prefix_cache_bytes=1 << 24)
+    try:
+        short = encode(SHARED)[:20]  # one full block, but a hit needs more than that (the tiny model: 64)
+        engine.submit(short, GREEDY).wait(30)
+        assert engine.runner.chunks.worth_reusing() > len(short)
+        assert engine.prefix_cache.stats.cached_blocks == 0
+        long = encode(SHARED + SUFFIXES[0])
+        engine.submit(long, GREEDY).wait(30)
+        assert engine.prefix_cache.stats.cached_blocks == len(long) // BLOCK
+    finally:
+        engine.stop()
+
+
 def test_the_prefix_cache_stays_within_its_budget_evicting_least_recently_used_leaves(
     loaded_tiny, encode, plain
 ):

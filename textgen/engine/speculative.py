@@ -213,11 +213,14 @@ class Speculator:
 
 
 def load_draft_model(path: str, target: Any, context_length: int) -> Any:
-    """The draft model at `path` (a Hugging Face directory or id), float32, checked against the target:
-    the same vocabulary (its tokens are the target's) and at least the target's context."""
+    """The draft model at `path` (a Hugging Face directory or id), checked against the target: the same
+    vocabulary (its tokens are the target's) and at least the target's context. It computes in the target's
+    format (bfloat16 where `auto` chose it: a draft in float32 would read twice the bytes per token; for an
+    int8 target its dense compute format)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dtype = getattr(target, "dtype", None) or torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     vocab = int(target.config.get_text_config().vocab_size)
     theirs = int(model.config.get_text_config().vocab_size)
     if theirs != vocab:
