@@ -344,3 +344,24 @@ def test_the_layers_outgrow_their_caches_at_different_steps_through_joins_and_le
     assert len(growths) >= 4  # the rows did outgrow their room, more than once
     assert all(len(layers) == 1 for layers in growths), grown_at
     check_against_solo(model, decoder, prompts)
+
+
+def test_a_decoding_step_leaves_no_garbage_cycles(model):
+    """Each pass's cache must be freed when the pass ends, not at Python's next full collection: cycles held
+    200-800 MB of dropped KV after workload W (64 clients, GPT-2)."""
+    import gc
+
+    decoder = Decoder(model)
+    decoder.join([0, 1], [prompt(5, 50), prompt(40, 51)])
+    decoder.join(2, prompt(120, 52))  # a segment of its own: a pass over two segments
+    decoder.step()
+    gc.collect()
+    gc.disable()
+    try:
+        decoder.step(3)
+        decoder.leave(2)
+        decoder.step(2)
+        unreachable = gc.collect()
+    finally:
+        gc.enable()
+    assert unreachable == 0
