@@ -314,7 +314,8 @@ def test_a_long_prompt_whose_shared_pass_fails_fails_alone(loaded_tiny, encode):
 
 def test_the_layers_outgrow_their_caches_at_different_steps_through_joins_and_leaves(model):
     """Each layer keeps its capacity at its own phase of GROWTH_BLOCK, so one step never copies every
-    layer's cache at once (on a VM the whole cache copied in one step made it ten times a normal step)."""
+    layer's cache at once (on a VM the whole cache copied in one step made it ten times a normal step). The
+    tiny models' two layers have phases 0 and 8: never in the same step."""
     from textgen.engine.kv_cache import phase_of
     from textgen.model.memory import GROWTH_BLOCK
 
