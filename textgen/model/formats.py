@@ -23,7 +23,7 @@ from textgen.model.cpu import CpuInfo
 # int8 is per-channel int8 weights with activations quantized per row to 8 bits as they are multiplied
 # (FBGEMM, textgen/model/quantize.py); "int8-7bit" is the same with 7-bit weights, as on x86 CPUs without
 # AVX512-VNNI. Re-measure (python bench/quality.py) and update when a format's implementation changes.
-QUALITY_COST: Mapping[str, float] = {"float32": 0.0, "bfloat16": 0.0040, "int8": 0.0103, "int8-7bit": 0.0280}
+QUALITY_COST: Mapping[str, float] = {"float32": 0.0, "bfloat16": 0.0006, "int8": 0.0086, "int8-7bit": 0.0137}
 MAX_QUALITY_COST = 0.01  # `auto` accepts at most +1% token-by-token perplexity (issue #12)
 
 # Fastest first, when each runs natively: decoding streams the weights from memory, and int8 reads half the
