@@ -6,6 +6,7 @@ trained on a small corpus; the model keeps GPT-2's 50257-token output layer eith
 the same.
 
     python bench/make_model.py /tmp/textgen-bench/gpt2-random
+    python bench/make_model.py /tmp/textgen-bench/gpt2-random-6-layers --layers 6 --seed 1   # distilgpt2's shape
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main() -> None:
     )
     parser.add_argument("out", type=Path)
     parser.add_argument("--vocab", type=Path, default=DEFAULT_VOCAB)
+    parser.add_argument("--layers", type=int, default=12, help="6: distilgpt2's shape (a draft model)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if (args.out / "config.json").is_file():
         print(f"{args.out} exists")
@@ -59,8 +62,8 @@ def main() -> None:
     real = args.vocab.is_file()
     tokenizer = gpt2_tokenizer(args.vocab) if real else trained_tokenizer()
     tokenizer.eos_token = tokenizer.bos_token = tokenizer.unk_token = "<|endoftext|>"
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config())  # 124M, vocab 50257, context 1024
+    torch.manual_seed(args.seed)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=args.layers))  # 12 layers: 124M, vocab 50257, context 1024
     model.config.eos_token_id = model.config.bos_token_id = tokenizer.eos_token_id
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)

@@ -18,6 +18,12 @@ exactly what GPT-2's does. Random weights never copy their prompt, so two worklo
 
 Clients submit at once and wait for all; tokens/s = tokens generated / wall time, best of `--repeats`.
 
+With `--draft-layers N` the rows are measured again with drafts from a draft model (TEXTGEN_SPECULATIVE=draft):
+a random GPT-2 of N layers (6: distilgpt2's shape), in the model's format. On grounded and shuffled it is
+steered like the model, so it drafts what the model will say (the acceptance of a perfect draft model: its
+best case, and what drafting costs); on random it is left alone, a different random model: its drafts are
+rejected (the worst case).
+
     python bench/speculative.py --dtype float32   # writes bench/results/<date>-speculative.{md,json}
 """
 
@@ -43,6 +49,7 @@ from bench.run import MODEL_DIR  # noqa: E402
 from textgen.config import Settings  # noqa: E402
 from textgen.engine.core import Engine  # noqa: E402
 from textgen.engine.params import SamplingParams  # noqa: E402
+from textgen.engine.speculative import load_draft_model  # noqa: E402
 from textgen.model.loading import load_model, resolve_model  # noqa: E402
 
 PASSAGE = """\
@@ -152,6 +159,15 @@ class Counter:
         self.steps += 1
 
 
+def draft_dir(layers: int) -> Path:
+    """A random GPT-2 of `layers` layers with the model's vocabulary (bench/make_model.py), built once."""
+    path = MODEL_DIR.parent / f"gpt2-random-{layers}-layers"
+    if not (path / "config.json").is_file():
+        make = [sys.executable, str(ROOT / "bench" / "make_model.py"), str(path), "--layers", str(layers)]
+        subprocess.run(make + ["--seed", "1"], check=True)
+    return path
+
+
 def cpu_name() -> str:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
@@ -164,18 +180,20 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The results as a markdown table: each speculative row next to its plain twin, with the speed-up."""
     plain = {(r["workload"], r["mode"], r["clients"]): r["tok_s"] for r in rows if r["speculative"] == "off"}
     lines = [
-        f"# Speculative decoding (prompt lookup) on {meta['cpu']}, {meta['threads']} threads, {meta['dtype']}",
+        f"# Speculative decoding on {meta['cpu']}, {meta['threads']} threads, {meta['dtype']}",
         "",
         f"Random-weight GPT-2 124M, real GPT-2 vocabulary, in-process Engine; {meta['prompt_tokens']}-token "
         f"prompt, {meta['new_tokens']} new tokens per client, EOS ignored; clients submit at once; best of "
         f"{meta['repeats']} runs; torch {meta['torch']}. Workloads: see bench/speculative.py (grounded: the "
         f"answer copies 8-20-token spans of the prompt's passage, the model steered to it with "
         f"+{meta['steer']} on the answer token's logit; random: random-token prompt, unsteered model, "
-        "default penalties). Sampled: temperature 0.7, top-p 0.9.",
+        "default penalties). Sampled: temperature 0.7, top-p 0.9. Drafts from: ngram = prompt lookup; draft = "
+        f"a random GPT-2 of {meta.get('draft_layers') or '-'} layers, steered like the model on grounded and "
+        "shuffled (a perfect draft model), unsteered on random (a wrong one).",
         "",
-        "| workload | decoding | clients | k | tok/s off | tok/s ngram | speed-up | acceptance | tokens/step "
-        "| drafts/token |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| workload | decoding | clients | drafts from | k | tok/s off | tok/s speculative | speed-up | acceptance "
+        "| tokens/step | drafts/token |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         if r["speculative"] == "off":
@@ -183,7 +201,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         base = plain[(r["workload"], r["mode"], r["clients"])]
         acceptance = f"{100 * r['acceptance']:.0f}%" if r["acceptance"] is not None else "no drafts"
         lines.append(
-            f"| {r['workload']} | {r['mode']} | {r['clients']} | {r['k']} | {base} | {r['tok_s']} | "
+            f"| {r['workload']} | {r['mode']} | {r['clients']} | {r['speculative']} | {r['k']} | {base} | "
+            f"{r['tok_s']} | "
             f"{r['tok_s'] / base:.2f}x | {acceptance} | {r['tokens_per_step'] or ''} | "
             f"{r.get('drafted_per_token', '')} |"
         )
@@ -205,6 +224,9 @@ def main() -> None:
     parser.add_argument("--workloads", default="grounded,shuffled,random")
     parser.add_argument("--no-backoff", action="store_true", help="speculate at every step (see _record)")
     parser.add_argument("--render", type=Path, default=None, help="only write the .md of this .json")
+    parser.add_argument(
+        "--draft-layers", type=int, default=0, help="also drafts from a random GPT-2 of N layers"
+    )
     args = parser.parse_args()
     if args.render:
         data = json.loads(args.render.read_text())
@@ -236,7 +258,23 @@ def main() -> None:
         ).start()
         for k in ks
     }
-    for engine in engines.values():
+    drafting = {}  # the same, with drafts from the draft model
+    if args.draft_layers:
+        draft = load_draft_model(str(draft_dir(args.draft_layers)), loaded.model, loaded.context_length)
+        draft_steering = Steering(draft, prompt + answer, args.steer)
+        drafting = {
+            ks[0]: Engine(
+                loaded.model,
+                tokenizer,
+                context_length=loaded.context_length,
+                observer=counter,
+                speculative="draft",
+                draft_model=draft,
+                spec_tokens=ks[0],
+                spec_max_batch=max(clients),
+            ).start()
+        }
+    for engine in [*engines.values(), *drafting.values()]:
         engine.runner.speculator.backoff = not args.no_backoff  # type: ignore[attr-defined]
     modes = {
         "greedy": dict(temperature=0.0),
@@ -249,24 +287,25 @@ def main() -> None:
     }
     rows = []
     warm = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    for engine in engines.values():
+    for engine in [*engines.values(), *drafting.values()]:
         engine.submit(prompt, warm).wait(120)
         engine.submit(prompt, replace(warm, speculative=True)).wait(120)
     for workload, (ids, script, penalties) in workloads.items():
         if workload not in args.workloads.split(","):
             continue
-        steering.enabled = script is not None
-        if script is not None:
-            steering.script[len(prompt) : len(prompt) + len(script)] = torch.tensor(script)
+        for steer in [steering] + ([draft_steering] if drafting else []):
+            steer.enabled = script is not None
+            if script is not None:
+                steer.script[len(prompt) : len(prompt) + len(script)] = torch.tensor(script)
         for mode, sampling in modes.items():
             base = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True, **sampling, **penalties)
             for n in clients:
                 for k in ks if n == 1 else ks[:1]:
-                    for spec in (False, True):
-                        if not spec and k != ks[0]:
+                    for spec in ("off", "ngram", "draft"):
+                        if (spec == "off" and k != ks[0]) or (spec == "draft" and k not in drafting):
                             continue
-                        engine = engines[k]
-                        params = replace(base, speculative=spec)
+                        engine = drafting[k] if spec == "draft" else engines[k]
+                        params = replace(base, speculative=spec != "off")
                         best = max(
                             (run(engine, ids, params, n, seed0=1000 * r) for r in range(args.repeats)),
                             key=lambda m: m["tok_s"],
@@ -275,8 +314,8 @@ def main() -> None:
                             workload=workload,
                             mode=mode,
                             clients=n,
-                            speculative="ngram" if spec else "off",
-                            k=k if spec else 0,
+                            speculative=spec,
+                            k=k if spec != "off" else 0,
                             tok_s=round(best["tok_s"], 1),
                             acceptance=(
                                 round(best["accepted"] / best["drafted"], 3) if best["drafted"] else None
@@ -286,13 +325,13 @@ def main() -> None:
                             # Share of the tokens that are the steered answer's (a check of the hook).
                             on_script=(round(_on_script(best["texts"], script), 3) if script else None),
                         )
-                        if spec and best["spec_steps"]:
+                        if spec != "off" and best["spec_steps"]:
                             # Per row and verification: its accepted drafts + the model's own token.
                             verified = best["spec_steps"] * n
                             row["tokens_per_step"] = round((best["accepted"] + verified) / verified, 2)
                         rows.append(row)
                         print(json.dumps(row), flush=True)
-    for engine in engines.values():
+    for engine in [*engines.values(), *drafting.values()]:
         engine.stop()
 
     date = datetime.date.today().isoformat()
@@ -305,6 +344,7 @@ def main() -> None:
         new_tokens=args.new_tokens,
         prompt_tokens=len(prompt),
         steer=args.steer,
+        draft_layers=args.draft_layers,
         repeats=args.repeats,
         backoff=not args.no_backoff,
         torch=torch.__version__,
