@@ -381,8 +381,7 @@ class CausalRunner:
 
         Not a prompt too short for any of its beginning to be reused (a hit must cover `worth_reusing`
         tokens and never the last one): it would only take memory. Workload W's 32-token prompts filled
-        the 256 MB cache with blocks no request could use (peak RSS at 64 clients 2108 MB, 1703 without the
-        cache, 2-core Xeon, bfloat16)."""
+        the 256 MB cache with blocks no request could use."""
         if self.prefix_cache is None:
             return
         shortest = self.chunks.worth_reusing() + 1
