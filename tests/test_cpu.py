@@ -99,8 +99,6 @@ GRAVITON2 = (
 )
 
 INT8_CHEAP = {"float32": 0.0, "bfloat16": 0.006, "int8": 0.005}  # hypothetical: int8 under 1%
-# An earlier measurement, int8 over the 1% limit: what auto chooses between bfloat16 and float32.
-INT8_COSTLY = {"float32": 0.0, "bfloat16": 0.004, "int8": 0.0103, "int8-7bit": 0.028}
 
 
 def machine(name: str) -> CpuInfo:
@@ -183,24 +181,22 @@ def test_auto_never_picks_an_emulated_format(name: str, quality: dict[str, float
 
 @pytest.mark.parametrize("name", sorted(MACHINES))
 def test_auto_with_todays_quality_table(name: str) -> None:
-    # int8 costs +0.86% with 8-bit weights (AVX512-VNNI), +1.37% with 7-bit ones (over the 1% limit)
-    cpu = machine(name)
-    choice = choose_dtype(cpu)
-    assert choice.dtype == ("int8" if cpu.int8_dot else "bfloat16" if name in NATIVE_BF16 else "float32")
+    # int8 costs +1.03% (over the 1% limit; 7-bit weights +2.8%), bfloat16 +0.4%
+    choice = choose_dtype(machine(name))
+    assert choice.dtype == ("bfloat16" if name in NATIVE_BF16 else "float32")
 
 
 def test_reasons_say_why() -> None:
     amx = choose_dtype(machine("sapphire-rapids"))
-    assert amx.dtype == "int8" and "FBGEMM's int8 products natively (AVX512-VNNI)" in amx.reason
-    assert "within 1% of float32 (perplexity +0.86%)" in amx.reason
-    skylake = choose_dtype(machine("skylake"))
-    assert skylake.dtype == "float32" and "int8 not chosen: perplexity +1.37%" in skylake.reason
-    amx = choose_dtype(machine("sapphire-rapids"), INT8_COSTLY)
+    assert "natively (AMX)" in amx.reason and "within 1%" in amx.reason
+    assert "int8 not chosen: perplexity +1.03%" in amx.reason
+    costly_int8 = {"float32": 0.0, "bfloat16": 0.006, "int8": 0.011}  # the int8 of an earlier version
+    amx = choose_dtype(machine("sapphire-rapids"), costly_int8)
     assert amx.dtype == "bfloat16" and "natively (AMX)" in amx.reason
     assert "int8 not chosen" in amx.reason and "over the 1% limit" in amx.reason
     avx2 = choose_dtype(machine("epyc-zen3"))
     assert "bfloat16 not chosen" in avx2.reason and "emulates" in avx2.reason
-    assert "AVX512_BF16" in choose_dtype(machine("epyc-zen4"), INT8_COSTLY).reason
+    assert "AVX512_BF16" in choose_dtype(machine("epyc-zen4")).reason
 
 
 def test_int8_is_chosen_once_it_is_cheap_enough_and_native() -> None:
@@ -225,7 +221,8 @@ def test_a_format_over_the_limit_or_unmeasured_is_not_chosen() -> None:
 
 
 def test_quality_table_matches_the_measurements() -> None:
-    """QUALITY_COST is what bench/results/quality.md measured (token-by-token perplexity vs float32)."""
+    """QUALITY_COST is never below what bench/results/quality.md measured (token-by-token perplexity vs
+    float32): it keeps the worst of the measurements (textgen/model/formats.py)."""
     table = Path(__file__).resolve().parent.parent / "bench" / "results" / "quality.md"
     perplexity = {}
     for line in table.read_text().splitlines():
@@ -236,7 +233,7 @@ def test_quality_table_matches_the_measurements() -> None:
             perplexity["int8-7bit"] = float(cells[2])
     for dtype in ("bfloat16", "int8", "int8-7bit"):
         measured = perplexity[dtype] / perplexity["float32"] - 1
-        assert QUALITY_COST[dtype] == pytest.approx(measured, abs=0.0005), (dtype, measured)
+        assert QUALITY_COST[dtype] >= measured - 0.0005, (dtype, measured)
 
 
 def test_emulated_warns_only_where_bfloat16_is_not_native() -> None:
@@ -253,8 +250,8 @@ def test_emulated_warns_only_where_bfloat16_is_not_native() -> None:
 
 
 def test_explicit_formats_warn_when_emulated_or_over_the_quality_limit() -> None:
-    """bfloat16 where it is emulated; int8 where its measured cost is over auto's 1% (with 7-bit weights:
-    +1.37%; +0.86% with VNNI's 8-bit ones, bench/results/quality.md)."""
+    """bfloat16 where it is emulated; int8 where its measured cost is over auto's 1% (+1.03% with VNNI,
+    +2.8% with 7-bit weights, bench/results/quality.md)."""
     spr, zen3, skylake = machine("sapphire-rapids"), machine("epyc-zen3"), machine("skylake")
     avx2_on_spr = capped("sapphire-rapids", **AVX2_CAPS)
     for cpu in (spr, zen3, avx2_on_spr):
@@ -263,13 +260,13 @@ def test_explicit_formats_warn_when_emulated_or_over_the_quality_limit() -> None
     for cpu in (zen3, avx2_on_spr):
         choice = serving_dtype("bfloat16", cpu)
         assert choice.warning is not None and "emulated" in choice.warning and choice.warning in choice.reason
-    for cpu in (spr, machine("cascade-lake")):  # VNNI: 8-bit weights, within the limit
-        assert cpu.int8_weight_bits == 8 and serving_dtype("int8", cpu).warning is None
-    for cpu in (zen3, skylake, avx2_on_spr):  # AVX2_CAPS caps FBGEMM too
+    for cpu in (spr, machine("cascade-lake"), zen3, skylake, avx2_on_spr):
         choice = serving_dtype("int8", cpu)
         assert choice.warning is not None and choice.warning == costly("int8", cpu)
-        assert f"+{QUALITY_COST['int8-7bit']:.2%}" in choice.warning and "7-bit weights" in choice.warning
-    assert costly("int8", detect_cpu(GRAVITON2)) is None  # 8-bit weights there too (weight-only: +0.97%)
+        seven_bit = cpu.int8_weight_bits == 7
+        cost = QUALITY_COST["int8-7bit" if seven_bit else "int8"]
+        assert f"+{cost:.2%}" in choice.warning and ("7-bit weights" in choice.warning) is seven_bit
+    assert costly("int8", detect_cpu(GRAVITON2)) is not None  # measured on x86; ARM is not known better
     assert costly("bfloat16", zen3) is None and costly("float32", zen3) is None
     assert choose_dtype(avx2_on_spr).warning is None  # auto never needs one
 
@@ -314,12 +311,12 @@ def test_onednn_capped_to_avx2_is_the_avx2_class_and_auto_never_emulates(name: s
     assert not cpu.native_bf16 and cpu.bf16_unit is None
     assert cpu.int8_dot and cpu.int8_unit == "AVX512-VNNI"  # int8 products are FBGEMM's, not capped here
     assert int8_dense_dtype(cpu) is torch.float32
-    assert choose_dtype(cpu, INT8_COSTLY).dtype == "float32"
-    for quality in (None, INT8_CHEAP, {"float32": 0.0, "bfloat16": 0.0, "int8": 0.0}):
+    assert choose_dtype(cpu).dtype == "float32"
+    for quality in (INT8_CHEAP, {"float32": 0.0, "bfloat16": 0.0, "int8": 0.0}):
         choice = choose_dtype(cpu, quality)
         assert choice.dtype == "int8"  # FBGEMM's products are not capped by oneDNN's cap
         assert emulated(choice.dtype, cpu) is None
-    assert "ONEDNN_MAX_CPU_ISA=AVX2" in choose_dtype(cpu, INT8_COSTLY).reason
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in choose_dtype(cpu).reason
     warning = emulated("bfloat16", cpu)
     assert warning is not None and "ONEDNN_MAX_CPU_ISA=AVX2" in warning and "emulates bfloat16" in warning
     (note,) = cpu.notes
@@ -357,13 +354,10 @@ def test_all_three_caps_at_avx2_on_sapphire_rapids() -> None:
 def test_onednn_cap_levels_on_sapphire_rapids(
     value: str, isa: str, native_bf16: bool, unit: str | None, auto: str
 ) -> None:
-    """`auto`: with int8 over the 1% limit (INT8_COSTLY); within it, int8 (FBGEMM's VNNI products are not
-    capped by oneDNN's variable)."""
     cpu = capped("sapphire-rapids", ONEDNN_MAX_CPU_ISA=value)
     assert cpu.isa_class == isa
     assert cpu.native_bf16 is native_bf16 and cpu.bf16_unit == unit
-    assert choose_dtype(cpu, INT8_COSTLY).dtype == auto
-    assert choose_dtype(cpu).dtype == "int8"
+    assert choose_dtype(cpu).dtype == auto
     assert (emulated("bfloat16", cpu) is None) is native_bf16
 
 
@@ -376,7 +370,7 @@ def test_mkl_and_aten_caps_do_not_make_bfloat16_emulated() -> None:
         assert cpu.native_bf16 and cpu.bf16_unit == "AMX" and cpu.int8_unit == "AVX512-VNNI"
         assert cpu.bf16_capped_by is None
         assert emulated("bfloat16", cpu) is None
-        assert choose_dtype(cpu, INT8_COSTLY).dtype == "bfloat16"
+        assert choose_dtype(cpu).dtype == "bfloat16"
         (note,) = cpu.notes
         assert note.startswith(next(f"{k}={v}" for k, v in env.items())) and "emulated" not in note
     # ATEN_CPU_CAPABILITY=default: torch's own kernels unvectorized, but int8 products are FBGEMM's (a
@@ -384,7 +378,7 @@ def test_mkl_and_aten_caps_do_not_make_bfloat16_emulated() -> None:
     assert capped("epyc-zen3", ATEN_CPU_CAPABILITY="default").isa_class == "baseline"
     scalar = capped("sapphire-rapids", ATEN_CPU_CAPABILITY="default")
     assert scalar.isa_class == "baseline" and scalar.native_bf16 and scalar.int8_dot
-    assert choose_dtype(scalar, INT8_COSTLY).dtype == "bfloat16" and choose_dtype(scalar).dtype == "int8"
+    assert choose_dtype(scalar).dtype == "bfloat16" and choose_dtype(scalar, INT8_CHEAP).dtype == "int8"
     assert capped("skylake", MKL_ENABLE_INSTRUCTIONS="AVX512").isa_class == "avx512"
     assert capped("sapphire-rapids", MKL_ENABLE_INSTRUCTIONS="AVX512_E1").isa_class == "avx512-vnni"
 
