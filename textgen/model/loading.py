@@ -7,8 +7,6 @@ in well under a second.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import importlib.util
 import logging
@@ -27,7 +25,7 @@ from textgen.config import Settings
 from textgen.model.cpu import detect_cpu
 from textgen.model.formats import int8_dense_dtype, serving_dtype
 from textgen.model.linear import use_linear
-from textgen.model.memory import keep_freed_memory
+from textgen.model.memory import keep_freed_memory, release_freed_memory
 from textgen.model.sampling_defaults import SamplingDefaults, model_sampling_defaults
 
 log = logging.getLogger(__name__)
@@ -248,7 +246,7 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
         model = use_linear(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    _release_freed_memory()
+    release_freed_memory()
     malloc = keep_freed_memory()  # from here on: serving, whose buffers come and go at every step
     context = context_length(model, tokenizer)
     defaults = model_sampling_defaults(model, settings.generation_config, source.file, source.sha256)
@@ -297,18 +295,6 @@ def _convert_gguf(path: Path, target: Path) -> None:
         if not (target / "config.json").is_file():
             raise
     log.info("converted %s in %.1f s", path.name, time.perf_counter() - start)
-
-
-def _release_freed_memory() -> None:
-    """Give back to the system the memory that loading used and freed (the file's dtype, conversions).
-
-    glibc keeps freed blocks that sit below live ones, so without this the server carries 160-250 MB of
-    dead loading memory for its whole life (measured on GPT-2 in bfloat16 and int8).
-    """
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass  # not glibc: nothing to do
 
 
 def context_length(model: Any, tokenizer: Any) -> int:

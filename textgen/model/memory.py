@@ -6,7 +6,8 @@ admits a sequence only while the worst case of the running batch (every row at p
 for an encoder-decoder, encoder input + max_new_tokens) fits this budget (textgen/engine/core.py); the
 others wait in the queue.
 
-Also how the process's allocator treats the memory the engine frees (keep_freed_memory).
+Also how the process's allocator treats freed memory: what loading freed goes back to the system
+(release_freed_memory), what serving frees is kept for reuse (keep_freed_memory).
 """
 
 from __future__ import annotations
@@ -61,6 +62,18 @@ def keep_freed_memory() -> str:
         f"glibc malloc keeps freed memory for reuse (blocks up to {HEAP_BLOCK_BYTES >> 20} MB from its heaps, "
         f"up to {RETAINED_BYTES >> 20} MB retained)"
     )
+
+
+def release_freed_memory() -> None:
+    """Give back to the system the memory that loading used and freed (the file's dtype, conversions).
+
+    glibc keeps freed blocks that sit below live ones, so without this the server carries 160-250 MB of
+    dead loading memory for its whole life (measured on GPT-2 in bfloat16 and int8).
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc: nothing to do
 
 
 def kv_bytes_per_token(model: Any) -> int:
