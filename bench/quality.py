@@ -142,8 +142,9 @@ def main() -> None:
             f"perplexity on a fixed {len(TEXT.split())}-word English text of five paragraphs (in one forward pass, as a prompt "
             "is read, and token by token through the decoding path, as text is generated at batch 1), and greedy "
             f"chat answers to {len(PROMPTS)} prompts ({NEW_TOKENS} tokens, penalties off). int8 means int8 weights "
-            f"and 8-bit activations quantized per row for products of fewer than {quantize.DENSE_ROWS} rows "
-            "(decoding steps), and the weights' dense copy for larger products (prompts, big batches); its "
+            "and 8-bit activations quantized per row for products of few rows (decoding steps: fewer than "
+            f"{quantize.PACKED_DENSE_ROWS} where the dense copy is bfloat16 packed for oneDNN, else "
+            f"{quantize.DENSE_ROWS}), and the weights' dense copy for larger products (prompts, big batches); its "
             "weights are 7-bit on x86 CPUs without AVX512-VNNI (FBGEMM's kernels there add pairs of products "
             "in 16 bits).",
             "",

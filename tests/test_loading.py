@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -10,6 +11,7 @@ import time
 import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
+from transformers.pytorch_utils import Conv1D
 
 from textgen.config import ConfigError, Settings, available_cores
 from textgen.engine.core import Engine
@@ -17,7 +19,8 @@ from textgen.model.loading import ModelLoadError, configure_threads, load_model,
 from textgen.engine.params import SamplingParams
 from textgen.model.cpu import detect_cpu
 from textgen.model.formats import int8_dense_dtype
-from textgen.model.quantize import DENSE_ROWS, Int8Linear, weight_levels
+from textgen.model.linear import Linear, onednn_bfloat16, use_linear
+from textgen.model.quantize import DENSE_ROWS, PACKED_DENSE_ROWS, Int8Linear, weight_levels
 
 
 def test_local_directory_loads_a_causal_lm(loaded_tiny, tiny_model_dir):
@@ -41,20 +44,41 @@ def test_bfloat16_is_selectable(tiny_model_dir, cache_dir):
     settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype="bfloat16", cache_dir=cache_dir)
     loaded = load_model(settings, resolve_model(settings))
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
-    weight = loaded.model.transformer.h[0].attn.c_attn.weight  # was a Conv1D, [in, out]
-    assert weight.shape == (192, 64) and weight.is_contiguous()  # [out, in], as nn.Linear: oneDNN's layout
+    layer = loaded.model.transformer.h[0].attn.c_attn  # was a Conv1D, weight [in, out]
+    assert layer.weight.shape == (192, 64)  # [out, in], as nn.Linear: oneDNN's layout
+    # Packed once for oneDNN where it computes bfloat16 (not re-laid at every product), else plain.
+    assert layer.packed == onednn_bfloat16() and layer.weight.is_mkldnn == layer.packed
+    # The output layer is the input embeddings (tied): never packed, so never a second copy.
+    assert loaded.model.lm_head.weight is loaded.model.get_input_embeddings().weight
+    assert not loaded.model.lm_head.packed
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("pack", [True, False])
+def test_bfloat16_linear_equals_the_plain_product(rows, pack):
+    """Packed or not, at one row (torch.mv where not packed) or many, with 2-D or 3-D inputs: the product
+    F.linear computes, within bfloat16's rounding of the output."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64).bfloat16(), torch.randn(96).bfloat16()
+    layer = Linear(weight.clone(), bias, pack=pack)
+    x = torch.randn(rows, 64).bfloat16()
+    expected = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+    for shaped in (x, x[None], x[:, None]):
+        got = layer(shaped)
+        assert got.shape == (*shaped.shape[:-1], 96) and got.dtype == torch.bfloat16
+        assert (got.float().reshape(rows, 96) - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
 def test_int8_quantizes_every_linear_layer_and_still_generates(tiny_model_dir, cache_dir):
     settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype="int8", cache_dir=cache_dir)
     loaded = load_model(settings, resolve_model(settings))
     modules = list(loaded.model.modules())
-    assert not any(type(m).__name__ in ("Conv1D", "Linear") for m in modules)
+    assert not any(isinstance(m, (Conv1D, torch.nn.Linear)) for m in modules)
     quantized = [m for m in modules if isinstance(m, Int8Linear)]
     # qkv, attention output, MLP in and out in each of the 2 blocks, and the output layer
     assert len(quantized) == 4 * 2 + 1
     # The dense copy (large batches) in bfloat16 only where this CPU computes it natively.
-    assert all(m.weight_dense.dtype == int8_dense_dtype(detect_cpu()) for m in quantized)
+    assert all(m.weight.dtype == int8_dense_dtype(detect_cpu()) for m in quantized)
     assert all(hasattr(m, "packed") for m in quantized)
     # Smoothed by a calibration pass over the model's own tokenizer (SmoothQuant)
     assert any(bool((m.input_scale != 1).any()) for m in quantized)
@@ -67,9 +91,36 @@ def test_int8_quantizes_every_linear_layer_and_still_generates(tiny_model_dir, c
         engine.stop()
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_packed_mlp_applies_its_activation_inside_the_product(family, tiny_model_dir):
+    """GPT-2's tanh GELU and Llama's SiLU move into the packed product before them (fuse_activations): the
+    activation module becomes a no-op and the bfloat16 model still computes what the float32 one does."""
+    if not onednn_bfloat16():
+        pytest.skip("oneDNN computes no bfloat16 on this CPU: nothing is packed, nothing fused")
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    else:
+        config = LlamaConfig(
+            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+        )
+        model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 500, (1, 12))
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits
+        fused = use_linear(copy.deepcopy(model).to(torch.bfloat16))
+        got = fused(input_ids=ids).logits.float()
+    mlp = fused.transformer.h[0].mlp if family == "gpt2" else fused.model.layers[0].mlp
+    product, activation = (mlp.c_fc, mlp.act) if family == "gpt2" else (mlp.gate_proj, mlp.act_fn)
+    assert isinstance(activation, torch.nn.Identity) and product.activation[0] in ("gelu", "swish")
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
 @pytest.mark.parametrize("levels", [127, 63])
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 3, 40, DENSE_ROWS])
+@pytest.mark.parametrize("rows", [1, 3, PACKED_DENSE_ROWS, 40, DENSE_ROWS])
 def test_int8_linear_is_close_to_the_float_product(rows, compute, levels):
     # The compute dtype is the loaded model's: bfloat16 on CPUs that have it natively, else float32.
     if levels > weight_levels():

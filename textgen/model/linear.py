@@ -1,4 +1,4 @@
-"""Dense projections laid out for CPU kernels, with single-row products as matrix-vector products.
+"""Dense projections laid out for CPU kernels: bfloat16 weights packed once for oneDNN.
 
 GPT-2 stores its projections as transformers' Conv1D, weight [in, out]. Every projection here becomes a
 plain `Linear` with weight [out, in] (nn.Linear's layout): oneDNN's bfloat16 kernels multiply that layout
@@ -6,15 +6,23 @@ much faster (on an AVX-512/AMX Xeon a decoding step took 12.3 ms instead of 17.3
 48 at batch 32), and on an AVX2-only EPYC the [in, out] layout cost 29 ms of a 54 ms float32 step (issue
 #12).
 
-In bfloat16, a product with one row (a single stream's decoding step) goes to `torch.mv`: measured on the
-AVX-512/AMX Xeon with GPT-2's shapes, F.linear reads the weights at about 15 GB/s at one row while torch.mv
-reads them at about 25, and a whole decoding step took 17.9 ms instead of 22.3. In float32 the two were
-equal (23.7 and 24.1 ms), so float32 keeps F.linear at every batch size, and with it the exact batch
-invariance its tests check (a row computes the same thing alone and in a batch).
+In bfloat16, F.linear hands oneDNN a plain weight, which it re-lays into its blocked format at every call.
+Where oneDNN computes bfloat16 (`torch.ops.mkldnn._is_mkldnn_bf16_supported`: AVX-512 and up), the weight
+is re-laid once at load (`_reorder_linear_weight`, the packing torch.compile's freezing does) and every
+product calls `_linear_pointwise` on it. Measured on the AVX-512/AMX Xeon with GPT-2's 48 block products:
+at 1 row 12.4-12.6 ms against F.linear's 17.5-17.9 and torch.mv's 12.2-13.4 (this module's one-row kernel
+before); at 2-32 rows 11.6-14.8 against 17.5-22.2; at 128-256 rows 22-35 against 32-44. The packed weight
+replaces the plain one: no second copy. Elsewhere a one-row bfloat16 product goes to torch.mv (F.linear read
+the weights at ~15 GB/s at one row on that Xeon, torch.mv at ~25).
+
+float32 keeps F.linear at every batch size, and with it the exact batch invariance its tests check (a row
+computes the same thing alone and in a batch): there the packed kernel lost at one row (20.2 against 16.5
+ms) and F.linear and torch.mv were equal.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -22,19 +30,39 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class Linear(nn.Module):
-    """y = x Wᵀ + b with W [out, in]; one-row products as W·x when `gemv` (bfloat16)."""
+@functools.cache
+def onednn_bfloat16() -> bool:
+    """Whether oneDNN computes bfloat16 on this CPU (AVX-512 BW/VL/DQ at least; AVX512_BF16/AMX natively)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv: bool) -> None:
+
+class Linear(nn.Module):
+    """y = x Wᵀ + b with W [out, in]. bfloat16: W packed for oneDNN where it can, else one-row products as W·x.
+
+    A packed weight is an opaque oneDNN tensor: `weight` still answers its dtype and shape (model code
+    reads them), but not its values.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool = True) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.weight = (
-            weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
-        )
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.gemv = gemv
+        bfloat16 = weight.dtype == torch.bfloat16
+        self.packed = pack and bfloat16 and onednn_bfloat16()
+        self.gemv = bfloat16 and not self.packed
+        self.activation: tuple[str, list[Any], str] = ("none", [], "")  # oneDNN's, applied to the output
+        if self.packed:
+            # One row is the common call (a single stream's step): a layout for it measured 1-10% faster
+            # than the generic one at 1-64 rows and alike at 128-512.
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        elif isinstance(weight, nn.Parameter):
+            self.weight = weight
+        else:
+            self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, *self.activation)
         if self.gemv and x.numel() == self.in_features:
             out = torch.mv(self.weight, x.reshape(-1))
             if self.bias is not None:
@@ -44,15 +72,52 @@ class Linear(nn.Module):
 
 
 def use_linear(model: Any) -> Any:
-    """Replace the model's Conv1D and nn.Linear layers with Linear, in place (tied weights stay tied)."""
+    """Replace the model's Conv1D and nn.Linear layers with Linear, in place.
+
+    A layer whose weight is also the input embeddings (GPT-2's tied output layer) keeps it unpacked: the
+    embedding lookup reads its values, and a packed copy would cost the matrix again.
+    """
     from transformers.pytorch_utils import Conv1D
 
+    embeddings = model.get_input_embeddings().weight
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, Conv1D):  # a transposed linear layer: weight is [in, out]
                 weight = child.weight.detach().t().contiguous()
-                setattr(module, name, Linear(weight, child.bias, gemv=weight.dtype == torch.bfloat16))
+                setattr(module, name, Linear(weight, child.bias))
             elif isinstance(child, nn.Linear):
-                gemv = child.weight.dtype == torch.bfloat16
-                setattr(module, name, Linear(child.weight, child.bias, gemv=gemv))
+                pack = child.weight is not embeddings
+                setattr(module, name, Linear(child.weight, child.bias, pack=pack))
+    return fuse_activations(model)
+
+
+# transformers' MLPs whose first product goes through an activation and nothing else: (product, activation)
+ACTIVATED = {"GPT2MLP": ("c_fc", "act"), "LlamaMLP": ("gate_proj", "act_fn")}
+# transformers' activation modules that oneDNN applies to a product's output as it writes it:
+# `_linear_pointwise`'s (attr, scalars, algorithm)
+ONEDNN_ACTIVATIONS = {
+    "NewGELUActivation": ("gelu", [], "tanh"),
+    "GELUTanh": ("gelu", [], "tanh"),
+    "GELUActivation": ("gelu", [], "none"),
+    "SiLUActivation": ("swish", [], ""),
+    "SiLU": ("swish", [], ""),
+    "ReLU": ("relu", [], ""),
+}
+
+
+def fuse_activations(model: Any) -> Any:
+    """Move each MLP's activation into its packed product, in place: oneDNN applies it to the float32
+    result before rounding it to bfloat16, in the same pass. GPT-2's tanh GELU is seven elementwise ops
+    otherwise, each reading and writing the [tokens, 3072] activations: on the AMX Xeon a 20-token pass over
+    600 cached positions took 40.0-44.1 ms fused against 44.5-54.6, a one-row step 22.6-28.6 against
+    28.5-32.4 (a noisy host: medians 42 / 47 and 27 / 29.6)."""
+    for module in model.modules():
+        names = ACTIVATED.get(type(module).__name__)
+        if names is None:
+            continue
+        product, activation = (getattr(module, name, None) for name in names)
+        fused = ONEDNN_ACTIVATIONS.get(type(activation).__name__)
+        if isinstance(product, Linear) and product.packed and fused is not None:
+            product.activation = fused
+            setattr(module, names[1], nn.Identity())
     return model

@@ -29,10 +29,13 @@ on a short text), so there weights are 7-bit (+-63: 2 x 255 x 63 = 32130 fits); 
 those kernels, 7-bit activations (`reduce_range`), cost 6% on that text. `weight_levels` asks the kernel
 itself rather than the CPU flags.
 
-From DENSE_ROWS rows up (a prompt's prefill, a big mixed step) a plain GEMM is faster than the int8 one
-(64 rows: 19.7 ms against bfloat16's 18.8 without the output layer; 512 rows: 108 against 49.5), so each
-layer also keeps its weight in the compute dtype: the dtype the model was loaded in, bfloat16 where the CPU
-has it natively, float32 elsewhere (textgen/model/formats.py `int8_dense_dtype`).
+From a few rows up a plain product is faster than the int8 one, so each layer also keeps its weight in
+the compute dtype (a `Linear`): the dtype the model was loaded in, bfloat16 where the CPU has it natively,
+float32 elsewhere (textgen/model/formats.py `int8_dense_dtype`). With F.linear's weights that was from
+DENSE_ROWS (64 rows: 19.7 ms against bfloat16's 18.8 without the output layer; 512 rows: 108 against 49.5);
+bfloat16 weights packed for oneDNN (textgen/model/linear.py) are faster from PACKED_DENSE_ROWS (GPT-2's 48
+block products on the AMX Xeon, int8 against packed bfloat16: 8.8 / 11.9 ms at 1 row, 10.1 / 11.9 at 2,
+11.7 / 11.5 at 4, 17.3 / 12.4 at 16, 25.7 / 15.4 at 32).
 
 Where torch has no FBGEMM (ARM builds), the one-row product falls back to `_weight_int8pack_mm` and larger
 ones go to the dense copy.
@@ -46,12 +49,14 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from textgen.model.linear import Linear
 
 log = logging.getLogger(__name__)
 
 DENSE_ROWS = 64  # from this many rows (tokens) per product, the dense copy is faster
+PACKED_DENSE_ROWS = 4  # the same where the dense copy is bfloat16 packed for oneDNN
 CHUNK_ROWS = 4096  # rows quantized at a time
 HAS_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
 SMOOTHING = 0.5  # SmoothQuant's alpha: the share of each input channel's range moved into the weights
@@ -103,9 +108,11 @@ class Int8Linear(nn.Module):
         bias: torch.Tensor | None,
         levels: int | None = None,
         input_peaks: torch.Tensor | None = None,
+        pack: bool = True,
     ) -> None:
         """`levels`: the largest int8 weight (default: weight_levels()); `input_peaks`: the largest |input|
-        per channel seen in calibration, to smooth the int8 product with (none: no smoothing)."""
+        per channel seen in calibration, to smooth the int8 product with (none: no smoothing); `pack`: the
+        dense copy may be packed (not when it is also the input embeddings: linear.use_linear)."""
         super().__init__()
         weight = weight.detach()  # [out, in]
         self.out_features, self.in_features = weight.shape
@@ -131,19 +138,20 @@ class Int8Linear(nn.Module):
         else:
             self.register_buffer("weight_int8", quantized)
             self.register_buffer("scales", scales.to(compute))  # _weight_int8pack_mm: the activations' dtype
-        self.register_buffer("weight_dense", weight.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute), requires_grad=False)
+        self.dense = Linear(weight.contiguous(), self.bias, pack=pack)
+        self.dense_rows = PACKED_DENSE_ROWS if self.dense.packed else DENSE_ROWS
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight, for model code that reads a layer's `.weight` (T5 casts to its dtype)."""
-        return self.weight_dense
+        return self.dense.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         rows = flat.shape[0]
-        if rows >= DENSE_ROWS or (rows > 1 and not HAS_FBGEMM):
-            out = F.linear(flat, self.weight_dense, self.bias)
+        if rows >= self.dense_rows or (rows > 1 and not HAS_FBGEMM):
+            out = self.dense(flat)
         else:
             out = self._int8_product(flat)
             if self.bias is not None:
@@ -196,10 +204,13 @@ def quantize_int8(model: Any, tokenizer: Any = None) -> Any:
     from transformers.pytorch_utils import Conv1D
 
     peaks = input_peaks(model, tokenizer) if tokenizer is not None and HAS_FBGEMM else {}
+    embeddings = model.get_input_embeddings().weight
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, Conv1D):  # a transposed linear layer: weight is [in, out]
                 setattr(module, name, Int8Linear(child.weight.t(), child.bias, input_peaks=peaks.get(child)))
             elif isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child.weight, child.bias, input_peaks=peaks.get(child)))
+                pack = child.weight is not embeddings
+                layer = Int8Linear(child.weight, child.bias, input_peaks=peaks.get(child), pack=pack)
+                setattr(module, name, layer)
     return model
