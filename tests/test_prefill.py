@@ -170,8 +170,28 @@ def test_eviction_never_drops_a_block_whose_children_are_cached() -> None:
     cache.insert(other, kv(len(other)), kv(len(other)))  # evicts the chain's leaf, not its root
     assert len(cache.match(chain)) == 2 and len(cache.match(other)) == 1
     assert cache.stats.cached_bytes == 3 * per_block and cache.stats.evicted_blocks == 1
-    keys, values = cache.lookup(chain)  # type: ignore[misc]
-    assert keys[0].shape == (1, heads, 2 * BLOCK, dim)
+    found = cache.lookup(chain)
+    assert found is not None and found.tokens == 2 * BLOCK
+
+
+def test_a_hit_copies_the_cached_blocks_into_the_new_cache_in_order() -> None:
+    """The buffers a hit starts from hold each layer's cached keys and values position by position (the
+    blocks concatenated), then zeros up to the capacity asked for."""
+    layers, heads, dim = 3, 2, 4
+    cache = PrefixCache(1 << 20, "test")
+    prompt = list(range(3 * BLOCK + 5))
+    keys = [torch.randn(heads, len(prompt), dim) for _ in range(layers)]
+    values = [torch.randn(heads, len(prompt), dim) for _ in range(layers)]
+    cache.insert(prompt, keys, values)
+    found = cache.lookup(prompt)
+    assert found is not None and found.tokens == 3 * BLOCK
+    got_keys, got_values = found.buffers(capacity=4 * BLOCK)
+    assert len(got_keys) == len(got_values) == layers
+    for layer in range(layers):
+        for got, want in ((got_keys[layer], keys[layer]), (got_values[layer], values[layer])):
+            assert got.shape == (1, heads, 4 * BLOCK, dim)
+            assert torch.equal(got[0, :, : 3 * BLOCK], want[:, : 3 * BLOCK])
+            assert not got[0, :, 3 * BLOCK :].any()
 
 
 def test_the_prefix_cache_never_hands_one_models_kv_to_another(loaded_tiny, encode):

@@ -31,8 +31,8 @@ from textgen.engine.kv_cache import (
     new_cache,
     phase_of,
     row_spans,
-    spare_buffers,
 )
+from textgen.engine.prefix_cache import CachedPrefix
 from textgen.model.attention import decodes_with_segments
 
 # A new segment rather than a merge when merging would pad more than this many positions (rows x columns),
@@ -128,28 +128,25 @@ class DecodeBatch:
         prompt: list[int],
         vocab_size: int,
         count_prompt: bool,
-        cached: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+        cached: CachedPrefix | None = None,
         staggered: bool = False,
     ) -> "DecodeBatch":
         """A one-row batch whose prompt is computed piece by piece (`extend`): chunked prefill, or the rest of
-        a prompt whose beginning came from the prefix cache (`cached`: per layer keys and values).
+        a prompt whose beginning came from the prefix cache (`cached`).
         `staggered`: its layers grow at different steps (the model decodes with textgen's attention;
         kv_cache.new_cache)."""
         room = capacity_for(len(prompt))  # the whole prompt's cache, reserved at once
         cache = new_cache(room, staggered)
         done = 0
         if cached is not None:
-            keys, values = cached
-            done = keys[0].shape[2]
+            done = cached.tokens
             layers = []
-            for i, (k, v) in enumerate(zip(keys, values)):
+            # Room for the whole prompt at once: the cached beginning is copied once, not again at the first
+            # chunk to make room.
+            for i, (k, v) in enumerate(zip(*cached.buffers(room))):
                 layer = GrowingLayer(room, phase_of(i) if staggered else 0)
                 layer.dtype, layer.device = k.dtype, k.device
-                # Room for the whole prompt at once: the cached beginning is copied once, not again at
-                # the first chunk to make room.
-                buffers = spare_buffers(k, 1, done, room)
-                buffers[0][:, :, :done], buffers[1][:, :, :done] = k, v
-                layer.adopt(*buffers, done)
+                layer.adopt(k, v, done)
                 layers.append(layer)
             cache = Cache(layers=layers)
         seen = torch.zeros(1, vocab_size, dtype=torch.bool)

@@ -32,6 +32,32 @@ class _Block:
 
 
 @dataclass
+class CachedPrefix:
+    """The cached beginning of a prompt, as found by `PrefixCache.lookup`: its blocks, first to last."""
+
+    blocks: list[_Block]
+
+    @property
+    def tokens(self) -> int:
+        return len(self.blocks) * BLOCK
+
+    def buffers(self, capacity: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Key and value buffers for a one-row cache of `capacity` positions (per layer [1, heads, capacity,
+        dim]; views of one allocation), the cached positions copied in and the rest zeroed.
+
+        The blocks are concatenated straight into the buffers: concatenating them first and copying the
+        result into the buffers made a 600-token hit (GPT-2, bfloat16) write 22 MB twice; it took 7-13 ms
+        of a 47-56 ms time to first token on the AMX Xeon, and 2.6 against 3.5 ms by itself."""
+        first = self.blocks[0].keys
+        layers, heads, _, dim = first.shape
+        both = first.new_empty(2, layers, 1, heads, capacity, dim)
+        both[..., self.tokens :, :].zero_()
+        torch.cat([b.keys for b in self.blocks], dim=2, out=both[0, :, 0, :, : self.tokens])
+        torch.cat([b.values for b in self.blocks], dim=2, out=both[1, :, 0, :, : self.tokens])
+        return list(both[0].unbind(0)), list(both[1].unbind(0))
+
+
+@dataclass
 class PrefixCacheStats:
     queried_tokens: int = 0  # prompt tokens looked up (vLLM's prefix_cache_queries)
     hit_tokens: int = 0  # of those, served from the cache (vLLM's prefix_cache_hits)
@@ -67,12 +93,9 @@ class PrefixCache:
             parent = block_id
         return found
 
-    def lookup(
-        self, prompt: list[int], min_tokens: int = 1
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-        """The cached keys and values of the longest cached beginning of `prompt` (one [1, heads, tokens, dim]
-        tensor per layer each), or None when fewer than `min_tokens` are cached. Counts the query, and marks
-        the blocks used."""
+    def lookup(self, prompt: list[int], min_tokens: int = 1) -> CachedPrefix | None:
+        """The longest cached beginning of `prompt`, or None when fewer than `min_tokens` are cached. Counts
+        the query, and marks the blocks used."""
         blocks = self.match(prompt)
         self.stats.queried_tokens += len(prompt)
         if not blocks or len(blocks) * BLOCK < min_tokens:
@@ -80,9 +103,7 @@ class PrefixCache:
         self.stats.hit_tokens += len(blocks) * BLOCK
         if blocks[-1] in self._leaves:
             self._leaves.move_to_end(blocks[-1])
-        keys = torch.cat([self._blocks[b].keys for b in blocks], dim=2)
-        values = torch.cat([self._blocks[b].values for b in blocks], dim=2)
-        return [k[None] for k in keys.unbind(0)], [v[None] for v in values.unbind(0)]
+        return CachedPrefix([self._blocks[b] for b in blocks])
 
     def insert(self, prompt: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Keep the full blocks of `prompt` not cached yet. keys/values: per layer, [heads, >= tokens, dim],
