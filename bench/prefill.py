@@ -306,6 +306,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--baseline-rev", default=BASELINE_REV)
     parser.add_argument("--configs", default="baseline,unchunked,chunked")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the results go")
+    parser.add_argument("--name", default="prefill", help="results file name after the date")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -337,7 +339,8 @@ def main() -> None:
         "torch": torch.__version__,
         "baseline_rev": args.baseline_rev,
     }
-    out = ROOT / "bench" / "results" / f"{date}-prefill"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"{date}-{args.name}"
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(meta, results))
     print(markdown(meta, results))
