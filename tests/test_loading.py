@@ -203,7 +203,11 @@ def test_bad_configuration_names_the_variable():
     assert settings.model_name == "gpt2" and settings.threads == 2
 
 
-def test_encoder_decoder_models_load_with_seq2seq_class_and_generate(tmp_path, tiny_model_dir, cache_dir):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_encoder_decoder_models_load_with_seq2seq_class_and_generate(
+    dtype, tmp_path, tiny_model_dir, cache_dir
+):
+    """In every format (bfloat16 packs T5's products, whose feed-forward reads its output layer's dtype)."""
     t5_dir = tmp_path / "tiny-t5"
     shutil.copytree(tiny_model_dir, t5_dir, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
     config = T5Config(
@@ -219,9 +223,9 @@ def test_encoder_decoder_models_load_with_seq2seq_class_and_generate(tmp_path, t
     )
     torch.manual_seed(0)
     T5ForConditionalGeneration(config).save_pretrained(t5_dir)
-    settings = Settings(model_name=str(t5_dir), threads=1, cache_dir=cache_dir)
+    settings = Settings(model_name=str(t5_dir), threads=1, dtype=dtype, cache_dir=cache_dir)
     loaded = load_model(settings, resolve_model(settings))
-    assert loaded.is_encoder_decoder
+    assert loaded.is_encoder_decoder and loaded.dtype == dtype
     engine = Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length).start()
     try:
         ids = loaded.tokenizer.encode("What is AI?")
