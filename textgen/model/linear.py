@@ -23,6 +23,7 @@ ms) and F.linear and torch.mv were equal.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,11 +55,11 @@ class Linear(nn.Module):
         if self.packed:
             # One row is the common call (a single stream's step). A layout for it measured 1-14% faster
             # than the generic one at 1-64 rows, 8-10% slower at 128-256, faster at 512 (one noisy run).
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
         elif isinstance(weight, nn.Parameter):
             self.weight = weight
         else:
-            self.weight = nn.Parameter(weight, requires_grad=False)
+            self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
@@ -71,23 +72,29 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def use_linear(model: Any) -> Any:
-    """Replace the model's Conv1D and nn.Linear layers with Linear, in place.
-
-    A layer whose weight is also the input embeddings (GPT-2's tied output layer) keeps it unpacked: the
-    embedding lookup reads its values, and a packed copy would cost the matrix again.
-    """
+def replace_projections(
+    model: Any, make: Callable[[nn.Module, torch.Tensor, torch.Tensor | None, bool], nn.Module]
+) -> None:
+    """Replace every Conv1D and nn.Linear layer of `model`, in place, by make(layer, weight [out, in], bias,
+    pack). `pack` is False for a layer whose weight is also the input embeddings (GPT-2's tied output layer):
+    the embedding lookup reads its values, and a packed copy would cost the matrix again."""
     from transformers.pytorch_utils import Conv1D
 
     embeddings = model.get_input_embeddings().weight
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, Conv1D):  # a transposed linear layer: weight is [in, out]
-                weight = child.weight.detach().t().contiguous()
-                setattr(module, name, Linear(weight, child.bias))
+                weight = child.weight.detach().t()  # a view: each maker lays it out as it needs
             elif isinstance(child, nn.Linear):
-                pack = child.weight is not embeddings
-                setattr(module, name, Linear(child.weight, child.bias, pack=pack))
+                weight = child.weight
+            else:
+                continue
+            setattr(module, name, make(child, weight, child.bias, child.weight is not embeddings))
+
+
+def use_linear(model: Any) -> Any:
+    """Replace the model's Conv1D and nn.Linear layers with Linear, in place (tied weights stay tied)."""
+    replace_projections(model, lambda layer, weight, bias, pack: Linear(weight, bias, pack=pack))
     return fuse_activations(model)
 
 

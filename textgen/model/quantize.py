@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from textgen.model.linear import Linear
+from textgen.model.linear import Linear, replace_projections
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Int8Linear(nn.Module):
     ) -> None:
         """`levels`: the largest int8 weight (default: weight_levels()); `input_peaks`: the largest |input|
         per channel seen in calibration, to smooth the int8 product with (none: no smoothing); `pack`: the
-        dense copy may be packed (not when it is also the input embeddings: linear.use_linear)."""
+        dense copy may be packed (not when it is also the input embeddings: linear.replace_projections)."""
         super().__init__()
         weight = weight.detach()  # [out, in]
         self.out_features, self.in_features = weight.shape
@@ -201,16 +201,10 @@ def input_peaks(model: Any, tokenizer: Any) -> dict[nn.Module, torch.Tensor]:
 def quantize_int8(model: Any, tokenizer: Any = None) -> Any:
     """Replace the linear layers of a model (GPT-2's Conv1D included) with Int8Linear, in place; with a
     tokenizer, each layer's int8 product is smoothed by the inputs of a calibration pass (input_peaks)."""
-    from transformers.pytorch_utils import Conv1D
-
     peaks = input_peaks(model, tokenizer) if tokenizer is not None and HAS_FBGEMM else {}
-    embeddings = model.get_input_embeddings().weight
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, Conv1D):  # a transposed linear layer: weight is [in, out]
-                setattr(module, name, Int8Linear(child.weight.t(), child.bias, input_peaks=peaks.get(child)))
-            elif isinstance(child, nn.Linear):
-                pack = child.weight is not embeddings
-                layer = Int8Linear(child.weight, child.bias, input_peaks=peaks.get(child), pack=pack)
-                setattr(module, name, layer)
+
+    def make(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> Int8Linear:
+        return Int8Linear(weight, bias, input_peaks=peaks.get(layer), pack=pack)
+
+    replace_projections(model, make)
     return model
