@@ -8,8 +8,6 @@ batching per decoding step.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 from typing import Any
 
@@ -23,6 +21,7 @@ from textgen.api import generate as generate_routes
 from textgen.api import openai as openai_routes
 from textgen.api.bentoml_fixes import fix_timeout_middleware
 from textgen.api.drain import Drain
+from textgen.api.exit_status import stop_server, watch_for_failed_worker
 from textgen.api.guards import Guards
 from textgen.api.health import HealthRoutes, ServerState
 from textgen.api.logs import show_textgen_logs
@@ -30,10 +29,11 @@ from textgen.api.openapi import DocumentRewriter
 from textgen.api.tokenizer import TokenizerRoutes
 from textgen.config import Settings
 from textgen.frontend.prepare import Frontend
-from textgen.model.loading import load_model, resolve_model
+from textgen.model.source import resolve_model
 from textgen.model.store import check_build_has_model, stored_model_source
 
 show_textgen_logs()
+watch_for_failed_worker()  # a worker that cannot load the model makes `bentoml serve` exit 1
 log = logging.getLogger("textgen")
 fix_timeout_middleware()  # BentoML 1.4 keeps each request's context for the whole traffic timeout otherwise
 settings = Settings.from_env()
@@ -48,18 +48,6 @@ generate_body = generate_routes.body_spec(settings.max_new_tokens)
 
 # The old FastAPI service had Swagger UI at /docs; BentoML serves it at / (OpenAPI at /docs.json).
 docs_redirect = Starlette(routes=[Route("/", lambda request: RedirectResponse("/", status_code=307))])
-
-
-def stop_server() -> None:
-    """Ask `bentoml serve` (this worker's parent) to shut down."""
-    parent = os.getppid()
-    try:
-        with open(f"/proc/{parent}/cmdline", "rb") as f:
-            is_bentoml = b"bentoml" in f.read()
-    except OSError:
-        is_bentoml = False
-    if is_bentoml:
-        os.kill(parent, signal.SIGTERM)
 
 
 @bentoml.asgi_app(docs_redirect, path="/docs")
@@ -93,6 +81,11 @@ class TextGen:
 
     def _load(self) -> None:
         try:
+            # torch and transformers are imported here, in the worker's loading thread: `bentoml serve`
+            # imports this module in its own process too, where they would only cost time
+            # (textgen/engine/outputs.py).
+            from textgen.model.loading import load_model
+
             loaded = load_model(settings, model_source)
             from textgen.api.metrics import EngineMetrics  # here, in the worker: see textgen/api/metrics.py
 
@@ -101,7 +94,7 @@ class TextGen:
         except Exception as exc:
             log.critical("the model could not be loaded; stopping the server", exc_info=True)
             state.set_failed(str(exc))
-            stop_server()  # BentoML would otherwise restart this worker forever: a half-up server
+            stop_server(str(exc))  # BentoML would otherwise restart this worker forever: a half-up server
             return
         self._frontend = frontend
         state.set_ready(loaded)

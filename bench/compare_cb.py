@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 from bench.run import MODEL_DIR, NEW_TOKENS, PROMPT_TOKENS  # noqa: E402
 from textgen.config import Settings  # noqa: E402
 from textgen.engine.core import Engine  # noqa: E402
-from textgen.model.loading import load_model, resolve_model  # noqa: E402
+from textgen.model.loading import load_model  # noqa: E402
+from textgen.model.source import resolve_model  # noqa: E402
 from textgen.engine.params import SamplingParams  # noqa: E402
 
 MODES = {"greedy": {"temperature": 0.0}, "top-p": {"temperature": 0.7, "top_p": 0.9}}

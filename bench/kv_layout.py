@@ -45,7 +45,8 @@ def worker(dtype: str, threads: int) -> dict[str, Any]:
     from textgen.config import Settings
     from textgen.engine.batch import DecodeBatch
     from textgen.model.attention import use_decode_attention
-    from textgen.model.loading import load_model, resolve_model
+    from textgen.model.loading import load_model
+    from textgen.model.source import resolve_model
 
     torch.set_num_threads(threads)
     settings = Settings(model_name=str(MODEL_DIR), threads=threads, dtype=dtype)

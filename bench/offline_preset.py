@@ -50,7 +50,8 @@ from textgen.frontend import generate_protocol as protocol  # noqa: E402
 from textgen.frontend.generate_protocol import GenerateRequest  # noqa: E402
 from textgen.frontend.prepare import Frontend, Prepared, checked_defaults  # noqa: E402
 from textgen.model.cpu import describe  # noqa: E402
-from textgen.model.loading import load_model, resolve_model  # noqa: E402
+from textgen.model.loading import load_model  # noqa: E402
+from textgen.model.source import resolve_model  # noqa: E402
 from textgen.model.sampling_defaults import SamplingDefaults  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -194,7 +194,8 @@ def worker(config: str, dtype: str, threads: int) -> dict[str, Any]:
     from textgen.config import Settings
     from textgen.engine.core import Engine
     from textgen.engine.params import SamplingParams
-    from textgen.model.loading import load_model, resolve_model
+    from textgen.model.loading import load_model
+    from textgen.model.source import resolve_model
 
     torch.set_num_threads(threads)
     settings = Settings(model_name=str(MODEL_DIR), threads=threads, dtype=dtype)

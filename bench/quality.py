@@ -21,7 +21,8 @@ from textgen.model.attention import use_decode_attention  # noqa: E402
 from textgen.engine.batch import DecodeBatch  # noqa: E402
 from textgen.config import Settings  # noqa: E402
 from textgen.engine.core import Engine  # noqa: E402
-from textgen.model.loading import load_model, resolve_model  # noqa: E402
+from textgen.model.loading import load_model  # noqa: E402
+from textgen.model.source import resolve_model  # noqa: E402
 from textgen.engine.params import SamplingParams  # noqa: E402
 from textgen.frontend.templates import render_chat  # noqa: E402
 from textgen.model import quantize  # noqa: E402

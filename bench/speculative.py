@@ -50,7 +50,8 @@ from textgen.config import Settings  # noqa: E402
 from textgen.engine.core import Engine  # noqa: E402
 from textgen.engine.params import SamplingParams  # noqa: E402
 from textgen.engine.speculative import load_draft_model  # noqa: E402
-from textgen.model.loading import load_model, resolve_model  # noqa: E402
+from textgen.model.loading import load_model  # noqa: E402
+from textgen.model.source import resolve_model  # noqa: E402
 
 PASSAGE = """\
 The Aldermoor water project began in the spring of 1987, when the town council approved a budget of 4.2

@@ -24,7 +24,8 @@ from textgen.config import Settings
 from textgen.engine.core import Engine
 from textgen.engine.params import Constraint, SamplingParams
 from textgen.model.cpu import describe
-from textgen.model.loading import load_model, resolve_model
+from textgen.model.loading import load_model
+from textgen.model.source import resolve_model
 
 SCHEMA = {
     "type": "object",

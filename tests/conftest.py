@@ -43,7 +43,8 @@ def tiny_server(tiny_model_dir: Path, cache_dir: Path) -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def loaded_tiny(tiny_model_dir: Path, cache_dir: Path):  # type: ignore[no-untyped-def]
     from textgen.config import Settings
-    from textgen.model.loading import load_model, resolve_model
+    from textgen.model.loading import load_model
+    from textgen.model.source import resolve_model
 
     settings = Settings(model_name=str(tiny_model_dir), threads=1, cache_dir=cache_dir, dtype="float32")
     return load_model(settings, resolve_model(settings))

@@ -86,7 +86,7 @@ def test_unknown_source_fails_with_advice(home: Path) -> None:
 
 @pytest.mark.real_model
 def test_gguf_import_records_the_file_hash(home: Path, cache_dir: Path) -> None:
-    from textgen.model.loading import file_sha256, offline_model_path
+    from textgen.model.source import file_sha256, offline_model_path
 
     gguf = offline_model_path()
     import_model(str(gguf), home, TEXTGEN_CACHE_DIR=str(cache_dir))

@@ -12,7 +12,7 @@ import pytest
 from textgen.engine.core import Engine, kv_reservation, worst_case_tokens
 from textgen.engine.handle import MAX_BUFFERED_EVENTS, EventBuffer
 from textgen.engine.params import SamplingParams
-from textgen.engine.sequence import Event, GenerationResult
+from textgen.engine.outputs import Event, GenerationResult
 from textgen.model.memory import GROWTH_BLOCK, kv_bytes_per_token
 
 POISON = "POISONED"

@@ -12,7 +12,7 @@ from starlette.routing import Route
 from textgen.config import Settings
 from textgen.api.guards import Guards
 from textgen.api.health import HealthRoutes, ServerState
-from textgen.model.loading import ModelSource
+from textgen.model.source import ModelSource
 
 
 async def answered(request):  # the app behind the guards

@@ -15,7 +15,8 @@ from transformers.pytorch_utils import Conv1D
 
 from textgen.config import ConfigError, Settings, available_cores
 from textgen.engine.core import Engine
-from textgen.model.loading import ModelLoadError, configure_threads, load_model, resolve_model
+from textgen.model.loading import configure_threads, load_model
+from textgen.model.source import ModelLoadError, resolve_model
 from textgen.engine.params import SamplingParams
 from textgen.model.cpu import detect_cpu
 from textgen.model.formats import int8_dense_dtype

@@ -20,7 +20,7 @@ from textgen.frontend.templates import RenderedPrompt
 from textgen.config import Settings
 from textgen.api.guards import authorized
 from textgen.engine.params import SamplingParams
-from textgen.engine.sequence import Event, GenerationResult
+from textgen.engine.outputs import Event, GenerationResult
 from textgen.frontend.templates import render_chat
 
 PROMPT = "The quick brown fox"

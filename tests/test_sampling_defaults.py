@@ -21,7 +21,8 @@ from textgen.engine.params import SamplingParams
 from textgen.frontend.generate_protocol import GenerateRequest
 from textgen.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from textgen.frontend.prepare import checked_defaults
-from textgen.model.loading import LoadedModel, ModelSource
+from textgen.model.loading import LoadedModel
+from textgen.model.source import ModelSource
 from textgen.model.sampling_defaults import (
     OFFLINE_PRESET,
     OFFLINE_SHA256,

@@ -241,6 +241,26 @@ def test_unloadable_model_name_exits_non_zero_before_serving(tmp_path):
     assert f"Could not load MODEL_NAME='{tmp_path / 'missing.gguf'}'" in result.stderr + result.stdout
 
 
+def test_a_model_the_worker_cannot_load_stops_the_server_with_exit_1(tmp_path):
+    """The config.json is only read before the worker starts; what it names is found unloadable by the
+    worker (an architecture transformers does not know), and `bentoml serve` still exits non-zero."""
+    model = tmp_path / "unknown-architecture"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    env = {
+        "MODEL_NAME": str(model),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": "/usr/bin:/bin",
+        "BENTOML_HOME": str(tmp_path),
+    }
+    result = subprocess.run(
+        server_command(free_port()), cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "its worker could not start: Could not load MODEL_NAME=" in result.stderr
+    assert "no-such-architecture" in result.stderr
+
+
 def metric(server, name: str) -> float:
     """Sum of a metric's samples on /metrics (labels included in `name` must match exactly)."""
     text = httpx.get(f"{server.url}/metrics", timeout=10).text

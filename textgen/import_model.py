@@ -11,7 +11,7 @@ import logging
 import sys
 
 from textgen.config import ConfigError, Settings
-from textgen.model.loading import ModelLoadError
+from textgen.model.source import ModelLoadError
 from textgen.model.store import STORE_NAME, import_model
 
 

@@ -12,9 +12,8 @@ from starlette.responses import JSONResponse, Response
 from textgen.api.bentoml_io import json_body, response_spec
 from textgen.api.errors import TEXTGEN, Problem, error_response, invalid_body, overloaded
 from textgen.api.responses import DeferredJSONResponse, event_stream, failure, sse
-from textgen.engine.core import QueueFull
 from textgen.engine.params import ParamError
-from textgen.engine.sequence import GenerationResult
+from textgen.engine.outputs import GenerationResult, QueueFull
 from textgen.frontend import generate_protocol as protocol
 from textgen.frontend.generate_protocol import GenerateRequest, GenerateResponse, StreamEvent
 from textgen.frontend.prepare import Frontend, Prepared

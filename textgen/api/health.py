@@ -7,8 +7,9 @@ and warm, then 200: the contract Kubernetes probes and load balancers expect.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -16,8 +17,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from textgen import __version__
 from textgen.config import Settings
 from textgen.engine.params import MAX_STOP_CHARS, MAX_STOP_STRINGS
-from textgen.model.cpu import describe as describe_cpu
-from textgen.model.loading import LoadedModel, ModelSource
+from textgen.model.source import ModelSource
+
+if TYPE_CHECKING:  # torch: see textgen/engine/outputs.py
+    from textgen.model.loading import LoadedModel
 
 LIVENESS_PATHS = ("/livez", "/healthz", "/health")  # /health: vLLM's, which guidellm checks
 READINESS_PATH = "/readyz"
@@ -44,7 +47,14 @@ class ServerState:
         self.draining = False
         self.in_flight = 0  # generation requests let through by the guards and not yet answered
         self.loaded: LoadedModel | None = None
-        self.cpu = describe_cpu()  # instruction sets, cores: what the dtype and kernels were chosen for
+
+    @functools.cached_property
+    def cpu(self) -> dict[str, Any]:
+        """Instruction sets, cores: what the dtype and kernels were chosen for. Worked out at the first
+        GET /info, not at start: it needs torch, which `bentoml serve`'s own process never imports."""
+        from textgen.model.cpu import describe
+
+        return describe()
 
     @property
     def ready(self) -> bool:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from textgen.engine.prefix_cache import PrefixCacheStats
-from textgen.engine.sequence import GenerationResult
+from textgen.engine.outputs import GenerationResult, PrefixCacheStats
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

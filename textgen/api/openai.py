@@ -21,10 +21,9 @@ from starlette.routing import Route
 from textgen.api.bentoml_io import json_body, response_spec
 from textgen.api.errors import OPENAI, Problem, error_response, invalid_body, overloaded
 from textgen.api.responses import DeferredJSONResponse, event_stream, failure, sse
-from textgen.engine.core import QueueFull
 from textgen.engine.handle import RequestHandle
 from textgen.engine.params import ParamError
-from textgen.engine.sequence import GenerationResult
+from textgen.engine.outputs import GenerationResult, QueueFull
 from textgen.frontend import openai_protocol as protocol
 from textgen.frontend.openai_protocol import Call
 from textgen.frontend.prepare import Frontend, Prepared

@@ -20,7 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 from textgen.api.errors import SHUTTING_DOWN, ErrorShape, Problem, generation_failed, timed_out
 from textgen.api.metrics import count_rejection
 from textgen.engine.handle import RequestHandle
-from textgen.engine.sequence import GenerationResult
+from textgen.engine.outputs import GenerationResult
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from textgen.engine.batch import DecodeBatch
 from textgen.engine.chunking import SHORT_PROMPT, ChunkSizer, PromptFill
 from textgen.engine.faults import FaultInjector
 from textgen.engine.grammar import allowed_tokens, apply_masks, lift_dead_bans
-from textgen.engine.logprobs import TokenLogprob, prompt_logprobs, sampled_logprobs
+from textgen.engine.logprobs import prompt_logprobs, sampled_logprobs
+from textgen.engine.outputs import TokenLogprob
 from textgen.engine.prefix_cache import BLOCK, PrefixCache
 from textgen.engine.sampling import apply_penalties, sample
 from textgen.engine.sequence import Sequence

@@ -28,22 +28,15 @@ from textgen.engine.faults import FaultInjector
 from textgen.engine.grammar import Grammars
 from textgen.engine.handle import REQUEST_ID, RequestHandle
 from textgen.engine.params import SamplingParams
-from textgen.engine.prefix_cache import PrefixCache, PrefixCacheStats
+from textgen.engine.prefix_cache import PrefixCache
 from textgen.engine.seq2seq import Seq2SeqRunner
-from textgen.engine.sequence import Event, GenerationResult, Sequence
+from textgen.engine.outputs import Event, GenerationResult, PrefixCacheStats, QueueFull
+from textgen.engine.sequence import Sequence
 from textgen.engine.speculative import Speculator
 from textgen.model.attention import use_decode_attention
 from textgen.model.memory import GROWTH_BLOCK
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(RuntimeError):
-    """More requests are waiting for a batch slot than the engine is allowed to queue."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"{limit} requests are already waiting for a batch slot")
-        self.limit = limit
 
 
 class EngineObserver(Protocol):

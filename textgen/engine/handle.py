@@ -8,8 +8,12 @@ import contextvars
 import queue
 import threading
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-from textgen.engine.sequence import Event, GenerationResult, Sequence
+from textgen.engine.outputs import Event, GenerationResult
+
+if TYPE_CHECKING:  # torch: see textgen/engine/outputs.py
+    from textgen.engine.sequence import Sequence
 
 # The id that names a request in the engine's logs, when the HTTP layer knows one (a client's X-Request-ID);
 # the engine makes one up otherwise.

@@ -9,19 +9,12 @@ position instead of the last one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from textgen.engine.outputs import TokenLogprob
 
 MAX_TOP = 20  # OpenAI's bound on top_logprobs / logprobs
 PROMPT_CHUNK = 256  # prompt positions turned into log-probabilities at a time (memory: chunk × vocab)
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token: int
-    logprob: float | None  # None: nothing predicted this token (a prompt's first)
-    top: tuple[tuple[int, float], ...] = ()  # the k likeliest tokens at that position, likeliest first
 
 
 def sampled_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]) -> list[TokenLogprob]:

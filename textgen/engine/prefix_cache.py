@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from textgen.engine.outputs import PrefixCacheStats
+
 BLOCK = 16  # tokens per block: finer than vLLM's 16 would be is no gain here, coarser wastes a prompt's tail
 
 
@@ -55,15 +57,6 @@ class CachedPrefix:
         torch.cat([b.keys for b in self.blocks], dim=2, out=both[0, :, 0, :, : self.tokens])
         torch.cat([b.values for b in self.blocks], dim=2, out=both[1, :, 0, :, : self.tokens])
         return list(both[0].unbind(0)), list(both[1].unbind(0))
-
-
-@dataclass
-class PrefixCacheStats:
-    queried_tokens: int = 0  # prompt tokens looked up (vLLM's prefix_cache_queries)
-    hit_tokens: int = 0  # of those, served from the cache (vLLM's prefix_cache_hits)
-    evicted_blocks: int = 0
-    cached_blocks: int = 0
-    cached_bytes: int = 0
 
 
 class PrefixCache:

@@ -5,45 +5,14 @@ from __future__ import annotations
 import secrets
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 
 from textgen.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from textgen.engine.grammar import Guide
-from textgen.engine.logprobs import TokenLogprob
+from textgen.engine.outputs import Event, FinishReason, GenerationResult, TokenLogprob
 from textgen.engine.params import SamplingParams
-
-# Why a sequence ended. The first three are answers; "cancelled" (client gone, timeout, shutdown) and
-# "error" (a failed step) become HTTP errors in the api wing.
-FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    seed: int
-    queue_seconds: float
-    first_token_seconds: float  # from submission to the first token
-    total_seconds: float
-    max_batch_size: int  # most sequences that shared a forward pass with this one
-    error: str | None = None
-    logprobs: list[TokenLogprob] | None = None  # per generated token, when params.logprobs is set
-    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token, when params.prompt_logprobs
-
-
-@dataclass
-class Event:
-    """What a request's consumer receives: a text delta, and on the last event, the result."""
-
-    text: str
-    result: GenerationResult | None = None
-    logprobs: list[TokenLogprob] | None = None  # of the tokens since the previous event (params.logprobs)
-    tokens: int = 0  # tokens generated so far, this event's included (vLLM's continuous usage stats)
 
 
 class Sequence:

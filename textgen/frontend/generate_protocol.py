@@ -19,8 +19,7 @@ from textgen.engine.params import (
     RANGES,
     SamplingParams,
 )
-from textgen.engine.logprobs import TokenLogprob
-from textgen.engine.sequence import GenerationResult
+from textgen.engine.outputs import GenerationResult, TokenLogprob
 from textgen.frontend.postprocess import PostProcessing
 from textgen.frontend.prepare import (
     Prepared,

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from textgen.engine.params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, RANGES, ParamError, Range, SamplingParams
 from textgen.frontend.generate_protocol import Usage  # the same counts, in OpenAI's field names
-from textgen.engine.logprobs import TokenLogprob
+from textgen.engine.outputs import TokenLogprob
 from textgen.frontend.prepare import (
     FieldNames,
     Prepared,

@@ -13,19 +13,19 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
 from textgen.config import Settings
-from textgen.engine.core import Engine, EngineObserver
 from textgen.engine.handle import RequestHandle
 from textgen.engine.params import RANGES, ParamError, SamplingParams
-from textgen.engine.speculative import load_draft_model
 from textgen.frontend.templates import RenderedPrompt
-from textgen.model.loading import LoadedModel
 from textgen.model.sampling_defaults import SamplingDefaults
-from textgen.model.memory import kv_budget_tokens
+
+if TYPE_CHECKING:  # torch: imported when a Frontend is built (see textgen/engine/outputs.py)
+    from textgen.engine.core import EngineObserver
+    from textgen.model.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ class Frontend:
     def __init__(
         self, loaded: LoadedModel, settings: Settings, observer: EngineObserver | None = None
     ) -> None:
+        from textgen.engine.core import Engine
+        from textgen.engine.speculative import load_draft_model
+        from textgen.model.memory import kv_budget_tokens
+
         # The model's sampling defaults, within the engine's bounds, are what GET /info and the log report.
         loaded.sampling_defaults = checked_defaults(loaded.sampling_defaults)
         log.info("%s", loaded.sampling_defaults.describe())

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from textgen.config import Settings
-from textgen.model.loading import ModelSource, file_sha256, resolve_model
+from textgen.model.source import ModelSource, file_sha256, resolve_model
 
 log = logging.getLogger(__name__)
 
