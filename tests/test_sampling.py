@@ -58,6 +58,19 @@ def test_bisected_threshold_gives_the_exact_nucleus_of_a_flat_distribution(top_p
     assert found == reference_nucleus(logits, 1.0, 0, top_p)
 
 
+
+def test_each_row_of_a_batch_gets_its_own_exact_nucleus():
+    """The boundary tokens of all rows are ranked together: no row's count may leak into another's."""
+    torch.manual_seed(1)
+    spreads = [0.05, 4.0, 0.5, 0.05, 1.0, 0.02]
+    top_ps = [0.9, 0.5, 0.999, 0.3, 0.95, 0.99999994]  # the last: above what float32 sums may reach
+    logits = torch.stack([torch.randn(50257) * spread for spread in spreads])
+    probs = torch.softmax(logits, -1)
+    thresholds = _nucleus_threshold(logits, probs, torch.tensor(top_ps))
+    for row, top_p in enumerate(top_ps):
+        found = set((probs[row] >= thresholds[row]).nonzero().flatten().tolist())
+        assert found == reference_nucleus(logits[row], 1.0, 0, top_p), row
+
 def test_greedy_rows_take_the_argmax_and_sampling_rows_follow_their_seed():
     torch.manual_seed(1)
     logits = torch.randn(3, 100)
