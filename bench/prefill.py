@@ -195,7 +195,11 @@ def worker(config: str, dtype: str, threads: int) -> dict[str, Any]:
     from textgen.engine.core import Engine
     from textgen.engine.params import SamplingParams
     from textgen.model.loading import load_model
-    from textgen.model.source import resolve_model
+
+    try:
+        from textgen.model.source import resolve_model
+    except ImportError:  # a baseline tree from before resolving moved out of textgen/model/loading.py
+        from textgen.model.loading import resolve_model  # type: ignore[no-redef]
 
     torch.set_num_threads(threads)
     settings = Settings(model_name=str(MODEL_DIR), threads=threads, dtype=dtype)
