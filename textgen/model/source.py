@@ -58,11 +58,12 @@ class ModelSource:
 
 
 def resolve_model(settings: Settings) -> ModelSource:
-    """Check that MODEL_NAME can be loaded, cheaply, and say exactly what was tried if not.
+    """Find the model MODEL_NAME names, cheaply, and say exactly what was tried if it is not there.
 
-    Runs in `bentoml serve`'s main process at import, so a wrong MODEL_NAME stops the server with a
-    non-zero exit before any worker starts (a failing worker would be restarted forever). GGUF files
-    are converted here, once; the worker then loads the converted copy.
+    Runs in `bentoml serve`'s main process at import, so a MODEL_NAME that names nothing stops the server
+    with a non-zero exit before any worker starts; weights that are there but cannot be loaded fail in the
+    worker, which stops the server with exit 1 as well (textgen/api/exit_status.py). GGUF files are
+    converted here, once; the worker then loads the converted copy.
     """
     name = settings.model_name
     if name is None:
