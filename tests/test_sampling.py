@@ -58,7 +58,6 @@ def test_bisected_threshold_gives_the_exact_nucleus_of_a_flat_distribution(top_p
     assert found == reference_nucleus(logits, 1.0, 0, top_p)
 
 
-
 def test_each_row_of_a_batch_gets_its_own_exact_nucleus():
     """The boundary tokens of all rows are ranked together: no row's count may leak into another's."""
     torch.manual_seed(1)
@@ -70,6 +69,7 @@ def test_each_row_of_a_batch_gets_its_own_exact_nucleus():
     for row, top_p in enumerate(top_ps):
         found = set((probs[row] >= thresholds[row]).nonzero().flatten().tolist())
         assert found == reference_nucleus(logits[row], 1.0, 0, top_p), row
+
 
 def test_greedy_rows_take_the_argmax_and_sampling_rows_follow_their_seed():
     torch.manual_seed(1)
