@@ -48,5 +48,8 @@ def stop_server(reason: str) -> None:
     except OSError:
         is_bentoml = False
     if is_bentoml:
-        _note(parent).write_text(reason)
+        try:
+            _note(parent).write_text(reason)
+        except OSError:  # no writable temporary directory: the server still stops, with exit 0
+            pass
         os.kill(parent, signal.SIGTERM)
