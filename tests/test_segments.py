@@ -212,6 +212,33 @@ def test_a_chunk_in_the_decoding_pass_gives_what_it_gives_apart(model, split_eas
     torch.testing.assert_close(mixed.step(model), reference.step(model), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("staggered", [False, True])
+def test_a_prompt_filled_chunk_by_chunk_never_reads_the_room_its_chunks_have_not_written(model, staggered):
+    """A long prompt's room is reserved at once but not zeroed ahead of its chunks (a 1000-token room
+    zeroed in one step cost the running streams a 35-90 ms gap): every reader, Hugging Face's attention
+    (a chunk alone) and textgen's (a chunk in the decoding pass), gets its written part only. Proved by
+    filling the unwritten room with NaN: the logits stay those of the whole prompt at once."""
+    vocab = model.config.vocab_size
+    long = prompt(100, 74)
+    whole, expected = DecodeBatch.prefill(model, [9], [long], vocab)
+    filling = DecodeBatch.start(9, long, vocab, False, staggered=staggered)
+    decoder = Decoder(model)
+    decoder.join([0, 1], [prompt(6, 75), prompt(9, 76)])
+    filling.extend(model, long[:16])  # the first chunk makes each layer: the room comes with the second
+    filling.extend(model, long[16:40])
+    for layer in filling.segments[0].layers():
+        assert layer.length < layer.unwritten <= layer.capacity - 1  # the room is there, not yet zeroed
+        layer.buffers  # a reader's view: the written part
+        layer._keys[:, :, layer.length : layer.unwritten] = float("nan")
+        layer._values[:, :, layer.length : layer.unwritten] = float("nan")
+    rows, _ = decoder.batch.forward(model, decoder.batch.next_tokens, (filling, long[40:70]))
+    decoder.batch.record(rows[:, -1].argmax(-1))
+    last = filling.extend(model, long[70:])
+    torch.testing.assert_close(last, expected, rtol=1e-4, atol=1e-4)
+    for layer in filling.segments[0].layers():  # past the prompt, its spare room: zeros
+        assert layer.length >= layer.unwritten and not layer._keys[:, :, layer.length :].any()
+
+
 def test_a_model_with_its_own_attention_keeps_one_segment(loaded_tiny):
     """The segments need textgen's decode attention; another attention gets one left-padded cache."""
     model = loaded_tiny.model
@@ -312,19 +339,33 @@ def test_a_long_prompt_whose_shared_pass_fails_fails_alone(loaded_tiny, encode):
         engine.stop()
 
 
-def test_the_layers_outgrow_their_caches_at_different_steps_through_joins_and_leaves(model):
-    """Each layer keeps its capacity at its own phase of GROWTH_BLOCK, so one step never copies every
-    layer's cache at once (on a VM the whole cache copied in one step made it ten times a normal step). The
-    tiny models' two layers have phases 0 and 8: never in the same step."""
-    from textgen.engine.kv_cache import phase_of
+@pytest.fixture(scope="module")
+def deep_model():  # type: ignore[no-untyped-def]
+    """A tiny GPT-2 of 8 layers: two layers share each phase of the capacity (the tiny models have two)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=512, n_positions=512, n_embd=32, n_layer=8, n_head=2)
+    model = GPT2LMHeadModel(config).eval()
+    use_decode_attention(model)
+    return model
+
+
+def test_the_layers_outgrow_their_caches_at_different_steps_through_joins_and_leaves(deep_model):
+    """Each layer keeps its capacity at its own phase of CAPACITY_STEP, and the layers that share a phase
+    take turns, so one step never copies more than one layer's cache (on a VM the whole cache copied in one
+    step made it ten times a normal step, and three layers of 16 rows of ~150 positions doubled it), and a
+    row never holds more than GROWTH_BLOCK spare positions (the engine's memory budget counts on it)."""
+    from textgen.engine.kv_cache import CAPACITY_STEP, phase_of
     from textgen.model.memory import GROWTH_BLOCK
 
+    model = deep_model
     prompts = {name: prompt(6 + 3 * name, name) for name in range(4)}
     decoder = Decoder(model)
     decoder.join([0, 1], [prompts[0], prompts[1]])
     grown_at: dict[int, list[int]] = {}  # step -> the layers that took a bigger buffer at it
     before = None
-    for step in range(3 * GROWTH_BLOCK):
+    for step in range(3 * CAPACITY_STEP):
         if step == 20:
             decoder.join(2, prompts[2])  # a merge re-lays every layer: each keeps its phase
         if step == 50:
@@ -335,16 +376,38 @@ def test_the_layers_outgrow_their_caches_at_different_steps_through_joins_and_le
         (segment,) = decoder.batch.segments
         layers = segment.layers()
         for i, layer in enumerate(layers):
-            assert layer.capacity % GROWTH_BLOCK == phase_of(i) % GROWTH_BLOCK, f"layer {i} at step {step}"
+            assert layer.capacity % CAPACITY_STEP == phase_of(i), f"layer {i} at step {step}"
             assert segment.width <= layer.capacity <= segment.width + GROWTH_BLOCK
         capacities = [layer.capacity for layer in layers]
         if before is not None and step not in (20, 50, 70):
             grown_at[step] = [i for i, (a, b) in enumerate(zip(before, capacities)) if b != a]
         before = capacities
     growths = [layers for layers in grown_at.values() if layers]
-    assert len(growths) >= 4  # the rows did outgrow their room, more than once
+    assert len(growths) >= 16  # every layer outgrew its room, more than once
     assert all(len(layers) == 1 for layers in growths), grown_at
     check_against_solo(model, decoder, prompts)
+
+
+def test_a_prompt_computed_in_chunks_then_outgrows_its_room_one_layer_at_a_time(deep_model):
+    """A long prompt's layers reserve rooms staggered like the batch's capacities: once it decodes, they do
+    not all outgrow them at the same step (a 1000-token row copied 37 MB at once)."""
+    model, vocab = deep_model, deep_model.config.vocab_size
+    long = prompt(70, 77)
+    filling = DecodeBatch.start(0, long, vocab, False, staggered=True)
+    for done in range(0, 70, 30):
+        logits = filling.extend(model, long[done : done + 30])
+    filling.record(logits.argmax(-1))
+    tokens = [int(filling.next_tokens[0, 0])]
+    before = [layer.capacity for layer in filling.segments[0].layers()]
+    grown = []
+    for _ in range(40):
+        filling.record(filling.step(model).argmax(-1))
+        tokens.append(int(filling.next_tokens[0, 0]))
+        capacities = [layer.capacity for layer in filling.segments[0].layers()]
+        grown.append(sum(a != b for a, b in zip(before, capacities)))
+        before = capacities
+    assert sum(grown) >= 8 and max(grown) == 1, grown
+    assert tokens == solo(model, long, 40)[0]
 
 
 def test_a_decoding_step_leaves_no_garbage_cycles(model):

@@ -23,14 +23,12 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from textgen.engine.kv_cache import (
-    GrowingLayer,
     Segment,
     SegmentedCache,
     cache_layers,
-    capacity_for,
     new_cache,
-    phase_of,
     row_spans,
+    staggered_layer,
 )
 from textgen.engine.prefix_cache import CachedPrefix
 from textgen.model.attention import decodes_with_segments
@@ -135,19 +133,17 @@ class DecodeBatch:
         a prompt whose beginning came from the prefix cache (`cached`).
         `staggered`: its layers grow at different steps (the model decodes with textgen's attention;
         kv_cache.new_cache)."""
-        room = capacity_for(len(prompt))  # the whole prompt's cache, reserved at once
-        cache = new_cache(room, staggered)
+        cache = new_cache(len(prompt), staggered)  # each layer reserves room for the whole prompt
         done = 0
         if cached is not None:
             done = cached.tokens
-            layers = []
-            # Room for the whole prompt at once: the cached beginning is copied once, not again at the first
-            # chunk to make room.
-            for i, (k, v) in enumerate(zip(*cached.buffers(room))):
-                layer = GrowingLayer(room, phase_of(i) if staggered else 0)
+            layers = [staggered_layer(i, len(prompt), staggered) for i in range(len(cached.blocks[0].keys))]
+            # Room for the whole prompt at once, the most any layer reserves: the cached beginning is copied
+            # once, not again at the first chunk to make room.
+            room = max(layer.room for layer in layers)
+            for layer, k, v in zip(layers, *cached.buffers(room)):
                 layer.dtype, layer.device = k.dtype, k.device
                 layer.adopt(k, v, done)
-                layers.append(layer)
             cache = Cache(layers=layers)
         seen = torch.zeros(1, vocab_size, dtype=torch.bool)
         if count_prompt:

@@ -19,15 +19,21 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from textgen.model.memory import GROWTH_BLOCK  # tokens of spare KV capacity added when a layer is full
+from textgen.model.memory import GROWTH_BLOCK, fault_in
 
-# Layer i's capacity is kept at (i * PHASE_STRIDE) mod GROWTH_BLOCK: the layers of a batch outgrow their
-# buffers at different steps, a quarter of them at a time, instead of all at once (16 rows x ~700 positions,
-# GPT-2: the whole cache copied in one step made it 300-600 ms instead of 35 on a 2-core Xeon VM, where
-# freshly touched memory comes at 0.4-4 GB/s). Capacities stay multiples of 8: torch's bfloat16 SDPA lost
-# precision over other lengths (SmolLM2 token-by-token perplexity, bfloat16: 17.58 with capacities at
-# multiples of 32, 17.55 at multiples of 8, 17.65 with a stride of 7; int8 17.68, 17.68, 17.86).
+# A layer's capacity grows CAPACITY_STEP positions at a time, and layer i's is kept at (i * PHASE_STRIDE) mod
+# CAPACITY_STEP: the layers of a batch outgrow their buffers at different steps, a quarter of them at a time,
+# instead of all at once (16 rows x ~700 positions, GPT-2: the whole cache copied in one step made it
+# 300-600 ms instead of 35 on a 2-core Xeon VM, where freshly touched memory comes at 0.4-4 GB/s).
+# Capacities stay multiples of 8: torch's bfloat16 SDPA lost precision over other lengths (SmolLM2
+# token-by-token perplexity, bfloat16: 17.58 with capacities at multiples of 32, 17.55 at multiples of 8,
+# 17.65 with a stride of 7; int8 17.68, 17.68, 17.86).
 PHASE_STRIDE = 8
+# The layers that share a phase take turns too: the k-th of them grows k positions before it is full, so a
+# step copies one layer, not three (GPT-2) or eight (SmolLM2). Three layers of 16 rows x ~150 positions
+# grew in 22-28 ms of fresh memory on the 2-core Xeon VM, inside a 26 ms step. A row's cache therefore
+# holds at most CAPACITY_STEP + PHASE_STRIDE - 1 spare positions: within GROWTH_BLOCK.
+CAPACITY_STEP = GROWTH_BLOCK - PHASE_STRIDE
 
 
 class GrowingLayer(DynamicLayer):
@@ -43,13 +49,18 @@ class GrowingLayer(DynamicLayer):
     mask excludes them anyway). textgen's decode attention reads the whole buffers too (`buffers`), masked.
     """
 
-    def __init__(self, room: int = 0, phase: int = 0) -> None:
+    def __init__(self, prompt: int = 0, phase: int = 0, early: int = 0) -> None:
         super().__init__()
-        self.phase = phase  # capacities are kept at this residue of GROWTH_BLOCK (PHASE_STRIDE)
-        # Positions to reserve at once when the layer grows. A prompt computed piece by piece reserves all
-        # of it: growing by the usual block at every chunk copied the whole cache each time (a 1000-token
-        # prompt: 15 copies).
-        self.room = room
+        self.phase = phase  # capacities are kept at this residue of CAPACITY_STEP (PHASE_STRIDE)
+        self.early = early  # it grows this many positions before it is full (< PHASE_STRIDE)
+        # A prompt computed piece by piece (`prompt` tokens) reserves room for all of it when it first grows:
+        # growing by the usual block at every chunk copied the whole cache each time (a 1000-token prompt:
+        # 15 copies). Its chunks never make it grow again (HF attention's one mask needs every layer alike).
+        self.prompt = prompt
+        self.room = capacity_for(prompt + early, phase) if prompt else 0
+        # Positions [length, unwritten) of the buffers hold whatever the allocator left there: a prompt's
+        # room is not zeroed ahead of its chunks, and until they reach it, readers get the written part only.
+        self.unwritten = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -63,26 +74,49 @@ class GrowingLayer(DynamicLayer):
 
     @property
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole key and value buffers [B, H, capacity, D], spare room (zeros) included."""
+        """The whole key and value buffers [B, H, capacity, D], spare room (zeros) included; while a
+        prompt's room is being filled, its written part only."""
+        if self.length <= self.unwritten:
+            return self.keys, self.values
         return self._keys, self._values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            # A layer created by this very call gets no spare room: transformers sizes the mask of a layer
-            # it has not seen yet to the query alone. Prefill is one call, so spare room comes at the first step.
-            self._reserve(key_states, self._grown(end) if self.length else end)
+        capacity = self._capacity_after(key_states.shape[-2])
+        if capacity != self.capacity:
+            self._reserve(key_states, capacity)
         self._keys[:, :, self.length : end] = key_states
         self._values[:, :, self.length : end] = value_states
         self.length = end
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
-        return self._keys, self._values
+        return self.buffers
 
     def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
-        needed = self.get_seq_length() + query_length
-        return (self.capacity if needed <= self.capacity else self._grown(needed)), 0
+        """The width `update` will return for `query_length` more positions (transformers sizes masks by it)."""
+        end = self.get_seq_length() + query_length
+        capacity = self._capacity_after(query_length)
+        unwritten = self.unwritten if capacity == self.capacity else self._unwritten_in(capacity)
+        return (end if end <= unwritten else capacity), 0
+
+    def grows(self, queries: int) -> bool:
+        """Whether taking `queries` more positions makes it reserve a larger buffer (and copy its cache)."""
+        return self.get_seq_length() + queries + self.early > self.capacity
+
+    def _capacity_after(self, queries: int) -> int:
+        """Its capacity once it holds `queries` more positions."""
+        if not self.grows(queries):
+            return self.capacity
+        end = self.get_seq_length() + queries
+        # A layer created by this very call gets no spare room: transformers sizes the mask of a layer it has
+        # not seen yet to the query alone. Prefill is one call, so spare room comes at the first step.
+        return self._grown(end + self.early) if self.get_seq_length() else end
+
+    def _unwritten_in(self, capacity: int) -> int:
+        """Where the garbage ends in a buffer of `capacity` reserved now (`_reserve`): at the prompt's end in
+        its room, else at what the layer holds (the rest is zeroed)."""
+        return max(self.length, self.prompt) if capacity == self.room else self.length
 
     def _grown(self, needed: int) -> int:
         return max(self.room, capacity_for(needed, self.phase))
@@ -92,6 +126,7 @@ class GrowingLayer(DynamicLayer):
         self._keys, self._values = keys.contiguous(), values.contiguous()
         self.keys, self.values = self._keys, self._values
         self.length = keys.shape[-2]
+        self.unwritten = 0
         self.is_initialized = True
 
     def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
@@ -101,6 +136,7 @@ class GrowingLayer(DynamicLayer):
         self._keys, self._values = keys, values
         self.length = length
         self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+        self.unwritten = 0
         self.is_initialized = True
 
     def get_seq_length(self) -> int:
@@ -119,22 +155,31 @@ class GrowingLayer(DynamicLayer):
         batch, heads, _, dim = like.shape
         keys = like.new_empty(batch, heads, capacity, dim)
         values = like.new_empty(batch, heads, capacity, dim)
+        if capacity != self.room:  # a prompt's room: its chunks fault in their own parts
+            fault_in(keys, values)
         if self.length:
             keys[:, :, : self.length] = self._keys[:, :, : self.length]
             values[:, :, : self.length] = self._values[:, :, : self.length]
-        # Zeros, never garbage, in the spare room: it is masked out, but 0 * NaN would still be NaN.
-        keys[:, :, self.length :].zero_()
-        values[:, :, self.length :].zero_()
+        # Zeros, never garbage, in the spare room: it is masked out, but 0 * NaN would still be NaN. A
+        # prompt's room is zeroed only past the prompt: its chunks write the rest, and readers get the
+        # written part until then (`buffers`). Zeroing a 1000-token room at
+        # once touched 37 MB of fresh memory in one step (GPT-2 bfloat16, 2-core Xeon VM: ~5800 page faults,
+        # 35 ms; the 16 running streams' token came after 80-90 ms instead of 25-37); this way each chunk
+        # faults in its own part.
+        clean = self._unwritten_in(capacity)
+        keys[:, :, clean:].zero_()
+        values[:, :, clean:].zero_()
         self._keys, self._values = keys, values
+        self.unwritten = clean
 
 
 def capacity_for(needed: int, phase: int = 0) -> int:
-    """Room for more than `needed` positions: the next capacity past it that is `phase` mod GROWTH_BLOCK
-    (at most GROWTH_BLOCK spare)."""
+    """Room for more than `needed` positions: the next capacity past it that is `phase` mod CAPACITY_STEP
+    (at most CAPACITY_STEP spare)."""
     # Grow by a fixed block rather than doubling: a doubled cache is up to twice the memory (and, since
     # attention reads the spare positions too, twice the attention work) for nothing, and one copy per
-    # GROWTH_BLOCK steps is negligible once the layers take turns (PHASE_STRIDE).
-    return needed + 1 + (phase - needed - 1) % GROWTH_BLOCK
+    # CAPACITY_STEP steps is negligible once the layers take turns (PHASE_STRIDE).
+    return needed + 1 + (phase - needed - 1) % CAPACITY_STEP
 
 
 def spare_buffers(
@@ -147,25 +192,31 @@ def spare_buffers(
     capacity = capacity or capacity_for(width)
     keys = like.new_empty(rows, heads, capacity, dim)
     values = like.new_empty(rows, heads, capacity, dim)
+    fault_in(keys, values)
     keys[:, :, width:].zero_()
     values[:, :, width:].zero_()
     return keys, values
 
 
-def new_cache(room: int = 0, staggered: bool = False) -> Cache:
-    """A cache whose layers (made at the first update, in order) are GrowingLayers reserving `room`
-    positions; `staggered`: each with its own phase (PHASE_STRIDE). Only for textgen's decode attention,
-    which reads each layer's buffer as it is: Hugging Face's attention builds one mask for every layer, from
-    the first layer's capacity."""
+def new_cache(prompt: int = 0, staggered: bool = False) -> Cache:
+    """A cache whose layers (made at the first update, in order) are GrowingLayers, for a `prompt`-token
+    prompt computed piece by piece if given; `staggered`: each with its own turn to grow (`staggered_layer`).
+    Only for textgen's decode attention, which reads each layer's buffer as it is: Hugging Face's attention
+    builds one mask for every layer, from the first layer's capacity."""
     made = itertools.count()
-    return Cache(
-        layer_class_to_replicate=lambda: GrowingLayer(room, phase_of(next(made)) if staggered else 0)
-    )
+    return Cache(layer_class_to_replicate=lambda: staggered_layer(next(made), prompt, staggered))
+
+
+def staggered_layer(index: int, prompt: int = 0, staggered: bool = True) -> GrowingLayer:
+    """The `index`-th layer of a cache; `staggered`: with its phase and how early it grows (PHASE_STRIDE)."""
+    if not staggered:
+        return GrowingLayer(prompt)
+    return GrowingLayer(prompt, phase_of(index), index // (CAPACITY_STEP // PHASE_STRIDE) % PHASE_STRIDE)
 
 
 def phase_of(layer: int) -> int:
-    """The residue of GROWTH_BLOCK the `layer`-th layer keeps its capacity at (PHASE_STRIDE)."""
-    return layer * PHASE_STRIDE % GROWTH_BLOCK
+    """The residue of CAPACITY_STEP the `layer`-th layer keeps its capacity at (PHASE_STRIDE)."""
+    return layer * PHASE_STRIDE % CAPACITY_STEP
 
 
 def cache_layers(cache: Any) -> list[Any]:
