@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 
 from textgen.engine.outputs import PrefixCacheStats
-from textgen.model.memory import fault_in
 
 BLOCK = 16  # tokens per block: finer than vLLM's 16 would be is no gain here, coarser wastes a prompt's tail
 
@@ -54,7 +53,6 @@ class CachedPrefix:
         first = self.blocks[0].keys
         layers, heads, _, dim = first.shape
         both = first.new_empty(2, layers, 1, heads, capacity, dim)
-        fault_in(both)
         both[..., self.tokens :, :].zero_()
         torch.cat([b.keys for b in self.blocks], dim=2, out=both[0, :, 0, :, : self.tokens])
         torch.cat([b.values for b in self.blocks], dim=2, out=both[1, :, 0, :, : self.tokens])
