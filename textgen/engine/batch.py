@@ -32,6 +32,7 @@ from textgen.engine.kv_cache import (
 )
 from textgen.engine.prefix_cache import CachedPrefix
 from textgen.model.attention import decodes_with_segments
+from textgen.model.native import native_decoding
 
 # A new segment rather than a merge when merging would pad more than this many positions (rows x columns),
 # about what costs a step as much as one more segment does. Measured on a 2-core Xeon (AMX), GPT-2 int8:
@@ -207,20 +208,24 @@ class DecodeBatch:
                 places.append(torch.arange(segment.width, segment.width + len(tokens)))
             cache = SegmentedCache(parts)
             decoded = input_ids.numel()
-            keep: int | torch.Tensor = 0  # every position's logits
+            keep: torch.Tensor | None = None  # every position's logits
             if chunk is not None:  # the decoded rows', and the chunk's last position's only
                 keep = torch.cat([torch.arange(decoded), torch.tensor([decoded + len(chunk[1]) - 1])])
-            out = model(
-                input_ids=torch.cat(ids)[None],
-                position_ids=torch.cat(places)[None],
-                past_key_values=cache,
-                use_cache=True,
-                kv_segments=cache,
-                logits_to_keep=keep,
-            )
+            decoding = native_decoding(model)
+            if decoding is not None:
+                logits = decoding(torch.cat(ids), torch.cat(places), cache, keep).float()
+            else:
+                out = model(
+                    input_ids=torch.cat(ids)[None],
+                    position_ids=torch.cat(places)[None],
+                    past_key_values=cache,
+                    use_cache=True,
+                    kv_segments=cache,
+                    logits_to_keep=0 if keep is None else keep,
+                )
+                logits = out.logits[0].float()
             for segment, q in parts:
                 segment.mask = F.pad(segment.mask, (0, q), value=1)
-            logits = out.logits[0].float()
             if chunk is None:
                 return logits.view(*input_ids.shape, -1), None
             return logits[:decoded].view(*input_ids.shape, -1), logits[decoded:]

@@ -53,16 +53,22 @@ def decode_attention(
     """
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if kv_segments is not None:
-        outs = []
-        for start, stop, queries, keys, values, mask in kv_segments.parts(module.layer_idx):
-            part = query[0, :, start:stop].unflatten(1, (-1, queries)).transpose(0, 1)  # [rows, H, q, D]
-            outs.append(_attend(part, keys, values, mask, scale).flatten(0, 1))  # [rows * q, H, D]
-        return (outs[0] if len(outs) == 1 else torch.cat(outs))[None], None
+        return segmented_attention(query, kv_segments, module.layer_idx, scale), None
     if query.shape[2] != 1 or kwargs.get("position_bias") is not None or dropout:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     return _attend(query, key, value, attention_mask, scale), None
+
+
+def segmented_attention(query: torch.Tensor, kv_segments: Any, layer: int, scale: float) -> torch.Tensor:
+    """The packed tokens' queries [1, H, T, D] attend, each part over its own keys and values at `layer`
+    (`kv_segments.parts`); returns [1, T, H, D]."""
+    outs = []
+    for start, stop, queries, keys, values, mask in kv_segments.parts(layer):
+        part = query[0, :, start:stop].unflatten(1, (-1, queries)).transpose(0, 1)  # [rows, H, q, D]
+        outs.append(_attend(part, keys, values, mask, scale).flatten(0, 1))  # [rows * q, H, D]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs))[None]
 
 
 def _attend(
