@@ -82,3 +82,18 @@ def test_other_architectures_go_through_hugging_faces_forward() -> None:
     other = GPTNeoXForCausalLM(config).eval()
     use_decode_attention(other)
     assert native_decoding(other) is None
+
+
+def test_a_chunk_alone_gives_the_logits_of_hugging_faces_forward(model, monkeypatch):
+    """The rest of a prompt after its first chunk (or after a prefix cache hit), in a pass of its own."""
+    vocab = model.config.vocab_size
+    long = prompt(60, 85)
+    results = []
+    for native in (True, False):
+        filling = DecodeBatch.start(9, long, vocab, False, staggered=True)
+        filling.extend(model, long[:20])
+        with monkeypatch.context() as patch:
+            if not native:
+                hugging_face(patch)
+            results.append(filling.extend(model, long[20:]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)

@@ -156,6 +156,14 @@ class DecodeBatch:
         assert len(self.rows) == 1 and self.next_tokens is None
         (segment,) = self.segments
         done = segment.width
+        decoding = native_decoding(model) if done and decodes_with_segments(model) else None
+        if decoding is not None:
+            cache = SegmentedCache([(segment, len(ids))])
+            logits = decoding(
+                torch.tensor(ids), torch.arange(done, done + len(ids)), cache, torch.tensor([len(ids) - 1])
+            )
+            segment.mask = F.pad(segment.mask, (0, len(ids)), value=1)
+            return logits.float()
         segment.mask = F.pad(segment.mask, (0, len(ids)), value=1)
         out = model(
             input_ids=torch.tensor([ids], dtype=torch.long),
