@@ -47,6 +47,7 @@ class GrowingLayer(DynamicLayer):
     positions included, like transformers' StaticLayer: `get_mask_sizes` reports the full width, so the
     attention mask covers the spare positions (the padding mask is extended with zeros there and the causal
     mask excludes them anyway). textgen's decode attention reads the whole buffers too (`buffers`), masked.
+    The exception is a prompt's room while its chunks fill it: every reader gets the written part only.
     """
 
     def __init__(self, prompt: int = 0, phase: int = 0, early: int = 0) -> None:
@@ -162,10 +163,9 @@ class GrowingLayer(DynamicLayer):
             values[:, :, : self.length] = self._values[:, :, : self.length]
         # Zeros, never garbage, in the spare room: it is masked out, but 0 * NaN would still be NaN. A
         # prompt's room is zeroed only past the prompt: its chunks write the rest, and readers get the
-        # written part until then (`buffers`). Zeroing a 1000-token room at
-        # once touched 37 MB of fresh memory in one step (GPT-2 bfloat16, 2-core Xeon VM: ~5800 page faults,
-        # 35 ms; the 16 running streams' token came after 80-90 ms instead of 25-37); this way each chunk
-        # faults in its own part.
+        # written part until then (`buffers`). Zeroing a 1000-token room at once touched 37 MB of fresh
+        # memory in one step (GPT-2 bfloat16, 2-core Xeon VM: ~5800 page faults, 35 ms; the 16 running
+        # streams' token came after 80-90 ms instead of 25-37); this way each chunk faults in its own part.
         clean = self._unwritten_in(capacity)
         keys[:, :, clean:].zero_()
         values[:, :, clean:].zero_()

@@ -87,11 +87,14 @@ def _madvise() -> Any:
 def fault_in(*buffers: torch.Tensor) -> None:
     """Map the pages of newly allocated buffers before anything writes them, one system call per buffer.
 
-    A KV buffer the batch grows into, or a prompt's cache, is often fresh memory (the heap has no freed block
-    that large). Written by torch's threads, its pages were faulted in one at a time, and on the 2-core Xeon
-    VM at ~6 us a page: 3 layers of 16 rows x ~150 positions grew in 22-28 ms (~4000 pages) inside a 26 ms
-    decoding step, the streams' slowest step. Populated first (MADV_POPULATE_WRITE): 4-7 ms. Pages already
-    mapped cost little (16 MB: 0.1-0.5 ms); kernels without it (before Linux 5.14) skip it.
+    A KV buffer the batch grows into, or re-lays rows into at a join or a leave, is often fresh memory (the
+    heap has no freed block that large). Written by torch's threads, its pages were faulted in one at a time,
+    and on the 2-core Xeon VM at ~6 us a page: 3 layers of 16 rows x ~150 positions grew in 22-28 ms (~4000
+    pages) inside a 26 ms decoding step, the streams' slowest step. Populated first (MADV_POPULATE_WRITE):
+    4-7 ms. Pages already mapped cost little (16 MB: 0.1-0.5 ms); when the host itself is slow to back new
+    pages (~10 us a page) nothing helps but needing fewer. Not for a prefix-cache hit's buffer: torch's two
+    threads copying the cached blocks were faster there (3.3 against 4.9-9.4 ms). Kernels without it (before
+    Linux 5.14) skip it.
     """
     madvise = _madvise()
     if madvise is None or not _populating:
