@@ -204,7 +204,6 @@ def test_a_prompt_filled_chunk_by_chunk_never_reads_the_room_its_chunks_have_not
     filling.extend(model, long[16:40])
     for layer in filling.segments[0].layers():
         assert layer.length < layer.unwritten <= layer.capacity - 1  # the room is there, not yet zeroed
-        layer.buffers  # a reader's view: the written part
         layer._keys[:, :, layer.length : layer.unwritten] = float("nan")
         layer._values[:, :, layer.length : layer.unwritten] = float("nan")
     rows, _ = decoder.batch.forward(model, decoder.batch.next_tokens, (filling, long[40:70]))

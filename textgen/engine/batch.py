@@ -156,19 +156,20 @@ class DecodeBatch:
         assert len(self.rows) == 1 and self.next_tokens is None
         (segment,) = self.segments
         done = segment.width
+        positions = torch.arange(done, done + len(ids))
+        # textgen's own pass once the cache has its layers (Hugging Face's forward makes them, at the first
+        # chunk); its segmented cache reads the mask of the positions before the chunk, so that grows after.
         decoding = native_decoding(model) if done and decodes_with_segments(model) else None
         if decoding is not None:
             cache = SegmentedCache([(segment, len(ids))])
-            logits = decoding(
-                torch.tensor(ids), torch.arange(done, done + len(ids)), cache, torch.tensor([len(ids) - 1])
-            )
+            logits = decoding(torch.tensor(ids), positions, cache, torch.tensor([len(ids) - 1]))
             segment.mask = F.pad(segment.mask, (0, len(ids)), value=1)
             return logits.float()
         segment.mask = F.pad(segment.mask, (0, len(ids)), value=1)
         out = model(
             input_ids=torch.tensor([ids], dtype=torch.long),
             attention_mask=segment.mask,
-            position_ids=torch.arange(done, done + len(ids))[None],
+            position_ids=positions[None],
             past_key_values=segment.cache,
             use_cache=True,
             logits_to_keep=1,
