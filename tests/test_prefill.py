@@ -118,6 +118,35 @@ def test_a_prefix_cache_hit_gives_the_same_tokens_as_a_miss(loaded_tiny, encode,
         engine.stop()
 
 
+def test_a_chunked_prompts_blocks_are_cached_as_its_chunks_are_computed(loaded_tiny, encode, plain):
+    prompt = long_prompt(encode)
+    expected = plain.submit(prompt, GREEDY).wait(30).text
+    engine = new_engine(loaded_tiny, max_step_tokens=16, prefix_cache_bytes=1 << 24)
+    runner = engine.runner
+    cached_before_the_end = []
+    complete = runner._complete
+
+    def completing(fill, *args):  # type: ignore[no-untyped-def]
+        # The prompt's last chunk is computed: what its earlier chunks left in the cache.
+        cached_before_the_end.append((len(engine.prefix_cache.match(prompt)) * BLOCK, fill.done))
+        return complete(fill, *args)
+
+    runner._complete = completing
+    try:
+        stream = engine.submit(encode("What is AI?"), LONG)
+        wait_until(lambda: len(stream.sequence.output_ids) >= 3)
+        assert engine.submit(prompt, GREEDY).wait(30).text == expected
+        ((cached, done),) = cached_before_the_end
+        # Every block but those of the last chunk was kept as it came (not all at the end).
+        assert cached >= (done - 16) // BLOCK * BLOCK > 0
+        assert engine.prefix_cache.stats.cached_blocks == len(prompt) // BLOCK
+        # And what was kept is right: a hit on it gives the tokens of a miss.
+        assert engine.submit(prompt, GREEDY).wait(30).text == expected
+        assert engine.prefix_cache.stats.hit_tokens > 0
+    finally:
+        engine.stop()
+
+
 def test_a_prompt_too_short_for_its_beginning_to_be_reused_is_not_cached(loaded_tiny, encode):
     engine = new_engine(loaded_tiny, prefix_cache_bytes=1 << 24)
     try:

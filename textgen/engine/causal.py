@@ -258,6 +258,7 @@ class CausalRunner:
             return stepped + completed
         # What the chunk added to the step: the next chunk is sized from it.
         fill.shared(n, max(time.perf_counter() - started - (self.chunks.step_seconds or 0.0), 1e-4))
+        self._remember_chunks(fill)
         stepped = len(batch)
         self.batch = batch if self._accept(batch, tokens, scores) else None
         completed = self._complete(fill, chunk_logits, states[-1:]) if not fill.remaining else 0
@@ -290,6 +291,7 @@ class CausalRunner:
             return 0
         fill.last = (n, time.perf_counter() - started)
         self.chunks.prefilled(*fill.last)
+        self._remember_chunks(fill)
         return 0 if fill.remaining else self._complete(fill, logits, states)
 
     def _complete(self, fill: PromptFill, logits: torch.Tensor, states: list[torch.Tensor]) -> int:
@@ -387,10 +389,23 @@ class CausalRunner:
             return
         shortest = self.chunks.worth_reusing() + 1
         for i, seq in enumerate(fresh.rows):
-            if len(seq.prompt_ids) < shortest:
-                continue
-            keys, values = fresh.row_kv(i, len(seq.prompt_ids))
-            self.prefix_cache.insert(seq.prompt_ids, keys, values)
+            if len(seq.prompt_ids) >= shortest:
+                self._remember(fresh, i, len(seq.prompt_ids))
+
+    def _remember_chunks(self, fill: PromptFill) -> None:
+        """Offer the blocks a prompt's chunks have computed so far to the prefix cache, as they come, not all
+        when the prompt ends: keeping a 1000-token prompt's 62 blocks (37 MB, GPT-2 bfloat16) in the step
+        that completed it made that step 60-84 ms against ~40 for the other chunks' (2-core Xeon; 16 streams
+        decoding), and a prompt sharing its beginning can start from the blocks already done."""
+        if self.prefix_cache is not None and fill.remaining:
+            self._remember(fill.batch, 0, fill.done)
+
+    def _remember(self, batch: DecodeBatch, row: int, tokens: int) -> None:
+        """Offer row `row`'s first `tokens` prompt positions to the prefix cache (it keeps the full blocks it
+        does not hold yet)."""
+        assert self.prefix_cache is not None
+        keys, values = batch.row_kv(row, tokens)
+        self.prefix_cache.insert(batch.rows[row].prompt_ids[:tokens], keys, values)
 
     def _join(self, fresh: DecodeBatch) -> None:
         if self.batch is None:
