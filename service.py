@@ -26,6 +26,7 @@ from textgen.api.guards import Guards
 from textgen.api.health import HealthRoutes, ServerState
 from textgen.api.logs import show_textgen_logs
 from textgen.api.openapi import DocumentRewriter
+from textgen.allocator import preload_for_workers
 from textgen.api.tokenizer import TokenizerRoutes
 from textgen.config import Settings
 from textgen.frontend.prepare import Frontend
@@ -37,6 +38,9 @@ watch_for_failed_worker()  # a worker that cannot load the model makes `bentoml 
 log = logging.getLogger("textgen")
 fix_timeout_middleware()  # BentoML 1.4 keeps each request's context for the whole traffic timeout otherwise
 settings = Settings.from_env()
+# Workers allocate with tcmalloc where the system has it; only processes started after this can take it, so
+# here, in `bentoml serve`'s own process, before it starts them (textgen/allocator.py).
+log.info("memory allocator: %s", preload_for_workers(settings.allocator))
 check_build_has_model()  # `bentoml build` without an imported model: say how to import it
 # MODEL_NAME wins; else the model this Bento carries (`python -m textgen.import_model`, pinned by
 # `bentoml build`); else GPT-2 (offline: SmolLM2). Resolved here, in the main process, so that a

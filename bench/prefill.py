@@ -253,11 +253,13 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     base = next(r for r in results if r["config"] == "baseline")
     # `auto` may resolve differently in the baseline's tree: compare at an explicit dtype then.
     served = ", ".join(f"{r['config']} {r['dtype']}" for r in results)
+    allocators = ", ".join(sorted({r.get("allocator", "not recorded") for r in results}))
     lines = [
         f"# Chunked prefill and prefix caching, {meta['date']}",
         "",
         f"CPU: {cpu_line(cpu)}, {meta['threads']} threads, torch {meta['torch']}, "
-        f"TEXTGEN_DTYPE={meta['dtype']} (served as {served}). Random-weight GPT-2 124M, real vocabulary, "
+        f"TEXTGEN_DTYPE={meta['dtype']} (served as {served}), allocator {allocators} (TEXTGEN_ALLOCATOR). "
+        "Random-weight GPT-2 124M, real vocabulary, "
         f"in-process Engine. baseline = textgen {meta['baseline_rev']} (before chunked prefill), in the same "
         "run. Workloads: bench/prefill.py.",
         "",

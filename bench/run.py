@@ -230,8 +230,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"{report['date']}",
             "",
         ]
+    allocators = sorted({str(a) for a in report.get("allocator", {}).values()})
     lines += [
         f"`auto` chose **{report['auto']['dtype']}**: {report['auto']['reason']}",
+        "",
+        f"Servers' memory allocator: {', '.join(allocators) or 'not recorded'} (TEXTGEN_ALLOCATOR).",
         "",
         "## Roofline of this machine (textgen/model/probe.py)",
         "",
@@ -354,6 +357,9 @@ def main() -> None:
             dtype, [int(x) for x in wanted.split(",")], prompt, args.threads, args.per_client, cpu
         )
         report.setdefault("ready_seconds", {})[dtype] = info["ready_seconds"]
+        report.setdefault("allocator", {})[dtype] = info.get(
+            "allocator"
+        )  # the worker's (textgen/allocator.py)
         if dtype == "auto":
             report["auto"] = {"dtype": info["dtype"], "reason": info["dtype_reason"]}
         levels += results

@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from textgen.allocator import preload_for_workers
+from textgen.config import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,9 +25,13 @@ def export(rev: str, into: Path) -> Path:
 def run_worker(script: Path, tree: Path, args: list[str], threads: int) -> dict[str, Any]:
     """Run `script args` in a fresh process that imports textgen from `tree`; its last stdout line is JSON."""
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
+    # The allocator `bentoml serve` gives its workers (TEXTGEN_ALLOCATOR), whichever tree runs.
+    preload_for_workers(Settings.from_env().allocator, env)
     out = subprocess.run(
         [sys.executable, str(script), *args], env=env, capture_output=True, text=True, cwd=tree
     )
     if out.returncode != 0:
         raise RuntimeError(f"{script.name} {' '.join(args)} failed on {tree}:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["allocator"] = "tcmalloc" if "tcmalloc" in env.get("LD_PRELOAD", "") else "system"
+    return result

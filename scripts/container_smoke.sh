@@ -389,6 +389,10 @@ done
 
 # ---------------------------------------------------------------------------------------------------------
 step "image checks"
+# The worker allocates with tcmalloc (bentofile.yaml installs it; textgen/allocator.py preloads it).
+allocator=$(curl -fsS --max-time 10 "$URL/info" | python -c "import json, sys; print(json.load(sys.stdin)['allocator'])")
+echo "worker's allocator: $allocator"
+[ "$allocator" = tcmalloc ] || die "the worker allocates with $allocator, not tcmalloc"
 uid=$(docker exec "$CONTAINER" id -u)
 user=$(docker image inspect -f '{{.Config.User}}' "$IMAGE")
 echo "container runs as uid $uid (image USER ${user:-<unset>})"

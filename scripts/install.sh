@@ -12,11 +12,13 @@ if [ ! -x .venv-tools/guidellm/bin/guidellm ]; then
     python -m venv .venv-tools/guidellm
     .venv-tools/guidellm/bin/python -m pip install --quiet guidellm==0.8.1
 fi
-# Debian's Chromium for the UI's browser test. Playwright's own browser download (`playwright install`)
-# is never used: this workplace cannot fetch it.
-if [ ! -x /usr/bin/chromium ]; then
+# From Debian's packages: tcmalloc, which the server's workers allocate with (textgen/allocator.py), and
+# Chromium for the UI's browser test (Playwright's own browser download, `playwright install`, is never
+# used: this workplace cannot fetch it).
+has_tcmalloc='import ctypes.util, sys; sys.exit(ctypes.util.find_library("tcmalloc_minimal") is None)'
+if [ ! -x /usr/bin/chromium ] || ! python -c "$has_tcmalloc"; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium libtcmalloc-minimal4
 fi

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from textgen import allocator
+from textgen.config import ConfigError, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +84,42 @@ def test_a_buffer_faulted_in_ahead_is_written_without_page_faults() -> None:
     buffer.fill_(1)
     pages = buffer.nbytes // memory.PAGE_BYTES
     assert faults() - before < pages // 100
+
+
+# textgen/allocator.py: the allocator `bentoml serve` hands its workers.
+
+
+def test_the_workers_get_tcmalloc_when_the_system_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libtcmalloc_minimal.so.4")
+    environ = {"LD_PRELOAD": "libfoo.so"}
+    assert "tcmalloc" in allocator.preload_for_workers("auto", environ)
+    assert environ["LD_PRELOAD"] == "libtcmalloc_minimal.so.4:libfoo.so"  # the user's preload kept
+    environ = {}
+    allocator.preload_for_workers("tcmalloc", environ)
+    assert environ["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
+    # Asked for the system's, or another allocator already preloaded: left alone.
+    for choice, preloaded in (("system", ""), ("auto", "/usr/lib/libjemalloc.so.2")):
+        environ = {"LD_PRELOAD": preloaded} if preloaded else {}
+        allocator.preload_for_workers(choice, environ)
+        assert environ.get("LD_PRELOAD", "") == preloaded
+
+
+def test_without_tcmalloc_auto_keeps_the_system_allocator_and_tcmalloc_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    environ: dict[str, str] = {}
+    assert "apt-get install libtcmalloc-minimal4" in allocator.preload_for_workers("auto", environ)
+    assert environ == {}
+    with pytest.raises(RuntimeError, match="apt-get install libtcmalloc-minimal4"):
+        allocator.preload_for_workers("tcmalloc", environ)
+    with pytest.raises(ConfigError, match="TEXTGEN_ALLOCATOR must be one of auto, tcmalloc, system"):
+        Settings.from_env({"TEXTGEN_ALLOCATOR": "tcmaloc"})
+
+
+def test_a_process_knows_which_allocator_it_runs_with(tmp_path: Path) -> None:
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.10\n")
+    assert allocator.in_use(maps) == "tcmalloc"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert allocator.in_use(maps) == "system"

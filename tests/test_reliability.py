@@ -6,6 +6,7 @@ After every error case, a normal request must still succeed (`assert_recovers`).
 from __future__ import annotations
 
 import asyncio
+import ctypes.util
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,12 +130,15 @@ def test_info_describes_the_model_and_the_limits(tiny_server: Server, tiny_model
     assert info["limits"]["max_queue"] == 128 and info["limits"]["timeout_seconds"] == 600
     assert info["auth"] is False
     assert info["version"]["textgen"] and info["version"]["bentoml"] and info["version"]["torch"]
+    # The worker got tcmalloc from `bentoml serve`'s process when the system has it (scripts/install.sh
+    # installs it), glibc's malloc otherwise (textgen/allocator.py).
+    assert info["allocator"] == ("tcmalloc" if ctypes.util.find_library("tcmalloc_minimal") else "system")
 
 
 def test_requests_are_counted_by_route_and_status(tiny_server: Server) -> None:
     def count(status: int) -> float:
         text = httpx.get(f"{tiny_server.url}/metrics").text
-        labels = (f'endpoint="/generate"', f'http_response_code="{status}"')
+        labels = ('endpoint="/generate"', f'http_response_code="{status}"')
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()

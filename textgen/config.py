@@ -14,6 +14,7 @@ SPECULATIVE_MODES = ("off", "ngram", "draft")
 # auto: unset request fields take the model's own sampling defaults (textgen/model/sampling_defaults.py);
 # textgen: only textgen's own defaults, as before (vLLM's --generation-config auto|vllm).
 GENERATION_CONFIGS = ("auto", "textgen")
+ALLOCATORS = ("auto", "tcmalloc", "system")  # textgen/allocator.py
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,7 @@ class Settings:
     model_name: str | None = None  # None: GPT-2, or the offline default when GPT-2 is unavailable
     threads: int = 1
     dtype: str = "auto"
+    allocator: str = "auto"  # TEXTGEN_ALLOCATOR: the workers' memory allocator (textgen/allocator.py)
     generation_config: str = "auto"  # TEXTGEN_GENERATION_CONFIG
     max_batch_size: int = 32
     max_queue: int = 128  # requests waiting for a batch slot; beyond it, 429
@@ -144,6 +146,9 @@ class Settings:
                 f"TEXTGEN_GENERATION_CONFIG must be one of {', '.join(GENERATION_CONFIGS)}, "
                 f"got {generation_config!r}"
             )
+        allocator = env.get("TEXTGEN_ALLOCATOR", "").strip() or cls.allocator
+        if allocator not in ALLOCATORS:
+            raise ConfigError(f"TEXTGEN_ALLOCATOR must be one of {', '.join(ALLOCATORS)}, got {allocator!r}")
         cache = env.get("TEXTGEN_CACHE_DIR", "").strip()
         speculative = env.get("TEXTGEN_SPECULATIVE", "").strip() or cls.speculative
         if speculative not in SPECULATIVE_MODES:
@@ -159,6 +164,7 @@ class Settings:
             model_name=env.get("MODEL_NAME", "").strip() or None,
             threads=integer("TEXTGEN_THREADS", available_cores(), 1, 1024),
             dtype=dtype,
+            allocator=allocator,
             generation_config=generation_config,
             max_batch_size=integer("TEXTGEN_MAX_BATCH_SIZE", 32, 1, 1024),
             max_queue=integer("TEXTGEN_MAX_QUEUE", 128, 0, 1_000_000),

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from textgen import allocator
 from textgen.config import Settings, available_memory
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ def keep_freed_memory() -> str:
     already in the environment (MALLOC_*_ variables, GLIBC_TUNABLES) are left as they are; other C libraries
     as well.
     """
+    if allocator.in_use() != "system":
+        return f"{allocator.in_use()}, which keeps freed memory for reuse itself (textgen/allocator.py)"
     if any(name in os.environ for name in _GLIBC_SETTINGS):
         return "glibc malloc settings left as set in the environment"
     try:
@@ -124,10 +127,16 @@ def release_freed_memory() -> None:
     glibc keeps freed blocks that sit below live ones, so without this the server carries 160-250 MB of
     dead loading memory for its whole life (measured on GPT-2 in bfloat16 and int8).
     """
+    process = ctypes.CDLL(None)
+    # tcmalloc, when it serves this process (textgen/allocator.py), has its own call for it.
+    release = getattr(process, "MallocExtension_ReleaseFreeMemory", None)
     try:
-        ctypes.CDLL(None).malloc_trim(0)
+        if release is not None:
+            release()
+        else:
+            process.malloc_trim(0)
     except (OSError, AttributeError, TypeError):
-        pass  # not glibc: nothing to do
+        pass  # neither glibc nor tcmalloc: nothing to do
 
 
 def kv_bytes_per_token(model: Any) -> int:
