@@ -17,6 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import RedirectResponse
 from starlette.routing import Route
 
+from textgen.allocator import preload_for_workers
 from textgen.api import generate as generate_routes
 from textgen.api import openai as openai_routes
 from textgen.api.bentoml_fixes import fix_timeout_middleware
@@ -26,7 +27,6 @@ from textgen.api.guards import Guards
 from textgen.api.health import HealthRoutes, ServerState
 from textgen.api.logs import show_textgen_logs
 from textgen.api.openapi import DocumentRewriter
-from textgen.allocator import preload_for_workers
 from textgen.api.tokenizer import TokenizerRoutes
 from textgen.config import Settings
 from textgen.frontend.prepare import Frontend

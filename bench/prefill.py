@@ -10,9 +10,10 @@ Three engines, each measured in a subprocess of its own (a fresh process, the sa
 
 Workloads (random-weight GPT-2 124M, the real GPT-2 vocabulary: every forward pass costs what GPT-2's does):
 
-- arrival: 16 greedy streams decoding (32-token prompts), then a 1000-token prompt arrives. The streams'
-  inter-token latency (ITL) before the arrival ("normal") and while the long prompt is being computed, and
-  the long prompt's time to first token. Target: ITL p99 during the arrival <= 2x the normal ITL.
+- arrival: 16 greedy streams decoding (32-token prompts), then a 1000-token prompt arrives; three times,
+  the gaps pooled. The streams' inter-token latency (ITL) before the arrival ("normal") and while the long
+  prompt is being computed, and the long prompt's time to first token (median). Target: ITL p99 during the
+  arrival <= 2x the normal ITL.
 - W: 32 clients in a closed loop, 3 requests each, 32-token prompts, 128 new tokens, sampled (temperature
   0.7, top-p 0.9, penalties off), EOS ignored; client i starts 20 ms after client i-1. Tokens/s, best of 3.
   Target: chunked within 5% of the baseline.
@@ -46,6 +47,7 @@ STREAMS, STREAM_PROMPT, LONG_PROMPT = 16, 32, 1000
 W_CLIENTS, W_ROUNDS, W_PROMPT, W_NEW = 32, 3, 32, 128
 W_RUNS = 3  # best of: one run varies by +-10% on a 2-core VM
 PREFIX, SUFFIX, PREFIXES, HITS = 600, 20, 3, 3
+ARRIVALS = 3  # long prompts arriving, one after another, each to its own 16 fresh streams
 
 
 class StepClock:
@@ -101,8 +103,9 @@ def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(vocab - 1) for _ in range(n)]  # never the last id: GPT-2's end of text
 
 
-def arrival(engine: Any, clock: StepClock, params: Any, vocab: int) -> dict[str, Any]:
-    rng = random.Random(1)
+def arrival(engine: Any, clock: StepClock, params: Any, vocab: int, seed: int) -> dict[str, Any]:
+    """One arrival: the watched stream's gaps before it ("normal") and while the long prompt is computed."""
+    rng = random.Random(seed)  # new prompts each time: a long prompt seen before would be a prefix-cache hit
     stream = params(max_new_tokens=700, temperature=0, ignore_eos=True)
     handles = engine.submit_many([(random_prompt(rng, STREAM_PROMPT, vocab), stream) for _ in range(STREAMS)])
     clock.watched = handles[0]
@@ -119,17 +122,31 @@ def arrival(engine: Any, clock: StepClock, params: Any, vocab: int) -> dict[str,
         h.wait(600)
     clock.watched = None
     times = clock.token_times()
+    clock.samples.clear()
     gaps = [(b - a, b) for a, b in zip(times, times[1:])]
-    normal = [g for g, at in gaps[10:] if at < submitted]  # after the streams have all joined
-    during = [g for g, at in gaps if at > submitted and at - g < first_token]  # overlaps the arrival
+    return {
+        "normal": [g for g, at in gaps[10:] if at < submitted],  # after the streams have all joined
+        "during": [g for g, at in gaps if at > submitted and at - g < first_token],  # overlaps the arrival
+        "long_ttft": first_token - submitted,
+    }
+
+
+def arrivals(engine: Any, clock: StepClock, params: Any, vocab: int) -> dict[str, Any]:
+    """ARRIVALS arrivals, their gaps pooled: one arrival gives ~50 gaps during it, whose p99 is their
+    largest, one step's worth of host noise (+-10 ms on a 2-core VM); 150 gaps give a p99 that is one."""
+    runs = [arrival(engine, clock, params, vocab, seed=1 + i) for i in range(ARRIVALS)]
+    normal = [g for r in runs for g in r["normal"]]
+    during = [g for r in runs for g in r["during"]]
     return {
         "normal_itl_ms_p50": 1000 * statistics.median(normal),
         "normal_itl_ms_p99": 1000 * percentile(normal, 0.99),
         "arrival_itl_ms_p99": 1000 * percentile(during, 0.99),
         "arrival_itl_ms_max": 1000 * max(during),
         "arrival_steps": len(during),
-        "long_ttft_ms": 1000 * (first_token - submitted),
+        "long_ttft_ms": 1000 * statistics.median(r["long_ttft"] for r in runs),
         "ratio_p99_to_normal": percentile(during, 0.99) / statistics.median(normal),
+        # Each arrival alone: its largest gap over its normal median (what one arrival's p99 is).
+        "ratios_per_arrival": [max(r["during"]) / statistics.median(r["normal"]) for r in runs],
         "arrival_gaps_ms": [round(1000 * g, 1) for g in during],
     }
 
@@ -230,7 +247,7 @@ def worker(config: str, dtype: str, threads: int) -> dict[str, Any]:
         return {
             "config": config,
             "dtype": str(loaded.dtype),
-            "arrival": arrival(engine, clock, params, vocab),
+            "arrival": arrivals(engine, clock, params, vocab),
             "w_tok_s": [workload_w(engine, params, vocab) for _ in range(W_RUNS)],
             "prefix": prefix_hits(engine, params, vocab),
             "few_shot": few_shot(engine, loaded.tokenizer, params),
@@ -266,15 +283,17 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         f"## {STREAMS} streams decoding, a {LONG_PROMPT}-token prompt arrives",
         "",
         "| engine | normal ITL p50 | normal ITL p99 | ITL p99 during arrival | max | during / normal p50 "
-        "| steps during | long prompt TTFT |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| each arrival: max / its p50 | steps during | long prompt TTFT |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         a = r["arrival"]
         lines.append(
             f"| {r['config']} | {a['normal_itl_ms_p50']:.0f} ms | {a['normal_itl_ms_p99']:.0f} ms | "
             f"{a['arrival_itl_ms_p99']:.0f} ms | {a['arrival_itl_ms_max']:.0f} ms | "
-            f"{a['ratio_p99_to_normal']:.2f}x | {a['arrival_steps']} | {a['long_ttft_ms']:.0f} ms |"
+            f"{a['ratio_p99_to_normal']:.2f}x | "
+            + " / ".join(f"{x:.2f}x" for x in a.get("ratios_per_arrival", []))
+            + f" | {a['arrival_steps']} | {a['long_ttft_ms']:.0f} ms |"
         )
     lines += [
         "",
