@@ -17,7 +17,6 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import RedirectResponse
 from starlette.routing import Route
 
-from textgen.allocator import preload_for_workers
 from textgen.api import generate as generate_routes
 from textgen.api import openai as openai_routes
 from textgen.api.bentoml_fixes import fix_timeout_middleware
@@ -30,6 +29,7 @@ from textgen.api.openapi import DocumentRewriter
 from textgen.api.tokenizer import TokenizerRoutes
 from textgen.config import Settings
 from textgen.frontend.prepare import Frontend
+from textgen.model.allocator import preload_for_workers
 from textgen.model.source import resolve_model
 from textgen.model.store import check_build_has_model, stored_model_source
 
@@ -39,7 +39,7 @@ log = logging.getLogger("textgen")
 fix_timeout_middleware()  # BentoML 1.4 keeps each request's context for the whole traffic timeout otherwise
 settings = Settings.from_env()
 # Workers allocate with tcmalloc where the system has it; only processes started after this can take it, so
-# here, in `bentoml serve`'s own process, before it starts them (textgen/allocator.py).
+# here, in `bentoml serve`'s own process, before it starts them (textgen/model/allocator.py).
 log.info("memory allocator: %s", preload_for_workers(settings.allocator))
 check_build_has_model()  # `bentoml build` without an imported model: say how to import it
 # MODEL_NAME wins; else the model this Bento carries (`python -m textgen.import_model`, pinned by

@@ -359,7 +359,7 @@ def main() -> None:
         report.setdefault("ready_seconds", {})[dtype] = info["ready_seconds"]
         report.setdefault("allocator", {})[dtype] = info.get(
             "allocator"
-        )  # the worker's (textgen/allocator.py)
+        )  # the worker's (textgen/model/allocator.py)
         if dtype == "auto":
             report["auto"] = {"dtype": info["dtype"], "reason": info["dtype_reason"]}
         levels += results

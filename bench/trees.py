@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from textgen.allocator import preload_for_workers
+from textgen.model.allocator import preload_for_workers
 from textgen.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

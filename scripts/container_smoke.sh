@@ -389,7 +389,7 @@ done
 
 # ---------------------------------------------------------------------------------------------------------
 step "image checks"
-# The worker allocates with tcmalloc (bentofile.yaml installs it; textgen/allocator.py preloads it).
+# The worker allocates with tcmalloc (bentofile.yaml installs it; textgen/model/allocator.py preloads it).
 allocator=$(curl -fsS --max-time 10 "$URL/info" | python -c "import json, sys; print(json.load(sys.stdin)['allocator'])")
 echo "worker's allocator: $allocator"
 [ "$allocator" = tcmalloc ] || die "the worker allocates with $allocator, not tcmalloc"

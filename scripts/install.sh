@@ -12,7 +12,7 @@ if [ ! -x .venv-tools/guidellm/bin/guidellm ]; then
     python -m venv .venv-tools/guidellm
     .venv-tools/guidellm/bin/python -m pip install --quiet guidellm==0.8.1
 fi
-# From Debian's packages: tcmalloc, which the server's workers allocate with (textgen/allocator.py), and
+# From Debian's packages: tcmalloc, which the server's workers allocate with (textgen/model/allocator.py), and
 # Chromium for the UI's browser test (Playwright's own browser download, `playwright install`, is never
 # used: this workplace cannot fetch it).
 has_tcmalloc='import ctypes.util, sys; sys.exit(ctypes.util.find_library("tcmalloc_minimal") is None)'

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from textgen import allocator
 from textgen.config import ConfigError, Settings
+from textgen.model import allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_a_buffer_faulted_in_ahead_is_written_without_page_faults() -> None:
     assert faults() - before < pages // 100
 
 
-# textgen/allocator.py: the allocator `bentoml serve` hands its workers.
+# textgen/model/allocator.py: the allocator `bentoml serve` hands its workers.
 
 
 def test_the_workers_get_tcmalloc_when_the_system_has_it(monkeypatch: pytest.MonkeyPatch) -> None:

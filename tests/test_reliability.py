@@ -131,7 +131,7 @@ def test_info_describes_the_model_and_the_limits(tiny_server: Server, tiny_model
     assert info["auth"] is False
     assert info["version"]["textgen"] and info["version"]["bentoml"] and info["version"]["torch"]
     # The worker got tcmalloc from `bentoml serve`'s process when the system has it (scripts/install.sh
-    # installs it), glibc's malloc otherwise (textgen/allocator.py).
+    # installs it), glibc's malloc otherwise (textgen/model/allocator.py).
     assert info["allocator"] == ("tcmalloc" if ctypes.util.find_library("tcmalloc_minimal") else "system")
 
 

@@ -14,7 +14,7 @@ SPECULATIVE_MODES = ("off", "ngram", "draft")
 # auto: unset request fields take the model's own sampling defaults (textgen/model/sampling_defaults.py);
 # textgen: only textgen's own defaults, as before (vLLM's --generation-config auto|vllm).
 GENERATION_CONFIGS = ("auto", "textgen")
-ALLOCATORS = ("auto", "tcmalloc", "system")  # textgen/allocator.py
+ALLOCATORS = ("auto", "tcmalloc", "system")  # textgen/model/allocator.py
 
 
 class ConfigError(ValueError):
@@ -86,7 +86,7 @@ class Settings:
     model_name: str | None = None  # None: GPT-2, or the offline default when GPT-2 is unavailable
     threads: int = 1
     dtype: str = "auto"
-    allocator: str = "auto"  # TEXTGEN_ALLOCATOR: the workers' memory allocator (textgen/allocator.py)
+    allocator: str = "auto"  # TEXTGEN_ALLOCATOR: the workers' memory allocator (textgen/model/allocator.py)
     generation_config: str = "auto"  # TEXTGEN_GENERATION_CONFIG
     max_batch_size: int = 32
     max_queue: int = 128  # requests waiting for a batch slot; beyond it, 429

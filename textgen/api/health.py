@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from textgen import __version__, allocator
+from textgen import __version__
 from textgen.config import Settings
 from textgen.engine.params import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from textgen.model import allocator
 from textgen.model.source import ModelSource
 
 if TYPE_CHECKING:  # torch: see textgen/engine/outputs.py
@@ -91,7 +92,7 @@ class ServerState:
             "dtype": self.loaded.dtype if self.loaded else s.dtype,  # TEXTGEN_DTYPE resolved for this CPU
             "dtype_reason": self.loaded.dtype_reason if self.loaded else None,
             "cpu": self.cpu,
-            "allocator": allocator.in_use(),  # tcmalloc where the system has it (textgen/allocator.py)
+            "allocator": allocator.in_use(),  # tcmalloc where the system has it (textgen/model/allocator.py)
             "context_length": self.loaded.context_length if self.loaded else None,
             # What a request's unset sampling fields fall back to, and from where (the model, or textgen).
             "sampling_defaults": self.loaded.sampling_defaults.as_info() if self.loaded else None,

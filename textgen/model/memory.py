@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from textgen import allocator
 from textgen.config import Settings, available_memory
+from textgen.model import allocator
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def keep_freed_memory() -> str:
     as well.
     """
     if allocator.in_use() != "system":
-        return f"{allocator.in_use()}, which keeps freed memory for reuse itself (textgen/allocator.py)"
+        return f"{allocator.in_use()}, which keeps freed memory for reuse itself (textgen/model/allocator.py)"
     if any(name in os.environ for name in _GLIBC_SETTINGS):
         return "glibc malloc settings left as set in the environment"
     try:
@@ -128,7 +128,7 @@ def release_freed_memory() -> None:
     dead loading memory for its whole life (measured on GPT-2 in bfloat16 and int8).
     """
     process = ctypes.CDLL(None)
-    # tcmalloc, when it serves this process (textgen/allocator.py), has its own call for it.
+    # tcmalloc, when it serves this process (textgen/model/allocator.py), has its own call for it.
     release = getattr(process, "MallocExtension_ReleaseFreeMemory", None)
     try:
         if release is not None:
