@@ -104,6 +104,13 @@ def test_the_workers_get_tcmalloc_when_the_system_has_it(monkeypatch: pytest.Mon
         assert environ.get("LD_PRELOAD", "") == preloaded
 
 
+def test_tcmalloc_is_preloaded_on_linux_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libtcmalloc_minimal.dylib")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    environ: dict[str, str] = {}
+    assert "Linux only" in allocator.preload_for_workers("auto", environ) and environ == {}
+
+
 def test_without_tcmalloc_auto_keeps_the_system_allocator_and_tcmalloc_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def preload_for_workers(choice: str, environ: MutableMapping[str, str] = os.envi
     log."""
     if choice == "system":
         return "the C library's malloc (TEXTGEN_ALLOCATOR=system)"
+    if not sys.platform.startswith("linux"):  # LD_PRELOAD is the Linux loader's
+        return f"the C library's malloc (tcmalloc is preloaded on Linux only, this is {sys.platform})"
     preloaded = environ.get("LD_PRELOAD", "")
     if any(name in preloaded for name in ("tcmalloc", "jemalloc", "mimalloc")):
         return f"LD_PRELOAD={preloaded}, as set"
