@@ -357,9 +357,8 @@ def main() -> None:
             dtype, [int(x) for x in wanted.split(",")], prompt, args.threads, args.per_client, cpu
         )
         report.setdefault("ready_seconds", {})[dtype] = info["ready_seconds"]
-        report.setdefault("allocator", {})[dtype] = info.get(
-            "allocator"
-        )  # the worker's (textgen/model/allocator.py)
+        # The worker's memory allocator (textgen/model/allocator.py).
+        report.setdefault("allocator", {})[dtype] = info.get("allocator")
         if dtype == "auto":
             report["auto"] = {"dtype": info["dtype"], "reason": info["dtype_reason"]}
         levels += results

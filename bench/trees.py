@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from textgen.model.allocator import preload_for_workers
 from textgen.config import Settings
+from textgen.model.allocator import preload_for_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 

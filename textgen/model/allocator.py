@@ -3,13 +3,13 @@
 A decoding step allocates and frees the same few-MB tensors (logits, activations, KV buffers) over and
 over. torch asks for them 64-byte aligned (posix_memalign), and glibc 2.36 (Debian 12) often places such a
 block on fresh pages although one of the same size was just freed (with its per-thread cache off, a loop of
-them reused the block), so the kernel faults them in again: on the 2-core Xeon VM, in 16 streams decoding,
-steps faulted 280-340 pages each on average against 50-90 with tcmalloc, and [17, 50257] float32 logits
-faulted in all their 834 pages in 40% of the steps that carried a prompt's chunk (5-6 ms each time). `bench/run.py` on that
-VM, bfloat16, three alternating runs each (bench/results/2026-12-04-amx-tcmalloc*.md against -glibc*.md, and
-one pair before them): one sampled stream 68.8-72.0 tok/s against 59.7-69.1, 32 clients 675-695 against
-617-628, 64 clients 713-744 against 671-702, peak RSS 1197-1199 MB against 1314-1490, time to first token
-20-23 against 26-27 ms. vLLM's and Intel's CPU guides preload tcmalloc too.
+them reused the block), so the kernel faults them in again. On the 2-core Xeon VM, 16 streams decoding:
+steps faulted 280-340 pages each on average against 50-90 with tcmalloc, and a step carrying a prompt's
+chunk faulted in all 834 pages of its [17, 50257] float32 logits 40% of the time (5-6 ms each time).
+`bench/run.py` on that VM, bfloat16, three alternating runs each (bench/results/2026-12-04-amx-tcmalloc*.md
+against -glibc*.md, and one pair before them): one sampled stream 68.8-72.0 tok/s against 59.7-69.1, 32
+clients 675-695 against 617-628, 64 clients 713-744 against 671-702, peak RSS 1197-1199 MB against
+1314-1490, time to first token 20-23 against 26-27 ms. vLLM's and Intel's CPU guides preload tcmalloc too.
 
 An allocator is chosen when a process starts (LD_PRELOAD), so `bentoml serve`'s own process sets it for
 the workers it starts (service.py calls `preload_for_workers`); each worker reports what it got
@@ -46,7 +46,10 @@ def preload_for_workers(choice: str, environ: MutableMapping[str, str] = os.envi
                 f"TEXTGEN_ALLOCATOR=tcmalloc, but {TCMALLOC} is not installed: {INSTALL_HINT} "
                 "(or set TEXTGEN_ALLOCATOR=system)"
             )
-        return f"the C library's malloc: tcmalloc is not installed ({INSTALL_HINT} serves ~10% more tokens/s)"
+        return (
+            "the C library's malloc: tcmalloc is not installed "
+            f"({INSTALL_HINT}: 4-11% more tokens/s at 8-64 clients in textgen's benchmark)"
+        )
     environ["LD_PRELOAD"] = f"{TCMALLOC}:{preloaded}" if preloaded else TCMALLOC
     # tcmalloc reports every allocation over 1 GB on stderr; a large model's weights are not news.
     environ.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))

@@ -55,8 +55,9 @@ def keep_freed_memory() -> str:
     already in the environment (MALLOC_*_ variables, GLIBC_TUNABLES) are left as they are; other C libraries
     as well.
     """
-    if allocator.in_use() != "system":
-        return f"{allocator.in_use()}, which keeps freed memory for reuse itself (textgen/model/allocator.py)"
+    serving = allocator.in_use()
+    if serving != "system":
+        return f"{serving}, which keeps freed memory for reuse itself (textgen/model/allocator.py)"
     if any(name in os.environ for name in _GLIBC_SETTINGS):
         return "glibc malloc settings left as set in the environment"
     try:
