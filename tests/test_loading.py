@@ -54,11 +54,12 @@ def test_bfloat16_is_selectable(tiny_model_dir, cache_dir):
     assert not loaded.model.lm_head.packed
 
 
-@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
 @pytest.mark.parametrize("pack", [True, False])
 def test_bfloat16_linear_equals_the_plain_product(rows, pack):
-    """Packed or not, at one row (torch.mv where not packed) or many, with 2-D or 3-D inputs: the product
-    F.linear computes, within bfloat16's rounding of the output."""
+    """Packed or not, at one row (torch.mv where not packed), a few (W·xᵀ where not packed) or many, with 2-D
+    or 3-D inputs: the product F.linear computes, within bfloat16's rounding of the output, laid out as
+    F.linear lays it (contiguous)."""
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 64).bfloat16(), torch.randn(96).bfloat16()
     layer = Linear(weight.clone(), bias, pack=pack)
@@ -66,7 +67,7 @@ def test_bfloat16_linear_equals_the_plain_product(rows, pack):
     expected = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
     for shaped in (x, x[None], x[:, None]):
         got = layer(shaped)
-        assert got.shape == (*shaped.shape[:-1], 96) and got.dtype == torch.bfloat16
+        assert got.shape == (*shaped.shape[:-1], 96) and got.dtype == torch.bfloat16 and got.is_contiguous()
         assert (got.float().reshape(rows, 96) - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
