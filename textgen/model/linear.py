@@ -76,7 +76,7 @@ class Linear(nn.Module):
                 out += self.bias
             return out.view(*x.shape[:-1], self.out_features)
         rows = x.numel() // self.in_features
-        if self.gemv and self.transposed and rows <= TRANSPOSED_ROWS:
+        if self.transposed and rows <= TRANSPOSED_ROWS:
             # W·xᵀ, transposed back: oneDNN streams the plain weight as it lies, where F.linear (x·Wᵀ) re-lays
             # all of it at every call. GPT-2's tied output layer (77 MB, not packed) on the AMX Xeon, alone:
             # 2.1-2.6 against 3.6 ms at 2-16 rows, the same values; in the batch's decoding step (interleaved
