@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from textgen.config import Settings
-from textgen.model.allocator import preload_for_workers
+from textgen.model.allocator import named_in, preload_for_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,5 +33,5 @@ def run_worker(script: Path, tree: Path, args: list[str], threads: int) -> dict[
     if out.returncode != 0:
         raise RuntimeError(f"{script.name} {' '.join(args)} failed on {tree}:\n{out.stderr[-4000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["allocator"] = "tcmalloc" if "tcmalloc" in env.get("LD_PRELOAD", "") else "system"
+    result["allocator"] = named_in(env.get("LD_PRELOAD", "")) or "system"
     return result

@@ -57,6 +57,12 @@ class ServerState:
 
         return describe()
 
+    @functools.cached_property
+    def allocator(self) -> str:
+        """The worker's memory allocator: tcmalloc where the system has it (textgen/model/allocator.py).
+        Fixed when the process started, so read once."""
+        return allocator.in_use()
+
     @property
     def ready(self) -> bool:
         return self.status == "ready"
@@ -92,7 +98,7 @@ class ServerState:
             "dtype": self.loaded.dtype if self.loaded else s.dtype,  # TEXTGEN_DTYPE resolved for this CPU
             "dtype_reason": self.loaded.dtype_reason if self.loaded else None,
             "cpu": self.cpu,
-            "allocator": allocator.in_use(),  # tcmalloc where the system has it (textgen/model/allocator.py)
+            "allocator": self.allocator,
             "context_length": self.loaded.context_length if self.loaded else None,
             # What a request's unset sampling fields fall back to, and from where (the model, or textgen).
             "sampling_defaults": self.loaded.sampling_defaults.as_info() if self.loaded else None,

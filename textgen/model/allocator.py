@@ -26,6 +26,12 @@ from pathlib import Path
 
 TCMALLOC = "libtcmalloc_minimal.so.4"  # gperftools' tcmalloc (Debian, Ubuntu: libtcmalloc-minimal4)
 INSTALL_HINT = "apt-get install libtcmalloc-minimal4"
+KNOWN = ("tcmalloc", "jemalloc", "mimalloc")  # allocators recognised in LD_PRELOAD and a process's libraries
+
+
+def named_in(libraries: str) -> str | None:
+    """The allocator a list of shared libraries (LD_PRELOAD, /proc/self/maps) names, if any."""
+    return next((name for name in KNOWN if f"lib{name}" in libraries), None)
 
 
 def preload_for_workers(choice: str, environ: MutableMapping[str, str] = os.environ) -> str:
@@ -38,7 +44,7 @@ def preload_for_workers(choice: str, environ: MutableMapping[str, str] = os.envi
     if not sys.platform.startswith("linux"):  # LD_PRELOAD is the Linux loader's
         return f"the C library's malloc (tcmalloc is preloaded on Linux only, this is {sys.platform})"
     preloaded = environ.get("LD_PRELOAD", "")
-    if any(name in preloaded for name in ("tcmalloc", "jemalloc", "mimalloc")):
+    if named_in(preloaded):
         return f"LD_PRELOAD={preloaded}, as set"
     if ctypes.util.find_library("tcmalloc_minimal") is None:
         if choice == "tcmalloc":
@@ -57,10 +63,9 @@ def preload_for_workers(choice: str, environ: MutableMapping[str, str] = os.envi
 
 
 def in_use(maps: Path = Path("/proc/self/maps")) -> str:
-    """The allocator this process runs with: tcmalloc, jemalloc or mimalloc when one is loaded, else the C
-    library's ("system")."""
+    """The allocator this process runs with: one of KNOWN when it is loaded, else the C library's
+    ("system")."""
     try:
-        loaded = maps.read_text()
+        return named_in(maps.read_text()) or "system"
     except OSError:
         return "system"
-    return next((name for name in ("tcmalloc", "jemalloc", "mimalloc") if f"lib{name}" in loaded), "system")
