@@ -13,6 +13,7 @@ once.
 from __future__ import annotations
 
 import collections
+import statistics
 import sys
 from dataclasses import dataclass
 
@@ -27,6 +28,11 @@ SHARE = 0.9  # a chunk's pass aims at this fraction of a decoding step: the step
 # fraction of a step: streams' tokens come about 1.5x further apart while a long prompt is read.
 SHARED_SHARE = 0.5
 SAMPLES = 32  # recent prefill passes the cost model is fitted to
+# "A decoding step" is the median of this many recent ones. A moving average took in the rare slow ones (a KV
+# layer outgrowing its buffer, the step after a join: 33-77 ms among 21-22 ms ones; 16 rows, GPT-2 bfloat16,
+# 2-core Xeon) and stood at 25.7-35.4 ms when a long prompt arrived: chunks aimed at 1.5x a step made steps
+# of 1.65-2x, the chunk's added time being measured against that reference too.
+STEP_SAMPLES = 15
 # Prompts up to this long are never cut, whatever the timings say: they stay batched together, as
 # before chunked prefill, on every CPU (a chunk is computed alone, in a pass of its own).
 SHORT_PROMPT = 128
@@ -76,7 +82,7 @@ class ChunkSizer:
 
     def __init__(self, max_step_tokens: int) -> None:
         self.max_step_tokens = max_step_tokens  # 0: no chunking, a prompt is computed whole
-        self.step_seconds: float | None = None  # a decoding step, moving average
+        self.steps: collections.deque[float] = collections.deque(maxlen=STEP_SAMPLES)  # decoding steps' times
         self.passes: collections.deque[tuple[int, float]] = collections.deque(maxlen=SAMPLES)
 
     def budget(self, decoding: int, last: tuple[int, float] | None = None) -> int:
@@ -148,8 +154,13 @@ class ChunkSizer:
         per_token = max(slope, 1e-7)
         return max(0.0, mean_t - per_token * mean_n), per_token
 
+    @property
+    def step_seconds(self) -> float | None:
+        """A decoding step's time: the median of the recent ones (STEP_SAMPLES); None before any."""
+        return statistics.median(self.steps) if self.steps else None
+
     def decoded(self, seconds: float) -> None:
-        self.step_seconds = seconds if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * seconds
+        self.steps.append(seconds)
 
     def prefilled(self, tokens: int, seconds: float, rows: int = 1) -> None:
         if rows == 1:
