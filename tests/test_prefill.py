@@ -223,6 +223,46 @@ def test_a_hit_copies_the_cached_blocks_into_the_new_cache_in_order() -> None:
             assert not got[0, :, 3 * BLOCK :].any()
 
 
+def test_a_hit_takes_a_partly_shared_block_up_to_the_first_different_token() -> None:
+    layers, heads, dim = 2, 2, 4
+    cache = PrefixCache(1 << 20, "test")
+    cached = list(range(4 * BLOCK))
+    keys = [torch.randn(heads, len(cached), dim) for _ in range(layers)]
+    values = [torch.randn(heads, len(cached), dim) for _ in range(layers)]
+    cache.insert(cached, keys, values)
+    # The prompt shares 2 blocks and 5 more tokens with the cached one.
+    prompt = cached[: 2 * BLOCK + 5] + [999] * 20
+    assert len(cache.match(prompt)) == 2 and cache.cached_tokens(prompt) == 2 * BLOCK + 5
+    found = cache.lookup(prompt)
+    assert found is not None and found.tokens == 2 * BLOCK + 5
+    assert cache.stats.hit_tokens == 2 * BLOCK + 5
+    got_keys, got_values = found.buffers(capacity=3 * BLOCK)
+    for layer in range(layers):
+        assert torch.equal(got_keys[layer][0, :, : found.tokens], keys[layer][:, : found.tokens])
+        assert torch.equal(got_values[layer][0, :, : found.tokens], values[layer][:, : found.tokens])
+        assert not got_keys[layer][0, :, found.tokens :].any()
+    # Never the prompt's last token, even when the cached block goes on with it.
+    assert cache.cached_tokens(cached[: 2 * BLOCK + 5]) == 2 * BLOCK + 4
+    # A prompt sharing no token of the next block gets the whole blocks only.
+    assert cache.cached_tokens(cached[: 2 * BLOCK] + [999] * 20) == 2 * BLOCK
+
+
+def test_a_hit_on_a_partly_shared_block_gives_the_same_tokens_as_a_miss(loaded_tiny, encode, plain):
+    # The first prompt goes on past the differing block, so that block is cached whole.
+    first = encode(SHARED + SUFFIXES[0] + " Answer in one word, then say in a sentence or two why it is so.")
+    second = encode(SHARED + SUFFIXES[1])
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert shared % BLOCK and len(first) >= (shared // BLOCK + 1) * BLOCK  # the first differing block is cached
+    expected = plain.submit(second, GREEDY).wait(30).text
+    engine = new_engine(loaded_tiny, prefix_cache_bytes=1 << 24)
+    try:
+        engine.submit(first, GREEDY).wait(30)
+        assert engine.submit(second, GREEDY).wait(30).text == expected
+        assert engine.prefix_cache.stats.hit_tokens == shared  # to the token, not to the block
+    finally:
+        engine.stop()
+
+
 def test_the_prefix_cache_never_hands_one_models_kv_to_another(loaded_tiny, encode):
     """Two models with the same tokenizer (a second, perturbed copy of the tiny GPT-2) in one process: the same
     prompt, cached by both, gives each model its own tokens."""

@@ -23,7 +23,7 @@ from textgen.engine.faults import FaultInjector
 from textgen.engine.grammar import allowed_tokens, apply_masks, lift_dead_bans
 from textgen.engine.logprobs import prompt_logprobs, sampled_logprobs
 from textgen.engine.outputs import TokenLogprob
-from textgen.engine.prefix_cache import BLOCK, PrefixCache
+from textgen.engine.prefix_cache import PrefixCache
 from textgen.engine.sampling import apply_penalties, sample
 from textgen.engine.sequence import Sequence
 from textgen.engine.speculative import Speculator
@@ -140,7 +140,7 @@ class CausalRunner:
             return True
         if self.prefix_cache is None:
             return False
-        return len(self.prefix_cache.match(item.prompt_ids)) * BLOCK >= self.chunks.worth_reusing()
+        return self.prefix_cache.cached_tokens(item.prompt_ids) >= self.chunks.worth_reusing()
 
     def _fill(self, chunk: int, cap: int) -> int:
         """Compute waiting prompts, first come first served; those completed get their first token and join
@@ -273,7 +273,7 @@ class CausalRunner:
             return False
         if self.prefix_cache is None:
             return True
-        return len(self.prefix_cache.match(item.prompt_ids)) * BLOCK < self.chunks.worth_reusing()
+        return self.prefix_cache.cached_tokens(item.prompt_ids) < self.chunks.worth_reusing()
 
     def _advance(self, fill: PromptFill, chunk: int) -> int:
         """Compute the next `chunk` tokens of a prompt; returns 1 if that completed it and it took its first

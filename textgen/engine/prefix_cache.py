@@ -5,8 +5,11 @@ keys and values are the same whoever asks, so a prompt whose first blocks were c
 them and computes only the rest (vLLM's automatic prefix caching, llama.cpp's `cache_prompt`).
 
 The cache is a tree of blocks of BLOCK tokens: a block is found by its parent block and its own tokens, so a
-block stands for its whole prefix and prompts that share a beginning share its blocks. A hit never covers a
-prompt's last token: the step that computes it gives the logits of the first new token. Eviction is least
+block stands for its whole prefix and prompts that share a beginning share its blocks. After the whole
+blocks, a hit also takes the first positions of a cached next block as far as its tokens are the prompt's
+(llama.cpp's `cache_prompt` and SGLang's radix tree reuse to the token, vLLM to the block): a 600-token
+shared beginning is reused whole, not up to 592 with 8 tokens recomputed. A hit never covers a prompt's last
+token: the step that computes it gives the logits of the first new token. Eviction is least
 recently used among the leaves (a block whose children are cached is never dropped before them), so a
 prefix stays usable as long as it stays cached. Every key starts from the cache's namespace (the model, its
 weights' format): one cache never hands one model's KV to another.
@@ -23,6 +26,9 @@ import torch
 from textgen.engine.outputs import PrefixCacheStats
 
 BLOCK = 16  # tokens per block: finer than vLLM's 16 would be is no gain here, coarser wastes a prompt's tail
+# A partly shared block is looked for among this many of the last whole block's children, most recent first:
+# a beginning many prompts share (a system prompt) has a child per different continuation.
+PARTIAL_CANDIDATES = 32
 
 
 @dataclass
@@ -30,18 +36,19 @@ class _Block:
     key: tuple[int | str, tuple[int, ...]]  # (parent block id or the root, its tokens)
     keys: torch.Tensor  # [layers, heads, BLOCK, head_dim]
     values: torch.Tensor
-    children: int = 0
 
 
 @dataclass
 class CachedPrefix:
-    """The cached beginning of a prompt, as found by `PrefixCache.lookup`: its blocks, first to last."""
+    """The cached beginning of a prompt, as found by `PrefixCache.lookup`: its blocks, first to last, of
+    which the last is used up to position `tail`."""
 
     blocks: list[_Block]
+    tail: int = BLOCK
 
     @property
     def tokens(self) -> int:
-        return len(self.blocks) * BLOCK
+        return (len(self.blocks) - 1) * BLOCK + self.tail
 
     def buffers(self, capacity: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Key and value buffers for a one-row cache of `capacity` positions (per layer [1, heads, capacity,
@@ -54,8 +61,11 @@ class CachedPrefix:
         layers, heads, _, dim = first.shape
         both = first.new_empty(2, layers, 1, heads, capacity, dim)
         both[..., self.tokens :, :].zero_()
-        torch.cat([b.keys for b in self.blocks], dim=2, out=both[0, :, 0, :, : self.tokens])
-        torch.cat([b.values for b in self.blocks], dim=2, out=both[1, :, 0, :, : self.tokens])
+        *whole, last = self.blocks
+        keys = [b.keys for b in whole] + [last.keys[:, :, : self.tail]]
+        values = [b.values for b in whole] + [last.values[:, :, : self.tail]]
+        torch.cat(keys, dim=2, out=both[0, :, 0, :, : self.tokens])
+        torch.cat(values, dim=2, out=both[1, :, 0, :, : self.tokens])
         return list(both[0].unbind(0)), list(both[1].unbind(0))
 
 
@@ -68,6 +78,7 @@ class PrefixCache:
         self._ids = itertools.count(1)
         self._index: dict[tuple[int | str, tuple[int, ...]], int] = {}  # block key -> block id
         self._blocks: dict[int, _Block] = {}
+        self._children: dict[int | str, dict[int, None]] = {}  # block id (or the root) -> its children's ids
         # Blocks without cached children, least recently used first: the eviction candidates, kept apart so
         # that eviction does not scan the whole cache (it did: workload W fell from 460 to 365 tok/s once the
         # cache was full, 2-core Xeon).
@@ -86,17 +97,39 @@ class PrefixCache:
             parent = block_id
         return found
 
+    def cached_tokens(self, prompt: list[int]) -> int:
+        """How many of `prompt`'s first tokens a lookup would find cached (never its last one)."""
+        blocks, tail = self._find(prompt)
+        return (len(blocks) - 1) * BLOCK + tail if blocks else 0
+
     def lookup(self, prompt: list[int], min_tokens: int = 1) -> CachedPrefix | None:
         """The longest cached beginning of `prompt`, or None when fewer than `min_tokens` are cached. Counts
         the query, and marks the blocks used."""
-        blocks = self.match(prompt)
+        blocks, tail = self._find(prompt)
         self.stats.queried_tokens += len(prompt)
-        if not blocks or len(blocks) * BLOCK < min_tokens:
+        found = CachedPrefix([self._blocks[b] for b in blocks], tail) if blocks else None
+        if found is None or found.tokens < min_tokens:
             return None
-        self.stats.hit_tokens += len(blocks) * BLOCK
+        self.stats.hit_tokens += found.tokens
         if blocks[-1] in self._leaves:
             self._leaves.move_to_end(blocks[-1])
-        return CachedPrefix([self._blocks[b] for b in blocks])
+        return found
+
+    def _find(self, prompt: list[int]) -> tuple[list[int], int]:
+        """Ids of the cached blocks that begin `prompt` and how many positions of the last one it shares: the
+        whole blocks (`match`), then the child of the last one whose tokens begin the prompt's next ones the
+        furthest, if any (never its last token)."""
+        found = self.match(prompt)
+        if not found:  # a partly shared first block is fewer tokens than any hit is worth
+            return found, BLOCK
+        start = len(found) * BLOCK
+        following = prompt[start : min(start + BLOCK, len(prompt) - 1)]
+        best, shared = None, 0
+        for child in itertools.islice(reversed(self._children.get(found[-1], {})), PARTIAL_CANDIDATES):
+            common = _shared_length(self._blocks[child].key[1], following)
+            if common > shared:
+                best, shared = child, common
+        return (found, BLOCK) if best is None else (found + [best], shared)
 
     def insert(self, prompt: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Keep the full blocks of `prompt` not cached yet. keys/values: per layer, [heads, >= tokens, dim],
@@ -116,9 +149,8 @@ class PrefixCache:
                 self._blocks[block_id] = _Block(key, block_keys, block_values)
                 self._index[key] = block_id
                 self._leaves[block_id] = None
-                if isinstance(parent, int) and parent in self._blocks:
-                    self._blocks[parent].children += 1
-                    self._leaves.pop(parent, None)
+                self._children.setdefault(parent, {})[block_id] = None
+                self._leaves.pop(parent, None)  # type: ignore[arg-type]
                 self.stats.cached_blocks += 1
                 self.stats.cached_bytes += per_block
             elif block_id in self._leaves:
@@ -128,6 +160,7 @@ class PrefixCache:
     def clear(self) -> None:
         self._index.clear()
         self._blocks.clear()
+        self._children.clear()
         self._leaves.clear()
         self.stats.cached_blocks = self.stats.cached_bytes = 0
 
@@ -144,13 +177,22 @@ class PrefixCache:
             block = self._blocks.pop(victim)
             del self._index[block.key]
             parent_id = block.key[0]
-            parent = self._blocks.get(parent_id) if isinstance(parent_id, int) else None
-            if parent is not None:
-                parent.children -= 1
-                if parent.children == 0:  # a leaf now, as old as the child it outlived
+            siblings = self._children[parent_id]
+            del siblings[victim]
+            if not siblings:
+                del self._children[parent_id]
+                if parent_id in self._blocks:  # a leaf now, as old as the child it outlived
                     self._leaves[parent_id] = None  # type: ignore[index]
                     self._leaves.move_to_end(parent_id, last=False)  # type: ignore[arg-type]
             self.stats.cached_blocks -= 1
             self.stats.cached_bytes -= block.keys.nbytes + block.values.nbytes
             self.stats.evicted_blocks += 1
         return True
+
+
+def _shared_length(a: tuple[int, ...], b: list[int]) -> int:
+    """How many first tokens `a` and `b` have in common."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
