@@ -31,10 +31,19 @@ class GPT2Decoding:
 
     def __init__(self, model: Any) -> None:
         body = model.transformer
-        self.embeddings, self.positions = body.wte, body.wpe
-        self.blocks, self.final_norm, self.head = list(body.h), body.ln_f, model.lm_head
+        self.embeddings, self.positions = body.wte.forward, body.wpe.forward
+        self.final_norm, self.head = body.ln_f.forward, model.lm_head.forward
         self.heads = model.config.num_attention_heads
         self.width = model.config.hidden_size
+        # Each block's calls, bound once (see _bound): the MLP as GPT2MLP computes it, its dropout left out
+        # (the model serves in eval mode, where dropout returns its input).
+        self.layers = [
+            _bound(
+                block.ln_1, block.attn.c_attn, block.attn.c_proj, block.ln_2, block.mlp.c_fc, block.mlp.act
+            )
+            + (block.mlp.c_proj.forward, block.attn.scaling)
+            for block in body.h
+        ]
 
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, keep: torch.Tensor | None
@@ -43,14 +52,13 @@ class GPT2Decoding:
         wanted (None: all)."""
         hidden = self.embeddings(ids) + self.positions(positions)  # [T, width]
         tokens = hidden.shape[0]
-        for index, block in enumerate(self.blocks):
-            attention = block.attn
-            qkv = attention.c_attn(block.ln_1(hidden)).view(tokens, 3, self.heads, -1).permute(1, 2, 0, 3)
-            query, key, value = qkv.unsqueeze(1).unbind(0)  # each [1, heads, T, head_dim]
+        for index, (ln_1, qkv, project, ln_2, up, act, down, scaling) in enumerate(self.layers):
+            qkv_heads = qkv(ln_1(hidden)).view(tokens, 3, self.heads, -1).permute(1, 2, 0, 3)
+            query, key, value = qkv_heads.unsqueeze(1).unbind(0)  # each [1, heads, T, head_dim]
             cache.update(key, value, index)
-            out = segmented_attention(query, cache, index, attention.scaling)  # [1, T, heads, head_dim]
-            hidden = hidden + attention.c_proj(out.reshape(tokens, self.width))
-            hidden = hidden + block.mlp(block.ln_2(hidden))
+            out = segmented_attention(query, cache, index, scaling)  # [1, T, heads, head_dim]
+            hidden = hidden + project(out.reshape(tokens, self.width))
+            hidden = hidden + down(act(up(ln_2(hidden))))
         return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
 
 
@@ -62,8 +70,25 @@ class LlamaDecoding:
 
         body = model.model
         self.rotate = apply_rotary_pos_emb
-        self.embeddings, self.rotary = body.embed_tokens, body.rotary_emb
-        self.blocks, self.final_norm, self.head = list(body.layers), body.norm, model.lm_head
+        self.embeddings, self.rotary = body.embed_tokens.forward, body.rotary_emb.forward
+        self.final_norm, self.head = body.norm.forward, model.lm_head.forward
+        # Each block's calls, bound once (see _bound); the MLP as LlamaMLP computes it.
+        self.layers = [
+            _bound(
+                block.input_layernorm,
+                block.self_attn.q_proj,
+                block.self_attn.k_proj,
+                block.self_attn.v_proj,
+                block.self_attn.o_proj,
+                block.post_attention_layernorm,
+                block.mlp.gate_proj,
+                block.mlp.up_proj,
+                block.mlp.act_fn,
+                block.mlp.down_proj,
+            )
+            + (block.self_attn.head_dim, block.self_attn.scaling)
+            for block in body.layers
+        ]
 
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, keep: torch.Tensor | None
@@ -73,19 +98,29 @@ class LlamaDecoding:
         hidden = self.embeddings(ids)  # [T, width]
         tokens = hidden.shape[0]
         cos, sin = self.rotary(hidden[None], positions[None])
-        for index, block in enumerate(self.blocks):
-            attention = block.self_attn
-            normed = block.input_layernorm(hidden)
-            shape = (1, tokens, -1, attention.head_dim)
-            query = attention.q_proj(normed).view(shape).transpose(1, 2)
-            key = attention.k_proj(normed).view(shape).transpose(1, 2)
-            value = attention.v_proj(normed).view(shape).transpose(1, 2)
+        for index, layer in enumerate(self.layers):
+            norm, q_proj, k_proj, v_proj, o_proj, post_norm, gate, up, act, down, head_dim, scaling = layer
+            normed = norm(hidden)
+            shape = (1, tokens, -1, head_dim)
+            query = q_proj(normed).view(shape).transpose(1, 2)
+            key = k_proj(normed).view(shape).transpose(1, 2)
+            value = v_proj(normed).view(shape).transpose(1, 2)
             query, key = self.rotate(query, key, cos, sin)
             cache.update(key, value, index)
-            out = segmented_attention(query, cache, index, attention.scaling)
-            hidden = hidden + attention.o_proj(out.reshape(tokens, -1))
-            hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
+            out = segmented_attention(query, cache, index, scaling)
+            hidden = hidden + o_proj(out.reshape(tokens, -1))
+            normed = post_norm(hidden)
+            hidden = hidden + down(act(gate(normed)) * up(normed))
         return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
+
+
+def _bound(*modules: torch.nn.Module) -> tuple[Any, ...]:
+    """The modules' `forward` methods, bound once: calling a module goes through nn.Module.__call__ (hooks,
+    tracing checks) and each `block.attn.c_attn` is three attribute lookups through nn.Module.__getattr__.
+    Measured in the batch's step (GPT-2 bfloat16, AMX Xeon, interleaved A/B, three runs each): one row
+    12.4-13.4 ms through the modules' calls, 11.8-12.0 with these; 8 rows 17.0-17.7 against 16.2-16.5.
+    textgen registers no hooks on the model."""
+    return tuple(module.forward for module in modules)
 
 
 _DECODINGS: weakref.WeakKeyDictionary[Any, GPT2Decoding | LlamaDecoding | None] = weakref.WeakKeyDictionary()
