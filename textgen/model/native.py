@@ -38,10 +38,8 @@ class GPT2Decoding:
         # Each block's calls, bound once (see _bound): the MLP as GPT2MLP computes it, its dropout left out
         # (the model serves in eval mode, where dropout returns its input).
         self.layers = [
-            _bound(
-                block.ln_1, block.attn.c_attn, block.attn.c_proj, block.ln_2, block.mlp.c_fc, block.mlp.act
-            )
-            + (block.mlp.c_proj.forward, block.attn.scaling)
+            (*_bound(block.ln_1, block.attn.c_attn, block.attn.c_proj), block.attn.scaling)
+            + _bound(block.ln_2, block.mlp.c_fc, block.mlp.act, block.mlp.c_proj)
             for block in body.h
         ]
 
@@ -52,7 +50,7 @@ class GPT2Decoding:
         wanted (None: all)."""
         hidden = self.embeddings(ids) + self.positions(positions)  # [T, width]
         tokens = hidden.shape[0]
-        for index, (ln_1, qkv, project, ln_2, up, act, down, scaling) in enumerate(self.layers):
+        for index, (ln_1, qkv, project, scaling, ln_2, up, act, down) in enumerate(self.layers):
             qkv_heads = qkv(ln_1(hidden)).view(tokens, 3, self.heads, -1).permute(1, 2, 0, 3)
             query, key, value = qkv_heads.unsqueeze(1).unbind(0)  # each [1, heads, T, head_dim]
             cache.update(key, value, index)
