@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -76,6 +77,26 @@ def test_start_up_lines_say_what_the_server_chose(default_server):
     info = httpx.get(f"{default_server.url}/info", timeout=10).json()
     assert info["dtype"] in ("float32", "bfloat16", "int8") and info["dtype_reason"]
     assert info["cpu"]["isa_class"] and info["cpu"]["cores"] >= 1
+    assert f"compiled decoding step: {'compiling' if info['dtype'] == 'bfloat16' else 'off'}" in log
+
+
+def test_a_lone_stream_answers_through_the_compiled_step(default_server):
+    """Where the server compiles a lone stream's step (bfloat16: textgen/model/compiled.py), once it has,
+    the README question asked alone (every step one row: the compiled graph) still gets Paris."""
+    deadline = time.monotonic() + 300
+    while (
+        state := httpx.get(f"{default_server.url}/info", timeout=10).json()["compiled_step"]
+    ) == "compiling":
+        assert time.monotonic() < deadline, "still compiling after 300 s"
+        time.sleep(1)
+    dtype = httpx.get(f"{default_server.url}/info", timeout=10).json()["dtype"]
+    if dtype != "bfloat16":
+        assert state == f"off: {dtype} decodes eagerly"
+        pytest.skip(f"{dtype} decodes eagerly on this CPU: nothing compiled")
+    assert state.startswith("compiled in "), state  # not "off: torch.compile failed (...)"
+    body = {"prompt": "What is the capital of France?", "temperature": 0}
+    response = httpx.post(f"{default_server.url}/generate", json=body, timeout=300)
+    assert response.status_code == 200 and "Paris" in response.json()["generated_text"], response.text
 
 
 def test_a_forged_chat_turn_stays_text(default_server, cache_dir):

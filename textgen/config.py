@@ -15,6 +15,7 @@ SPECULATIVE_MODES = ("off", "ngram", "draft")
 # textgen: only textgen's own defaults, as before (vLLM's --generation-config auto|vllm).
 GENERATION_CONFIGS = ("auto", "textgen")
 ALLOCATORS = ("auto", "tcmalloc", "system")  # textgen/model/allocator.py
+COMPILE_MODES = ("auto", "off")  # auto: bfloat16 steps of one stream compile (textgen/model/compiled.py)
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,7 @@ class Settings:
     threads: int = 1
     dtype: str = "auto"
     allocator: str = "auto"  # TEXTGEN_ALLOCATOR: the workers' memory allocator (textgen/model/allocator.py)
+    compile: str = "auto"  # TEXTGEN_COMPILE: "off" never compiles a lone stream's step (model/compiled.py)
     generation_config: str = "auto"  # TEXTGEN_GENERATION_CONFIG
     max_batch_size: int = 32
     max_queue: int = 128  # requests waiting for a batch slot; beyond it, 429
@@ -149,6 +151,11 @@ class Settings:
         allocator = env.get("TEXTGEN_ALLOCATOR", "").strip() or cls.allocator
         if allocator not in ALLOCATORS:
             raise ConfigError(f"TEXTGEN_ALLOCATOR must be one of {', '.join(ALLOCATORS)}, got {allocator!r}")
+        compile_steps = env.get("TEXTGEN_COMPILE", "").strip() or cls.compile
+        if compile_steps not in COMPILE_MODES:
+            raise ConfigError(
+                f"TEXTGEN_COMPILE must be one of {', '.join(COMPILE_MODES)}, got {compile_steps!r}"
+            )
         cache = env.get("TEXTGEN_CACHE_DIR", "").strip()
         speculative = env.get("TEXTGEN_SPECULATIVE", "").strip() or cls.speculative
         if speculative not in SPECULATIVE_MODES:
@@ -165,6 +172,7 @@ class Settings:
             threads=integer("TEXTGEN_THREADS", available_cores(), 1, 1024),
             dtype=dtype,
             allocator=allocator,
+            compile=compile_steps,
             generation_config=generation_config,
             max_batch_size=integer("TEXTGEN_MAX_BATCH_SIZE", 32, 1, 1024),
             max_queue=integer("TEXTGEN_MAX_QUEUE", 128, 0, 1_000_000),

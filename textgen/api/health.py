@@ -88,6 +88,16 @@ class ServerState:
             body["reason"] = self.reason
         return 503, body
 
+    @property
+    def compiled_step(self) -> str | None:
+        if self.loaded is None:
+            return None
+        if self.settings.compile == "off":
+            return "off: TEXTGEN_COMPILE=off"
+        from textgen.model.native import compile_state  # torch: in the worker only (see `cpu`)
+
+        return compile_state(self.loaded.model)
+
     def info(self) -> dict[str, Any]:
         s, source = self.settings, self.source
         return {
@@ -99,6 +109,7 @@ class ServerState:
             "dtype_reason": self.loaded.dtype_reason if self.loaded else None,
             "cpu": self.cpu,
             "allocator": self.allocator,
+            "compiled_step": self.compiled_step,  # a lone stream's step through torch.compile, or why not
             "context_length": self.loaded.context_length if self.loaded else None,
             # What a request's unset sampling fields fall back to, and from where (the model, or textgen).
             "sampling_defaults": self.loaded.sampling_defaults.as_info() if self.loaded else None,

@@ -84,15 +84,24 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        capacity = self._capacity_after(key_states.shape[-2])
-        if capacity != self.capacity:
-            self._reserve(key_states, capacity)
-        self._keys[:, :, self.length : end] = key_states
-        self._values[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        queries = key_states.shape[-2]
+        self.make_room(queries, key_states)
+        self._keys[:, :, self.length : self.length + queries] = key_states
+        self._values[:, :, self.length : self.length + queries] = value_states
+        self.advance(queries)
         return self.buffers
+
+    def make_room(self, queries: int, like: torch.Tensor | None = None) -> None:
+        """Reserve a larger buffer if `queries` more positions need it (`like`: the shape and dtype of the
+        keys to come, needed before the first reservation)."""
+        capacity = self._capacity_after(queries)
+        if capacity != self.capacity:
+            self._reserve(self._keys if like is None else like, capacity)
+
+    def advance(self, queries: int) -> None:
+        """Count the `queries` positions written after the last one (into room `make_room` made)."""
+        self.length += queries
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
 
     def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
         """The width `update` will return for `query_length` more positions (transformers sizes masks by it)."""
@@ -372,6 +381,7 @@ class SegmentedCache(Cache):
             bounds.append(bounds[-1] + len(segment) * queries)
         self.spans = list(zip(bounds[:-1], bounds[1:]))  # each part's tokens in the packed sequence
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self._opened: list[GrowingLayer] = []  # open_one_token's layers, until close_one_token
         layers = max(len(segment.layers()) for segment in self.segments)
         super().__init__(layers=[_SegmentedLayer(self, i) for i in range(layers)])
 
@@ -385,6 +395,36 @@ class SegmentedCache(Cache):
             mask = self._mask(index, keys.shape[2])
             result.append((start, stop, self.queries[index], keys, values, mask))
         return result
+
+    def open_one_token(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """For a pass of one row decoding one token (a lone stream's step): make room for the token in every
+        layer and return each layer's whole key and value buffers [1, H, C, D], spare room included and
+        zeroed. A lone row has no padding, so the token's position is its column, and each buffer's valid
+        part is the columns up to it. `close_one_token` counts the token once the pass has written it.
+        None for any other pass, or one whose layers are not plain growing buffers (they go through
+        `update` and `parts`)."""
+        if self.queries != [1] or len(self.segments[0]) != 1:
+            return None
+        (segment,) = self.segments
+        layers = segment.layers()
+        width = segment.width
+        for layer in layers:
+            # length < unwritten: a prompt's room not yet filled, garbage past it that a mask would not stop
+            # (0 x NaN); length != width: columns that are not positions.
+            if not isinstance(layer, GrowingLayer) or not layer.capacity or layer.length != width:
+                return None
+            if layer.length < layer.unwritten:
+                return None
+        if not bool(segment.mask.all()):
+            return None
+        for layer in layers:
+            layer.make_room(1)
+        self._opened = layers
+        return [(layer._keys, layer._values) for layer in layers]
+
+    def close_one_token(self) -> None:
+        for layer in self._opened:
+            layer.advance(1)
 
     def _mask(self, index: int, capacity: int) -> torch.Tensor:
         """The rows' real positions, then the q new ones (query j sees those up to its own), then spare room

@@ -128,6 +128,11 @@ class Frontend:
         reason = self.engine.grammars.unsupported()
         if reason is not None:
             log.warning("%s; requests that ask for it get a 400", reason)
+        # After the warm-up generation, in the background: the server is ready meanwhile, decoding eagerly.
+        if self.settings.compile != "off":
+            from textgen.model.native import start_compiling
+
+            log.info("compiled decoding step: %s", start_compiling(self.loaded.model, self.loaded.dtype))
 
     def submit(self, prepared: Prepared) -> list[RequestHandle]:
         """Every choice enters the engine at once (they join the same step), or QueueFull is raised."""

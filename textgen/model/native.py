@@ -14,6 +14,8 @@ The pass takes the same packed batch as Hugging Face's does in textgen (textgen/
 keys and values and whose `parts(layer)` gives what each part attends over (textgen/model/attention.py).
 It calls the model's own submodules (textgen's packed or int8 products, fused activations), so it computes
 what Hugging Face's forward computes, in the same order; tests/test_native.py checks the logits against it.
+A lone row decoding one token also has a form over plain tensors (`one_token`), which torch.compile takes
+whole (textgen/model/compiled.py); tests/test_compiled.py checks it against the pass above.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import weakref
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from textgen.model.attention import segmented_attention
+from textgen.model.compiled import OneTokenSteps
 
 
 class GPT2Decoding:
@@ -42,12 +46,17 @@ class GPT2Decoding:
             + _bound(block.ln_2, block.mlp.c_fc, block.mlp.act, block.mlp.c_proj)
             for block in body.h
         ]
+        head_dim = self.width // self.heads
+        self.steps = OneTokenSteps(self.one_token, self.head, (self.heads, head_dim), len(self.layers))
 
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, keep: torch.Tensor | None
     ) -> torch.Tensor:
         """Logits [kept tokens, V] of tokens `ids` [T] at `positions` [T]; `keep`: the tokens whose logits are
         wanted (None: all)."""
+        logits = self.steps.run(ids, positions, cache, keep)
+        if logits is not None:
+            return logits
         hidden = self.embeddings(ids) + self.positions(positions)  # [T, width]
         tokens = hidden.shape[0]
         for index, (ln_1, qkv, project, scaling, ln_2, up, act, down) in enumerate(self.layers):
@@ -58,6 +67,22 @@ class GPT2Decoding:
             hidden = hidden + project(out.reshape(tokens, self.width))
             hidden = hidden + down(act(up(ln_2(hidden))))
         return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
+
+    def one_token(
+        self, ids: torch.Tensor, positions: torch.Tensor, buffers: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """A lone row's step, tensors only (for torch.compile, textgen/model/compiled.py): the final hidden
+        state [1, width] of token `ids` [1] at `positions` [1], whose keys and values go into each layer's
+        `buffers` (keys, values [1, heads, C, head_dim]) at column `positions`, and which attends over the
+        columns up to it."""
+        hidden = self.embeddings(ids) + self.positions(positions)
+        for (ln_1, qkv, project, scaling, ln_2, up, act, down), (keys, values) in zip(self.layers, buffers):
+            qkv_heads = qkv(ln_1(hidden)).view(1, 3, self.heads, -1).permute(1, 2, 0, 3)
+            query, key, value = qkv_heads.unsqueeze(1).unbind(0)  # each [1, heads, 1, head_dim]
+            out = _attend_one(query, key, value, keys, values, positions, scaling)
+            hidden = hidden + project(out)
+            hidden = hidden + down(act(up(ln_2(hidden))))
+        return self.final_norm(hidden)
 
 
 class LlamaDecoding:
@@ -87,12 +112,20 @@ class LlamaDecoding:
             + (block.self_attn.head_dim, block.self_attn.scaling)
             for block in body.layers
         ]
+        attention = body.layers[0].self_attn
+        kv_heads = model.config.num_key_value_heads or model.config.num_attention_heads
+        self.steps = OneTokenSteps(
+            self.one_token, self.head, (kv_heads, attention.head_dim), len(self.layers)
+        )
 
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, keep: torch.Tensor | None
     ) -> torch.Tensor:
         """Logits [kept tokens, V] of tokens `ids` [T] at `positions` [T]; `keep`: the tokens whose logits are
         wanted (None: all)."""
+        logits = self.steps.run(ids, positions, cache, keep)
+        if logits is not None:
+            return logits
         hidden = self.embeddings(ids)  # [T, width]
         tokens = hidden.shape[0]
         cos, sin = self.rotary(hidden[None], positions[None])
@@ -110,6 +143,47 @@ class LlamaDecoding:
             normed = post_norm(hidden)
             hidden = hidden + down(act(gate(normed)) * up(normed))
         return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
+
+    def one_token(
+        self, ids: torch.Tensor, positions: torch.Tensor, buffers: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """A lone row's step, tensors only: as GPT2Decoding.one_token."""
+        hidden = self.embeddings(ids)
+        cos, sin = self.rotary(hidden[None], positions[None])
+        for layer, (keys, values) in zip(self.layers, buffers):
+            norm, q_proj, k_proj, v_proj, o_proj, post_norm, gate, up, act, down, head_dim, scaling = layer
+            normed = norm(hidden)
+            shape = (1, 1, -1, head_dim)
+            query = q_proj(normed).view(shape).transpose(1, 2)
+            key = k_proj(normed).view(shape).transpose(1, 2)
+            value = v_proj(normed).view(shape).transpose(1, 2)
+            query, key = self.rotate(query, key, cos, sin)
+            hidden = hidden + o_proj(_attend_one(query, key, value, keys, values, positions, scaling))
+            normed = post_norm(hidden)
+            hidden = hidden + down(act(gate(normed)) * up(normed))
+        return self.final_norm(hidden)
+
+
+def _attend_one(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    position: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """One token's attention [1, heads * head_dim]: its key and value [1, kv_heads, 1, head_dim] written at
+    column `position` [1] of the layer's buffers, its query [1, heads, 1, head_dim] over the columns up to it
+    (what textgen/model/attention.py computes for a lone row, with the mask made here)."""
+    keys.index_copy_(2, position, key)
+    values.index_copy_(2, position, value)
+    visible = (torch.arange(keys.shape[2]) <= position).view(1, 1, 1, -1)  # its positions, not spare room
+    heads, kv_heads = query.shape[1], keys.shape[1]
+    out = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=visible, scale=scaling, enable_gqa=kv_heads != heads
+    )
+    return out.view(1, -1)  # one query token: [1, heads, 1, head_dim] is already heads-major
 
 
 def _bound(*modules: torch.nn.Module) -> tuple[Any, ...]:
@@ -142,3 +216,24 @@ def _native_decoding(model: Any) -> GPT2Decoding | LlamaDecoding | None:
     if kind == "LlamaForCausalLM" and not getattr(config, "pretraining_tp", 1) > 1:
         return LlamaDecoding(model)
     return None
+
+
+def start_compiling(model: Any, dtype: str) -> str:
+    """Compile `model`'s lone-stream decoding step in the background (textgen/model/compiled.py) where its
+    pass is textgen's and its weights (`dtype`, TEXTGEN_DTYPE resolved) are bfloat16; returns the state
+    for the log."""
+    decoding = native_decoding(model)
+    if decoding is None:
+        return "off: Hugging Face's forward pass decodes this model"
+    if dtype != "bfloat16":
+        decoding.steps.state = f"off: {dtype} decodes eagerly"
+    else:
+        decoding.steps.start(torch.bfloat16)
+    return decoding.steps.state
+
+
+def compile_state(model: Any) -> str:
+    """What became of compiling the decoding step: "off: why", "compiling", "compiled in N s" ("off" for
+    anything but a loaded model)."""
+    decoding = native_decoding(model) if hasattr(model, "config") else None
+    return "off" if decoding is None else decoding.steps.state

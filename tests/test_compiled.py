@@ -1,0 +1,127 @@
+"""A lone stream's compiled decoding step (textgen/model/compiled.py): it computes what the eager pass
+computes, for GPT-2 and Llama, across the cache's growth; the server compiles it in the background for
+bfloat16 only; and a failed compile leaves the eager step."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from textgen.config import ConfigError, Settings
+from textgen.engine.batch import DecodeBatch
+from textgen.engine.core import Engine
+from textgen.engine.params import SamplingParams
+from textgen.model.loading import load_model
+from textgen.model.native import compile_state, native_decoding, start_compiling
+from textgen.model.source import resolve_model
+
+from .test_segments import prompt
+
+STEPS = 80  # past the traced capacity (compiled.EXAMPLE_CAPACITY) and past the cache's first growth
+
+
+@pytest.fixture
+def compiled(model):  # type: ignore[no-untyped-def]
+    """The conftest's tiny GPT-2 or Llama with its step compiled in float32 (exact up to rounding: the
+    batch's float32 steps never compile, see the module), uncompiled again afterwards."""
+    steps = native_decoding(model).steps
+    assert steps.compile(torch.float32), steps.state
+    steps.steps = 0
+    yield steps
+    steps.compiled, steps.state = None, "off"
+
+
+@torch.inference_mode()  # as the engine runs its steps, and as the graph is traced
+def test_the_compiled_step_gives_the_eager_logits_as_the_cache_grows(model, compiled):
+    vocab = model.config.vocab_size
+    ours, _ = DecodeBatch.prefill(model, [0], [prompt(7, 80)], vocab)
+    eager, logits = DecodeBatch.prefill(model, [0], [prompt(7, 80)], vocab)
+    capacities = set()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for _ in range(STEPS):
+        token = logits.argmax(-1)
+        ours.record(token)
+        eager.record(token)
+        mine = ours.step(model)
+        saved, compiled.compiled = compiled.compiled, None
+        logits = eager.step(model)
+        compiled.compiled = saved
+        torch.testing.assert_close(mine, logits, rtol=1e-5, atol=1e-5)
+        capacities.add(ours.segments[0].layers()[0].capacity)
+    assert compiled.steps == STEPS  # every step took the compiled path
+    assert len(capacities) > 1  # the buffers grew...
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # ...without recompiling
+    for mine, theirs in zip(ours.segments[0].layers(), eager.segments[0].layers()):
+        assert mine.length == theirs.length == 7 + STEPS
+        torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_rows_in_a_batch_and_chunks_keep_the_eager_pass(model, compiled):
+    vocab = model.config.vocab_size
+    batch, logits = DecodeBatch.prefill(model, [0, 1], [prompt(7, 80), prompt(9, 81)], vocab)
+    batch.record(logits.argmax(-1))
+    batch.step(model)
+    filling = DecodeBatch.start(2, prompt(30, 82), vocab, False, staggered=True)
+    filling.extend(model, prompt(30, 82)[:10])
+    filling.extend(model, prompt(30, 82)[10:11])  # one token, but a prompt's: all its logits are kept
+    assert compiled.steps == 0
+
+
+def test_a_failed_compile_leaves_the_eager_step(model, monkeypatch, caplog):
+    def no_compiler(fn, **options):  # type: ignore[no-untyped-def]
+        def call(*args):  # type: ignore[no-untyped-def]
+            raise RuntimeError("Compiler: cc is not found\nmore detail")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    steps = native_decoding(model).steps
+    with caplog.at_level(logging.WARNING, logger="textgen.model.compiled"):
+        assert not steps.compile(torch.float32)
+    assert steps.compiled is None
+    assert steps.state == "off: torch.compile failed (RuntimeError: Compiler: cc is not found)"
+    assert "decoding steps stay eager: torch.compile failed" in caplog.text
+    with torch.inference_mode():
+        batch, logits = DecodeBatch.prefill(model, [0], [prompt(7, 80)], model.config.vocab_size)
+        batch.record(logits.argmax(-1))
+        assert batch.step(model).shape == (1, model.config.vocab_size)
+    steps.state = "off"
+
+
+def test_the_server_compiles_bfloat16_steps_in_the_background(tiny_model_dir, cache_dir):
+    """The way the service starts it (Frontend.warmup): bfloat16 compiles in a thread, and a lone stream's
+    steps then go through the graph; float32, int8 and seq2seq say why they do not."""
+    settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype="bfloat16", cache_dir=cache_dir)
+    loaded = load_model(settings, resolve_model(settings))
+    steps = native_decoding(loaded.model).steps
+    assert start_compiling(loaded.model, "bfloat16") == "compiling"
+    steps.thread.join()
+    assert compile_state(loaded.model).startswith("compiled in ")
+    engine = Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length)
+    engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True, speculative=False)
+        result = engine.submit(loaded.tokenizer.encode("What is AI?"), params).wait(60)
+    finally:
+        engine.stop()
+    assert result.completion_tokens == 20 and result.error is None
+    assert steps.steps == 19  # every decoding step after the prompt's
+
+
+def test_other_formats_and_models_decode_eagerly(loaded_tiny):
+    assert start_compiling(loaded_tiny.model, "float32") == "off: float32 decodes eagerly"
+    assert start_compiling(loaded_tiny.model, "int8") == "off: int8 decodes eagerly"
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2))
+    assert start_compiling(t5, "bfloat16") == "off: Hugging Face's forward pass decodes this model"
+
+
+def test_compiling_can_be_turned_off() -> None:
+    assert Settings.from_env({}).compile == "auto"
+    assert Settings.from_env({"TEXTGEN_COMPILE": "off"}).compile == "off"
+    with pytest.raises(ConfigError, match="TEXTGEN_COMPILE must be one of auto, off"):
+        Settings.from_env({"TEXTGEN_COMPILE": "yes"})
