@@ -36,6 +36,7 @@ import datetime as dt
 import json
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -356,7 +357,10 @@ def main() -> None:
     cpu = describe()
     started = time.perf_counter()
     report: dict[str, Any] = {"cpu": cpu, "threads": args.threads, "date": str(dt.date.today())}
-    report["roofline"] = roofline(args.threads, Path("/tmp/textgen-bench/probe"), cpu["native_bf16"])
+    # Measured in this run, never read from an earlier run's cache: this host's bandwidth moves from day to
+    # day (the same VM class), and the targets are % of what the machine does now.
+    with tempfile.TemporaryDirectory() as probe_dir:
+        report["roofline"] = roofline(args.threads, Path(probe_dir), cpu["native_bf16"])
     print(json.dumps(report["roofline"]["formats"]), flush=True)
     levels: list[Level] = []
     for dtype in args.dtypes.split(","):
