@@ -71,11 +71,15 @@ class OneTokenSteps:
         engine's is: the graph's guards check torch's thread count, which a thread that ran ops before
         textgen set it (the main thread) may hold at another value, and every step would recompile."""
         self.state = "compiling"
-        self.thread = threading.Thread(
-            target=self.compile, args=(dtype,), name="textgen-compile", daemon=True
-        )
+        self.thread = threading.Thread(target=self._compile_aside, args=(dtype,), name="textgen-compile")
+        self.thread.daemon = True
         self.thread.start()
         return self.thread
+
+    def _compile_aside(self, dtype: torch.dtype) -> None:
+        # The server answers meanwhile: this thread, and the g++ it runs, at the lowest priority.
+        _lowest_priority()
+        self.compile(dtype)
 
     def compile(self, dtype: torch.dtype) -> bool:
         """Compile and run the step once on scratch buffers; whether it worked. Steps use it afterwards."""
@@ -89,10 +93,8 @@ class OneTokenSteps:
         # The graph's kernels called from generated C++, not from a generated Python function: GPT-2's step
         # 9.9-10.2 ms against 10.9-11.6 (eager 11.9-13.1, alternating runs), for twice the compile time.
         torch._inductor.config.cpp_wrapper = True
-        # The server answers meanwhile: the compiler gets one core's worth of work at a time (no pool of
-        # compiling processes) and this thread, with the g++ it runs, the lowest priority.
+        # One compile job at a time, in this thread: no pool of compiling processes beside a serving engine.
         torch._inductor.config.compile_threads = 1
-        _lowest_priority()
         compiled = torch.compile(self.one_token, dynamic=False)
         start = time.perf_counter()
         try:
