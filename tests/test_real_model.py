@@ -82,7 +82,8 @@ def test_start_up_lines_say_what_the_server_chose(default_server):
 
 def test_a_lone_stream_answers_through_the_compiled_step(default_server):
     """Where the server compiles a lone stream's step (bfloat16: textgen/model/compiled.py), once it has,
-    the README question asked alone (every step one row: the compiled graph) still gets Paris."""
+    the README question asked alone, unspeculated (every step one row and one token: the compiled graph),
+    still gets Paris."""
     deadline = time.monotonic() + 300
     while (
         state := httpx.get(f"{default_server.url}/info", timeout=10).json()["compiled_step"]
@@ -94,7 +95,7 @@ def test_a_lone_stream_answers_through_the_compiled_step(default_server):
         assert state == f"off: {dtype} decodes eagerly"
         pytest.skip(f"{dtype} decodes eagerly on this CPU: nothing compiled")
     assert state.startswith("compiled in "), state  # not "off: torch.compile failed (...)"
-    body = {"prompt": "What is the capital of France?", "temperature": 0}
+    body = {"prompt": "What is the capital of France?", "temperature": 0, "speculative": False}
     response = httpx.post(f"{default_server.url}/generate", json=body, timeout=300)
     assert response.status_code == 200 and "Paris" in response.json()["generated_text"], response.text
 
