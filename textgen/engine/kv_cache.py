@@ -381,7 +381,6 @@ class SegmentedCache(Cache):
             bounds.append(bounds[-1] + len(segment) * queries)
         self.spans = list(zip(bounds[:-1], bounds[1:]))  # each part's tokens in the packed sequence
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
-        self._opened: list[GrowingLayer] = []  # open_one_token's layers, until close_one_token
         layers = max(len(segment.layers()) for segment in self.segments)
         super().__init__(layers=[_SegmentedLayer(self, i) for i in range(layers)])
 
@@ -419,11 +418,10 @@ class SegmentedCache(Cache):
             return None
         for layer in layers:
             layer.make_room(1)
-        self._opened = layers
         return [(layer._keys, layer._values) for layer in layers]
 
     def close_one_token(self) -> None:
-        for layer in self._opened:
+        for layer in self.segments[0].layers():
             layer.advance(1)
 
     def _mask(self, index: int, capacity: int) -> torch.Tensor:

@@ -125,8 +125,7 @@ class OneTokenSteps:
         not a lone row decoding one token (the caller then runs the eager pass)."""
         if self.compiled is None or keep is not None or ids.numel() != 1:
             return None
-        open_one_token = getattr(cache, "open_one_token", None)
-        buffers = open_one_token() if open_one_token is not None else None
+        buffers = cache.open_one_token()  # textgen's SegmentedCache (engine/kv_cache.py)
         if buffers is None:
             return None
         hidden = self.compiled(ids, positions, buffers)

@@ -21,13 +21,14 @@ whole (textgen/model/compiled.py); tests/test_compiled.py checks it against the 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from textgen.model.attention import segmented_attention
-from textgen.model.compiled import OneTokenSteps
+from textgen.model.compiled import Buffers, OneTokenSteps
 
 
 class GPT2Decoding:
@@ -57,32 +58,26 @@ class GPT2Decoding:
         logits = self.steps.run(ids, positions, cache, keep)
         if logits is not None:
             return logits
-        hidden = self.embeddings(ids) + self.positions(positions)  # [T, width]
-        tokens = hidden.shape[0]
-        for index, (ln_1, qkv, project, scaling, ln_2, up, act, down) in enumerate(self.layers):
-            qkv_heads = qkv(ln_1(hidden)).view(tokens, 3, self.heads, -1).permute(1, 2, 0, 3)
-            query, key, value = qkv_heads.unsqueeze(1).unbind(0)  # each [1, heads, T, head_dim]
-            cache.update(key, value, index)
-            out = segmented_attention(query, cache, index, scaling)  # [1, T, heads, head_dim]
-            hidden = hidden + project(out.reshape(tokens, self.width))
-            hidden = hidden + down(act(up(ln_2(hidden))))
+        hidden = self._blocks(self.embeddings(ids) + self.positions(positions), _segmented(cache))
         return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
 
-    def one_token(
-        self, ids: torch.Tensor, positions: torch.Tensor, buffers: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> torch.Tensor:
+    def one_token(self, ids: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
         """A lone row's step, tensors only (for torch.compile, textgen/model/compiled.py): the final hidden
         state [1, width] of token `ids` [1] at `positions` [1], whose keys and values go into each layer's
         `buffers` (keys, values [1, heads, C, head_dim]) at column `positions`, and which attends over the
         columns up to it."""
         hidden = self.embeddings(ids) + self.positions(positions)
-        for (ln_1, qkv, project, scaling, ln_2, up, act, down), (keys, values) in zip(self.layers, buffers):
-            qkv_heads = qkv(ln_1(hidden)).view(1, 3, self.heads, -1).permute(1, 2, 0, 3)
-            query, key, value = qkv_heads.unsqueeze(1).unbind(0)  # each [1, heads, 1, head_dim]
-            out = _attend_one(query, key, value, keys, values, positions, scaling)
-            hidden = hidden + project(out)
+        return self.final_norm(self._blocks(hidden, _one_token(buffers, positions)))
+
+    def _blocks(self, hidden: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """The blocks over hidden states [T, width], attention by `attend`."""
+        tokens = hidden.shape[0]
+        for index, (ln_1, qkv, project, scaling, ln_2, up, act, down) in enumerate(self.layers):
+            qkv_heads = qkv(ln_1(hidden)).view(tokens, 3, self.heads, -1).permute(1, 2, 0, 3)
+            query, key, value = qkv_heads.unsqueeze(1).unbind(0)  # each [1, heads, T, head_dim]
+            hidden = hidden + project(attend(index, query, key, value, scaling))
             hidden = hidden + down(act(up(ln_2(hidden))))
-        return self.final_norm(hidden)
+        return hidden
 
 
 class LlamaDecoding:
@@ -126,7 +121,16 @@ class LlamaDecoding:
         logits = self.steps.run(ids, positions, cache, keep)
         if logits is not None:
             return logits
-        hidden = self.embeddings(ids)  # [T, width]
+        hidden = self._blocks(self.embeddings(ids), positions, _segmented(cache))
+        return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
+
+    def one_token(self, ids: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
+        """A lone row's step, tensors only: as GPT2Decoding.one_token."""
+        hidden = self._blocks(self.embeddings(ids), positions, _one_token(buffers, positions))
+        return self.final_norm(hidden)
+
+    def _blocks(self, hidden: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """The blocks over hidden states [T, width] at `positions`, attention by `attend`."""
         tokens = hidden.shape[0]
         cos, sin = self.rotary(hidden[None], positions[None])
         for index, layer in enumerate(self.layers):
@@ -137,31 +141,41 @@ class LlamaDecoding:
             key = k_proj(normed).view(shape).transpose(1, 2)
             value = v_proj(normed).view(shape).transpose(1, 2)
             query, key = self.rotate(query, key, cos, sin)
-            cache.update(key, value, index)
-            out = segmented_attention(query, cache, index, scaling)
-            hidden = hidden + o_proj(out.reshape(tokens, -1))
+            hidden = hidden + o_proj(attend(index, query, key, value, scaling))
             normed = post_norm(hidden)
             hidden = hidden + down(act(gate(normed)) * up(normed))
-        return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
+        return hidden
 
-    def one_token(
-        self, ids: torch.Tensor, positions: torch.Tensor, buffers: list[tuple[torch.Tensor, torch.Tensor]]
+
+# A block's attention: (layer, query [1, heads, T, head_dim], key and value [1, kv_heads, T, head_dim],
+# scaling) -> its output [T, heads * head_dim]. The batch's pass and a lone row's step differ only there.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def _segmented(cache: Any) -> Attend:
+    """Attention in textgen's batch: the new keys and values stored by the segmented cache, each part
+    attending over its own buffers (textgen/model/attention.py)."""
+
+    def attend(
+        index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
     ) -> torch.Tensor:
-        """A lone row's step, tensors only: as GPT2Decoding.one_token."""
-        hidden = self.embeddings(ids)
-        cos, sin = self.rotary(hidden[None], positions[None])
-        for layer, (keys, values) in zip(self.layers, buffers):
-            norm, q_proj, k_proj, v_proj, o_proj, post_norm, gate, up, act, down, head_dim, scaling = layer
-            normed = norm(hidden)
-            shape = (1, 1, -1, head_dim)
-            query = q_proj(normed).view(shape).transpose(1, 2)
-            key = k_proj(normed).view(shape).transpose(1, 2)
-            value = v_proj(normed).view(shape).transpose(1, 2)
-            query, key = self.rotate(query, key, cos, sin)
-            hidden = hidden + o_proj(_attend_one(query, key, value, keys, values, positions, scaling))
-            normed = post_norm(hidden)
-            hidden = hidden + down(act(gate(normed)) * up(normed))
-        return self.final_norm(hidden)
+        cache.update(key, value, index)
+        out = segmented_attention(query, cache, index, scaling)  # [1, T, heads, head_dim]
+        return out.reshape(query.shape[2], -1)
+
+    return attend
+
+
+def _one_token(buffers: Buffers, position: torch.Tensor) -> Attend:
+    """Attention of a lone row's token at `position` [1] over its layers' `buffers` (_attend_one)."""
+
+    def attend(
+        index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        keys, values = buffers[index]
+        return _attend_one(query, key, value, keys, values, position, scaling)
+
+    return attend
 
 
 def _attend_one(
