@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from textgen.engine import sampling
 from textgen.engine.params import SamplingParams
 from textgen.engine.sampling import _nucleus_threshold, apply_penalties, sample
 
@@ -56,6 +57,30 @@ def test_bisected_threshold_gives_the_exact_nucleus_of_a_flat_distribution(top_p
     threshold = _nucleus_threshold(logits[None], probs[None], torch.tensor([top_p]))[0]
     found = set((probs >= threshold).nonzero().flatten().tolist())
     assert found == reference_nucleus(logits, 1.0, 0, top_p)
+
+
+@pytest.mark.parametrize(
+    "top_p,draws",
+    [
+        (0.75, 4),  # rows draw from the whole distribution and keep draws inside the nucleus
+        (0.75, 1),  # one draw, then the rows that drew outside find their nucleus first
+        (0.3, 4),  # below DRAW_FROM_TOP_P: the nucleus is found first
+    ],
+)
+def test_sampled_frequencies_are_the_nucleus_renormalised(top_p, draws, monkeypatch):
+    monkeypatch.setattr(sampling, "DRAWS", draws)
+    probs = torch.tensor([0.25, 0.4, 0.05, 0.15, 0.1, 0.05])
+    # By a full sort: 0.4, 0.25 (0.4 before it), 0.15 (0.65 before) are the nucleus at 0.75; 0.4 alone at 0.3.
+    nucleus = {0.75: [0, 1, 3], 0.3: [1]}[top_p]
+    expected = torch.zeros(6)
+    expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    rows = 20000
+    params = SamplingParams(temperature=1.0, top_p=top_p)
+    generators = [torch.Generator().manual_seed(i) for i in range(rows)]
+    tokens = sample(probs.log().expand(rows, -1).clone(), [params] * rows, generators)
+    frequencies = torch.bincount(tokens, minlength=6) / rows
+    # Binomial standard deviation at 20000 draws is at most 0.0036: 0.015 is four of them.
+    assert (frequencies - expected).abs().max() < 0.015, frequencies.tolist()
 
 
 def test_each_row_of_a_batch_gets_its_own_exact_nucleus():
