@@ -171,7 +171,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "int8"])
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=["float32", "bfloat16", "bfloat16-int8head", "int8"]
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     ensure_model()

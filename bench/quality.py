@@ -1,4 +1,4 @@
-"""What bfloat16 and int8 weights cost in quality, measured on the real SmolLM2-135M-Instruct.
+"""What bfloat16 and int8 weights (and bfloat16 with an int8 output layer) cost in quality, measured on the real SmolLM2-135M-Instruct.
 
 Against float32: perplexity on a fixed English text, and greedy agreement on chat prompts (how many of
 the first 48 generated tokens match float32's, and how many answers are identical).
@@ -113,7 +113,7 @@ def greedy_outputs(loaded) -> list[list[int]]:
 def main() -> None:
     rows = []
     reference: list[list[int]] = []
-    for name in ("float32", "bfloat16", "int8", INT8_7BIT):
+    for name in ("float32", "bfloat16", "bfloat16-int8head", "int8", INT8_7BIT):
         dtype = "int8" if name == INT8_7BIT else name
         settings = Settings(model_name=None, threads=2, dtype=dtype)
         # int8 as this CPU's FBGEMM kernel takes it; INT8_7BIT as on x86 CPUs without AVX512-VNNI
@@ -147,7 +147,7 @@ def main() -> None:
             f"{quantize.PACKED_DENSE_ROWS} where the dense copy is bfloat16 packed for oneDNN, else "
             f"{quantize.DENSE_ROWS}), and the weights' dense copy for larger products (prompts, big batches); its "
             "weights are 7-bit on x86 CPUs without AVX512-VNNI (FBGEMM's kernels there add pairs of products "
-            "in 16 bits).",
+            "in 16 bits). bfloat16-int8head is bfloat16 with the output layer alone int8 in that way.",
             "",
             "| weights | perplexity, one pass | perplexity, token by token | answers identical to float32 "
             "| float32 tokens reproduced before the first difference | seconds |",

@@ -91,13 +91,15 @@ def test_a_failed_compile_leaves_the_eager_step(model, monkeypatch, caplog):
     steps.state = "off"
 
 
-def test_the_server_compiles_bfloat16_steps_in_the_background(tiny_model_dir, cache_dir):
-    """The way the service starts it (Frontend.warmup): bfloat16 compiles in a thread, and a lone stream's
-    steps then go through the graph; float32, int8 and seq2seq say why they do not."""
-    settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype="bfloat16", cache_dir=cache_dir)
+@pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-int8head"])
+def test_the_server_compiles_bfloat16_steps_in_the_background(dtype, tiny_model_dir, cache_dir):
+    """The way the service starts it (Frontend.warmup): bfloat16 layers compile in a thread (the int8 output
+    layer stays outside the graph), and a lone stream's steps then go through the graph; float32, int8 and
+    seq2seq say why they do not."""
+    settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype=dtype, cache_dir=cache_dir)
     loaded = load_model(settings, resolve_model(settings))
     steps = native_decoding(loaded.model).steps
-    assert start_compiling(loaded.model, "bfloat16") == "compiling"
+    assert start_compiling(loaded.model, dtype) == "compiling"
     steps.thread.join()
     assert compile_state(loaded.model).startswith("compiled in ")
     engine = Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import shutil
@@ -52,6 +53,35 @@ def test_bfloat16_is_selectable(tiny_model_dir, cache_dir):
     # The output layer is the input embeddings (tied): never packed, so never a second copy.
     assert loaded.model.lm_head.weight is loaded.model.get_input_embeddings().weight
     assert not loaded.model.lm_head.packed
+
+
+def test_bfloat16_int8head_quantizes_the_output_layer_alone(tiny_model_dir, cache_dir):
+    """bfloat16 layers, the output layer int8 (its dense copy the embeddings' own storage, as it is tied), and
+    logits those of bfloat16 within the int8 rounding of the output layer's weights and inputs."""
+    settings = Settings(
+        model_name=str(tiny_model_dir), threads=1, dtype="bfloat16-int8head", cache_dir=cache_dir
+    )
+    loaded = load_model(settings, resolve_model(settings))
+    model = loaded.model
+    assert loaded.dtype == "bfloat16-int8head"
+    assert [m for m in model.modules() if isinstance(m, Int8Linear)] == [model.lm_head]
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # no second copy
+    blocks = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(blocks) == 4 * 2 + 1 and all(m.weight.dtype == torch.bfloat16 for m in blocks)
+    reference = load_model(dataclasses.replace(settings, dtype="bfloat16"), resolve_model(settings))
+    ids = torch.tensor([loaded.tokenizer.encode("What is AI? Artificial intelligence is")])
+    with torch.inference_mode():
+        got = model(ids).logits[0, -1].float()  # the last row alone: the int8 product (< DENSE_ROWS rows)
+        one = model.lm_head(model.transformer.ln_f(model.transformer(ids).last_hidden_state[:, -1:])).float()
+        expected = reference.model(ids).logits[0, -1].float()
+    assert (one.flatten() - expected).abs().max() <= 0.03 * expected.abs().max()
+    assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
+    engine = Engine(model, loaded.tokenizer, context_length=loaded.context_length).start()
+    try:
+        params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+        assert engine.submit(ids[0].tolist(), params).wait(30).completion_tokens == 6
+    finally:
+        engine.stop()
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40, 96, 97])
@@ -205,7 +235,7 @@ def test_bad_configuration_names_the_variable():
     assert settings.model_name == "gpt2" and settings.threads == 2
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-int8head", "int8"])
 def test_encoder_decoder_models_load_with_seq2seq_class_and_generate(
     dtype, tmp_path, tiny_model_dir, cache_dir
 ):

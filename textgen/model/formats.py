@@ -30,12 +30,23 @@ from textgen.model.cpu import CpuInfo
 # int8 is per-channel int8 weights with activations quantized per row to 8 bits as they are multiplied
 # (FBGEMM, textgen/model/quantize.py); "int8-7bit" is the same with 7-bit weights, as on x86 CPUs without
 # AVX512-VNNI. Re-measure (python bench/quality.py) and update when a format's implementation changes.
-QUALITY_COST: Mapping[str, float] = {"float32": 0.0, "bfloat16": 0.0053, "int8": 0.0103, "int8-7bit": 0.0280}
+# "bfloat16-int8head" is bfloat16 with the output layer int8 (textgen/model/quantize.py quantize_output_layer):
+# bfloat16's worst plus what the int8 output layer added on top of bfloat16 in the same run.
+QUALITY_COST: Mapping[str, float] = {
+    "float32": 0.0,
+    "bfloat16": 0.0053,
+    "bfloat16-int8head": 0.0076,
+    "int8": 0.0103,
+    "int8-7bit": 0.0280,
+}
 MAX_QUALITY_COST = 0.01  # `auto` accepts at most +1% token-by-token perplexity (issue #12)
 
 # Fastest first, when each runs natively: decoding streams the weights from memory, and int8 reads half the
-# bytes of bfloat16, which reads half of float32. A format this CPU emulates never gets this far.
-SPEED_ORDER = ("int8", "bfloat16", "float32")
+# bytes of bfloat16, which reads half of float32; bfloat16-int8head reads GPT-2's output layer (31% of it)
+# in int8. A format this CPU emulates never gets this far.
+SPEED_ORDER = ("int8", "bfloat16-int8head", "bfloat16", "float32")
+BFLOAT16_LAYERS = ("bfloat16", "bfloat16-int8head")  # formats whose layers compute in bfloat16
+FBGEMM_PRODUCTS = ("int8", "bfloat16-int8head")  # formats with FBGEMM's int8 products
 
 
 @dataclass(frozen=True)
@@ -51,7 +62,7 @@ def _not_native(dtype: str, cpu: CpuInfo) -> str | None:
         raise ValueError(f"unknown weight format {dtype!r}; expected one of {', '.join(SPEED_ORDER)}")
     # int8 products are FBGEMM's integer ones, and its dense copy for large batches is bfloat16 only where
     # the CPU has it natively, else float32 (int8_dense_dtype): nothing of it is emulated anywhere.
-    if dtype != "bfloat16" or cpu.native_bf16:
+    if dtype not in BFLOAT16_LAYERS or cpu.native_bf16:
         return None
     cap = cpu.bf16_capped_by
     if cap is not None:  # the CPU has the units, but this process may not use them
@@ -79,7 +90,7 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
         if dtype == "float32":
             break
         why = _not_native(dtype, cpu)
-        if why is None and dtype == "int8" and not cpu.fbgemm_kernels:
+        if why is None and dtype in FBGEMM_PRODUCTS and not cpu.fbgemm_kernels:
             why = (
                 "measured on x86 only, where FBGEMM multiplies it"
                 if cpu.is_arm
@@ -100,6 +111,10 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
             native = f"runs FBGEMM's int8 products natively ({kernel})"
         else:
             native = f"computes bfloat16 natively ({cpu.bf16_unit})"
+            if dtype == "bfloat16-int8head":
+                native += (
+                    f" and its output layer with FBGEMM's int8 products ({cpu.int8_unit or cpu.isa_class})"
+                )
         reason = (
             f"{dtype}: this CPU {native}; quality within {MAX_QUALITY_COST:.0%} of float32 "
             f"(perplexity +{cost:.2%})"
@@ -121,8 +136,11 @@ def emulated(dtype: str, cpu: CpuInfo) -> str | None:
 
 
 def quality_key(dtype: str, cpu: CpuInfo) -> str:
-    """The QUALITY_COST entry of `dtype` on this CPU: int8's weights are 7-bit on x86 CPUs without VNNI."""
-    return "int8-7bit" if dtype == "int8" and cpu.int8_weight_bits == 7 else dtype
+    """The QUALITY_COST entry of `dtype` on this CPU: int8's weights are 7-bit on x86 CPUs without VNNI
+    (bfloat16-int8head's output layer too: unmeasured, so `auto` does not choose it there)."""
+    if dtype in FBGEMM_PRODUCTS and cpu.int8_weight_bits == 7:
+        return f"{dtype}-7bit"
+    return dtype
 
 
 def costly(dtype: str, cpu: CpuInfo) -> str | None:

@@ -114,13 +114,19 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
         log.warning("%s", choice.reason)
     # int8 layers compute in bfloat16 only where the CPU has it natively (int8_dense_dtype).
     compute = int8_dense_dtype(cpu) if choice.dtype == "int8" else None
-    load_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(choice.dtype, compute)
-    model = auto.from_pretrained(source.location, trust_remote_code=False, dtype=load_dtype).eval()
+    load_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bfloat16-int8head": torch.bfloat16}
+    model = auto.from_pretrained(
+        source.location, trust_remote_code=False, dtype=load_dtype.get(choice.dtype, compute)
+    ).eval()
     if choice.dtype == "int8":
         from textgen.model.quantize import quantize_int8
 
         model = quantize_int8(model, tokenizer)
     else:
+        if choice.dtype == "bfloat16-int8head":
+            from textgen.model.quantize import quantize_output_layer
+
+            model = quantize_output_layer(model)
         model = use_linear(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from textgen.model.attention import segmented_attention
 from textgen.model.compiled import Buffers, OneTokenSteps
+from textgen.model.formats import BFLOAT16_LAYERS
 
 
 class GPT2Decoding:
@@ -239,7 +240,7 @@ def start_compiling(model: Any, dtype: str) -> str:
     decoding = native_decoding(model)
     if decoding is None:
         return "off: Hugging Face's forward pass decodes this model"
-    if dtype != "bfloat16":
+    if dtype not in BFLOAT16_LAYERS:  # bfloat16-int8head too: its output layer is outside the graph
         decoding.steps.state = f"off: {dtype} decodes eagerly"
     else:
         decoding.steps.start(torch.bfloat16)
