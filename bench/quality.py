@@ -1,4 +1,5 @@
-"""What bfloat16 and int8 weights (and bfloat16 with an int8 output layer) cost in quality, measured on the real SmolLM2-135M-Instruct.
+"""What bfloat16 and int8 weights (and bfloat16 with an int8 output layer) cost in quality, measured on the
+real SmolLM2-135M-Instruct.
 
 Against float32: perplexity on a fixed English text, and greedy agreement on chat prompts (how many of
 the first 48 generated tokens match float32's, and how many answers are identical).
