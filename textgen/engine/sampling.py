@@ -185,9 +185,12 @@ def _sample_top_p(
         whole = len(pending) == len(probs)  # no copy of every row for the first draw
         rows_probs, rows_cdf = (probs, cdf) if whole else (probs[pending], cdf[pending])
         pick = _search(rows_cdf, uniform[pending])
-        p_pick = rows_probs.gather(1, pick[:, None])
-        likelier = (rows_probs * (rows_probs > p_pick)).sum(-1)  # mass of the tokens more likely
-        inside = (likelier < top_p[pending]) | (top_p[pending] >= 1.0)
+        free = top_p[pending] >= 1.0  # the whole distribution is the nucleus: every draw is inside
+        inside = free
+        if not bool(free.all()):
+            p_pick = rows_probs.gather(1, pick[:, None])
+            likelier = (rows_probs * (rows_probs > p_pick)).sum(-1)  # mass of the tokens more likely
+            inside = free | (likelier < top_p[pending])
         out[pending[inside]] = pick[inside]
         pending = pending[~inside]
         if len(pending):  # drawn again, here or below: a number known to land outside is biased
