@@ -12,7 +12,7 @@ import torch
 
 from textgen.config import Settings
 from textgen.model.cpu import detect_cpu
-from textgen.model.formats import int8_dense_dtype, serving_dtype
+from textgen.model.formats import BFLOAT16_LAYERS, int8_dense_dtype, serving_dtype
 from textgen.model.linear import use_linear
 from textgen.model.memory import keep_freed_memory, release_freed_memory
 from textgen.model.sampling_defaults import SamplingDefaults, model_sampling_defaults
@@ -113,11 +113,11 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
     if choice.warning:  # an explicit format this CPU emulates, or that costs over 1% quality
         log.warning("%s", choice.reason)
     # int8 layers compute in bfloat16 only where the CPU has it natively (int8_dense_dtype).
-    compute = int8_dense_dtype(cpu) if choice.dtype == "int8" else None
-    load_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bfloat16-int8head": torch.bfloat16}
-    model = auto.from_pretrained(
-        source.location, trust_remote_code=False, dtype=load_dtype.get(choice.dtype, compute)
-    ).eval()
+    if choice.dtype == "int8":
+        load_dtype = int8_dense_dtype(cpu)
+    else:
+        load_dtype = torch.bfloat16 if choice.dtype in BFLOAT16_LAYERS else torch.float32
+    model = auto.from_pretrained(source.location, trust_remote_code=False, dtype=load_dtype).eval()
     if choice.dtype == "int8":
         from textgen.model.quantize import quantize_int8
 
