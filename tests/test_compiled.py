@@ -13,6 +13,7 @@ from textgen.config import ConfigError, Settings
 from textgen.engine.batch import DecodeBatch
 from textgen.engine.core import Engine
 from textgen.engine.params import SamplingParams
+from textgen.model.cpu import detect_cpu
 from textgen.model.loading import load_model
 from textgen.model.native import compile_state, native_decoding, start_compiling
 from textgen.model.source import resolve_model
@@ -127,3 +128,20 @@ def test_compiling_can_be_turned_off() -> None:
     assert Settings.from_env({"TEXTGEN_COMPILE": "off"}).compile == "off"
     with pytest.raises(ConfigError, match="TEXTGEN_COMPILE must be one of auto, off"):
         Settings.from_env({"TEXTGEN_COMPILE": "yes"})
+
+
+def test_the_products_kernels_follow_the_cpu() -> None:
+    """Inductor's C++ template where bfloat16 is native without AMX (measured faster there); oneDNN's packed
+    products on AMX CPUs, where they were measured (capped or not), and wherever bfloat16 is emulated (nothing compiles there
+    by default, but an explicit TEXTGEN_DTYPE=bfloat16 does)."""
+    from textgen.model.compiled import gemm_backends
+
+    from .test_cpu import GRAVITON3, capped, machine
+
+    assert gemm_backends(machine("epyc-zen4")) == "CPP"
+    assert gemm_backends(machine("cooper-lake")) == "CPP"
+    assert gemm_backends(machine("sapphire-rapids")) is None
+    assert gemm_backends(capped("sapphire-rapids", ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16")) is None
+    assert gemm_backends(machine("epyc-zen3")) is None
+    assert gemm_backends(capped("epyc-zen4", ONEDNN_MAX_CPU_ISA="AVX2")) is None
+    assert gemm_backends(detect_cpu(GRAVITON3)) is None

@@ -508,7 +508,11 @@ def test_this_process_under_caps() -> None:
     assert info["torch_capability"] == "AVX2"
     assert info["isa_class"] == "avx2" and info["raw_isa_class"] == cpu.raw_isa_class
     assert info["auto"] == "float32" and info["native_bf16"] is False
-    assert info["caps"] == [f"{k}={v}" for k, v in AVX2_CAPS.items()]
+    # oneMKL honours its cap on Intel CPUs only (textgen/model/cpu.py): elsewhere it is noted, not applied.
+    applied = {
+        k: v for k, v in AVX2_CAPS.items() if k != "MKL_ENABLE_INSTRUCTIONS" or cpu.vendor == "GenuineIntel"
+    }
+    assert info["caps"] == [f"{k}={v}" for k, v in applied.items()]
     # FBGEMM's kernel itself, asked: under its AVX2 cap 8-bit weights overflow it, as the flags say.
     assert info["int8_weight_bits"] == 7 and info["weight_levels"] == 63
 
