@@ -545,7 +545,8 @@ def test_probe_measures_once_then_reuses_its_cache(tmp_path: Path, monkeypatch: 
     first = probe(tmp_path, 1, cpu=cpu, **TINY)
     assert not first.cached
     assert first.gemv_shape == (64, 32) and first.gemv_bytes == 64 * 32 * 4
-    assert set(first.bandwidth_gbs) == {"float32", "bfloat16", "int8"}
+    assert set(first.bandwidth_gbs) == {"float32", "bfloat16", "int8", "read"}
+    assert first.bandwidth_gbs["read"] and first.bandwidth_gbs["read"] > 0  # a plain sum of the same bytes
     assert set(first.gemm_gflops) == {"float32", "bfloat16"}
     assert first.bandwidth_gbs["float32"] and first.bandwidth_gbs["float32"] > 0
     assert first.gemm_gflops["float32"] and first.gemm_gflops["float32"] > 0
@@ -578,3 +579,23 @@ def test_probe_remeasures_over_a_corrupt_cache_and_restores_threads(tmp_path: Pa
     assert not again.cached
     assert json.loads(cache_file.read_text())["result"]["threads"] == 1
     assert torch.get_num_threads() == threads
+
+
+def test_the_benchmarks_roofline_is_never_below_a_plain_read() -> None:
+    """bench/run.py's memory roofline per format: the faster of its 1-row product and the probe's plain read
+    of the same bytes (a product kernel slower than memory is a shortfall, not the roof); the int8 output
+    layer's format streams each part at its own rate."""
+    from bench.run import BYTES, GPT2_OUTPUT_PARAMS, GPT2_PARAMS, roofline_formats
+
+    measured = {
+        "bandwidth_gbs": {"float32": 20.0, "bfloat16": 19.0, "int8": 40.0, "read": 30.0},
+        "gemm_gflops": {"float32": 180.0, "bfloat16": 420.0},
+    }
+    table = roofline_formats(measured, native_bf16=True)
+    assert [table[d]["bandwidth_gbps"] for d in BYTES] == [30.0, 30.0, 40.0]
+    assert table["bfloat16"]["product_gbps"] == 19.0
+    assert table["bfloat16"]["memory_tok_s"] == round(30e9 / (GPT2_PARAMS * 2), 1)
+    head_seconds = (GPT2_PARAMS - GPT2_OUTPUT_PARAMS) * 2 / 30e9 + GPT2_OUTPUT_PARAMS / 40e9
+    assert table["bfloat16-int8head"]["memory_tok_s"] == round(1 / head_seconds, 1)
+    del measured["bandwidth_gbs"]["read"]  # a probe from before the plain read: the products alone
+    assert roofline_formats(measured, native_bf16=True)["bfloat16"]["bandwidth_gbps"] == 19.0
