@@ -4,8 +4,9 @@ At one row a decoding step streams every weight once, and what is not a product 
 layer norm, residual add, view and KV write is a dispatched op of a few microseconds on a [1, 768] tensor,
 ~200 of them a step for GPT-2. Inductor fuses them into a few generated C++ loops and calls the products'
 kernels directly, from generated C++ (`cpp_wrapper`); with `freezing` the weights are constants of the
-graph, so the products stay oneDNN's packed bfloat16 ones (textgen/model/linear.py). Measured in the batch's
-step (one row, AMX Xeon, 2 threads, alternating runs): random GPT-2 bfloat16 9.9-10.2 ms against 11.9-12.7
+graph, so the products are oneDNN's packed bfloat16 ones (textgen/model/linear.py), or inductor's own
+C++ GEMM template where that streams the weights faster (`gemm_backends`: AVX512_BF16 without AMX).
+Measured in the batch's step (one row, AMX Xeon, 2 threads, alternating runs): random GPT-2 bfloat16 9.9-10.2 ms against 11.9-12.7
 eager; SmolLM2 14.8-15.1 against 20.8 (its 30 layers have more small ops). The output layer stays outside:
 inductor turned the tied [V, width] product into a generated loop over a float32 copy of the embeddings
 (+150 MB, 17 ms a step instead of 11).
@@ -16,7 +17,8 @@ dynamic. Only bfloat16 compiles by default: float32 promises that a row computes
 batch, and fused layer norms round differently from torch's (3e-6 on logits of scale 3), and there inductor
 packs a second copy of every weight (+700 MB for GPT-2).
 
-Compiling takes ~15 s for GPT-2 and ~40 s for SmolLM2 on a 2-core Xeon, at every start: inductor caches
+Compiling takes ~15 s for GPT-2 and ~40-60 s for SmolLM2 on a 2-core AMX Xeon (31-39 s and ~110 s with the
+template on a 2-core Zen 4 EPYC), at every start: inductor caches
 neither frozen graphs nor their AOT graphs ("Cannot cache a graph with freezing enabled"). Unfrozen, with the
 packed products behind a custom op, the graph was cached (2.8 s to load) but took 8.4-8.5 ms against 7.1-7.3
 frozen: little better than eager. So it compiles in a background thread once the server is ready, and the
@@ -29,6 +31,7 @@ TEXTGEN_COMPILE=off never compiles.
 
 from __future__ import annotations
 
+import gc
 import getpass
 import logging
 import os
@@ -41,6 +44,7 @@ from typing import Any
 import torch
 
 from textgen.model.cpu import CpuInfo, detect_cpu
+from textgen.model.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +127,9 @@ class OneTokenSteps:
             return False
         self.compiled = compiled
         self.state = f"compiled in {time.perf_counter() - start:.1f} s"
+        # What the compiler freed goes back to the system: 50 MB of GPT-2's (Zen 4, the C++ template).
+        gc.collect()
+        release_freed_memory()
         log.info("a lone stream's decoding step is %s (torch.compile)", self.state)
         return True
 
