@@ -132,8 +132,8 @@ def test_compiling_can_be_turned_off() -> None:
 
 def test_the_products_kernels_follow_the_cpu() -> None:
     """Inductor's C++ template where bfloat16 is native without AMX (measured faster there); oneDNN's packed
-    products on AMX CPUs, where they were measured (capped or not), and wherever bfloat16 is emulated (nothing compiles there
-    by default, but an explicit TEXTGEN_DTYPE=bfloat16 does)."""
+    products on AMX CPUs, where they were measured (capped or not), and wherever bfloat16 is emulated
+    (nothing compiles there by default, but an explicit TEXTGEN_DTYPE=bfloat16 does)."""
     from textgen.model.compiled import gemm_backends
 
     from .test_cpu import GRAVITON3, capped, machine

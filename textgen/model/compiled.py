@@ -6,10 +6,10 @@ layer norm, residual add, view and KV write is a dispatched op of a few microsec
 kernels directly, from generated C++ (`cpp_wrapper`); with `freezing` the weights are constants of the
 graph, so the products are oneDNN's packed bfloat16 ones (textgen/model/linear.py), or inductor's own
 C++ GEMM template where that streams the weights faster (`gemm_backends`: AVX512_BF16 without AMX).
-Measured in the batch's step (one row, AMX Xeon, 2 threads, alternating runs): random GPT-2 bfloat16 9.9-10.2 ms against 11.9-12.7
-eager; SmolLM2 14.8-15.1 against 20.8 (its 30 layers have more small ops). The output layer stays outside:
-inductor turned the tied [V, width] product into a generated loop over a float32 copy of the embeddings
-(+150 MB, 17 ms a step instead of 11).
+Measured in the batch's step (one row, AMX Xeon, 2 threads, alternating runs): random GPT-2 bfloat16
+9.9-10.2 ms against 11.9-12.7 eager; SmolLM2 14.8-15.1 against 20.8 (its 30 layers have more small ops).
+The output layer stays outside: inductor turned the tied [V, width] product into a generated loop over a
+float32 copy of the embeddings (+150 MB, 17 ms a step instead of 11).
 
 Only a lone row decoding one token takes this path (`SegmentedCache.open_one_token`): every other pass keeps
 the eager one (textgen/model/native.py), so the graph has one shape but its KV buffers' capacity, which is
@@ -18,10 +18,9 @@ batch, and fused layer norms round differently from torch's (3e-6 on logits of s
 packs a second copy of every weight (+700 MB for GPT-2).
 
 Compiling takes ~15 s for GPT-2 and ~40-60 s for SmolLM2 on a 2-core AMX Xeon (31-39 s and ~110 s with the
-template on a 2-core Zen 4 EPYC), at every start: inductor caches
-neither frozen graphs nor their AOT graphs ("Cannot cache a graph with freezing enabled"). Unfrozen, with the
-packed products behind a custom op, the graph was cached (2.8 s to load) but took 8.4-8.5 ms against 7.1-7.3
-frozen: little better than eager. So it compiles in a background thread once the server is ready, and the
+template on a 2-core Zen 4 EPYC), at every start: inductor caches neither frozen graphs nor their AOT
+graphs ("Cannot cache a graph with freezing enabled"). Unfrozen, with the packed products behind a custom
+op, the graph was cached (2.8 s to load) but took 8.4-8.5 ms against 7.1-7.3 frozen: little better than eager. So it compiles in a background thread once the server is ready, and the
 first seconds are slow: GPT-2, one client sending 64-token requests from ready on, 124-137 ms a token in the
 first request (tracing holds the GIL), 21-28 ms in the next ones, then, compiled, 11.4-12.6 ms. Compiling
 before ready would hold /readyz back by those 15-40 s instead. It costs ~150 MB (the compiler itself). If
@@ -154,7 +153,8 @@ def gemm_backends(cpu: CpuInfo) -> str | None:
     Where bfloat16 is native through AVX512_BF16 without AMX, inductor's own C++ GEMM template, whose
     one-row products stream the weights faster than oneDNN's: on an AMD EPYC (Zen 4), GPT-2's 48 one-row
     bfloat16 products at 32.5 GB/s against 21.5-23.9 (5.2 against 7.1-7.9 ms a step), one stream 87-123
-    tok/s against 73-80 (random GPT-2, bfloat16-int8head, three processes each), SmolLM2 71-73 against 55.
+    tok/s against 68-85 (random GPT-2, bfloat16-int8head, in-process, 3 and 4 processes), SmolLM2 62-79
+    against 55.
     The template only, not a race against oneDNN (backends "CPP,ATEN"): inductor times the candidates on
     weights already in cache, which is not how a decoding step reads them, and that race kept oneDNN for 12
     of the 48 products in one compile and none in another. Elsewhere (AMX, ARM) oneDNN's products were

@@ -202,9 +202,10 @@ def _measure(
             del w32  # 128 MB at the default size: keep the peak down
             record(bandwidth, "bfloat16", w16.nbytes, lambda: F.linear(x16, w16))
             record(bandwidth, "read16", w16.nbytes, lambda: w16.sum())
-            # A plain read beat oneDNN's 1-row bfloat16 product on an AMD EPYC (Zen 4): 30.5 against 19
-            # GB/s, and inductor's GEMM template streamed at 32.5 (textgen/model/compiled.py). The faster
-            # of two sums stands for the memory's rate: a roofline below what a kernel reaches is no roof.
+            # A plain read beat oneDNN's 1-row bfloat16 product on an AMD EPYC (Zen 4): 37.5-45 against
+            # 18.6-21.2 GB/s, and inductor's GEMM template streamed at 32.5 (textgen/model/compiled.py).
+            # The faster of two sums stands for the memory's rate: a roofline below a kernel's rate is no
+            # roof.
             reads = [bandwidth.pop(name) for name in ("read32", "read16")]
             bandwidth["read"] = max((r for r in reads if r is not None), default=None)
             # textgen's int8 path (textgen.model.quantize): FBGEMM's int8 product at one row.
