@@ -18,14 +18,14 @@ batch, and fused layer norms round differently from torch's (3e-6 on logits of s
 packs a second copy of every weight (+700 MB for GPT-2).
 
 Compiling takes ~15 s for GPT-2 and ~40-60 s for SmolLM2 on a 2-core AMX Xeon (31-39 s and ~110 s with the
-template on a 2-core Zen 4 EPYC), at every start: inductor caches neither frozen graphs nor their AOT
-graphs ("Cannot cache a graph with freezing enabled"). Unfrozen, with the packed products behind a custom
-op, the graph was cached (2.8 s to load) but took 8.4-8.5 ms against 7.1-7.3 frozen: little better than
-eager. So it compiles in a background thread once the server is ready, and the first seconds are slow: GPT-2, one client sending 64-token requests from ready on, 124-137 ms a token in the
-first request (tracing holds the GIL), 21-28 ms in the next ones, then, compiled, 11.4-12.6 ms. Compiling
-before ready would hold /readyz back by those 15-40 s instead. It costs ~150 MB (the compiler itself). If
-compiling fails (no C++ compiler, an op inductor cannot take), steps stay eager and the log says why.
-TEXTGEN_COMPILE=off never compiles.
+template on a 2-core Zen 4 EPYC), at every start: inductor caches neither frozen graphs nor their AOT graphs
+("Cannot cache a graph with freezing enabled"). Unfrozen, with the packed products behind a custom op, the
+graph was cached (2.8 s to load) but took 8.4-8.5 ms against 7.1-7.3 frozen: little better than eager. So it
+compiles in a background thread once the server is ready, and the first seconds are slow: GPT-2, one client
+sending 64-token requests from ready on, 124-137 ms a token in the first request (tracing holds the GIL),
+21-28 ms in the next ones, then, compiled, 11.4-12.6 ms. Compiling before ready would hold /readyz back by
+those 15-40 s instead. It costs ~150 MB (the compiler itself). If compiling fails (no C++ compiler, an op
+inductor cannot take), steps stay eager and the log says why. TEXTGEN_COMPILE=off never compiles.
 """
 
 from __future__ import annotations
