@@ -160,7 +160,7 @@ def gemm_backends(cpu: CpuInfo) -> str | None:
     of the 48 products in one compile and none in another. Elsewhere (AMX, ARM) oneDNN's products were
     measured and the template was not: they stay.
     """
-    if cpu.bf16_unit == "AVX512_BF16" and "amx_bf16" not in (cpu.raw_flags or cpu.flags):  # nor capped AMX
+    if cpu.bf16_unit == "AVX512_BF16" and cpu.raw_isa_class != "amx":  # nor an AMX CPU under a cap
         return "CPP"
     return None
 
