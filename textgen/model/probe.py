@@ -197,17 +197,17 @@ def _measure(
             w32 = torch.empty(out_f, in_f).uniform_(-1, 1)
             x32 = torch.randn(1, in_f)
             record(bandwidth, "float32", w32.nbytes, lambda: F.linear(x32, w32))
-            record(bandwidth, "read32", w32.nbytes, lambda: w32.sum())
+            reads: dict[str, float | None] = {}  # plain sums of the same bytes
+            record(reads, "read float32", w32.nbytes, lambda: w32.sum())
             w16, x16 = w32.to(torch.bfloat16), x32.to(torch.bfloat16)
             del w32  # 128 MB at the default size: keep the peak down
             record(bandwidth, "bfloat16", w16.nbytes, lambda: F.linear(x16, w16))
-            record(bandwidth, "read16", w16.nbytes, lambda: w16.sum())
+            record(reads, "read bfloat16", w16.nbytes, lambda: w16.sum())
             # A plain read beat oneDNN's 1-row bfloat16 product on an AMD EPYC (Zen 4): 37.5-45 against
             # 18.6-21.2 GB/s, and inductor's GEMM template streamed at 32.5 (textgen/model/compiled.py).
             # The faster of two sums stands for the memory's rate: a roofline below a kernel's rate is no
             # roof.
-            reads = [bandwidth.pop(name) for name in ("read32", "read16")]
-            bandwidth["read"] = max((r for r in reads if r is not None), default=None)
+            bandwidth["read"] = max((r for r in reads.values() if r is not None), default=None)
             # textgen's int8 path (textgen.model.quantize): FBGEMM's int8 product at one row.
             int8 = Int8Linear(w16.to(int8_compute), None)
             x8 = x32.to(int8_compute)
