@@ -270,7 +270,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"Roofline GB/s: the faster of the format's 1-row product and a plain read (sum) of the same "
-            f"bytes, {read} GB/s here: a product kernel that streams slower than memory shows as a shortfall.",
+            f"bytes, {read} GB/s here: a product kernel that streams slower than memory shows as a "
+            "shortfall.",
         ]
     best: dict[tuple[str, int], float] = {}  # fastest anchor per (decoding, clients)
     for a in report["anchors"]:

@@ -10,7 +10,7 @@ import httpx
 import jsonschema
 import pytest
 
-from textgen.model.formats import BFLOAT16_LAYERS
+from textgen.model.formats import BFLOAT16_LAYERS, SPEED_ORDER
 
 pytestmark = pytest.mark.real_model
 
@@ -77,16 +77,16 @@ def test_start_up_lines_say_what_the_server_chose(default_server):
         in log
     )
     info = httpx.get(f"{default_server.url}/info", timeout=10).json()
-    assert info["dtype"] in ("float32", "bfloat16", "bfloat16-int8head", "int8") and info["dtype_reason"]
+    assert info["dtype"] in SPEED_ORDER and info["dtype_reason"]
     assert info["cpu"]["isa_class"] and info["cpu"]["cores"] >= 1
     compiles = info["dtype"] in BFLOAT16_LAYERS
     assert f"compiled decoding step: {'compiling' if compiles else 'off'}" in log
 
 
 def test_a_lone_stream_answers_through_the_compiled_step(default_server):
-    """Where the server compiles a lone stream's step (bfloat16 layers: textgen/model/compiled.py), once it has,
-    the README question asked alone, unspeculated (every step one row and one token: the compiled graph),
-    still gets Paris."""
+    """Where the server compiles a lone stream's step (bfloat16 layers, textgen/model/compiled.py), once it
+    has, the README question asked alone, unspeculated (every step one row and one token: the compiled
+    graph), still gets Paris."""
     deadline = time.monotonic() + 300
     while (
         state := httpx.get(f"{default_server.url}/info", timeout=10).json()["compiled_step"]

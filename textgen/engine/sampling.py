@@ -13,8 +13,8 @@ least top_p, so from top_p 0.5 up this is what rows do (`sample` on 32 rows as f
 AMX Xeon: 3.7 ms against 9.8 finding the nucleus first; one row 0.23 against 0.58). Below, or after DRAWS
 rejected draws, the nucleus is found first: one pass sorts every token into a histogram of log-probability
 buckets; the cumulative mass per bucket says which bucket holds the nucleus boundary, and only that bucket's
-tokens are ranked. Both give the exact nucleus (up to ties); every draw uses the row's own random generator, so a
-seeded request samples the same tokens whatever it is batched with.
+tokens are ranked. Both give the exact nucleus (up to ties); every draw uses the row's own random generator,
+so a seeded request samples the same tokens whatever it is batched with.
 """
 
 from __future__ import annotations
