@@ -5,6 +5,8 @@ bfloat16 only; and a failed compile leaves the eager step."""
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,12 +25,18 @@ from .test_segments import prompt
 STEPS = 80  # past the traced capacity (compiled.EXAMPLE_CAPACITY) and past the cache's first growth
 
 
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The module's compile cache: each model's step compiles once, later tests load it."""
+    return tmp_path_factory.mktemp("compile-cache")
+
+
 @pytest.fixture
-def compiled(model):  # type: ignore[no-untyped-def]
+def compiled(model, packages):  # type: ignore[no-untyped-def]
     """The conftest's tiny GPT-2 or Llama with its step compiled in float32 (exact up to rounding: the
     batch's float32 steps never compile, see the module), uncompiled again afterwards."""
     steps = native_decoding(model).steps
-    assert steps.compile(torch.float32), steps.state
+    assert steps.compile(torch.float32, packages), steps.state
     steps.steps = 0
     yield steps
     steps.compiled, steps.state = None, "off"
@@ -40,7 +48,6 @@ def test_the_compiled_step_gives_the_eager_logits_as_the_cache_grows(model, comp
     ours, _ = DecodeBatch.prefill(model, [0], [prompt(7, 80)], vocab)
     eager, logits = DecodeBatch.prefill(model, [0], [prompt(7, 80)], vocab)
     capacities = set()
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for _ in range(STEPS):
         token = logits.argmax(-1)
         ours.record(token)
@@ -52,11 +59,50 @@ def test_the_compiled_step_gives_the_eager_logits_as_the_cache_grows(model, comp
         torch.testing.assert_close(mine, logits, rtol=1e-5, atol=1e-5)
         capacities.add(ours.segments[0].layers()[0].capacity)
     assert compiled.steps == STEPS  # every step took the compiled path
-    assert len(capacities) > 1  # the buffers grew...
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # ...without recompiling
+    assert len(capacities) > 1  # the buffers grew: one program for every capacity
     for mine, theirs in zip(ours.segments[0].layers(), eager.segments[0].layers()):
         assert mine.length == theirs.length == 7 + STEPS
         torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+
+
+def test_a_restart_loads_the_step_it_compiled_before(compiled, packages):
+    """The fixture compiled (or, for the second test of a model, loaded) the step into the cache: compiling
+    again, as a restarted server does, loads that package instead of compiling."""
+    assert compiled.compile(torch.float32, packages)
+    assert compiled.state.startswith("loaded from the cache in "), compiled.state
+    assert not list((packages / "compiled").glob("partial-*"))
+
+
+@torch.inference_mode()
+def test_the_cache_key_is_the_program_with_its_weights_the_machine_and_torch(model, monkeypatch):
+    from textgen.model import compiled as module
+
+    steps = native_decoding(model).steps
+    options = module.inductor_options(detect_cpu())
+    program, _ = steps.export(torch.float32)
+    key = module._package_key(program, options)
+    assert module._package_key(steps.export(torch.float32)[0], options) == key  # the same step
+    weights = model.get_input_embeddings().weight  # a constant of the program
+    saved = weights.clone()
+    weights[0, 0] += 1.0  # one weight changed, the shapes the same
+    try:
+        assert module._package_key(steps.export(torch.float32)[0], options) != key
+    finally:
+        weights.copy_(saved)
+    assert module._package_key(program, {**options, "max_autotune_gemm_backends": "ATEN"}) != key
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert module._package_key(program, options) != key
+
+
+def test_the_cache_keeps_the_most_recently_used_packages(tmp_path):
+    from textgen.model import compiled as module
+
+    for age in range(module.KEPT_PACKAGES + 2):
+        package = tmp_path / f"step-{age}.pt2"
+        package.write_bytes(b"")
+        os.utime(package, (1000 - age, 1000 - age))  # step-0 the newest
+    module._prune(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step-{a}.pt2" for a in range(module.KEPT_PACKAGES)]
 
 
 @torch.inference_mode()
@@ -71,20 +117,18 @@ def test_rows_in_a_batch_and_chunks_keep_the_eager_pass(model, compiled):
     assert compiled.steps == 0
 
 
-def test_a_failed_compile_leaves_the_eager_step(model, monkeypatch, caplog):
-    def no_compiler(fn, **options):  # type: ignore[no-untyped-def]
-        def call(*args):  # type: ignore[no-untyped-def]
-            raise RuntimeError("Compiler: cc is not found\nmore detail")
+def test_a_failed_compile_leaves_the_eager_step(model, monkeypatch, caplog, tmp_path):
+    def no_compiler(program, **options):  # type: ignore[no-untyped-def]
+        raise RuntimeError("Compiler: cc is not found\nmore detail")
 
-        return call
-
-    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
     steps = native_decoding(model).steps
     with caplog.at_level(logging.WARNING, logger="textgen.model.compiled"):
-        assert not steps.compile(torch.float32)
+        assert not steps.compile(torch.float32, tmp_path)
     assert steps.compiled is None
-    assert steps.state == "off: torch.compile failed (RuntimeError: Compiler: cc is not found)"
-    assert "decoding steps stay eager: torch.compile failed" in caplog.text
+    assert steps.state == "off: compiling failed (RuntimeError: Compiler: cc is not found)"
+    assert "decoding steps stay eager: compiling failed" in caplog.text
+    assert not list(tmp_path.rglob("*.pt2"))  # nothing half-made left in the cache
     with torch.inference_mode():
         batch, logits = DecodeBatch.prefill(model, [0], [prompt(7, 80)], model.config.vocab_size)
         batch.record(logits.argmax(-1))
@@ -100,9 +144,10 @@ def test_the_server_compiles_bfloat16_steps_in_the_background(dtype, tiny_model_
     settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype=dtype, cache_dir=cache_dir)
     loaded = load_model(settings, resolve_model(settings))
     steps = native_decoding(loaded.model).steps
-    assert start_compiling(loaded.model, dtype) == "compiling"
+    assert start_compiling(loaded.model, dtype, cache_dir) == "compiling"
     steps.thread.join()
-    assert compile_state(loaded.model).startswith("compiled in ")
+    # The second format's step is the first's (the int8 output layer is outside it): loaded, not compiled.
+    assert compile_state(loaded.model).startswith("compiled in " if dtype == "bfloat16" else "loaded from the")
     engine = Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length)
     engine.start()
     try:

@@ -132,7 +132,8 @@ class Frontend:
         if self.settings.compile != "off":
             from textgen.model.native import start_compiling
 
-            log.info("compiled decoding step: %s", start_compiling(self.loaded.model, self.loaded.dtype))
+            state = start_compiling(self.loaded.model, self.loaded.dtype, self.settings.cache_dir)
+            log.info("compiled decoding step: %s", state)
 
     def submit(self, prepared: Prepared) -> list[RequestHandle]:
         """Every choice enters the engine at once (they join the same step), or QueueFull is raised."""

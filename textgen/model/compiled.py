@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import gc
 import getpass
+import hashlib
+import json
 import logging
 import os
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,7 +52,9 @@ log = logging.getLogger(__name__)
 
 Buffers = list[tuple[torch.Tensor, torch.Tensor]]
 OneToken = Callable[[torch.Tensor, torch.Tensor, Buffers], torch.Tensor]
-EXAMPLE_CAPACITY = 64  # the KV capacity the graph is traced with; any other works (it is dynamic)
+EXAMPLE_CAPACITY = 64  # the KV capacity the step is exported with; any other works (it is dynamic)
+PACKAGE_VERSION = 1  # bump when what a package holds changes without its key changing
+KEPT_PACKAGES = 4  # compiled packages kept in the cache directory (`_prune`)
 
 
 class OneTokenSteps:
@@ -67,70 +72,72 @@ class OneTokenSteps:
         self.one_token, self.head = one_token, head
         self.kv_shape, self.layers = kv_shape, layers
         self.compiled: OneToken | None = None  # set once compiled and run: steps use it from then on
+        self.dtype = torch.bfloat16  # of the buffers it was compiled for
         self.state = "off"  # for the log and GET /info
         self.steps = 0  # how many steps it ran (tests check the path was taken)
         self.thread: threading.Thread | None = None  # compiling in the background (`start`)
 
-    def start(self, dtype: torch.dtype) -> threading.Thread:
-        """Compile for weights of `dtype` in a background thread, which is returned. A fresh thread, as the
-        engine's is: the graph's guards check torch's thread count, which a thread that ran ops before
-        textgen set it (the main thread) may hold at another value, and every step would recompile."""
+    def start(self, dtype: torch.dtype, cache_dir: Path | None = None) -> threading.Thread:
+        """Compile for weights of `dtype` in a background thread, which is returned (`compile`)."""
         self.state = "compiling"
-        self.thread = threading.Thread(target=self._compile_aside, args=(dtype,), name="textgen-compile")
+        self.thread = threading.Thread(
+            target=self._compile_aside, args=(dtype, cache_dir), name="textgen-compile"
+        )
         self.thread.daemon = True
         self.thread.start()
         return self.thread
 
-    def _compile_aside(self, dtype: torch.dtype) -> None:
+    def _compile_aside(self, dtype: torch.dtype, cache_dir: Path | None) -> None:
         # The server answers meanwhile: this thread, and the g++ it runs, at the lowest priority.
         _lowest_priority()
-        self.compile(dtype)
+        self.compile(dtype, cache_dir)
 
-    def compile(self, dtype: torch.dtype) -> bool:
-        """Compile and run the step once on scratch buffers; whether it worked. Steps use it afterwards."""
-        import torch._inductor.config
-
+    def compile(self, dtype: torch.dtype, cache_dir: Path | None = None) -> bool:
+        """Export the step, compile it (or load it from `cache_dir` when this exact step was compiled
+        before) and run it once on scratch buffers; whether it worked. Steps use it afterwards."""
         _inductor_cache_dir()
-        # Set for the process, not passed in torch.compile's `options`: there (torch 2.13) the weights were
-        # not frozen, and inductor cannot call oneDNN's packed products on weights that are graph inputs.
-        # A recompile (a guard failing later) must freeze too; nothing else in textgen compiles.
-        torch._inductor.config.freezing = True
-        # The graph's kernels called from generated C++, not from a generated Python function: GPT-2's step
-        # 9.9-10.2 ms against 10.9-11.6 (eager 11.9-13.1, alternating runs), for twice the compile time.
-        torch._inductor.config.cpp_wrapper = True
-        # One compile job at a time, in this thread: no pool of compiling processes beside a serving engine.
-        torch._inductor.config.compile_threads = 1
-        backends = gemm_backends(detect_cpu())
-        if backends is not None:
-            torch._inductor.config.max_autotune_gemm = True
-            torch._inductor.config.max_autotune_gemm_backends = backends
-        compiled = torch.compile(self.one_token, dynamic=False)
         start = time.perf_counter()
         try:
-            # Under inference_mode, as the engine's steps run: its guards would otherwise recompile there.
+            # Under inference_mode, as the engine's steps run.
             with torch.inference_mode():
-                kv_heads, head_dim = self.kv_shape
-                shape = (1, kv_heads, EXAMPLE_CAPACITY, head_dim)
-                buffers = [
-                    (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-                    for _ in range(self.layers)
-                ]
-                for keys, values in buffers:  # the capacity grows with the row: one graph for all
-                    torch._dynamo.maybe_mark_dynamic(keys, 2)
-                    torch._dynamo.maybe_mark_dynamic(values, 2)
-                compiled(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), buffers)
+                program, example = self.export(dtype)
+                package, how = _package(program, inductor_options(detect_cpu()), cache_dir)
+                runner = torch._inductor.aoti_load_package(str(package))
+                runner(*example)
         except Exception as exc:  # no C++ compiler, an op inductor cannot take: stay eager
             first = str(exc).splitlines()[0] if str(exc) else ""
-            self.state = f"off: torch.compile failed ({type(exc).__name__}: {first})"
+            self.state = f"off: compiling failed ({type(exc).__name__}: {first})"
             log.warning("decoding steps stay eager: %s; TEXTGEN_COMPILE=off skips trying", self.state[5:])
             return False
-        self.compiled = compiled
-        self.state = f"compiled in {time.perf_counter() - start:.1f} s"
+        self.compiled, self.dtype = runner, dtype
+        self.state = f"{how} in {time.perf_counter() - start:.1f} s"
         # What the compiler freed goes back to the system: 50 MB of GPT-2's (Zen 4, the C++ template).
         gc.collect()
         release_freed_memory()
-        log.info("a lone stream's decoding step is %s (torch.compile)", self.state)
+        log.info("a lone stream's decoding step is %s (AOTInductor: %s)", self.state, package)
         return True
+
+    def export(self, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, torch.Tensor, Buffers]]:
+        """The step as a program (torch.export) for buffers of `dtype`, and the arguments it was traced with
+        (token 0 at position 0, buffers of EXAMPLE_CAPACITY zeroed)."""
+        kv_heads, head_dim = self.kv_shape
+        shape = (1, kv_heads, EXAMPLE_CAPACITY, head_dim)
+        buffers = [
+            (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(self.layers)
+        ]
+        example = (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), buffers)
+        # Any capacity, each layer its own (they grow at different steps): one program for all.
+        capacities = [torch.export.Dim(f"capacity{layer}", min=2) for layer in range(self.layers)]
+        program = torch.export.export(
+            _Step(self.one_token),
+            example,
+            dynamic_shapes={
+                "ids": None,
+                "positions": None,
+                "buffers": [({2: capacity}, {2: capacity}) for capacity in capacities],
+            },
+        )
+        return program, example
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, keep: Any) -> torch.Tensor | None:
         """Logits [1, V] of a lone row's token through the compiled step, or None: not compiled (yet), or
@@ -140,10 +147,42 @@ class OneTokenSteps:
         buffers = cache.open_one_token()  # textgen's SegmentedCache (engine/kv_cache.py)
         if buffers is None:
             return None
+        # The program reads its inputs as laid out when exported and checks none of it (no guards): whole
+        # contiguous buffers, as SegmentedCache.open_one_token gives, of at least 2 columns (its `capacity`).
+        keys = buffers[0][0]
+        if keys.shape[2] < 2 or keys.dtype != self.dtype or not all(k.is_contiguous() for k, _ in buffers):
+            return None  # the eager pass writes the token into the room made for it
         hidden = self.compiled(ids, positions, buffers)
         cache.close_one_token()
         self.steps += 1
         return self.head(hidden)
+
+
+class _Step(torch.nn.Module):
+    """A `one_token` as a module, which torch.export takes: the model's tensors it reads become the
+    program's constants (the model itself is not a submodule: its int8 output layer is outside)."""
+
+    def __init__(self, one_token: OneToken) -> None:
+        super().__init__()
+        self.one_token = one_token
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
+        return self.one_token(ids, positions, buffers)
+
+
+def inductor_options(cpu: CpuInfo) -> dict[str, Any]:
+    """Inductor's settings for the step on `cpu`."""
+    options: dict[str, Any] = {
+        # The weights are constants of the program, so its products are oneDNN's packed ones or the
+        # template's (`gemm_backends`), on weights laid out for them once, at compile time.
+        "freezing": True,
+        # One compile job at a time, in this thread: no pool of compiling processes beside a serving engine.
+        "compile_threads": 1,
+    }
+    backends = gemm_backends(cpu)
+    if backends is not None:
+        options.update(max_autotune_gemm=True, max_autotune_gemm_backends=backends)
+    return options
 
 
 def gemm_backends(cpu: CpuInfo) -> str | None:
@@ -184,3 +223,69 @@ def _lowest_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):  # not Linux, or not allowed: compile at normal priority
         pass
+
+
+def _package(program: Any, options: dict[str, Any], cache_dir: Path | None) -> tuple[Path, str]:
+    """The compiled package of `program` and how it was had ("compiled", or "loaded from the cache"):
+    from `cache_dir`/compiled when this step was compiled there before, else compiled now and kept there
+    (in a temporary directory when there is no cache directory or it is not writable)."""
+    key = _package_key(program, options)
+    folder = None if cache_dir is None else cache_dir / "compiled"
+    if folder is not None:
+        cached = folder / f"step-{key}.pt2"
+        if cached.is_file():
+            os.utime(cached)  # recently used: kept by _prune
+            return cached, "loaded from the cache"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning(
+                "compiled decoding step: cannot cache it in %s (%s); it compiles at every start", folder, exc
+            )
+            folder = None
+    if folder is None:
+        folder = Path(tempfile.mkdtemp(prefix="textgen-step-"))
+    path = folder / f"step-{key}.pt2"
+    partial = folder / f"partial-{os.getpid()}-{threading.get_native_id()}-{key}.pt2"
+    torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=options)
+    os.replace(partial, path)  # whole or absent, for a server starting beside this one
+    _prune(folder)
+    return path, "compiled"
+
+
+def _package_key(program: Any, options: dict[str, Any]) -> str:
+    """What the package depends on: the program (its graph and every constant's values: the model's
+    weights), how inductor compiles it, for which CPU (its kernels use the instructions this CPU has)
+    and how many threads (the template's blocking), and torch's version."""
+    cpu = detect_cpu()
+    digest = hashlib.sha256()
+    about = {
+        "version": PACKAGE_VERSION,
+        "torch": torch.__version__,
+        "cpu": [cpu.model, sorted(cpu.raw_flags or cpu.flags), [str(cap) for cap in cpu.caps]],
+        "threads": torch.get_num_threads(),
+        "options": options,
+        "graph": str(program.graph),
+        "inputs": str(program.call_spec),
+        "ranges": str(program.range_constraints),
+    }
+    digest.update(json.dumps(about, sort_keys=True, default=str).encode())
+    constants = {**program.state_dict, **program.constants}
+    for name in sorted(constants):
+        value = constants[name]
+        if not isinstance(value, torch.Tensor):  # an opaque object: its values cannot be read
+            raise ValueError(
+                f"the program holds {type(value).__name__} {name}, which cannot be fingerprinted"
+            )
+        dense = value.to_dense() if value.is_mkldnn else value
+        digest.update(f"{name} {dense.dtype} {list(dense.shape)}".encode())
+        digest.update(dense.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def _prune(folder: Path) -> None:
+    """Keep the KEPT_PACKAGES most recently used packages (~250 MB each for GPT-2): one per model, format
+    and CPU a server started with."""
+    packages = sorted(folder.glob("step-*.pt2"), key=lambda path: path.stat().st_mtime, reverse=True)
+    for old in packages[KEPT_PACKAGES:]:
+        old.unlink(missing_ok=True)

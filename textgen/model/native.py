@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -233,7 +234,7 @@ def _native_decoding(model: Any) -> GPT2Decoding | LlamaDecoding | None:
     return None
 
 
-def start_compiling(model: Any, dtype: str) -> str:
+def start_compiling(model: Any, dtype: str, cache_dir: Path | None = None) -> str:
     """Compile `model`'s lone-stream decoding step in the background (textgen/model/compiled.py) where its
     pass is textgen's and its weights (`dtype`, TEXTGEN_DTYPE resolved) are bfloat16; returns the state
     for the log."""
@@ -243,7 +244,7 @@ def start_compiling(model: Any, dtype: str) -> str:
     if dtype not in BFLOAT16_LAYERS:  # bfloat16-int8head too: its output layer is outside the graph
         decoding.steps.state = f"off: {dtype} decodes eagerly"
     else:
-        decoding.steps.start(torch.bfloat16)
+        decoding.steps.start(torch.bfloat16, cache_dir)
     return decoding.steps.state
 
 
