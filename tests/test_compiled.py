@@ -13,7 +13,6 @@ import torch
 
 from textgen.config import ConfigError, Settings
 from textgen.engine.batch import DecodeBatch
-from textgen.engine.core import Engine
 from textgen.engine.params import SamplingParams
 from textgen.model.cpu import detect_cpu
 from textgen.model.loading import load_model
@@ -102,7 +101,9 @@ def test_the_cache_keeps_the_most_recently_used_packages(tmp_path):
         package.write_bytes(b"")
         os.utime(package, (1000 - age, 1000 - age))  # step-0 the newest
     module._prune(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step-{a}.pt2" for a in range(module.KEPT_PACKAGES)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"step-{a}.pt2" for a in range(module.KEPT_PACKAGES)
+    ]
 
 
 @torch.inference_mode()
@@ -138,23 +139,29 @@ def test_a_failed_compile_leaves_the_eager_step(model, monkeypatch, caplog, tmp_
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-int8head"])
 def test_the_server_compiles_bfloat16_steps_in_the_background(dtype, tiny_model_dir, cache_dir):
-    """The way the service starts it (Frontend.warmup): bfloat16 layers compile in a thread (the int8 output
-    layer stays outside the graph), and a lone stream's steps then go through the graph; float32, int8 and
-    seq2seq say why they do not."""
+    """The way the service starts it (Frontend.warmup): after the warm-up, bfloat16 layers compile in a
+    process of its own (the int8 output layer stays outside the step, so the second format finds the
+    first's package in the cache), and a lone stream's steps then go through the compiled step."""
+    from textgen.frontend.prepare import Frontend
+
     settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype=dtype, cache_dir=cache_dir)
     loaded = load_model(settings, resolve_model(settings))
     steps = native_decoding(loaded.model).steps
-    assert start_compiling(loaded.model, dtype, cache_dir) == "compiling"
-    steps.thread.join()
-    # The second format's step is the first's (the int8 output layer is outside it): loaded, not compiled.
-    assert compile_state(loaded.model).startswith("compiled in " if dtype == "bfloat16" else "loaded from the")
-    engine = Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length)
-    engine.start()
+    frontend = Frontend(loaded, settings)
     try:
+        frontend.warmup()
+        assert compile_state(loaded.model) == "compiling"
+        steps.thread.join()
+        # The second format's step is the first's: loaded, not compiled.
+        expected = (
+            "compiled in a process of its own in " if dtype == "bfloat16" else "loaded from the cache in "
+        )
+        assert compile_state(loaded.model).startswith(expected), compile_state(loaded.model)
+        steps.steps = 0
         params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True, speculative=False)
-        result = engine.submit(loaded.tokenizer.encode("What is AI?"), params).wait(60)
+        result = frontend.engine.submit(loaded.tokenizer.encode("What is AI?"), params).wait(60)
     finally:
-        engine.stop()
+        frontend.close()
     assert result.completion_tokens == 20 and result.error is None
     assert steps.steps == 19  # every decoding step after the prompt's
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -132,8 +133,22 @@ class Frontend:
         if self.settings.compile != "off":
             from textgen.model.native import start_compiling
 
-            state = start_compiling(self.loaded.model, self.loaded.dtype, self.settings.cache_dir)
+            state = start_compiling(
+                self.loaded.model, self.loaded.dtype, self.settings.cache_dir, self._same_model_env()
+            )
             log.info("compiled decoding step: %s", state)
+
+    def _same_model_env(self) -> dict[str, str]:
+        """The environment under which another process loads the model this one serves, as it serves it
+        (textgen/model/compile_step.py)."""
+        return {
+            **os.environ,
+            "MODEL_NAME": self.settings.model_name or "",
+            "TEXTGEN_DTYPE": self.loaded.dtype,
+            "TEXTGEN_THREADS": str(self.settings.threads),
+            "TEXTGEN_CACHE_DIR": str(self.settings.cache_dir),
+            "TEXTGEN_GENERATION_CONFIG": self.settings.generation_config,
+        }
 
     def submit(self, prepared: Prepared) -> list[RequestHandle]:
         """Every choice enters the engine at once (they join the same step), or QueueFull is raised."""

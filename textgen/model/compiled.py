@@ -37,9 +37,11 @@ import json
 import logging
 import os
 import tempfile
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,31 +79,51 @@ class OneTokenSteps:
         self.steps = 0  # how many steps it ran (tests check the path was taken)
         self.thread: threading.Thread | None = None  # compiling in the background (`start`)
 
-    def start(self, dtype: torch.dtype, cache_dir: Path | None = None) -> threading.Thread:
+    def start(
+        self, dtype: torch.dtype, cache_dir: Path | None = None, apart: Mapping[str, str] | None = None
+    ) -> threading.Thread:
         """Compile for weights of `dtype` in a background thread, which is returned (`compile`)."""
         self.state = "compiling"
         self.thread = threading.Thread(
-            target=self._compile_aside, args=(dtype, cache_dir), name="textgen-compile"
+            target=self._compile_aside, args=(dtype, cache_dir, apart), name="textgen-compile"
         )
         self.thread.daemon = True
         self.thread.start()
         return self.thread
 
-    def _compile_aside(self, dtype: torch.dtype, cache_dir: Path | None) -> None:
-        # The server answers meanwhile: this thread, and the g++ it runs, at the lowest priority.
+    def _compile_aside(
+        self, dtype: torch.dtype, cache_dir: Path | None, apart: Mapping[str, str] | None
+    ) -> None:
+        # The server answers meanwhile: this thread, and the processes it starts, at the lowest priority.
         _lowest_priority()
-        self.compile(dtype, cache_dir)
+        self.compile(dtype, cache_dir, apart)
 
-    def compile(self, dtype: torch.dtype, cache_dir: Path | None = None) -> bool:
-        """Export the step, compile it (or load it from `cache_dir` when this exact step was compiled
-        before) and run it once on scratch buffers; whether it worked. Steps use it afterwards."""
+    def compile(
+        self, dtype: torch.dtype, cache_dir: Path | None = None, apart: Mapping[str, str] | None = None
+    ) -> bool:
+        """Export the step and load its compiled package from `cache_dir` when this exact step was compiled
+        before, else compile it, and run it once on scratch buffers; whether it worked. Steps use it
+        afterwards. `apart`: the environment under which `python -m textgen.model.compile_step` loads this
+        same model, to compile in that process rather than this one (textgen/model/compile_step.py)."""
         _inductor_cache_dir()
         start = time.perf_counter()
         try:
             # Under inference_mode, as the engine's steps run.
             with torch.inference_mode():
                 program, example = self.export(dtype)
-                package, how = _package(program, inductor_options(detect_cpu()), cache_dir)
+                options = inductor_options(detect_cpu())
+                key = _package_key(program, options)
+                folder = _writable(cache_dir)
+                cached = None if folder is None else folder / f"step-{key}.pt2"
+                if cached is not None and cached.is_file():
+                    os.utime(cached)  # recently used: kept by _prune
+                    package, how = cached, "loaded from the cache"
+                elif cached is not None and apart is not None:
+                    del program  # the child exports its own
+                    _compile_apart(apart, cached)
+                    package, how = cached, "compiled in a process of its own"
+                else:
+                    package, how = _compile(program, options, folder, key), "compiled"
                 runner = torch._inductor.aoti_load_package(str(package))
                 runner(*example)
         except Exception as exc:  # no C++ compiler, an op inductor cannot take: stay eager
@@ -225,32 +247,54 @@ def _lowest_priority() -> None:
         pass
 
 
-def _package(program: Any, options: dict[str, Any], cache_dir: Path | None) -> tuple[Path, str]:
-    """The compiled package of `program` and how it was had ("compiled", or "loaded from the cache"):
-    from `cache_dir`/compiled when this step was compiled there before, else compiled now and kept there
-    (in a temporary directory when there is no cache directory or it is not writable)."""
-    key = _package_key(program, options)
-    folder = None if cache_dir is None else cache_dir / "compiled"
-    if folder is not None:
-        cached = folder / f"step-{key}.pt2"
-        if cached.is_file():
-            os.utime(cached)  # recently used: kept by _prune
-            return cached, "loaded from the cache"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            log.warning(
-                "compiled decoding step: cannot cache it in %s (%s); it compiles at every start", folder, exc
-            )
-            folder = None
-    if folder is None:
-        folder = Path(tempfile.mkdtemp(prefix="textgen-step-"))
+def _writable(cache_dir: Path | None) -> Path | None:
+    """The packages' folder in `cache_dir`, made if need be; None when there is none or it is not writable
+    (then the step compiles at every start, into a temporary directory)."""
+    if cache_dir is None:
+        return None
+    folder = cache_dir / "compiled"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+        raise PermissionError(f"{folder} is not writable")
+    except OSError as exc:
+        log.warning(
+            "compiled decoding step: cannot cache it in %s (%s); it compiles at every start", folder, exc
+        )
+        return None
+
+
+def _compile(program: Any, options: dict[str, Any], folder: Path | None, key: str) -> Path:
+    """Compile `program` into package `folder`/step-`key`.pt2 (a temporary folder for None)."""
+    folder = Path(tempfile.mkdtemp(prefix="textgen-step-")) if folder is None else folder
     path = folder / f"step-{key}.pt2"
     partial = folder / f"partial-{os.getpid()}-{threading.get_native_id()}-{key}.pt2"
-    torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=options)
-    os.replace(partial, path)  # whole or absent, for a server starting beside this one
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=options)
+        os.replace(partial, path)  # whole or absent, for a server starting beside this one
+    finally:
+        partial.unlink(missing_ok=True)
     _prune(folder)
-    return path, "compiled"
+    return path
+
+
+def _compile_apart(environment: Mapping[str, str], package: Path) -> None:
+    """Run `python -m textgen.model.compile_step` under `environment`; raise unless it made `package`."""
+    child = subprocess.run(
+        [sys.executable, "-m", "textgen.model.compile_step"],
+        env=dict(environment),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if child.returncode != 0 or not package.is_file():
+        lines = [line for line in child.stderr.splitlines() if line.strip()]
+        said = lines[-1] if lines else "no output"
+        raise RuntimeError(
+            f"the compiling process (exit status {child.returncode}) made no {package.name}: {said}"
+        )
 
 
 def _package_key(program: Any, options: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ whole (textgen/model/compiled.py); tests/test_compiled.py checks it against the 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -234,17 +234,20 @@ def _native_decoding(model: Any) -> GPT2Decoding | LlamaDecoding | None:
     return None
 
 
-def start_compiling(model: Any, dtype: str, cache_dir: Path | None = None) -> str:
+def start_compiling(
+    model: Any, dtype: str, cache_dir: Path | None = None, apart: Mapping[str, str] | None = None
+) -> str:
     """Compile `model`'s lone-stream decoding step in the background (textgen/model/compiled.py) where its
-    pass is textgen's and its weights (`dtype`, TEXTGEN_DTYPE resolved) are bfloat16; returns the state
-    for the log."""
+    pass is textgen's and its weights (`dtype`, TEXTGEN_DTYPE resolved) are bfloat16, cached in `cache_dir`
+    and, with `apart`, compiled in a process of its own (OneTokenSteps.compile); returns the state for
+    the log."""
     decoding = native_decoding(model)
     if decoding is None:
         return "off: Hugging Face's forward pass decodes this model"
     if dtype not in BFLOAT16_LAYERS:  # bfloat16-int8head too: its output layer is outside the graph
         decoding.steps.state = f"off: {dtype} decodes eagerly"
     else:
-        decoding.steps.start(torch.bfloat16, cache_dir)
+        decoding.steps.start(torch.bfloat16, cache_dir, apart)
     return decoding.steps.state
 
 
