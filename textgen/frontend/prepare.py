@@ -143,7 +143,7 @@ class Frontend:
         (textgen/model/compile_step.py)."""
         return {
             **os.environ,
-            "MODEL_NAME": self.settings.model_name or "",
+            "MODEL_NAME": self.loaded.location or self.settings.model_name or "",
             "TEXTGEN_DTYPE": self.loaded.dtype,
             "TEXTGEN_THREADS": str(self.settings.threads),
             "TEXTGEN_CACHE_DIR": str(self.settings.cache_dir),

@@ -108,24 +108,7 @@ class OneTokenSteps:
         _inductor_cache_dir()
         start = time.perf_counter()
         try:
-            # Under inference_mode, as the engine's steps run.
-            with torch.inference_mode():
-                program, example = self.export(dtype)
-                options = inductor_options(detect_cpu())
-                key = _package_key(program, options)
-                folder = _writable(cache_dir)
-                cached = None if folder is None else folder / f"step-{key}.pt2"
-                if cached is not None and cached.is_file():
-                    os.utime(cached)  # recently used: kept by _prune
-                    package, how = cached, "loaded from the cache"
-                elif cached is not None and apart is not None:
-                    del program  # the child exports its own
-                    _compile_apart(apart, cached)
-                    package, how = cached, "compiled in a process of its own"
-                else:
-                    package, how = _compile(program, options, folder, key), "compiled"
-                runner = torch._inductor.aoti_load_package(str(package))
-                runner(*example)
+            runner, package, how = self._load_or_compile(dtype, cache_dir, apart)
         except Exception as exc:  # no C++ compiler, an op inductor cannot take: stay eager
             first = str(exc).splitlines()[0] if str(exc) else ""
             self.state = f"off: compiling failed ({type(exc).__name__}: {first})"
@@ -133,11 +116,39 @@ class OneTokenSteps:
             return False
         self.compiled, self.dtype = runner, dtype
         self.state = f"{how} in {time.perf_counter() - start:.1f} s"
-        # What the compiler freed goes back to the system: 50 MB of GPT-2's (Zen 4, the C++ template).
+        # What exporting (and compiling, here) took goes back to the system, the program with it: random
+        # GPT-2 (Zen 4) 253 MB, its constants' copies.
         gc.collect()
         release_freed_memory()
         log.info("a lone stream's decoding step is %s (AOTInductor: %s)", self.state, package)
         return True
+
+    @torch.inference_mode()  # as the engine's steps run
+    def _load_or_compile(
+        self, dtype: torch.dtype, cache_dir: Path | None, apart: Mapping[str, str] | None
+    ) -> tuple[Any, Path, str]:
+        """The step's compiled package loaded and run once, where it is and how it was had (`compile`)."""
+        program, example = self.export(dtype)
+        options = inductor_options(detect_cpu())
+        key = _package_key(program, options)
+        folder = _writable(cache_dir)
+        cached = None if folder is None else folder / f"step-{key}.pt2"
+        if cached is not None and cached.is_file():
+            os.utime(cached)  # recently used: kept by _prune
+            package, how = cached, "loaded from the cache"
+        elif cached is not None and apart is not None:
+            del program  # the child exports its own
+            _compile_apart(apart, cached)
+            package, how = cached, "compiled in a process of its own"
+        else:
+            package, how = _compile(program, options, folder, key), "compiled"
+        # Loading holds the constants twice for a moment (random GPT-2, Zen 4: RSS +477 MB, then +240): what
+        # exporting and fingerprinting freed (82 MB) goes back to the system first.
+        gc.collect()
+        release_freed_memory()
+        runner = torch._inductor.aoti_load_package(str(package))
+        runner(*example)
+        return runner, package, how
 
     def export(self, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, torch.Tensor, Buffers]]:
         """The step as a program (torch.export) for buffers of `dtype`, and the arguments it was traced with
@@ -200,6 +211,11 @@ def inductor_options(cpu: CpuInfo) -> dict[str, Any]:
         "freezing": True,
         # One compile job at a time, in this thread: no pool of compiling processes beside a serving engine.
         "compile_threads": 1,
+        # The weights beside the compiled library in the package, not inside it: loaded from inside, they
+        # stayed resident twice, the library's pages and the copy (random GPT-2, Zen 4: +556 MB RSS at load,
+        # against +320 so, ~70 of it torch's compiler modules; force_mmap_weights changed nothing).
+        "aot_inductor.package_constants_in_so": False,
+        "aot_inductor.package_constants_on_disk_format": "binary_blob",
     }
     backends = gemm_backends(cpu)
     if backends is not None:
@@ -281,9 +297,12 @@ def _compile(program: Any, options: dict[str, Any], folder: Path | None, key: st
 
 def _compile_apart(environment: Mapping[str, str], package: Path) -> None:
     """Run `python -m textgen.model.compile_step` under `environment`; raise unless it made `package`."""
+    # textgen importable wherever the server runs from (a Bento's src directory, a checkout)
+    root = str(Path(__file__).resolve().parents[2])
+    paths = [root] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
     child = subprocess.run(
         [sys.executable, "-m", "textgen.model.compile_step"],
-        env=dict(environment),
+        env={**environment, "PYTHONPATH": os.pathsep.join(paths)},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -35,6 +35,7 @@ class LoadedModel:
     dtype_reason: str = ""  # why that format (logs and GET /info)
     # What unset request fields fall back to before textgen's own defaults (logs and GET /info).
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    location: str = ""  # what the weights were read from: a Hub id or a local directory (ModelSource)
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -135,7 +136,15 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
     context = context_length(model, tokenizer)
     defaults = model_sampling_defaults(model, settings.generation_config, source.file, source.sha256)
     loaded = LoadedModel(
-        model, tokenizer, source.model_id, source.origin, context, choice.dtype, choice.reason, defaults
+        model,
+        tokenizer,
+        source.model_id,
+        source.origin,
+        context,
+        choice.dtype,
+        choice.reason,
+        defaults,
+        source.location,
     )
     log.info("model %s from %s", source.model_id, source.describe())
     log.info("dtype %s (TEXTGEN_DTYPE=%s): %s", choice.dtype, settings.dtype, choice.reason)
