@@ -1,31 +1,38 @@
-"""A lone stream's decoding step compiled with torch.compile (inductor, CPU): one graph for the whole step.
+"""A lone stream's decoding step compiled ahead of time (torch.export, then AOTInductor): one program for
+the whole step, compiled once per model, format and machine and cached on disk.
 
 At one row a decoding step streams every weight once, and what is not a product is per-op overhead: each
 layer norm, residual add, view and KV write is a dispatched op of a few microseconds on a [1, 768] tensor,
 ~200 of them a step for GPT-2. Inductor fuses them into a few generated C++ loops and calls the products'
-kernels directly, from generated C++ (`cpp_wrapper`); with `freezing` the weights are constants of the
-graph, so the products are oneDNN's packed bfloat16 ones (textgen/model/linear.py), or inductor's own
-C++ GEMM template where that streams the weights faster (`gemm_backends`: AVX512_BF16 without AMX).
-Measured in the batch's step (one row, AMX Xeon, 2 threads, alternating runs): random GPT-2 bfloat16
-9.9-10.2 ms against 11.9-12.7 eager; SmolLM2 14.8-15.1 against 20.8 (its 30 layers have more small ops).
+kernels directly from generated C++; with `freezing` the weights are constants of the program, so the
+products are oneDNN's packed bfloat16 ones (textgen/model/linear.py), or inductor's own C++ GEMM template
+where that streams the weights faster (`gemm_backends`: AVX512_BF16 without AMX). Measured in the batch's
+step with torch.compile, the same inductor (one row, AMX Xeon, 2 threads, alternating runs): random GPT-2
+bfloat16 9.9-10.2 ms against 11.9-12.7 eager; SmolLM2 14.8-15.1 against 20.8 (more layers, more small ops).
 The output layer stays outside: inductor turned the tied [V, width] product into a generated loop over a
 float32 copy of the embeddings (+150 MB, 17 ms a step instead of 11).
 
 Only a lone row decoding one token takes this path (`SegmentedCache.open_one_token`): every other pass keeps
-the eager one (textgen/model/native.py), so the graph has one shape but its KV buffers' capacity, which is
-dynamic. Only bfloat16 compiles by default: float32 promises that a row computes the same alone and in a
-batch, and fused layer norms round differently from torch's (3e-6 on logits of scale 3), and there inductor
-packs a second copy of every weight (+700 MB for GPT-2).
+the eager one (textgen/model/native.py), so the program has one shape but its KV buffers' capacities, which
+are dynamic (each layer's its own). Only bfloat16 compiles by default: float32 promises that a row computes
+the same alone and in a batch, and fused layer norms round differently from torch's (3e-6 on logits of
+scale 3), and there inductor packs a second copy of every weight (+700 MB for GPT-2).
 
-Compiling takes ~15 s for GPT-2 and ~40-60 s for SmolLM2 on a 2-core AMX Xeon (31-39 s and ~110 s with the
-template on a 2-core Zen 4 EPYC), at every start: inductor caches neither frozen graphs nor their AOT graphs
-("Cannot cache a graph with freezing enabled"). Unfrozen, with the packed products behind a custom op, the
-graph was cached (2.8 s to load) but took 8.4-8.5 ms against 7.1-7.3 frozen: little better than eager. So it
-compiles in a background thread once the server is ready, and the first seconds are slow: GPT-2, one client
-sending 64-token requests from ready on, 124-137 ms a token in the first request (tracing holds the GIL),
-21-28 ms in the next ones, then, compiled, 11.4-12.6 ms. Compiling before ready would hold /readyz back by
-those 15-40 s instead. It costs ~150 MB (the compiler itself). If compiling fails (no C++ compiler, an op
-inductor cannot take), steps stay eager and the log says why. TEXTGEN_COMPILE=off never compiles.
+Ahead of time rather than torch.compile (this module's way before), because the result can be kept:
+torch.compile caches no frozen graph ("Cannot cache a graph with freezing enabled"), so every start paid
+the compile again (GPT-2 15 s on the AMX Xeon, 31-39 s with the template on the Zen 4 EPYC; SmolLM2 40-60
+and ~110 s) and decoded slowly meanwhile. The package (the compiled library and the weights as laid out
+for its kernels, ~250 MB for GPT-2) goes to TEXTGEN_CACHE_DIR/compiled under a key of the program, every
+weight's values, the inductor settings, the CPU (its kernels use this CPU's instructions), the thread count
+and torch's version; a restart exports the step (seconds), finds the package and loads it: random GPT-2
+on the Zen 4 3.2-4.0 s after ready instead of 42-45. And no guards run at each call: on that Zen 4, in
+one process, alternating 250-step blocks, the step took 8.37 ms (median) against torch.compile's 9.37.
+
+On a miss it compiles in a process of its own (textgen/model/compile_step.py), at the lowest priority,
+while the server decodes eagerly: compiling in the server raised its peak RSS (random GPT-2: 1827 MB against
+1186) and tracing held the GIL (one stream, 124-137 ms a token meanwhile, against ~11). Compiling before
+ready would hold /readyz back by those seconds instead. If compiling fails (no C++ compiler, an op inductor
+cannot take), steps stay eager and the log says why. TEXTGEN_COMPILE=off never compiles.
 """
 
 from __future__ import annotations
@@ -36,9 +43,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -116,8 +124,7 @@ class OneTokenSteps:
             return False
         self.compiled, self.dtype = runner, dtype
         self.state = f"{how} in {time.perf_counter() - start:.1f} s"
-        # What exporting (and compiling, here) took goes back to the system, the program with it: random
-        # GPT-2 (Zen 4) 253 MB, its constants' copies.
+        # What exporting, compiling and loading freed goes back to the system (tcmalloc would keep it).
         gc.collect()
         release_freed_memory()
         log.info("a lone stream's decoding step is %s (AOTInductor: %s)", self.state, package)
@@ -146,7 +153,9 @@ class OneTokenSteps:
         # exporting and fingerprinting freed (82 MB) goes back to the system first.
         gc.collect()
         release_freed_memory()
-        runner = torch._inductor.aoti_load_package(str(package))
+        runner = torch._inductor.aoti_load_package(str(package))  # unpacked into a directory of its own
+        if folder is None:  # not cached: nothing to keep
+            shutil.rmtree(package.parent, ignore_errors=True)
         runner(*example)
         return runner, package, how
 
@@ -224,7 +233,7 @@ def inductor_options(cpu: CpuInfo) -> dict[str, Any]:
 
 
 def gemm_backends(cpu: CpuInfo) -> str | None:
-    """The kernels of the graph's products on `cpu` (inductor's max_autotune_gemm_backends), or None for
+    """The kernels of the step's products on `cpu` (inductor's max_autotune_gemm_backends), or None for
     oneDNN's packed products (inductor's default with `freezing`).
 
     Where bfloat16 is native through AVX512_BF16 without AMX, inductor's own C++ GEMM template, whose
@@ -342,7 +351,7 @@ def _package_key(program: Any, options: dict[str, Any]) -> str:
             )
         dense = value.to_dense() if value.is_mkldnn else value
         digest.update(f"{name} {dense.dtype} {list(dense.shape)}".encode())
-        digest.update(dense.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(dense.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:24]
 
 
