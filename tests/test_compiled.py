@@ -1,6 +1,7 @@
 """A lone stream's compiled decoding step (textgen/model/compiled.py): it computes what the eager pass
-computes, for GPT-2 and Llama, across the cache's growth; the server compiles it in the background for
-bfloat16 only; and a failed compile leaves the eager step."""
+computes, for GPT-2 and Llama, across the cache's growth; it is cached under a key of the program, its
+weights, the machine and torch, and a restart loads it; the server compiles it in the background, in a
+process of its own, for bfloat16 only; and a failed compile leaves the eager step."""
 
 from __future__ import annotations
 

@@ -109,7 +109,7 @@ class ServerState:
             "dtype_reason": self.loaded.dtype_reason if self.loaded else None,
             "cpu": self.cpu,
             "allocator": self.allocator,
-            "compiled_step": self.compiled_step,  # a lone stream's step through torch.compile, or why not
+            "compiled_step": self.compiled_step,  # a lone stream's step (model/compiled.py), or why not
             "context_length": self.loaded.context_length if self.loaded else None,
             # What a request's unset sampling fields fall back to, and from where (the model, or textgen).
             "sampling_defaults": self.loaded.sampling_defaults.as_info() if self.loaded else None,

@@ -147,7 +147,6 @@ class Frontend:
             "TEXTGEN_DTYPE": self.loaded.dtype,
             "TEXTGEN_THREADS": str(self.settings.threads),
             "TEXTGEN_CACHE_DIR": str(self.settings.cache_dir),
-            "TEXTGEN_GENERATION_CONFIG": self.settings.generation_config,
         }
 
     def submit(self, prepared: Prepared) -> list[RequestHandle]:

@@ -14,7 +14,7 @@ The pass takes the same packed batch as Hugging Face's does in textgen (textgen/
 keys and values and whose `parts(layer)` gives what each part attends over (textgen/model/attention.py).
 It calls the model's own submodules (textgen's packed or int8 products, fused activations), so it computes
 what Hugging Face's forward computes, in the same order; tests/test_native.py checks the logits against it.
-A lone row decoding one token also has a form over plain tensors (`one_token`), which torch.compile takes
+A lone row decoding one token also has a form over plain tensors (`one_token`), compiled ahead of time as a
 whole (textgen/model/compiled.py); tests/test_compiled.py checks it against the pass above.
 """
 
@@ -64,7 +64,7 @@ class GPT2Decoding:
         return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
 
     def one_token(self, ids: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
-        """A lone row's step, tensors only (for torch.compile, textgen/model/compiled.py): the final hidden
+        """A lone row's step, tensors only (compiled: textgen/model/compiled.py): the final hidden
         state [1, width] of token `ids` [1] at `positions` [1], whose keys and values go into each layer's
         `buffers` (keys, values [1, heads, C, head_dim]) at column `positions`, and which attends over the
         columns up to it."""
@@ -244,7 +244,7 @@ def start_compiling(
     decoding = native_decoding(model)
     if decoding is None:
         return "off: Hugging Face's forward pass decodes this model"
-    if dtype not in BFLOAT16_LAYERS:  # bfloat16-int8head too: its output layer is outside the graph
+    if dtype not in BFLOAT16_LAYERS:  # bfloat16-int8head too: its output layer is outside the step
         decoding.steps.state = f"off: {dtype} decodes eagerly"
     else:
         decoding.steps.start(torch.bfloat16, cache_dir, apart)
