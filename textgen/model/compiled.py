@@ -69,18 +69,21 @@ KEPT_PACKAGES = 4  # compiled packages kept in the cache directory (`_prune`)
 
 
 class OneTokenSteps:
-    """The compiled form of a decoding pass's `one_token` (its final hidden state), then the output layer.
+    """A decoding pass's `embed`, the compiled form of its `one_token` (the final hidden state), then the
+    output layer. The embedding lookup stays outside the program, as the output layer does: inside, its
+    table (77 MB for GPT-2) would be a second copy, the program's constant beside the model's.
 
     `kv_shape`: a layer's (key heads, head size); `layers`: how many."""
 
     def __init__(
         self,
+        embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         one_token: OneToken,
         head: Callable[[torch.Tensor], torch.Tensor],
         kv_shape: tuple[int, int],
         layers: int,
     ) -> None:
-        self.one_token, self.head = one_token, head
+        self.embed, self.one_token, self.head = embed, one_token, head
         self.kv_shape, self.layers = kv_shape, layers
         self.compiled: OneToken | None = None  # set once compiled and run: steps use it from then on
         self.dtype = torch.bfloat16  # of the buffers it was compiled for
@@ -162,20 +165,21 @@ class OneTokenSteps:
 
     def export(self, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, torch.Tensor, Buffers]]:
         """The step as a program (torch.export) for buffers of `dtype`, and the arguments it was traced with
-        (token 0 at position 0, buffers of EXAMPLE_CAPACITY zeroed)."""
+        (token 0 embedded at position 0, buffers of EXAMPLE_CAPACITY zeroed)."""
         kv_heads, head_dim = self.kv_shape
         shape = (1, kv_heads, EXAMPLE_CAPACITY, head_dim)
         buffers = [
             (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(self.layers)
         ]
-        example = (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), buffers)
+        positions = torch.zeros(1, dtype=torch.long)
+        example = (self.embed(torch.zeros(1, dtype=torch.long), positions).to(dtype), positions, buffers)
         # Any capacity, each layer its own (they grow at different steps): one program for all.
         capacities = [torch.export.Dim(f"capacity{layer}", min=2) for layer in range(self.layers)]
         program = torch.export.export(
             _Step(self.one_token),
             example,
             dynamic_shapes={
-                "ids": None,
+                "hidden": None,
                 "positions": None,
                 "buffers": [({2: capacity}, {2: capacity}) for capacity in capacities],
             },
@@ -195,7 +199,7 @@ class OneTokenSteps:
         keys = buffers[0][0]
         if keys.shape[2] < 2 or keys.dtype != self.dtype or not all(k.is_contiguous() for k, _ in buffers):
             return None  # the eager pass writes the token into the room made for it
-        hidden = self.compiled(ids, positions, buffers)
+        hidden = self.compiled(self.embed(ids, positions), positions, buffers)
         cache.close_one_token()
         self.steps += 1
         return self.head(hidden)
@@ -209,8 +213,8 @@ class _Step(torch.nn.Module):
         super().__init__()
         self.one_token = one_token
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
-        return self.one_token(ids, positions, buffers)
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
+        return self.one_token(hidden, positions, buffers)
 
 
 def inductor_options(cpu: CpuInfo) -> dict[str, Any]:

@@ -50,7 +50,9 @@ class GPT2Decoding:
             for block in body.h
         ]
         head_dim = self.width // self.heads
-        self.steps = OneTokenSteps(self.one_token, self.head, (self.heads, head_dim), len(self.layers))
+        self.steps = OneTokenSteps(
+            self.embed, self.one_token, self.head, (self.heads, head_dim), len(self.layers)
+        )
 
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, keep: torch.Tensor | None
@@ -60,15 +62,18 @@ class GPT2Decoding:
         logits = self.steps.run(ids, positions, cache, keep)
         if logits is not None:
             return logits
-        hidden = self._blocks(self.embeddings(ids) + self.positions(positions), _segmented(cache))
+        hidden = self._blocks(self.embed(ids, positions), _segmented(cache))
         return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
 
-    def one_token(self, ids: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
-        """A lone row's step, tensors only (compiled: textgen/model/compiled.py): the final hidden
-        state [1, width] of token `ids` [1] at `positions` [1], whose keys and values go into each layer's
-        `buffers` (keys, values [1, heads, C, head_dim]) at column `positions`, and which attends over the
-        columns up to it."""
-        hidden = self.embeddings(ids) + self.positions(positions)
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The input hidden states [T, width] of tokens `ids` [T] at `positions` [T]."""
+        return self.embeddings(ids) + self.positions(positions)
+
+    def one_token(self, hidden: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
+        """A lone row's step after its embedding, tensors only (compiled: textgen/model/compiled.py): the
+        final hidden state [1, width] of the token embedded as `hidden` [1, width] at `positions` [1], whose
+        keys and values go into each layer's `buffers` (keys, values [1, heads, C, head_dim]) at column
+        `positions`, and which attends over the columns up to it."""
         return self.final_norm(self._blocks(hidden, _one_token(buffers, positions)))
 
     def _blocks(self, hidden: torch.Tensor, attend: Attend) -> torch.Tensor:
@@ -112,7 +117,7 @@ class LlamaDecoding:
         attention = body.layers[0].self_attn
         kv_heads = model.config.num_key_value_heads or model.config.num_attention_heads
         self.steps = OneTokenSteps(
-            self.one_token, self.head, (kv_heads, attention.head_dim), len(self.layers)
+            self.embed, self.one_token, self.head, (kv_heads, attention.head_dim), len(self.layers)
         )
 
     def __call__(
@@ -123,13 +128,16 @@ class LlamaDecoding:
         logits = self.steps.run(ids, positions, cache, keep)
         if logits is not None:
             return logits
-        hidden = self._blocks(self.embeddings(ids), positions, _segmented(cache))
+        hidden = self._blocks(self.embed(ids, positions), positions, _segmented(cache))
         return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
 
-    def one_token(self, ids: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
-        """A lone row's step, tensors only: as GPT2Decoding.one_token."""
-        hidden = self._blocks(self.embeddings(ids), positions, _one_token(buffers, positions))
-        return self.final_norm(hidden)
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The input hidden states [T, width] of tokens `ids` [T] (positions enter as rotations, later)."""
+        return self.embeddings(ids)
+
+    def one_token(self, hidden: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
+        """A lone row's step after its embedding, tensors only: as GPT2Decoding.one_token."""
+        return self.final_norm(self._blocks(hidden, positions, _one_token(buffers, positions)))
 
     def _blocks(self, hidden: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """The blocks over hidden states [T, width] at `positions`, attention by `attend`."""
