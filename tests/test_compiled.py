@@ -169,6 +169,57 @@ def test_the_server_compiles_bfloat16_steps_in_the_background(dtype, tiny_model_
     assert steps.steps == 19  # every decoding step after the prompt's
 
 
+def test_the_compiling_process_stops_with_the_server(tiny_model_dir, tmp_path):
+    """A server stopped while its step compiles apart (textgen/model/compile_step.py) takes the compile
+    with it, and no half-written package stays in the cache."""
+    import subprocess
+    import sys
+    import time
+
+    env = {
+        **os.environ,
+        "MODEL_NAME": str(tiny_model_dir),
+        "TEXTGEN_DTYPE": "bfloat16",
+        "TEXTGEN_THREADS": "1",
+        "TEXTGEN_CACHE_DIR": str(tmp_path),
+    }
+    log = tmp_path / "log"
+    # Stands in for the server: starts the compile, says its pid, and stops once the model is loaded.
+    server = f"""
+import os, pathlib, subprocess, sys, time
+log = pathlib.Path({str(log)!r})
+child = subprocess.Popen(
+    [sys.executable, "-m", "textgen.model.compile_step"],
+    env={{**os.environ, "TEXTGEN_COMPILE_PARENT": str(os.getpid())}},
+    stdout=subprocess.DEVNULL,
+    stderr=log.open("w"),
+)
+print(child.pid, flush=True)
+deadline = time.monotonic() + 40
+while time.monotonic() < deadline and "dtype bfloat16" not in log.read_text():
+    time.sleep(0.1)
+"""
+    started = subprocess.run(
+        [sys.executable, "-c", server], env=env, capture_output=True, text=True, timeout=60
+    )
+    child = int(started.stdout.split()[0])
+    deadline = time.monotonic() + 20
+    while _alive(child):
+        assert time.monotonic() < deadline, "the compile went on after its server stopped"
+        time.sleep(0.2)
+    assert not list(tmp_path.rglob("*.pt2"))
+    said = log.read_text()
+    assert "dtype bfloat16" in said and "Traceback" not in said, said  # it was under way, and did not fail
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
 def test_other_formats_and_models_decode_eagerly(loaded_tiny):
     assert start_compiling(loaded_tiny.model, "float32") == "off: float32 decodes eagerly"
     assert start_compiling(loaded_tiny.model, "int8") == "off: int8 decodes eagerly"

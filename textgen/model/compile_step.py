@@ -6,7 +6,8 @@ TEXTGEN_CACHE_DIR), exports its step, compiles it and writes the package where t
 because compiling in the server cost it twice over: inductor's working memory (random GPT-2: the process's
 peak RSS 1827 MB against 1186 without compiling, measured on the AMD EPYC Zen 4), and tracing holds the
 GIL, so the engine's steps stalled (one stream: 124-137 ms a token while tracing, against ~11).
-Exit status 0 when the package is in the cache.
+Exit status 0 when the package is in the cache. It stops when the server does (`_follow_parent`): a stopped
+server's compile would otherwise go on for a minute or two, taking the CPU from whatever runs next.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
+from pathlib import Path
 
 import torch
 
@@ -22,16 +26,36 @@ from textgen.model.loading import load_model
 from textgen.model.native import native_decoding
 from textgen.model.source import resolve_model
 
+PARENT = "TEXTGEN_COMPILE_PARENT"  # the pid of the server that started it
+
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="textgen.compile_step %(levelname)s %(message)s")
     settings = Settings.from_env(os.environ)
+    _follow_parent(settings.cache_dir / "compiled")
     loaded = load_model(settings, resolve_model(settings))
     decoding = native_decoding(loaded.model)
     if decoding is None:
         print(f"{loaded.model_id}: Hugging Face's forward pass decodes this model", file=sys.stderr)
         return 1
     return 0 if decoding.steps.compile(torch.bfloat16, settings.cache_dir) else 1
+
+
+def _follow_parent(folder: Path) -> None:
+    """Exit, dropping this process's half-written package in `folder`, once the server that started it
+    (TEXTGEN_COMPILE_PARENT, its pid: this process's parent until it is gone) is gone."""
+    parent = os.environ.get(PARENT)
+    if parent is None:  # started by hand
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(1)
+        for partial in folder.glob(f"partial-{os.getpid()}-*"):
+            partial.unlink(missing_ok=True)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="textgen-follow-parent", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -316,7 +316,7 @@ def _compile_apart(environment: Mapping[str, str], package: Path) -> None:
     paths = [root] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
     child = subprocess.run(
         [sys.executable, "-m", "textgen.model.compile_step"],
-        env={**environment, "PYTHONPATH": os.pathsep.join(paths)},
+        env={**environment, "PYTHONPATH": os.pathsep.join(paths), "TEXTGEN_COMPILE_PARENT": str(os.getpid())},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
