@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 from textgen.config import Settings
+from textgen.model.compiled import PARENT
 from textgen.model.loading import load_model
 from textgen.model.native import native_decoding
 from textgen.model.source import resolve_model
-
-PARENT = "TEXTGEN_COMPILE_PARENT"  # the pid of the server that started it
 
 
 def main() -> int:

@@ -66,6 +66,7 @@ OneToken = Callable[[torch.Tensor, torch.Tensor, Buffers], torch.Tensor]
 EXAMPLE_CAPACITY = 64  # the KV capacity the step is exported with; any other works (it is dynamic)
 PACKAGE_VERSION = 1  # bump when what a package holds changes without its key changing
 KEPT_PACKAGES = 4  # compiled packages kept in the cache directory (`_prune`)
+PARENT = "TEXTGEN_COMPILE_PARENT"  # set for the compiling process: the pid of the server it compiles for
 
 
 class OneTokenSteps:
@@ -316,7 +317,7 @@ def _compile_apart(environment: Mapping[str, str], package: Path) -> None:
     paths = [root] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
     child = subprocess.run(
         [sys.executable, "-m", "textgen.model.compile_step"],
-        env={**environment, "PYTHONPATH": os.pathsep.join(paths), "TEXTGEN_COMPILE_PARENT": str(os.getpid())},
+        env={**environment, "PYTHONPATH": os.pathsep.join(paths), PARENT: str(os.getpid())},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
