@@ -78,22 +78,23 @@ def test_the_cache_key_is_the_program_with_its_weights_the_machine_and_torch(mod
     from textgen.model import compiled as module
 
     steps = native_decoding(model).steps
-    options = module.inductor_options(detect_cpu())
+    cpu = detect_cpu()
+    options = module.inductor_options(cpu)
     program, _ = steps.export(torch.float32)
-    key = module._package_key(program, options)
-    assert module._package_key(steps.export(torch.float32)[0], options) == key  # the same step
+    key = module._package_key(program, options, cpu)
+    assert module._package_key(steps.export(torch.float32)[0], options, cpu) == key  # the same step
     body = model.base_model
     weights = (body.ln_f if hasattr(body, "ln_f") else body.norm).weight  # the final norm's: a constant
     saved = weights.clone()
     weights[0] += 1.0  # one weight changed, the shapes the same
     try:
-        assert module._package_key(steps.export(torch.float32)[0], options) != key
+        assert module._package_key(steps.export(torch.float32)[0], options, cpu) != key
     finally:
         weights.copy_(saved)
-    assert module._package_key(steps.export(torch.float32)[0], options) == key  # restored
-    assert module._package_key(program, {**options, "max_autotune_gemm_backends": "ATEN"}) != key
+    assert module._package_key(steps.export(torch.float32)[0], options, cpu) == key  # restored
+    assert module._package_key(program, {**options, "max_autotune_gemm_backends": "ATEN"}, cpu) != key
     monkeypatch.setattr(torch, "__version__", "0.0.1")
-    assert module._package_key(program, options) != key
+    assert module._package_key(program, options, cpu) != key
 
 
 def test_the_cache_keeps_the_most_recently_used_packages(tmp_path):

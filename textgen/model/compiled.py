@@ -141,25 +141,29 @@ class OneTokenSteps:
     ) -> tuple[Any, Path, str]:
         """The step's compiled package loaded and run once, where it is and how it was had (`compile`)."""
         program, example = self.export(dtype)
-        options = inductor_options(detect_cpu())
-        key = _package_key(program, options)
+        cpu = detect_cpu()
+        options = inductor_options(cpu)
+        name = f"step-{_package_key(program, options, cpu)}.pt2"
         folder = _writable(cache_dir)
-        cached = None if folder is None else folder / f"step-{key}.pt2"
-        if cached is not None and cached.is_file():
-            os.utime(cached)  # recently used: kept by _prune
-            package, how = cached, "loaded from the cache"
-        elif cached is not None and apart is not None:
+        if folder is not None and (folder / name).is_file():
+            package, how = folder / name, "loaded from the cache"
+            os.utime(package)  # recently used: kept by _prune
+        elif folder is not None and apart is not None:
             del program  # the child exports its own
-            _compile_apart(apart, cached)
-            package, how = cached, "compiled in a process of its own"
+            package, how = folder / name, "compiled in a process of its own"
+            _compile_apart(apart, package)
         else:
-            package, how = _compile(program, options, folder, key), "compiled"
+            # Compiled here: into the cache, or, without one, into a temporary directory removed once loaded.
+            package, how = (folder or Path(tempfile.mkdtemp(prefix="textgen-step-"))) / name, "compiled"
+            _compile(program, options, package)
+            if folder is not None:
+                _prune(folder)
         # Loading holds the constants twice for a moment (random GPT-2, Zen 4: RSS +477 MB, then +240): what
         # exporting and fingerprinting freed (82 MB) goes back to the system first.
         gc.collect()
         release_freed_memory()
         runner = torch._inductor.aoti_load_package(str(package))  # unpacked into a directory of its own
-        if folder is None:  # not cached: nothing to keep
+        if folder is None:
             shutil.rmtree(package.parent, ignore_errors=True)
         runner(*example)
         return runner, package, how
@@ -303,18 +307,15 @@ def _writable(cache_dir: Path | None) -> Path | None:
         return None
 
 
-def _compile(program: Any, options: dict[str, Any], folder: Path | None, key: str) -> Path:
-    """Compile `program` into package `folder`/step-`key`.pt2 (a temporary folder for None)."""
-    folder = Path(tempfile.mkdtemp(prefix="textgen-step-")) if folder is None else folder
-    path = folder / f"step-{key}.pt2"
-    partial = folder / f"partial-{os.getpid()}-{threading.get_native_id()}-{key}.pt2"
+def _compile(program: Any, options: dict[str, Any], package: Path) -> None:
+    """Compile `program` into `package`, which appears whole or not at all (for a server starting beside
+    this one)."""
+    partial = package.with_name(f"partial-{os.getpid()}-{threading.get_native_id()}-{package.name}")
     try:
         torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=options)
-        os.replace(partial, path)  # whole or absent, for a server starting beside this one
+        os.replace(partial, package)
     finally:
         partial.unlink(missing_ok=True)
-    _prune(folder)
-    return path
 
 
 def _compile_apart(environment: Mapping[str, str], package: Path) -> None:
@@ -338,11 +339,10 @@ def _compile_apart(environment: Mapping[str, str], package: Path) -> None:
         )
 
 
-def _package_key(program: Any, options: dict[str, Any]) -> str:
+def _package_key(program: Any, options: dict[str, Any], cpu: CpuInfo) -> str:
     """What the package depends on: the program (its graph and every constant's values: the model's
     weights), how inductor compiles it, for which CPU (its kernels use the instructions this CPU has)
     and how many threads (the template's blocking), and torch's version."""
-    cpu = detect_cpu()
     digest = hashlib.sha256()
     about = {
         "version": PACKAGE_VERSION,
