@@ -51,3 +51,49 @@ def test_a_model_whose_attention_has_no_layer_index_keeps_its_own_attention():
     assert not use_decode_attention(model) and not decodes_with_segments(model)
     model.transformer.h[1].attn.layer_idx = 1
     assert use_decode_attention(model) and decodes_with_segments(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_both_kernels_attend_alike(dtype, heads, kv_heads, rows):
+    """The grouped matmuls and torch's SDPA, each of which serves some CPUs and shapes (`sdpa_wins`), give
+    the same attention on this machine, in both dtypes that decode."""
+    import torch.nn.functional as F
+
+    from textgen.model.attention import grouped_matmuls
+
+    torch.manual_seed(0)
+    length, dim = 41, 16
+    query = torch.randn(rows, heads, 1, dim, dtype=dtype)
+    key, value = (torch.randn(rows, kv_heads, length, dim, dtype=dtype) for _ in range(2))
+    mask = torch.ones(rows, 1, 1, length, dtype=torch.bool)
+    mask[:, ..., -6:] = False  # spare cache room
+    ours = grouped_matmuls(query, key, value, mask, 0.25)
+    reference = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=0.25, enable_gqa=kv_heads != heads
+    ).transpose(1, 2)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(ours, reference, atol=tolerance, rtol=tolerance)
+
+
+def test_the_attention_kernel_follows_the_cpu():
+    """SDPA's bfloat16 flash kernel is fast only on AMX (measured: 4-6x slower than the matmuls on a Zen 4
+    EPYC at 32 rows); one row over few columns goes to SDPA everywhere, in float32 as before."""
+    from tests.test_cpu import MACHINES
+    from textgen.model.attention import sdpa_wins
+    from textgen.model.cpu import detect_cpu
+
+    amx, zen4, zen3 = (detect_cpu(MACHINES[n]) for n in ("sapphire-rapids", "epyc-zen4", "epyc-zen3"))
+    bf16, f32 = torch.bfloat16, torch.float32
+    # bfloat16 batches: SDPA only where AMX runs it; with GQA the matmuls everywhere (keys read once).
+    assert sdpa_wins(amx, 32, 12, 12, bf16, 160)
+    assert not any(sdpa_wins(cpu, 32, 12, 12, bf16, 160) for cpu in (zen4, zen3))
+    assert not any(sdpa_wins(cpu, 32, 9, 3, bf16, 160) for cpu in (amx, zen4, zen3))
+    # One row: SDPA everywhere over few columns; in bfloat16 without AMX not over many, nor compiled.
+    assert all(sdpa_wins(cpu, 1, 12, 12, dt, 64) for cpu in (amx, zen4, zen3) for dt in (bf16, f32))
+    assert sdpa_wins(amx, 1, 12, 12, bf16, 512) and sdpa_wins(amx, 1, 12, 12, bf16, None)
+    assert not sdpa_wins(zen4, 1, 12, 12, bf16, 512) and not sdpa_wins(zen4, 1, 12, 12, bf16, None)
+    assert sdpa_wins(zen4, 1, 12, 12, f32, 512) and sdpa_wins(zen4, 1, 12, 12, f32, None)
+    # float32 batches: the matmuls, on every CPU.
+    assert not any(sdpa_wins(cpu, 32, 12, 12, f32, 160) for cpu in (amx, zen4, zen3))

@@ -1,11 +1,9 @@
 """Attention for decoding steps: one query token per row (or a few drafted ones, or a prompt's chunk).
 
-Which kernel depends on the shape (measured in `_attend`): torch's `scaled_dot_product_attention` for a
-single row and for bfloat16 without grouped-query attention; otherwise `softmax(q @ kᵀ) @ v` with the
-query heads that share a key head stacked, so keys and values are read once. (When this module was
-written, SDPA took 2.9 ms per layer for 32 rows of 160 cached tokens against 0.36 for the matmuls; in
-torch 2.13 it is on par there and faster at one row.) Prefill (many query tokens) goes to transformers'
-SDPA path.
+Which kernel depends on the CPU and the shape (`sdpa_wins`, measured): torch's
+`scaled_dot_product_attention` (its CPU flash kernel) or `softmax(q @ kᵀ) @ v` with the query heads that
+share a key head stacked, so keys and values are read once. Prefill (many query tokens) goes to
+transformers' SDPA path.
 
 Registered with transformers' AttentionInterface as "textgen", so the model's own attention modules call it;
 masks are built exactly as for "sdpa". The matmul path takes scores in the model's dtype and the softmax
@@ -18,6 +16,7 @@ segment's width only, in the same forward pass (a decoding step, or a few drafte
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -26,6 +25,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from textgen.model.cpu import CpuInfo, detect_cpu
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +75,25 @@ def segmented_attention(query: torch.Tensor, kv_segments: Any, layer: int, scale
 def _attend(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """softmax(q kᵀ) v for a few query tokens per row; mask [B, 1, q, L], bool or additive."""
-    rows, heads, queries, dim = query.shape
-    kv_heads = key.shape[1]
-    if rows == 1 or (kv_heads == heads and query.dtype == torch.bfloat16):
-        # torch 2.13's SDPA, measured per layer on the AMX Xeon: at one row (one stream, or one long
-        # prompt's chunk) 2.5-5x faster than the matmuls below (64 cached tokens: 21 against 104 us in
-        # bfloat16, 15 against 47 in float32; GQA alike); in bfloat16 without GQA faster at every size
-        # (32 rows of 160: 0.78 against 1.11 ms; 16 of 1000: 1.5 against 2.9). With GQA at many rows the
-        # grouped matmuls read each key once and win (32 rows of 160: 0.38 against 0.45 ms), as do plain
-        # float32 ones (16 rows of 1000: 4.2 against 4.6 ms).
+    """softmax(q kᵀ) v for a few query tokens per row; mask [B, 1, q, L], bool or additive. [B, q, H, D]."""
+    rows, heads = query.shape[:2]
+    if sdpa_wins(this_cpu(), rows, heads, key.shape[1], query.dtype, key.shape[2]):
         out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads
+            query, key, value, attn_mask=mask, scale=scale, enable_gqa=key.shape[1] != heads
         )
         return out.transpose(1, 2)
+    return grouped_matmuls(query, key, value, mask, scale)
+
+
+def grouped_matmuls(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """`_attend` as two matmuls: the query heads that share a key/value head become that head's query rows
+    (grouped-query attention), so keys and values are read once and never repeated. Scores in the model's
+    dtype, the softmax in float32."""
+    rows, heads, queries, dim = query.shape
+    kv_heads = key.shape[1]
     group = heads // kv_heads
-    # Grouped-query attention: the query heads that share a key/value head become that head's query rows,
-    # so keys and values are read once and never repeated.
     grouped = query.reshape(rows, kv_heads, group * queries, dim)
     scores = torch.matmul(grouped * scale, key.transpose(-1, -2))  # [B, KV, group * q, L]
     if mask is not None:
@@ -104,6 +107,36 @@ def _attend(
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     out = torch.matmul(probs, value)  # [B, KV, group * q, D]
     return out.reshape(rows, heads, queries, dim).transpose(1, 2)
+
+
+def sdpa_wins(
+    cpu: CpuInfo, rows: int, heads: int, kv_heads: int, dtype: torch.dtype, width: int | None
+) -> bool:
+    """Whether torch's SDPA is the faster kernel for `rows` query tokens of `heads` heads over `width` cached
+    columns of `kv_heads` heads on `cpu`, rather than `grouped_matmuls`. `width` None: a lone row's compiled
+    step (textgen/model/compiled.py), whose program takes any width.
+
+    torch 2.13, per layer, 2 threads. On the AMX Xeon: at one row (one stream, or one long prompt's chunk)
+    SDPA is 2.5-5x faster (64 cached tokens: 21 against 104 us in bfloat16, 15 against 47 in float32; GQA
+    alike); in bfloat16 without GQA faster at every size (32 rows of 160: 0.78 against 1.11 ms; 16 of 1000:
+    1.5 against 2.9). With GQA at many rows the grouped matmuls read each key once and win (32 rows of 160:
+    0.38 against 0.45 ms), as do plain float32 ones (16 rows of 1000: 4.2 against 4.6 ms).
+    Without AMX its bfloat16 flash kernel is slow: on the Zen 4 EPYC (AVX512_BF16), GPT-2's 12 heads, SDPA
+    against the matmuls: 32 rows of 160 4.14 against 0.78 ms (at 32 clients it was 55% of the step), 8 of
+    160 0.94 against 0.30, 1 of 512 0.37 against 0.19; only one row over few columns is faster (1 of 48:
+    0.059 against 0.115; of 160 0.126 against 0.134); SmolLM2's GQA (9 heads, 3 key heads) alike. float32
+    there as on the Xeon (1 of 160: 0.024 against 0.055; 32 of 160: 1.27 against 0.87). Compiled (GPT-2's
+    whole step, same process, alternating blocks), the matmuls win at every width there: 3.51 against 4.38
+    ms a step over 64 columns, 3.64 against 5.28 over 160 (inductor fuses the mask, softmax and casts).
+    """
+    if dtype == torch.bfloat16 and cpu.bf16_unit != "AMX":
+        return rows == 1 and width is not None and width <= 160
+    return rows == 1 or (kv_heads == heads and dtype == torch.bfloat16)
+
+
+@functools.cache
+def this_cpu() -> CpuInfo:
+    return detect_cpu()
 
 
 def decodes_with_segments(model: Any) -> bool:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from textgen.model.attention import segmented_attention
+from textgen.model.attention import grouped_matmuls, sdpa_wins, segmented_attention, this_cpu
 from textgen.model.compiled import Buffers, OneTokenSteps
 from textgen.model.formats import BFLOAT16_LAYERS
 
@@ -204,6 +204,8 @@ def _attend_one(
     values.index_copy_(2, position, value)
     visible = (torch.arange(keys.shape[2]) <= position).view(1, 1, 1, -1)  # its positions, not spare room
     heads, kv_heads = query.shape[1], keys.shape[1]
+    if not sdpa_wins(this_cpu(), 1, heads, kv_heads, keys.dtype, None):
+        return grouped_matmuls(query, keys, values, visible, scaling).reshape(1, -1)
     out = F.scaled_dot_product_attention(
         query, keys, values, attn_mask=visible, scale=scaling, enable_gqa=kv_heads != heads
     )
