@@ -125,9 +125,8 @@ def sdpa_wins(
     against the matmuls: 32 rows of 160 4.14 against 0.78 ms (at 32 clients it was 55% of the step), 8 of
     160 0.94 against 0.30, 1 of 512 0.37 against 0.19; only one row over few columns is faster (1 of 48:
     0.059 against 0.115; of 160 0.126 against 0.134); SmolLM2's GQA (9 heads, 3 key heads) alike. float32
-    there as on the Xeon (1 of 160: 0.024 against 0.055; 32 of 160: 1.27 against 0.87). Compiled (GPT-2's
-    whole step, same process, alternating blocks), the matmuls win at every width there: 3.51 against 4.38
-    ms a step over 64 columns, 3.64 against 5.28 over 160 (inductor fuses the mask, softmax and casts).
+    there as on the Xeon (1 of 160: 0.024 against 0.055; 32 of 160: 1.27 against 0.87). A lone row's
+    compiled step is faster without SDPA there at every width (textgen/model/native.py `_summed_attention`).
     """
     if dtype == torch.bfloat16 and cpu.bf16_unit != "AMX":
         return rows == 1 and width is not None and width <= 160
