@@ -135,6 +135,7 @@ def sdpa_wins(
 
 @functools.cache
 def this_cpu() -> CpuInfo:
+    """The CPU this process runs on (`sdpa_wins` asks at every step), detected once."""
     return detect_cpu()
 
 
