@@ -29,7 +29,7 @@ from textgen.api.openapi import DocumentRewriter
 from textgen.api.tokenizer import TokenizerRoutes
 from textgen.config import Settings
 from textgen.frontend.prepare import Frontend
-from textgen.model.allocator import preload_for_workers
+from textgen.model.allocator import bound_kernel_caches, preload_for_workers
 from textgen.model.source import resolve_model
 from textgen.model.store import check_build_has_model, stored_model_source
 
@@ -38,9 +38,10 @@ watch_for_failed_worker()  # a worker that cannot load the model makes `bentoml 
 log = logging.getLogger("textgen")
 fix_timeout_middleware()  # BentoML 1.4 keeps each request's context for the whole traffic timeout otherwise
 settings = Settings.from_env()
-# Workers allocate with tcmalloc where the system has it; only processes started after this can take it, so
-# here, in `bentoml serve`'s own process, before it starts them (textgen/model/allocator.py).
-log.info("memory allocator: %s", preload_for_workers(settings.allocator))
+# Workers allocate with tcmalloc where the system has it, and bound oneDNN's per-shape caches; only processes
+# started after this can take either, so here, in `bentoml serve`'s own process, before it starts them
+# (textgen/model/allocator.py).
+log.info("memory allocator: %s; %s", preload_for_workers(settings.allocator), bound_kernel_caches())
 check_build_has_model()  # `bentoml build` without an imported model: say how to import it
 # MODEL_NAME wins; else the model this Bento carries (`python -m textgen.import_model`, pinned by
 # `bentoml build`); else GPT-2 (offline: SmolLM2). Resolved here, in the main process, so that a

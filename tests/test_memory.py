@@ -130,3 +130,13 @@ def test_a_process_knows_which_allocator_it_runs_with(tmp_path: Path) -> None:
     assert allocator.in_use(maps) == "tcmalloc"
     maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
     assert allocator.in_use(maps) == "system"
+
+
+def test_the_kernel_caches_are_bounded_unless_the_environment_says_otherwise() -> None:
+    """oneDNN's and ideep's per-shape caches grew with every new shape a batch met (allocator.py)."""
+    environ: dict[str, str] = {}
+    allocator.bound_kernel_caches(environ)
+    assert environ == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256", "LRU_CACHE_CAPACITY": "256"}
+    environ = {"DNNL_PRIMITIVE_CACHE_CAPACITY": "2048", "LRU_CACHE_CAPACITY": "64"}
+    assert "as set" in allocator.bound_kernel_caches(environ)
+    assert environ == {"DNNL_PRIMITIVE_CACHE_CAPACITY": "2048", "LRU_CACHE_CAPACITY": "64"}

@@ -1,4 +1,5 @@
-"""Which memory allocator the serving processes use: tcmalloc where the system has it.
+"""Which memory allocator the serving processes use: tcmalloc where the system has it; and how many
+per-shape kernels oneDNN keeps for them (`bound_kernel_caches`).
 
 A decoding step allocates and frees the same few-MB tensors (logits, activations, KV buffers) over and
 over. torch asks for them 64-byte aligned (posix_memalign), and glibc 2.36 (Debian 12) often places such a
@@ -60,6 +61,33 @@ def preload_for_workers(choice: str, environ: MutableMapping[str, str] = os.envi
     # tcmalloc reports every allocation over 1 GB on stderr; a large model's weights are not news.
     environ.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
     return f"tcmalloc for the workers (LD_PRELOAD={environ['LD_PRELOAD']})"
+
+
+# oneDNN compiles a kernel (a "primitive") per product shape and keeps the last 1024; PyTorch's oneDNN
+# bindings (ideep) keep as many of their own per-shape state (LRU_CACHE_CAPACITY). A decoding batch meets a
+# new shape whenever its rows or its KV width change, in its projections and its attention's matmuls
+# (textgen/model/attention.py), and the memory they kept only grew: a probe of bfloat16 attention matmuls
+# over 576 (rows, width) shapes kept 315 MB more allocated. Workload W on the Zen 4 EPYC (`auto`'s server,
+# 1-8-32-64 clients): peak RSS 1.40-1.59 GB in five runs with both bounded to 256 (32 and 64 clients at
+# 498-640 tok/s), 1.82-1.87 in five without (470-606 tok/s); the oneDNN cache alone bounded: 1.41 GB twice,
+# 1.69-1.72 four times. A step uses a handful of shapes: its projections' and its attention's.
+KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": 256, "LRU_CACHE_CAPACITY": 256}
+_SPELLINGS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": ("DNNL_PRIMITIVE_CACHE_CAPACITY",)}
+
+
+def bound_kernel_caches(environ: MutableMapping[str, str] = os.environ) -> str:
+    """Bound oneDNN's and ideep's per-shape caches for the processes started from here on, and for this one
+    if it has not used oneDNN yet (both read the setting once); a value already in the environment is kept.
+    Returns what was done, for the log."""
+    done = []
+    for name, size in KERNEL_CACHES.items():
+        given = next((n for n in (name, *_SPELLINGS.get(name, ())) if n in environ), None)
+        if given is None:
+            environ[name] = str(size)
+            done.append(f"{name}={size}")
+        else:
+            done.append(f"{given}={environ[given]} (as set)")
+    return "kernel caches " + ", ".join(done)
 
 
 def in_use(maps: Path = Path("/proc/self/maps")) -> str:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import torch
 
 from textgen.config import Settings
+from textgen.model.allocator import bound_kernel_caches
 from textgen.model.cpu import detect_cpu
 from textgen.model.formats import BFLOAT16_LAYERS, int8_dense_dtype, serving_dtype
 from textgen.model.linear import use_linear
@@ -81,6 +82,7 @@ def _in_own_thread(fn: Callable[..., T], *args: Any) -> T:
 
 def _load_model(settings: Settings, source: ModelSource) -> LoadedModel:
     configure_threads(settings.threads)
+    bound_kernel_caches()  # served in-process too (tests, benchmarks): before this process's first kernel
     if source.fallback_reason:
         log.warning(
             "MODEL_NAME is not set and %s could not be downloaded or found in the local Hugging Face "
