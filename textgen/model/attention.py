@@ -16,7 +16,6 @@ segment's width only, in the same forward pass (a decoding step, or a few drafte
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
@@ -26,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from textgen.model.cpu import CpuInfo, detect_cpu
+from textgen.model.cpu import CpuInfo, this_cpu
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +130,6 @@ def sdpa_wins(
     if dtype == torch.bfloat16 and cpu.bf16_unit != "AMX":
         return rows == 1 and width is not None and width <= 160
     return rows == 1 or (kv_heads == heads and dtype == torch.bfloat16)
-
-
-@functools.cache
-def this_cpu() -> CpuInfo:
-    """The CPU this process runs on (`sdpa_wins` asks at every step), detected once."""
-    return detect_cpu()
 
 
 def decodes_with_segments(model: Any) -> bool:

@@ -15,6 +15,7 @@ minus what the caps forbid), and the format choice reads the effective ones.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -419,6 +420,13 @@ def detect_cpu(
         real,
         cap_notes,
     )
+
+
+@functools.cache
+def this_cpu() -> CpuInfo:
+    """The CPU this process runs on, detected once: for choices made at every step (attention's kernel,
+    textgen/model/attention.py)."""
+    return detect_cpu()
 
 
 def _first_block(text: str) -> dict[str, str]:

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from textgen.model.attention import sdpa_wins, segmented_attention, this_cpu
+from textgen.model.attention import sdpa_wins, segmented_attention
 from textgen.model.compiled import Buffers, OneTokenSteps
+from textgen.model.cpu import this_cpu
 from textgen.model.formats import BFLOAT16_LAYERS
 
 
