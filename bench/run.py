@@ -312,6 +312,10 @@ def markdown(report: dict[str, Any]) -> str:
         "A lone stream's compiled step (TEXTGEN_COMPILE, compiled in the background after ready; measured "
         "after it): " + ", ".join(f"{d}: {s}" for d, s in report.get("compiled_step", {}).items()),
         "",
+        "The batch's compiled attention of decoding rows (textgen/model/compiled_attention.py, compiled before "
+        "the step where it wins): "
+        + ", ".join(f"{d}: {s}" for d, s in report.get("compiled_attention", {}).items()),
+        "",
         "## Anchors (bench/anchors.py, in-process, same machine, same run)",
         "",
         "| anchor | decoding | clients | tok/s | TTFT ms | how N clients run |",
@@ -336,11 +340,15 @@ def textgen_levels(
     with start_process(server_command, env) as server:
         info = httpx.get(f"{server.url}/info", timeout=10).json()
         info["ready_seconds"] = round(time.perf_counter() - started, 1)  # `bentoml serve` to /readyz 200
-        # A lone stream's step compiles in the background once the server is ready (textgen/model/
-        # compiled.py): measure after it, and say how long it took.
-        while info.get("compiled_step") == "compiling":
+        # A lone stream's step and the batch's attention compile in the background once the server is
+        # ready (textgen/model/compiled.py): measure after them, and say how long they took.
+        while "compiling" in (info.get("compiled_step"), info.get("compiled_attention")):
             time.sleep(0.5)
-            info["compiled_step"] = httpx.get(f"{server.url}/info", timeout=10).json()["compiled_step"]
+            now = httpx.get(f"{server.url}/info", timeout=10).json()
+            info["compiled_step"], info["compiled_attention"] = (
+                now["compiled_step"],
+                now["compiled_attention"],
+            )
         # The server (a BentoML worker process) must see the same kernel picture as this process, caps
         # included, or its numbers would be filed under the wrong class.
         served = {k: info["cpu"].get(k) for k in ("isa_class", "caps", "torch_capability")}
@@ -402,6 +410,7 @@ def main() -> None:
         )
         report.setdefault("ready_seconds", {})[dtype] = info["ready_seconds"]
         report.setdefault("compiled_step", {})[dtype] = info.get("compiled_step")
+        report.setdefault("compiled_attention", {})[dtype] = info.get("compiled_attention")
         # The worker's memory allocator (textgen/model/allocator.py).
         report.setdefault("allocator", {})[dtype] = info.get("allocator")
         if dtype == "auto":

@@ -97,29 +97,3 @@ def test_the_attention_kernel_follows_the_cpu():
     assert sdpa_wins(zen4, 1, 12, 12, f32, 512) and sdpa_wins(zen4, 1, 12, 12, f32, None)
     # float32 batches: the matmuls, on every CPU.
     assert not any(sdpa_wins(cpu, 32, 12, 12, f32, 160) for cpu in (amx, zen4, zen3))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
-def test_a_lone_rows_summed_attention_is_sdpas(dtype, heads, kv_heads):
-    """The form a lone row's compiled step takes where SDPA is slow (textgen/model/native.py) attends as
-    SDPA does: over the columns up to its position, none of the spare room after it."""
-    import torch.nn.functional as F
-
-    from textgen.model.native import _summed_attention
-
-    torch.manual_seed(0)
-    capacity, position, dim = 48, 30, 16
-    query = torch.randn(1, heads, 1, dim, dtype=dtype)
-    keys, values = (torch.randn(1, kv_heads, capacity, dim, dtype=dtype) for _ in range(2))
-    visible = (torch.arange(capacity) <= position).view(1, 1, 1, -1)
-    ours = _summed_attention(query, keys, values, visible, 0.25)
-    reference = F.scaled_dot_product_attention(
-        query,
-        keys[:, :, : position + 1],
-        values[:, :, : position + 1],
-        scale=0.25,
-        enable_gqa=kv_heads != heads,
-    )
-    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    torch.testing.assert_close(ours, reference.reshape(1, -1), atol=tolerance, rtol=tolerance)

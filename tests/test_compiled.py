@@ -15,7 +15,8 @@ import torch
 from textgen.config import ConfigError, Settings
 from textgen.engine.batch import DecodeBatch
 from textgen.engine.params import SamplingParams
-from textgen.model.cpu import detect_cpu
+from textgen.model.attention import compiled_attention_wins
+from textgen.model.cpu import detect_cpu, this_cpu
 from textgen.model.loading import load_model
 from textgen.model.native import compile_state, native_decoding, start_compiling
 from textgen.model.source import resolve_model
@@ -97,17 +98,18 @@ def test_the_cache_key_is_the_program_with_its_weights_the_machine_and_torch(mod
     assert module._package_key(program, options, cpu) != key
 
 
-def test_the_cache_keeps_the_most_recently_used_packages(tmp_path):
+def test_the_cache_keeps_the_most_recently_used_packages_of_each_kind(tmp_path):
     from textgen.model import compiled as module
 
     for age in range(module.KEPT_PACKAGES + 2):
-        package = tmp_path / f"step-{age}.pt2"
-        package.write_bytes(b"")
-        os.utime(package, (1000 - age, 1000 - age))  # step-0 the newest
-    module._prune(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f"step-{a}.pt2" for a in range(module.KEPT_PACKAGES)
-    ]
+        for kind in ("step", "attention"):
+            package = tmp_path / f"{kind}-{age}.pt2"
+            package.write_bytes(b"")
+            os.utime(package, (1000 - age, 1000 - age))  # step-0 the newest
+    module._prune(tmp_path, "step")
+    kept = [f"step-{a}.pt2" for a in range(module.KEPT_PACKAGES)]
+    attention = [f"attention-{a}.pt2" for a in range(module.KEPT_PACKAGES + 2)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + attention)
 
 
 @torch.inference_mode()
@@ -132,7 +134,7 @@ def test_a_failed_compile_leaves_the_eager_step(model, monkeypatch, caplog, tmp_
         assert not steps.compile(torch.float32, tmp_path)
     assert steps.compiled is None
     assert steps.state == "off: compiling failed (RuntimeError: Compiler: cc is not found)"
-    assert "decoding steps stay eager: compiling failed" in caplog.text
+    assert "a lone stream's decoding step stays eager: compiling failed" in caplog.text
     assert not list(tmp_path.rglob("*.pt2"))  # nothing half-made left in the cache
     with torch.inference_mode():
         batch, logits = DecodeBatch.prefill(model, [0], [prompt(7, 80)], model.config.vocab_size)
@@ -145,7 +147,8 @@ def test_a_failed_compile_leaves_the_eager_step(model, monkeypatch, caplog, tmp_
 def test_the_server_compiles_bfloat16_steps_in_the_background(dtype, tiny_model_dir, cache_dir):
     """The way the service starts it (Frontend.warmup): after the warm-up, bfloat16 layers compile in a
     process of its own (the int8 output layer stays outside the step, so the second format finds the
-    first's package in the cache), and a lone stream's steps then go through the compiled step."""
+    first's package in the cache), after the batch's attention where it wins, and a lone stream's steps
+    then go through the compiled step."""
     from textgen.frontend.prepare import Frontend
 
     settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype=dtype, cache_dir=cache_dir)
@@ -161,6 +164,12 @@ def test_the_server_compiles_bfloat16_steps_in_the_background(dtype, tiny_model_
             "compiled in a process of its own in " if dtype == "bfloat16" else "loaded from the cache in "
         )
         assert compile_state(loaded.model).startswith(expected), compile_state(loaded.model)
+        # Before it, in the same thread, the batch's attention, where it wins on this CPU.
+        attention = native_decoding(loaded.model).attention
+        if compiled_attention_wins(this_cpu(), 1, attention.heads, attention.kv_heads, torch.bfloat16, 1):
+            assert compile_state(loaded.model, "attention").startswith(expected)
+        else:
+            assert compile_state(loaded.model, "attention").startswith("off: ")
         steps.steps = 0
         params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True, speculative=False)
         result = frontend.engine.submit(loaded.tokenizer.encode("What is AI?"), params).wait(60)

@@ -88,15 +88,15 @@ class ServerState:
             body["reason"] = self.reason
         return 503, body
 
-    @property
-    def compiled_step(self) -> str | None:
+    def compiled(self, kind: str) -> str | None:
+        """What became of compiling the model's decoding step or attention (textgen/model/native.py)."""
         if self.loaded is None:
             return None
         if self.settings.compile == "off":
             return "off: TEXTGEN_COMPILE=off"
         from textgen.model.native import compile_state  # torch: in the worker only (see `cpu`)
 
-        return compile_state(self.loaded.model)
+        return compile_state(self.loaded.model, kind)
 
     def info(self) -> dict[str, Any]:
         s, source = self.settings, self.source
@@ -109,7 +109,9 @@ class ServerState:
             "dtype_reason": self.loaded.dtype_reason if self.loaded else None,
             "cpu": self.cpu,
             "allocator": self.allocator,
-            "compiled_step": self.compiled_step,  # a lone stream's step (model/compiled.py), or why not
+            "compiled_step": self.compiled("step"),  # a lone stream's step (model/compiled.py), or why not
+            # the batch's attention of decoding rows (model/compiled_attention.py), or why not
+            "compiled_attention": self.compiled("attention"),
             "context_length": self.loaded.context_length if self.loaded else None,
             # What a request's unset sampling fields fall back to, and from where (the model, or textgen).
             "sampling_defaults": self.loaded.sampling_defaults.as_info() if self.loaded else None,

@@ -1,5 +1,6 @@
-"""`python -m textgen.model.compile_step`: compile the served model's lone-stream step into the compile cache,
-in a process of its own (textgen/model/compiled.py starts it when the cache misses).
+"""`python -m textgen.model.compile_step [step|attention]`: compile the served model's lone-stream step (the
+default) or its batch's attention of decoding rows (textgen/model/compiled_attention.py) into the compile
+cache, in a process of its own (textgen/model/compiled.py starts it when the cache misses).
 
 It loads the model as the server did (the same MODEL_NAME, TEXTGEN_DTYPE resolved, TEXTGEN_THREADS and
 TEXTGEN_CACHE_DIR), exports its step, compiles it and writes the package where the server looks for it. Apart,
@@ -37,7 +38,9 @@ def main() -> int:
     if decoding is None:
         print(f"{loaded.model_id}: Hugging Face's forward pass decodes this model", file=sys.stderr)
         return 1
-    return 0 if decoding.steps.compile(torch.bfloat16, settings.cache_dir) else 1
+    kind = sys.argv[1] if len(sys.argv) > 1 else "step"
+    program = {"step": decoding.steps, "attention": decoding.attention}[kind]
+    return 0 if program.compile(torch.bfloat16, settings.cache_dir) else 1
 
 
 def _follow_parent(folder: Path) -> None:

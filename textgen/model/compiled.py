@@ -50,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,53 +69,40 @@ KEPT_PACKAGES = 4  # compiled packages kept in the cache directory (`_prune`)
 PARENT = "TEXTGEN_COMPILE_PARENT"  # set for the compiling process: the pid of the server it compiles for
 
 
-class OneTokenSteps:
-    """A decoding pass's `embed`, the compiled form of its `one_token` (the final hidden state), then the
-    output layer. The embedding lookup stays outside the program, as the output layer does: inside, its
-    table (77 MB for GPT-2) would be a second copy, the program's constant beside the model's.
+class AheadOfTime:
+    """A program compiled ahead of time and kept in the compile cache, as a lone stream's step is (below).
+    A subclass says what the program is (`export`) and how inductor compiles it (`options`); `kind` names
+    its packages, and `python -m textgen.model.compile_step KIND` compiles it apart; `about` names it in
+    the log."""
 
-    `kv_shape`: a layer's (key heads, head size); `layers`: how many."""
+    kind = "program"
+    about = "a compiled program"
 
-    def __init__(
-        self,
-        embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        one_token: OneToken,
-        head: Callable[[torch.Tensor], torch.Tensor],
-        kv_shape: tuple[int, int],
-        layers: int,
-    ) -> None:
-        self.embed, self.one_token, self.head = embed, one_token, head
-        self.kv_shape, self.layers = kv_shape, layers
-        self.compiled: OneToken | None = None  # set once compiled and run: steps use it from then on
-        self.dtype = torch.bfloat16  # of the buffers it was compiled for
+    def __init__(self) -> None:
+        self.compiled: Any = None  # set once compiled and run: calls use it from then on
+        self.dtype = torch.bfloat16  # of the tensors it was compiled for
         self.state = "off"  # for the log and GET /info
-        self.steps = 0  # how many steps it ran (tests check the path was taken)
-        self.thread: threading.Thread | None = None  # compiling in the background (`start`)
+        self.thread: threading.Thread | None = None  # compiling in the background (`compile_in_background`)
+
+    def export(self, dtype: torch.dtype) -> tuple[Any, tuple[Any, ...]]:
+        """The program (torch.export) for tensors of `dtype`, and the arguments it was traced with."""
+        raise NotImplementedError
+
+    def options(self, cpu: CpuInfo) -> dict[str, Any]:
+        """Inductor's settings for the program on `cpu`."""
+        raise NotImplementedError
 
     def start(
         self, dtype: torch.dtype, cache_dir: Path | None = None, apart: Mapping[str, str] | None = None
     ) -> threading.Thread:
-        """Compile for weights of `dtype` in a background thread, which is returned (`compile`)."""
-        self.state = "compiling"
-        self.thread = threading.Thread(
-            target=self._compile_aside, args=(dtype, cache_dir, apart), name="textgen-compile"
-        )
-        self.thread.daemon = True
-        self.thread.start()
-        return self.thread
-
-    def _compile_aside(
-        self, dtype: torch.dtype, cache_dir: Path | None, apart: Mapping[str, str] | None
-    ) -> None:
-        # The server answers meanwhile: this thread, and the processes it starts, at the lowest priority.
-        _lowest_priority()
-        self.compile(dtype, cache_dir, apart)
+        """Compile for tensors of `dtype` in a background thread, which is returned (`compile`)."""
+        return compile_in_background([self], dtype, cache_dir, apart)
 
     def compile(
         self, dtype: torch.dtype, cache_dir: Path | None = None, apart: Mapping[str, str] | None = None
     ) -> bool:
-        """Export the step and load its compiled package from `cache_dir` when this exact step was compiled
-        before, else compile it, and run it once on scratch buffers; whether it worked. Steps use it
+        """Export the program and load its compiled package from `cache_dir` when this exact program was
+        compiled before, else compile it, and run it once on its example; whether it worked. Calls use it
         afterwards. `apart`: the environment under which `python -m textgen.model.compile_step` loads this
         same model, to compile in that process rather than this one (textgen/model/compile_step.py)."""
         _inductor_cache_dir()
@@ -125,25 +112,25 @@ class OneTokenSteps:
         except Exception as exc:  # no C++ compiler, an op inductor cannot take: stay eager
             first = str(exc).splitlines()[0] if str(exc) else ""
             self.state = f"off: compiling failed ({type(exc).__name__}: {first})"
-            log.warning("decoding steps stay eager: %s; TEXTGEN_COMPILE=off skips trying", self.state[5:])
+            log.warning("%s stays eager: %s; TEXTGEN_COMPILE=off skips trying", self.about, self.state[5:])
             return False
         self.compiled, self.dtype = runner, dtype
         self.state = f"{how} in {time.perf_counter() - start:.1f} s"
         # What exporting, compiling and loading freed goes back to the system (tcmalloc would keep it).
         gc.collect()
         release_freed_memory()
-        log.info("a lone stream's decoding step is %s (AOTInductor: %s)", self.state, package)
+        log.info("%s is %s (AOTInductor: %s)", self.about, self.state, package)
         return True
 
     @torch.inference_mode()  # as the engine's steps run
     def _load_or_compile(
         self, dtype: torch.dtype, cache_dir: Path | None, apart: Mapping[str, str] | None
     ) -> tuple[Any, Path, str]:
-        """The step's compiled package loaded and run once, where it is and how it was had (`compile`)."""
+        """The compiled package loaded and run once, where it is and how it was had (`compile`)."""
         program, example = self.export(dtype)
         cpu = detect_cpu()
-        options = inductor_options(cpu)
-        name = f"step-{_package_key(program, options, cpu)}.pt2"
+        options = self.options(cpu)
+        name = f"{self.kind}-{_package_key(program, options, cpu)}.pt2"
         folder = _writable(cache_dir)
         if folder is not None and (folder / name).is_file():
             package, how = folder / name, "loaded from the cache"
@@ -151,13 +138,15 @@ class OneTokenSteps:
         elif folder is not None and apart is not None:
             del program  # the child exports its own
             package, how = folder / name, "compiled in a process of its own"
-            _compile_apart(apart, package)
+            _compile_apart(apart, package, self.kind)
         else:
             # Compiled here: into the cache, or, without one, into a temporary directory removed once loaded.
-            package, how = (folder or Path(tempfile.mkdtemp(prefix="textgen-step-"))) / name, "compiled"
+            package, how = (
+                folder or Path(tempfile.mkdtemp(prefix=f"textgen-{self.kind}-"))
+            ) / name, "compiled"
             _compile(program, options, package)
             if folder is not None:
-                _prune(folder)
+                _prune(folder, self.kind)
         # Loading holds the constants twice for a moment (random GPT-2, Zen 4: RSS +477 MB, then +240): what
         # exporting and fingerprinting freed (82 MB) goes back to the system first.
         gc.collect()
@@ -167,6 +156,55 @@ class OneTokenSteps:
             shutil.rmtree(package.parent, ignore_errors=True)
         runner(*example)
         return runner, package, how
+
+
+def compile_in_background(
+    programs: Sequence[AheadOfTime],
+    dtype: torch.dtype,
+    cache_dir: Path | None = None,
+    apart: Mapping[str, str] | None = None,
+) -> threading.Thread:
+    """Compile `programs` for tensors of `dtype`, one after the other, in one background thread at the
+    lowest priority (the server answers meanwhile, and two compiles at once would only share the cores);
+    the thread is returned and set as each program's `thread`."""
+
+    def compile_all() -> None:
+        _lowest_priority()  # this thread, and the processes it starts
+        for program in programs:
+            program.compile(dtype, cache_dir, apart)
+
+    thread = threading.Thread(target=compile_all, name="textgen-compile", daemon=True)
+    for program in programs:
+        program.state, program.thread = "compiling", thread
+    thread.start()
+    return thread
+
+
+class OneTokenSteps(AheadOfTime):
+    """A decoding pass's `embed`, the compiled form of its `one_token` (the final hidden state), then the
+    output layer. The embedding lookup stays outside the program, as the output layer does: inside, its
+    table (77 MB for GPT-2) would be a second copy, the program's constant beside the model's.
+
+    `kv_shape`: a layer's (key heads, head size); `layers`: how many."""
+
+    kind = "step"
+    about = "a lone stream's decoding step"
+
+    def __init__(
+        self,
+        embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        one_token: OneToken,
+        head: Callable[[torch.Tensor], torch.Tensor],
+        kv_shape: tuple[int, int],
+        layers: int,
+    ) -> None:
+        super().__init__()
+        self.embed, self.one_token, self.head = embed, one_token, head
+        self.kv_shape, self.layers = kv_shape, layers
+        self.steps = 0  # how many steps it ran (tests check the path was taken)
+
+    def options(self, cpu: CpuInfo) -> dict[str, Any]:
+        return inductor_options(cpu)
 
     def export(self, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, torch.Tensor, Buffers]]:
         """The step as a program (torch.export) for buffers of `dtype`, and the arguments it was traced with
@@ -318,13 +356,13 @@ def _compile(program: Any, options: dict[str, Any], package: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def _compile_apart(environment: Mapping[str, str], package: Path) -> None:
-    """Run `python -m textgen.model.compile_step` under `environment`; raise unless it made `package`."""
+def _compile_apart(environment: Mapping[str, str], package: Path, kind: str) -> None:
+    """Run `python -m textgen.model.compile_step KIND` under `environment`; raise unless it made `package`."""
     # textgen importable wherever the server runs from (a Bento's src directory, a checkout)
     root = str(Path(__file__).resolve().parents[2])
     paths = [root] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
     child = subprocess.run(
-        [sys.executable, "-m", "textgen.model.compile_step"],
+        [sys.executable, "-m", "textgen.model.compile_step", kind],
         env={**environment, "PYTHONPATH": os.pathsep.join(paths), PARENT: str(os.getpid())},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -368,9 +406,9 @@ def _package_key(program: Any, options: dict[str, Any], cpu: CpuInfo) -> str:
     return digest.hexdigest()[:24]
 
 
-def _prune(folder: Path) -> None:
-    """Keep the KEPT_PACKAGES most recently used packages (~250 MB each for GPT-2): one per model, format
-    and CPU a server started with."""
-    packages = sorted(folder.glob("step-*.pt2"), key=lambda path: path.stat().st_mtime, reverse=True)
+def _prune(folder: Path, kind: str) -> None:
+    """Keep the KEPT_PACKAGES most recently used packages of `kind` (a step's: ~250 MB for GPT-2): one per
+    model, format and CPU a server started with."""
+    packages = sorted(folder.glob(f"{kind}-*.pt2"), key=lambda path: path.stat().st_mtime, reverse=True)
     for old in packages[KEPT_PACKAGES:]:
         old.unlink(missing_ok=True)

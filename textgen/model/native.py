@@ -28,8 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from textgen.model.attention import sdpa_wins, segmented_attention
-from textgen.model.compiled import Buffers, OneTokenSteps
+from textgen.model.attention import compiled_attention_wins, sdpa_wins, segmented_attention
+from textgen.model.compiled import AheadOfTime, Buffers, OneTokenSteps, compile_in_background
+from textgen.model.compiled_attention import RowsAttention, summed_attention
 from textgen.model.cpu import this_cpu
 from textgen.model.formats import BFLOAT16_LAYERS
 
@@ -54,6 +55,7 @@ class GPT2Decoding:
         self.steps = OneTokenSteps(
             self.embed, self.one_token, self.head, (self.heads, head_dim), len(self.layers)
         )
+        self.attention = RowsAttention(self.heads, self.heads, head_dim)
 
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, keep: torch.Tensor | None
@@ -63,7 +65,7 @@ class GPT2Decoding:
         logits = self.steps.run(ids, positions, cache, keep)
         if logits is not None:
             return logits
-        hidden = self._blocks(self.embed(ids, positions), _segmented(cache))
+        hidden = self._blocks(self.embed(ids, positions), _segmented(cache, self.attention))
         return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -120,6 +122,7 @@ class LlamaDecoding:
         self.steps = OneTokenSteps(
             self.embed, self.one_token, self.head, (kv_heads, attention.head_dim), len(self.layers)
         )
+        self.attention = RowsAttention(model.config.num_attention_heads, kv_heads, attention.head_dim)
 
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, keep: torch.Tensor | None
@@ -129,7 +132,7 @@ class LlamaDecoding:
         logits = self.steps.run(ids, positions, cache, keep)
         if logits is not None:
             return logits
-        hidden = self._blocks(self.embed(ids, positions), positions, _segmented(cache))
+        hidden = self._blocks(self.embed(ids, positions), positions, _segmented(cache, self.attention))
         return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -163,15 +166,16 @@ class LlamaDecoding:
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
-def _segmented(cache: Any) -> Attend:
+def _segmented(cache: Any, rows_kernel: RowsAttention) -> Attend:
     """Attention in textgen's batch: the new keys and values stored by the segmented cache, each part
-    attending over its own buffers (textgen/model/attention.py)."""
+    attending over its own buffers (textgen/model/attention.py), decoding rows with `rows_kernel` once
+    compiled, where it wins."""
 
     def attend(
         index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
     ) -> torch.Tensor:
         cache.update(key, value, index)
-        out = segmented_attention(query, cache, index, scaling)  # [1, T, heads, head_dim]
+        out = segmented_attention(query, cache, index, scaling, rows_kernel)  # [1, T, heads, head_dim]
         return out.reshape(query.shape[2], -1)
 
     return attend
@@ -206,28 +210,16 @@ def _attend_one(
     visible = (torch.arange(keys.shape[2]) <= position).view(1, 1, 1, -1)  # its positions, not spare room
     heads, kv_heads = query.shape[1], keys.shape[1]
     if not sdpa_wins(this_cpu(), 1, heads, kv_heads, keys.dtype, None):
-        return _summed_attention(query, keys, values, visible, scaling)
+        # As elementwise products and sums, which inductor fuses into loops over the buffers: compiled
+        # steps in one process, alternating blocks, on the Zen 4 EPYC: random GPT-2 4.83-5.21 ms a step
+        # against SDPA's 5.54-6.42; SmolLM2 7.61-8.35 against 8.39-9.93. Two matmuls did not compile for
+        # SmolLM2: inductor's C++ GEMM template, the products' kernel there (compiled.py), has no choice
+        # for its grouped ones.
+        return summed_attention(query, keys, values, visible, scaling).view(1, -1)
     out = F.scaled_dot_product_attention(
         query, keys, values, attn_mask=visible, scale=scaling, enable_gqa=kv_heads != heads
     )
     return out.view(1, -1)  # one query token: [1, heads, 1, head_dim] is already heads-major
-
-
-def _summed_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """One token's attention [1, heads * head_dim] as elementwise products and sums, in float32: compiled,
-    inductor fuses it into loops over the buffers, with no product kernel at all. Where torch's SDPA is slow
-    (`sdpa_wins`) it is the faster form (Zen 4 EPYC, whole compiled steps in one process, alternating
-    blocks: random GPT-2 4.83-5.21 ms a step against SDPA's 5.54-6.42; SmolLM2 7.61-8.35 against 8.39-9.93),
-    on par with two matmuls for GPT-2, and it compiles where those do not: inductor's C++ GEMM template, the
-    products' kernel on that CPU (compiled.py), has no choice for SmolLM2's grouped ones."""
-    heads, kv_heads, dim = query.shape[1], keys.shape[1], query.shape[3]
-    grouped = query.reshape(1, kv_heads, heads // kv_heads, 1, dim).float()  # the heads sharing a key head
-    scores = (grouped * keys[:, :, None].float()).sum(-1) * scaling  # [1, kv_heads, group, columns]
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    out = (probs[..., None] * values[:, :, None].float()).sum(-2)  # [1, kv_heads, group, head_dim]
-    return out.to(query.dtype).reshape(1, -1)
 
 
 def _bound(*modules: torch.nn.Module) -> tuple[Any, ...]:
@@ -265,22 +257,31 @@ def _native_decoding(model: Any) -> GPT2Decoding | LlamaDecoding | None:
 def start_compiling(
     model: Any, dtype: str, cache_dir: Path | None = None, apart: Mapping[str, str] | None = None
 ) -> str:
-    """Compile `model`'s lone-stream decoding step in the background (textgen/model/compiled.py) where its
-    pass is textgen's and its weights (`dtype`, TEXTGEN_DTYPE resolved) are bfloat16, cached in `cache_dir`
-    and, with `apart`, compiled in a process of its own (OneTokenSteps.compile); returns the state for
-    the log."""
+    """Compile `model`'s decoding programs in the background (textgen/model/compiled.py) where its pass is
+    textgen's and its weights (`dtype`, TEXTGEN_DTYPE resolved) are bfloat16, cached in `cache_dir` and,
+    with `apart`, compiled in a process of its own: the batch's attention of decoding rows where it wins on
+    this CPU (textgen/model/compiled_attention.py; the first, seconds), then a lone stream's step. Returns
+    the step's state for the log."""
     decoding = native_decoding(model)
     if decoding is None:
         return "off: Hugging Face's forward pass decodes this model"
     if dtype not in BFLOAT16_LAYERS:  # bfloat16-int8head too: its output layer is outside the step
-        decoding.steps.state = f"off: {dtype} decodes eagerly"
+        decoding.steps.state = decoding.attention.state = f"off: {dtype} decodes eagerly"
+        return decoding.steps.state
+    programs: list[AheadOfTime] = [decoding.steps]
+    attention = decoding.attention
+    if compiled_attention_wins(this_cpu(), 1, attention.heads, attention.kv_heads, torch.bfloat16, 1):
+        programs.insert(0, attention)
     else:
-        decoding.steps.start(torch.bfloat16, cache_dir, apart)
+        attention.state = "off: the matmuls or SDPA are the faster kernels on this CPU"
+    compile_in_background(programs, torch.bfloat16, cache_dir, apart)
     return decoding.steps.state
 
 
-def compile_state(model: Any) -> str:
-    """What became of compiling the decoding step: "off: why", "compiling", "compiled in N s" ("off" for
-    anything but a loaded model)."""
+def compile_state(model: Any, kind: str = "step") -> str:
+    """What became of compiling the decoding step (`kind` "step") or the batch's attention ("attention"):
+    "off: why", "compiling", "compiled in N s" ("off" for anything but a loaded model)."""
     decoding = native_decoding(model) if hasattr(model, "config") else None
-    return "off" if decoding is None else decoding.steps.state
+    if decoding is None:
+        return "off"
+    return (decoding.steps if kind == "step" else decoding.attention).state
