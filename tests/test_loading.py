@@ -71,11 +71,16 @@ def test_bfloat16_int8head_quantizes_the_output_layer_alone(tiny_model_dir, cach
     reference = load_model(dataclasses.replace(settings, dtype="bfloat16"), resolve_model(settings))
     ids = torch.tensor([loaded.tokenizer.encode("What is AI? Artificial intelligence is")])
     with torch.inference_mode():
-        got = model(ids).logits[0, -1].float()  # every position through the int8 product (< DENSE_ROWS rows)
-        one = model.lm_head(model.transformer.ln_f(model.transformer(ids).last_hidden_state[:, -1:])).float()
+        logits = model(ids).logits  # every position through the int8 product (< DENSE_ROWS rows)
+        one = model.lm_head(model.transformer.ln_f(model.transformer(ids).last_hidden_state[:, -1:]))
+        many = model.lm_head(torch.randn(DENSE_ROWS + 1, model.config.n_embd, dtype=torch.bfloat16))
         expected = reference.model(ids).logits[0, -1].float()
+    # Logits in float32, from the int8 product and the dense copy alike: the engine samples in float32.
+    assert logits.dtype == one.dtype == many.dtype == torch.float32
+    got = logits[0, -1]
     assert (one.flatten() - expected).abs().max() <= 0.03 * expected.abs().max()
     assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
+    assert model.transformer(ids).last_hidden_state.dtype == torch.bfloat16  # only the output layer's
     engine = Engine(model, loaded.tokenizer, context_length=loaded.context_length).start()
     try:
         params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
@@ -114,6 +119,9 @@ def test_int8_quantizes_every_linear_layer_and_still_generates(tiny_model_dir, c
     assert all(hasattr(m, "packed") for m in quantized)
     # Smoothed by a calibration pass over the model's own tokenizer (SmoothQuant)
     assert any(bool((m.input_scale != 1).any()) for m in quantized)
+    # float32 logits; every other layer's outputs in its inputs' dtype
+    assert [m for m in quantized if m.out_dtype is not None] == [loaded.model.lm_head]
+    assert loaded.model.lm_head.out_dtype == torch.float32
     engine = Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length).start()
     try:
         ids = loaded.tokenizer.encode("What is AI?")

@@ -109,11 +109,14 @@ class Int8Linear(nn.Module):
         levels: int | None = None,
         input_peaks: torch.Tensor | None = None,
         pack: bool = True,
+        out_dtype: torch.dtype | None = None,
     ) -> None:
         """`levels`: the largest int8 weight (default: weight_levels()); `input_peaks`: the largest |input|
         per channel seen in calibration, to smooth the int8 product with (none: no smoothing); `pack`: the
-        dense copy may be packed (not when it is also the input embeddings: linear.replace_projections)."""
+        dense copy may be packed (not when it is also the input embeddings: linear.replace_projections);
+        `out_dtype`: of the outputs (none: the inputs')."""
         super().__init__()
+        self.out_dtype = out_dtype
         weight = weight.detach()  # [out, in]
         self.out_features, self.in_features = weight.shape
         levels = weight_levels() if levels is None else levels
@@ -156,7 +159,7 @@ class Int8Linear(nn.Module):
             out = self._int8_product(flat)
             if self.bias is not None:
                 out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return out.to(self.out_dtype or flat.dtype).view(*x.shape[:-1], self.out_features)
 
     def _int8_product(self, flat: torch.Tensor) -> torch.Tensor:
         if not HAS_FBGEMM:
@@ -165,8 +168,8 @@ class Int8Linear(nn.Module):
         if flat.shape[0] > 1:  # every row on the same range: each quantized as finely as it would be alone
             peaks = activations.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
             activations = activations / peaks
-        out = torch.ops.quantized.linear_dynamic(activations, self.packed, False)
-        return (out if peaks is None else out * peaks).to(flat.dtype)
+        out = torch.ops.quantized.linear_dynamic(activations, self.packed, False)  # float32
+        return out if peaks is None else out.mul_(peaks)  # a fresh tensor: scaled where it is
 
 
 def input_peaks(model: Any, tokenizer: Any) -> dict[nn.Module, torch.Tensor]:
@@ -203,8 +206,11 @@ def quantize_int8(model: Any, tokenizer: Any = None) -> Any:
     tokenizer, each layer's int8 product is smoothed by the inputs of a calibration pass (input_peaks)."""
     peaks = input_peaks(model, tokenizer) if tokenizer is not None and HAS_FBGEMM else {}
 
+    head = model.get_output_embeddings()
+
     def make(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> Int8Linear:
-        return Int8Linear(weight, bias, input_peaks=peaks.get(layer), pack=pack)
+        logits = torch.float32 if layer is head else None  # see quantize_output_layer
+        return Int8Linear(weight, bias, input_peaks=peaks.get(layer), pack=pack, out_dtype=logits)
 
     replace_projections(model, make)
     return model
@@ -229,5 +235,7 @@ def quantize_output_layer(model: Any) -> Any:
         )
         return model
     tied = head.weight is model.get_input_embeddings().weight
-    model.set_output_embeddings(Int8Linear(head.weight, head.bias, pack=not tied))
+    # Logits in float32, as FBGEMM computes them and as the engine samples them: rounded to bfloat16 and
+    # back they cost two copies of [rows, vocabulary] a step (32 rows of GPT-2: 6.4 MB each) and precision.
+    model.set_output_embeddings(Int8Linear(head.weight, head.bias, pack=not tied, out_dtype=torch.float32))
     return model
