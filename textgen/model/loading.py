@@ -99,6 +99,29 @@ def _load_model(settings: Settings, source: ModelSource) -> LoadedModel:
         raise ModelLoadError(cannot_load(settings, source.origin, exc)) from exc
 
 
+def own_file_backed_tensors(model: torch.nn.Module) -> int:
+    """Copy the model's parameters and buffers that still read from the weights file's memory mapping (where
+    the file holds them in the serving dtype, safetensors loads them without a copy); return the bytes
+    copied. A single tensor left there keeps the whole mapping, and with it every page that loading read,
+    resident: GPT-2 in float32 kept 432 MB of its file beside the copies textgen lays its products out in
+    (use_linear), its RSS 1093 MB after loading against 661 MB without the mapping's pages. Tensors that share
+    a storage (tied embeddings and output layer) share its copy."""
+    copies: dict[int, torch.UntypedStorage] = {}
+    copied = 0
+    with torch.no_grad():
+        for tensor in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
+            if tensor.layout != torch.strided or tensor.is_mkldnn or tensor.device.type != "cpu":
+                continue
+            storage = tensor.untyped_storage()
+            if storage.resizable():  # allocated by torch: the process's own memory
+                continue
+            if storage.data_ptr() not in copies:
+                copies[storage.data_ptr()] = storage.clone()
+                copied += storage.nbytes()
+            tensor.set_(copies[storage.data_ptr()], tensor.storage_offset(), tensor.shape, tensor.stride())
+    return copied
+
+
 def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
     from transformers import (
         AutoConfig,
@@ -133,6 +156,7 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
         model = use_linear(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    own_file_backed_tensors(model)
     release_freed_memory()
     malloc = keep_freed_memory()  # from here on: serving, whose buffers come and go at every step
     context = context_length(model, tokenizer)
