@@ -1,9 +1,10 @@
 """Attention for decoding steps: one query token per row (or a few drafted ones, or a prompt's chunk).
 
-Which kernel depends on the CPU and the shape (`sdpa_wins`, measured): torch's
-`scaled_dot_product_attention` (its CPU flash kernel) or `softmax(q @ kᵀ) @ v` with the query heads that
-share a key head stacked, so keys and values are read once. Prefill (many query tokens) goes to
-transformers' SDPA path.
+Which kernel depends on the CPU and the shape (`sdpa_wins`, `compiled_attention_wins`, measured): torch's
+`scaled_dot_product_attention` (its CPU flash kernel), `softmax(q @ kᵀ) @ v` with the query heads that
+share a key head stacked, so keys and values are read once, or, for decoding rows of a model with textgen's
+own pass, the same as elementwise products and sums compiled ahead of time (textgen/model/
+compiled_attention.py). Prefill (many query tokens) goes to transformers' SDPA path.
 
 Registered with transformers' AttentionInterface as "textgen", so the model's own attention modules call it;
 masks are built exactly as for "sdpa". The matmul path takes scores in the model's dtype and the softmax
@@ -25,6 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from textgen.model.compiled_attention import RowsAttention
 from textgen.model.cpu import CpuInfo, this_cpu
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,11 @@ def decode_attention(
 
 
 def segmented_attention(
-    query: torch.Tensor, kv_segments: Any, layer: int, scale: float, rows_kernel: Any = None
+    query: torch.Tensor,
+    kv_segments: Any,
+    layer: int,
+    scale: float,
+    rows_kernel: RowsAttention | None = None,
 ) -> torch.Tensor:
     """The packed tokens' queries [1, H, T, D] attend, each part over its own keys and values at `layer`
     (`kv_segments.parts`); returns [1, T, H, D]. `rows_kernel`: the model's compiled attention of decoding
@@ -81,7 +87,7 @@ def _attend(
     value: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float,
-    rows_kernel: Any = None,
+    rows_kernel: RowsAttention | None = None,
 ) -> torch.Tensor:
     """softmax(q kᵀ) v for a few query tokens per row; mask [B, 1, q, L], bool or additive. [B, q, H, D]."""
     rows, heads = query.shape[:2]

@@ -34,6 +34,10 @@ while the server decodes eagerly: compiling in the server raised its peak RSS (r
 1186) and tracing held the GIL (one stream, 124-137 ms a token meanwhile, against ~11). Compiling before
 ready would hold /readyz back by those seconds instead. If compiling fails (no C++ compiler, an op inductor
 cannot take), steps stay eager and the log says why. TEXTGEN_COMPILE=off never compiles.
+
+How a program is exported, keyed, cached, compiled apart and loaded is `AheadOfTime`'s, which the batch's
+attention of decoding rows (textgen/model/compiled_attention.py) uses too; one background thread compiles
+the programs of a model one after the other (`compile_in_background`).
 """
 
 from __future__ import annotations
