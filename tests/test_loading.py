@@ -36,16 +36,15 @@ def test_local_directory_loads_a_causal_lm(loaded_tiny, tiny_model_dir):
 def test_no_weight_keeps_the_model_files_mapping(loaded_tiny, tiny_model_dir):
     """float32 weights load from safetensors without a copy; textgen copies those it keeps, so the file's
     mapping (and every page loading read through it) goes once loaded. Tied weights stay one tensor."""
+    from textgen.model.loading import own_file_backed_tensors
+
     model = loaded_tiny.model
-    tensors = [*model.parameters(), *model.buffers()]
-    assert all(t.untyped_storage().resizable() for t in tensors if t.layout == torch.strided)
+    assert own_file_backed_tensors(model) == 0  # nothing left on a file's mapping
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     with open("/proc/self/maps") as maps:
-        mapped = [line for line in maps if str(tiny_model_dir) in line]
-    # loaded_tiny's file is not mapped, whatever else this process loaded from that directory meanwhile
-    assert not any(
-        line.rstrip().endswith(str(tiny_model_dir / "model.safetensors")) for line in mapped
-    ), mapped
+        assert not [
+            line for line in maps if line.rstrip().endswith(str(tiny_model_dir / "model.safetensors"))
+        ]
 
 
 def test_owning_file_backed_tensors_copies_each_storage_once(tmp_path):
@@ -64,14 +63,14 @@ def test_owning_file_backed_tensors_copies_each_storage_once(tmp_path):
     module.transposed = torch.nn.Parameter(mapped[32:].view(8, 4).t(), requires_grad=False)
     module.tied = module.embed
     module.register_buffer("own", torch.ones(3))
-    own = module.own.data_ptr()
-    assert not module.embed.untyped_storage().resizable()
+    module.register_buffer("numpy", torch.from_numpy(torch.zeros(2).numpy()))  # not resizable, but ours
+    own, numpy = module.own.data_ptr(), module.numpy.data_ptr()
     assert own_file_backed_tensors(module) == 64 * 4  # one storage under both views, copied once
-    assert module.embed.untyped_storage().resizable() and module.tied is module.embed
+    assert module.tied is module.embed
     assert module.embed.untyped_storage().data_ptr() == module.transposed.untyped_storage().data_ptr()
     torch.testing.assert_close(module.embed, torch.arange(32.0).view(4, 8))
     torch.testing.assert_close(module.transposed, torch.arange(32.0, 64.0).view(8, 4).t())
-    assert module.own.data_ptr() == own
+    assert module.own.data_ptr() == own and module.numpy.data_ptr() == numpy
     assert own_file_backed_tensors(module) == 0
 
 
