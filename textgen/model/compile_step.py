@@ -30,6 +30,10 @@ from textgen.model.source import resolve_model
 
 
 def main() -> int:
+    kind = sys.argv[1] if len(sys.argv) > 1 else "step"
+    if kind not in ("step", "attention"):
+        print("usage: python -m textgen.model.compile_step [step|attention]", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="textgen.compile_step %(levelname)s %(message)s")
     settings = Settings.from_env(os.environ)
     _follow_parent(settings.cache_dir / "compiled")
@@ -38,8 +42,7 @@ def main() -> int:
     if decoding is None:
         print(f"{loaded.model_id}: Hugging Face's forward pass decodes this model", file=sys.stderr)
         return 1
-    kind = sys.argv[1] if len(sys.argv) > 1 else "step"
-    program = {"step": decoding.steps, "attention": decoding.attention}[kind]
+    program = decoding.steps if kind == "step" else decoding.attention
     return 0 if program.compile(torch.bfloat16, settings.cache_dir) else 1
 
 
