@@ -110,8 +110,8 @@ def own_file_backed_tensors(model: torch.nn.Module) -> int:
     copies: dict[int, torch.UntypedStorage] = {}
     copied = 0
     with torch.no_grad():
-        for tensor in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
-            if tensor.layout != torch.strided or tensor.is_mkldnn or tensor.device.type != "cpu":
+        for tensor in (*model.parameters(), *model.buffers()):  # each shared parameter once
+            if tensor.layout != torch.strided:  # oneDNN's packed weights: textgen's own copies
                 continue
             storage = tensor.untyped_storage()
             address = storage.data_ptr()
