@@ -3,7 +3,7 @@ default) or its batch's attention of decoding rows (textgen/model/compiled_atten
 cache, in a process of its own (textgen/model/compiled.py starts it when the cache misses).
 
 It loads the model as the server did (the same MODEL_NAME, TEXTGEN_DTYPE resolved, TEXTGEN_THREADS and
-TEXTGEN_CACHE_DIR), exports its step, compiles it and writes the package where the server looks for it. Apart,
+TEXTGEN_CACHE_DIR), exports the program, compiles it and writes the package where the server looks for it. Apart,
 because compiling in the server cost it twice over: inductor's working memory (random GPT-2: the process's
 peak RSS 1827 MB against 1186 without compiling, measured on the AMD EPYC Zen 4), and tracing holds the
 GIL, so the engine's steps stalled (one stream: 124-137 ms a token while tracing, against ~11).

@@ -96,12 +96,6 @@ class AheadOfTime:
         """Inductor's settings for the program on `cpu`."""
         raise NotImplementedError
 
-    def start(
-        self, dtype: torch.dtype, cache_dir: Path | None = None, apart: Mapping[str, str] | None = None
-    ) -> threading.Thread:
-        """Compile for tensors of `dtype` in a background thread, which is returned (`compile`)."""
-        return compile_in_background([self], dtype, cache_dir, apart)
-
     def compile(
         self, dtype: torch.dtype, cache_dir: Path | None = None, apart: Mapping[str, str] | None = None
     ) -> bool:
