@@ -1,9 +1,9 @@
 """Workload W on the machine at hand: its roofline, textgen per weight format, the anchors and the old service.
 
-Workload W: a 32-token prompt, 128 new tokens with EOS ignored, top-p sampling (temperature 0.7, top_p
-0.9) and greedy, concurrent clients in a closed loop against HTTP /generate. The model is a random-weight
-GPT-2 with the real GPT2Config() (124M parameters: exactly GPT-2's cost; see make_model.py). Penalties and
-post-processing are off, as in the anchors' runs.
+Workload W: a 32-token prompt (every request its own), 128 new tokens with EOS ignored, top-p sampling
+(temperature 0.7, top_p 0.9) and greedy, concurrent clients in a closed loop against HTTP /generate. The
+model is a random-weight GPT-2 with the real GPT2Config() (124M parameters: exactly GPT-2's cost; see
+make_model.py). Penalties and post-processing are off, as in the anchors' runs.
 
 Everything is measured in the same run, on this machine, and the report names the CPU it came from:
 - the roofline (textgen/model/probe.py): memory bandwidth, the faster of a 1-row product and a plain read
@@ -46,6 +46,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.anchors import PROMPT_TEXT  # noqa: E402
 from tests.server import Server, server_command, start_process  # noqa: E402
 
 MODEL_DIR = Path("/tmp/textgen-bench/gpt2-random")
@@ -78,15 +79,32 @@ def ensure_model() -> None:
         subprocess.run([sys.executable, str(ROOT / "bench" / "make_model.py"), str(MODEL_DIR)], check=True)
 
 
-def prompt_of_exactly(n: int) -> str:
-    from transformers import AutoTokenizer
+class Prompts:
+    """Workload W's prompts, exactly n tokens each: every request its own ("<k>. " before the anchors' text,
+    bench/anchors.py, which they compute afresh for every sequence), as load testers send them (guidellm's
+    synthetic data, vLLM's random dataset). With one prompt repeated, textgen's prefix cache served some
+    requests from the KV of earlier ones, and whether it did depended on the prefill cost it had fitted:
+    1-client TTFT 11-13 ms greedy against 25-30 top-p in the same runs (sessions 20-21, Zen 4)."""
 
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    text = "The history of computing is a story of people, ideas and machines that changed how we live. " * 8
-    ids = tokenizer.encode(text)[:n]
-    prompt = tokenizer.decode(ids)
-    assert len(tokenizer.encode(prompt)) == n
-    return prompt
+    def __init__(self, n: int) -> None:
+        from transformers import AutoTokenizer
+
+        self.n = n
+        self.tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+        self.count = 0
+
+    def next(self) -> str:
+        """A prompt no request of this run was sent before."""
+        while True:
+            self.count += 1
+            prompt = self._exactly(f"{self.count}. {PROMPT_TEXT}")
+            if prompt:
+                return prompt
+
+    def _exactly(self, text: str) -> str:
+        """`text` cut to n tokens, or "" when the cut does not encode back to n tokens."""
+        prompt = self.tokenizer.decode(self.tokenizer.encode(text)[: self.n])
+        return prompt if len(self.tokenizer.encode(prompt)) == self.n else ""
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -105,9 +123,9 @@ def peak_rss_mb(pid: int) -> float:
 
 
 async def run_level(
-    server: Server, system: str, mode: str, clients: int, requests: int, prompt: str
+    server: Server, system: str, mode: str, clients: int, requests: int, prompts: Prompts
 ) -> Level:
-    body = dict(prompt=prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, **MODES[mode])
+    body: dict[str, Any] = dict(max_new_tokens=NEW_TOKENS, ignore_eos=True, **MODES[mode])
     if system == "textgen":
         body.update(repetition_penalty=1.0, no_repeat_ngram_size=0, postprocess=False)
     latencies: list[float] = []
@@ -121,7 +139,7 @@ async def run_level(
             queue.pop()
             start = time.perf_counter()
             try:
-                response = await http.post("/generate", json=body)
+                response = await http.post("/generate", json=body | {"prompt": prompts.next()})
                 latency = time.perf_counter() - start
                 if response.status_code != 200:
                     errors += 1
@@ -157,17 +175,19 @@ async def run_level(
     )
 
 
-def bench_system(system: str, server: Server, levels: list[int], prompt: str, per_client: int) -> list[Level]:
+def bench_system(
+    system: str, server: Server, levels: list[int], prompts: Prompts, per_client: int
+) -> list[Level]:
     results = []
     for mode in MODES:
-        asyncio.run(run_level(server, system, mode, 1, 2, prompt))  # warm up this decoding mode
+        asyncio.run(run_level(server, system, mode, 1, 2, prompts))  # warm up this decoding mode
         for clients in levels:
             # Above 32 clients one request each: 64 streams start and end together, a full batch throughout,
             # and the slowest formats' 64-client levels no longer push the run past 20 minutes (20.8 on a
             # 2-core Zen 4 EPYC with two each).
             per = per_client if clients <= 32 else 1
             requests = max(clients * per, 4) if system == "textgen" else max(clients, 2)
-            level = asyncio.run(run_level(server, system, mode, clients, requests, prompt))
+            level = asyncio.run(run_level(server, system, mode, clients, requests, prompts))
             print(json.dumps(asdict(level)), flush=True)
             results.append(level)
     return results
@@ -333,7 +353,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def textgen_levels(
-    dtype: str, levels: list[int], prompt: str, threads: int, per_client: int, cpu: dict[str, Any]
+    dtype: str, levels: list[int], prompts: Prompts, threads: int, per_client: int, cpu: dict[str, Any]
 ) -> tuple[dict, list]:
     env = {"MODEL_NAME": str(MODEL_DIR), "TEXTGEN_DTYPE": dtype, "TEXTGEN_THREADS": str(threads)}
     started = time.perf_counter()
@@ -354,7 +374,7 @@ def textgen_levels(
         served = {k: info["cpu"].get(k) for k in ("isa_class", "caps", "torch_capability")}
         if served != {k: cpu.get(k) for k in served}:
             raise SystemExit(f"the {dtype} server runs another CPU picture than this process: {served}")
-        results = bench_system("textgen", server, levels, prompt, per_client)
+        results = bench_system("textgen", server, levels, prompts, per_client)
     for r in results:
         r.dtype = dtype if dtype != "auto" else f"auto={info['dtype']}"
     return info, results
@@ -393,7 +413,7 @@ def main() -> None:
     from textgen.model.cpu import describe
 
     ensure_model()
-    prompt = prompt_of_exactly(PROMPT_TOKENS)
+    prompts = Prompts(PROMPT_TOKENS)
     cpu = describe()
     started = time.perf_counter()
     report: dict[str, Any] = {"cpu": cpu, "threads": args.threads, "date": str(dt.date.today())}
@@ -406,7 +426,7 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         wanted = args.levels if dtype in ("auto", "float32") else args.other_levels
         info, results = textgen_levels(
-            dtype, [int(x) for x in wanted.split(",")], prompt, args.threads, args.per_client, cpu
+            dtype, [int(x) for x in wanted.split(",")], prompts, args.threads, args.per_client, cpu
         )
         report.setdefault("ready_seconds", {})[dtype] = info["ready_seconds"]
         report.setdefault("compiled_step", {})[dtype] = info.get("compiled_step")
@@ -435,7 +455,7 @@ def main() -> None:
             str(args.threads),
         ]
         with start_process(baseline, {}, ready_path="/") as server:
-            for level in bench_system("baseline", server, [1], prompt, args.per_client):
+            for level in bench_system("baseline", server, [1], prompts, args.per_client):
                 level.dtype = "float32"
                 levels.append(level)
     report["levels"] = [asdict(r) for r in levels]
