@@ -197,3 +197,35 @@ def test_min_p_costs_only_its_rows_and_one_is_greedy():
     assert tokens[:3].tolist() == logits[:3].argmax(-1).tolist()  # only the likeliest is kept
     alone = sample(logits[3:].clone(), params[3:], [torch.Generator().manual_seed(i) for i in range(3, 6)])
     assert tokens[3:].tolist() == alone.tolist()  # rows without min_p sample as they would alone
+
+
+def test_the_two_level_inverse_cdf_draws_the_token_one_cumulative_sum_does():
+    """Over GPT-2's vocabulary (the last block short), whole-number weights so that every sum is exact: for
+    each uniform number, the block and then the token within it are the token of the full cumulative sum,
+    and never one without weight (zero rows, a zero tail, weight only at the edges of blocks)."""
+    width = 50257
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 4, (width,), generator=generator).float() for _ in range(3)]
+    sparse = torch.zeros(width)
+    sparse[[0, 255, 256, 40000, width - 1]] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    tail_free = torch.randint(0, 4, (width,), generator=generator).float()
+    tail_free[-300:] = 0.0
+    one = torch.zeros(width)
+    one[width - 2] = 7.0
+    rows += [sparse, tail_free, one]
+    count = 4 * sampling.TWO_LEVEL_ROWS
+    edges = torch.tensor([0.0, 1.0, 1.0 - 2.0**-24, 0.5])
+    uniform = torch.cat([edges, (torch.arange(count - len(edges)) + 0.5) / (count - len(edges))])
+    for weights in rows:
+        batch = weights.expand(count, width)
+        picked = sampling._inverse_cdf(batch, uniform)
+        assert torch.equal(picked, sampling._search(batch.cumsum(-1), uniform))
+        assert bool((weights[picked] > 0).all())
+
+
+def test_the_mass_above_a_probability_is_the_masked_sum():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(5, 50257) * torch.tensor([[0.1], [1.0], [3.0], [8.0], [20.0]]), -1)
+    floor = probs.gather(1, torch.randint(0, 50257, (5, 1)))
+    expected = (probs * (probs > floor)).sum(-1)
+    assert torch.allclose(sampling._mass_above(probs, floor), expected, atol=1e-6)

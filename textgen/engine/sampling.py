@@ -32,6 +32,11 @@ LOG_RANGE = 30.0  # tokens e^30 times less likely than the best share the lowest
 MIN_DIVISOR = 1e-6  # smallest temperature or repetition penalty used; smaller legal values act like it
 DRAW_FROM_TOP_P = 0.5  # rows with top_p from here up sample by drawing and checking (<= 2 draws expected)
 DRAWS = 4  # draws a row may have rejected before its nucleus is found first (at top_p 0.5: 1 row in 16)
+CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF (_inverse_cdf)
+# From this many rows up: below, its extra small operations cost what the cumsum saves (Zen 4, `sample` of
+# GPT-2's vocabulary at top-p 0.9: 1 row 0.38 against 0.34 ms, 4 rows 0.61 against 0.61, 8 rows 0.98 against
+# 1.03, 32 rows 2.9 against 4.5-5.3 with the old likelier-mass product).
+TWO_LEVEL_ROWS = 8
 
 
 def apply_penalties(
@@ -176,20 +181,18 @@ def _sample_top_p(
     nucleus (rows with top_p >= DRAW_FROM_TOP_P), else, or after DRAWS rejected draws, from the nucleus
     found first (`_nucleus_threshold`)."""
     probs = torch.softmax(scaled, -1)
-    cdf = probs.cumsum(-1)
     out = torch.empty(len(probs), dtype=torch.long)
     pending = (top_p >= DRAW_FROM_TOP_P).nonzero().flatten()
     for _ in range(DRAWS):
         if not len(pending):
             break
         whole = len(pending) == len(probs)  # no copy of every row for the first draw
-        rows_probs, rows_cdf = (probs, cdf) if whole else (probs[pending], cdf[pending])
-        pick = _search(rows_cdf, uniform[pending])
+        rows_probs = probs if whole else probs[pending]
+        pick = _inverse_cdf(rows_probs, uniform[pending])
         free = top_p[pending] >= 1.0  # the whole distribution is the nucleus: every draw is inside
         inside = free
         if not bool(free.all()):
-            p_pick = rows_probs.gather(1, pick[:, None])
-            likelier = (rows_probs * (rows_probs > p_pick)).sum(-1)  # mass of the tokens more likely
+            likelier = _mass_above(rows_probs, rows_probs.gather(1, pick[:, None]))
             inside = free | (likelier < top_p[pending])
         out[pending[inside]] = pick[inside]
         pending = pending[~inside]
@@ -201,6 +204,15 @@ def _sample_top_p(
         threshold = _nucleus_threshold(scaled[rest], probs, rest_p)  # top_p < 1 in every row left
         out[rest] = _inverse_cdf(probs * (probs >= threshold[:, None]), uniform[rest])
     return out
+
+
+def _mass_above(probs: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Per row, the mass of the probabilities above the row's `floor` [rows, 1]: the sum of p - floor over
+    them, plus floor times their count. Every pass stays float32: the same sum as probabilities times a
+    boolean mask spent its time converting the mask (32 rows of GPT-2's vocabulary, Zen 4: 0.3 against 2.2
+    ms)."""
+    above = (probs - floor).clamp_(min=0.0)
+    return above.sum(-1) + floor.squeeze(1) * above.sign_().sum(-1)
 
 
 def _draw(rngs: Sequence[torch.Generator], dtype: torch.dtype) -> torch.Tensor:
@@ -244,12 +256,34 @@ def _nucleus_threshold(scaled: torch.Tensor, probs: torch.Tensor, top_p: torch.T
 
 
 def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Index drawn from each row of unnormalised `weights`, given one uniform number per row."""
-    return _search(weights.cumsum(-1), uniform)
+    """Index drawn from each row of unnormalised `weights`, given one uniform number per row.
+
+    In two levels over a wide row: the block of CDF_BLOCK tokens the draw lands in, from the blocks' sums,
+    then the token within that block. A cumulative sum of the whole [rows, vocab] writes it all again; the
+    block sums only read it (32 rows of GPT-2's vocabulary, Zen 4: 0.89 ms for the cumsum of a 4.2 ms
+    `sample`)."""
+    rows, width = weights.shape
+    if rows < TWO_LEVEL_ROWS or width <= 4 * CDF_BLOCK:
+        return _search(weights.cumsum(-1), uniform)
+    whole = width // CDF_BLOCK * CDF_BLOCK
+    masses = weights[:, :whole].view(rows, -1, CDF_BLOCK).sum(-1)
+    if whole < width:
+        masses = torch.cat([masses, weights[:, whole:].sum(-1, keepdim=True)], 1)
+    block_cdf = masses.cumsum(-1)
+    block = _search(block_cdf, uniform)[:, None]  # one with mass (see _search)
+    mass = masses.gather(1, block)
+    before = block_cdf.gather(1, block) - mass
+    within = ((uniform[:, None] * block_cdf[:, -1:] - before) / mass).clamp_(0.0, 1.0)
+    index = block * CDF_BLOCK + torch.arange(CDF_BLOCK)  # the block's tokens [rows, CDF_BLOCK]
+    inside = weights.gather(1, index.clamp(max=width - 1)) * (index < width)  # the last block may be short
+    return block.squeeze(1) * CDF_BLOCK + _search(inside.cumsum(-1), within.squeeze(1))
 
 
 def _search(cdf: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Index drawn from each row of an unnormalised cumulative distribution, given one uniform per row."""
-    target = uniform * cdf[:, -1]
+    """Index drawn from each row of an unnormalised cumulative distribution, given one uniform per row in
+    [0, 1]. The target stays below the total (u * total may round up to it), so the index found is one where
+    the CDF rises: a token with weight, never one after the last (a zero-weight tail)."""
+    total = cdf[:, -1]
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
     pick = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
     return pick.clamp(max=cdf.shape[1] - 1)
