@@ -112,9 +112,12 @@ def greedy_outputs(loaded) -> list[list[int]]:
 
 
 def main() -> None:
+    from textgen.model.cpu import describe
+
+    cpu = describe()
     rows = []
     reference: list[list[int]] = []
-    for name in ("float32", "bfloat16", "bfloat16-int8head", "int8", INT8_7BIT):
+    for name in ("float32", "float32-packed", "bfloat16", "bfloat16-int8head", "int8", INT8_7BIT):
         dtype = "int8" if name == INT8_7BIT else name
         settings = Settings(model_name=None, threads=2, dtype=dtype)
         # int8 as this CPU's FBGEMM kernel takes it; INT8_7BIT as on x86 CPUs without AVX512-VNNI
@@ -148,7 +151,11 @@ def main() -> None:
             f"{quantize.PACKED_DENSE_ROWS} where the dense copy is bfloat16 packed for oneDNN, else "
             f"{quantize.DENSE_ROWS}), and the weights' dense copy for larger products (prompts, big batches); its "
             "weights are 7-bit on x86 CPUs without AVX512-VNNI (FBGEMM's kernels there add pairs of products "
-            "in 16 bits). bfloat16-int8head is bfloat16 with the output layer alone int8 in that way.",
+            "in 16 bits). bfloat16-int8head is bfloat16 with the output layer alone int8 in that way. "
+            "float32-packed is float32 with oneDNN's packed products.",
+            "",
+            f"Measured on {cpu['model']} ({cpu['isa_class']}: {', '.join(cpu['flags'])}), "
+            f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.",
             "",
             "| weights | perplexity, one pass | perplexity, token by token | answers identical to float32 "
             "| float32 tokens reproduced before the first difference | seconds |",

@@ -193,10 +193,10 @@ def bench_system(
     return results
 
 
-DTYPES = ("auto", "float32", "bfloat16", "bfloat16-int8head", "int8")
+DTYPES = ("auto", "float32", "float32-packed", "bfloat16", "bfloat16-int8head", "int8")
 GPT2_PARAMS = 124_439_808  # GPT2Config(): every weight is read once per decoding step
 GPT2_OUTPUT_PARAMS = 50257 * 768  # its output layer (the tied embeddings), int8 in bfloat16-int8head
-BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
+BYTES = {"float32": 4, "float32-packed": 4, "bfloat16": 2, "int8": 1}
 
 
 def roofline(threads: int, cache_dir: Path, native_bf16: bool) -> dict[str, Any]:
@@ -208,6 +208,13 @@ def roofline(threads: int, cache_dir: Path, native_bf16: bool) -> dict[str, Any]
     return {"probe": measured, "formats": roofline_formats(measured, native_bf16)}
 
 
+def _fastest(rates: dict[str, float | None], dtype: str) -> float | None:
+    """The probe's rate for `dtype`: float32 and float32-packed are the same bytes and FLOPs, so both are
+    judged against the faster of F.linear's (oneMKL) and oneDNN's packed kernel on this machine."""
+    names = ("float32", "float32-packed") if dtype.startswith("float32") else (dtype,)
+    return max((rates[n] for n in names if rates.get(n)), default=None)
+
+
 def roofline_formats(measured: dict[str, Any], native_bf16: bool) -> dict[str, dict[str, Any]]:
     """Per format: what the probe's rates allow on workload W."""
     table = {}
@@ -215,12 +222,12 @@ def roofline_formats(measured: dict[str, Any], native_bf16: bool) -> dict[str, d
     for dtype, size in BYTES.items():
         # The faster of the format's 1-row product and the plain read: the memory's rate, unless the
         # product streams faster still (then it is the better measurement of the memory).
-        product = measured["bandwidth_gbs"].get(dtype)
+        product = _fastest(measured["bandwidth_gbs"], dtype)
         gbps = max((r for r in (product, read) if r), default=None)
         # int8 products of 64 rows and more multiply its dense copy, in bfloat16 only where that is native
         # (textgen/model/formats.py int8_dense_dtype), the fastest GEMM here: its compute roofline.
         dense = ("bfloat16" if native_bf16 else "float32") if dtype == "int8" else dtype
-        gflops = measured["gemm_gflops"].get(dense)
+        gflops = _fastest(measured["gemm_gflops"], dense)
         table[dtype] = {
             "bandwidth_gbps": gbps,
             "product_gbps": product,

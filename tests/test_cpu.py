@@ -181,10 +181,14 @@ def test_auto_never_picks_an_emulated_format(name: str, quality: dict[str, float
 
 @pytest.mark.parametrize("name", sorted(MACHINES))
 def test_auto_with_todays_quality_table(name: str) -> None:
-    # int8 costs +1.03% (over the 1% limit; 7-bit weights +2.8%), bfloat16 +0.53%, and bfloat16 with the
+    # int8 costs +1.03% (over the 1% limit; 7-bit weights +3.2%), bfloat16 +0.53%, and bfloat16 with the
     # output layer int8 +0.76%: chosen where bfloat16 is native (all three have VNNI for FBGEMM's int8).
+    # Elsewhere float32, with oneDNN's packed products on AMD's CPUs (float32-packed).
     choice = choose_dtype(machine(name))
-    assert choice.dtype == ("bfloat16-int8head" if name in NATIVE_BF16 else "float32")
+    amd = machine(name).vendor == "AuthenticAMD"
+    assert choice.dtype == (
+        "bfloat16-int8head" if name in NATIVE_BF16 else "float32-packed" if amd else "float32"
+    )
 
 
 def test_reasons_say_why() -> None:
@@ -219,7 +223,7 @@ def test_bfloat16_int8head_needs_native_bfloat16_and_fbgemms_8bit_products() -> 
     assert choice.reason.startswith("bfloat16-int8head:") and "within 1%" in choice.reason
     assert "its output layer with FBGEMM's int8 products (AVX512-VNNI)" in choice.reason
     assert emulated("bfloat16-int8head", machine("epyc-zen3")) is not None
-    assert choose_dtype(machine("epyc-zen3")).dtype == "float32"
+    assert choose_dtype(machine("epyc-zen3")).dtype == "float32-packed"
     # FBGEMM held below VNNI: its output layer would be 7-bit weights, never measured: plain bfloat16.
     assert choose_dtype(capped("sapphire-rapids", FBGEMM_ENABLE_INSTRUCTIONS="AVX2")).dtype == "bfloat16"
     # ARM has bfloat16 (Graviton 3) but no FBGEMM.
@@ -228,6 +232,27 @@ def test_bfloat16_int8head_needs_native_bfloat16_and_fbgemms_8bit_products() -> 
         graviton3.dtype == "bfloat16"
         and "bfloat16-int8head not chosen: measured on x86 only" in graviton3.reason
     )
+
+
+def test_float32_packed_is_chosen_on_amds_cpus_without_native_bfloat16_only() -> None:
+    """oneMKL's float32 GEMM (float32's F.linear) is slow on AMD's CPUs, at home on Intel's."""
+    zen3 = choose_dtype(machine("epyc-zen3"))
+    assert zen3.dtype == "float32-packed" and "oneDNN's packed kernels" in zen3.reason
+    assert "bfloat16 not chosen" in zen3.reason and "emulates" in zen3.reason
+    skylake = choose_dtype(machine("skylake"))  # Intel, AVX-512 without bfloat16
+    assert skylake.dtype == "float32"
+    assert "float32-packed not chosen: oneMKL multiplies float32 at full speed on Intel's" in skylake.reason
+    assert choose_dtype(machine("epyc-zen4")).dtype == "bfloat16-int8head"  # bfloat16 first where native
+    # oneDNN held below AVX2 on the AMD: its kernels there were never measured.
+    assert choose_dtype(capped("epyc-zen3", ONEDNN_MAX_CPU_ISA="SSE41")).dtype == "float32"
+    # Unmeasured quality, or ARM: not chosen.
+    assert choose_dtype(machine("epyc-zen3"), {"float32": 0.0}).dtype == "float32"
+    graviton2 = choose_dtype(detect_cpu(GRAVITON2))
+    assert (
+        graviton2.dtype == "float32" and "float32-packed not chosen: measured on x86 only" in graviton2.reason
+    )
+    # Explicitly, it is a float32 format: never emulated, never warned about.
+    assert serving_dtype("float32-packed", machine("skylake")).warning is None
 
 
 def test_a_format_over_the_limit_or_unmeasured_is_not_chosen() -> None:
@@ -249,7 +274,7 @@ def test_quality_table_matches_the_measurements() -> None:
             perplexity[cells[0]] = float(cells[2])
         elif cells and cells[0] == "int8, 7-bit weights":
             perplexity["int8-7bit"] = float(cells[2])
-    for dtype in ("bfloat16", "bfloat16-int8head", "int8", "int8-7bit"):
+    for dtype in ("float32-packed", "bfloat16", "bfloat16-int8head", "int8", "int8-7bit"):
         measured = perplexity[dtype] / perplexity["float32"] - 1
         assert QUALITY_COST[dtype] >= measured - 0.0005, (dtype, measured)
 
@@ -269,7 +294,7 @@ def test_emulated_warns_only_where_bfloat16_is_not_native() -> None:
 
 def test_explicit_formats_warn_when_emulated_or_over_the_quality_limit() -> None:
     """bfloat16 where it is emulated; int8 where its measured cost is over auto's 1% (+1.03% with VNNI,
-    +2.8% with 7-bit weights, bench/results/quality.md)."""
+    +3.2% with 7-bit weights, bench/results/quality.md)."""
     spr, zen3, skylake = machine("sapphire-rapids"), machine("epyc-zen3"), machine("skylake")
     avx2_on_spr = capped("sapphire-rapids", **AVX2_CAPS)
     for cpu in (spr, zen3, avx2_on_spr):
@@ -329,7 +354,7 @@ def test_onednn_capped_to_avx2_is_the_avx2_class_and_auto_never_emulates(name: s
     assert not cpu.native_bf16 and cpu.bf16_unit is None
     assert cpu.int8_dot and cpu.int8_unit == "AVX512-VNNI"  # int8 products are FBGEMM's, not capped here
     assert int8_dense_dtype(cpu) is torch.float32
-    assert choose_dtype(cpu).dtype == "float32"
+    assert choose_dtype(cpu).dtype == ("float32-packed" if cpu.vendor == "AuthenticAMD" else "float32")
     for quality in (INT8_CHEAP, {"float32": 0.0, "bfloat16": 0.0, "int8": 0.0}):
         choice = choose_dtype(cpu, quality)
         assert choice.dtype == "int8"  # FBGEMM's products are not capped by oneDNN's cap
@@ -488,7 +513,8 @@ def test_a_capped_probe_is_cached_apart() -> None:
 
 def test_this_process_under_caps() -> None:
     """The real libraries under the caps, in a fresh interpreter: torch's capability drops to AVX2 and the
-    effective class with it; auto serves float32 on a CPU whose bfloat16 is native."""
+    effective class with it; auto serves float32 (packed for oneDNN on AMD) on a CPU whose bfloat16 is
+    native."""
     cpu = detect_cpu()
     if cpu.arch != "x86_64" or not {"avx2", "fma"} <= (cpu.raw_flags or set()):
         pytest.skip("needs an x86 CPU with AVX2")
@@ -507,7 +533,8 @@ def test_this_process_under_caps() -> None:
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["torch_capability"] == "AVX2"
     assert info["isa_class"] == "avx2" and info["raw_isa_class"] == cpu.raw_isa_class
-    assert info["auto"] == "float32" and info["native_bf16"] is False
+    float32 = "float32-packed" if cpu.vendor == "AuthenticAMD" else "float32"
+    assert info["auto"] == float32 and info["native_bf16"] is False
     # oneMKL honours its cap on Intel CPUs only (textgen/model/cpu.py): elsewhere it is noted, not applied.
     applied = {
         k: v for k, v in AVX2_CAPS.items() if k != "MKL_ENABLE_INSTRUCTIONS" or cpu.vendor == "GenuineIntel"
@@ -545,9 +572,10 @@ def test_probe_measures_once_then_reuses_its_cache(tmp_path: Path, monkeypatch: 
     first = probe(tmp_path, 1, cpu=cpu, **TINY)
     assert not first.cached
     assert first.gemv_shape == (64, 32) and first.gemv_bytes == 64 * 32 * 4
-    assert set(first.bandwidth_gbs) == {"float32", "bfloat16", "int8", "read"}
+    assert set(first.bandwidth_gbs) == {"float32", "float32-packed", "bfloat16", "int8", "read"}
     assert first.bandwidth_gbs["read"] and first.bandwidth_gbs["read"] > 0  # a plain sum of the same bytes
-    assert set(first.gemm_gflops) == {"float32", "bfloat16"}
+    assert set(first.gemm_gflops) == {"float32", "float32-packed", "bfloat16"}
+    assert first.gemm_gflops["float32-packed"] and first.gemm_gflops["float32-packed"] > 0  # oneDNN's kernel
     assert first.bandwidth_gbs["float32"] and first.bandwidth_gbs["float32"] > 0
     assert first.gemm_gflops["float32"] and first.gemm_gflops["float32"] > 0
     assert all(v is None or v > 0 for v in [*first.bandwidth_gbs.values(), *first.gemm_gflops.values()])
@@ -592,10 +620,16 @@ def test_the_benchmarks_roofline_is_never_below_a_plain_read() -> None:
         "gemm_gflops": {"float32": 180.0, "bfloat16": 420.0},
     }
     table = roofline_formats(measured, native_bf16=True)
-    assert [table[d]["bandwidth_gbps"] for d in BYTES] == [30.0, 30.0, 40.0]
+    assert [table[d]["bandwidth_gbps"] for d in BYTES] == [30.0, 30.0, 30.0, 40.0]
     assert table["bfloat16"]["product_gbps"] == 19.0
     assert table["bfloat16"]["memory_tok_s"] == round(30e9 / (GPT2_PARAMS * 2), 1)
     head_seconds = (GPT2_PARAMS - GPT2_OUTPUT_PARAMS) * 2 / 30e9 + GPT2_OUTPUT_PARAMS / 40e9
     assert table["bfloat16-int8head"]["memory_tok_s"] == round(1 / head_seconds, 1)
     del measured["bandwidth_gbs"]["read"]  # a probe from before the plain read: the products alone
     assert roofline_formats(measured, native_bf16=True)["bfloat16"]["bandwidth_gbps"] == 19.0
+    # float32 and float32-packed: the same bytes and FLOPs, judged against the faster of their kernels.
+    measured["bandwidth_gbs"]["float32-packed"], measured["gemm_gflops"]["float32-packed"] = 25.0, 200.0
+    table = roofline_formats(measured, native_bf16=False)
+    for dtype in ("float32", "float32-packed"):
+        assert table[dtype]["bandwidth_gbps"] == 25.0 and table[dtype]["gemm_gflops"] == 200.0
+    assert table["int8"]["gemm_gflops"] == 200.0  # its dense copy is float32 without native bfloat16

@@ -130,6 +130,38 @@ def test_bfloat16_int8head_quantizes_the_output_layer_alone(tiny_model_dir, cach
         engine.stop()
 
 
+def test_float32_packed_packs_the_float32_products_for_onednn_and_float32_does_not(
+    loaded_tiny, tiny_model_dir, cache_dir
+):
+    """float32-packed: the same float32 weights, every block product packed for oneDNN (the output layer,
+    tied to the embeddings, stays plain); logits within float32 rounding of float32's, which keeps F.linear
+    (its batch invariance: tests/test_engine.py), and the engine generates with it."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    settings = Settings(
+        model_name=str(tiny_model_dir), threads=1, dtype="float32-packed", cache_dir=cache_dir
+    )
+    loaded = load_model(settings, resolve_model(settings))
+    model = loaded.model
+    assert loaded.dtype == "float32-packed" and loaded.dtype_reason.startswith("float32-packed: set by")
+    blocks = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(blocks) == 4 * 2 + 1
+    assert all(m.packed and m.weight.dtype == torch.float32 for m in blocks if m is not model.lm_head)
+    assert not model.lm_head.packed and model.lm_head.weight is model.get_input_embeddings().weight
+    assert not any(m.packed for m in loaded_tiny.model.modules() if isinstance(m, Linear))  # float32
+    ids = torch.tensor([loaded.tokenizer.encode("What is AI? Artificial intelligence is")])
+    with torch.inference_mode():
+        got, expected = model(ids).logits[0], loaded_tiny.model(ids).logits[0]
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    engine = Engine(model, loaded.tokenizer, context_length=loaded.context_length).start()
+    try:
+        params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+        assert engine.submit(ids[0].tolist(), params).wait(30).completion_tokens == 6
+    finally:
+        engine.stop()
+
+
 @pytest.mark.parametrize("rows", [1, 3, 40, 96, 97])
 @pytest.mark.parametrize("pack", [True, False])
 def test_bfloat16_linear_equals_the_plain_product(rows, pack):
@@ -284,7 +316,7 @@ def test_bad_configuration_names_the_variable():
     assert settings.model_name == "gpt2" and settings.threads == 2
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-int8head", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "float32-packed", "bfloat16", "bfloat16-int8head", "int8"])
 def test_encoder_decoder_models_load_with_seq2seq_class_and_generate(
     dtype, tmp_path, tiny_model_dir, cache_dir
 ):

@@ -15,6 +15,8 @@ import torch
 
 from textgen.model.cpu import CpuInfo
 
+_AVX2_FMA = frozenset({"avx2", "fma"})
+
 # ---------------------------------------------------------------------------------------------------------
 # Choosing the weight format
 
@@ -31,20 +33,23 @@ from textgen.model.cpu import CpuInfo
 # (FBGEMM, textgen/model/quantize.py); "int8-7bit" is the same with 7-bit weights, as on x86 CPUs without
 # AVX512-VNNI. Re-measure (python bench/quality.py) and update when a format's implementation changes.
 # "bfloat16-int8head" is bfloat16 with the output layer int8 (textgen/model/quantize.py quantize_output_layer):
-# bfloat16's worst plus what the int8 output layer added on top of bfloat16 in the same run.
+# bfloat16's worst plus what the int8 output layer added on top of bfloat16 in the same run. "float32-packed"
+# is float32 with oneDNN's products: the same perplexity and the same answers (Zen 4, session 21).
 QUALITY_COST: Mapping[str, float] = {
     "float32": 0.0,
+    "float32-packed": 0.0,
     "bfloat16": 0.0053,
     "bfloat16-int8head": 0.0076,
     "int8": 0.0103,
-    "int8-7bit": 0.0280,
+    "int8-7bit": 0.0320,  # +2.80% on the AMX Xeon, +3.20% on the Zen 4 (session 21)
 }
 MAX_QUALITY_COST = 0.01  # `auto` accepts at most +1% token-by-token perplexity (issue #12)
 
 # Fastest first, when each runs natively: decoding streams the weights from memory, and int8 reads half the
 # bytes of bfloat16, which reads half of float32; bfloat16-int8head reads GPT-2's output layer (31% of it)
-# in int8. A format this CPU emulates never gets this far.
-SPEED_ORDER = ("int8", "bfloat16-int8head", "bfloat16", "float32")
+# in int8; float32-packed reads float32's bytes with faster kernels where it is chosen (float32_packing).
+# A format this CPU emulates never gets this far.
+SPEED_ORDER = ("int8", "bfloat16-int8head", "bfloat16", "float32-packed", "float32")
 BFLOAT16_LAYERS = ("bfloat16", "bfloat16-int8head")  # formats whose layers compute in bfloat16
 FBGEMM_PRODUCTS = ("int8", "bfloat16-int8head")  # formats with FBGEMM's int8 products
 
@@ -74,6 +79,29 @@ def _not_native(dtype: str, cpu: CpuInfo) -> str | None:
     return f"this CPU ({cpu.isa_class}, {missing}) emulates bfloat16"
 
 
+def float32_packing(cpu: CpuInfo) -> str | None:
+    """Why float32-packed is not for this CPU (a clause), or None where it is.
+
+    Its products are oneDNN's, on weights packed once for its kernels; float32's are F.linear's, whose float32
+    GEMM is oneMKL's, Intel's library. On AMD CPUs oneMKL ran GPT-2's block products 1.6-2.3x slower than the
+    packed kernel at one row and 1.8-2.7x at 4-32 rows (Zen 4 EPYC, 2 threads, with its AVX-512 and capped to
+    AVX2), and the server ran 1.4x faster (in-process, random GPT-2: one stream 33.0-33.6 tok/s against
+    22.4-25.5, 32 streams 348-356 against 237-251). On Intel's, oneMKL is at home, and the packed kernel lost
+    at one row (AMX Xeon: 20.2 against 16.5 ms a step); other vendors are unmeasured.
+    """
+    if cpu.is_arm or cpu.arch != "x86_64":
+        return "measured on x86 only"
+    if cpu.vendor != "AuthenticAMD":
+        return (
+            "oneMKL multiplies float32 at full speed on Intel's CPUs (the packed kernel was slower there)"
+            if cpu.vendor == "GenuineIntel"
+            else f"measured on AMD's CPUs only (this one: {cpu.vendor or 'unknown vendor'})"
+        )
+    if not cpu.flags_known or not _AVX2_FMA <= cpu.usable_by("oneDNN"):
+        return f"oneDNN's packed float32 kernels were measured with AVX2 and up (this CPU: {cpu.isa_class})"
+    return None
+
+
 def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> DtypeChoice:
     """The weight format for TEXTGEN_DTYPE=auto: the fastest one that this CPU runs natively and that costs
     at most MAX_QUALITY_COST of token-by-token perplexity against float32 (per `quality`, default
@@ -90,6 +118,8 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
         if dtype == "float32":
             break
         why = _not_native(dtype, cpu)
+        if why is None and dtype == "float32-packed":
+            why = float32_packing(cpu)
         if why is None and dtype in FBGEMM_PRODUCTS and not cpu.fbgemm_kernels:
             why = (
                 "measured on x86 only, where FBGEMM multiplies it"
@@ -109,6 +139,11 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
         if dtype == "int8":
             kernel = cpu.int8_unit or f"{cpu.isa_class}: 7-bit weights, its pairs of products add in 16 bits"
             native = f"runs FBGEMM's int8 products natively ({kernel})"
+        elif dtype == "float32-packed":
+            native = (
+                f"({cpu.isa_class}, {cpu.vendor}) multiplies float32 faster with oneDNN's packed kernels than "
+                "with oneMKL's (float32's); the same weights, a row's last bits may vary with its batch size"
+            )
         else:
             native = f"computes bfloat16 natively ({cpu.bf16_unit})"
             if dtype == "bfloat16-int8head":

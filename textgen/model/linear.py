@@ -16,8 +16,11 @@ replaces the plain one: no second copy. Elsewhere a one-row bfloat16 product goe
 the weights at ~15 GB/s at one row on that Xeon, torch.mv at ~25).
 
 float32 keeps F.linear at every batch size, and with it the exact batch invariance its tests check (a row
-computes the same thing alone and in a batch): there the packed kernel lost at one row (20.2 against 16.5
-ms) and F.linear and torch.mv were equal.
+computes the same thing alone and in a batch): on the AMX Xeon the packed kernel lost at one row (20.2
+against 16.5 ms) and F.linear and torch.mv were equal. TEXTGEN_DTYPE=float32-packed packs float32 weights
+for oneDNN too (`pack_float32`), which `auto` takes on AMD CPUs, where F.linear's float32 GEMM (oneMKL's)
+is slow (textgen/model/formats.py float32_packing); oneDNN picks its kernel by the number of rows, so a
+row's last bits can differ between batch sizes (GPT-2's [768, 3072] product: at every size from 2 rows).
 """
 
 from __future__ import annotations
@@ -49,19 +52,27 @@ class Linear(nn.Module):
     reads them), but not its values.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool = True) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool = True, pack_float32: bool = False
+    ) -> None:
+        """`pack`: the weight may be packed (not when it is also the input embeddings); `pack_float32`: a
+        float32 weight is packed too (TEXTGEN_DTYPE=float32-packed)."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         bfloat16 = weight.dtype == torch.bfloat16
-        self.packed = pack and bfloat16 and onednn_bfloat16()
+        float32 = weight.dtype == torch.float32 and pack_float32 and torch.backends.mkldnn.is_available()
+        self.packed = pack and (bfloat16 and onednn_bfloat16() or float32)
         self.gemv = bfloat16 and not self.packed
         self.transposed = self.gemv and onednn_bfloat16()  # a few rows as W·xᵀ (forward)
         self.activation: tuple[str, list[Any], str] = ("none", [], "")  # oneDNN's, applied to the output
         if self.packed:
-            # One row is the common call (a single stream's step). A layout for it measured 1-14% faster
-            # than the generic one at 1-64 rows, 8-10% slower at 128-256, faster at 512 (one noisy run).
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+            # bfloat16: one row is the common call (a single stream's step); a layout for it measured 1-14%
+            # faster than the generic one at 1-64 rows, 8-10% slower at 128-256, faster at 512 (one noisy
+            # run). float32: a layout for 32 rows was as fast or faster at every size (Zen 4, GPT-2's block
+            # products: 1 row 0.81 against 0.98 ms, 32 rows 2.45 against 3.03, 128 rows 8.6 against 9.5).
+            rows = 1 if bfloat16 else 32
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows)
         elif isinstance(weight, nn.Parameter):
             self.weight = weight
         else:
@@ -108,9 +119,12 @@ def replace_projections(
             setattr(module, name, make(child, weight, child.bias, child.weight is not embeddings))
 
 
-def use_linear(model: Any) -> Any:
-    """Replace the model's Conv1D and nn.Linear layers with Linear, in place (tied weights stay tied)."""
-    replace_projections(model, lambda layer, weight, bias, pack: Linear(weight, bias, pack=pack))
+def use_linear(model: Any, pack_float32: bool = False) -> Any:
+    """Replace the model's Conv1D and nn.Linear layers with Linear, in place (tied weights stay tied).
+    `pack_float32`: float32 weights are packed for oneDNN too (TEXTGEN_DTYPE=float32-packed)."""
+    replace_projections(
+        model, lambda layer, weight, bias, pack: Linear(weight, bias, pack=pack, pack_float32=pack_float32)
+    )
     return fuse_activations(model)
 
 
@@ -130,7 +144,7 @@ ONEDNN_ACTIVATIONS = {
 
 def fuse_activations(model: Any) -> Any:
     """Move each MLP's activation into its packed product, in place: oneDNN applies it to the float32
-    result before rounding it to bfloat16, in the same pass. GPT-2's tanh GELU is seven elementwise ops
+    result (before rounding it to bfloat16), in the same pass. GPT-2's tanh GELU is seven elementwise ops
     otherwise, each reading and writing the [tokens, 3072] activations: on the AMX Xeon a 20-token pass over
     600 cached positions took 40.0-44.1 ms fused against 44.5-54.6, a one-row step 22.6-28.6 against
     28.5-32.4 (a noisy host: medians 42 / 47 and 27 / 29.6)."""

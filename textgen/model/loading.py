@@ -171,7 +171,7 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
             from textgen.model.quantize import quantize_output_layer
 
             model = quantize_output_layer(model)
-        model = use_linear(model)
+        model = use_linear(model, pack_float32=choice.dtype == "float32-packed")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     own_file_backed_tensors(model)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from textgen.model.cpu import CpuInfo, detect_cpu
 from textgen.model.formats import int8_dense_dtype
+from textgen.model.linear import Linear
 from textgen.model.quantize import Int8Linear
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ CACHE_SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
 # ---------------------------------------------------------------------------------------------------------
 # Hardware probe
 
-PROBE_VERSION = 5  # bump when what or how the probe measures changes: old cache files stop matching
+PROBE_VERSION = 6  # bump when what or how the probe measures changes: old cache files stop matching
 GEMV_SHAPE = (8192, 4096)  # [out, in]: 128 MB in float32, beyond the cache of most (not all) CPUs
 GEMM_SHAPE = (1024, 1024, 1024)  # rows, in, out: 2.1 GFLOP per product
 BUDGET_S = 0.25  # timing per measurement, after one warm-up call
@@ -197,6 +198,10 @@ def _measure(
             w32 = torch.empty(out_f, in_f).uniform_(-1, 1)
             x32 = torch.randn(1, in_f)
             record(bandwidth, "float32", w32.nbytes, lambda: F.linear(x32, w32))
+            if torch.backends.mkldnn.is_available():  # float32-packed's product (textgen/model/linear.py)
+                packed = Linear(w32, None, pack_float32=True)
+                record(bandwidth, "float32-packed", w32.nbytes, lambda: packed(x32))
+                del packed
             reads: dict[str, float | None] = {}  # plain sums of the same bytes
             record(reads, "read float32", w32.nbytes, lambda: w32.sum())
             w16, x16 = w32.to(torch.bfloat16), x32.to(torch.bfloat16)
@@ -220,6 +225,9 @@ def _measure(
                 w = torch.empty(out_g, in_g, dtype=dtype).uniform_(-1, 1)
                 x = torch.empty(rows, in_g, dtype=dtype).uniform_(-1, 1)
                 record(gflops, name, work, lambda: F.linear(x, w))
+                if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+                    packed = Linear(w, None, pack_float32=True)
+                    record(gflops, "float32-packed", work, lambda: packed(x))
     finally:
         torch.set_num_threads(previous)
     return bandwidth, gflops, errors
