@@ -133,9 +133,9 @@ def test_bfloat16_int8head_quantizes_the_output_layer_alone(tiny_model_dir, cach
 def test_float32_packed_packs_the_float32_products_for_onednn_and_float32_does_not(
     loaded_tiny, tiny_model_dir, cache_dir
 ):
-    """float32-packed: the same float32 weights, every block product packed for oneDNN (the output layer,
-    tied to the embeddings, stays plain); logits within float32 rounding of float32's, which keeps F.linear
-    (its batch invariance: tests/test_engine.py), and the engine generates with it."""
+    """float32-packed: the same float32 weights, every product packed for oneDNN (the output layer as a copy
+    of its own: the embeddings stay plain for the lookup); logits within float32 rounding of float32's, which
+    keeps F.linear (its batch invariance: tests/test_engine.py), and the engine generates with it."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip("torch without oneDNN")
     settings = Settings(
@@ -146,8 +146,8 @@ def test_float32_packed_packs_the_float32_products_for_onednn_and_float32_does_n
     assert loaded.dtype == "float32-packed" and loaded.dtype_reason.startswith("float32-packed: set by")
     blocks = [m for m in model.modules() if isinstance(m, Linear)]
     assert len(blocks) == 4 * 2 + 1
-    assert all(m.packed and m.weight.dtype == torch.float32 for m in blocks if m is not model.lm_head)
-    assert not model.lm_head.packed and model.lm_head.weight is model.get_input_embeddings().weight
+    assert all(m.packed and m.weight.dtype == torch.float32 for m in blocks)
+    assert model.get_input_embeddings().weight.dtype == torch.float32  # plain, for the lookup
     assert not any(m.packed for m in loaded_tiny.model.modules() if isinstance(m, Linear))  # float32
     ids = torch.tensor([loaded.tokenizer.encode("What is AI? Artificial intelligence is")])
     with torch.inference_mode():
