@@ -310,7 +310,7 @@ def test_directory_without_a_model_is_rejected(tmp_path, cache_dir):
 def test_bad_configuration_names_the_variable():
     with pytest.raises(ConfigError, match="TEXTGEN_THREADS must be a whole number, got 'two'"):
         Settings.from_env({"TEXTGEN_THREADS": "two"})
-    with pytest.raises(ConfigError, match="TEXTGEN_DTYPE must be one of float32, bfloat16"):
+    with pytest.raises(ConfigError, match="TEXTGEN_DTYPE must be one of float32, float32-packed, bfloat16"):
         Settings.from_env({"TEXTGEN_DTYPE": "fp8"})
     settings = Settings.from_env({"MODEL_NAME": " gpt2 ", "TEXTGEN_THREADS": "2"})
     assert settings.model_name == "gpt2" and settings.threads == 2

@@ -84,11 +84,11 @@ def float32_packing(cpu: CpuInfo) -> str | None:
 
     Its products are oneDNN's, on weights packed once for its kernels; float32's are F.linear's, whose float32
     GEMM is oneMKL's, Intel's library. On AMD CPUs oneMKL ran GPT-2's block products 1.6-2.3x slower than the
-    packed kernel at one row and 1.8-2.7x at 4-32 rows (Zen 4 EPYC, 2 threads, with its AVX-512 and capped to
-    AVX2), and the server ran 1.4x faster (in-process, random GPT-2: one stream 33.0-33.6 tok/s against
-    22.4-25.5, 32 streams 348-356 against 237-251). On Intel's, oneMKL is at home, and the packed kernel lost
-    at one row (AMX Xeon: 20.2 against 16.5 ms a step); other vendors are unmeasured.
-    """
+    packed kernel at one row and 1.8-2.7x at 4-32 rows, its output layer 2.2-2.9x (Zen 4 EPYC, 2 threads,
+    with its AVX-512 and capped to AVX2); the engine ran nearly twice as fast (in-process, random GPT-2: one
+    stream 44.5-46.7 tok/s against 22.4-25.5, 32 streams 450-453 against 237-251). On Intel's, oneMKL is at
+    home: packed block products lost at one row there (AMX Xeon: 20.2 against 16.5 ms a step; not measured
+    since with the packed output layer); other vendors are unmeasured."""
     if cpu.is_arm or cpu.arch != "x86_64":
         return "measured on x86 only"
     if cpu.vendor != "AuthenticAMD":
