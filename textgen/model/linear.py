@@ -47,6 +47,7 @@ TRANSPOSED_ROWS = 96
 class Linear(nn.Module):
     """y = x Wᵀ + b with W [out, in]. bfloat16: W packed for oneDNN where it can, else one-row products as W·x
     and products of a few rows as W·xᵀ (a weight left plain: the output layer tied to the embeddings).
+    float32: F.linear, or W packed for oneDNN with `pack_float32`.
 
     A packed weight is an opaque oneDNN tensor: `weight` still answers its dtype and shape (model code
     reads them), but not its values.
@@ -120,7 +121,8 @@ def replace_projections(
 
 
 def use_linear(model: Any, pack_float32: bool = False) -> Any:
-    """Replace the model's Conv1D and nn.Linear layers with Linear, in place (tied weights stay tied).
+    """Replace the model's Conv1D and nn.Linear layers with Linear, in place (tied weights stay tied, but for
+    `pack_float32`).
 
     `pack_float32`: float32 weights are packed for oneDNN too (TEXTGEN_DTYPE=float32-packed), the output
     layer tied to the embeddings included, as a copy of its own: GPT-2's float32 output layer (154 MB) took
