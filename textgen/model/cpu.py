@@ -164,8 +164,8 @@ class IsaCap:
 
 # What each library computes in textgen, for the notes.
 _LIBRARY_WORK = {
-    "oneDNN": "bfloat16 matrix products",
-    "oneMKL": "float32 matrix products",
+    "oneDNN": "bfloat16 and float32-packed matrix products",
+    "oneMKL": "float32 matrix products (F.linear)",
     "FBGEMM": "int8 matrix products",
     "ATen": "torch's own vectorized kernels: elementwise ops, int8 weight-only products on ARM",
 }
