@@ -96,6 +96,16 @@ def test_bfloat16_is_selectable(tiny_model_dir, cache_dir):
     assert not loaded.model.lm_head.packed
 
 
+def assert_generates(loaded, prompt: list[int], tokens: int = 6) -> None:
+    """The engine serves the loaded model: `tokens` greedy tokens after `prompt`."""
+    engine = Engine(loaded.model, loaded.tokenizer, context_length=loaded.context_length).start()
+    try:
+        params = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
+        assert engine.submit(prompt, params).wait(30).completion_tokens == tokens
+    finally:
+        engine.stop()
+
+
 def test_bfloat16_int8head_quantizes_the_output_layer_alone(tiny_model_dir, cache_dir):
     """bfloat16 layers, the output layer int8 (its dense copy the embeddings' own storage, as it is tied), and
     logits those of bfloat16 within the int8 rounding of the output layer's weights and inputs."""
@@ -122,12 +132,7 @@ def test_bfloat16_int8head_quantizes_the_output_layer_alone(tiny_model_dir, cach
     assert (one.flatten() - expected).abs().max() <= 0.03 * expected.abs().max()
     assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
     assert model.transformer(ids).last_hidden_state.dtype == torch.bfloat16  # only the output layer's
-    engine = Engine(model, loaded.tokenizer, context_length=loaded.context_length).start()
-    try:
-        params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
-        assert engine.submit(ids[0].tolist(), params).wait(30).completion_tokens == 6
-    finally:
-        engine.stop()
+    assert_generates(loaded, ids[0].tolist())
 
 
 def test_float32_packed_packs_the_float32_products_for_onednn_and_float32_does_not(
@@ -154,12 +159,7 @@ def test_float32_packed_packs_the_float32_products_for_onednn_and_float32_does_n
         got, expected = model(ids).logits[0], loaded_tiny.model(ids).logits[0]
     assert got.dtype == torch.float32
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
-    engine = Engine(model, loaded.tokenizer, context_length=loaded.context_length).start()
-    try:
-        params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
-        assert engine.submit(ids[0].tolist(), params).wait(30).completion_tokens == 6
-    finally:
-        engine.stop()
+    assert_generates(loaded, ids[0].tolist())
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40, 96, 97])
