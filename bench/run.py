@@ -298,7 +298,8 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"Roofline GB/s: the faster of the format's 1-row product and a plain read (sum) of the same "
             f"bytes, {read} GB/s here: a product kernel that streams slower than memory shows as a "
-            "shortfall.",
+            "shortfall. float32 and float32-packed (the same bytes and FLOPs) both take the faster of their "
+            "kernels' rates, F.linear's (oneMKL) and oneDNN's packed one.",
         ]
     best: dict[tuple[str, int], float] = {}  # fastest anchor per (decoding, clients)
     for a in report["anchors"]:
