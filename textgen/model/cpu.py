@@ -292,10 +292,14 @@ class CpuInfo:
         add pairs of u8 x s8 products in 16 bits that 8-bit weights overflow."""
         return 8 if self.is_arm or self.int8_dot else 7
 
+    def avx2_for(self, library: str) -> bool:
+        """Whether `library` ("oneDNN", "FBGEMM", ...) may use AVX2 and FMA on this x86 CPU (its caps apply)."""
+        return not self.is_arm and self.flags_known and _AVX2 <= self.usable_by(library)
+
     @property
     def fbgemm_kernels(self) -> bool:
         """FBGEMM has kernels for this CPU (it needs AVX2 and FMA): textgen's int8 products run on them."""
-        return not self.is_arm and self.flags_known and _AVX2 <= self.usable_by("FBGEMM")
+        return self.avx2_for("FBGEMM")
 
     @property
     def isa_class(self) -> str:

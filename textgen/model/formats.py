@@ -15,8 +15,6 @@ import torch
 
 from textgen.model.cpu import CpuInfo
 
-_AVX2_FMA = frozenset({"avx2", "fma"})
-
 # ---------------------------------------------------------------------------------------------------------
 # Choosing the weight format
 
@@ -89,7 +87,7 @@ def float32_packing(cpu: CpuInfo) -> str | None:
     stream 44.5-46.7 tok/s against 22.4-25.5, 32 streams 450-453 against 237-251). On Intel's, oneMKL is at
     home: packed block products lost at one row there (AMX Xeon: 20.2 against 16.5 ms a step; not measured
     since with the packed output layer); other vendors are unmeasured."""
-    if cpu.is_arm or cpu.arch != "x86_64":
+    if cpu.arch != "x86_64":
         return "measured on x86 only"
     if cpu.vendor != "AuthenticAMD":
         return (
@@ -97,7 +95,7 @@ def float32_packing(cpu: CpuInfo) -> str | None:
             if cpu.vendor == "GenuineIntel"
             else f"measured on AMD's CPUs only (this one: {cpu.vendor or 'unknown vendor'})"
         )
-    if not cpu.flags_known or not _AVX2_FMA <= cpu.usable_by("oneDNN"):
+    if not cpu.avx2_for("oneDNN"):
         return f"oneDNN's packed float32 kernels were measured with AVX2 and up (this CPU: {cpu.isa_class})"
     return None
 
