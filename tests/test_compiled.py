@@ -75,6 +75,21 @@ def test_a_restart_loads_the_step_it_compiled_before(compiled, packages):
 
 
 @torch.inference_mode()
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="finds the loaded library by /proc")
+def test_loading_leaves_no_unpacked_copy_in_the_temp_dir(compiled):
+    """AOTInductor unpacks a package into a directory of the temp dir to load it, and removed it only when
+    the runner was destroyed, which a server's exit never does (~250 MB left in /tmp per program and start):
+    the directory is gone once loaded, while its library stays mapped (and the step computes: every other
+    test of the module runs it after this removal)."""
+    mapped = {
+        line.split(maxsplit=5)[5].removesuffix(" (deleted)")
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if "/aotinductor_" in line
+    }
+    assert mapped, "the compiled step's library is not mapped from an unpacked directory"
+    assert not [path for path in mapped if Path(path).exists()]
+
+
 def test_the_cache_key_is_the_program_with_its_weights_the_machine_and_torch(model, monkeypatch):
     from textgen.model import compiled as module
 
@@ -86,12 +101,14 @@ def test_the_cache_key_is_the_program_with_its_weights_the_machine_and_torch(mod
     assert module._package_key(steps.export(torch.float32)[0], options, cpu) == key  # the same step
     body = model.base_model
     weights = (body.ln_f if hasattr(body, "ln_f") else body.norm).weight  # the final norm's: a constant
-    saved = weights.clone()
-    weights[0] += 1.0  # one weight changed, the shapes the same
+    saved = weights.detach().clone()
+    with torch.no_grad():  # whether the tiny model's weights require grad depends on the tests before
+        weights[0] += 1.0  # one weight changed, the shapes the same
     try:
         assert module._package_key(steps.export(torch.float32)[0], options, cpu) != key
     finally:
-        weights.copy_(saved)
+        with torch.no_grad():
+            weights.copy_(saved)
     assert module._package_key(steps.export(torch.float32)[0], options, cpu) == key  # restored
     assert module._package_key(program, {**options, "max_autotune_gemm_backends": "ATEN"}, cpu) != key
     monkeypatch.setattr(torch, "__version__", "0.0.1")

@@ -149,7 +149,7 @@ class AheadOfTime:
         # exporting and fingerprinting freed (82 MB) goes back to the system first.
         gc.collect()
         release_freed_memory()
-        runner = torch._inductor.aoti_load_package(str(package))  # unpacked into a directory of its own
+        runner = _load_package(package)
         if folder is None:
             shutil.rmtree(package.parent, ignore_errors=True)
         runner(*example)
@@ -341,6 +341,42 @@ def _writable(cache_dir: Path | None) -> Path | None:
             "compiled decoding step: cannot cache it in %s (%s); it compiles at every start", folder, exc
         )
         return None
+
+
+def _load_package(package: Path) -> Any:
+    """AOTInductor's runner of `package`, with nothing of it left on disk but the package.
+
+    The loader unpacks the package into a directory of its own in the temp dir (aotinductor_XXXXXX: the
+    library and its weights, 213-263 MB for random GPT-2) and removes it only when the runner is destroyed,
+    which a server's exit never does: every start left one per program in /tmp (142 of them, 15 GB, after a
+    day of test suites and benchmarks; CI's container build then ran out of disk). Once loaded, the library
+    and the weights are mapped or read: Linux keeps a removed file's pages for as long as they are mapped,
+    so the directory goes right away."""
+    before = _unpacked_directories()
+    runner = torch._inductor.aoti_load_package(str(package))
+    for directory in _unpacked_directories() - before:
+        shutil.rmtree(directory, ignore_errors=True)
+    return runner
+
+
+def _unpacked_directories() -> set[Path]:
+    """The temp dir's aotinductor_* directories holding a file this process maps (Linux: /proc/self/maps;
+    elsewhere none are found and they stay until the runner is destroyed)."""
+    temp_dirs = {Path(tempfile.gettempdir()).resolve(), Path("/tmp").resolve()}
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    found = set()
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or "/aotinductor_" not in fields[5]:
+            continue
+        path = Path(fields[5].removesuffix(" (deleted)"))
+        for directory in path.parents:
+            if directory.name.startswith("aotinductor_") and directory.parent in temp_dirs:
+                found.add(directory)
+    return found
 
 
 def _compile(program: Any, options: dict[str, Any], package: Path) -> None:
