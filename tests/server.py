@@ -85,9 +85,11 @@ def start_process(
             start_new_session=True,
         )
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    passed = False
     try:
         wait_ready(server, ready_timeout, ready_path)
         yield server
+        passed = True
     finally:
         try:
             os.killpg(process.pid, signal.SIGTERM)
@@ -98,6 +100,8 @@ def start_process(
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         shutil.rmtree(home, ignore_errors=True)
+        if passed:  # a failed test's server log stays for reading (its path is in the test's report)
+            log_path.unlink(missing_ok=True)
 
 
 def wait_ready(server: Server, timeout: float, path: str = "/readyz") -> None:
