@@ -174,6 +174,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 /usr/bin/docker --version
 
+# dockerd's data root is in /tmp: the base image, the build's layers and the 2.3 GB image took up to 4.5 GB
+# more on the disk (measured with the offline default model, SmolLM2-135M, session 22). Say so now, not after the build.
+free_mb=$(df -Pm /tmp | awk 'NR == 2 {print $4}')
+if [ "$free_mb" -lt 5120 ]; then
+    du -xsh /tmp/* 2>/dev/null | sort -h | tail -5 >&2
+    die "only $free_mb MB free under /tmp; the container build needs about 5 GB (largest entries above)"
+fi
+echo "free under /tmp: $free_mb MB"
 WORK=$(mktemp -d /tmp/textgen-container.XXXXXX)
 mkdir -p "$WORK/bin" "$WORK/wheels" "$CACHE_DIR"
 # BentoML runs `docker` from PATH: use Debian's 20.10 client, which matches the daemon and has the classic
