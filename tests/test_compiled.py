@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -161,12 +162,17 @@ def test_a_failed_compile_leaves_the_eager_step(model, monkeypatch, caplog, tmp_
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-int8head"])
-def test_the_server_compiles_bfloat16_steps_in_the_background(dtype, tiny_model_dir, cache_dir):
+def test_the_server_compiles_bfloat16_steps_in_the_background(
+    dtype, tiny_model_dir, cache_dir, tmp_path, monkeypatch
+):
     """The way the service starts it (Frontend.warmup): after the warm-up, bfloat16 layers compile in a
     process of its own (the int8 output layer stays outside the step, so the second format finds the
     first's package in the cache), after the batch's attention where it wins, and a lone stream's steps
-    then go through the compiled step."""
+    then go through the compiled step. The compiling process's directory of inductor's working files is
+    removed when it ends."""
     from textgen.frontend.prepare import Frontend
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where that directory goes
 
     settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype=dtype, cache_dir=cache_dir)
     loaded = load_model(settings, resolve_model(settings))
@@ -194,11 +200,12 @@ def test_the_server_compiles_bfloat16_steps_in_the_background(dtype, tiny_model_
         frontend.close()
     assert result.completion_tokens == 20 and result.error is None
     assert steps.steps == 19  # every decoding step after the prompt's
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_compiling_process_stops_with_the_server(tiny_model_dir, tmp_path):
     """A server stopped while its step compiles apart (textgen/model/compile_step.py) takes the compile
-    with it, and no half-written package stays in the cache."""
+    with it, and no half-written package stays in the cache, nor inductor's working files in the temp dir."""
     import subprocess
     import sys
     import time
@@ -209,7 +216,10 @@ def test_the_compiling_process_stops_with_the_server(tiny_model_dir, tmp_path):
         "TEXTGEN_DTYPE": "bfloat16",
         "TEXTGEN_THREADS": "1",
         "TEXTGEN_CACHE_DIR": str(tmp_path),
+        # as the server sets it (compiled._compile_apart): inductor's working files
+        "TEXTGEN_COMPILE_SCRATCH": str(tmp_path / "scratch"),
     }
+    (tmp_path / "scratch").mkdir()
     log = tmp_path / "log"
     # Stands in for the server: starts the compile, says its pid, and stops once the model is loaded.
     server = f"""
@@ -235,6 +245,7 @@ while time.monotonic() < deadline and "dtype bfloat16" not in log.read_text():
         assert time.monotonic() < deadline, "the compile went on after its server stopped"
         time.sleep(0.2)
     assert not list(tmp_path.rglob("*.pt2"))
+    assert not (tmp_path / "scratch").exists()  # its directory of inductor's working files went with it
     said = log.read_text()
     assert "dtype bfloat16" in said and "Traceback" not in said, said  # it was under way, and did not fail
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from textgen.config import Settings
-from textgen.model.compiled import PARENT
+from textgen.model.compiled import PARENT, SCRATCH
 from textgen.model.loading import load_model
 from textgen.model.native import native_decoding
 from textgen.model.source import resolve_model
@@ -47,8 +48,9 @@ def main() -> int:
 
 
 def _follow_parent(folder: Path) -> None:
-    """Exit, dropping this process's half-written package in `folder`, once the server that started it
-    (TEXTGEN_COMPILE_PARENT, its pid: this process's parent until it is gone) is gone."""
+    """Exit, dropping this process's half-written package in `folder` and its temp dir (TEXTGEN_COMPILE_SCRATCH,
+    which the server would have removed), once the server that started it (TEXTGEN_COMPILE_PARENT, its pid:
+    this process's parent until it is gone) is gone."""
     parent = os.environ.get(PARENT)
     if parent is None:  # started by hand
         return
@@ -58,6 +60,8 @@ def _follow_parent(folder: Path) -> None:
             time.sleep(1)
         for partial in folder.glob(f"partial-{os.getpid()}-*"):
             partial.unlink(missing_ok=True)
+        if os.environ.get(SCRATCH):
+            shutil.rmtree(os.environ[SCRATCH], ignore_errors=True)
         os._exit(3)
 
     threading.Thread(target=watch, name="textgen-follow-parent", daemon=True).start()

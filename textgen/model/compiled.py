@@ -71,6 +71,7 @@ EXAMPLE_CAPACITY = 64  # the KV capacity the step is exported with; any other wo
 PACKAGE_VERSION = 1  # bump when what a package holds changes without its key changing
 KEPT_PACKAGES = 4  # compiled packages kept in the cache directory (`_prune`)
 PARENT = "TEXTGEN_COMPILE_PARENT"  # set for the compiling process: the pid of the server it compiles for
+SCRATCH = "TEXTGEN_COMPILE_SCRATCH"  # and its temp dir, which it removes if the server is gone first
 
 
 class AheadOfTime:
@@ -360,9 +361,9 @@ def _load_package(package: Path) -> Any:
 
 
 def _unpacked_directories() -> set[Path]:
-    """The temp dir's aotinductor_* directories holding a file this process maps (Linux: /proc/self/maps;
-    elsewhere none are found and they stay until the runner is destroyed)."""
-    temp_dirs = {Path(tempfile.gettempdir()).resolve(), Path("/tmp").resolve()}
+    """The aotinductor_* directories holding a file this process maps (Linux: /proc/self/maps; elsewhere
+    none are found, and they stay until the runner is destroyed). Wherever they are: the loader reads TMPDIR
+    when it unpacks, while Python's tempfile keeps the temp dir it found first."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
@@ -373,9 +374,7 @@ def _unpacked_directories() -> set[Path]:
         if len(fields) < 6 or "/aotinductor_" not in fields[5]:
             continue
         path = Path(fields[5].removesuffix(" (deleted)"))
-        for directory in path.parents:
-            if directory.name.startswith("aotinductor_") and directory.parent in temp_dirs:
-                found.add(directory)
+        found.update(folder for folder in path.parents if folder.name.startswith("aotinductor_"))
     return found
 
 
@@ -391,18 +390,35 @@ def _compile(program: Any, options: dict[str, Any], package: Path) -> None:
 
 
 def _compile_apart(environment: Mapping[str, str], package: Path, kind: str) -> None:
-    """Run `python -m textgen.model.compile_step KIND` under `environment`; raise unless it made `package`."""
+    """Run `python -m textgen.model.compile_step KIND` under `environment`; raise unless it made `package`.
+
+    Inductor's working files go to a directory of the process's own, removed when it ends: each compile's
+    generated library with a copy of the weights (209 MB for random GPT-2) is of no use once the package is
+    written, since a restart loads the package; in inductor's cache directory, in the temp dir, one stayed
+    per program compiled (most of the 1 GiB /tmp volume of deploy/'s pod). Its precompiled headers (140-156
+    MB each, one per set of compiler flags) stay where inductor keeps them, in the temp dir whatever
+    TORCHINDUCTOR_CACHE_DIR says: bounded, and building them again cost each compile ~15 s."""
     # textgen importable wherever the server runs from (a Bento's src directory, a checkout)
     root = str(Path(__file__).resolve().parents[2])
     paths = [root] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
-    child = subprocess.run(
-        [sys.executable, "-m", "textgen.model.compile_step", kind],
-        env={**environment, "PYTHONPATH": os.pathsep.join(paths), PARENT: str(os.getpid())},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    scratch = tempfile.mkdtemp(prefix=f"textgen-compile-{kind}-")
+    try:
+        child = subprocess.run(
+            [sys.executable, "-m", "textgen.model.compile_step", kind],
+            env={
+                **environment,
+                "PYTHONPATH": os.pathsep.join(paths),
+                PARENT: str(os.getpid()),
+                SCRATCH: scratch,
+                "TORCHINDUCTOR_CACHE_DIR": scratch,
+            },
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if child.returncode != 0 or not package.is_file():
         lines = [line for line in child.stderr.splitlines() if line.strip()]
         said = lines[-1] if lines else "no output"
