@@ -142,6 +142,28 @@ def test_rows_in_a_batch_and_chunks_keep_the_eager_pass(model, compiled):
     assert compiled.steps == 0
 
 
+def test_without_a_cache_the_step_compiles_into_a_temporary_directory_removed_after(
+    model, compiled, monkeypatch, tmp_path
+):
+    """No writable cache: the package is compiled into a directory of the temp dir, removed once loaded, and
+    also when loading fails."""
+    if model.config.model_type != "gpt2":
+        pytest.skip("one model shows it (a compile costs ~15 s)")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert compiled.compile(torch.float32, None), compiled.state
+    assert compiled.state.startswith("compiled in "), compiled.state
+    assert not list(tmp_path.iterdir())
+
+    def broken(package):  # type: ignore[no-untyped-def]
+        raise RuntimeError("cannot load")
+
+    monkeypatch.setattr("textgen.model.compiled._compile", lambda program, options, package: package.touch())
+    monkeypatch.setattr("textgen.model.compiled._load_package", broken)
+    assert not compiled.compile(torch.float32, None)
+    assert compiled.state == "off: compiling failed (RuntimeError: cannot load)"
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_failed_compile_leaves_the_eager_step(model, monkeypatch, caplog, tmp_path):
     def no_compiler(program, **options):  # type: ignore[no-untyped-def]
         raise RuntimeError("Compiler: cc is not found\nmore detail")

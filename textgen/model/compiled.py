@@ -138,23 +138,29 @@ class AheadOfTime:
             del program  # the child exports its own
             package, how = folder / name, "compiled in a process of its own"
             _compile_apart(apart, package, self.kind)
-        else:
-            # Compiled here: into the cache, or, without one, into a temporary directory removed once loaded.
-            package, how = (
-                folder or Path(tempfile.mkdtemp(prefix=f"textgen-{self.kind}-"))
-            ) / name, "compiled"
+        elif folder is not None:
+            package, how = folder / name, "compiled"
             _compile(program, options, package)
-            if folder is not None:
-                _prune(folder, self.kind)
+            _prune(folder, self.kind)
+        else:  # no cache: compiled into a temporary directory, removed once loaded (or failed)
+            scratch = Path(tempfile.mkdtemp(prefix=f"textgen-{self.kind}-"))
+            try:
+                package, how = scratch / name, "compiled"
+                _compile(program, options, package)
+                return self._load(package, example), package, how
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        return self._load(package, example), package, how
+
+    def _load(self, package: Path, example: tuple[Any, ...]) -> Any:
+        """`package`'s runner, run once on `example`."""
         # Loading holds the constants twice for a moment (random GPT-2, Zen 4: RSS +477 MB, then +240): what
         # exporting and fingerprinting freed (82 MB) goes back to the system first.
         gc.collect()
         release_freed_memory()
         runner = _load_package(package)
-        if folder is None:
-            shutil.rmtree(package.parent, ignore_errors=True)
         runner(*example)
-        return runner, package, how
+        return runner
 
 
 def compile_in_background(
