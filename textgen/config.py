@@ -111,8 +111,8 @@ class Settings:
     )
     # Memory for cached prompt-prefix KV (engine/prefix_cache.py); 0: off. Distinct prompts fill it to the
     # limit, on top of everything else: 64 MB holds 1,700 tokens of GPT-2 bfloat16 prefixes (a few templates
-    # or system prompts). At 256, random GPT-2 in auto at 64 clients peaked at 1637 MB RSS (Zen 4, session 22),
-    # 1406 with the cache empty: over the 1.5 GB a small-model server should stay within.
+    # or system prompts). At 256, random GPT-2 in auto at 64 clients peaked at 1637 MB RSS (Zen 4, session
+    # 22), 1406 with the cache empty: over the 1.5 GB a small-model server should stay within.
     prefix_cache_mb: int = 64
     # For tests only (TEXTGEN_TEST_FAULT_PROMPT): engine steps fail for sequences whose prompt contains this
     # text, once they have this many tokens (TEXTGEN_TEST_FAULT_AFTER_TOKENS). Never set it in production.

@@ -48,9 +48,9 @@ def main() -> int:
 
 
 def _follow_parent(folder: Path) -> None:
-    """Exit, dropping this process's half-written package in `folder` and its temp dir (TEXTGEN_COMPILE_SCRATCH,
-    which the server would have removed), once the server that started it (TEXTGEN_COMPILE_PARENT, its pid:
-    this process's parent until it is gone) is gone."""
+    """Exit, dropping this process's half-written package in `folder` and its directory for inductor's
+    working files (TEXTGEN_COMPILE_SCRATCH, which the server would have removed), once the server that started
+    it (TEXTGEN_COMPILE_PARENT, its pid: this process's parent until it is gone) is gone."""
     parent = os.environ.get(PARENT)
     if parent is None:  # started by hand
         return

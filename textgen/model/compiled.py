@@ -71,7 +71,7 @@ EXAMPLE_CAPACITY = 64  # the KV capacity the step is exported with; any other wo
 PACKAGE_VERSION = 1  # bump when what a package holds changes without its key changing
 KEPT_PACKAGES = 4  # compiled packages kept in the cache directory (`_prune`)
 PARENT = "TEXTGEN_COMPILE_PARENT"  # set for the compiling process: the pid of the server it compiles for
-SCRATCH = "TEXTGEN_COMPILE_SCRATCH"  # and its temp dir, which it removes if the server is gone first
+SCRATCH = "TEXTGEN_COMPILE_SCRATCH"  # and its directory for inductor, removed by it if the server is gone
 
 
 class AheadOfTime:
@@ -356,9 +356,9 @@ def _load_package(package: Path) -> Any:
     The loader unpacks the package into a directory of its own in the temp dir (aotinductor_XXXXXX: the
     library and its weights, 213-263 MB for random GPT-2) and removes it only when the runner is destroyed,
     which a server's exit never does: every start left one per program in /tmp (142 of them, 15 GB, after a
-    day of test suites and benchmarks; CI's container build then ran out of disk). Once loaded, the library
-    and the weights are mapped or read: Linux keeps a removed file's pages for as long as they are mapped,
-    so the directory goes right away."""
+    day of test suites and benchmarks; CI's container build, after the suite, ran out of disk). Once loaded,
+    the library and the weights are mapped or read: Linux keeps a removed file's pages for as long as they
+    are mapped, so the directory goes right away."""
     before = _unpacked_directories()
     runner = torch._inductor.aoti_load_package(str(package))
     for directory in _unpacked_directories() - before:
@@ -403,7 +403,8 @@ def _compile_apart(environment: Mapping[str, str], package: Path, kind: str) -> 
     written, since a restart loads the package; in inductor's cache directory, in the temp dir, one stayed
     per program compiled (most of the 1 GiB /tmp volume of deploy/'s pod). Its precompiled headers (140-156
     MB each, one per set of compiler flags) stay where inductor keeps them, in the temp dir whatever
-    TORCHINDUCTOR_CACHE_DIR says: bounded, and building them again cost each compile ~15 s."""
+    TORCHINDUCTOR_CACHE_DIR says: bounded, and building them for every compile made the tiny GPT-2's two
+    (tests/test_compiled.py) take 64-79 s instead of 54-56."""
     # textgen importable wherever the server runs from (a Bento's src directory, a checkout)
     root = str(Path(__file__).resolve().parents[2])
     paths = [root] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
