@@ -384,7 +384,7 @@ class CausalRunner:
 
         Not a prompt too short for any of its beginning to be reused (a hit must cover `worth_reusing`
         tokens and never the last one): it would only take memory. Workload W's 32-token prompts filled
-        the 256 MB cache with blocks no request could use."""
+        the cache (256 MB then) with blocks no request could use."""
         if self.prefix_cache is None:
             return
         shortest = self.chunks.worth_reusing() + 1
