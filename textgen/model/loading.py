@@ -15,7 +15,7 @@ from textgen.model.allocator import bound_kernel_caches
 from textgen.model.cpu import detect_cpu
 from textgen.model.formats import BFLOAT16_LAYERS, int8_dense_dtype, serving_dtype
 from textgen.model.linear import use_linear
-from textgen.model.memory import keep_freed_memory, release_freed_memory
+from textgen.model.memory import drop_pages, keep_freed_memory, release_freed_memory
 from textgen.model.sampling_defaults import SamplingDefaults, model_sampling_defaults
 from textgen.model.source import DEFAULT_MODEL, ModelLoadError, ModelSource, cannot_load
 
@@ -105,7 +105,8 @@ def own_file_backed_tensors(model: torch.nn.Module) -> int:
     copied. A single tensor left there keeps the whole mapping, and with it every page that loading read,
     resident: GPT-2 in float32 kept 432 MB of its file beside the copies textgen lays its products out in
     (use_linear), its RSS 1314 MB after warm-up against 997 with them copied. Tensors that share a storage
-    (tied embeddings and output layer) share its copy."""
+    (tied embeddings and output layer) share its copy. Each copied range's pages of the mapping are
+    dropped as soon as it is copied (`drop_pages`), so the file is never resident whole beside its copy."""
     mapped = _file_mappings()
     copies: dict[int, torch.UntypedStorage] = {}
     copied = 0
@@ -120,6 +121,7 @@ def own_file_backed_tensors(model: torch.nn.Module) -> int:
             if address not in copies:
                 copies[address] = storage.clone()
                 copied += storage.nbytes()
+                drop_pages(address, storage.nbytes())
             tensor.set_(copies[address], tensor.storage_offset(), tensor.shape, tensor.stride())
     return copied
 
@@ -162,6 +164,10 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
     else:
         load_dtype = torch.bfloat16 if choice.dtype in BFLOAT16_LAYERS else torch.float32
     model = auto.from_pretrained(source.location, trust_remote_code=False, dtype=load_dtype).eval()
+    # Copied out of the file's mapping before anything lays the weights out anew (transposed, packed,
+    # quantized): the copies then replace tensors already owned, page by page of the file, instead of
+    # adding to the whole file held resident until the last tensor leaves it.
+    own_file_backed_tensors(model)
     if choice.dtype == "int8":
         from textgen.model.quantize import quantize_int8
 
@@ -174,7 +180,6 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
         model = use_linear(model, pack_float32=choice.dtype == "float32-packed")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    own_file_backed_tensors(model)
     release_freed_memory()
     malloc = keep_freed_memory()  # from here on: serving, whose buffers come and go at every step
     context = context_length(model, tokenizer)

@@ -116,6 +116,26 @@ def fault_in(*buffers: torch.Tensor) -> None:
 
 _populating = True
 
+_MADV_DONTNEED = 4
+
+
+def drop_pages(address: int, nbytes: int) -> None:
+    """Let go of this process's pages in [address, address + nbytes) of a file's mapping whose values have
+    been copied elsewhere: RSS stops counting them, and whatever still reads them gets the file's bytes
+    again. Only whole pages inside the range, so a neighbour's pages, and anything written to them, stay.
+
+    Loading reads a float32 file's weights through its mapping while it copies them; without this every page
+    read stayed resident until the whole mapping went, beside the copies. Loading's peak RSS in float32
+    (Zen 4, in-process, tcmalloc), with this and use_linear's one-by-one replacement (textgen/model/linear.py)
+    against neither: random GPT-2 931 MB against 1388 (915 once loaded), SmolLM2 1101 against 1456."""
+    madvise = _madvise()
+    if madvise is None:
+        return
+    first = -(-address // PAGE_BYTES) * PAGE_BYTES
+    end = (address + nbytes) // PAGE_BYTES * PAGE_BYTES
+    if end > first:
+        madvise(first, end - first, _MADV_DONTNEED)
+
 
 def _stop_populating() -> None:
     global _populating
