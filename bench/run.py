@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 from pathlib import Path
@@ -354,15 +355,83 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {a['anchor']} | {a['mode']} | {a['clients']} | {a.get('tokens_per_second')} | "
             f"{a.get('ttft_ms')} | {a.get('batching', a.get('error', ''))} |"
         )
+    paired = report.get("paired")
+    if paired:
+        lines += [
+            "",
+            f"## One stream, taking turns with {paired['anchor']} (bench/run.py paired_one_stream)",
+            "",
+            "`auto`'s server and the fastest anchor at one client (top-p), alternating, each pair within "
+            "seconds: the host's drift between the tables above (servers and anchors minutes apart) "
+            f"cancels in a pair's ratio. Median ratio: **{paired['median_ratio']}**.",
+            "",
+            "| pair | textgen tok/s | anchor tok/s | ratio |",
+            "| ---: | ---: | ---: | ---: |",
+        ]
+        for i, r in enumerate(paired["rounds"], 1):
+            lines.append(f"| {i} | {r['textgen']} | {r['anchor']} | {r['ratio']} |")
     quality = ROOT / "bench" / "results" / "quality.md"
     if quality.is_file():  # written by bench/quality.py on the real SmolLM2: what the speed costs
         lines += ["", "## Quality of the weight formats (bench/quality.py)", "", quality.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 
+PAIRS = 3  # alternations of textgen and the best anchor at one client
+
+
+def paired_one_stream(
+    server: Server, anchor: dict[str, Any], prompts: Prompts, threads: int, pairs: int = PAIRS
+) -> dict[str, Any]:
+    """textgen and `anchor` (the fastest anchor's row at one client, top-p) at one client, top-p, taking
+    turns `pairs` times: each pair within seconds, so the ratio of a pair is free of the host's drift.
+    Measured one after the other (every server, then every anchor), one stream's ratio moved from 0.91 to
+    1.17 between sessions on the same Zen 4 VM (sessions 20-22), the host's speed 10-40% apart between
+    servers of one run. textgen's server idles while the anchor runs (its own process), and back."""
+    from bench.anchors import run_anchors
+
+    bufts = "on" if anchor.get("extra_bufts") else "off"  # as the anchor ran in this run's main rounds
+    rounds = []
+    for _ in range(pairs):
+        ours = asyncio.run(run_level(server, "textgen", "top-p", 1, 2, prompts))
+        theirs = run_anchors(
+            MODEL_DIR,
+            (1,),
+            ("top-p",),
+            anchors=[anchor["anchor"]],
+            threads=threads,
+            rounds=1,
+            llama_extra_bufts=bufts,
+        )[0].get("tokens_per_second")
+        ratio = round(ours.tokens_per_second / theirs, 2) if theirs and not ours.errors else None
+        rounds.append({"textgen": ours.tokens_per_second, "anchor": theirs, "ratio": ratio})
+        print(json.dumps({"paired": anchor["anchor"], **rounds[-1]}), flush=True)
+    ratios = [r["ratio"] for r in rounds if r["ratio"] is not None]
+    return {
+        "anchor": anchor["anchor"],
+        "rounds": rounds,
+        "median_ratio": round(statistics.median(ratios), 2) if ratios else None,
+    }
+
+
+def best_anchor(anchors: list[dict[str, Any]], mode: str, clients: int) -> dict[str, Any] | None:
+    """The row of the fastest anchor at `clients` and `mode` (None when none ran)."""
+    rows = [
+        a for a in anchors if a["mode"] == mode and a["clients"] == clients and a.get("tokens_per_second")
+    ]
+    return max(rows, key=lambda a: a["tokens_per_second"], default=None)
+
+
 def textgen_levels(
-    dtype: str, levels: list[int], prompts: Prompts, threads: int, per_client: int, cpu: dict[str, Any]
+    dtype: str,
+    levels: list[int],
+    prompts: Prompts,
+    threads: int,
+    per_client: int,
+    cpu: dict[str, Any],
+    while_up: Callable[[Server], None] | None = None,
 ) -> tuple[dict, list]:
+    """Workload W's levels on a textgen server of `dtype`; `while_up(server)` runs after them, before the
+    server stops."""
     env = {"MODEL_NAME": str(MODEL_DIR), "TEXTGEN_DTYPE": dtype, "TEXTGEN_THREADS": str(threads)}
     started = time.perf_counter()
     with start_process(server_command, env) as server:
@@ -383,6 +452,8 @@ def textgen_levels(
         if served != {k: cpu.get(k) for k in served}:
             raise SystemExit(f"the {dtype} server runs another CPU picture than this process: {served}")
         results = bench_system("textgen", server, levels, prompts, per_client)
+        if while_up is not None:
+            while_up(server)
     for r in results:
         r.dtype = dtype if dtype != "auto" else f"auto={info['dtype']}"
     return info, results
@@ -405,6 +476,12 @@ def main() -> None:
     parser.add_argument("--skip-anchors", action="store_true")
     parser.add_argument(
         "--anchors", default="", help="comma-separated anchors (bench/anchors.py); all if empty"
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=PAIRS,
+        help="turns of `auto` and the fastest anchor at one client (paired_one_stream); 0: none",
     )
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -430,11 +507,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as probe_dir:
         report["roofline"] = roofline(args.threads, Path(probe_dir), cpu["native_bf16"])
     print(json.dumps(report["roofline"]["formats"]), flush=True)
+    # The anchors first: the fastest at one client then takes turns with `auto`'s server (paired_one_stream).
+    report["anchors"] = []
+    if not args.skip_anchors:
+        from bench.anchors import ANCHORS, run_anchors
+
+        names = [a.strip() for a in args.anchors.split(",") if a.strip()] or list(ANCHORS)
+        report["anchors"] = run_anchors(
+            MODEL_DIR, (1, 32), tuple(MODES), anchors=names, threads=args.threads, rounds=2
+        )
+    paired_with = best_anchor(report["anchors"], "top-p", 1)
+
+    def pair(server: Server) -> None:
+        report["paired"] = paired_one_stream(server, paired_with, prompts, args.threads, args.pairs)
+
     levels: list[Level] = []
     for dtype in args.dtypes.split(","):
         wanted = args.levels if dtype in ("auto", "float32") else args.other_levels
+        pairing = dtype == "auto" and paired_with is not None and args.pairs > 0
         info, results = textgen_levels(
-            dtype, [int(x) for x in wanted.split(",")], prompts, args.threads, args.per_client, cpu
+            dtype,
+            [int(x) for x in wanted.split(",")],
+            prompts,
+            args.threads,
+            args.per_client,
+            cpu,
+            pair if pairing else None,
         )
         report.setdefault("ready_seconds", {})[dtype] = info["ready_seconds"]
         report.setdefault("compiled_step", {})[dtype] = info.get("compiled_step")
@@ -444,14 +542,6 @@ def main() -> None:
         if dtype == "auto":
             report["auto"] = {"dtype": info["dtype"], "reason": info["dtype_reason"]}
         levels += results
-    report["anchors"] = []
-    if not args.skip_anchors:
-        from bench.anchors import ANCHORS, run_anchors
-
-        names = [a.strip() for a in args.anchors.split(",") if a.strip()] or list(ANCHORS)
-        report["anchors"] = run_anchors(
-            MODEL_DIR, (1, 32), tuple(MODES), anchors=names, threads=args.threads, rounds=2
-        )
     if not args.skip_baseline:
         baseline = lambda port: [  # noqa: E731
             sys.executable,

@@ -633,3 +633,37 @@ def test_the_benchmarks_roofline_is_never_below_a_plain_read() -> None:
     for dtype in ("float32", "float32-packed"):
         assert table[dtype]["bandwidth_gbps"] == 25.0 and table[dtype]["gemm_gflops"] == 200.0
     assert table["int8"]["gemm_gflops"] == 200.0  # its dense copy is float32 without native bfloat16
+
+
+def test_the_benchmark_pairs_auto_with_the_fastest_anchor_at_one_client() -> None:
+    """bench/run.py takes turns between `auto` and the fastest anchor at one client (top-p), and its report
+    gives each pair's ratio and their median, beside the sequential tables."""
+    import json as _json
+    from pathlib import Path
+
+    from bench.run import best_anchor, markdown
+
+    anchors = [
+        {"anchor": "slow", "mode": "top-p", "clients": 1, "tokens_per_second": 40.0},
+        {"anchor": "fast", "mode": "top-p", "clients": 1, "tokens_per_second": 110.0},
+        {"anchor": "fastest at 32", "mode": "top-p", "clients": 32, "tokens_per_second": 500.0},
+        {"anchor": "greedy", "mode": "greedy", "clients": 1, "tokens_per_second": 900.0},
+        {"anchor": "broken", "mode": "top-p", "clients": 1, "tokens_per_second": None},
+    ]
+    assert best_anchor(anchors, "top-p", 1)["anchor"] == "fast"
+    assert best_anchor(anchors[-1:], "top-p", 1) is None
+    saved = (
+        Path(__file__).resolve().parents[1] / "bench" / "results" / "2026-12-05-avx512-bf16-session22.json"
+    )
+    report = _json.loads(saved.read_text())
+    rounds = [
+        {"textgen": 120.0, "anchor": 100.0, "ratio": 1.2},
+        {"textgen": 90.0, "anchor": 100.0, "ratio": 0.9},
+    ]
+    rounds.append({"textgen": 110.0, "anchor": 100.0, "ratio": 1.1})
+    report["paired"] = {"anchor": "fast", "rounds": rounds, "median_ratio": 1.1}
+    text = markdown(report)
+    assert "taking turns with fast" in text and "Median ratio: **1.1**" in text
+    assert "| 2 | 90.0 | 100.0 | 0.9 |" in text
+    del report["paired"]  # reports from before the pairing render as they did
+    assert "taking turns" not in markdown(report)
