@@ -637,6 +637,26 @@ def test_the_benchmarks_roofline_is_the_fastest_read_of_memory() -> None:
     assert table["int8"]["gemm_gflops"] == 200.0  # its dense copy is float32 without native bfloat16
 
 
+def test_the_benchmarks_roofline_takes_each_rate_at_the_runs_fastest_probe() -> None:
+    """The host's speed moves within minutes, so bench/run.py probes several times in a run and each rate
+    of the roof is the fastest any probe measured."""
+    from bench.run import roofline
+
+    slow = {
+        "bandwidth_gbs": {"read": 36.0, "int8": 30.0, "bfloat16": 21.0},
+        "gemm_gflops": {"bfloat16": 440.0},
+    }
+    fast = {
+        "bandwidth_gbs": {"read": 40.0, "int8": 62.0, "bfloat16": None},
+        "gemm_gflops": {"bfloat16": 420.0},
+    }
+    roof = roofline([slow, fast], native_bf16=True)
+    assert roof["probe"]["bandwidth_gbs"] == {"read": 40.0, "int8": 62.0, "bfloat16": 21.0}
+    assert roof["probe"]["gemm_gflops"] == {"bfloat16": 440.0}
+    assert roof["probes"] == [slow, fast]
+    assert roof["formats"]["bfloat16"]["bandwidth_gbps"] == 62.0
+
+
 def test_the_benchmark_pairs_auto_with_the_fastest_anchor_at_one_client() -> None:
     """bench/run.py takes turns between `auto` and the fastest anchor at one client (top-p), and its report
     gives each pair's ratio and their median, beside the sequential tables."""
