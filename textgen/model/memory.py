@@ -116,6 +116,12 @@ def fault_in(*buffers: torch.Tensor) -> None:
 
 _populating = True
 
+
+def _stop_populating() -> None:
+    global _populating
+    _populating = False
+
+
 _MADV_DONTNEED = 4
 
 
@@ -135,11 +141,6 @@ def drop_pages(address: int, nbytes: int) -> None:
     end = (address + nbytes) // PAGE_BYTES * PAGE_BYTES
     if end > first:
         madvise(first, end - first, _MADV_DONTNEED)
-
-
-def _stop_populating() -> None:
-    global _populating
-    _populating = False
 
 
 def release_freed_memory() -> None:
