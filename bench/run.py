@@ -243,25 +243,26 @@ def roofline_formats(measured: dict[str, Any], native_bf16: bool) -> dict[str, d
     memory = max((r for r in measured["bandwidth_gbs"].values() if r), default=None)
     for dtype, size in BYTES.items():
         product = _fastest(measured["bandwidth_gbs"], dtype)
-        gbps = memory
         # int8 products of 64 rows and more multiply its dense copy, in bfloat16 only where that is native
         # (textgen/model/formats.py int8_dense_dtype), the fastest GEMM here: its compute roofline.
         dense = ("bfloat16" if native_bf16 else "float32") if dtype == "int8" else dtype
         gflops = _fastest(measured["gemm_gflops"], dense)
         table[dtype] = {
-            "bandwidth_gbps": gbps,
+            "bandwidth_gbps": memory,
             "product_gbps": product,
             "gemm_gflops": gflops,
             # one stream: a step reads every weight once; many streams: 2 FLOP per weight per token
-            "memory_tok_s": round(gbps * 1e9 / (GPT2_PARAMS * size), 1) if gbps else None,
+            "memory_tok_s": round(memory * 1e9 / (GPT2_PARAMS * size), 1) if memory else None,
             "compute_tok_s": round(gflops * 1e9 / (2 * GPT2_PARAMS), 1) if gflops else None,
         }
-    # bfloat16 layers and an int8 output layer: a step streams each part at its own format's rate.
-    bf16, int8 = table["bfloat16"], table["int8"]
-    if bf16["bandwidth_gbps"] and int8["bandwidth_gbps"]:
-        seconds = (GPT2_PARAMS - GPT2_OUTPUT_PARAMS) * 2 / (bf16["bandwidth_gbps"] * 1e9)
-        seconds += GPT2_OUTPUT_PARAMS / (int8["bandwidth_gbps"] * 1e9)
-        table["bfloat16-int8head"] = {**bf16, "bandwidth_gbps": None, "memory_tok_s": round(1 / seconds, 1)}
+    # bfloat16 layers and an int8 output layer: a step streams both parts at the memory's rate.
+    if memory:
+        seconds = ((GPT2_PARAMS - GPT2_OUTPUT_PARAMS) * 2 + GPT2_OUTPUT_PARAMS) / (memory * 1e9)
+        table["bfloat16-int8head"] = {
+            **table["bfloat16"],
+            "product_gbps": None,  # two kernels': bfloat16's and int8's above
+            "memory_tok_s": round(1 / seconds, 1),
+        }
     return table
 
 
