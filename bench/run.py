@@ -219,7 +219,7 @@ def roofline(probes: list[dict[str, Any]], native_bf16: bool) -> dict[str, Any]:
     probes are spread over the run (start, between servers, end)."""
     merged = dict(probes[0])
     for rates in ("bandwidth_gbs", "gemm_gflops"):
-        names = {name for p in probes for name in p[rates]}
+        names = dict.fromkeys(name for p in probes for name in p[rates])  # in the probes' order
         merged[rates] = {
             n: max((p[rates][n] for p in probes if p[rates].get(n)), default=None) for n in names
         }
@@ -317,22 +317,23 @@ def markdown(report: dict[str, Any]) -> str:
     read = rates.get("read")
     if read:
         fastest = max(rates, key=lambda name: rates[name] or 0)
+        probes = report["roofline"].get("probes", [])
+        reads = [p["bandwidth_gbs"]["read"] for p in probes]
+        spread = (
+            f" Every rate is the fastest of the run's {len(probes)} probes (start, after the anchors, after each "
+            f"server, end; the host's speed moves within minutes): the plain read ranged {min(reads)}-"
+            f"{max(reads)} GB/s."
+            if len(probes) > 1
+            else ""
+        )
         lines += [
             "",
             f"Roofline GB/s: the fastest that any of the probe's reads streamed weights from memory, each "
             f"format's 1-row product or a plain read (sum) of the same bytes: {rates[fastest]} GB/s here "
             f"({fastest}; the plain read {read}). A product kernel that streams slower than that shows as a "
             "shortfall. GEMM: float32 and float32-packed (the same FLOPs) both take the faster of their "
-            "kernels, F.linear's (oneMKL) and oneDNN's packed one.",
+            "kernels, F.linear's (oneMKL) and oneDNN's packed one." + spread,
         ]
-        probes = report["roofline"].get("probes", [])
-        if len(probes) > 1:
-            lines[-1] += (
-                f" Every rate is the fastest of the run's {len(probes)} probes (start, after the anchors, after "
-                "each server, end; the host's speed moves within minutes): the plain read ranged "
-                f"{min(p['bandwidth_gbs']['read'] for p in probes)}-{max(p['bandwidth_gbs']['read'] for p in probes)}"
-                " GB/s."
-            )
     best: dict[tuple[str, int], float] = {}  # fastest anchor per (decoding, clients)
     for a in report["anchors"]:
         if a.get("tokens_per_second"):
