@@ -169,6 +169,18 @@ def test_answers_may_repeat_their_question_when_the_prompt_is_not_penalized(load
     assert batch.seen[0, question].all() and not batch.seen[1].any()  # what the repetition penalty sees
 
 
+def test_prefill_zeroes_only_the_padding_of_shorter_prompts(loaded_tiny):
+    from textgen.engine.kv_cache import cache_layers
+
+    vocab = loaded_tiny.model.config.vocab_size
+    with torch.inference_mode():
+        batch, _ = DecodeBatch.prefill(loaded_tiny.model, ["long", "short"], [[5, 6, 7, 8], [9, 10]], vocab)
+    for layer in cache_layers(batch.segments[0].cache):
+        for cached in (layer.keys, layer.values):
+            assert not cached[1, :, :2].any()  # the short row's two padding positions
+            assert cached[1, :, 2:].abs().sum(-1).all() and cached[0].abs().sum(-1).all()
+
+
 def test_min_tokens_holds_off_end_of_text_and_stop_strings(loaded_tiny):
     tokenizer = loaded_tiny.tokenizer
     eos = tokenizer.eos_token_id

@@ -108,10 +108,13 @@ class DecodeBatch:
             logits_to_keep=0 if all_logits else 1,
         )
         # Padding rows attend to nothing; zero their keys/values so no NaN can ever leak into real rows.
-        pad = (mask == 0)[:, None, :, None]
-        for layer in cache_layers(out.past_key_values):
-            layer.keys.masked_fill_(pad, 0.0)
-            layer.values.masked_fill_(pad, 0.0)
+        # Prompts of one length have none: 24 passes over GPT-2's cache for nothing were 0.44 ms of a
+        # 32-token prompt's 23.8 ms (Zen 4 EPYC, bfloat16).
+        if not bool(mask.all()):
+            pad = (mask == 0)[:, None, :, None]
+            for layer in cache_layers(out.past_key_values):
+                layer.keys.masked_fill_(pad, 0.0)
+                layer.values.masked_fill_(pad, 0.0)
         seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool)
         counted = mask.bool()
         if count_prompt is not None:
