@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import bentoml
 import httpx
@@ -36,7 +37,7 @@ def test_stream_yields_the_events_with_keyword_arguments(tiny_server):
     text = "".join(chunks)
     assert text.count("data: ") >= 2 and '"finish_reason": "length"' in text
     assert whole["generated_text"] in "".join(
-        __import__("json").loads(line.removeprefix("data: "))["text"]
+        json.loads(line.removeprefix("data: "))["text"]
         for line in text.split("\n")
         if line.startswith("data: ")
     )
@@ -61,5 +62,5 @@ def test_reading_a_body_does_not_build_the_schema(monkeypatch):
         GenerateRequest, "model_json_schema", classmethod(lambda cls, *a, **k: built.append(1))
     )
     for raw in (b'{"prompt": "What is AI?", "max_new_tokens": 5}', '"a bare string"', b"[1, 2]"):
-        assert body.model_validate_json(raw).root == [__import__("json").loads(raw)]
+        assert body.model_validate_json(raw).root == [json.loads(raw)]
     assert built == []
