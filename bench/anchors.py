@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -641,6 +642,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write all results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # As tests/server.py stop_on_sigterm (this script runs alone, without the repository on its path): a
+    # SIGTERM unwinds, so the worker it runs is killed instead of running on.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.worker:
         worker(json.loads(args.worker))
         return

@@ -28,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.run import MODEL_DIR, ensure_model, prompt_of_exactly  # noqa: E402
-from tests.server import Server, server_command, start_process  # noqa: E402
+from tests.server import Server, server_command, start_process, stop_on_sigterm  # noqa: E402
 from tests.test_service import metric  # noqa: E402
 
 PROBES = 30
@@ -168,6 +168,7 @@ def markdown(phases: list[Phase], checks: list[str], dtype: str) -> str:
 
 
 def main() -> int:
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -50,7 +50,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.anchors import PROMPT_TEXT  # noqa: E402
-from tests.server import Server, server_command, start_process  # noqa: E402
+from tests.server import Server, server_command, start_process, stop_on_sigterm  # noqa: E402
 
 MODEL_DIR = Path("/tmp/textgen-bench/gpt2-random")
 PROMPT_TOKENS, NEW_TOKENS = 32, 128
@@ -492,6 +492,7 @@ def textgen_levels(
 
 
 def main() -> None:
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

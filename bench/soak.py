@@ -35,7 +35,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.server import Server, start_server  # noqa: E402
+from tests.server import Server, start_server, stop_on_sigterm  # noqa: E402
 from tests.test_service import metric  # noqa: E402
 from tests.tiny_model import build_tiny_gpt2  # noqa: E402
 from textgen.model.cpu import describe  # noqa: E402
@@ -307,6 +307,7 @@ def rss_at(samples: list[Sample], done: int) -> Sample:
 
 
 def main() -> int:
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -61,6 +61,13 @@ def start_server(env: dict[str, str], ready_timeout: float = 240.0) -> Iterator[
         yield server
 
 
+def stop_on_sigterm() -> None:
+    """Let SIGTERM (`kill`, `timeout`) end the calling program as Ctrl-C does: SystemExit in the main thread,
+    so each `start_process` block stops its server and a benchmark kills its anchor workers. By default
+    SIGTERM ends Python at once, and they ran on, loading the cores the next measurement used."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 @contextmanager
 def start_process(
     command: Callable[[int], list[str]],
