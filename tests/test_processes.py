@@ -36,6 +36,9 @@ def test_sigterm_runs_the_cleanup_of_a_benchmark_like_program():
             assert time.monotonic() < deadline, "the program's helper process outlived it"
             time.sleep(0.05)
     finally:
+        if program.poll() is None:
+            program.kill()
+            program.wait()
         if not _gone(helper):
             os.kill(helper, signal.SIGKILL)
 
