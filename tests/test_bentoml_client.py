@@ -1,4 +1,5 @@
-"""BentoML's own clients call textgen the BentoML way: keyword arguments, against a live `bentoml serve`."""
+"""BentoML's own clients call textgen the BentoML way: keyword arguments, against a live `bentoml serve`;
+and BentoML reads a request body through textgen's input spec without building its schema."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import torch
 
 from textgen.engine.batch import DecodeBatch
 from textgen.engine.handle import RequestHandle
+from textgen.engine.kv_cache import cache_layers
 from textgen.engine.params import SamplingParams
 from textgen.engine.sequence import Sequence
 
@@ -169,8 +170,6 @@ def test_answers_may_repeat_their_question_when_the_prompt_is_not_penalized(load
 
 
 def test_prefill_zeroes_only_the_padding_of_shorter_prompts(loaded_tiny):
-    from textgen.engine.kv_cache import cache_layers
-
     vocab = loaded_tiny.model.config.vocab_size
     with torch.inference_mode():
         batch, _ = DecodeBatch.prefill(loaded_tiny.model, ["long", "short"], [[5, 6, 7, 8], [9, 10]], vocab)
