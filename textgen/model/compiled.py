@@ -370,7 +370,7 @@ class Runner:
     """A loaded program, called with its arguments: tensors, and lists and tuples of them (a step's KV
     buffers).
 
-    AOTInductor's own runner (AOTICompiledModel) parses the program's output spec and flattens the
+    AOTInductor's own runner (AOTICompiledModel) parses the program's specs (JSON) and flattens the
     arguments with torch's pytree at every call. Here the spec is read once and the arguments flattened in
     place. Measured in the engine (random GPT-2, bfloat16-int8head, Zen 4 EPYC, calls alternating between
     the two in one process): a lone stream's step 3.81 against 3.92 ms (median, 441 and 448 steps), the
