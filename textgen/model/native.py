@@ -35,7 +35,49 @@ from textgen.model.cpu import this_cpu
 from textgen.model.formats import BFLOAT16_LAYERS
 
 
-class GPT2Decoding:
+class NativeDecoding:
+    """A family's pass: the batch's (`__call__`) and a lone row's step (`one_token`), around the family's
+    `embed` and `_blocks`; its compiled programs (textgen/model/compiled.py) are made by `_programs`."""
+
+    layers: list[tuple[Any, ...]]
+    final_norm: Callable[[torch.Tensor], torch.Tensor]
+    head: Callable[[torch.Tensor], torch.Tensor]
+
+    def _programs(self, heads: int, kv_heads: int, head_dim: int) -> None:
+        """The lone row's compiled step and the batch's compiled attention (compiled later, if ever)."""
+        self.steps = OneTokenSteps(
+            self.embed, self.one_token, self.head, (kv_heads, head_dim), len(self.layers)
+        )
+        self.attention = RowsAttention(heads, kv_heads, head_dim)
+
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Logits [kept tokens, V] of tokens `ids` [T] at `positions` [T]; `keep`: the tokens whose logits are
+        wanted (None: all)."""
+        logits = self.steps.run(ids, positions, cache, keep)
+        if logits is not None:
+            return logits
+        hidden = self._blocks(self.embed(ids, positions), positions, _segmented(cache, self.attention))
+        return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
+
+    def one_token(self, hidden: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
+        """A lone row's step after its embedding, tensors only (compiled: textgen/model/compiled.py): the
+        final hidden state [1, width] of the token embedded as `hidden` [1, width] at `positions` [1], whose
+        keys and values go into each layer's `buffers` (keys, values [1, kv_heads, C, head_dim]) at column
+        `positions`, and which attends over the columns up to it."""
+        return self.final_norm(self._blocks(hidden, positions, _one_token(buffers, positions)))
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The input hidden states [T, width] of tokens `ids` [T] at `positions` [T]."""
+        raise NotImplementedError
+
+    def _blocks(self, hidden: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """The blocks over hidden states [T, width] at `positions`, attention by `attend`."""
+        raise NotImplementedError
+
+
+class GPT2Decoding(NativeDecoding):
     """GPT-2: learned positions, pre-norm blocks, one product for queries, keys and values."""
 
     def __init__(self, model: Any) -> None:
@@ -51,36 +93,15 @@ class GPT2Decoding:
             + _bound(block.ln_2, block.mlp.c_fc, block.mlp.act, block.mlp.c_proj)
             for block in body.h
         ]
-        head_dim = self.width // self.heads
-        self.steps = OneTokenSteps(
-            self.embed, self.one_token, self.head, (self.heads, head_dim), len(self.layers)
-        )
-        self.attention = RowsAttention(self.heads, self.heads, head_dim)
-
-    def __call__(
-        self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, keep: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Logits [kept tokens, V] of tokens `ids` [T] at `positions` [T]; `keep`: the tokens whose logits are
-        wanted (None: all)."""
-        logits = self.steps.run(ids, positions, cache, keep)
-        if logits is not None:
-            return logits
-        hidden = self._blocks(self.embed(ids, positions), _segmented(cache, self.attention))
-        return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
+        self._programs(self.heads, self.heads, self.width // self.heads)
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The input hidden states [T, width] of tokens `ids` [T] at `positions` [T]."""
         return self.embeddings(ids) + self.positions(positions)
 
-    def one_token(self, hidden: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
-        """A lone row's step after its embedding, tensors only (compiled: textgen/model/compiled.py): the
-        final hidden state [1, width] of the token embedded as `hidden` [1, width] at `positions` [1], whose
-        keys and values go into each layer's `buffers` (keys, values [1, heads, C, head_dim]) at column
-        `positions`, and which attends over the columns up to it."""
-        return self.final_norm(self._blocks(hidden, _one_token(buffers, positions)))
-
-    def _blocks(self, hidden: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """The blocks over hidden states [T, width], attention by `attend`."""
+    def _blocks(self, hidden: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """The blocks over hidden states [T, width], attention by `attend` (the positions entered with the
+        embeddings)."""
         tokens = hidden.shape[0]
         for index, (ln_1, qkv, project, scaling, ln_2, up, act, down) in enumerate(self.layers):
             qkv_heads = qkv(ln_1(hidden)).view(tokens, 3, self.heads, -1).permute(1, 2, 0, 3)
@@ -90,7 +111,7 @@ class GPT2Decoding:
         return hidden
 
 
-class LlamaDecoding:
+class LlamaDecoding(NativeDecoding):
     """Llama and kin (SmolLM2): rotary positions, RMS norms, grouped-query attention, gated MLP."""
 
     def __init__(self, model: Any) -> None:
@@ -117,31 +138,13 @@ class LlamaDecoding:
             + (block.self_attn.head_dim, block.self_attn.scaling)
             for block in body.layers
         ]
-        attention = body.layers[0].self_attn
-        kv_heads = model.config.num_key_value_heads or model.config.num_attention_heads
-        self.steps = OneTokenSteps(
-            self.embed, self.one_token, self.head, (kv_heads, attention.head_dim), len(self.layers)
-        )
-        self.attention = RowsAttention(model.config.num_attention_heads, kv_heads, attention.head_dim)
-
-    def __call__(
-        self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, keep: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Logits [kept tokens, V] of tokens `ids` [T] at `positions` [T]; `keep`: the tokens whose logits are
-        wanted (None: all)."""
-        logits = self.steps.run(ids, positions, cache, keep)
-        if logits is not None:
-            return logits
-        hidden = self._blocks(self.embed(ids, positions), positions, _segmented(cache, self.attention))
-        return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
+        config = model.config
+        heads = config.num_attention_heads
+        self._programs(heads, config.num_key_value_heads or heads, body.layers[0].self_attn.head_dim)
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The input hidden states [T, width] of tokens `ids` [T] (positions enter as rotations, later)."""
         return self.embeddings(ids)
-
-    def one_token(self, hidden: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
-        """A lone row's step after its embedding, tensors only: as GPT2Decoding.one_token."""
-        return self.final_norm(self._blocks(hidden, positions, _one_token(buffers, positions)))
 
     def _blocks(self, hidden: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """The blocks over hidden states [T, width] at `positions`, attention by `attend`."""
@@ -231,10 +234,10 @@ def _bound(*modules: torch.nn.Module) -> tuple[Any, ...]:
     return tuple(module.forward for module in modules)
 
 
-_DECODINGS: weakref.WeakKeyDictionary[Any, GPT2Decoding | LlamaDecoding | None] = weakref.WeakKeyDictionary()
+_DECODINGS: weakref.WeakKeyDictionary[Any, NativeDecoding | None] = weakref.WeakKeyDictionary()
 
 
-def native_decoding(model: Any) -> GPT2Decoding | LlamaDecoding | None:
+def native_decoding(model: Any) -> NativeDecoding | None:
     """textgen's forward pass for `model`'s decoding steps, or None where Hugging Face's must serve: other
     architectures, and GPT-2 or Llama configurations this pass does not reproduce. Made once per model."""
     if model not in _DECODINGS:
@@ -242,7 +245,7 @@ def native_decoding(model: Any) -> GPT2Decoding | LlamaDecoding | None:
     return _DECODINGS[model]
 
 
-def _native_decoding(model: Any) -> GPT2Decoding | LlamaDecoding | None:
+def _native_decoding(model: Any) -> NativeDecoding | None:
     config = model.config
     kind = type(model).__name__
     if kind == "GPT2LMHeadModel" and not (
