@@ -371,11 +371,12 @@ class Runner:
     buffers).
 
     AOTInductor's own runner (AOTICompiledModel) parses the program's specs (JSON) and flattens the
-    arguments with torch's pytree at every call. Here the spec is read once and the arguments flattened in
-    place. Measured in the engine (random GPT-2, bfloat16-int8head, Zen 4 EPYC, calls alternating between
-    the two in one process): a lone stream's step 3.81 against 3.92 ms (median, 441 and 448 steps), the
-    batch's attention at 32 rows 0.427 against 0.462 ms a call, twelve a step. Where its loader is not
-    there (another torch), the runner is called as it is."""
+    arguments with torch's pytree at every call. Here the output spec is read once and the arguments
+    flattened in place. Measured in the engine (random GPT-2, bfloat16-int8head, Zen 4 EPYC, calls
+    alternating between the two in one process): a lone stream's step 3.81 against 3.92 ms (median, 441 and
+    448 steps), the batch's attention at 32 rows 0.427 against 0.462 ms a call, twelve a step. Where its
+    loader is not there (another torch), the runner is called as it is. Either way the call holds the GIL
+    throughout (the loader's binding does not release it): no other Python thread runs meanwhile."""
 
     def __init__(self, compiled: Any) -> None:
         self.compiled = compiled
