@@ -92,7 +92,7 @@ def test_the_program_is_called_without_pytree_at_every_call(compiled, monkeypatc
     ]
     runner = compiled.compiled
     assert isinstance(runner, Runner)
-    theirs = runner.compiled(hidden, positions, [(k.clone(), v.clone()) for k, v in buffers])
+    theirs = runner.aoti_runner(hidden, positions, [(k.clone(), v.clone()) for k, v in buffers])
 
     def no_pytree(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("pytree flattened the arguments of a call")

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from textgen.model.cpu import CpuInfo, detect_cpu
 from textgen.model.memory import release_freed_memory
@@ -378,22 +379,19 @@ class Runner:
     loader is not there (another torch), the runner is called as it is. Either way the call holds the GIL
     throughout (the loader's binding does not release it): no other Python thread runs meanwhile."""
 
-    def __init__(self, compiled: Any) -> None:
-        self.compiled = compiled
-        loader = getattr(compiled, "loader", None)
+    def __init__(self, aoti_runner: Any) -> None:
+        self.aoti_runner = aoti_runner
+        loader = getattr(aoti_runner, "loader", None)
         self._run = getattr(loader, "boxed_run", None)
         if self._run is not None:
-            from torch.utils import _pytree as pytree
-
             self._outputs = pytree.treespec_loads(loader.get_call_spec()[1])
-            self._unflatten = pytree.tree_unflatten
 
     def __call__(self, *args: Any) -> Any:
         if self._run is None:
-            return self.compiled(*args)
+            return self.aoti_runner(*args)
         tensors: list[torch.Tensor] = []
         _tensors(args, tensors)
-        return self._unflatten(self._run(tensors), self._outputs)
+        return pytree.tree_unflatten(self._run(tensors), self._outputs)
 
 
 def _tensors(args: Sequence[Any], into: list[torch.Tensor]) -> None:
