@@ -321,16 +321,17 @@ def test_compiling_can_be_turned_off() -> None:
 
 
 def test_the_products_kernels_follow_the_cpu() -> None:
-    """Inductor's C++ template where bfloat16 is native without AMX (measured faster there); oneDNN's packed
-    products on AMX CPUs, where they were measured (capped or not), and wherever bfloat16 is emulated
-    (nothing compiles there by default, but an explicit TEXTGEN_DTYPE=bfloat16 does)."""
+    """Inductor's C++ template where bfloat16 is native on x86, AMX or AVX512_BF16 (measured faster on both);
+    oneDNN's packed products on an AMX CPU whose oneDNN is capped below AMX (the template would use AMX all
+    the same) and wherever bfloat16 is emulated (nothing compiles there by default, but an explicit
+    TEXTGEN_DTYPE=bfloat16 does)."""
     from textgen.model.compiled import gemm_backends
 
     from .test_cpu import GRAVITON3, capped, machine
 
     assert gemm_backends(machine("epyc-zen4")) == "CPP"
     assert gemm_backends(machine("cooper-lake")) == "CPP"
-    assert gemm_backends(machine("sapphire-rapids")) is None
+    assert gemm_backends(machine("sapphire-rapids")) == "CPP"
     assert gemm_backends(capped("sapphire-rapids", ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16")) is None
     assert gemm_backends(machine("epyc-zen3")) is None
     assert gemm_backends(capped("epyc-zen4", ONEDNN_MAX_CPU_ISA="AVX2")) is None

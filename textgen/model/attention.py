@@ -169,7 +169,9 @@ def compiled_attention_wins(
     once for 3 query heads, up to about 3000 cached positions in all (8 of 400 0.28 against 0.32, 32 of 64
     0.20 against 0.38; 12 of 400 0.40 against 0.31, 24 of 160 0.34 against 0.30). Not float32, which
     promises a row computes the same alone and in a batch (and where the matmuls read as fast: 32 rows of
-    160 0.87 against 0.96 ms), and not measured on AMX, whose SDPA is fast there.
+    160 0.87 against 0.96 ms), and not on AMX, where it gained nothing: on an Intel Xeon (family 6 model
+    167), random GPT-2 bfloat16-int8head in-process, W's sampled streams, two pairs of processes, 32 streams
+    949-950 tok/s compiled against 915-948, 8 streams 459-474 against 463-465.
     """
     if dtype != torch.bfloat16 or cpu.bf16_unit != "AVX512_BF16" or cpu.raw_isa_class == "amx":
         return False

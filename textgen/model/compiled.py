@@ -5,8 +5,8 @@ At one row a decoding step streams every weight once, and what is not a product 
 layer norm, residual add, view and KV write is a dispatched op of a few microseconds on a [1, 768] tensor,
 ~200 of them a step for GPT-2. Inductor fuses them into a few generated C++ loops and calls the products'
 kernels directly from generated C++; with `freezing` the weights are constants of the program, so the
-products are oneDNN's packed bfloat16 ones (textgen/model/linear.py), or inductor's own C++ GEMM template
-where that streams the weights faster (`gemm_backends`: AVX512_BF16 without AMX). Measured in the batch's
+products are inductor's own C++ GEMM template where that streams the weights faster (`gemm_backends`:
+AMX, or AVX512_BF16), else oneDNN's packed bfloat16 ones (textgen/model/linear.py). Measured in the batch's
 step with torch.compile, the same inductor (one row, AMX Xeon, 2 threads, alternating runs): random GPT-2
 bfloat16 9.9-10.2 ms against 11.9-12.7 eager; SmolLM2 14.8-15.1 against 20.8 (more layers, more small ops).
 The output layer stays outside: inductor turned the tied [V, width] product into a generated loop over a
@@ -297,17 +297,22 @@ def gemm_backends(cpu: CpuInfo) -> str | None:
     """The kernels of the step's products on `cpu` (inductor's max_autotune_gemm_backends), or None for
     oneDNN's packed products (inductor's default with `freezing`).
 
-    Where bfloat16 is native through AVX512_BF16 without AMX, inductor's own C++ GEMM template, whose
-    one-row products stream the weights faster than oneDNN's: on an AMD EPYC (Zen 4), GPT-2's 48 one-row
-    bfloat16 products at 32.5 GB/s against 21.5-23.9 (5.2 against 7.1-7.9 ms a step), one stream 87-123
-    tok/s against 68-85 (random GPT-2, bfloat16-int8head, in-process, 3 and 4 processes), SmolLM2 62-79
-    against 55.
+    Inductor's own C++ GEMM template wherever bfloat16 is native on x86, as its one-row products stream the
+    weights faster than oneDNN's:
+    - AVX512_BF16 without AMX, on an AMD EPYC (Zen 4): GPT-2's 48 one-row bfloat16 products at 32.5 GB/s
+      against 21.5-23.9 (5.2 against 7.1-7.9 ms a step), one stream 87-123 tok/s against 68-85 (random
+      GPT-2, bfloat16-int8head, in-process, 3 and 4 processes), SmolLM2 62-79 against 55.
+    - AMX, where the template's micro-kernel is AMX's own, on an Intel Xeon (family 6 model 167): GPT-2's
+      compiled step 5.88-5.96 ms against 6.41-6.68 (one process, alternating blocks); one stream in-process
+      122-129 tok/s against 108-120, SmolLM2 86-99 against 74-75 (three and two pairs of processes). Its
+      AVX-512 micro-kernel, with AMX hidden from inductor, took 8.90 ms.
     The template only, not a race against oneDNN (backends "CPP,ATEN"): inductor times the candidates on
     weights already in cache, which is not how a decoding step reads them, and that race kept oneDNN for 12
-    of the 48 products in one compile and none in another. Elsewhere (AMX, ARM) oneDNN's products were
-    measured and the template was not: they stay.
+    of the 48 products in one compile and none in another. oneDNN stays on an AMX CPU whose oneDNN is capped
+    below AMX (the template would still use AMX, which the cap means to leave out), wherever bfloat16 is
+    emulated, and on ARM (not measured).
     """
-    if cpu.bf16_unit == "AVX512_BF16" and cpu.raw_isa_class != "amx":  # nor an AMX CPU under a cap
+    if cpu.bf16_unit == "AMX" or (cpu.bf16_unit == "AVX512_BF16" and cpu.raw_isa_class != "amx"):
         return "CPP"
     return None
 
