@@ -97,3 +97,44 @@ def test_a_chunk_alone_gives_the_logits_of_hugging_faces_forward(model, monkeypa
                 hugging_face(patch)
             results.append(filling.extend(model, long[20:]))
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+
+
+def test_prompts_of_one_length_are_prefilled_through_it_with_hugging_faces_logits(model, monkeypatch):
+    """Prompts of one length (no padding; a lone prompt always) go through textgen's pass, each row's
+    tokens attending causally over its own; the logits, the seen tokens and the cache left behind are
+    Hugging Face's. Prompts of several lengths stay with Hugging Face's forward (its padding masks)."""
+    vocab = model.config.vocab_size
+    passes: list[int] = []
+
+    def counting(m):  # type: ignore[no-untyped-def]
+        decoding = native_decoding(m)
+
+        class Counting:
+            layers = decoding.layers
+
+            def __call__(self, ids, *args):  # type: ignore[no-untyped-def]
+                passes.append(ids.numel())
+                return decoding(ids, *args)
+
+        return Counting()
+
+    prompts = [prompt(6, 90), prompt(6, 91), prompt(6, 92)]
+    with monkeypatch.context() as patch:
+        patch.setattr(batch_module, "native_decoding", counting)
+        mine, logits = DecodeBatch.prefill(model, [0, 1, 2], prompts, vocab, count_prompt=[True, False, True])
+        DecodeBatch.prefill(model, [3, 4], [prompt(6, 93), prompt(4, 94)], vocab)
+    assert passes == [18]  # the three prompts in one pass; the two of different lengths not
+    with monkeypatch.context() as patch:
+        hugging_face(patch)
+        theirs, expected = DecodeBatch.prefill(
+            model, [0, 1, 2], prompts, vocab, count_prompt=[True, False, True]
+        )
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(mine.seen, theirs.seen)
+    tokens = logits.argmax(-1)
+    mine.record(tokens)
+    theirs.record(tokens)
+    step = mine.step(model)
+    with monkeypatch.context() as patch:
+        hugging_face(patch)
+        torch.testing.assert_close(step, theirs.step(model), rtol=1e-5, atol=1e-5)

@@ -93,6 +93,9 @@ class DecodeBatch:
         `all_logits`: return the logits of every position [B, L, V] instead (to score the prompts).
         """
         width = max(len(p) for p in prompts)
+        decoding = native_decoding(model) if decodes_with_segments(model) else None
+        if decoding is not None and not all_logits and all(len(p) == width for p in prompts):
+            return cls._prefill_natively(decoding, rows, prompts, vocab_size, count_prompt)
         input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros(len(prompts), width, dtype=torch.long)
         for i, p in enumerate(prompts):
@@ -115,13 +118,35 @@ class DecodeBatch:
             for layer in cache_layers(out.past_key_values):
                 layer.keys.masked_fill_(pad, 0.0)
                 layer.values.masked_fill_(pad, 0.0)
-        seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool)
-        counted = mask.bool()
-        if count_prompt is not None:
-            counted &= torch.tensor(count_prompt)[:, None]
-        seen.scatter_(1, input_ids.clamp(max=vocab_size - 1), counted)
+        seen = _prompt_seen(input_ids, mask.bool(), count_prompt, vocab_size)
         batch = cls(rows, [Segment(out.past_key_values, mask)], seen)
         return batch, (out.logits if all_logits else out.logits[:, -1, :].float())
+
+    @classmethod
+    def _prefill_natively(
+        cls,
+        decoding: Any,
+        rows: list[Any],
+        prompts: list[list[int]],
+        vocab_size: int,
+        count_prompt: list[bool] | None,
+    ) -> tuple["DecodeBatch", torch.Tensor]:
+        """`prefill` of prompts of one length through textgen's own pass: no padding, so every row's tokens
+        are one part of a segmented pass (as a chunk of a prompt is, `extend`), each attending causally over
+        its own. Hugging Face's forward around the same kernels cost ~1.3 ms more a pass (random GPT-2,
+        bfloat16-int8head, 32-token prompts, AMX Xeon, alternating: 1 / 8 / 32 prompts 14.95 / 37.56 /
+        116.74 ms against 16.20 / 38.87 / 117.99; a one-token request in the engine 15.5-15.9 against
+        16.8-17.1 ms)."""
+        count, width = len(prompts), len(prompts[0])
+        cache = Cache(layers=[staggered_layer(i) for i in range(len(decoding.layers))])
+        segment = Segment(cache, torch.zeros(count, 0, dtype=torch.long))
+        input_ids = torch.tensor(prompts, dtype=torch.long)
+        positions = torch.arange(width).repeat(count)
+        last = torch.arange(width - 1, count * width, width)
+        logits = decoding(input_ids.reshape(-1), positions, SegmentedCache([(segment, width)]), last)
+        segment.mask = torch.ones(count, width, dtype=torch.long)
+        seen = _prompt_seen(input_ids, segment.mask.bool(), count_prompt, vocab_size)
+        return cls(rows, [segment], seen), logits.float()
 
     @classmethod
     def start(
@@ -375,3 +400,14 @@ class DecodeBatch:
     def _split(self, keep: list[int]) -> list[list[int]]:
         """`keep` (batch rows, in order) as each segment's local row indices."""
         return [[i - start for i in keep if start <= i < stop] for start, stop in row_spans(self.segments)]
+
+
+def _prompt_seen(
+    input_ids: torch.Tensor, real: torch.Tensor, count_prompt: list[bool] | None, vocab_size: int
+) -> torch.Tensor:
+    """[B, V]: the tokens of each row's prompt `input_ids` [B, L] at its real positions `real` (not its left
+    padding), unless `count_prompt` says the row does not count its prompt as seen."""
+    if count_prompt is not None:
+        real = real & torch.tensor(count_prompt)[:, None]
+    seen = torch.zeros(len(input_ids), vocab_size, dtype=torch.bool)
+    return seen.scatter_(1, input_ids.clamp(max=vocab_size - 1), real)
