@@ -4,6 +4,8 @@ drafted tokens to verify (several queries a row), and a prompt's chunk in the sa
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -34,6 +36,18 @@ def hugging_face(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batch_module, "native_decoding", lambda model: None)
 
 
+def decode_alike(
+    model: Any, monkeypatch: pytest.MonkeyPatch, mine: DecodeBatch, theirs: DecodeBatch, tokens: torch.Tensor
+) -> None:
+    """The caches two passes left behind (textgen's, Hugging Face's) decode `tokens` alike."""
+    mine.record(tokens)
+    theirs.record(tokens)
+    step = mine.step(model)
+    with monkeypatch.context() as patch:
+        hugging_face(patch)
+        torch.testing.assert_close(step, theirs.step(model), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("queries", [1, 3])
 def test_a_step_gives_the_logits_of_hugging_faces_forward(model, monkeypatch, queries):
     assert isinstance(native_decoding(model), (GPT2Decoding, LlamaDecoding))
@@ -45,14 +59,7 @@ def test_a_step_gives_the_logits_of_hugging_faces_forward(model, monkeypatch, qu
         hugging_face(patch)
         expected, _ = theirs.forward(model, ids)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-    # and the caches they leave behind decode alike
-    tokens = logits[:, -1].argmax(-1)
-    mine.record(tokens)
-    theirs.record(tokens)
-    step = mine.step(model)
-    with monkeypatch.context() as patch:
-        hugging_face(patch)
-        torch.testing.assert_close(step, theirs.step(model), rtol=1e-5, atol=1e-5)
+    decode_alike(model, monkeypatch, mine, theirs, logits[:, -1].argmax(-1))
 
 
 def test_a_chunk_in_the_pass_gives_the_logits_of_hugging_faces_forward(model, monkeypatch):
@@ -131,10 +138,4 @@ def test_prompts_of_one_length_are_prefilled_through_it_with_hugging_faces_logit
         )
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(mine.seen, theirs.seen)
-    tokens = logits.argmax(-1)
-    mine.record(tokens)
-    theirs.record(tokens)
-    step = mine.step(model)
-    with monkeypatch.context() as patch:
-        hugging_face(patch)
-        torch.testing.assert_close(step, theirs.step(model), rtol=1e-5, atol=1e-5)
+    decode_alike(model, monkeypatch, mine, theirs, logits.argmax(-1))
