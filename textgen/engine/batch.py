@@ -93,7 +93,8 @@ class DecodeBatch:
         `all_logits`: return the logits of every position [B, L, V] instead (to score the prompts).
         """
         width = max(len(p) for p in prompts)
-        decoding = native_decoding(model) if decodes_with_segments(model) else None
+        segmented = decodes_with_segments(model)
+        decoding = native_decoding(model) if segmented else None
         if decoding is not None and not all_logits and all(len(p) == width for p in prompts):
             return cls._prefill_natively(decoding, rows, prompts, vocab_size, count_prompt)
         input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -106,7 +107,7 @@ class DecodeBatch:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=new_cache(staggered=decodes_with_segments(model)),
+            past_key_values=new_cache(staggered=segmented),
             use_cache=True,
             logits_to_keep=0 if all_logits else 1,
         )

@@ -356,7 +356,7 @@ def _writable(cache_dir: Path | None) -> Path | None:
         return None
 
 
-def _load_package(package: Path) -> "Runner":
+def _load_package(package: Path) -> Runner:
     """AOTInductor's runner of `package`, with nothing of it left on disk but the package.
 
     The loader unpacks the package into a directory of its own in the temp dir (aotinductor_XXXXXX: the
