@@ -1,13 +1,15 @@
-"""A lone stream's compiled decoding step (textgen/model/compiled.py): it computes what the eager pass
-computes, for GPT-2 and Llama, across the cache's growth; it is cached under a key of the program, its
+"""A lone stream's compiled pass (textgen/model/compiled.py): it computes what the eager pass computes,
+for GPT-2 and Llama, for a prompt and for each step across the cache's growth; it is cached under a key of the program, its
 weights, the machine and torch, and a restart loads it; the server compiles it in the background, in a
 process of its own, for bfloat16 only; and a failed compile leaves the eager step."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,29 +37,41 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def compiled(model, packages):  # type: ignore[no-untyped-def]
-    """The conftest's tiny GPT-2 or Llama with its step compiled in float32 (exact up to rounding: the
-    batch's float32 steps never compile, see the module), uncompiled again afterwards."""
-    steps = native_decoding(model).steps
-    assert steps.compile(torch.float32, packages), steps.state
-    steps.steps = 0
-    yield steps
-    steps.compiled, steps.state = None, "off"
+    """The conftest's tiny GPT-2 or Llama with its lone row's pass compiled in float32 (exact up to rounding:
+    the batch's float32 passes never compile, see the module), uncompiled again afterwards."""
+    lone = native_decoding(model).lone
+    assert lone.compile(torch.float32, packages), lone.state
+    lone.steps = lone.prompts = 0
+    yield lone
+    lone.compiled, lone.state = None, "off"
 
 
-@torch.inference_mode()  # as the engine runs its steps, and as the graph is traced
-def test_the_compiled_step_gives_the_eager_logits_as_the_cache_grows(model, compiled):
+@contextlib.contextmanager
+def eagerly(lone) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """Passes in the block take the eager path, as if `lone` had not compiled."""
+    saved, lone.compiled = lone.compiled, None
+    try:
+        yield
+    finally:
+        lone.compiled = saved
+
+
+@torch.inference_mode()  # as the engine runs its passes, and as the graph is traced
+def test_the_compiled_pass_gives_the_eager_logits_for_a_prompt_and_as_the_cache_grows(model, compiled):
     vocab = model.config.vocab_size
-    ours, _ = DecodeBatch.prefill(model, [0], [prompt(7, 80)], vocab)
-    eager, logits = DecodeBatch.prefill(model, [0], [prompt(7, 80)], vocab)
+    ours, mine = DecodeBatch.prefill(model, [0], [prompt(7, 80)], vocab)
+    assert compiled.prompts == 1  # the prompt's pass took the compiled path
+    with eagerly(compiled):
+        eager, logits = DecodeBatch.prefill(model, [0], [prompt(7, 80)], vocab)
+    torch.testing.assert_close(mine, logits, rtol=1e-5, atol=1e-5)
     capacities = set()
     for _ in range(STEPS):
         token = logits.argmax(-1)
         ours.record(token)
         eager.record(token)
         mine = ours.step(model)
-        saved, compiled.compiled = compiled.compiled, None
-        logits = eager.step(model)
-        compiled.compiled = saved
+        with eagerly(compiled):
+            logits = eager.step(model)
         torch.testing.assert_close(mine, logits, rtol=1e-5, atol=1e-5)
         capacities.add(ours.segments[0].layers()[0].capacity)
     assert compiled.steps == STEPS  # every step took the compiled path
@@ -65,6 +79,7 @@ def test_the_compiled_step_gives_the_eager_logits_as_the_cache_grows(model, comp
     for mine, theirs in zip(ours.segments[0].layers(), eager.segments[0].layers()):
         assert mine.length == theirs.length == 7 + STEPS
         torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
 
 
 def test_a_restart_loads_the_step_it_compiled_before(compiled, packages):
@@ -120,7 +135,7 @@ def test_loading_leaves_no_unpacked_copy_in_the_temp_dir(compiled):
 def test_the_cache_key_is_the_program_with_its_weights_the_machine_and_torch(model, monkeypatch):
     from textgen.model import compiled as module
 
-    steps = native_decoding(model).steps
+    steps = native_decoding(model).lone
     cpu = detect_cpu()
     options = module.inductor_options(cpu)
     program, _ = steps.export(torch.float32)
@@ -155,7 +170,7 @@ def test_the_cache_keeps_the_most_recently_used_packages_of_each_kind(tmp_path):
 
 
 @torch.inference_mode()
-def test_rows_in_a_batch_and_chunks_keep_the_eager_pass(model, compiled):
+def test_rows_in_a_batch_chunks_and_long_prompts_keep_the_eager_pass(model, compiled, monkeypatch):
     vocab = model.config.vocab_size
     batch, logits = DecodeBatch.prefill(model, [0, 1], [prompt(7, 80), prompt(9, 81)], vocab)
     batch.record(logits.argmax(-1))
@@ -163,7 +178,34 @@ def test_rows_in_a_batch_and_chunks_keep_the_eager_pass(model, compiled):
     filling = DecodeBatch.start(2, prompt(30, 82), vocab, False, staggered=True)
     filling.extend(model, prompt(30, 82)[:10])
     filling.extend(model, prompt(30, 82)[10:11])  # one token, but a prompt's: all its logits are kept
-    assert compiled.steps == 0
+    monkeypatch.setattr("textgen.model.compiled.MAX_TOKENS", 6)
+    DecodeBatch.prefill(model, [3], [prompt(7, 83)], vocab)
+    assert compiled.steps == compiled.prompts == 0
+
+
+@torch.inference_mode()
+def test_the_rest_of_a_prompt_after_its_cached_beginning_takes_the_compiled_pass(model, compiled):
+    """A lone row's prompt continued from the prefix cache (`DecodeBatch.start` with `cached`, then
+    `extend`) reads adopted buffers, zeroed past the cached part: the compiled pass takes it."""
+    from textgen.engine.prefix_cache import PrefixCache
+
+    vocab = model.config.vocab_size
+    ids = prompt(40, 84)
+    with eagerly(compiled):
+        whole, _ = DecodeBatch.prefill(model, [0], [ids[:32]], vocab)
+    cache = PrefixCache(64 << 20, "test")
+    cache.insert(ids[:32], *whole.row_kv(0, 32))
+    cached = cache.lookup(ids, 16)
+    assert cached is not None and cached.tokens == 32
+    ours = DecodeBatch.start(1, ids, vocab, False, cached=cached, staggered=True)
+    mine = ours.extend(model, ids[cached.tokens :])
+    assert compiled.prompts == 1
+    with eagerly(compiled):
+        eager = DecodeBatch.start(1, ids, vocab, False, cached=cached, staggered=True)
+        theirs = eager.extend(model, ids[cached.tokens :])
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours.segments[0].layers(), eager.segments[0].layers()):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
 
 
 def test_without_a_cache_the_step_compiles_into_a_temporary_directory_removed_after(
@@ -193,12 +235,12 @@ def test_a_failed_compile_leaves_the_eager_step(model, monkeypatch, caplog, tmp_
         raise RuntimeError("Compiler: cc is not found\nmore detail")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
-    steps = native_decoding(model).steps
+    steps = native_decoding(model).lone
     with caplog.at_level(logging.WARNING, logger="textgen.model.compiled"):
         assert not steps.compile(torch.float32, tmp_path)
     assert steps.compiled is None
     assert steps.state == "off: compiling failed (RuntimeError: Compiler: cc is not found)"
-    assert "a lone stream's decoding step stays eager: compiling failed" in caplog.text
+    assert "a lone stream's pass stays eager: compiling failed" in caplog.text
     assert not list(tmp_path.rglob("*.pt2"))  # nothing half-made left in the cache
     with torch.inference_mode():
         batch, logits = DecodeBatch.prefill(model, [0], [prompt(7, 80)], model.config.vocab_size)
@@ -222,7 +264,7 @@ def test_the_server_compiles_bfloat16_steps_in_the_background(
 
     settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype=dtype, cache_dir=cache_dir)
     loaded = load_model(settings, resolve_model(settings))
-    steps = native_decoding(loaded.model).steps
+    steps = native_decoding(loaded.model).lone
     frontend = Frontend(loaded, settings)
     try:
         frontend.warmup()
@@ -239,13 +281,13 @@ def test_the_server_compiles_bfloat16_steps_in_the_background(
             assert compile_state(loaded.model, "attention").startswith(expected)
         else:
             assert compile_state(loaded.model, "attention").startswith("off: ")
-        steps.steps = 0
+        steps.steps = steps.prompts = 0
         params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True, speculative=False)
         result = frontend.engine.submit(loaded.tokenizer.encode("What is AI?"), params).wait(60)
     finally:
         frontend.close()
     assert result.completion_tokens == 20 and result.error is None
-    assert steps.steps == 19  # every decoding step after the prompt's
+    assert steps.prompts == 1 and steps.steps == 19  # the prompt's pass and every step after it
     assert not list(tmp_path.iterdir())
 
 

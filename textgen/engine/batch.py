@@ -137,7 +137,8 @@ class DecodeBatch:
         its own. Hugging Face's forward around the same kernels cost ~1.3 ms more a pass (random GPT-2,
         bfloat16-int8head, 32-token prompts, AMX Xeon, alternating: 1 / 8 / 32 prompts 14.95 / 37.56 /
         116.74 ms against 16.20 / 38.87 / 117.99; a one-token request in the engine 15.5-15.9 against
-        16.8-17.1 ms)."""
+        16.8-17.1 ms). A lone prompt goes through the lone row's compiled pass, once there is one
+        (textgen/model/compiled.py)."""
         count, width = len(prompts), len(prompts[0])
         cache = Cache(layers=[staggered_layer(i) for i in range(len(decoding.layers))])
         segment = Segment(cache, torch.zeros(count, 0, dtype=torch.long))

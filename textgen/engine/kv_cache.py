@@ -395,34 +395,44 @@ class SegmentedCache(Cache):
             result.append((start, stop, self.queries[index], keys, values, mask))
         return result
 
-    def open_one_token(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """For a pass of one row decoding one token (a lone stream's step): make room for the token in every
-        layer and return each layer's whole key and value buffers [1, H, C, D], spare room included and
-        zeroed. A lone row has no padding, so the token's position is its column, and each buffer's valid
-        part is the columns up to it. `close_one_token` counts the token once the pass has written it.
-        None for any other pass, or one whose layers are not plain growing buffers (they go through
+    def open_lone(self, tokens: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """For a pass of one row taking `tokens` new tokens (a lone stream's step, or its whole prompt): make
+        room for them in every layer and return each layer's whole key and value buffers [1, H, C, D], spare
+        room included and zeroed. A lone row has no padding, so a token's position is its column, and each
+        buffer's valid part is the columns up to it. `like` [1, H, 0, D]: the keys' shape and dtype, for the
+        layers of a prompt's pass, which start empty. `close_lone` counts the tokens once the pass has written
+        them. None for any other pass, or one whose layers are not plain growing buffers (they go through
         `update` and `parts`)."""
-        if self.queries != [1] or len(self.segments[0]) != 1:
+        if self.queries != [tokens] or len(self.segments[0]) != 1:
             return None
         (segment,) = self.segments
         layers = segment.layers()
         width = segment.width
         for layer in layers:
-            # length < unwritten: a prompt's room not yet filled, garbage past it that a mask would not stop
-            # (0 x NaN); length != width: columns that are not positions.
-            if not isinstance(layer, GrowingLayer) or not layer.capacity or layer.length != width:
+            if not isinstance(layer, GrowingLayer):
                 return None
-            if layer.length < layer.unwritten:
+            # Columns that are not positions; a layer not made yet belongs to a prompt's first pass (a new
+            # cache, `width` 0).
+            made = layer.is_initialized
+            if (made and layer.length != width) or (not made and width):
                 return None
         if not bool(segment.mask.all()):
             return None
         for layer in layers:
-            layer.make_room(1)
+            if not layer.is_initialized:
+                layer.lazy_initialization(like, like)
+            layer.make_room(tokens, like)
+            # Garbage past the new tokens, in the room of a prompt computed in chunks that later chunks fill,
+            # is masked but would still be read (0 x NaN): such a pass goes through `update` and `parts`,
+            # which read the written part only.
+            if layer.unwritten > layer.length + tokens:
+                return None
         return [(layer._keys, layer._values) for layer in layers]
 
-    def close_one_token(self) -> None:
+    def close_lone(self, tokens: int) -> None:
+        """Count the `tokens` an `open_lone` pass wrote."""
         for layer in self.segments[0].layers():
-            layer.advance(1)
+            layer.advance(tokens)
 
     def _mask(self, index: int, capacity: int) -> torch.Tensor:
         """The rows' real positions, then the q new ones (query j sees those up to its own), then spare room

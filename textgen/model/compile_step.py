@@ -43,7 +43,7 @@ def main() -> int:
     if decoding is None:
         print(f"{loaded.model_id}: Hugging Face's forward pass decodes this model", file=sys.stderr)
         return 1
-    program = decoding.steps if kind == "step" else decoding.attention
+    program = decoding.lone if kind == "step" else decoding.attention
     return 0 if program.compile(torch.bfloat16, settings.cache_dir) else 1
 
 

@@ -1,5 +1,6 @@
-"""A lone stream's decoding step compiled ahead of time (torch.export, then AOTInductor): one program for
-the whole step, compiled once per model, format and machine and cached on disk.
+"""A lone stream's passes compiled ahead of time (torch.export, then AOTInductor): one program for the whole
+pass of a lone row, its prompt's and each decoding step's, compiled once per model, format and machine and
+cached on disk.
 
 At one row a decoding step streams every weight once, and what is not a product is per-op overhead: each
 layer norm, residual add, view and KV write is a dispatched op of a few microseconds on a [1, 768] tensor,
@@ -12,11 +13,20 @@ bfloat16 9.9-10.2 ms against 11.9-12.7 eager; SmolLM2 14.8-15.1 against 20.8 (mo
 The output layer stays outside: inductor turned the tied [V, width] product into a generated loop over a
 float32 copy of the embeddings (+150 MB, 17 ms a step instead of 11).
 
-Only a lone row decoding one token takes this path (`SegmentedCache.open_one_token`): every other pass keeps
-the eager one (textgen/model/native.py), so the program has one shape but its KV buffers' capacities, which
-are dynamic (each layer's its own). Only bfloat16 compiles by default: float32 promises that a row computes
-the same alone and in a batch, and fused layer norms round differently from torch's (3e-6 on logits of
-scale 3), and there inductor packs a second copy of every weight (+700 MB for GPT-2).
+Only a lone row takes this path (`SegmentedCache.open_lone`): a prompt prefilled alone (or its rest after
+a cached beginning), then each of its steps; every other pass keeps the eager one (textgen/model/native.py).
+The program's sizes are dynamic in the number of tokens and in its KV buffers' capacities (each layer's
+its own). One program for both: a prompt's pass then reads the weights the steps read, laid out once for
+their kernels (a program of its own would pack a second copy, +170 MB for GPT-2, and evict the steps' from
+the cache), with its small ops fused as a step's are. Measured on the AMX Xeon, random GPT-2 bfloat16, one
+process, alternating: a step 5.07 ms against 5.11 for the program of one token it replaced; a 32-token
+prompt's blocks 9.79 ms against 13.81 eager. In the engine (bfloat16-int8head, in-process, two processes
+each), a 32-token request's first token after a stream's 128 steps came 12.4 ms after it was submitted
+against 18.7-19.2 with the prompt's pass eager: 1.6 steps instead of 2.4.
+
+Only bfloat16 compiles by default: float32 promises that a row computes the same alone and in a batch, and
+fused layer norms round differently from torch's (3e-6 on logits of scale 3), and there inductor packs a
+second copy of every weight (+700 MB for GPT-2).
 
 Ahead of time rather than torch.compile (this module's way before), because the result can be kept:
 torch.compile caches no frozen graph ("Cannot cache a graph with freezing enabled"), so every start paid
@@ -67,8 +77,13 @@ from textgen.model.memory import release_freed_memory
 log = logging.getLogger(__name__)
 
 Buffers = list[tuple[torch.Tensor, torch.Tensor]]
-OneToken = Callable[[torch.Tensor, torch.Tensor, Buffers], torch.Tensor]
-EXAMPLE_CAPACITY = 64  # the KV capacity the step is exported with; any other works (it is dynamic)
+LoneRow = Callable[[torch.Tensor, torch.Tensor, Buffers], torch.Tensor]
+# A lone row's pass of more tokens stays eager: inductor's products lose to oneDNN's at many rows (random
+# GPT-2 bfloat16, AMX Xeon, the blocks of a prompt's pass: 32 tokens 11.1 ms compiled against 14.5 eager,
+# 128 25.8 against 27.0, 512 96.9 against 83.8).
+MAX_TOKENS = 128
+EXAMPLE_TOKENS = 2  # the tokens the pass is exported with; any number works (it is dynamic; 1 would not be)
+EXAMPLE_CAPACITY = 64  # the KV capacity the pass is exported with; any other works (it is dynamic)
 PACKAGE_VERSION = 1  # bump when what a package holds changes without its key changing
 KEPT_PACKAGES = 4  # compiled packages kept in the cache directory (`_prune`)
 PARENT = "TEXTGEN_COMPILE_PARENT"  # set for the compiling process: the pid of the server it compiles for
@@ -76,7 +91,7 @@ SCRATCH = "TEXTGEN_COMPILE_SCRATCH"  # and its directory for inductor, removed b
 
 
 class AheadOfTime:
-    """A program compiled ahead of time and kept in the compile cache, as a lone stream's step is (below).
+    """A program compiled ahead of time and kept in the compile cache, as a lone stream's pass is (below).
     A subclass says what the program is (`export`) and how inductor compiles it (`options`); `kind` names
     its packages, and `python -m textgen.model.compile_step KIND` compiles it apart; `about` names it in
     the log."""
@@ -186,74 +201,83 @@ def compile_in_background(
     return thread
 
 
-class OneTokenSteps(AheadOfTime):
-    """A decoding pass's `embed`, the compiled form of its `one_token` (the final hidden state), then the
+class LoneRowPasses(AheadOfTime):
+    """A decoding pass's `embed`, the compiled form of its `lone_row` (the final hidden states), then the
     output layer. The embedding lookup stays outside the program, as the output layer does: inside, its
     table (77 MB for GPT-2) would be a second copy, the program's constant beside the model's.
 
     `kv_shape`: a layer's (key heads, head size); `layers`: how many."""
 
     kind = "step"
-    about = "a lone stream's decoding step"
+    about = "a lone stream's pass"
 
     def __init__(
         self,
         embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        one_token: OneToken,
+        lone_row: LoneRow,
         head: Callable[[torch.Tensor], torch.Tensor],
         kv_shape: tuple[int, int],
         layers: int,
     ) -> None:
         super().__init__()
-        self.embed, self.one_token, self.head = embed, one_token, head
+        self.embed, self.lone_row, self.head = embed, lone_row, head
         self.kv_shape, self.layers = kv_shape, layers
-        self.steps = 0  # how many steps it ran (tests check the path was taken)
+        self.steps = self.prompts = 0  # passes it ran of one token, of more (tests check the path was taken)
 
     def options(self, cpu: CpuInfo) -> dict[str, Any]:
         return inductor_options(cpu)
 
     def export(self, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, torch.Tensor, Buffers]]:
-        """The step as a program (torch.export) for buffers of `dtype`, and the arguments it was traced with
-        (token 0 embedded at position 0, buffers of EXAMPLE_CAPACITY zeroed)."""
+        """The pass as a program (torch.export) for buffers of `dtype`, and the arguments it was traced with
+        (EXAMPLE_TOKENS tokens 0 embedded at their positions, buffers of EXAMPLE_CAPACITY zeroed)."""
         kv_heads, head_dim = self.kv_shape
         shape = (1, kv_heads, EXAMPLE_CAPACITY, head_dim)
         buffers = [
             (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(self.layers)
         ]
-        positions = torch.zeros(1, dtype=torch.long)
-        example = (self.embed(torch.zeros(1, dtype=torch.long), positions).to(dtype), positions, buffers)
-        # Any capacity, each layer its own (they grow at different steps): one program for all.
+        positions = torch.arange(EXAMPLE_TOKENS)
+        example = (self.embed(torch.zeros_like(positions), positions).to(dtype), positions, buffers)
+        # Any number of tokens, any capacity, each layer its own (they grow at different steps): one program.
+        tokens = torch.export.Dim("tokens", min=1)
         capacities = [torch.export.Dim(f"capacity{layer}", min=2) for layer in range(self.layers)]
         program = torch.export.export(
-            _Step(self.one_token),
+            _Pass(self.lone_row),
             example,
             dynamic_shapes={
-                "hidden": None,
-                "positions": None,
+                "hidden": {0: tokens},
+                "positions": {0: tokens},
                 "buffers": [({2: capacity}, {2: capacity}) for capacity in capacities],
             },
         )
         return program, example
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, keep: Any) -> torch.Tensor | None:
-        """Logits [1, V] of a lone row's token through the compiled step, or None: not compiled (yet), or
-        not a lone row decoding one token (the caller then runs the eager pass)."""
-        if self.compiled is None or keep is not None or ids.numel() != 1:
+    def run(
+        self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, keep: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Logits [kept tokens, V] of a lone row's tokens `ids` [T] through the compiled pass (`keep`: the
+        tokens whose logits are wanted, None: all), or None: not compiled (yet), not a lone row's pass, or
+        one of more than MAX_TOKENS tokens (the caller then runs the eager one)."""
+        if self.compiled is None or ids.numel() > MAX_TOKENS:
             return None
-        buffers = cache.open_one_token()  # textgen's SegmentedCache (engine/kv_cache.py)
+        kv_heads, head_dim = self.kv_shape
+        like = torch.empty(1, kv_heads, 0, head_dim, dtype=self.dtype)
+        buffers = cache.open_lone(ids.numel(), like)  # textgen's SegmentedCache (engine/kv_cache.py)
         if buffers is None:
             return None
         if not self._fits(buffers):
-            return None  # the eager pass writes the token into the room made for it
+            return None  # the eager pass writes the tokens into the room made for them
         hidden = self.compiled(self.embed(ids, positions), positions, buffers)
-        cache.close_one_token()
-        self.steps += 1
-        return self.head(hidden)
+        cache.close_lone(ids.numel())
+        if ids.numel() == 1:
+            self.steps += 1
+        else:
+            self.prompts += 1
+        return self.head(hidden if keep is None else hidden[keep])
 
     def _fits(self, buffers: Buffers) -> bool:
         """Whether the program can take `buffers`: it reads its inputs as laid out when exported and checks
-        none of it (no guards), so whole contiguous buffers of its dtype, as SegmentedCache.open_one_token
-        gives, of at least 2 columns (its `capacity`). 8 µs for GPT-2's 24 buffers."""
+        none of it (no guards), so whole contiguous buffers of its dtype, as SegmentedCache.open_lone gives,
+        of at least 2 columns (its `capacity`). 8 µs for GPT-2's 24 buffers."""
         return all(
             tensor.dtype == self.dtype and tensor.is_contiguous() and tensor.shape[2] >= 2
             for layer in buffers
@@ -261,20 +285,20 @@ class OneTokenSteps(AheadOfTime):
         )
 
 
-class _Step(torch.nn.Module):
-    """A `one_token` as a module, which torch.export takes: the model's tensors it reads become the
+class _Pass(torch.nn.Module):
+    """A `lone_row` as a module, which torch.export takes: the model's tensors it reads become the
     program's constants (the model itself is not a submodule: its int8 output layer is outside)."""
 
-    def __init__(self, one_token: OneToken) -> None:
+    def __init__(self, lone_row: LoneRow) -> None:
         super().__init__()
-        self.one_token = one_token
+        self.lone_row = lone_row
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
-        return self.one_token(hidden, positions, buffers)
+        return self.lone_row(hidden, positions, buffers)
 
 
 def inductor_options(cpu: CpuInfo) -> dict[str, Any]:
-    """Inductor's settings for the step on `cpu`."""
+    """Inductor's settings for a lone stream's pass on `cpu`."""
     options: dict[str, Any] = {
         # The weights are constants of the program, so its products are oneDNN's packed ones or the
         # template's (`gemm_backends`), on weights laid out for them once, at compile time.

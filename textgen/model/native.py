@@ -7,15 +7,17 @@ segmented cache). Measured on the AMX Xeon, random GPT-2 124M in bfloat16, one r
 the one below (the same products, attention and layer norms, over plain buffers) took 12.9 ms a step against
 15.9 through Hugging Face's forward; in textgen's batch, with its cache's bookkeeping, 14.1 against 15.0 (int8:
 8.5 against 9.6; 32 rows: 32.1 against 34.3). So GPT-2 (the default) and Llama (SmolLM2, the offline default)
-decode through this module; every other model, and every prompt's first pass, goes through Hugging Face's.
+decode through this module, and prefill prompts of one length (textgen/engine/batch.py); every other model,
+and prompts of several lengths prefilled together, go through Hugging Face's.
 
 The pass takes the same packed batch as Hugging Face's does in textgen (textgen/engine/batch.py): tokens
 [T] with their positions, and a segmented cache whose `update(keys, values, layer)` stores each part's new
 keys and values and whose `parts(layer)` gives what each part attends over (textgen/model/attention.py).
 It calls the model's own submodules (textgen's packed or int8 products, fused activations), so it computes
 what Hugging Face's forward computes, in the same order; tests/test_native.py checks the logits against it.
-A lone row decoding one token also has a form over plain tensors (`one_token`), compiled ahead of time as a
-whole (textgen/model/compiled.py); tests/test_compiled.py checks it against the pass above.
+A lone row (one stream: its prompt, then each step) also has a form over plain tensors (`lone_row`),
+compiled ahead of time as a whole (textgen/model/compiled.py); tests/test_compiled.py checks it against the
+pass above.
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from textgen.model.attention import compiled_attention_wins, sdpa_wins, segmented_attention
-from textgen.model.compiled import AheadOfTime, Buffers, OneTokenSteps, compile_in_background
+from textgen.model.compiled import AheadOfTime, Buffers, LoneRowPasses, compile_in_background
 from textgen.model.compiled_attention import RowsAttention, summed_attention
 from textgen.model.cpu import this_cpu
 from textgen.model.formats import BFLOAT16_LAYERS
 
 
 class NativeDecoding:
-    """A family's pass: the batch's (`__call__`) and a lone row's step (`one_token`), around the family's
+    """A family's pass: the batch's (`__call__`) and a lone row's (`lone_row`), around the family's
     `embed` and `_blocks`; its compiled programs (textgen/model/compiled.py) are made by `_programs`."""
 
     layers: list[tuple[Any, ...]]
@@ -44,9 +46,9 @@ class NativeDecoding:
     head: Callable[[torch.Tensor], torch.Tensor]
 
     def _programs(self, heads: int, kv_heads: int, head_dim: int) -> None:
-        """The lone row's compiled step and the batch's compiled attention (compiled later, if ever)."""
-        self.steps = OneTokenSteps(
-            self.embed, self.one_token, self.head, (kv_heads, head_dim), len(self.layers)
+        """The lone row's compiled pass and the batch's compiled attention (compiled later, if ever)."""
+        self.lone = LoneRowPasses(
+            self.embed, self.lone_row, self.head, (kv_heads, head_dim), len(self.layers)
         )
         self.attention = RowsAttention(heads, kv_heads, head_dim)
 
@@ -55,18 +57,19 @@ class NativeDecoding:
     ) -> torch.Tensor:
         """Logits [kept tokens, V] of tokens `ids` [T] at `positions` [T]; `keep`: the tokens whose logits are
         wanted (None: all)."""
-        logits = self.steps.run(ids, positions, cache, keep)
+        logits = self.lone.run(ids, positions, cache, keep)
         if logits is not None:
             return logits
         hidden = self._blocks(self.embed(ids, positions), positions, _segmented(cache, self.attention))
         return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
 
-    def one_token(self, hidden: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
-        """A lone row's step after its embedding, tensors only (compiled: textgen/model/compiled.py): the
-        final hidden state [1, width] of the token embedded as `hidden` [1, width] at `positions` [1], whose
-        keys and values go into each layer's `buffers` (keys, values [1, kv_heads, C, head_dim]) at column
-        `positions`, and which attends over the columns up to it."""
-        return self.final_norm(self._blocks(hidden, positions, _one_token(buffers, positions)))
+    def lone_row(self, hidden: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
+        """A lone row's pass after its embedding, tensors only (compiled: textgen/model/compiled.py): the final
+        hidden states [T, width] of the T tokens embedded as `hidden` [T, width] at `positions` [T] (one
+        token of a step, or a whole prompt), whose keys and values go into each layer's `buffers` (keys,
+        values [1, kv_heads, C, head_dim]) at columns `positions`, each attending over the columns up to its
+        own."""
+        return self.final_norm(self._blocks(hidden, positions, _lone_row(buffers, positions)))
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The input hidden states [T, width] of tokens `ids` [T] at `positions` [T]."""
@@ -184,33 +187,36 @@ def _segmented(cache: Any, rows_kernel: RowsAttention) -> Attend:
     return attend
 
 
-def _one_token(buffers: Buffers, position: torch.Tensor) -> Attend:
-    """Attention of a lone row's token at `position` [1] over its layers' `buffers` (_attend_one)."""
+def _lone_row(buffers: Buffers, positions: torch.Tensor) -> Attend:
+    """Attention of a lone row's tokens at `positions` [T] over its layers' `buffers` (_attend_lone)."""
 
     def attend(
         index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
     ) -> torch.Tensor:
         keys, values = buffers[index]
-        return _attend_one(query, key, value, keys, values, position, scaling)
+        return _attend_lone(query, key, value, keys, values, positions, scaling)
 
     return attend
 
 
-def _attend_one(
+def _attend_lone(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    position: torch.Tensor,
+    positions: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """One token's attention [1, heads * head_dim]: its key and value [1, kv_heads, 1, head_dim] written at
-    column `position` [1] of the layer's buffers, its query [1, heads, 1, head_dim] over the columns up to it
-    (what textgen/model/attention.py computes for a lone row, with the mask made here)."""
-    keys.index_copy_(2, position, key)
-    values.index_copy_(2, position, value)
-    visible = (torch.arange(keys.shape[2]) <= position).view(1, 1, 1, -1)  # its positions, not spare room
+    """A lone row's attention [T, heads * head_dim] for its T tokens: their keys and values [1, kv_heads, T,
+    head_dim] written at columns `positions` [T] of the layer's buffers, their queries [1, heads, T, head_dim]
+    each over the columns up to its own (what textgen/model/attention.py computes for a lone row, with the
+    mask made here)."""
+    keys.index_copy_(2, positions, key)
+    values.index_copy_(2, positions, value)
+    tokens = positions.shape[0]
+    # Each token's positions, not the later tokens' nor spare room: [1, 1, T, C].
+    visible = (torch.arange(keys.shape[2]).view(1, -1) <= positions.view(-1, 1)).view(1, 1, tokens, -1)
     heads, kv_heads = query.shape[1], keys.shape[1]
     if not sdpa_wins(this_cpu(), 1, heads, kv_heads, keys.dtype, None):
         # As elementwise products and sums, which inductor fuses into loops over the buffers: compiled
@@ -218,11 +224,12 @@ def _attend_one(
         # against SDPA's 5.54-6.42; SmolLM2 7.61-8.35 against 8.39-9.93. Two matmuls did not compile for
         # SmolLM2: inductor's C++ GEMM template, the products' kernel there (compiled.py), has no choice
         # for its grouped ones.
-        return summed_attention(query, keys, values, visible, scaling).view(1, -1)
-    out = F.scaled_dot_product_attention(
-        query, keys, values, attn_mask=visible, scale=scaling, enable_gqa=kv_heads != heads
-    )
-    return out.view(1, -1)  # one query token: [1, heads, 1, head_dim] is already heads-major
+        out = summed_attention(query, keys, values, visible, scaling)
+    else:
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=visible, scale=scaling, enable_gqa=kv_heads != heads
+        )
+    return out.transpose(1, 2).reshape(tokens, -1)  # [1, heads, T, head_dim] to tokens-major
 
 
 def _bound(*modules: torch.nn.Module) -> tuple[Any, ...]:
@@ -263,28 +270,28 @@ def start_compiling(
     """Compile `model`'s decoding programs in the background (textgen/model/compiled.py) where its pass is
     textgen's and its weights (`dtype`, TEXTGEN_DTYPE resolved) are bfloat16, cached in `cache_dir` and,
     with `apart`, compiled in a process of its own: the batch's attention of decoding rows where it wins on
-    this CPU (textgen/model/compiled_attention.py; the first, seconds), then a lone stream's step. Returns
-    the step's state for the log."""
+    this CPU (textgen/model/compiled_attention.py; the first, seconds), then a lone stream's passes (its
+    prompt and its steps). Returns the latter's state for the log."""
     decoding = native_decoding(model)
     if decoding is None:
         return "off: Hugging Face's forward pass decodes this model"
     if dtype not in BFLOAT16_LAYERS:  # bfloat16-int8head too: its output layer is outside the step
-        decoding.steps.state = decoding.attention.state = f"off: {dtype} decodes eagerly"
-        return decoding.steps.state
-    programs: list[AheadOfTime] = [decoding.steps]
+        decoding.lone.state = decoding.attention.state = f"off: {dtype} decodes eagerly"
+        return decoding.lone.state
+    programs: list[AheadOfTime] = [decoding.lone]
     attention = decoding.attention
     if compiled_attention_wins(this_cpu(), 1, attention.heads, attention.kv_heads, torch.bfloat16, 1):
         programs.insert(0, attention)
     else:
         attention.state = "off: the matmuls or SDPA are the faster kernels on this CPU"
     compile_in_background(programs, torch.bfloat16, cache_dir, apart)
-    return decoding.steps.state
+    return decoding.lone.state
 
 
 def compile_state(model: Any, kind: str = "step") -> str:
-    """What became of compiling the decoding step (`kind` "step") or the batch's attention ("attention"):
+    """What became of compiling a lone stream's passes (`kind` "step") or the batch's attention ("attention"):
     "off: why", "compiling", "compiled in N s" ("off" for anything but a loaded model)."""
     decoding = native_decoding(model) if hasattr(model, "config") else None
     if decoding is None:
         return "off"
-    return (decoding.steps if kind == "step" else decoding.attention).state
+    return (decoding.lone if kind == "step" else decoding.attention).state
