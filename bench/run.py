@@ -7,8 +7,9 @@ make_model.py). Penalties and post-processing are off, as in the anchors' runs.
 
 Everything is measured in the same run, on this machine, and the report names the CPU it came from:
 - the roofline (textgen/model/probe.py): memory bandwidth, the fastest that any format's 1-row product or a
-  plain read streamed as many bytes as GPT-2's weights, and GEMM peak at 1024 rows, per format; each rate
-  the fastest of the probes spread over the run (the host's speed moves within minutes);
+  plain read streamed over GPT-2-sized weights (reads the caches could serve left out: memory_rate), and
+  GEMM peak at 1024 rows, per format; each rate the fastest of the probes spread over the run (the host's
+  speed moves within minutes);
 - the anchors (bench/anchors.py): CTranslate2 int8/float32 and llama.cpp q8_0/f32, in-process;
 - textgen for every TEXTGEN_DTYPE (auto first, and what auto chose and why), as % of the roofline of the
   format it serves: memory roofline at 1 client (a step streams every weight once), compute roofline at 32;
@@ -233,15 +234,39 @@ def _fastest(rates: dict[str, float | None], dtype: str) -> float | None:
     return max((rates[n] for n in names if rates.get(n)), default=None)
 
 
+# Bytes a weight each of the probe's reads streamed, over its GPT-2-sized matrix (probe_now): "read" is the
+# faster of two plain sums, of float32 and of bfloat16 weights, counted as the smaller.
+READ_BYTES = {"float32": 4, "float32-packed": 4, "bfloat16": 2, "read": 2, "int8": 1}
+
+
+def memory_rate(measured: dict[str, Any], per_weight: float) -> float | None:
+    """The memory's rate for a step that streams `per_weight` bytes a weight of GPT-2: the fastest that any of
+    the probe's reads streamed, a format's 1-row product or a plain sum, among those the caches could not
+    serve where the step's reads come from memory. A kernel slower than that is a shortfall of the kernel,
+    not a roof: on the Zen 4 VM the sum read 62.9 GB/s one day and 40.3 another, when FBGEMM's int8 product
+    streamed 62.0 (sessions 22-23). A read of fewer bytes than the step counts only beyond the last-level
+    cache the OS reports: on the AMX Xeon (480 MB reported) int8's product over 123 MB streamed 47-51 GB/s
+    while every read of 245 MB and more streamed 27-37 (session 26)."""
+    cache, shape = measured.get("l3_bytes"), measured.get("gemv_shape")
+    weights = shape[0] * shape[1] if shape else 0
+    eligible = [
+        rate
+        for name, rate in measured["bandwidth_gbs"].items()
+        if rate
+        and (
+            cache is None
+            or READ_BYTES.get(name, 0) >= per_weight
+            or READ_BYTES.get(name, 0) * weights > cache
+        )
+    ]
+    return max(eligible, default=None)
+
+
 def roofline_formats(measured: dict[str, Any], native_bf16: bool) -> dict[str, dict[str, Any]]:
     """Per format: what the probe's rates allow on workload W."""
     table = {}
-    # The memory's rate: the fastest that any of the probe's reads streamed weights from memory, each
-    # format's 1-row product or a plain sum of the same bytes (older probes: no sum). A kernel slower than
-    # that is a shortfall of the kernel, not a roof: on the Zen 4 VM the sum read 62.9 GB/s one day and 40.3
-    # another, when FBGEMM's int8 product streamed 62.0 (sessions 22-23).
-    memory = max((r for r in measured["bandwidth_gbs"].values() if r), default=None)
     for dtype, size in BYTES.items():
+        memory = memory_rate(measured, size)
         product = _fastest(measured["bandwidth_gbs"], dtype)
         # int8 products of 64 rows and more multiply its dense copy, in bfloat16 only where that is native
         # (textgen/model/formats.py int8_dense_dtype), the fastest GEMM here: its compute roofline.
@@ -256,12 +281,14 @@ def roofline_formats(measured: dict[str, Any], native_bf16: bool) -> dict[str, d
             "compute_tok_s": round(gflops * 1e9 / (2 * GPT2_PARAMS), 1) if gflops else None,
         }
     # bfloat16 layers and an int8 output layer: a step streams both parts at the memory's rate.
+    step_bytes = (GPT2_PARAMS - GPT2_OUTPUT_PARAMS) * 2 + GPT2_OUTPUT_PARAMS
+    memory = memory_rate(measured, step_bytes / GPT2_PARAMS)
     if memory:
-        seconds = ((GPT2_PARAMS - GPT2_OUTPUT_PARAMS) * 2 + GPT2_OUTPUT_PARAMS) / (memory * 1e9)
         table["bfloat16-int8head"] = {
             **table["bfloat16"],
+            "bandwidth_gbps": memory,
             "product_gbps": None,  # two kernels': bfloat16's and int8's above
-            "memory_tok_s": round(1 / seconds, 1),
+            "memory_tok_s": round(memory * 1e9 / step_bytes, 1),
         }
     return table
 
@@ -316,7 +343,6 @@ def markdown(report: dict[str, Any]) -> str:
     rates = report["roofline"]["probe"]["bandwidth_gbs"]
     read = rates.get("read")
     if read:
-        fastest = max(rates, key=lambda name: rates[name] or 0)
         probes = report["roofline"].get("probes", [])
         reads = [p["bandwidth_gbs"]["read"] for p in probes]
         spread = (
@@ -326,13 +352,15 @@ def markdown(report: dict[str, Any]) -> str:
             if len(probes) > 1
             else ""
         )
+        streamed = ", ".join(f"{name} {rate}" for name, rate in rates.items() if rate)
         lines += [
             "",
-            f"Roofline GB/s: the fastest that any of the probe's reads streamed weights from memory, each "
-            f"format's 1-row product or a plain read (sum) of the same bytes: {rates[fastest]} GB/s here "
-            f"({fastest}; the plain read {read}). A product kernel that streams slower than that shows as a "
-            "shortfall. GEMM: float32 and float32-packed (the same FLOPs) both take the faster of their "
-            "kernels, F.linear's (oneMKL) and oneDNN's packed one." + spread,
+            "Roofline GB/s, per format: the fastest that any of the probe's reads streamed weights from memory, "
+            "each format's 1-row product over a GPT-2-sized matrix or a plain read (sum) of it, a read of "
+            "fewer bytes than the format's step only if they exceed the reported last-level cache (bench/run.py "
+            f"memory_rate). The reads here, GB/s: {streamed}. A product kernel that streams slower than the "
+            "roof shows as a shortfall. GEMM: float32 and float32-packed (the same FLOPs) both take the "
+            "faster of their kernels, F.linear's (oneMKL) and oneDNN's packed one." + spread,
         ]
     best: dict[tuple[str, int], float] = {}  # fastest anchor per (decoding, clients)
     for a in report["anchors"]:

@@ -637,6 +637,31 @@ def test_the_benchmarks_roofline_is_the_fastest_read_of_memory() -> None:
     assert table["int8"]["gemm_gflops"] == 200.0  # its dense copy is float32 without native bfloat16
 
 
+def test_the_benchmarks_roofline_leaves_out_reads_the_cache_could_serve() -> None:
+    """A read of fewer bytes than a format's step counts toward that format's roof only beyond the reported
+    last-level cache: int8's product over a GPT-2-sized matrix (123 MB) is the roof of every format on a CPU
+    with 32 MB of L3, of int8 alone on one reporting 480 MB, whose bfloat16 formats take the fastest read
+    of at least their bytes."""
+    from bench.run import roofline_formats
+
+    measured = {
+        "gemv_shape": [30_000, 4096],
+        "l3_bytes": 480 << 20,
+        "bandwidth_gbs": {"float32": 37.0, "bfloat16": 29.0, "int8": 50.0, "read": 30.0},
+        "gemm_gflops": {"float32": 180.0, "bfloat16": 420.0},
+    }
+    table = roofline_formats(measured, native_bf16=True)
+    assert table["int8"]["bandwidth_gbps"] == 50.0
+    for dtype in ("float32", "bfloat16", "bfloat16-int8head"):
+        assert table[dtype]["bandwidth_gbps"] == 37.0, dtype
+    measured["bandwidth_gbs"]["float32"] = 28.0  # then the plain read of bfloat16's bytes
+    assert roofline_formats(measured, native_bf16=True)["bfloat16"]["bandwidth_gbps"] == 30.0
+    assert roofline_formats(measured, native_bf16=True)["float32"]["bandwidth_gbps"] == 28.0
+    measured["l3_bytes"] = 32 << 20
+    table = roofline_formats(measured, native_bf16=True)
+    assert {table[dtype]["bandwidth_gbps"] for dtype in table} == {50.0}
+
+
 def test_the_benchmarks_roofline_takes_each_rate_at_the_runs_fastest_probe() -> None:
     """The host's speed moves within minutes, so bench/run.py probes several times in a run and each rate
     of the roof is the fastest any probe measured."""
