@@ -19,6 +19,7 @@ from textgen.config import ConfigError, Settings
 from textgen.engine.batch import DecodeBatch
 from textgen.engine.params import SamplingParams
 from textgen.model.attention import compiled_attention_wins
+from textgen.model.compiled import MAX_TOKENS, lone_tokens
 from textgen.model.cpu import detect_cpu, this_cpu
 from textgen.model.loading import load_model
 from textgen.model.native import compile_state, native_decoding, start_compiling
@@ -36,9 +37,12 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def compiled(model, packages):  # type: ignore[no-untyped-def]
+def compiled(model, packages, monkeypatch):  # type: ignore[no-untyped-def]
     """The conftest's tiny GPT-2 or Llama with its lone row's pass compiled in float32 (exact up to rounding:
-    the batch's float32 passes never compile, see the module), uncompiled again afterwards."""
+    the batch's float32 passes never compile, see the module), uncompiled again afterwards. Its passes take
+    prompts on any CPU here (`lone_tokens` says where they do when serving): what they compute is tested,
+    not how fast."""
+    monkeypatch.setattr("textgen.model.compiled.lone_tokens", lambda cpu: MAX_TOKENS)
     lone = native_decoding(model).lone
     assert lone.compile(torch.float32, packages), lone.state
     lone.steps = lone.prompts = 0
@@ -178,7 +182,7 @@ def test_rows_in_a_batch_chunks_and_long_prompts_keep_the_eager_pass(model, comp
     filling = DecodeBatch.start(2, prompt(30, 82), vocab, False, staggered=True)
     filling.extend(model, prompt(30, 82)[:10])
     filling.extend(model, prompt(30, 82)[10:11])  # one token, but a prompt's: all its logits are kept
-    monkeypatch.setattr("textgen.model.compiled.MAX_TOKENS", 6)
+    monkeypatch.setattr("textgen.model.compiled.lone_tokens", lambda cpu: 6)
     DecodeBatch.prefill(model, [3], [prompt(7, 83)], vocab)
     assert compiled.steps == compiled.prompts == 0
 
@@ -256,8 +260,8 @@ def test_the_server_compiles_bfloat16_steps_in_the_background(
     """The way the service starts it (Frontend.warmup): after the warm-up, bfloat16 layers compile in a
     process of its own (the int8 output layer stays outside the step, so the second format finds the
     first's package in the cache), after the batch's attention where it wins, and a lone stream's steps
-    then go through the compiled step. The compiling process's directory of inductor's working files is
-    removed when it ends."""
+    then go through the compiled pass (its prompt too, where `lone_tokens` says so). The compiling
+    process's directory of inductor's working files is removed when it ends."""
     from textgen.frontend.prepare import Frontend
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where that directory goes
@@ -287,7 +291,8 @@ def test_the_server_compiles_bfloat16_steps_in_the_background(
     finally:
         frontend.close()
     assert result.completion_tokens == 20 and result.error is None
-    assert steps.prompts == 1 and steps.steps == 19  # the prompt's pass and every step after it
+    # Every step after the prompt's pass, and that pass too where this CPU's products take many rows fast.
+    assert steps.steps == 19 and steps.prompts == int(lone_tokens(this_cpu()) > 1)
     assert not list(tmp_path.iterdir())
 
 
@@ -378,3 +383,16 @@ def test_the_products_kernels_follow_the_cpu() -> None:
     assert gemm_backends(machine("epyc-zen3")) is None
     assert gemm_backends(capped("epyc-zen4", ONEDNN_MAX_CPU_ISA="AVX2")) is None
     assert gemm_backends(detect_cpu(GRAVITON3)) is None
+
+
+def test_prompts_take_the_compiled_pass_where_the_template_multiplies_many_rows_fast() -> None:
+    """With AMX the template's micro-kernel multiplies a prompt's rows fast: prompts of up to MAX_TOKENS go
+    through a lone row's compiled pass; without AMX (its 32-row kernel is a float32-vector one, 6x slower
+    than oneDNN's) or with oneDNN's products, only steps do."""
+    from .test_cpu import capped, machine
+
+    assert lone_tokens(machine("sapphire-rapids")) == MAX_TOKENS
+    assert lone_tokens(machine("epyc-zen4")) == 1
+    assert lone_tokens(machine("cooper-lake")) == 1
+    assert lone_tokens(capped("sapphire-rapids", ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16")) == 1
+    assert lone_tokens(machine("epyc-zen3")) == 1

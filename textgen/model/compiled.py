@@ -71,16 +71,16 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from textgen.model.cpu import CpuInfo, detect_cpu
+from textgen.model.cpu import CpuInfo, detect_cpu, this_cpu
 from textgen.model.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
 Buffers = list[tuple[torch.Tensor, torch.Tensor]]
 LoneRow = Callable[[torch.Tensor, torch.Tensor, Buffers], torch.Tensor]
-# A lone row's pass of more tokens stays eager: inductor's products lose to oneDNN's at many rows (random
-# GPT-2 bfloat16, AMX Xeon, the blocks of a prompt's pass: 32 tokens 11.1 ms compiled against 14.5 eager,
-# 128 25.8 against 27.0, 512 96.9 against 83.8).
+# A lone row's pass of more tokens stays eager even on AMX: inductor's products lose to oneDNN's at many rows
+# (random GPT-2 bfloat16, AMX Xeon, the blocks of a prompt's pass: 32 tokens 11.1 ms compiled against 14.5
+# eager, 128 25.8 against 27.0, 512 96.9 against 83.8). Elsewhere one token is the most (`lone_tokens`).
 MAX_TOKENS = 128
 EXAMPLE_TOKENS = 2  # the tokens the pass is exported with; any number works (it is dynamic; 1 would not be)
 EXAMPLE_CAPACITY = 64  # the KV capacity the pass is exported with; any other works (it is dynamic)
@@ -256,8 +256,9 @@ class LoneRowPasses(AheadOfTime):
     ) -> torch.Tensor | None:
         """Logits [kept tokens, V] of a lone row's tokens `ids` [T] through the compiled pass (`keep`: the
         tokens whose logits are wanted, None: all), or None: not compiled (yet), not a lone row's pass, or
-        one of more than MAX_TOKENS tokens (the caller then runs the eager one)."""
-        if self.compiled is None or ids.numel() > MAX_TOKENS:
+        one of more tokens than this CPU's products take fast (`lone_tokens`; the caller then runs the eager
+        one)."""
+        if self.compiled is None or ids.numel() > lone_tokens(this_cpu()):
             return None
         kv_heads, head_dim = self.kv_shape
         like = torch.empty(1, kv_heads, 0, head_dim, dtype=self.dtype)
@@ -339,6 +340,16 @@ def gemm_backends(cpu: CpuInfo) -> str | None:
     if cpu.bf16_unit == "AMX" or (cpu.bf16_unit == "AVX512_BF16" and cpu.raw_isa_class != "amx"):
         return "CPP"
     return None
+
+
+def lone_tokens(cpu: CpuInfo) -> int:
+    """The most tokens a lone row's pass takes compiled on `cpu`: up to MAX_TOKENS (a prompt, a speculative
+    step's verification) where the products are the template's with AMX's micro-kernel, which multiplies
+    many rows as fast as oneDNN (measured: the module's docstring); else one, a step: without AMX the
+    template's micro-kernel for 32 rows is a float32-vector one (AVX512_BF16, Zen 4 EPYC: GPT-2's 48
+    products 94.7 ms against oneDNN's 16.0, sessions 22-23), and oneDNN's products frozen into the program
+    were not measured at many rows."""
+    return MAX_TOKENS if cpu.bf16_unit == "AMX" and gemm_backends(cpu) == "CPP" else 1
 
 
 def _inductor_cache_dir() -> None:
