@@ -86,6 +86,26 @@ def test_the_compiled_pass_gives_the_eager_logits_for_a_prompt_and_as_the_cache_
         torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
 
 
+def test_a_lone_streams_speculation_verifies_through_the_compiled_pass(model, compiled, loaded_tiny):
+    """Greedy with n-gram drafts: a verification pass of several tokens goes through the compiled pass (and
+    its rejected tokens are cut from the buffers it wrote), for the tokens the eager passes give."""
+    from textgen.engine.core import Engine
+
+    engine = Engine(model, loaded_tiny.tokenizer, context_length=256, speculative="ngram").start()
+    try:
+        ids = (prompt(6, 85) * 4)[:20]  # a loop to draft from
+        params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True, repetition_penalty=1.0)
+        ours = engine.submit(ids, params)
+        ours.wait(60)
+        assert compiled.prompts > 1  # the prompt's pass and verifications
+        with eagerly(compiled):
+            eager = engine.submit(ids, params)
+            eager.wait(60)
+    finally:
+        engine.stop()
+    assert ours.sequence.output_ids == eager.sequence.output_ids
+
+
 def test_a_restart_loads_the_step_it_compiled_before(compiled, packages):
     """The fixture compiled (or, for the second test of a model, loaded) the step into the cache: compiling
     again, as a restarted server does, loads that package instead of compiling."""
