@@ -45,7 +45,7 @@ def compiled(model, packages, monkeypatch):  # type: ignore[no-untyped-def]
     monkeypatch.setattr("textgen.model.compiled.lone_tokens", lambda cpu: MAX_TOKENS)
     lone = native_decoding(model).lone
     assert lone.compile(torch.float32, packages), lone.state
-    lone.steps = lone.prompts = 0
+    lone.steps = lone.many = 0
     yield lone
     lone.compiled, lone.state = None, "off"
 
@@ -64,7 +64,7 @@ def eagerly(lone) -> Iterator[None]:  # type: ignore[no-untyped-def]
 def test_the_compiled_pass_gives_the_eager_logits_for_a_prompt_and_as_the_cache_grows(model, compiled):
     vocab = model.config.vocab_size
     ours, mine = DecodeBatch.prefill(model, [0], [prompt(7, 80)], vocab)
-    assert compiled.prompts == 1  # the prompt's pass took the compiled path
+    assert compiled.many == 1  # the prompt's pass took the compiled path
     with eagerly(compiled):
         eager, logits = DecodeBatch.prefill(model, [0], [prompt(7, 80)], vocab)
     torch.testing.assert_close(mine, logits, rtol=1e-5, atol=1e-5)
@@ -97,13 +97,30 @@ def test_a_lone_streams_speculation_verifies_through_the_compiled_pass(model, co
         params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True, repetition_penalty=1.0)
         ours = engine.submit(ids, params)
         ours.wait(60)
-        assert compiled.prompts > 1  # the prompt's pass and verifications
+        assert compiled.many > 1  # the prompt's pass and verifications
         with eagerly(compiled):
             eager = engine.submit(ids, params)
             eager.wait(60)
     finally:
         engine.stop()
     assert ours.sequence.output_ids == eager.sequence.output_ids
+
+
+def test_the_program_takes_several_tokens_only_where_passes_of_several_take_it(model, monkeypatch):
+    """Exported with the number of tokens dynamic where `lone_tokens` lets prompts through, else for one
+    token, the program a step alone had before (no AMX: the Zen 4's step keeps the program measured there)."""
+    lone = native_decoding(model).lone
+
+    def tokens_dimension(several: int) -> object:
+        monkeypatch.setattr("textgen.model.compiled.lone_tokens", lambda cpu: several)
+        program, _ = lone.export(torch.float32)
+        hidden = next(
+            node for node in program.graph.nodes if node.op == "placeholder" and node.name == "hidden"
+        )
+        return hidden.meta["val"].shape[0]
+
+    assert tokens_dimension(1) == 1
+    assert isinstance(tokens_dimension(MAX_TOKENS), torch.SymInt)
 
 
 def test_a_restart_loads_the_step_it_compiled_before(compiled, packages):
@@ -204,7 +221,7 @@ def test_rows_in_a_batch_chunks_and_long_prompts_keep_the_eager_pass(model, comp
     filling.extend(model, prompt(30, 82)[10:11])  # one token, but a prompt's: all its logits are kept
     monkeypatch.setattr("textgen.model.compiled.lone_tokens", lambda cpu: 6)
     DecodeBatch.prefill(model, [3], [prompt(7, 83)], vocab)
-    assert compiled.steps == compiled.prompts == 0
+    assert compiled.steps == compiled.many == 0
 
 
 @torch.inference_mode()
@@ -223,7 +240,7 @@ def test_the_rest_of_a_prompt_after_its_cached_beginning_takes_the_compiled_pass
     assert cached is not None and cached.tokens == 32
     ours = DecodeBatch.start(1, ids, vocab, False, cached=cached, staggered=True)
     mine = ours.extend(model, ids[cached.tokens :])
-    assert compiled.prompts == 1
+    assert compiled.many == 1
     with eagerly(compiled):
         eager = DecodeBatch.start(1, ids, vocab, False, cached=cached, staggered=True)
         theirs = eager.extend(model, ids[cached.tokens :])
@@ -305,14 +322,14 @@ def test_the_server_compiles_bfloat16_steps_in_the_background(
             assert compile_state(loaded.model, "attention").startswith(expected)
         else:
             assert compile_state(loaded.model, "attention").startswith("off: ")
-        steps.steps = steps.prompts = 0
+        steps.steps = steps.many = 0
         params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True, speculative=False)
         result = frontend.engine.submit(loaded.tokenizer.encode("What is AI?"), params).wait(60)
     finally:
         frontend.close()
     assert result.completion_tokens == 20 and result.error is None
     # Every step after the prompt's pass, and that pass too where this CPU's products take many rows fast.
-    assert steps.steps == 19 and steps.prompts == int(lone_tokens(this_cpu()) > 1)
+    assert steps.steps == 19 and steps.many == int(lone_tokens(this_cpu()) > 1)
     assert not list(tmp_path.iterdir())
 
 

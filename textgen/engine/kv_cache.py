@@ -396,7 +396,7 @@ class SegmentedCache(Cache):
         return result
 
     def open_lone(self, tokens: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """For a pass of one row taking `tokens` new tokens (a lone stream's step, or its whole prompt): make
+        """For a pass of one row taking `tokens` new tokens (a lone stream's step, prompt or verification): make
         room for them in every layer and return each layer's whole key and value buffers [1, H, C, D], spare
         room included and zeroed. A lone row has no padding, so a token's position is its column, and each
         buffer's valid part is the columns up to it. `like` [1, H, 0, D]: the keys' shape and dtype, for the

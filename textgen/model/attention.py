@@ -137,7 +137,7 @@ def sdpa_wins(
 ) -> bool:
     """Whether torch's SDPA is the faster kernel for `rows` query tokens of `heads` heads over `width` cached
     columns of `kv_heads` heads on `cpu`, rather than `grouped_matmuls`. `width` None: a lone row's compiled
-    step (textgen/model/native.py `_attend_lone`), whose program takes any width.
+    pass (textgen/model/native.py `_attend_lone`), whose program takes any width.
 
     torch 2.13, per layer, 2 threads. On the AMX Xeon: at one row (one stream, or one long prompt's chunk)
     SDPA is 2.5-5x faster (64 cached tokens: 21 against 104 us in bfloat16, 15 against 47 in float32; GQA

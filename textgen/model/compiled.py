@@ -13,16 +13,17 @@ bfloat16 9.9-10.2 ms against 11.9-12.7 eager; SmolLM2 14.8-15.1 against 20.8 (mo
 The output layer stays outside: inductor turned the tied [V, width] product into a generated loop over a
 float32 copy of the embeddings (+150 MB, 17 ms a step instead of 11).
 
-Only a lone row takes this path (`SegmentedCache.open_lone`): a prompt prefilled alone (or its rest after
-a cached beginning), then each of its steps; every other pass keeps the eager one (textgen/model/native.py).
-The program's sizes are dynamic in the number of tokens and in its KV buffers' capacities (each layer's
-its own). One program for both: a prompt's pass then reads the weights the steps read, laid out once for
-their kernels (a program of its own would pack a second copy, +170 MB for GPT-2, and evict the steps' from
-the cache), with its small ops fused as a step's are. Measured on the AMX Xeon, random GPT-2 bfloat16, one
-process, alternating: a step 5.07 ms against 5.11 for the program of one token it replaced; a 32-token
-prompt's blocks 9.79 ms against 13.81 eager. In the engine (bfloat16-int8head, in-process, two processes
-each), a 32-token request's first token after a stream's 128 steps came 12.4 ms after it was submitted
-against 18.7-19.2 with the prompt's pass eager: 1.6 steps instead of 2.4.
+Only a lone row takes this path (`SegmentedCache.open_lone`): each of its steps and, where AMX multiplies
+its rows (`lone_tokens`), its prompt prefilled alone (or the rest after a cached beginning) and speculative
+verifications; every other pass keeps the eager one (textgen/model/native.py). The program's sizes are
+dynamic in its KV buffers' capacities (each layer's its own) and, there, in the number of tokens. One
+program for all: a prompt's pass then reads the weights the steps read, laid out once for their kernels (a
+program of its own would pack a second copy, +170 MB for GPT-2, and evict the steps' from the cache), with
+its small ops fused as a step's are. Measured on the AMX Xeon, random GPT-2 bfloat16, one process,
+alternating: a step 5.07 ms against 5.11 for the program of one token it replaced; a 32-token prompt's
+blocks 9.79 ms against 13.81 eager. In the engine (bfloat16-int8head, in-process, two processes each), a
+32-token request's first token after a stream's 128 steps came 12.4 ms after it was submitted against
+18.7-19.2 with the prompt's pass eager: 1.6 steps instead of 2.4.
 
 Only bfloat16 compiles by default: float32 promises that a row computes the same alone and in a batch, and
 fused layer norms round differently from torch's (3e-6 on logits of scale 3), and there inductor packs a
@@ -82,7 +83,7 @@ LoneRow = Callable[[torch.Tensor, torch.Tensor, Buffers], torch.Tensor]
 # (random GPT-2 bfloat16, AMX Xeon, the blocks of a prompt's pass: 32 tokens 11.1 ms compiled against 14.5
 # eager, 128 25.8 against 27.0, 512 96.9 against 83.8). Elsewhere one token is the most (`lone_tokens`).
 MAX_TOKENS = 128
-EXAMPLE_TOKENS = 2  # the tokens the pass is exported with; any number works (it is dynamic; 1 would not be)
+EXAMPLE_TOKENS = 2  # the tokens a pass of several is exported with; any number works (1 would not be dynamic)
 EXAMPLE_CAPACITY = 64  # the KV capacity the pass is exported with; any other works (it is dynamic)
 PACKAGE_VERSION = 1  # bump when what a package holds changes without its key changing
 KEPT_PACKAGES = 4  # compiled packages kept in the cache directory (`_prune`)
@@ -222,30 +223,34 @@ class LoneRowPasses(AheadOfTime):
         super().__init__()
         self.embed, self.lone_row, self.head = embed, lone_row, head
         self.kv_shape, self.layers = kv_shape, layers
-        self.steps = self.prompts = 0  # passes it ran of one token, of more (tests check the path was taken)
+        # Passes it ran of one token, and of several (a prompt, a verification): tests check the path was taken.
+        self.steps = self.many = 0
 
     def options(self, cpu: CpuInfo) -> dict[str, Any]:
         return inductor_options(cpu)
 
     def export(self, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, torch.Tensor, Buffers]]:
         """The pass as a program (torch.export) for buffers of `dtype`, and the arguments it was traced with
-        (EXAMPLE_TOKENS tokens 0 embedded at their positions, buffers of EXAMPLE_CAPACITY zeroed)."""
+        (tokens 0 embedded at their positions, buffers of EXAMPLE_CAPACITY zeroed). Of any number of tokens
+        where this CPU's passes take several (`lone_tokens`), else of one: a program with the number of rows
+        dynamic would be compiled for any (measured on AMX only: a step as fast as with one)."""
         kv_heads, head_dim = self.kv_shape
         shape = (1, kv_heads, EXAMPLE_CAPACITY, head_dim)
         buffers = [
             (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(self.layers)
         ]
-        positions = torch.arange(EXAMPLE_TOKENS)
+        several = lone_tokens(this_cpu()) > 1
+        positions = torch.arange(EXAMPLE_TOKENS if several else 1)
         example = (self.embed(torch.zeros_like(positions), positions).to(dtype), positions, buffers)
-        # Any number of tokens, any capacity, each layer its own (they grow at different steps): one program.
-        tokens = torch.export.Dim("tokens", min=1)
+        # Any capacity, each layer its own (they grow at different steps): one program.
+        tokens = {0: torch.export.Dim("tokens", min=1)} if several else None
         capacities = [torch.export.Dim(f"capacity{layer}", min=2) for layer in range(self.layers)]
         program = torch.export.export(
             _Pass(self.lone_row),
             example,
             dynamic_shapes={
-                "hidden": {0: tokens},
-                "positions": {0: tokens},
+                "hidden": tokens,
+                "positions": tokens,
                 "buffers": [({2: capacity}, {2: capacity}) for capacity in capacities],
             },
         )
@@ -272,7 +277,7 @@ class LoneRowPasses(AheadOfTime):
         if ids.numel() == 1:
             self.steps += 1
         else:
-            self.prompts += 1
+            self.many += 1
         return self.head(hidden if keep is None else hidden[keep])
 
     def _fits(self, buffers: Buffers) -> bool:
