@@ -90,7 +90,7 @@ class Settings:
     threads: int = 1
     dtype: str = "auto"
     allocator: str = "auto"  # TEXTGEN_ALLOCATOR: the workers' memory allocator (textgen/model/allocator.py)
-    compile: str = "auto"  # TEXTGEN_COMPILE: "off" never compiles a lone stream's step (model/compiled.py)
+    compile: str = "auto"  # TEXTGEN_COMPILE: "off" never compiles a lone stream's pass (model/compiled.py)
     generation_config: str = "auto"  # TEXTGEN_GENERATION_CONFIG
     max_batch_size: int = 32
     max_queue: int = 128  # requests waiting for a batch slot; beyond it, 429

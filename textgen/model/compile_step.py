@@ -1,4 +1,4 @@
-"""`python -m textgen.model.compile_step [step|attention]`: compile the served model's lone-stream step (the
+"""`python -m textgen.model.compile_step [step|attention]`: compile the served model's lone-stream pass (the
 default) or its batch's attention of decoding rows (textgen/model/compiled_attention.py) into the compile
 cache, in a process of its own (textgen/model/compiled.py starts it when the cache misses).
 

@@ -2,7 +2,7 @@
 segment's key and value buffers, as elementwise products and sums in float32 that inductor fuses into loops
 over the buffers, with no product kernel at all (`summed_attention`). One program for every number of rows
 and every width (both dynamic), per model geometry (heads, key heads, head size) and CPU, cached on disk and
-compiled apart as a lone stream's step is (textgen/model/compiled.py).
+compiled apart as a lone stream's pass is (textgen/model/compiled.py).
 
 Why: a decoding row's attention is a [1, head size] x [head size, width] product per head, too small for a
 product kernel to be anything but overhead, and oneDNN keeps a kernel (and ideep its state) for each of
