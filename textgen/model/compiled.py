@@ -232,8 +232,9 @@ class LoneRowPasses(AheadOfTime):
     def export(self, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, torch.Tensor, Buffers]]:
         """The pass as a program (torch.export) for buffers of `dtype`, and the arguments it was traced with
         (tokens 0 embedded at their positions, buffers of EXAMPLE_CAPACITY zeroed). Of any number of tokens
-        where this CPU's passes take several (`lone_tokens`), else of one: a program with the number of rows
-        dynamic would be compiled for any (measured on AMX only: a step as fast as with one)."""
+        where this CPU's passes take several (`lone_tokens`); elsewhere of one, as the step alone was: a
+        program dynamic in its rows has its products compiled for any number of them, and only on AMX was
+        its one-row step measured as fast."""
         kv_heads, head_dim = self.kv_shape
         shape = (1, kv_heads, EXAMPLE_CAPACITY, head_dim)
         buffers = [
