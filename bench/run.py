@@ -355,12 +355,12 @@ def markdown(report: dict[str, Any]) -> str:
         streamed = ", ".join(f"{name} {rate}" for name, rate in rates.items() if rate)
         lines += [
             "",
-            "Roofline GB/s, per format: the fastest that any of the probe's reads streamed weights from memory, "
-            "each format's 1-row product over a GPT-2-sized matrix or a plain read (sum) of it, a read of "
-            "fewer bytes than the format's step only if they exceed the reported last-level cache (bench/run.py "
-            f"memory_rate). The reads here, GB/s: {streamed}. A product kernel that streams slower than the "
-            "roof shows as a shortfall. GEMM: float32 and float32-packed (the same FLOPs) both take the "
-            "faster of their kernels, F.linear's (oneMKL) and oneDNN's packed one." + spread,
+            "Roofline GB/s, per format: the fastest that any of the probe's reads streamed weights from "
+            "memory, each format's 1-row product over a GPT-2-sized matrix or a plain read (sum) of it, a "
+            "read of fewer bytes than the format's step only if they exceed the reported last-level cache "
+            f"(bench/run.py memory_rate). The reads here, GB/s: {streamed}. A product kernel that streams "
+            "slower than the roof shows as a shortfall. GEMM: float32 and float32-packed (the same FLOPs) "
+            "both take the faster of their kernels, F.linear's (oneMKL) and oneDNN's packed one." + spread,
         ]
     best: dict[tuple[str, int], float] = {}  # fastest anchor per (decoding, clients)
     for a in report["anchors"]:

@@ -1,7 +1,7 @@
 """A lone stream's compiled pass (textgen/model/compiled.py): it computes what the eager pass computes,
-for GPT-2 and Llama, for a prompt and for each step across the cache's growth; it is cached under a key of the program, its
-weights, the machine and torch, and a restart loads it; the server compiles it in the background, in a
-process of its own, for bfloat16 only; and a failed compile leaves the eager step."""
+for GPT-2 and Llama, for a prompt and for each step across the cache's growth; it is cached under a key of
+the program, its weights, the machine and torch, and a restart loads it; the server compiles it in the
+background, in a process of its own, for bfloat16 only; and a failed compile leaves the eager pass."""
 
 from __future__ import annotations
 

@@ -396,13 +396,13 @@ class SegmentedCache(Cache):
         return result
 
     def open_lone(self, tokens: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """For a pass of one row taking `tokens` new tokens (a lone stream's step, prompt or verification): make
-        room for them in every layer and return each layer's whole key and value buffers [1, H, C, D], spare
-        room included and zeroed. A lone row has no padding, so a token's position is its column, and each
-        buffer's valid part is the columns up to it. `like` [1, H, 0, D]: the keys' shape and dtype, for the
-        layers of a prompt's pass, which start empty. `close_lone` counts the tokens once the pass has written
-        them. None for any other pass, or one whose layers are not plain growing buffers (they go through
-        `update` and `parts`)."""
+        """For a pass of one row taking `tokens` new tokens (a lone stream's step, prompt or verification):
+        make room for them in every layer and return each layer's whole key and value buffers [1, H, C, D],
+        spare room included and zeroed. A lone row has no padding, so a token's position is its column, and
+        each buffer's valid part is the columns up to it. `like` [1, H, 0, D]: the keys' shape and dtype, for
+        the layers of a prompt's pass, which start empty. `close_lone` counts the tokens once the pass has
+        written them. None for any other pass, or one whose layers are not plain growing buffers (they go
+        through `update` and `parts`)."""
         if self.queries != [tokens] or len(self.segments[0]) != 1:
             return None
         (segment,) = self.segments

@@ -223,7 +223,8 @@ class LoneRowPasses(AheadOfTime):
         super().__init__()
         self.embed, self.lone_row, self.head = embed, lone_row, head
         self.kv_shape, self.layers = kv_shape, layers
-        # Passes it ran of one token, and of several (a prompt, a verification): tests check the path was taken.
+        # Passes it ran of one token, and of several (a prompt, a verification): tests check the path was
+        # taken.
         self.steps = self.many = 0
 
     def options(self, cpu: CpuInfo) -> dict[str, Any]:

@@ -64,11 +64,11 @@ class NativeDecoding:
         return self.head(self.final_norm(hidden if keep is None else hidden[keep]))
 
     def lone_row(self, hidden: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
-        """A lone row's pass after its embedding, tensors only (compiled: textgen/model/compiled.py): the final
-        hidden states [T, width] of the T tokens embedded as `hidden` [T, width] at `positions` [T] (one
-        token of a step, or a whole prompt), whose keys and values go into each layer's `buffers` (keys,
-        values [1, kv_heads, C, head_dim]) at columns `positions`, each attending over the columns up to its
-        own."""
+        """A lone row's pass after its embedding, tensors only (compiled: textgen/model/compiled.py): the
+        final hidden states [T, width] of the T tokens embedded as `hidden` [T, width] at `positions` [T]
+        (one token of a step, or a whole prompt), whose keys and values go into each layer's `buffers`
+        (keys, values [1, kv_heads, C, head_dim]) at columns `positions`, each attending over the columns up
+        to its own."""
         return self.final_norm(self._blocks(hidden, positions, _lone_row(buffers, positions)))
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
