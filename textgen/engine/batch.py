@@ -20,16 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache
 
-from textgen.engine.kv_cache import (
-    Segment,
-    SegmentedCache,
-    cache_layers,
-    new_cache,
-    row_spans,
-    staggered_layer,
-)
+from textgen.engine.kv_cache import Segment, SegmentedCache, cache_layers, new_cache, row_spans
 from textgen.engine.prefix_cache import CachedPrefix
 from textgen.model.attention import decodes_with_segments
 from textgen.model.native import native_decoding
@@ -140,7 +132,7 @@ class DecodeBatch:
         16.8-17.1 ms). A lone prompt goes through the lone row's compiled pass, once there is one
         (textgen/model/compiled.py)."""
         count, width = len(prompts), len(prompts[0])
-        cache = Cache(layers=[staggered_layer(i) for i in range(len(decoding.layers))])
+        cache = new_cache(staggered=True, layers=len(decoding.layers))
         segment = Segment(cache, torch.zeros(count, 0, dtype=torch.long))
         input_ids = torch.tensor(prompts, dtype=torch.long)
         positions = torch.arange(width).repeat(count)
@@ -168,14 +160,13 @@ class DecodeBatch:
         done = 0
         if cached is not None:
             done = cached.tokens
-            layers = [staggered_layer(i, len(prompt), staggered) for i in range(len(cached.blocks[0].keys))]
+            cache = new_cache(len(prompt), staggered, layers=len(cached.blocks[0].keys))
             # Room for the whole prompt at once, the most any layer reserves: the cached beginning is copied
             # once, not again at the first chunk to make room.
-            room = max(layer.room for layer in layers)
-            for layer, k, v in zip(layers, *cached.buffers(room)):
+            room = max(layer.room for layer in cache.layers)
+            for layer, k, v in zip(cache.layers, *cached.buffers(room)):
                 layer.dtype, layer.device = k.dtype, k.device
                 layer.adopt(k, v, done)
-            cache = Cache(layers=layers)
         seen = torch.zeros(1, vocab_size, dtype=torch.bool)
         if count_prompt:
             seen[0, torch.tensor(prompt).clamp(max=vocab_size - 1)] = True

@@ -207,11 +207,15 @@ def spare_buffers(
     return keys, values
 
 
-def new_cache(prompt: int = 0, staggered: bool = False) -> Cache:
+def new_cache(prompt: int = 0, staggered: bool = False, layers: int | None = None) -> Cache:
     """A cache whose layers (made at the first update, in order) are GrowingLayers, for a `prompt`-token
     prompt computed piece by piece if given; `staggered`: each with its own turn to grow (`staggered_layer`).
     Only for textgen's decode attention, which reads each layer's buffer as it is: Hugging Face's attention
-    builds one mask for every layer, from the first layer's capacity."""
+    builds one mask for every layer, from the first layer's capacity. `layers`: that many made now, for a
+    pass that needs them all before it writes any (textgen's own, whose compiled form takes every layer's
+    buffers at once: `SegmentedCache.open_lone`)."""
+    if layers is not None:
+        return Cache(layers=[staggered_layer(i, prompt, staggered) for i in range(layers)])
     made = itertools.count()
     return Cache(layer_class_to_replicate=lambda: staggered_layer(next(made), prompt, staggered))
 
