@@ -68,7 +68,9 @@ PROMPTS = [
     "Translate 'good morning' into Spanish.",
 ]
 NEW_TOKENS = 48
-INT8_7BIT = "int8, 7-bit weights"
+# Formats with FBGEMM's int8 products measured again with 7-bit weights, as FBGEMM takes them on x86 CPUs
+# without AVX512-VNNI (textgen/model/quantize.py weight_levels): row name -> TEXTGEN_DTYPE.
+SEVEN_BIT = {"int8, 7-bit weights": "int8", "float32-int8head, 7-bit weights": "float32-int8head"}
 
 
 def perplexity(model, tokenizer) -> float:
@@ -117,11 +119,12 @@ def main() -> None:
     cpu = describe()
     rows = []
     reference: list[list[int]] = []
-    for name in ("float32", "float32-packed", "bfloat16", "bfloat16-int8head", "int8", INT8_7BIT):
-        dtype = "int8" if name == INT8_7BIT else name
+    formats = ("float32", "float32-packed", "float32-int8head", "bfloat16", "bfloat16-int8head", "int8")
+    for name in (*formats, *SEVEN_BIT):
+        dtype = SEVEN_BIT.get(name, name)
         settings = Settings(model_name=None, threads=2, dtype=dtype)
-        # int8 as this CPU's FBGEMM kernel takes it; INT8_7BIT as on x86 CPUs without AVX512-VNNI
-        levels = 63 if name == INT8_7BIT else quantize.weight_levels()
+        # int8 as this CPU's FBGEMM kernel takes it; SEVEN_BIT as on x86 CPUs without AVX512-VNNI
+        levels = 63 if name in SEVEN_BIT else quantize.weight_levels()
         with mock.patch.object(quantize, "weight_levels", lambda: levels):
             loaded = load_model(settings, resolve_model(settings))
         start = time.perf_counter()
@@ -151,7 +154,8 @@ def main() -> None:
             f"{quantize.PACKED_DENSE_ROWS} where the dense copy is bfloat16 packed for oneDNN, else "
             f"{quantize.DENSE_ROWS}), and the weights' dense copy for larger products (prompts, big batches); its "
             "weights are 7-bit on x86 CPUs without AVX512-VNNI (FBGEMM's kernels there add pairs of products "
-            "in 16 bits). bfloat16-int8head is bfloat16 with the output layer alone int8 in that way. "
+            "in 16 bits). bfloat16-int8head and float32-int8head are bfloat16 and float32 with the output layer "
+            "alone int8 in that way. "
             "float32-packed is float32 with oneDNN's packed products.",
             "",
             f"Measured on {cpu['model']} ({cpu['isa_class']}: {', '.join(cpu['flags'])}), "

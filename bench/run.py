@@ -197,9 +197,9 @@ def bench_system(
     return results
 
 
-DTYPES = ("auto", "float32", "float32-packed", "bfloat16", "bfloat16-int8head", "int8")
+DTYPES = ("auto", "float32", "float32-packed", "float32-int8head", "bfloat16", "bfloat16-int8head", "int8")
 GPT2_PARAMS = 124_439_808  # GPT2Config(): every weight is read once per decoding step
-GPT2_OUTPUT_PARAMS = 50257 * 768  # its output layer (the tied embeddings), int8 in bfloat16-int8head
+GPT2_OUTPUT_PARAMS = 50257 * 768  # its output layer (the tied embeddings), int8 in the *-int8head formats
 BYTES = {"float32": 4, "float32-packed": 4, "bfloat16": 2, "int8": 1}
 
 
@@ -280,16 +280,17 @@ def roofline_formats(measured: dict[str, Any], native_bf16: bool) -> dict[str, d
             "memory_tok_s": round(memory * 1e9 / (GPT2_PARAMS * size), 1) if memory else None,
             "compute_tok_s": round(gflops * 1e9 / (2 * GPT2_PARAMS), 1) if gflops else None,
         }
-    # bfloat16 layers and an int8 output layer: a step streams both parts at the memory's rate.
-    step_bytes = (GPT2_PARAMS - GPT2_OUTPUT_PARAMS) * 2 + GPT2_OUTPUT_PARAMS
-    memory = memory_rate(measured, step_bytes / GPT2_PARAMS)
-    if memory:
-        table["bfloat16-int8head"] = {
-            **table["bfloat16"],
-            "bandwidth_gbps": memory,
-            "product_gbps": None,  # two kernels': bfloat16's and int8's above
-            "memory_tok_s": round(memory * 1e9 / step_bytes, 1),
-        }
+    # bfloat16 or float32 layers and an int8 output layer: a step streams both parts at the memory's rate.
+    for layers in ("bfloat16", "float32"):
+        step_bytes = (GPT2_PARAMS - GPT2_OUTPUT_PARAMS) * BYTES[layers] + GPT2_OUTPUT_PARAMS
+        memory = memory_rate(measured, step_bytes / GPT2_PARAMS)
+        if memory:
+            table[f"{layers}-int8head"] = {
+                **table[layers],
+                "bandwidth_gbps": memory,
+                "product_gbps": None,  # two kernels': the layers' and int8's above
+                "memory_tok_s": round(memory * 1e9 / step_bytes, 1),
+            }
     return table
 
 
@@ -336,8 +337,9 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for dtype, r in roof.items():
         product = r.get("product_gbps", r["bandwidth_gbps"])  # reports from before the plain read
+        parts = f"{dtype.split('-')[0]} + int8"  # an *-int8head format: its layers' kernel and int8's
         lines.append(
-            f"| {dtype} | {product or 'bfloat16 + int8'} | {r['bandwidth_gbps'] or 'bfloat16 + int8'} "
+            f"| {dtype} | {product or parts} | {r['bandwidth_gbps'] or parts} "
             f"| {r['gemm_gflops']} | {r['memory_tok_s']} | {r['compute_tok_s']} |"
         )
     rates = report["roofline"]["probe"]["bandwidth_gbs"]

@@ -25,6 +25,7 @@ from textgen.model.formats import (
     costly,
     emulated,
     int8_dense_dtype,
+    quality_key,
     serving_dtype,
 )
 from textgen.model.probe import load_probe, probe
@@ -183,11 +184,12 @@ def test_auto_never_picks_an_emulated_format(name: str, quality: dict[str, float
 def test_auto_with_todays_quality_table(name: str) -> None:
     # int8 costs +1.03% (over the 1% limit; 7-bit weights +3.2%), bfloat16 +0.53%, and bfloat16 with the
     # output layer int8 +0.76%: chosen where bfloat16 is native (all three have VNNI for FBGEMM's int8).
-    # Elsewhere float32, with oneDNN's packed products on AMD's CPUs (float32-packed).
+    # Elsewhere float32, with oneDNN's packed products on AMD's CPUs (float32-packed), with its output
+    # layer int8 on Intel's (+0.23% with 8-bit or 7-bit weights).
     choice = choose_dtype(machine(name))
     amd = machine(name).vendor == "AuthenticAMD"
     assert choice.dtype == (
-        "bfloat16-int8head" if name in NATIVE_BF16 else "float32-packed" if amd else "float32"
+        "bfloat16-int8head" if name in NATIVE_BF16 else "float32-packed" if amd else "float32-int8head"
     )
 
 
@@ -234,17 +236,41 @@ def test_bfloat16_int8head_needs_native_bfloat16_and_fbgemms_8bit_products() -> 
     )
 
 
+def test_float32_int8head_is_float32_with_fbgemms_output_layer_where_bfloat16_is_not_native() -> None:
+    """On Intel's CPUs without native bfloat16 (oneMKL's float32 at home), float32 with the output layer int8:
+    with VNNI's 8-bit weights or, without VNNI, 7-bit ones, each measured on its own."""
+    cascade, skylake = choose_dtype(machine("cascade-lake")), choose_dtype(machine("skylake"))
+    assert cascade.dtype == skylake.dtype == "float32-int8head"
+    assert "its output layer with FBGEMM's int8 products natively (AVX512-VNNI)" in cascade.reason
+    assert "its output layer with FBGEMM's int8 products natively (avx512: 7-bit weights" in skylake.reason
+    assert quality_key("float32-int8head", machine("skylake")) == "float32-int8head-7bit"
+    unmeasured_7bit = {"float32": 0.0, "float32-int8head": 0.002}
+    assert choose_dtype(machine("cascade-lake"), unmeasured_7bit).dtype == "float32-int8head"
+    assert choose_dtype(machine("skylake"), unmeasured_7bit).dtype == "float32"
+    assert "float32-int8head not chosen: its quality cost has not been measured" in (
+        choose_dtype(machine("skylake"), unmeasured_7bit).reason
+    )
+    for cpu in (machine("epyc-zen3"), machine("skylake"), machine("sapphire-rapids")):
+        assert emulated("float32-int8head", cpu) is None  # float32 and FBGEMM's int8: native everywhere
+    # No FBGEMM (ARM, x86 without AVX2): plain float32.
+    graviton2 = choose_dtype(detect_cpu(GRAVITON2))
+    assert (
+        graviton2.dtype == "float32"
+        and "float32-int8head not chosen: measured on x86 only" in graviton2.reason
+    )
+
+
 def test_float32_packed_is_chosen_on_amds_cpus_without_native_bfloat16_only() -> None:
     """oneMKL's float32 GEMM (float32's F.linear) is slow on AMD's CPUs, at home on Intel's."""
     zen3 = choose_dtype(machine("epyc-zen3"))
     assert zen3.dtype == "float32-packed" and "oneDNN's packed kernels" in zen3.reason
     assert "bfloat16 not chosen" in zen3.reason and "emulates" in zen3.reason
-    skylake = choose_dtype(machine("skylake"))  # Intel, AVX-512 without bfloat16
-    assert skylake.dtype == "float32"
+    skylake = choose_dtype(machine("skylake"))  # Intel, AVX-512 without bfloat16: oneMKL's float32
+    assert skylake.dtype == "float32-int8head"
     assert "float32-packed not chosen: oneMKL multiplies float32 at full speed on Intel's" in skylake.reason
     assert choose_dtype(machine("epyc-zen4")).dtype == "bfloat16-int8head"  # bfloat16 first where native
-    # oneDNN held below AVX2 on the AMD: its kernels there were never measured.
-    assert choose_dtype(capped("epyc-zen3", ONEDNN_MAX_CPU_ISA="SSE41")).dtype == "float32"
+    # oneDNN held below AVX2 on the AMD: its kernels there were never measured; FBGEMM's int8 still runs.
+    assert choose_dtype(capped("epyc-zen3", ONEDNN_MAX_CPU_ISA="SSE41")).dtype == "float32-int8head"
     # Unmeasured quality, or ARM: not chosen.
     assert choose_dtype(machine("epyc-zen3"), {"float32": 0.0}).dtype == "float32"
     graviton2 = choose_dtype(detect_cpu(GRAVITON2))
@@ -272,9 +298,9 @@ def test_quality_table_matches_the_measurements() -> None:
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells and cells[0] in QUALITY_COST:
             perplexity[cells[0]] = float(cells[2])
-        elif cells and cells[0] == "int8, 7-bit weights":
-            perplexity["int8-7bit"] = float(cells[2])
-    for dtype in ("float32-packed", "bfloat16", "bfloat16-int8head", "int8", "int8-7bit"):
+        elif cells and cells[0].endswith(", 7-bit weights"):  # bench/quality.py SEVEN_BIT
+            perplexity[cells[0].replace(", 7-bit weights", "-7bit")] = float(cells[2])
+    for dtype in QUALITY_COST:
         measured = perplexity[dtype] / perplexity["float32"] - 1
         assert QUALITY_COST[dtype] >= measured - 0.0005, (dtype, measured)
 
@@ -354,7 +380,9 @@ def test_onednn_capped_to_avx2_is_the_avx2_class_and_auto_never_emulates(name: s
     assert not cpu.native_bf16 and cpu.bf16_unit is None
     assert cpu.int8_dot and cpu.int8_unit == "AVX512-VNNI"  # int8 products are FBGEMM's, not capped here
     assert int8_dense_dtype(cpu) is torch.float32
-    assert choose_dtype(cpu).dtype == ("float32-packed" if cpu.vendor == "AuthenticAMD" else "float32")
+    assert choose_dtype(cpu).dtype == (
+        "float32-packed" if cpu.vendor == "AuthenticAMD" else "float32-int8head"
+    )
     for quality in (INT8_CHEAP, {"float32": 0.0, "bfloat16": 0.0, "int8": 0.0}):
         choice = choose_dtype(cpu, quality)
         assert choice.dtype == "int8"  # FBGEMM's products are not capped by oneDNN's cap
@@ -372,7 +400,8 @@ def test_all_three_caps_at_avx2_on_sapphire_rapids() -> None:
     assert cpu.isa_class == "avx2" and cpu.raw_isa_class == "amx" and cpu.capped
     assert [str(cap) for cap in cpu.caps] == [f"{k}={v}" for k, v in AVX2_CAPS.items()]
     assert [note.split()[0] for note in cpu.notes] == [f"{k}={v}" for k, v in AVX2_CAPS.items()]
-    assert choose_dtype(cpu).dtype == "float32"
+    choice = choose_dtype(cpu)  # FBGEMM capped to AVX2 too: the output layer's weights are 7-bit
+    assert choice.dtype == "float32-int8head" and "avx2: 7-bit weights" in choice.reason
     info = describe(cpu)
     assert info["isa_class"] == "avx2" and info["flags"] == ["avx2", "fma"]
     assert info["raw_isa_class"] == "amx" and info["raw_flags"] == sorted(cpu_mod.X86_FLAGS)
@@ -383,15 +412,15 @@ def test_all_three_caps_at_avx2_on_sapphire_rapids() -> None:
 @pytest.mark.parametrize(
     "value, isa, native_bf16, unit, auto",
     [
-        ("AVX512_CORE", "avx512", False, None, "float32"),
-        ("AVX512_CORE_VNNI", "avx512-vnni", False, None, "float32"),
+        ("AVX512_CORE", "avx512", False, None, "float32-int8head"),
+        ("AVX512_CORE_VNNI", "avx512-vnni", False, None, "float32-int8head"),
         ("AVX512_CORE_BF16", "avx512-bf16", True, "AVX512_BF16", "bfloat16-int8head"),
         ("AVX10_1_512", "avx512-bf16", True, "AVX512_BF16", "bfloat16-int8head"),
         ("AVX512_CORE_AMX", "amx", True, "AMX", "bfloat16-int8head"),
         ("AVX10_1_512_AMX", "amx", True, "AMX", "bfloat16-int8head"),
-        ("AVX2_VNNI", "avx2-vnni", False, None, "float32"),
+        ("AVX2_VNNI", "avx2-vnni", False, None, "float32-int8head"),
         ("DEFAULT", "amx", True, "AMX", "bfloat16-int8head"),
-        ("avx2", "avx2", False, None, "float32"),  # oneDNN takes any case
+        ("avx2", "avx2", False, None, "float32-int8head"),  # oneDNN takes any case
     ],
 )
 def test_onednn_cap_levels_on_sapphire_rapids(
@@ -513,8 +542,8 @@ def test_a_capped_probe_is_cached_apart() -> None:
 
 def test_this_process_under_caps() -> None:
     """The real libraries under the caps, in a fresh interpreter: torch's capability drops to AVX2 and the
-    effective class with it; auto serves float32 (packed for oneDNN on AMD) on a CPU whose bfloat16 is
-    native."""
+    effective class with it; auto serves float32 (packed for oneDNN on AMD, with an int8 output layer on
+    Intel's) on a CPU whose bfloat16 is native."""
     cpu = detect_cpu()
     if cpu.arch != "x86_64" or not {"avx2", "fma"} <= (cpu.raw_flags or set()):
         pytest.skip("needs an x86 CPU with AVX2")
@@ -533,7 +562,7 @@ def test_this_process_under_caps() -> None:
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["torch_capability"] == "AVX2"
     assert info["isa_class"] == "avx2" and info["raw_isa_class"] == cpu.raw_isa_class
-    float32 = "float32-packed" if cpu.vendor == "AuthenticAMD" else "float32"
+    float32 = "float32-packed" if cpu.vendor == "AuthenticAMD" else "float32-int8head"
     assert info["auto"] == float32 and info["native_bf16"] is False
     # oneMKL honours its cap on Intel CPUs only (textgen/model/cpu.py): elsewhere it is noted, not applied.
     applied = {

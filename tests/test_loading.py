@@ -163,32 +163,33 @@ def assert_generates(loaded, prompt: list[int], tokens: int = 6) -> None:
         engine.stop()
 
 
-def test_bfloat16_int8head_quantizes_the_output_layer_alone(tiny_model_dir, cache_dir):
-    """bfloat16 layers, the output layer int8 (its dense copy the embeddings' own storage, as it is tied), and
-    logits those of bfloat16 within the int8 rounding of the output layer's weights and inputs."""
-    settings = Settings(
-        model_name=str(tiny_model_dir), threads=1, dtype="bfloat16-int8head", cache_dir=cache_dir
-    )
+@pytest.mark.parametrize("layers", ["bfloat16", "float32"])
+def test_int8head_formats_quantize_the_output_layer_alone(layers, tiny_model_dir, cache_dir):
+    """bfloat16-int8head and float32-int8head: the layers in their dtype, the output layer int8 (its dense
+    copy the embeddings' own storage, as it is tied), and logits those of bfloat16 or float32 within the int8
+    rounding of the output layer's weights and inputs."""
+    dtype = f"{layers}-int8head"
+    settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype=dtype, cache_dir=cache_dir)
     loaded = load_model(settings, resolve_model(settings))
     model = loaded.model
-    assert loaded.dtype == "bfloat16-int8head"
+    assert loaded.dtype == dtype
     assert [m for m in model.modules() if isinstance(m, Int8Linear)] == [model.lm_head]
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # no second copy
     blocks = [m for m in model.modules() if isinstance(m, Linear)]
-    assert len(blocks) == 4 * 2 + 1 and all(m.weight.dtype == torch.bfloat16 for m in blocks)
-    reference = load_model(dataclasses.replace(settings, dtype="bfloat16"), resolve_model(settings))
+    assert len(blocks) == 4 * 2 + 1 and all(m.weight.dtype == getattr(torch, layers) for m in blocks)
+    reference = load_model(dataclasses.replace(settings, dtype=layers), resolve_model(settings))
     ids = torch.tensor([loaded.tokenizer.encode("What is AI? Artificial intelligence is")])
     with torch.inference_mode():
         logits = model(ids).logits  # every position through the int8 product (< DENSE_ROWS rows)
         one = model.lm_head(model.transformer.ln_f(model.transformer(ids).last_hidden_state[:, -1:]))
-        many = model.lm_head(torch.randn(DENSE_ROWS + 1, model.config.n_embd, dtype=torch.bfloat16))
+        many = model.lm_head(torch.randn(DENSE_ROWS + 1, model.config.n_embd, dtype=getattr(torch, layers)))
         expected = reference.model(ids).logits[0, -1].float()
     # Logits in float32, from the int8 product and the dense copy alike: the engine samples in float32.
     assert logits.dtype == one.dtype == many.dtype == torch.float32
     got = logits[0, -1]
     assert (one.flatten() - expected).abs().max() <= 0.03 * expected.abs().max()
     assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
-    assert model.transformer(ids).last_hidden_state.dtype == torch.bfloat16  # only the output layer's
+    assert model.transformer(ids).last_hidden_state.dtype == getattr(torch, layers)  # only the output layer's
     assert_generates(loaded, ids[0].tolist())
 
 
@@ -367,13 +368,17 @@ def test_directory_without_a_model_is_rejected(tmp_path, cache_dir):
 def test_bad_configuration_names_the_variable():
     with pytest.raises(ConfigError, match="TEXTGEN_THREADS must be a whole number, got 'two'"):
         Settings.from_env({"TEXTGEN_THREADS": "two"})
-    with pytest.raises(ConfigError, match="TEXTGEN_DTYPE must be one of float32, float32-packed, bfloat16"):
+    with pytest.raises(
+        ConfigError, match="TEXTGEN_DTYPE must be one of float32, float32-packed, float32-int8head, bfloat16"
+    ):
         Settings.from_env({"TEXTGEN_DTYPE": "fp8"})
     settings = Settings.from_env({"MODEL_NAME": " gpt2 ", "TEXTGEN_THREADS": "2"})
     assert settings.model_name == "gpt2" and settings.threads == 2
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float32-packed", "bfloat16", "bfloat16-int8head", "int8"])
+@pytest.mark.parametrize(
+    "dtype", ["float32", "float32-packed", "float32-int8head", "bfloat16", "bfloat16-int8head", "int8"]
+)
 def test_encoder_decoder_models_load_with_seq2seq_class_and_generate(
     dtype, tmp_path, tiny_model_dir, cache_dir
 ):

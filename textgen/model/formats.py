@@ -31,8 +31,11 @@ from textgen.model.cpu import CpuInfo
 # (FBGEMM, textgen/model/quantize.py); "int8-7bit" is the same with 7-bit weights, as on x86 CPUs without
 # AVX512-VNNI. Re-measure (python bench/quality.py) and update when a format's implementation changes.
 # "bfloat16-int8head" is bfloat16 with the output layer int8 (textgen/model/quantize.py quantize_output_layer):
-# bfloat16's worst plus what the int8 output layer added on top of bfloat16 in the same run. "float32-packed"
-# is float32 with oneDNN's products: the same perplexity and the same answers (Zen 4, session 21).
+# bfloat16's worst plus what the int8 output layer added on top of bfloat16 in the same run. "float32-int8head"
+# is float32 with the output layer int8: +0.05% with 8-bit weights (VNNI) and -0.39% with 7-bit ones (FBGEMM
+# capped to AVX2) on the AMX Xeon (session 28); counted at +0.23%, the most an int8 output layer has added.
+# "float32-packed" is float32 with oneDNN's products: the same perplexity and the same answers (Zen 4, session
+# 21).
 QUALITY_COST: Mapping[str, float] = {
     "float32": 0.0,
     "float32-packed": 0.0,
@@ -40,16 +43,23 @@ QUALITY_COST: Mapping[str, float] = {
     "bfloat16-int8head": 0.0076,
     "int8": 0.0103,
     "int8-7bit": 0.0320,  # +2.80% on the AMX Xeon, +3.20% on the Zen 4 (session 21)
+    "float32-int8head": 0.0023,
+    "float32-int8head-7bit": 0.0023,
 }
 MAX_QUALITY_COST = 0.01  # `auto` accepts at most +1% token-by-token perplexity (issue #12)
 
 # Fastest first, when each runs natively: decoding streams the weights from memory, and int8 reads half the
 # bytes of bfloat16, which reads half of float32; bfloat16-int8head reads GPT-2's output layer (31% of it)
-# in int8; float32-packed reads float32's bytes with faster kernels where it is chosen (float32_packing).
+# in int8; float32-packed reads float32's bytes with faster kernels where it is chosen (float32_packing);
+# float32-int8head reads 23% fewer bytes than float32 (GPT-2), with float32's kernels: under AVX2 caps on the
+# AMX Xeon, random GPT-2 in-process, one stream 46.9-48.6 tok/s against 40.1-40.6, 32 streams 377-382
+# against 327-328 (session 28). It comes after float32-packed, which it was not measured against: the two
+# are never both candidates but on AMD's CPUs, where float32-packed was measured ~2x float32.
 # A format this CPU emulates never gets this far.
-SPEED_ORDER = ("int8", "bfloat16-int8head", "bfloat16", "float32-packed", "float32")
+SPEED_ORDER = ("int8", "bfloat16-int8head", "bfloat16", "float32-packed", "float32-int8head", "float32")
 BFLOAT16_LAYERS = ("bfloat16", "bfloat16-int8head")  # formats whose layers compute in bfloat16
-FBGEMM_PRODUCTS = ("int8", "bfloat16-int8head")  # formats with FBGEMM's int8 products
+INT8_OUTPUT_LAYER = ("bfloat16-int8head", "float32-int8head")  # int8 output layer, the others as named
+FBGEMM_PRODUCTS = ("int8", *INT8_OUTPUT_LAYER)  # formats with FBGEMM's int8 products
 
 
 @dataclass(frozen=True)
@@ -135,8 +145,12 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
             continue
         assert cost is not None
         if dtype == "int8":
-            kernel = cpu.int8_unit or f"{cpu.isa_class}: 7-bit weights, its pairs of products add in 16 bits"
-            native = f"runs FBGEMM's int8 products natively ({kernel})"
+            native = f"runs FBGEMM's int8 products natively ({_int8_kernel(cpu)})"
+        elif dtype == "float32-int8head":
+            native = (
+                "runs float32's layers and its output layer with FBGEMM's int8 products natively "
+                f"({_int8_kernel(cpu)})"
+            )
         elif dtype == "float32-packed":
             native = (
                 f"({cpu.isa_class}, {cpu.vendor}) multiplies float32 faster with oneDNN's packed kernels than "
@@ -157,6 +171,11 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
     return DtypeChoice("float32", "; ".join([reason, *passed]))
 
 
+def _int8_kernel(cpu: CpuInfo) -> str:
+    """FBGEMM's int8 kernel on `cpu`, for a reason: its VNNI unit, or the 7-bit weights it takes without."""
+    return cpu.int8_unit or f"{cpu.isa_class}: 7-bit weights, its pairs of products add in 16 bits"
+
+
 def emulated(dtype: str, cpu: CpuInfo) -> str | None:
     """A warning sentence when an explicitly chosen TEXTGEN_DTYPE is emulated on this CPU, else None."""
     why = _not_native(dtype, cpu)
@@ -169,8 +188,8 @@ def emulated(dtype: str, cpu: CpuInfo) -> str | None:
 
 
 def quality_key(dtype: str, cpu: CpuInfo) -> str:
-    """The QUALITY_COST entry of `dtype` on this CPU: int8's weights are 7-bit on x86 CPUs without VNNI
-    (bfloat16-int8head's output layer too: unmeasured, so `auto` does not choose it there)."""
+    """The QUALITY_COST entry of `dtype` on this CPU: int8's weights are 7-bit on x86 CPUs without VNNI, and
+    so are an int8 output layer's (bfloat16-int8head's unmeasured, so `auto` does not choose it there)."""
     if dtype in FBGEMM_PRODUCTS and cpu.int8_weight_bits == 7:
         return f"{dtype}-7bit"
     return dtype

@@ -13,7 +13,7 @@ import torch
 from textgen.config import Settings
 from textgen.model.allocator import bound_kernel_caches
 from textgen.model.cpu import detect_cpu
-from textgen.model.formats import BFLOAT16_LAYERS, int8_dense_dtype, serving_dtype
+from textgen.model.formats import BFLOAT16_LAYERS, INT8_OUTPUT_LAYER, int8_dense_dtype, serving_dtype
 from textgen.model.linear import use_linear
 from textgen.model.memory import drop_pages, keep_freed_memory, release_freed_memory
 from textgen.model.sampling_defaults import SamplingDefaults, model_sampling_defaults
@@ -173,7 +173,7 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
 
         model = quantize_int8(model, tokenizer)
     else:
-        if choice.dtype == "bfloat16-int8head":
+        if choice.dtype in INT8_OUTPUT_LAYER:
             from textgen.model.quantize import quantize_output_layer
 
             model = quantize_output_layer(model)

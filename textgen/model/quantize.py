@@ -218,18 +218,22 @@ def quantize_int8(model: Any, tokenizer: Any = None) -> Any:
 
 def quantize_output_layer(model: Any) -> Any:
     """Replace the model's output layer (the vocabulary projection) with Int8Linear, in place, and leave every
-    other layer as it is: TEXTGEN_DTYPE=bfloat16-int8head, before `use_linear` packs the others.
+    other layer as it is: TEXTGEN_DTYPE=bfloat16-int8head and float32-int8head, before `use_linear` lays out
+    the others.
 
     The output layer is the largest single matrix of a small model (GPT-2: 50257 x 768, 31% of its
     weights; SmolLM2: 21%), read whole at every decoding step. GPT-2, AMX Xeon, in the engine with the
     compiled step (one stream): 3.2 ms a step for it in bfloat16, 1.85 in int8; alone, at 32 rows, 3.38
-    against 3.30 (from DENSE_ROWS rows its bfloat16 copy multiplies: where tied, the embeddings' own
-    storage, not a second copy). Quality (SmolLM2, token by token, bench/results/quality.md): +0.23%
-    perplexity on top of bfloat16's, unsmoothed (no calibration pass at load: that cost is without one)."""
+    against 3.30 (from DENSE_ROWS rows its dense copy multiplies: where tied, the embeddings' own
+    storage, not a second copy). Beside float32 layers, with every kernel capped to AVX2 (7-bit weights):
+    one stream 46.9-48.6 tok/s against 40.1-40.6 all float32, 32 streams 377-382 against 327-328 (session 28).
+    Quality (SmolLM2, token by token, bench/results/quality.md): +0.23% perplexity on top of bfloat16's;
+    on top of float32's +0.05%, and -0.39% with 7-bit weights; unsmoothed (no calibration pass at load:
+    those costs are without one)."""
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         log.warning(
-            "bfloat16-int8head: %s has no linear output layer (%s); every layer stays bfloat16",
+            "int8 output layer: %s has no linear output layer (%s); it stays as loaded",
             type(model).__name__,
             type(head).__name__,
         )
