@@ -641,7 +641,7 @@ def test_probe_remeasures_over_a_corrupt_cache_and_restores_threads(tmp_path: Pa
 def test_the_benchmarks_roofline_is_the_fastest_read_of_memory() -> None:
     """bench/run.py's memory roofline: the fastest that any of the probe's reads streamed memory (a format's
     1-row product or a plain read), for every format alike; a kernel slower than that is a shortfall, not
-    the roof. The int8 output layer's format streams both its parts at that rate."""
+    the roof. The int8 output layer's formats stream both their parts at that rate."""
     from bench.run import BYTES, GPT2_OUTPUT_PARAMS, GPT2_PARAMS, roofline_formats
 
     measured = {
@@ -654,6 +654,9 @@ def test_the_benchmarks_roofline_is_the_fastest_read_of_memory() -> None:
     assert table["bfloat16"]["memory_tok_s"] == round(40e9 / (GPT2_PARAMS * 2), 1)
     head_seconds = (GPT2_PARAMS - GPT2_OUTPUT_PARAMS) * 2 / 40e9 + GPT2_OUTPUT_PARAMS / 40e9
     assert table["bfloat16-int8head"]["memory_tok_s"] == round(1 / head_seconds, 1)
+    head_seconds = (GPT2_PARAMS - GPT2_OUTPUT_PARAMS) * 4 / 40e9 + GPT2_OUTPUT_PARAMS / 40e9
+    assert table["float32-int8head"]["memory_tok_s"] == round(1 / head_seconds, 1)
+    assert table["float32-int8head"]["gemm_gflops"] == 180.0  # its products are float32's
     measured["bandwidth_gbs"]["read"] = 50.0  # a plain read faster than every product
     assert roofline_formats(measured, native_bf16=True)["int8"]["bandwidth_gbps"] == 50.0
     del measured["bandwidth_gbs"]["read"]  # a probe from before the plain read: the products alone
