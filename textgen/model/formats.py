@@ -31,11 +31,11 @@ from textgen.model.cpu import CpuInfo
 # (FBGEMM, textgen/model/quantize.py); "int8-7bit" is the same with 7-bit weights, as on x86 CPUs without
 # AVX512-VNNI. Re-measure (python bench/quality.py) and update when a format's implementation changes.
 # "bfloat16-int8head" is bfloat16 with the output layer int8 (textgen/model/quantize.py quantize_output_layer):
-# bfloat16's worst plus what the int8 output layer added on top of bfloat16 in the same run. "float32-int8head"
-# is float32 with the output layer int8: +0.05% with 8-bit weights (VNNI) and -0.39% with 7-bit ones (FBGEMM
-# capped to AVX2) on the AMX Xeon (session 28); counted at +0.23%, the most an int8 output layer has added.
-# "float32-packed" is float32 with oneDNN's products: the same perplexity and the same answers (Zen 4, session
-# 21).
+# bfloat16's worst plus what the int8 output layer added on top of bfloat16 in the same run.
+# "float32-int8head" is float32 with the output layer int8: +0.05% with 8-bit weights (VNNI) and -0.39% with
+# 7-bit ones (FBGEMM capped to AVX2) on the AMX Xeon (session 28); counted at +0.23%, the most an int8 output
+# layer has added. "float32-packed" is float32 with oneDNN's products: the same perplexity and the same
+# answers (Zen 4, session 21).
 QUALITY_COST: Mapping[str, float] = {
     "float32": 0.0,
     "float32-packed": 0.0,
