@@ -412,8 +412,8 @@ while compiled=$(curl -fsS --max-time 10 "$URL/info" | python -c "import json, s
 done
 echo "compiled decoding step: $compiled"
 case "$compiled" in
-    "compiled in "* | "loaded from the cache in "* | "off: float32 "* | "off: float32-packed "* | "off: float32-int8head "* | \
-        "off: int8 "*) ;;
+    "compiled in "* | "loaded from the cache in "* | "off: float32 "* | "off: float32-packed "* | \
+        "off: float32-int8head "* | "off: int8 "*) ;;
     *) docker logs --tail 40 "$CONTAINER" >&2; die "the decoding step did not compile: $compiled" ;;
 esac
 uid=$(docker exec "$CONTAINER" id -u)
