@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from textgen.model.attention import use_decode_attention  # noqa: E402
 from textgen.engine.batch import DecodeBatch  # noqa: E402
-from textgen.config import Settings  # noqa: E402
+from textgen.config import DTYPES, Settings  # noqa: E402
 from textgen.engine.core import Engine  # noqa: E402
 from textgen.model.loading import load_model  # noqa: E402
 from textgen.model.source import resolve_model  # noqa: E402
@@ -119,7 +119,7 @@ def main() -> None:
     cpu = describe()
     rows = []
     reference: list[list[int]] = []
-    formats = ("float32", "float32-packed", "float32-int8head", "bfloat16", "bfloat16-int8head", "int8")
+    formats = [dtype for dtype in DTYPES if dtype != "auto"]
     for name in (*formats, *SEVEN_BIT):
         dtype = SEVEN_BIT.get(name, name)
         settings = Settings(model_name=None, threads=2, dtype=dtype)

@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.anchors import PROMPT_TEXT  # noqa: E402
 from tests.server import Server, server_command, start_process, stop_on_sigterm  # noqa: E402
+from textgen.config import DTYPES as SERVED_DTYPES  # noqa: E402  (no torch: textgen/config.py)
 
 MODEL_DIR = Path("/tmp/textgen-bench/gpt2-random")
 PROMPT_TOKENS, NEW_TOKENS = 32, 128
@@ -197,7 +198,7 @@ def bench_system(
     return results
 
 
-DTYPES = ("auto", "float32", "float32-packed", "float32-int8head", "bfloat16", "bfloat16-int8head", "int8")
+DTYPES = ("auto", *(dtype for dtype in SERVED_DTYPES if dtype != "auto"))  # auto first
 GPT2_PARAMS = 124_439_808  # GPT2Config(): every weight is read once per decoding step
 GPT2_OUTPUT_PARAMS = 50257 * 768  # its output layer (the tied embeddings), int8 in the *-int8head formats
 BYTES = {"float32": 4, "float32-packed": 4, "bfloat16": 2, "int8": 1}
@@ -280,12 +281,15 @@ def roofline_formats(measured: dict[str, Any], native_bf16: bool) -> dict[str, d
             "memory_tok_s": round(memory * 1e9 / (GPT2_PARAMS * size), 1) if memory else None,
             "compute_tok_s": round(gflops * 1e9 / (2 * GPT2_PARAMS), 1) if gflops else None,
         }
+    from textgen.model.formats import INT8_OUTPUT_LAYER
+
     # bfloat16 or float32 layers and an int8 output layer: a step streams both parts at the memory's rate.
-    for layers in ("bfloat16", "float32"):
+    for dtype in INT8_OUTPUT_LAYER:
+        layers = dtype.removesuffix("-int8head")
         step_bytes = (GPT2_PARAMS - GPT2_OUTPUT_PARAMS) * BYTES[layers] + GPT2_OUTPUT_PARAMS
         memory = memory_rate(measured, step_bytes / GPT2_PARAMS)
         if memory:
-            table[f"{layers}-int8head"] = {
+            table[dtype] = {
                 **table[layers],
                 "bandwidth_gbps": memory,
                 "product_gbps": None,  # two kernels': the layers' and int8's above
