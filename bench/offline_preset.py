@@ -13,6 +13,9 @@ Four checks per preset:
 * paris: "What is the capital of France?" N times (default 200), 128 in flight: how many answers contain
   "Paris", and how many begin with "L" (the "L'Étoile ..." answers that usually miss it);
 * paris20: the same in waves of 20, as tests/test_real_model.py sends them, with other seeds;
+* paris1: the same one at a time, as the web page's first question comes: a lone stream, whose prompt goes
+  through its compiled pass where AMX multiplies it (textgen/model/compiled.py; the script waits for that
+  compile before measuring, as a server serves after it), with other seeds again;
 * facts: 8 other short factual questions, 40 times each: how many answers contain the expected word, and how
   many distinct answers each question gets (variety where the answer is short);
 * story: "Write a one-sentence story about a cat." 40 times: how many distinct answers (a near-greedy preset
@@ -51,6 +54,7 @@ from textgen.frontend.generate_protocol import GenerateRequest  # noqa: E402
 from textgen.frontend.prepare import Frontend, Prepared, checked_defaults  # noqa: E402
 from textgen.model.cpu import describe  # noqa: E402
 from textgen.model.loading import load_model  # noqa: E402
+from textgen.model.native import compile_state, native_decoding  # noqa: E402
 from textgen.model.source import resolve_model  # noqa: E402
 from textgen.model.sampling_defaults import SamplingDefaults  # noqa: E402
 
@@ -84,9 +88,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "t0.2-topp0.5": {"temperature": 0.2, "top_p": 0.5},
     "t0.2-minp0.6": {"temperature": 0.2, "top_p": 0.9, "min_p": 0.6},
     "t0.2-minp0.75": {"temperature": 0.2, "top_p": 0.9, "min_p": 0.75},
+    "t0.05-minp0.5": {
+        "temperature": 0.05,
+        "top_p": 0.9,
+        "min_p": 0.5,
+    },  # keeps tokens within 0.5**0.05 = 0.966
     "greedy": {"temperature": 0.0},  # = top_k 1
 }
-CHECKS = ("paris", "paris20", "facts", "story")
+CHECKS = ("paris", "paris20", "paris1", "facts", "story")
 IN_FLIGHT = 128  # the engine's default batch (32) plus most of its queue (128): never QueueFull
 
 
@@ -97,7 +106,11 @@ def load_frontend(dtype: str) -> Frontend:
     loaded = load_model(settings, resolve_model(settings))
     assert loaded.model_id == "SmolLM2-135M-Instruct", loaded.model_id
     frontend = Frontend(loaded, settings)
-    frontend.warmup()
+    frontend.warmup()  # starts compiling a lone stream's passes in the background, where they compile
+    decoding = native_decoding(loaded.model)
+    if decoding is not None and decoding.lone.thread is not None:
+        decoding.lone.thread.join()  # measure what the server serves once it has compiled
+    print(f"compiled lone stream: {compile_state(loaded.model)}", flush=True)
     return frontend
 
 
@@ -143,10 +156,10 @@ def first_token_mass(frontend: Frontend, question: str, rows: int, top: int = 5)
 
 def run_check(frontend: Frontend, check: str, n: int) -> dict[str, Any]:
     started = time.perf_counter()
-    if check in ("paris", "paris20"):
+    if check in ("paris", "paris20", "paris1"):
         # paris20: in waves of 20, as tests/test_real_model.py sends them (int8 and bfloat16 logits depend on
         # how many rows are prefilled together); other seeds than paris.
-        waves = {"paris": (IN_FLIGHT, 0), "paris20": (20, 30_000)}
+        waves = {"paris": (IN_FLIGHT, 0), "paris20": (20, 30_000), "paris1": (1, 40_000)}
         in_flight, seed_base = waves[check]
         answers = generate(frontend, [PARIS_QUESTION] * n, seed_base, in_flight)
         hits = sum("Paris" in a for a in answers)
@@ -207,7 +220,7 @@ def report(data: dict[str, Any], out: Path) -> None:
         lines += [
             f"## dtype {dtype}",
             "",
-            f"CPU: {cpu_line(run['cpu'])}; torch {run['torch']}, {run['threads']} threads; {run['date']}.",
+            f"CPU: {cpu_line(run['cpu'])}; torch {run['torch']}, {run['threads']} threads; last run {run['date']}.",
             "",
             "First token of the answer to the Paris question, the model's own distribution (T = 1, the engine's",
             "logprobs), with the question prefilled alone and 32 times in one batch:",
@@ -217,13 +230,18 @@ def report(data: dict[str, Any], out: Path) -> None:
             lines.append(f"- {rows} row(s): " + ", ".join(f"`{t!r}` {p:.1%}" for t, p in top))
         lines += [
             "",
-            '| preset | values | Paris, 128 in flight | begin "L" | Paris, 20 at a time | begin "L" '
-            "| 8 facts × 40 right | distinct fact answers | distinct cat stories |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            '| preset | values | measured | Paris, 128 in flight | begin "L" | Paris, 20 at a time | begin "L" '
+            '| Paris, one at a time | begin "L" | 8 facts × 40 right | distinct fact answers '
+            "| distinct cat stories |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for name, res in run["presets"].items():
-            cells = [name, ", ".join(f"{k} {v}" for k, v in res["values"].items())]
-            for check in ("paris", "paris20"):
+            cells = [
+                name,
+                ", ".join(f"{k} {v}" for k, v in res["values"].items()),
+                res.get("date", run["date"]),
+            ]
+            for check in ("paris", "paris20", "paris1"):
                 got = res.get(check)
                 cells += [pct(got["hits"], got["n"]), str(got["begin_L"])] if got else ["—", "—"]
             facts = res.get("facts")
@@ -239,9 +257,12 @@ def report(data: dict[str, Any], out: Path) -> None:
             for q in FACTS:
                 row = [str(run["presets"][n]["facts"]["questions"][q]["hits"]) for n in names]
                 lines.append(f"| {q} | " + " | ".join(row) + " |")
-        misses = {n: r["paris"]["miss_examples"] for n, r in run["presets"].items() if "paris" in r}
         lines += ["", "Paris misses begin (distinct, first 80 characters):", ""]
-        lines += [f"- {n}: " + "; ".join(repr(m) for m in ms[:3]) for n, ms in misses.items() if ms]
+        for name, res in run["presets"].items():
+            for check in ("paris", "paris20", "paris1"):
+                missed = res.get(check, {}).get("miss_examples")
+                if missed:
+                    lines.append(f"- {name}, {check}: " + "; ".join(repr(m) for m in missed[:3]))
         lines.append("")
     if data.get("conclusion"):
         lines += ["## Choice", "", data["conclusion"], ""]
@@ -275,12 +296,13 @@ def main() -> None:
             first_token={rows: first_token_mass(frontend, PARIS_QUESTION, rows) for rows in (1, 32)},
         )
         print(f"dtype {dtype}; first token: {run['first_token']}", flush=True)
-        sizes = {"paris": args.paris_n, "paris20": args.paris_n, "facts": args.facts_n, "story": args.story_n}
+        sizes = {"facts": args.facts_n, "story": args.story_n}
+        sizes.update(dict.fromkeys(("paris", "paris20", "paris1"), args.paris_n))
         for name in args.presets.split(","):
             values = PRESETS[name]
             use_preset(frontend, values)
             res = run["presets"].setdefault(name, {})
-            res["values"] = values
+            res["values"], res["date"] = values, time.strftime("%Y-%m-%d")
             for check in args.checks.split(","):
                 res[check] = run_check(frontend, check, sizes[check])
                 summary = {k: v for k, v in res[check].items() if k not in ("questions", "examples")}
