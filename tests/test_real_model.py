@@ -41,8 +41,8 @@ def test_default_parameters_answer_the_readme_question(default_server):
     """Issue #13: the first answer a newcomer gets (template auto, i.e. the model's chat template, sampled, every
     field left to its default) names Paris in at least 9 of 10 answers.
 
-    For the offline default those defaults are textgen's own preset for its Q4_1 file (temperature 0.05, top_p
-    0.9, min_p 0.5: model/sampling_defaults.py), chosen by bench/offline_preset.py
+    For the offline default those defaults are textgen's own preset for its Q4_1 file (temperature 0.02, top_p
+    0.9: model/sampling_defaults.py), chosen by bench/offline_preset.py
     (bench/results/offline-preset.md, 2-core Intel Xeon with AMX): with it this body named Paris in 600/600
     answers in each of bfloat16-int8head (what `auto` serves there), float32-int8head and float32 (what it
     serves on CPUs without native bfloat16), 200 of them sent in waves of 20 as here and 200 one at a time;
@@ -51,7 +51,7 @@ def test_default_parameters_answer_the_readme_question(default_server):
     p = 0.97 and 7.5% at p = 0.95.
     """
     info = httpx.get(f"{default_server.url}/info", timeout=10).json()
-    assert info["sampling_defaults"]["values"] == {"temperature": 0.05, "top_p": 0.9, "min_p": 0.5}, info
+    assert info["sampling_defaults"]["values"] == {"temperature": 0.02, "top_p": 0.9}, info
     source = info["sampling_defaults"]["source"]
     assert "textgen's own" in source and "departs from the model card" in source, source
 
@@ -74,8 +74,8 @@ def test_start_up_lines_say_what_the_server_chose(default_server):
     assert "dtype " in log and "(TEXTGEN_DTYPE=auto)" in log
     assert "torch threads; context 8192 tokens" in log
     assert (
-        "sampling defaults for fields a request does not set: temperature=0.05, top_p=0.9, min_p=0.5, from "
-        "textgen's own" in log
+        "sampling defaults for fields a request does not set: temperature=0.02, top_p=0.9, from textgen's own"
+        in log
     )
     info = httpx.get(f"{default_server.url}/info", timeout=10).json()
     assert info["dtype"] in SPEED_ORDER and info["dtype_reason"]

