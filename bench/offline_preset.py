@@ -229,7 +229,8 @@ def report(data: dict[str, Any], out: Path) -> None:
         lines += [
             f"## dtype {dtype}",
             "",
-            f"CPU: {cpu_line(run['cpu'])}; torch {run['torch']}, {run['threads']} threads; last run {run['date']}.",
+            f"CPU: {cpu_line(run['cpu'])}; torch {run['torch']}, {run['threads']} threads; "
+            f"last run {run['date']}.",
             "",
             "First token of the answer to the Paris question, the model's own distribution (T = 1, the engine's",
             "logprobs), with the question prefilled alone and 32 times in one batch:",
@@ -239,7 +240,8 @@ def report(data: dict[str, Any], out: Path) -> None:
             lines.append(f"- {rows} row(s): " + ", ".join(f"`{t!r}` {p:.1%}" for t, p in top))
         lines += [
             "",
-            '| preset | values | measured | Paris, 128 in flight | begin "L" | Paris, 20 at a time | begin "L" '
+            '| preset | values | measured | Paris, 128 in flight | begin "L" | Paris, 20 at a time '
+            '| begin "L" '
             '| Paris, one at a time | begin "L" | 8 facts × 40 right | distinct fact answers '
             "| distinct cat stories | the same, the client sending temperature 0.7 |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

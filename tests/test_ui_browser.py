@@ -159,8 +159,9 @@ def test_default_settings_answer_with_the_offline_default_model(browser, default
     AMX: there, with temperature 0.05 (the preset until session 29), 145 of 150 and 194 of 200 answers
     named Paris, the rest "L'Étoile, la Cité de France is the capital of France." (the first token is a near
     tie, "L" with 0.92 of "The"'s mass); at temperature 0.02, 200/200 one at a time and 600/600 in each
-    format `auto` serves (bench/results/offline-preset.md). The question is still asked again once if the first
-    answer misses Paris, so that a CPU whose rounding brings "L" nearer than measured fails only when both miss.
+    format `auto` serves (bench/results/offline-preset.md). The question is still asked again once if the
+    first answer misses Paris, so that a CPU whose rounding brings "L" nearer than measured fails only when
+    both miss.
     """
     model_defaults = httpx.get(f"{default_server.url}/info", timeout=10).json()["sampling_defaults"]["values"]
     assert model_defaults, "the offline default has a preset of its own"
