@@ -94,8 +94,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "t0.05-minp0.5": {"temperature": 0.05, "top_p": 0.9, "min_p": 0.5},
     "greedy": {"temperature": 0.0},  # = top_k 1
 }
-CHECKS = ("paris", "paris20", "paris1", "facts", "story", "story-t0.7")
 IN_FLIGHT = 128  # the engine's default batch (32) plus most of its queue (128): never QueueFull
+# The Paris checks: (requests in flight, seed base). paris20 as tests/test_real_model.py sends them (int8 and
+# bfloat16 logits depend on how many rows are prefilled together), paris1 as the web page does; other seeds.
+PARIS_CHECKS = {"paris": (IN_FLIGHT, 0), "paris20": (20, 30_000), "paris1": (1, 40_000)}
+# The story checks: the fields the body adds to the prompt (story-t0.7: a client asking for variety).
+STORY_CHECKS: dict[str, dict[str, Any]] = {"story": {}, "story-t0.7": {"temperature": 0.7}}
+CHECKS = (*PARIS_CHECKS, "facts", *STORY_CHECKS)
 
 
 def load_frontend(dtype: str) -> Frontend:
@@ -164,11 +169,8 @@ def first_token_mass(frontend: Frontend, question: str, rows: int, top: int = 5)
 
 def run_check(frontend: Frontend, check: str, n: int) -> dict[str, Any]:
     started = time.perf_counter()
-    if check in ("paris", "paris20", "paris1"):
-        # paris20: in waves of 20, as tests/test_real_model.py sends them (int8 and bfloat16 logits depend on
-        # how many rows are prefilled together); other seeds than paris.
-        waves = {"paris": (IN_FLIGHT, 0), "paris20": (20, 30_000), "paris1": (1, 40_000)}
-        in_flight, seed_base = waves[check]
+    if check in PARIS_CHECKS:
+        in_flight, seed_base = PARIS_CHECKS[check]
         answers = generate(frontend, [PARIS_QUESTION] * n, seed_base, in_flight)
         hits = sum("Paris" in a for a in answers)
         misses = [a for a in answers if "Paris" not in a]
@@ -195,9 +197,8 @@ def run_check(frontend: Frontend, check: str, n: int) -> dict[str, Any]:
             "distinct": sum(v["distinct"] for v in per.values()),
             "questions": per,
         }
-    elif check in ("story", "story-t0.7"):
-        body = {"temperature": 0.7} if check == "story-t0.7" else None
-        answers = generate(frontend, [STORY_PROMPT] * n, seed_base=20_000, body=body)
+    elif check in STORY_CHECKS:
+        answers = generate(frontend, [STORY_PROMPT] * n, seed_base=20_000, body=STORY_CHECKS[check])
         out = {"n": n, "distinct": len(set(a.strip() for a in answers)), "examples": sorted(set(answers))[:3]}
     else:
         raise ValueError(check)
@@ -240,9 +241,9 @@ def report(data: dict[str, Any], out: Path) -> None:
             lines.append(f"- {rows} row(s): " + ", ".join(f"`{t!r}` {p:.1%}" for t, p in top))
         lines += [
             "",
-            '| preset | values | measured | Paris, 128 in flight | begin "L" | Paris, 20 at a time '
-            '| begin "L" '
-            '| Paris, one at a time | begin "L" | 8 facts × 40 right | distinct fact answers '
+            '| preset | values | measured | Paris, 128 in flight | begin "L" '
+            '| Paris, 20 at a time | begin "L" | Paris, one at a time | begin "L" '
+            "| 8 facts × 40 right | distinct fact answers "
             "| distinct cat stories | the same, the client sending temperature 0.7 |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
@@ -252,14 +253,14 @@ def report(data: dict[str, Any], out: Path) -> None:
                 ", ".join(f"{k} {v}" for k, v in res["values"].items()),
                 res.get("date", run["date"]),
             ]
-            for check in ("paris", "paris20", "paris1"):
+            for check in PARIS_CHECKS:
                 got = res.get(check)
                 cells += [pct(got["hits"], got["n"]), str(got["begin_L"])] if got else ["—", "—"]
             facts = res.get("facts")
             cells += (
                 [pct(facts["hits"], facts["n"]), f"{facts['distinct']}/{facts['n']}"] if facts else ["—"] * 2
             )
-            for check in ("story", "story-t0.7"):
+            for check in STORY_CHECKS:
                 cells.append(f"{res[check]['distinct']}/{res[check]['n']}" if check in res else "—")
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Per question (facts), right answers of 40:", ""]
@@ -271,7 +272,7 @@ def report(data: dict[str, Any], out: Path) -> None:
                 lines.append(f"| {q} | " + " | ".join(row) + " |")
         lines += ["", "Paris misses begin (distinct, first 80 characters):", ""]
         for name, res in run["presets"].items():
-            for check in ("paris", "paris20", "paris1"):
+            for check in PARIS_CHECKS:
                 missed = res.get(check, {}).get("miss_examples")
                 if missed:
                     lines.append(f"- {name}, {check}: " + "; ".join(repr(m) for m in missed[:3]))
@@ -308,8 +309,8 @@ def main() -> None:
             first_token={rows: first_token_mass(frontend, PARIS_QUESTION, rows) for rows in (1, 32)},
         )
         print(f"dtype {dtype}; first token: {run['first_token']}", flush=True)
-        sizes = {"facts": args.facts_n, "story": args.story_n, "story-t0.7": args.story_n}
-        sizes.update(dict.fromkeys(("paris", "paris20", "paris1"), args.paris_n))
+        sizes = {"facts": args.facts_n, **dict.fromkeys(PARIS_CHECKS, args.paris_n)}
+        sizes.update(dict.fromkeys(STORY_CHECKS, args.story_n))
         for name in args.presets.split(","):
             values = PRESETS[name]
             use_preset(frontend, values)

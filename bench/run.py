@@ -281,7 +281,7 @@ def roofline_formats(measured: dict[str, Any], native_bf16: bool) -> dict[str, d
             "memory_tok_s": round(memory * 1e9 / (GPT2_PARAMS * size), 1) if memory else None,
             "compute_tok_s": round(gflops * 1e9 / (2 * GPT2_PARAMS), 1) if gflops else None,
         }
-    from textgen.model.formats import INT8_OUTPUT_LAYER
+    from textgen.model.formats import INT8_OUTPUT_LAYER  # here, not above: it imports torch
 
     # bfloat16 or float32 layers and an int8 output layer: a step streams both parts at the memory's rate.
     for dtype in INT8_OUTPUT_LAYER:
