@@ -22,7 +22,7 @@ from textgen.engine.params import SamplingParams
 from textgen.model.cpu import detect_cpu
 from textgen.model.formats import int8_dense_dtype
 from textgen.model.linear import Linear, onednn_bfloat16, use_linear
-from textgen.model.quantize import DENSE_ROWS, PACKED_DENSE_ROWS, Int8Linear, weight_levels
+from textgen.model.quantize import DENSE_ROWS, PACKED_DENSE_ROWS, Int8Embedding, Int8Linear, weight_levels
 
 
 def test_local_directory_loads_a_causal_lm(loaded_tiny, tiny_model_dir):
@@ -165,31 +165,49 @@ def assert_generates(loaded, prompt: list[int], tokens: int = 6) -> None:
 
 @pytest.mark.parametrize("layers", ["bfloat16", "float32"])
 def test_int8head_formats_quantize_the_output_layer_alone(layers, tiny_model_dir, cache_dir):
-    """bfloat16-int8head and float32-int8head: the layers in their dtype, the output layer int8 (its dense
-    copy the embeddings' own storage, as it is tied), and logits those of bfloat16 or float32 within the int8
-    rounding of the output layer's weights and inputs."""
+    """bfloat16-int8head and float32-int8head: the layers in their dtype, the output layer int8 with no
+    dense copy, its int8 rows the tied input embeddings' lookup (the float matrix gone), and logits those of
+    bfloat16 or float32 within the int8 rounding of the output layer's weights and inputs, from few rows
+    (FBGEMM) and from many (the rows widened) alike."""
     dtype = f"{layers}-int8head"
+    compute = getattr(torch, layers)
     settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype=dtype, cache_dir=cache_dir)
     loaded = load_model(settings, resolve_model(settings))
     model = loaded.model
     assert loaded.dtype == dtype
     assert [m for m in model.modules() if isinstance(m, Int8Linear)] == [model.lm_head]
-    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # no second copy
+    lookup = model.get_input_embeddings()
+    assert isinstance(lookup, Int8Embedding) and lookup.table is model.lm_head.int8_rows
+    assert model.lm_head.dense is None
+    vocabulary = model.config.vocab_size * model.config.n_embd
+    assert not [
+        t
+        for t in [*model.parameters(), *model.buffers()]
+        if t.is_floating_point() and t.numel() == vocabulary
+    ]
     blocks = [m for m in model.modules() if isinstance(m, Linear)]
-    assert len(blocks) == 4 * 2 + 1 and all(m.weight.dtype == getattr(torch, layers) for m in blocks)
+    assert len(blocks) == 4 * 2 and all(m.weight.dtype == compute for m in blocks)  # the blocks' alone
     reference = load_model(dataclasses.replace(settings, dtype=layers), resolve_model(settings))
     ids = torch.tensor([loaded.tokenizer.encode("What is AI? Artificial intelligence is")])
+    table = reference.model.get_input_embeddings().weight
+    assert (lookup(ids[0]) - table[ids[0]]).abs().max() <= table[ids[0]].abs().amax() / 127
+    assert lookup(ids).dtype == compute
+    hidden = torch.randn(DENSE_ROWS + 1, model.config.n_embd, dtype=compute)
     with torch.inference_mode():
         logits = model(ids).logits  # every position through the int8 product (< DENSE_ROWS rows)
         one = model.lm_head(model.transformer.ln_f(model.transformer(ids).last_hidden_state[:, -1:]))
-        many = model.lm_head(torch.randn(DENSE_ROWS + 1, model.config.n_embd, dtype=getattr(torch, layers)))
+        many = model.lm_head(hidden)  # the widened int8 rows
+        few = torch.cat([model.lm_head(hidden[i : i + 1]) for i in range(3)])  # FBGEMM, a row at a time
         expected = reference.model(ids).logits[0, -1].float()
-    # Logits in float32, from the int8 product and the dense copy alike: the engine samples in float32.
+        expected_many = reference.model.lm_head(hidden).float()
+    # Logits in float32, from the int8 product and the widened rows alike: the engine samples in float32.
     assert logits.dtype == one.dtype == many.dtype == torch.float32
     got = logits[0, -1]
     assert (one.flatten() - expected).abs().max() <= 0.03 * expected.abs().max()
     assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
-    assert model.transformer(ids).last_hidden_state.dtype == getattr(torch, layers)  # only the output layer's
+    assert (many - expected_many).abs().max() <= 0.03 * expected_many.abs().max()
+    assert (few - many[:3]).abs().max() <= 0.03 * expected_many.abs().max()
+    assert model.transformer(ids).last_hidden_state.dtype == compute  # only the output layer's
     assert_generates(loaded, ids[0].tolist())
 
 

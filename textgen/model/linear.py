@@ -108,7 +108,7 @@ def replace_projections(
     the embedding lookup reads its values, and a packed copy would cost the matrix again."""
     from transformers.pytorch_utils import Conv1D
 
-    embeddings = model.get_input_embeddings().weight
+    embeddings = getattr(model.get_input_embeddings(), "weight", None)  # none where the lookup is int8
     # The layers' places, not the layers: a list of the layers themselves would keep every replaced weight
     # alive until the last is replaced, all of them at once beside their new layouts (random GPT-2 in
     # float32: +324 MB at the peak of loading). Replaced one by one, each old weight goes as the next comes.

@@ -110,17 +110,20 @@ class Int8Linear(nn.Module):
         input_peaks: torch.Tensor | None = None,
         pack: bool = True,
         out_dtype: torch.dtype | None = None,
+        dense: bool = True,
     ) -> None:
         """`levels`: the largest int8 weight (default: weight_levels()); `input_peaks`: the largest |input|
         per channel seen in calibration, to smooth the int8 product with (none: no smoothing); `pack`: the
         dense copy may be packed (not when it is also the input embeddings: linear.replace_projections);
-        `out_dtype`: of the outputs (none: the inputs')."""
+        `out_dtype`: of the outputs (none: the inputs'); `dense`: keep W dense for large products, else
+        keep it as `Int8Rows` (all of int8, a quarter of float32's bytes) and widen those a block at a time
+        (where torch has no FBGEMM, W stays dense whatever `dense` says)."""
         super().__init__()
         self.out_dtype = out_dtype
         weight = weight.detach()  # [out, in]
         self.out_features, self.in_features = weight.shape
         levels = weight_levels() if levels is None else levels
-        compute = weight.dtype
+        self.compute = compute = weight.dtype
         smoothing = torch.ones(self.in_features)
         if input_peaks is not None and HAS_FBGEMM:
             column_peaks = weight.abs().amax(dim=0).float().clamp(min=1e-5)
@@ -128,32 +131,36 @@ class Int8Linear(nn.Module):
                 input_peaks.float().clamp(min=1e-5) ** SMOOTHING / column_peaks ** (1 - SMOOTHING)
             ).clamp(min=1e-5)
         self.register_buffer("input_scale", (1 / smoothing).float())  # inputs x this, weight columns / it
-        scales = torch.empty(self.out_features)
-        quantized = torch.empty(weight.shape, dtype=torch.int8)
-        # In chunks of rows: a float32 copy of GPT-2's whole output layer would be 154 MB.
-        for start in range(0, self.out_features, CHUNK_ROWS):
-            rows = slice(start, start + CHUNK_ROWS)
-            smoothed = weight[rows].float() * smoothing
-            scales[rows] = smoothed.abs().amax(dim=1).clamp(min=1e-12) / levels
-            quantized[rows] = torch.round(smoothed / scales[rows, None]).clamp(-levels, levels)
+        quantized = Int8Rows.of(weight, levels, columns=smoothing)
         if HAS_FBGEMM:
-            self.packed = _fbgemm_pack(quantized, scales)  # FBGEMM's own copy: the int8 tensor can go
+            self.packed = _fbgemm_pack(quantized.rows, quantized.scales)  # FBGEMM's own copy
         else:
-            self.register_buffer("weight_int8", quantized)
-            self.register_buffer("scales", scales.to(compute))  # _weight_int8pack_mm: the activations' dtype
+            self.register_buffer("weight_int8", quantized.rows)
+            # _weight_int8pack_mm: the activations' dtype
+            self.register_buffer("scales", quantized.scales.to(compute))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute), requires_grad=False)
-        self.dense = Linear(weight.contiguous(), self.bias, pack=pack)
-        self.dense_rows = PACKED_DENSE_ROWS if self.dense.packed else DENSE_ROWS
+        self.dense: Linear | None = None
+        self.int8_rows: Int8Rows | None = None
+        if dense or not HAS_FBGEMM:
+            self.dense = Linear(weight.contiguous(), self.bias, pack=pack)
+            self.dense_rows = PACKED_DENSE_ROWS if self.dense.packed else DENSE_ROWS
+        else:
+            self.int8_rows = quantized if levels == 127 and input_peaks is None else Int8Rows.of(weight, 127)
+            self.dense_rows = DENSE_ROWS
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight, for model code that reads a layer's `.weight` (T5 casts to its dtype)."""
+        if self.dense is None:
+            raise AttributeError("this int8 layer keeps no dense weight (dense=False): see int8_rows")
         return self.dense.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         rows = flat.shape[0]
-        if rows >= self.dense_rows or (rows > 1 and not HAS_FBGEMM):
+        if self.int8_rows is not None and rows >= self.dense_rows:
+            out = self.int8_rows.product(flat.to(self.compute), self.bias)
+        elif self.dense is not None and (rows >= self.dense_rows or (rows > 1 and not HAS_FBGEMM)):
             out = self.dense(flat)
         else:
             out = self._int8_product(flat)
@@ -170,6 +177,63 @@ class Int8Linear(nn.Module):
             activations = activations / peaks
         out = torch.ops.quantized.linear_dynamic(activations, self.packed, False)  # float32
         return out if peaks is None else out.mul_(peaks)  # a fresh tensor: scaled where it is
+
+
+class Int8Rows(nn.Module):
+    """A matrix as int8 rows with one scale each (symmetric): W[i] ~ rows[i] x scales[i].
+
+    What an output layer without its dense copy keeps (`Int8Linear(dense=False)`) for the products FBGEMM's
+    8-bit activations would cost precision on, and what its tied input embeddings look up (`Int8Embedding`).
+    A product of many rows at once (a prompt's logits for its log-probabilities, a large speculative
+    verification) quantizes all their activations on one range in FBGEMM: SmolLM2's perplexity over the
+    text of bench/quality.py in one pass, float32-int8head, 17.67 that way against 17.53 in float32; here the
+    weights alone are rounded, the activations stay in the layer's dtype."""
+
+    def __init__(self, rows: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("rows", rows)  # int8 [out, in]
+        self.register_buffer("scales", scales)  # float32 [out]
+        self.dtype = dtype  # of the matrix they stand for
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, levels: int, columns: torch.Tensor | None = None) -> "Int8Rows":
+        """`weight` [out, in], its columns multiplied by `columns` (float32) if given, rounded to int8 rows
+        of at most `levels` (a block of rows at a time: a float32 copy of GPT-2's whole output layer would
+        be 154 MB)."""
+        weight = weight.detach()  # a parameter's rows must not keep it alive in an autograd graph
+        scales = torch.empty(weight.shape[0])
+        rows = torch.empty(weight.shape, dtype=torch.int8)
+        for start in range(0, weight.shape[0], CHUNK_ROWS):
+            block = slice(start, start + CHUNK_ROWS)
+            part = weight[block].float() if columns is None else weight[block].float() * columns
+            scales[block] = part.abs().amax(dim=1).clamp(min=1e-12) / levels
+            rows[block] = torch.round(part / scales[block, None]).clamp(-levels, levels)
+        return cls(rows, scales, weight.dtype)
+
+    def widened(self, block: slice | torch.Tensor) -> torch.Tensor:
+        """The rows of `block` (a slice, or ids) in the matrix's dtype."""
+        return (self.rows[block].float() * self.scales[block].unsqueeze(-1)).to(self.dtype)
+
+    def product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x Wᵀ + b, W widened CHUNK_ROWS rows at a time (each block read from memory once, as int8)."""
+        out = torch.empty(x.shape[0], self.rows.shape[0], dtype=x.dtype)
+        for start in range(0, self.rows.shape[0], CHUNK_ROWS):
+            block = slice(start, start + CHUNK_ROWS)
+            torch.mm(x, self.widened(block).t(), out=out[:, block])
+        return out if bias is None else out.add_(bias)
+
+
+class Int8Embedding(nn.Module):
+    """Input embeddings looked up in `Int8Rows` (a tied int8 output layer's) and widened to their dtype."""
+
+    def __init__(self, table: Int8Rows, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.table = table
+        self.num_embeddings, self.embedding_dim = table.rows.shape
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.widened(ids)
 
 
 def input_peaks(model: Any, tokenizer: Any) -> dict[nn.Module, torch.Tensor]:
@@ -238,8 +302,15 @@ def quantize_output_layer(model: Any) -> Any:
             type(head).__name__,
         )
         return model
-    tied = head.weight is model.get_input_embeddings().weight
+    embeddings = model.get_input_embeddings()
+    tied = head.weight is getattr(embeddings, "weight", None)
     # Logits in float32, as FBGEMM computes them and as the engine samples them: rounded to bfloat16 and
     # back they cost two copies of [rows, vocabulary] a step (32 rows of GPT-2: 6.4 MB each) and precision.
-    model.set_output_embeddings(Int8Linear(head.weight, head.bias, pack=not tied, out_dtype=torch.float32))
+    # No dense copy: large products widen the layer's int8 rows (Int8Rows), and where the output layer is
+    # tied, the input embeddings read those rows too, and the float matrix goes (GPT-2 in float32: 154 MB
+    # become 39).
+    layer = Int8Linear(head.weight, head.bias, pack=not tied, out_dtype=torch.float32, dense=False)
+    model.set_output_embeddings(layer)
+    if tied and layer.int8_rows is not None:
+        model.set_input_embeddings(Int8Embedding(layer.int8_rows, getattr(embeddings, "padding_idx", None)))
     return model
