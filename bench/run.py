@@ -57,6 +57,10 @@ from textgen.config import DTYPES as SERVED_DTYPES  # noqa: E402  (no torch: tex
 MODEL_DIR = Path("/tmp/textgen-bench/gpt2-random")
 PROMPT_TOKENS, NEW_TOKENS = 32, 128
 MODES = {"top-p": {"temperature": 0.7, "top_p": 0.9}, "greedy": {"temperature": 0.0}}
+# One client's figures (tok/s, TTFT's median) come from at least this many requests: from 4, one run (session
+# 29, AMX Xeon) gave the same format's TTFT as 22.3 ms on `auto`'s server and 15.9 on its own, and a first
+# token ~10 ms late comes in 1 request of 7-40 on that host (2026-12-06: 17.2 ms median, 6 of 40 at 24-31).
+ONE_CLIENT_REQUESTS = 8
 
 
 @dataclass
@@ -191,7 +195,7 @@ def bench_system(
             # and the slowest formats' 64-client levels no longer push the run past 20 minutes (20.8 on a
             # 2-core Zen 4 EPYC with two each).
             per = per_client if clients <= 32 else 1
-            requests = max(clients * per, 4) if system == "textgen" else max(clients, 2)
+            requests = max(clients * per, ONE_CLIENT_REQUESTS) if system == "textgen" else max(clients, 2)
             level = asyncio.run(run_level(server, system, mode, clients, requests, prompts))
             print(json.dumps(asdict(level)), flush=True)
             results.append(level)
