@@ -288,12 +288,13 @@ def quantize_output_layer(model: Any) -> Any:
     The output layer is the largest single matrix of a small model (GPT-2: 50257 x 768, 31% of its
     weights; SmolLM2: 21%), read whole at every decoding step. GPT-2, AMX Xeon, in the engine with the
     compiled step (one stream): 3.2 ms a step for it in bfloat16, 1.85 in int8; alone, at 32 rows, 3.38
-    against 3.30 (from DENSE_ROWS rows its dense copy multiplies: where tied, the embeddings' own
-    storage, not a second copy). Beside float32 layers, with every kernel capped to AVX2 (7-bit weights):
-    one stream 46.9-48.6 tok/s against 40.1-40.6 all float32, 32 streams 377-382 against 327-328 (session 28).
-    Quality (SmolLM2, token by token, bench/results/quality.md): +0.23% perplexity on top of bfloat16's;
-    on top of float32's +0.05%, and -0.39% with 7-bit weights; unsmoothed (no calibration pass at load:
-    those costs are without one)."""
+    against 3.30 (from DENSE_ROWS rows its int8 rows are widened instead: `Int8Rows`). Beside float32
+    layers, with every kernel capped to AVX2 (7-bit weights): one stream 46.9-48.6 tok/s against 40.1-40.6
+    all float32, 32 streams 377-382 against 327-328 (session 28). Unsmoothed (no calibration pass at load).
+    Quality (SmolLM2, bench/results/quality.md, the input embeddings looked up in the int8 rows too):
+    token by token 17.55 against float32's 17.53 (+0.11%), 17.47 with 7-bit weights, 17.54 on bfloat16
+    layers against bfloat16's 17.60; in one pass 17.54 (the rows widened). An int8 output layer alone
+    has added up to +0.23% on top of bfloat16's."""
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         log.warning(
