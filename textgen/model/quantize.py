@@ -12,8 +12,9 @@ with FBGEMM held to its AVX2 kernels (FBGEMM_ENABLE_INSTRUCTIONS=AVX2) 7.6 / 9.4
 18.2 / 47.7 / 58.8. Quality: bench/results/quality.md.
 
 FBGEMM quantizes a product's activations (8-bit) with one range for all its rows. A row much smaller than
-the others would lose precision to them, so with several rows each is first divided by its own largest
-value (and the output multiplied back): every row then spans the same range, as if quantized alone.
+the others would lose precision to them, so with several rows each is first shifted by the middle of its
+range and divided by its half-width (and the output put back, `_int8_product`): every row then spans
+exactly [-1, 1], quantized as if alone.
 
 A few input channels of a transformer's linear layers carry values far larger than the rest, and a row's
 8-bit range is spent on them. As SmoothQuant does (Xiao et al., 2023), each layer's inputs are divided per
@@ -115,15 +116,14 @@ class Int8Linear(nn.Module):
         """`levels`: the largest int8 weight (default: weight_levels()); `input_peaks`: the largest |input|
         per channel seen in calibration, to smooth the int8 product with (none: no smoothing); `pack`: the
         dense copy may be packed (not when it is also the input embeddings: linear.replace_projections);
-        `out_dtype`: of the outputs (none: the inputs'); `dense`: keep W dense for large products, else
-        keep it as `Int8Rows` (all of int8, a quarter of float32's bytes) and widen those a block at a time
-        (where torch has no FBGEMM, W stays dense whatever `dense` says)."""
+        `out_dtype`: of the outputs (none: the inputs'); `dense`: keep W dense for large products (without
+        it FBGEMM multiplies every product; where torch has no FBGEMM, W stays dense whatever it says)."""
         super().__init__()
         self.out_dtype = out_dtype
         weight = weight.detach()  # [out, in]
         self.out_features, self.in_features = weight.shape
         levels = weight_levels() if levels is None else levels
-        self.compute = compute = weight.dtype
+        compute = weight.dtype
         smoothing = torch.ones(self.in_features)
         if input_peaks is not None and HAS_FBGEMM:
             column_peaks = weight.abs().amax(dim=0).float().clamp(min=1e-5)
@@ -131,36 +131,31 @@ class Int8Linear(nn.Module):
                 input_peaks.float().clamp(min=1e-5) ** SMOOTHING / column_peaks ** (1 - SMOOTHING)
             ).clamp(min=1e-5)
         self.register_buffer("input_scale", (1 / smoothing).float())  # inputs x this, weight columns / it
-        quantized = Int8Rows.of(weight, levels, columns=smoothing)
+        quantized, scales = int8_rows(weight, levels, columns=smoothing)
         if HAS_FBGEMM:
-            self.packed = _fbgemm_pack(quantized.rows, quantized.scales)  # FBGEMM's own copy
+            self.packed = _fbgemm_pack(quantized, scales)  # FBGEMM's own copy: the int8 tensor can go
+            # 1 W' per output: what a constant row contributes through the int8 weights (_int8_product)
+            self.register_buffer("column_sums", quantized.sum(dim=1, dtype=torch.float32) * scales)
         else:
-            self.register_buffer("weight_int8", quantized.rows)
-            # _weight_int8pack_mm: the activations' dtype
-            self.register_buffer("scales", quantized.scales.to(compute))
+            self.register_buffer("weight_int8", quantized)
+            self.register_buffer("scales", scales.to(compute))  # _weight_int8pack_mm: the activations' dtype
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute), requires_grad=False)
         self.dense: Linear | None = None
-        self.int8_rows: Int8Rows | None = None
         if dense or not HAS_FBGEMM:
             self.dense = Linear(weight.contiguous(), self.bias, pack=pack)
             self.dense_rows = PACKED_DENSE_ROWS if self.dense.packed else DENSE_ROWS
-        else:
-            self.int8_rows = quantized if levels == 127 and input_peaks is None else Int8Rows.of(weight, 127)
-            self.dense_rows = DENSE_ROWS
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight, for model code that reads a layer's `.weight` (T5 casts to its dtype)."""
         if self.dense is None:
-            raise AttributeError("this int8 layer keeps no dense weight (dense=False): see int8_rows")
+            raise AttributeError("this int8 layer keeps no dense weight (dense=False)")
         return self.dense.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         rows = flat.shape[0]
-        if self.int8_rows is not None and rows >= self.dense_rows:
-            out = self.int8_rows.product(flat.to(self.compute), self.bias)
-        elif self.dense is not None and (rows >= self.dense_rows or (rows > 1 and not HAS_FBGEMM)):
+        if self.dense is not None and (rows >= self.dense_rows or (rows > 1 and not HAS_FBGEMM)):
             out = self.dense(flat)
         else:
             out = self._int8_product(flat)
@@ -171,69 +166,53 @@ class Int8Linear(nn.Module):
     def _int8_product(self, flat: torch.Tensor) -> torch.Tensor:
         if not HAS_FBGEMM:
             return torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
-        activations, peaks = flat * self.input_scale, None  # float32, as FBGEMM takes them (type promotion)
-        if flat.shape[0] > 1:  # every row on the same range: each quantized as finely as it would be alone
-            peaks = activations.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-            activations = activations / peaks
-        out = torch.ops.quantized.linear_dynamic(activations, self.packed, False)  # float32
-        return out if peaks is None else out.mul_(peaks)  # a fresh tensor: scaled where it is
+        activations = flat * self.input_scale  # float32, as FBGEMM takes them (type promotion)
+        if flat.shape[0] == 1:  # FBGEMM quantizes a lone row on its own range
+            return torch.ops.quantized.linear_dynamic(activations, self.packed, False)  # float32
+        # Several rows share one range in FBGEMM. Each row x is taken as its range's middle m plus its
+        # half-width h times u, u spanning exactly [-1, 1]: every row's u then quantizes on its own range, as
+        # the row would alone, and x W' = h (u W') + m (1 W'). Scaled by its largest |x| alone, a row whose
+        # values lean to one side lost up to half its steps to the others: SmolLM2's int8 output layer, 32
+        # rows at a time, 17.67 perplexity in one pass against 17.55 one row at a time.
+        low, high = activations.aminmax(dim=1, keepdim=True)
+        middle, half = (high + low) / 2, ((high - low) / 2).clamp_(min=1e-12)
+        out = torch.ops.quantized.linear_dynamic((activations - middle) / half, self.packed, False)
+        return out.mul_(half).addr_(middle.squeeze(1), self.column_sums)  # a fresh tensor: scaled in place
 
 
-class Int8Rows(nn.Module):
-    """A matrix as int8 rows with one scale each (symmetric): W[i] ~ rows[i] x scales[i].
-
-    What an output layer without its dense copy keeps (`Int8Linear(dense=False)`) for the products FBGEMM's
-    8-bit activations would cost precision on, and what its tied input embeddings look up (`Int8Embedding`).
-    A product of many rows at once (a prompt's logits for its log-probabilities, a large speculative
-    verification) quantizes all their activations on one range in FBGEMM: SmolLM2's perplexity over the
-    text of bench/quality.py in one pass, float32-int8head, 17.67 that way against 17.53 in float32; here the
-    weights alone are rounded, the activations stay in the layer's dtype."""
-
-    def __init__(self, rows: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.register_buffer("rows", rows)  # int8 [out, in]
-        self.register_buffer("scales", scales)  # float32 [out]
-        self.dtype = dtype  # of the matrix they stand for
-
-    @classmethod
-    def of(cls, weight: torch.Tensor, levels: int, columns: torch.Tensor | None = None) -> "Int8Rows":
-        """`weight` [out, in], its columns multiplied by `columns` (float32) if given, rounded to int8 rows
-        of at most `levels` (a block of rows at a time: a float32 copy of GPT-2's whole output layer would
-        be 154 MB)."""
-        weight = weight.detach()  # a parameter's rows must not keep it alive in an autograd graph
-        scales = torch.empty(weight.shape[0])
-        rows = torch.empty(weight.shape, dtype=torch.int8)
-        for start in range(0, weight.shape[0], CHUNK_ROWS):
-            block = slice(start, start + CHUNK_ROWS)
-            part = weight[block].float() if columns is None else weight[block].float() * columns
-            scales[block] = part.abs().amax(dim=1).clamp(min=1e-12) / levels
-            rows[block] = torch.round(part / scales[block, None]).clamp(-levels, levels)
-        return cls(rows, scales, weight.dtype)
-
-    def widened(self, block: slice | torch.Tensor) -> torch.Tensor:
-        """The rows of `block` (a slice, or ids) in the matrix's dtype."""
-        return (self.rows[block].float() * self.scales[block].unsqueeze(-1)).to(self.dtype)
-
-    def product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x Wᵀ + b, W widened CHUNK_ROWS rows at a time (each block read from memory once, as int8)."""
-        out = torch.empty(x.shape[0], self.rows.shape[0], dtype=x.dtype)
-        for start in range(0, self.rows.shape[0], CHUNK_ROWS):
-            block = slice(start, start + CHUNK_ROWS)
-            torch.mm(x, self.widened(block).t(), out=out[:, block])
-        return out if bias is None else out.add_(bias)
+def int8_rows(
+    weight: torch.Tensor, levels: int, columns: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` [out, in], its columns multiplied by `columns` (float32) if given, as int8 rows of at most
+    `levels` and one float32 scale per row (symmetric), a block of rows at a time: a float32 copy of GPT-2's
+    whole output layer would be 154 MB."""
+    weight = weight.detach()  # a parameter's rows must not keep it alive in an autograd graph
+    scales = torch.empty(weight.shape[0])
+    rows = torch.empty(weight.shape, dtype=torch.int8)
+    for start in range(0, weight.shape[0], CHUNK_ROWS):
+        block = slice(start, start + CHUNK_ROWS)
+        part = weight[block].float() if columns is None else weight[block].float() * columns
+        scales[block] = part.abs().amax(dim=1).clamp(min=1e-12) / levels
+        rows[block] = torch.round(part / scales[block, None]).clamp(-levels, levels)
+    return rows, scales
 
 
 class Int8Embedding(nn.Module):
-    """Input embeddings looked up in `Int8Rows` (a tied int8 output layer's) and widened to their dtype."""
+    """Input embeddings as int8 rows with one scale each (all of int8: the lookup multiplies in floating
+    point, whatever FBGEMM's products take), widened to the table's dtype as they are looked up: what a tied
+    int8 output layer's model keeps instead of the float matrix (quantize_output_layer)."""
 
-    def __init__(self, table: Int8Rows, padding_idx: int | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None) -> None:
         super().__init__()
-        self.table = table
-        self.num_embeddings, self.embedding_dim = table.rows.shape
+        rows, scales = int8_rows(weight, 127)
+        self.register_buffer("rows", rows)
+        self.register_buffer("scales", scales)
+        self.dtype = weight.dtype
+        self.num_embeddings, self.embedding_dim = weight.shape
         self.padding_idx = padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table.widened(ids)
+        return (self.rows[ids].float() * self.scales[ids].unsqueeze(-1)).to(self.dtype)
 
 
 def input_peaks(model: Any, tokenizer: Any) -> dict[nn.Module, torch.Tensor]:
@@ -288,13 +267,13 @@ def quantize_output_layer(model: Any) -> Any:
     The output layer is the largest single matrix of a small model (GPT-2: 50257 x 768, 31% of its
     weights; SmolLM2: 21%), read whole at every decoding step. GPT-2, AMX Xeon, in the engine with the
     compiled step (one stream): 3.2 ms a step for it in bfloat16, 1.85 in int8; alone, at 32 rows, 3.38
-    against 3.30 (from DENSE_ROWS rows its int8 rows are widened instead: `Int8Rows`). Beside float32
+    against 3.30 (FBGEMM's at every size: it keeps no dense copy). Beside float32
     layers, with every kernel capped to AVX2 (7-bit weights): one stream 46.9-48.6 tok/s against 40.1-40.6
     all float32, 32 streams 377-382 against 327-328 (session 28). Unsmoothed (no calibration pass at load).
-    Quality (SmolLM2, bench/results/quality.md, the input embeddings looked up in the int8 rows too):
-    token by token 17.55 against float32's 17.53 (+0.11%), 17.47 with 7-bit weights, 17.54 on bfloat16
-    layers against bfloat16's 17.60; in one pass 17.54 (the rows widened). An int8 output layer alone
-    has added up to +0.23% on top of bfloat16's."""
+    Quality (SmolLM2, bench/results/quality.md; float32's input embeddings int8 rows too): token by token
+    17.55 against float32's 17.53 (+0.11%), 17.47 with 7-bit weights; in one pass (every position's logits
+    in one product) 17.57 and 17.50. An int8 output layer alone has added up to +0.23% on top of
+    bfloat16's."""
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         log.warning(
@@ -307,11 +286,17 @@ def quantize_output_layer(model: Any) -> Any:
     tied = head.weight is getattr(embeddings, "weight", None)
     # Logits in float32, as FBGEMM computes them and as the engine samples them: rounded to bfloat16 and
     # back they cost two copies of [rows, vocabulary] a step (32 rows of GPT-2: 6.4 MB each) and precision.
-    # No dense copy: large products widen the layer's int8 rows (Int8Rows), and where the output layer is
-    # tied, the input embeddings read those rows too, and the float matrix goes (GPT-2 in float32: 154 MB
-    # become 39).
-    layer = Int8Linear(head.weight, head.bias, pack=not tied, out_dtype=torch.float32, dense=False)
+    # float32's dense copy goes: FBGEMM multiplies every product (per-row ranges keep many rows as precise
+    # as one, `_int8_product`), and a tied float32 model's input embeddings become int8 rows too, so its
+    # float matrix goes (GPT-2: 154 MB become 39). bfloat16's stays: tied, it is the lookup's own table
+    # (int8 rows there saved nothing measurable, 716-723 MB after loading against 722, and moved the offline
+    # default's README answer through the compiled bfloat16 pass, where "The" and "L'Étoile" start a few
+    # hundredths of a nat apart: 15 of 20 answers named Paris, not 20), and from a few rows up oneDNN's
+    # bfloat16 products beat FBGEMM's (PACKED_DENSE_ROWS); for all of a prompt's positions at once, SmolLM2
+    # 17.64 perplexity in one pass against 17.73 through FBGEMM.
+    float32 = head.weight.dtype == torch.float32
+    layer = Int8Linear(head.weight, head.bias, pack=not tied, out_dtype=torch.float32, dense=not float32)
     model.set_output_embeddings(layer)
-    if tied and layer.int8_rows is not None:
-        model.set_input_embeddings(Int8Embedding(layer.int8_rows, getattr(embeddings, "padding_idx", None)))
+    if tied and float32 and layer.dense is None:
+        model.set_input_embeddings(Int8Embedding(embeddings.weight, getattr(embeddings, "padding_idx", None)))
     return model
