@@ -34,7 +34,7 @@ from textgen.model.cpu import CpuInfo
 # bfloat16's worst plus what the int8 output layer added on top of bfloat16 in the same run.
 # "float32-int8head" is float32 with the output layer int8: +0.05% with 8-bit weights (VNNI) and -0.39% with
 # 7-bit ones (FBGEMM capped to AVX2) on the AMX Xeon (session 28); counted at +0.23%, the most an int8 output
-# layer has added. With the tied input embeddings looked up in its int8 rows (2026-12-06): +0.11% and -0.34%.
+# layer has added. With its tied input embeddings int8 rows too (2026-12-06): +0.11% and -0.34%.
 # "float32-packed" is float32 with oneDNN's products: the same perplexity and answers (Zen 4, session 21).
 QUALITY_COST: Mapping[str, float] = {
     "float32": 0.0,

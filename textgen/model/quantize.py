@@ -199,8 +199,9 @@ def int8_rows(
 
 class Int8Embedding(nn.Module):
     """Input embeddings as int8 rows with one scale each (all of int8: the lookup multiplies in floating
-    point, whatever FBGEMM's products take), widened to the table's dtype as they are looked up: what a tied
-    int8 output layer's model keeps instead of the float matrix (quantize_output_layer)."""
+    point, whatever FBGEMM's products take), widened to the table's dtype as they are looked up: what a
+    float32 model whose tied output layer is int8 keeps instead of the float32 matrix
+    (quantize_output_layer)."""
 
     def __init__(self, weight: torch.Tensor, padding_idx: int | None = None) -> None:
         super().__init__()
@@ -267,9 +268,10 @@ def quantize_output_layer(model: Any) -> Any:
     The output layer is the largest single matrix of a small model (GPT-2: 50257 x 768, 31% of its
     weights; SmolLM2: 21%), read whole at every decoding step. GPT-2, AMX Xeon, in the engine with the
     compiled step (one stream): 3.2 ms a step for it in bfloat16, 1.85 in int8; alone, at 32 rows, 3.38
-    against 3.30 (FBGEMM's at every size: it keeps no dense copy). Beside float32
-    layers, with every kernel capped to AVX2 (7-bit weights): one stream 46.9-48.6 tok/s against 40.1-40.6
-    all float32, 32 streams 377-382 against 327-328 (session 28). Unsmoothed (no calibration pass at load).
+    against 3.30 (from DENSE_ROWS rows bfloat16's dense copy multiplies; float32's has none: FBGEMM at
+    every size). Beside float32 layers, with every kernel capped to AVX2 (7-bit weights): one stream
+    46.9-48.6 tok/s against 40.1-40.6 all float32, 32 streams 377-382 against 327-328 (session 28).
+    Unsmoothed (no calibration pass at load).
     Quality (SmolLM2, bench/results/quality.md; float32's input embeddings int8 rows too): token by token
     17.55 against float32's 17.53 (+0.11%), 17.47 with 7-bit weights; in one pass (every position's logits
     in one product) 17.57 and 17.50. An int8 output layer alone has added up to +0.23% on top of
