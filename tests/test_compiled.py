@@ -1,7 +1,8 @@
 """A lone stream's compiled pass (textgen/model/compiled.py): it computes what the eager pass computes,
 for GPT-2 and Llama, for a prompt and for each step across the cache's growth; it is cached under a key of
 the program, its weights, the machine and torch, and a restart loads it; the server compiles it in the
-background, in a process of its own, for bfloat16 only; and a failed compile leaves the eager pass."""
+background, in a process of its own, for bfloat16 and float32-int8head only; and a failed compile leaves the
+eager pass."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from textgen.model.attention import compiled_attention_wins
 from textgen.model.compiled import MAX_TOKENS, lone_tokens
 from textgen.model.cpu import detect_cpu, this_cpu
 from textgen.model.loading import load_model
-from textgen.model.native import compile_state, native_decoding, start_compiling
+from textgen.model.native import compile_state, compiled_dtype, native_decoding, start_compiling
 from textgen.model.source import resolve_model
 
 from .test_segments import prompt
@@ -121,6 +122,29 @@ def test_the_program_takes_several_tokens_only_where_passes_of_several_take_it(m
 
     assert tokens_dimension(1) == 1
     assert isinstance(tokens_dimension(MAX_TOKENS), torch.SymInt)
+
+
+@torch.inference_mode()
+def test_a_float32_pass_reads_the_models_own_weights(model, compiled):
+    """A float32 package holds no weights: the program reads the model's own tensors where they are (the
+    weights are in memory once), so a weight changed in place changes its next pass as it does the eager
+    one's. (bfloat16's package holds its weights as laid out for its kernels.)"""
+    vocab = model.config.vocab_size
+    assert compiled.weights(torch.float32) is not None and compiled.weights(torch.bfloat16) is None
+    body = model.base_model
+    weight = (body.ln_f if hasattr(body, "ln_f") else body.norm).weight  # the final norm's
+    _, before = DecodeBatch.prefill(model, [0], [prompt(7, 80)], vocab)
+    saved = weight.clone()
+    weight.mul_(2.0)
+    try:
+        _, mine = DecodeBatch.prefill(model, [0], [prompt(7, 80)], vocab)
+        with eagerly(compiled):
+            _, eager = DecodeBatch.prefill(model, [0], [prompt(7, 80)], vocab)
+    finally:
+        weight.copy_(saved)
+    assert compiled.many == 2  # both through the compiled pass
+    torch.testing.assert_close(mine, eager, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mine, before, rtol=1e-3, atol=1e-3)
 
 
 def test_a_restart_loads_the_step_it_compiled_before(compiled, packages):
@@ -290,15 +314,16 @@ def test_a_failed_compile_leaves_the_eager_step(model, monkeypatch, caplog, tmp_
     steps.state = "off"
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-int8head"])
-def test_the_server_compiles_bfloat16_steps_in_the_background(
+@pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-int8head", "float32-int8head"])
+def test_the_server_compiles_its_steps_in_the_background(
     dtype, tiny_model_dir, cache_dir, tmp_path, monkeypatch
 ):
-    """The way the service starts it (Frontend.warmup): after the warm-up, bfloat16 layers compile in a
-    process of its own (the int8 output layer stays outside the step, so the second format finds the
-    first's package in the cache), after the batch's attention where it wins, and a lone stream's steps
-    then go through the compiled pass (its prompt too, where `lone_tokens` says so). The compiling
-    process's directory of inductor's working files is removed when it ends."""
+    """The way the service starts it (Frontend.warmup): after the warm-up, bfloat16 layers (and
+    float32-int8head's float32 ones) compile in a process of its own (the int8 output layer stays outside
+    the step, so bfloat16-int8head finds bfloat16's package in the cache), after the batch's attention where
+    it wins, and a lone stream's steps then go through the compiled pass (its prompt too, where
+    `lone_tokens` says so). The compiling process's directory of inductor's working files is removed when
+    it ends."""
     from textgen.frontend.prepare import Frontend
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where that directory goes
@@ -313,12 +338,16 @@ def test_the_server_compiles_bfloat16_steps_in_the_background(
         steps.thread.join()
         # The second format's step is the first's: loaded, not compiled.
         expected = (
-            "compiled in a process of its own in " if dtype == "bfloat16" else "loaded from the cache in "
+            "loaded from the cache in "
+            if dtype == "bfloat16-int8head"
+            else "compiled in a process of its own in "
         )
         assert compile_state(loaded.model).startswith(expected), compile_state(loaded.model)
         # Before it, in the same thread, the batch's attention, where it wins on this CPU.
         attention = native_decoding(loaded.model).attention
-        if compiled_attention_wins(this_cpu(), 1, attention.heads, attention.kv_heads, torch.bfloat16, 1):
+        tensors = compiled_dtype(dtype)
+        assert tensors is not None
+        if compiled_attention_wins(this_cpu(), 1, attention.heads, attention.kv_heads, tensors, 1):
             assert compile_state(loaded.model, "attention").startswith(expected)
         else:
             assert compile_state(loaded.model, "attention").startswith("off: ")
@@ -389,8 +418,13 @@ def _alive(pid: int) -> bool:
 
 
 def test_other_formats_and_models_decode_eagerly(loaded_tiny):
+    """float32 and float32-packed promise a row computes the same alone and in a batch; int8's products are
+    FBGEMM's. float32-int8head compiles its float32 layers (its int8 output layer promises no such thing)."""
     assert start_compiling(loaded_tiny.model, "float32") == "off: float32 decodes eagerly"
+    assert start_compiling(loaded_tiny.model, "float32-packed") == "off: float32-packed decodes eagerly"
     assert start_compiling(loaded_tiny.model, "int8") == "off: int8 decodes eagerly"
+    assert compiled_dtype("float32-int8head") == torch.float32
+    assert compiled_dtype("bfloat16") == compiled_dtype("bfloat16-int8head") == torch.bfloat16
     from transformers import T5Config, T5ForConditionalGeneration
 
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2))

@@ -21,12 +21,10 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 from textgen.config import Settings
 from textgen.model.compiled import PARENT, SCRATCH
 from textgen.model.loading import load_model
-from textgen.model.native import native_decoding
+from textgen.model.native import compiled_dtype, native_decoding
 from textgen.model.source import resolve_model
 
 
@@ -44,7 +42,11 @@ def main() -> int:
         print(f"{loaded.model_id}: Hugging Face's forward pass decodes this model", file=sys.stderr)
         return 1
     program = decoding.lone if kind == "step" else decoding.attention
-    return 0 if program.compile(torch.bfloat16, settings.cache_dir) else 1
+    tensors = compiled_dtype(loaded.dtype)
+    if tensors is None:
+        print(f"{loaded.dtype} decodes eagerly: nothing to compile", file=sys.stderr)
+        return 1
+    return 0 if program.compile(tensors, settings.cache_dir) else 1
 
 
 def _follow_parent(folder: Path) -> None:

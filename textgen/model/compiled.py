@@ -25,9 +25,12 @@ blocks 9.79 ms against 13.81 eager. In the engine (bfloat16-int8head, in-process
 32-token request's first token after a stream's 128 steps came 12.4 ms after it was submitted against
 18.7-19.2 with the prompt's pass eager: 1.6 steps instead of 2.4.
 
-Only bfloat16 compiles by default: float32 promises that a row computes the same alone and in a batch, and
-fused layer norms round differently from torch's (3e-6 on logits of scale 3), and there inductor packs a
-second copy of every weight (+700 MB for GPT-2).
+bfloat16's layers compile (bfloat16, bfloat16-int8head), and float32-int8head's float32 ones: float32 and
+float32-packed promise that a row computes the same alone and in a batch, and fused layer norms round
+differently from torch's (3e-6 on logits of scale 3); float32-int8head's int8 output layer already rounds a
+row alone otherwise than in a batch. A float32 program keeps oneMKL's products on the model's own weights,
+which its package does not hold (FLOAT32_OPTIONS): inductor's default packed a second copy of every weight
+(+700 MB for GPT-2), and was slower than eager.
 
 Ahead of time rather than torch.compile (this module's way before), because the result can be kept:
 torch.compile caches no frozen graph ("Cannot cache a graph with freezing enabled"), so every start paid
@@ -56,6 +59,7 @@ from __future__ import annotations
 import gc
 import getpass
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -89,6 +93,17 @@ PACKAGE_VERSION = 1  # bump when what a package holds changes without its key ch
 KEPT_PACKAGES = 4  # compiled packages kept in the cache directory (`_prune`)
 PARENT = "TEXTGEN_COMPILE_PARENT"  # set for the compiling process: the pid of the server it compiles for
 SCRATCH = "TEXTGEN_COMPILE_SCRATCH"  # and its directory for inductor, removed by it if the server is gone
+# A float32 pass (TEXTGEN_DTYPE=float32-int8head's) fuses its small ops and leaves the products oneMKL's, on
+# the model's own weights: without `freezing` they stay the program's inputs, and its package holds none of
+# them (the weights read where the model keeps them: `_load`). Inductor's default (freezing, oneDNN's packed
+# float32 products) was slower than eager and a second copy of the weights (random GPT-2 under AVX2 caps on
+# the AMX Xeon, one stream in-process: 38.9 tok/s against 34.8-36.9 eager, RSS +760 MB); this way 42.6-45.5.
+FLOAT32_OPTIONS = {
+    "freezing": False,
+    "compile_threads": 1,
+    "aot_inductor.package_constants_in_so": False,
+    "aot_inductor.package_constants_on_disk_format": None,
+}
 
 
 class AheadOfTime:
@@ -110,9 +125,14 @@ class AheadOfTime:
         """The program (torch.export) for tensors of `dtype`, and the arguments it was traced with."""
         raise NotImplementedError
 
-    def options(self, cpu: CpuInfo) -> dict[str, Any]:
-        """Inductor's settings for the program on `cpu`."""
+    def options(self, cpu: CpuInfo, dtype: torch.dtype) -> dict[str, Any]:
+        """Inductor's settings for the program of tensors of `dtype` on `cpu`."""
         raise NotImplementedError
+
+    def weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        """The model's tensors by name, for a program of `dtype` whose package holds none of its own (it
+        reads these: `_load`), or None: its package holds its weights, as laid out for its kernels."""
+        return None
 
     def compile(
         self, dtype: torch.dtype, cache_dir: Path | None = None, apart: Mapping[str, str] | None = None
@@ -145,7 +165,7 @@ class AheadOfTime:
         """The compiled package loaded and run once, where it is and how it was had (`compile`)."""
         program, example = self.export(dtype)
         cpu = detect_cpu()
-        options = self.options(cpu)
+        options = self.options(cpu, dtype)
         name = f"{self.kind}-{_package_key(program, options, cpu)}.pt2"
         folder = _writable(cache_dir)
         if folder is not None and (folder / name).is_file():
@@ -164,18 +184,29 @@ class AheadOfTime:
             try:
                 package, how = scratch / name, "compiled"
                 _compile(program, options, package)
-                return self._load(package, example), package, how
+                return self._load(package, example, dtype), package, how
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-        return self._load(package, example), package, how
+        return self._load(package, example, dtype), package, how
 
-    def _load(self, package: Path, example: tuple[Any, ...]) -> Any:
-        """`package`'s runner, run once on `example`."""
+    def _load(self, package: Path, example: tuple[Any, ...], dtype: torch.dtype) -> Any:
+        """`package`'s runner, given the model's own tensors if its package holds none (`weights`), run once
+        on `example`."""
         # Loading holds the constants twice for a moment (random GPT-2, Zen 4: RSS +477 MB, then +240): what
         # exporting and fingerprinting freed (82 MB) goes back to the system first.
         gc.collect()
         release_freed_memory()
         runner = _load_package(package)
+        weights = self.weights(dtype)
+        if weights is not None:
+            names = runner.aoti_runner.get_constant_fqns()
+            unknown = [name for name in names if name not in weights]
+            if unknown:  # a tensor inductor derived from the weights: only a package can hold it
+                raise RuntimeError(f"the program reads tensors the model does not have: {unknown[:3]}")
+            # Read where they are (user-managed): no second copy of the weights, and none on disk.
+            runner.aoti_runner.load_constants(
+                {name: weights[name] for name in names}, check_full_update=True, user_managed=True
+            )
         runner(*example)
         return runner
 
@@ -219,16 +250,27 @@ class LoneRowPasses(AheadOfTime):
         head: Callable[[torch.Tensor], torch.Tensor],
         kv_shape: tuple[int, int],
         layers: int,
+        body: torch.nn.Module,
     ) -> None:
+        """`body`: the model's module whose tensors `lone_row` reads (its blocks and final norm)."""
         super().__init__()
-        self.embed, self.lone_row, self.head = embed, lone_row, head
+        self.embed, self.lone_row, self.head, self.body = embed, lone_row, head, body
         self.kv_shape, self.layers = kv_shape, layers
         # Passes it ran of one token, and of several (a prompt, a verification): tests check the path was
         # taken.
         self.steps = self.many = 0
 
-    def options(self, cpu: CpuInfo) -> dict[str, Any]:
-        return inductor_options(cpu)
+    def options(self, cpu: CpuInfo, dtype: torch.dtype) -> dict[str, Any]:
+        return inductor_options(cpu, dtype)
+
+    def weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        if dtype != torch.float32:
+            return None
+        tensors = itertools.chain(
+            self.body.named_parameters(remove_duplicate=False),
+            self.body.named_buffers(remove_duplicate=False),
+        )
+        return {f"{_Pass.BODY}.{name}": tensor for name, tensor in tensors}
 
     def export(self, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, torch.Tensor, Buffers]]:
         """The pass as a program (torch.export) for buffers of `dtype`, and the arguments it was traced with
@@ -248,7 +290,7 @@ class LoneRowPasses(AheadOfTime):
         tokens = {0: torch.export.Dim("tokens", min=1)} if several else None
         capacities = [torch.export.Dim(f"capacity{layer}", min=2) for layer in range(self.layers)]
         program = torch.export.export(
-            _Pass(self.lone_row),
+            _Pass(self.lone_row, self.body if self.weights(dtype) is not None else None),
             example,
             dynamic_shapes={
                 "hidden": tokens,
@@ -295,18 +337,26 @@ class LoneRowPasses(AheadOfTime):
 
 class _Pass(torch.nn.Module):
     """A `lone_row` as a module, which torch.export takes: the model's tensors it reads become the
-    program's constants (the model itself is not a submodule: its int8 output layer is outside)."""
+    program's constants (the model itself is not a submodule: its int8 output layer is outside). With
+    `body` (the module holding them) a submodule, they are its parameters and buffers instead, named as in
+    `body` under BODY: the names a package without weights is given them by (LoneRowPasses.weights)."""
 
-    def __init__(self, lone_row: LoneRow) -> None:
+    BODY = "body"
+
+    def __init__(self, lone_row: LoneRow, body: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.lone_row = lone_row
+        if body is not None:
+            setattr(self, self.BODY, body)
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
         return self.lone_row(hidden, positions, buffers)
 
 
-def inductor_options(cpu: CpuInfo) -> dict[str, Any]:
-    """Inductor's settings for a lone stream's pass on `cpu`."""
+def inductor_options(cpu: CpuInfo, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """Inductor's settings for a lone stream's pass of `dtype` on `cpu`."""
+    if dtype == torch.float32:
+        return dict(FLOAT32_OPTIONS)
     options: dict[str, Any] = {
         # The weights are constants of the program, so its products are oneDNN's packed ones or the
         # template's (`gemm_backends`), on weights laid out for them once, at compile time.

@@ -79,7 +79,7 @@ class RowsAttention(AheadOfTime):
         )
         return program, example
 
-    def options(self, cpu: CpuInfo) -> dict[str, Any]:
+    def options(self, cpu: CpuInfo, dtype: torch.dtype) -> dict[str, Any]:
         # No weights, so no freezing; one compile job at a time, in this thread (as the step's).
         return {"compile_threads": 1}
 

@@ -45,10 +45,11 @@ class NativeDecoding:
     final_norm: Callable[[torch.Tensor], torch.Tensor]
     head: Callable[[torch.Tensor], torch.Tensor]
 
-    def _programs(self, heads: int, kv_heads: int, head_dim: int) -> None:
-        """The lone row's compiled pass and the batch's compiled attention (compiled later, if ever)."""
+    def _programs(self, heads: int, kv_heads: int, head_dim: int, body: torch.nn.Module) -> None:
+        """The lone row's compiled pass and the batch's compiled attention (compiled later, if ever); `body`:
+        the model's module holding the tensors of the lone row's pass."""
         self.lone = LoneRowPasses(
-            self.embed, self.lone_row, self.head, (kv_heads, head_dim), len(self.layers)
+            self.embed, self.lone_row, self.head, (kv_heads, head_dim), len(self.layers), body
         )
         self.attention = RowsAttention(heads, kv_heads, head_dim)
 
@@ -96,7 +97,7 @@ class GPT2Decoding(NativeDecoding):
             + _bound(block.ln_2, block.mlp.c_fc, block.mlp.act, block.mlp.c_proj)
             for block in body.h
         ]
-        self._programs(self.heads, self.heads, self.width // self.heads)
+        self._programs(self.heads, self.heads, self.width // self.heads, body)
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The input hidden states [T, width] of tokens `ids` [T] at `positions` [T]."""
@@ -143,7 +144,7 @@ class LlamaDecoding(NativeDecoding):
         ]
         config = model.config
         heads = config.num_attention_heads
-        self._programs(heads, config.num_key_value_heads or heads, body.layers[0].self_attn.head_dim)
+        self._programs(heads, config.num_key_value_heads or heads, body.layers[0].self_attn.head_dim, body)
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The input hidden states [T, width] of tokens `ids` [T] (positions enter as rotations, later)."""
@@ -268,24 +269,37 @@ def start_compiling(
     model: Any, dtype: str, cache_dir: Path | None = None, apart: Mapping[str, str] | None = None
 ) -> str:
     """Compile `model`'s decoding programs in the background (textgen/model/compiled.py) where its pass is
-    textgen's and its weights (`dtype`, TEXTGEN_DTYPE resolved) are bfloat16, cached in `cache_dir` and,
-    with `apart`, compiled in a process of its own: the batch's attention of decoding rows where it wins on
-    this CPU (textgen/model/compiled_attention.py; the first, seconds), then a lone stream's passes (its
-    prompt and its steps). Returns the latter's state for the log."""
+    textgen's and its format (`dtype`, TEXTGEN_DTYPE resolved) compiles (`compiled_dtype`), cached in
+    `cache_dir` and, with `apart`, compiled in a process of its own: the batch's attention of decoding rows
+    where it wins on this CPU (textgen/model/compiled_attention.py; the first, seconds), then a lone
+    stream's passes (its prompt and its steps). Returns the latter's state for the log."""
     decoding = native_decoding(model)
     if decoding is None:
         return "off: Hugging Face's forward pass decodes this model"
-    if dtype not in BFLOAT16_LAYERS:  # bfloat16-int8head too: its output layer is outside the step
+    tensors = compiled_dtype(dtype)
+    if tensors is None:
         decoding.lone.state = decoding.attention.state = f"off: {dtype} decodes eagerly"
         return decoding.lone.state
     programs: list[AheadOfTime] = [decoding.lone]
     attention = decoding.attention
-    if compiled_attention_wins(this_cpu(), 1, attention.heads, attention.kv_heads, torch.bfloat16, 1):
+    if compiled_attention_wins(this_cpu(), 1, attention.heads, attention.kv_heads, tensors, 1):
         programs.insert(0, attention)
     else:
         attention.state = "off: the matmuls or SDPA are the faster kernels on this CPU"
-    compile_in_background(programs, torch.bfloat16, cache_dir, apart)
+    compile_in_background(programs, tensors, cache_dir, apart)
     return decoding.lone.state
+
+
+def compiled_dtype(dtype: str) -> torch.dtype | None:
+    """The tensors a format's lone-stream pass compiles for (`dtype`, TEXTGEN_DTYPE resolved), or None: it
+    decodes eagerly. bfloat16's layers (bfloat16-int8head's too: its output layer is outside the pass), and
+    float32-int8head's float32 ones, which promise nothing bit for bit (the int8 output layer already rounds
+    a row alone otherwise than in a batch): float32 and float32-packed keep the eager pass, whose rows
+    compute the same alone and in a batch (fused layer norms round otherwise), and int8's products are
+    FBGEMM's, which inductor cannot take."""
+    if dtype in BFLOAT16_LAYERS:
+        return torch.bfloat16
+    return torch.float32 if dtype == "float32-int8head" else None
 
 
 def compile_state(model: Any, kind: str = "step") -> str:
