@@ -126,11 +126,13 @@ class TextGen:
     )
     async def generate(self, bodies: list[dict[str, Any]]) -> list[Any]:
         """Generate text for a prompt. Concurrent requests are batched; each keeps its own parameters."""
+        await self.frontend.index_vocabulary_for(bodies)
         return generate_routes.admit(self.frontend, bodies)
 
     @bentoml.api(route="/generate_stream", input_spec=generate_body, output_spec=generate_routes.StreamReply)
     async def generate_stream(self, bodies: list[dict[str, Any]]) -> Any:
         """Same body as /generate; the text arrives as Server-Sent Events (`data: {json}`), one per delta."""
+        await self.frontend.index_vocabulary_for(bodies)
         return generate_routes.stream(self.frontend, bodies[0])
 
     @bentoml.api(
@@ -140,6 +142,7 @@ class TextGen:
     )
     async def completions(self, bodies: list[dict[str, Any]], ctx: bentoml.Context) -> Any:
         """OpenAI-compatible completions (JSON, or SSE with `stream`)."""
+        await self.frontend.index_vocabulary_for(bodies)
         return openai_routes.completions(self.frontend, bodies[0], ctx)
 
     @bentoml.api(
@@ -147,6 +150,7 @@ class TextGen:
     )
     async def chat_completions(self, bodies: list[dict[str, Any]], ctx: bentoml.Context) -> Any:
         """OpenAI-compatible chat completions; models without a chat template get a plain transcript."""
+        await self.frontend.index_vocabulary_for(bodies)
         return openai_routes.chat_completions(self.frontend, bodies[0], ctx)
 
 

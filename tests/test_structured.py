@@ -190,3 +190,50 @@ def test_openai_sdk_sends_response_format_and_vllm_extras(tiny_server):
         model="tiny-gpt2", prompt="Colour:", max_tokens=10, extra_body={"guided_choice": ["red", "green"]}
     )
     assert reply.choices[0].text in ("red", "green")
+
+
+def test_the_vocabulary_is_indexed_off_the_event_loop_before_the_first_body_that_may_ask(
+    loaded_tiny, monkeypatch
+):
+    """Not at start-up: a server that never constrains its output never holds llguidance's index of the
+    vocabulary (38 MB for GPT-2). Before the first body with a structured-output field is prepared (on the event
+    loop), it is built once, in a worker thread: the loop answers the others meanwhile."""
+    import asyncio
+    import threading
+
+    from textgen.config import Settings
+    from textgen.engine import grammar
+    from textgen.frontend.prepare import Frontend
+
+    builders = []
+    build = grammar.llguidance.hf.from_tokenizer
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        builders.append(threading.current_thread())
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(grammar.llguidance.hf, "from_tokenizer", recording)
+    frontend = Frontend(loaded_tiny, Settings(speculative="off", compile="off"))
+    try:
+        frontend.warmup()
+        assert not frontend.engine.grammars.indexed and not builders
+        asyncio.run(frontend.index_vocabulary_for([{"prompt": "Hi", "max_new_tokens": 4}]))  # free text
+        assert not builders
+        asyncio.run(
+            frontend.index_vocabulary_for([{"prompt": "Hi"}, {"prompt": "Hi", "guided_choice": ["a"]}])
+        )
+        assert frontend.engine.grammars.indexed and builders[0] is not threading.current_thread()
+        asyncio.run(frontend.index_vocabulary_for([{"response_format": {"type": "json_object"}}]))
+        assert len(builders) == 1  # once
+        params = SamplingParams(max_new_tokens=8, constraint=Constraint("choice", json.dumps(["yes", "no"])))
+        (prepared,) = frontend.prepare([frontend_request(params)])
+        assert frontend.submit(prepared)[0].wait(30).text in ("yes", "no")
+    finally:
+        frontend.close()
+
+
+def frontend_request(params: SamplingParams):  # type: ignore[no-untyped-def]
+    from textgen.frontend.prepare import PromptRequest
+    from textgen.frontend.templates import RenderedPrompt
+
+    return PromptRequest([RenderedPrompt(PROMPT, user_text=PROMPT)], params)

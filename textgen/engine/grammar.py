@@ -8,7 +8,7 @@ too) against the model's own tokenizer: masks are computed per token of the voca
 tokens that straddle grammar symbols are allowed exactly when some continuation parses.
 
 Cost, measured on an Intel Xeon (family 6 model 167, AVX-512 and AMX, 2 threads) with GPT-2's 50257 tokens:
-0.28 s to index the vocabulary (once, at warm-up), under 1 ms to compile a small schema, and 0.13 to 0.18 ms
+0.28 s to index the vocabulary (once, before the first request that asks for structured output), under 1 ms to compile a small schema, and 0.13 to 0.18 ms
 per constrained row per step (+1% on a step of 1 row, +5% at 32 rows: bench/results/structured.md).
 """
 
@@ -58,8 +58,9 @@ class Grammars:
 
     @property
     def lltokenizer(self) -> Any:
-        """The vocabulary as llguidance indexes it, built once (0.25 s for GPT-2 here): at warm-up, so that
-        the first constrained request does not hold up the event loop while it is built.
+        """The vocabulary as llguidance indexes it, built once (0.25 s for GPT-2 here), when first needed:
+        the server builds it in a worker thread before preparing the first request that may ask for
+        structured output (Frontend.index_vocabulary_for), so that the event loop is not held up meanwhile.
 
         Raises ValueError, saying why, for a tokenizer llguidance cannot index (see `unsupported`).
         """
@@ -74,6 +75,11 @@ class Grammars:
             if self._unsupported is not None:
                 raise ValueError(self._unsupported)
             return self._indexed
+
+    @property
+    def indexed(self) -> bool:
+        """Whether the vocabulary was indexed (or found impossible to index) already."""
+        return self._indexed is not None or self._unsupported is not None
 
     def unsupported(self) -> str | None:
         """Why structured output is impossible with this tokenizer, or None when it is possible.

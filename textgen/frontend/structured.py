@@ -92,6 +92,10 @@ class StructuredOutputFields(BaseModel):
         return found
 
 
+# The body members that may ask for structured output (Frontend.index_vocabulary_for looks for them).
+STRUCTURED_FIELDS = frozenset(StructuredOutputFields.model_fields)
+
+
 def _from_response_format(fmt: ResponseFormat) -> Constraint | None:
     if fmt.type == "text":
         return None
