@@ -8,12 +8,14 @@ too) against the model's own tokenizer: masks are computed per token of the voca
 tokens that straddle grammar symbols are allowed exactly when some continuation parses.
 
 Cost, measured on an Intel Xeon (family 6 model 167, AVX-512 and AMX, 2 threads) with GPT-2's 50257 tokens:
-0.28 s to index the vocabulary (once, before the first request that asks for structured output), under 1 ms to compile a small schema, and 0.13 to 0.18 ms
-per constrained row per step (+1% on a step of 1 row, +5% at 32 rows: bench/results/structured.md).
+0.28 s to index the vocabulary (once, before the first request that asks for structured output), under 1 ms
+to compile a small schema, and 0.13 to 0.18 ms per constrained row per step (+1% on a step of 1 row, +5% at
+32 rows: bench/results/structured.md).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -23,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from textgen.engine.params import Constraint, ParamError
+
+log = logging.getLogger(__name__)
 
 # Any JSON object: what OpenAI's response_format {"type": "json_object"} promises.
 ANY_OBJECT = '{"type": "object"}'
@@ -72,6 +76,7 @@ class Grammars:
                     )
                 except ValueError as exc:
                     self._unsupported = _unsupported_tokenizer(self.tokenizer, exc)
+                    log.warning("%s; requests that ask for it get a 400", self._unsupported)  # once
             if self._unsupported is not None:
                 raise ValueError(self._unsupported)
             return self._indexed

@@ -97,7 +97,8 @@ SCRATCH = "TEXTGEN_COMPILE_SCRATCH"  # and its directory for inductor, removed b
 # the model's own weights: without `freezing` they stay the program's inputs, and its package holds none of
 # them (the weights read where the model keeps them: `_load`). Inductor's default (freezing, oneDNN's packed
 # float32 products) was slower than eager and a second copy of the weights (random GPT-2 under AVX2 caps on
-# the AMX Xeon, one stream in-process: 38.9 tok/s against 34.8-36.9 eager, RSS +760 MB); this way 42.6-45.5.
+# the AMX Xeon, one stream in-process: 38.9 tok/s against 34.8-36.9 eager, RSS +760 MB); this way 44.3-44.8
+# against 36.6-37.4 eager, at eager's peak RSS (bench/PERFORMANCE.md, session 31).
 FLOAT32_OPTIONS = {
     "freezing": False,
     "compile_threads": 1,
