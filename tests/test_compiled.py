@@ -336,7 +336,7 @@ def test_the_server_compiles_its_steps_in_the_background(
         frontend.warmup()
         assert compile_state(loaded.model) == "compiling"
         steps.thread.join()
-        # The second format's step is the first's: loaded, not compiled.
+        # bfloat16-int8head's step is bfloat16's (its output layer is outside): loaded, not compiled.
         expected = (
             "loaded from the cache in "
             if dtype == "bfloat16-int8head"

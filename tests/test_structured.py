@@ -196,8 +196,8 @@ def test_the_vocabulary_is_indexed_off_the_event_loop_before_the_first_body_that
     loaded_tiny, monkeypatch
 ):
     """Not at start-up: a server that never constrains its output never holds llguidance's index of the
-    vocabulary (38 MB for GPT-2). Before the first body with a structured-output field is prepared (on the event
-    loop), it is built once, in a worker thread: the loop answers the others meanwhile."""
+    vocabulary (38 MB for GPT-2). Before the first body with a structured-output field is prepared (on the
+    event loop), it is built once, in a worker thread: the loop answers the others meanwhile."""
     import asyncio
     import threading
 

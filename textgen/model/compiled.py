@@ -340,7 +340,7 @@ class _Pass(torch.nn.Module):
     """A `lone_row` as a module, which torch.export takes: the model's tensors it reads become the
     program's constants (the model itself is not a submodule: its int8 output layer is outside). With
     `body` (the module holding them) a submodule, they are its parameters and buffers instead, named as in
-    `body` under BODY: the names a package without weights is given them by (LoneRowPasses.weights)."""
+    `body` after BODY: the names by which a package without weights is given them (LoneRowPasses.weights)."""
 
     BODY = "body"
 
