@@ -265,7 +265,7 @@ class LoneRowPasses(AheadOfTime):
         return inductor_options(cpu, dtype)
 
     def weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-        if dtype != torch.float32:
+        if not weightless(dtype):
             return None
         tensors = itertools.chain(
             self.body.named_parameters(remove_duplicate=False),
@@ -291,7 +291,7 @@ class LoneRowPasses(AheadOfTime):
         tokens = {0: torch.export.Dim("tokens", min=1)} if several else None
         capacities = [torch.export.Dim(f"capacity{layer}", min=2) for layer in range(self.layers)]
         program = torch.export.export(
-            _Pass(self.lone_row, self.body if self.weights(dtype) is not None else None),
+            _Pass(self.lone_row, self.body if weightless(dtype) else None),
             example,
             dynamic_shapes={
                 "hidden": tokens,
@@ -356,7 +356,7 @@ class _Pass(torch.nn.Module):
 
 def inductor_options(cpu: CpuInfo, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
     """Inductor's settings for a lone stream's pass of `dtype` on `cpu`."""
-    if dtype == torch.float32:
+    if weightless(dtype):
         return dict(FLOAT32_OPTIONS)
     options: dict[str, Any] = {
         # The weights are constants of the program, so its products are oneDNN's packed ones or the
@@ -374,6 +374,12 @@ def inductor_options(cpu: CpuInfo, dtype: torch.dtype = torch.bfloat16) -> dict[
     if backends is not None:
         options.update(max_autotune_gemm=True, max_autotune_gemm_backends=backends)
     return options
+
+
+def weightless(dtype: torch.dtype) -> bool:
+    """Whether a lone stream's pass of `dtype` is compiled without its weights, reading the model's
+    (FLOAT32_OPTIONS): float32's, whose products stay oneMKL's on the weights as they are."""
+    return dtype == torch.float32
 
 
 def gemm_backends(cpu: CpuInfo) -> str | None:
