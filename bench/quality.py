@@ -123,9 +123,14 @@ def main() -> None:
     for name in (*formats, *SEVEN_BIT):
         dtype = SEVEN_BIT.get(name, name)
         settings = Settings(model_name=None, threads=2, dtype=dtype)
-        # int8 as this CPU's FBGEMM kernel takes it; SEVEN_BIT as on x86 CPUs without AVX512-VNNI
+        # int8 as this CPU's kernels take it; SEVEN_BIT as on x86 CPUs without AVX512-VNNI, which multiply
+        # with FBGEMM's AVX2 kernels (oneDNN's output layer is for AMX CPUs: quantize.onednn_output_layer)
         levels = 63 if name in SEVEN_BIT else quantize.weight_levels()
-        with mock.patch.object(quantize, "weight_levels", lambda: levels):
+        onednn = name not in SEVEN_BIT and quantize.onednn_output_layer()
+        with (
+            mock.patch.object(quantize, "weight_levels", lambda: levels),
+            mock.patch.object(quantize, "onednn_output_layer", lambda: onednn),
+        ):
             loaded = load_model(settings, resolve_model(settings))
         start = time.perf_counter()
         ppl = perplexity(loaded.model, loaded.tokenizer)
@@ -155,8 +160,9 @@ def main() -> None:
             f"{quantize.DENSE_ROWS}), and the weights' dense copy for larger products (prompts, big batches); its "
             "weights are 7-bit on x86 CPUs without AVX512-VNNI (FBGEMM's kernels there add pairs of products "
             "in 16 bits). bfloat16-int8head and float32-int8head are bfloat16 and float32 with the output "
-            "layer alone int8 in that way (float32-int8head with no dense copy, every product FBGEMM's, and "
-            "its tied input embeddings int8 rows too). "
+            "layer alone int8 in that way (float32-int8head with no dense copy, every product FBGEMM's (on AMX "
+            "CPUs oneDNN's, with FBGEMM's quantization and numbers), and its tied input embeddings int8 rows "
+            "too). "
             "float32-packed is float32 with oneDNN's packed products.",
             "",
             f"Measured on {cpu['model']} ({cpu['isa_class']}: {', '.join(cpu['flags'])}), "

@@ -22,7 +22,15 @@ from textgen.engine.params import SamplingParams
 from textgen.model.cpu import detect_cpu
 from textgen.model.formats import int8_dense_dtype
 from textgen.model.linear import Linear, onednn_bfloat16, use_linear
-from textgen.model.quantize import DENSE_ROWS, PACKED_DENSE_ROWS, Int8Embedding, Int8Linear, weight_levels
+from textgen.model.quantize import (
+    DENSE_ROWS,
+    ONEDNN_PACK_ROWS,
+    PACKED_DENSE_ROWS,
+    Int8Embedding,
+    Int8Linear,
+    onednn_output_layer,
+    weight_levels,
+)
 
 
 def test_local_directory_loads_a_causal_lm(loaded_tiny, tiny_model_dir):
@@ -176,6 +184,8 @@ def test_int8head_formats_quantize_the_output_layer_alone(layers, tiny_model_dir
     model = loaded.model
     assert loaded.dtype == dtype
     assert [m for m in model.modules() if isinstance(m, Int8Linear)] == [model.lm_head]
+    # oneDNN's int8 product where this CPU has AMX for it, FBGEMM's elsewhere
+    assert (model.lm_head.onednn_packed is not None) == onednn_output_layer()
     lookup = model.get_input_embeddings()
     vocabulary = model.config.vocab_size * model.config.n_embd
     tensors = [*model.parameters(), *model.buffers()]
@@ -325,6 +335,43 @@ def test_int8_linear_is_close_to_the_float_product(rows, compute, levels):
     # int8 weights keep ~1/254 of each row's largest weight (1/126 at 7 bits), activations ~1/255 of their
     # row's range; the error adds up over 64 products
     assert (got.float() - expected).norm() / expected.norm() < (0.02 if levels == 127 else 0.03)
+
+
+@pytest.mark.parametrize("rows", [1, 3, ONEDNN_PACK_ROWS, 40])
+def test_int8_product_through_onednn_is_fbgemms(rows):
+    """oneDNN's int8 product (the output layer's on AMX CPUs) quantizes the activations as FBGEMM does: a
+    lone row on its own range, several each on theirs (a row 1000x the others, a row all positive), so it
+    computes FBGEMM's numbers up to rounding, as close to the float product. 7-bit weights where oneDNN here has
+    neither AMX nor VNNI: its AVX2 and AVX-512 kernels add pairs of products in 16 bits, as FBGEMM's do
+    (8-bit weights there: 5% off instead of 0.3%)."""
+    levels = 127 if onednn_output_layer() else 63
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64), torch.randn(96)
+    x = torch.randn(rows, 64)
+    x[0] *= 1000
+    x[-1] = x[-1].abs() + 1  # every value positive
+    expected = torch.nn.functional.linear(x, weight, bias)
+    onednn = Int8Linear(weight, bias, levels=levels, dense=False, out_dtype=torch.float32, onednn=True)
+    assert onednn.onednn_packed is not None and onednn.packed is None
+    got = onednn(x)
+    assert got.shape == (rows, 96) and got.dtype == torch.float32
+    for row in range(rows):
+        error = (got[row] - expected[row]).norm() / expected[row].norm()
+        assert error < (0.02 if levels == 127 else 0.03), (row, error)
+    if levels <= weight_levels():  # FBGEMM here takes these weights
+        fbgemm = Int8Linear(weight, bias, levels=levels, dense=False, out_dtype=torch.float32)
+        assert (got - fbgemm(x)).norm() <= 1e-4 * expected.norm()
+
+
+def test_the_output_layer_goes_to_onednn_only_with_amx():
+    """FBGEMM has no AMX kernel, oneDNN's is faster for the output layer at every batch size there; without
+    AMX (Zen 4's AVX512-VNNI, Zen 3's AVX2, or oneDNN capped below AMX) FBGEMM's stays."""
+    from tests.test_cpu import MACHINES
+
+    amx, zen4, zen3 = (detect_cpu(MACHINES[n]) for n in ("sapphire-rapids", "epyc-zen4", "epyc-zen3"))
+    capped = detect_cpu(MACHINES["sapphire-rapids"], env={"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"})
+    assert onednn_output_layer(amx) == torch.backends.mkldnn.is_available()
+    assert not any(onednn_output_layer(cpu) for cpu in (zen4, zen3, capped))
 
 
 def test_smoothing_moves_an_outlier_channel_into_the_weights():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from textgen.model.cpu import CpuInfo
+from textgen.model.quantize import onednn_output_layer
 
 # ---------------------------------------------------------------------------------------------------------
 # Choosing the weight format
@@ -158,7 +159,9 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
             )
         else:
             native = f"computes bfloat16 natively ({cpu.bf16_unit})"
-            if dtype == "bfloat16-int8head":
+            if dtype == "bfloat16-int8head" and onednn_output_layer(cpu):
+                native += " and its output layer with oneDNN's int8 products (AMX)"
+            elif dtype == "bfloat16-int8head":
                 native += (
                     f" and its output layer with FBGEMM's int8 products ({cpu.int8_unit or cpu.isa_class})"
                 )

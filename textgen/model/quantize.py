@@ -40,6 +40,18 @@ block products on the AMX Xeon, int8 against packed bfloat16: 8.8 / 11.9 ms at 1
 
 Where torch has no FBGEMM (ARM builds), the one-row product falls back to `_weight_int8pack_mm` and larger
 ones go to the dense copy.
+
+The output layer is the exception where the CPU has AMX's int8 unit: FBGEMM has no AMX kernel, and oneDNN's
+(`torch.ops.onednn.qlinear_pointwise`, which inductor's int8 passes call) multiplies a matrix that large
+faster at every batch size (`onednn_output_layer`); its activations are quantized here as FBGEMM would
+(`_onednn_product`), so the numbers are FBGEMM's up to rounding. GPT-2's [50257, 768] int8 output layer on
+the AMX Xeon (family 6 model 167), 2 threads, cold from memory, oneDNN against FBGEMM: 1 row 1.4-2.2 against
+2.0-2.3 ms, 8 rows 1.8-2.2 against 2.6-3.0, 32 rows 2.4-3.3 against 4.5-4.6, 64 rows 3.1-4.4 against 7.4-7.8.
+Not for the blocks' smaller matrices, where oneDNN's per-call cost loses (GPT-2's 48 block products: 1 row
+11.8 against 8.6 ms, 32 rows 22.2 against 16.6), nor without AMX: capped to AVX512-VNNI it was only level
+(32 rows 4.0 against 4.7 ms), and to AVX2 4x slower. In the engine (random GPT-2 bfloat16-int8head, W's
+sampled streams in-process, alternating processes): 32 streams 823-877 tok/s against 797-845, one stream
+level (89-109 against 91-105).
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from textgen.model.cpu import CpuInfo, this_cpu
 from textgen.model.linear import Linear, replace_projections
 
 log = logging.getLogger(__name__)
@@ -60,6 +73,8 @@ DENSE_ROWS = 64  # from this many rows (tokens) per product, the dense copy is f
 PACKED_DENSE_ROWS = 4  # the same where the dense copy is bfloat16 packed for oneDNN
 CHUNK_ROWS = 4096  # rows quantized at a time
 HAS_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
+# oneDNN's packed layout is chosen for products of this many rows (decoding batches; one row is as fast)
+ONEDNN_PACK_ROWS = 8
 SMOOTHING = 0.5  # SmoothQuant's alpha: the share of each input channel's range moved into the weights
 CALIBRATION_TOKENS = 256
 # Varied on purpose (story, code, dates, science, dialogue), and not the text bench/quality.py measures on.
@@ -87,6 +102,21 @@ def _fbgemm_pack(quantized: torch.Tensor, scales: torch.Tensor) -> Any:
         return torch.ops.quantized.linear_prepack(weight, None)
 
 
+def onednn_output_layer(cpu: CpuInfo | None = None) -> bool:
+    """Whether the output layer's int8 products are oneDNN's rather than FBGEMM's: where oneDNN may use
+    this CPU's AMX int8 unit (not capped by ONEDNN_MAX_CPU_ISA) and torch has its int8 product."""
+    cpu = cpu or this_cpu()
+    return not cpu.is_arm and {"amx_tile", "amx_int8"} <= cpu.usable_by("oneDNN") and _has_onednn_int8()
+
+
+@functools.cache
+def _has_onednn_int8() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+    except (AttributeError, RuntimeError):
+        return False
+
+
 @functools.cache
 def weight_levels() -> int:
     """The largest int8 weight FBGEMM's kernel in this process takes: 127 where it sums products in 32 bits
@@ -112,17 +142,20 @@ class Int8Linear(nn.Module):
         pack: bool = True,
         out_dtype: torch.dtype | None = None,
         dense: bool = True,
+        onednn: bool = False,
     ) -> None:
         """`levels`: the largest int8 weight (default: weight_levels()); `input_peaks`: the largest |input|
         per channel seen in calibration, to smooth the int8 product with (none: no smoothing); `pack`: the
         dense copy may be packed (not when it is also the input embeddings: linear.replace_projections);
         `out_dtype`: of the outputs (none: the inputs'); `dense`: keep W dense for large products (without
-        it FBGEMM multiplies every product; where torch has no FBGEMM, W stays dense whatever it says)."""
+        it FBGEMM multiplies every product; where torch has no FBGEMM, W stays dense whatever it says);
+        `onednn`: oneDNN multiplies the int8 weights instead of FBGEMM (`onednn_output_layer`)."""
         super().__init__()
         self.out_dtype = out_dtype
         weight = weight.detach()  # [out, in]
         self.out_features, self.in_features = weight.shape
-        levels = weight_levels() if levels is None else levels
+        if levels is None:  # oneDNN's AMX kernel sums in 32 bits: all of int8
+            levels = 127 if onednn else weight_levels()
         compute = weight.dtype
         smoothing = torch.ones(self.in_features)
         if input_peaks is not None and HAS_FBGEMM:
@@ -132,8 +165,18 @@ class Int8Linear(nn.Module):
             ).clamp(min=1e-5)
         self.register_buffer("input_scale", (1 / smoothing).float())  # inputs x this, weight columns / it
         quantized, scales = int8_rows(weight, levels, columns=smoothing)
-        if HAS_FBGEMM:
+        self.packed: Any = None  # FBGEMM's
+        self.onednn_packed: Any = None
+        if onednn:
+            # oneDNN's own copy, in its blocked layout: the int8 tensor can go
+            self.onednn_packed = torch.ops.onednn.qlinear_prepack(
+                quantized, [ONEDNN_PACK_ROWS, self.in_features]
+            )
+            self.register_buffer("scales", scales)
+            self.register_buffer("zero_points", torch.zeros(self.out_features, dtype=torch.long))
+        elif HAS_FBGEMM:
             self.packed = _fbgemm_pack(quantized, scales)  # FBGEMM's own copy: the int8 tensor can go
+        if self.onednn_packed is not None or HAS_FBGEMM:
             # 1 W' per output: what a constant row contributes through the int8 weights (_int8_product)
             self.register_buffer("column_sums", quantized.sum(dim=1, dtype=torch.float32) * scales)
         else:
@@ -164,10 +207,12 @@ class Int8Linear(nn.Module):
         return out.to(self.out_dtype or flat.dtype).view(*x.shape[:-1], self.out_features)
 
     def _int8_product(self, flat: torch.Tensor) -> torch.Tensor:
-        if not HAS_FBGEMM:
+        if self.onednn_packed is None and not HAS_FBGEMM:
             return torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
         activations = flat * self.input_scale  # float32, as FBGEMM takes them (type promotion)
-        if flat.shape[0] == 1:  # FBGEMM quantizes a lone row on its own range
+        if flat.shape[0] == 1:  # a lone row is quantized on its own range
+            if self.onednn_packed is not None:
+                return self._onednn_product(activations)
             return torch.ops.quantized.linear_dynamic(activations, self.packed, False)  # float32
         # Several rows share one range in FBGEMM. Each row x is taken as its range's middle m plus its
         # half-width h times u, u spanning exactly [-1, 1]: every row's u then quantizes on its own range, as
@@ -176,8 +221,38 @@ class Int8Linear(nn.Module):
         # rows at a time, 17.67 perplexity in one pass against 17.55 one row at a time.
         low, high = activations.aminmax(dim=1, keepdim=True)
         middle, half = (high + low) / 2, ((high - low) / 2).clamp_(min=1e-12)
-        out = torch.ops.quantized.linear_dynamic((activations - middle) / half, self.packed, False)
+        if self.onednn_packed is not None:
+            out = self._onednn_product((activations - middle) / half)
+        else:
+            out = torch.ops.quantized.linear_dynamic((activations - middle) / half, self.packed, False)
         return out.mul_(half).addr_(middle.squeeze(1), self.column_sums)  # a fresh tensor: scaled in place
+
+    def _onednn_product(self, activations: torch.Tensor) -> torch.Tensor:
+        """x W' through oneDNN, in float32, x quantized to uint8 on one range for all its rows as FBGEMM's
+        linear_dynamic quantizes it (`fbgemm_input_quantization`): the same numbers."""
+        low, high = activations.aminmax()
+        scale, zero = fbgemm_input_quantization(float(low), float(high))
+        # round(x / scale) + zero as FBGEMM computes it: x times the float32 inverse, to the nearest even
+        inverse = torch.tensor(1.0, dtype=torch.float32) / scale
+        codes = activations.mul(inverse).round_().add_(zero).clamp_(0, 255).to(torch.uint8)
+        return torch.ops.onednn.qlinear_pointwise(
+            codes, scale, zero, self.onednn_packed, self.scales, self.zero_points,
+            None, 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+
+
+def fbgemm_input_quantization(low: float, high: float) -> tuple[float, int]:
+    """The uint8 scale and zero point FBGEMM's linear_dynamic quantizes activations spanning [low, high] with
+    (torch's quant_utils::ChooseQuantizationParams, full range): the span widened to take 0, the scale a
+    float32, the zero point the one whose end loses less, rounded to the nearest even."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = (high - low) / 255
+    if float(torch.tensor(scale, dtype=torch.float32)) == 0.0:
+        scale = 0.1
+    from_min, from_max = -low / scale, 255 - high / scale
+    zero = from_min if abs(low / scale) > 255 - abs(high / scale) else from_max
+    zero = min(max(round(zero), 0), 255)  # Python rounds halves to even, as nearbyint does
+    return float(torch.tensor(scale, dtype=torch.float32)), zero
 
 
 def int8_rows(
@@ -251,10 +326,14 @@ def quantize_int8(model: Any, tokenizer: Any = None) -> Any:
     peaks = input_peaks(model, tokenizer) if tokenizer is not None and HAS_FBGEMM else {}
 
     head = model.get_output_embeddings()
+    onednn = onednn_output_layer()
 
     def make(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> Int8Linear:
-        logits = torch.float32 if layer is head else None  # see quantize_output_layer
-        return Int8Linear(weight, bias, input_peaks=peaks.get(layer), pack=pack, out_dtype=logits)
+        if layer is not head:
+            return Int8Linear(weight, bias, input_peaks=peaks.get(layer), pack=pack)
+        return Int8Linear(  # logits in float32: see quantize_output_layer
+            weight, bias, input_peaks=peaks.get(layer), pack=pack, out_dtype=torch.float32, onednn=onednn
+        )
 
     replace_projections(model, make)
     return model
@@ -297,7 +376,14 @@ def quantize_output_layer(model: Any) -> Any:
     # bfloat16 products beat FBGEMM's (PACKED_DENSE_ROWS); for all of a prompt's positions at once, SmolLM2
     # 17.64 perplexity in one pass against 17.73 through FBGEMM.
     float32 = head.weight.dtype == torch.float32
-    layer = Int8Linear(head.weight, head.bias, pack=not tied, out_dtype=torch.float32, dense=not float32)
+    layer = Int8Linear(
+        head.weight,
+        head.bias,
+        pack=not tied,
+        out_dtype=torch.float32,
+        dense=not float32,
+        onednn=onednn_output_layer(),
+    )
     model.set_output_embeddings(layer)
     if tied and float32 and layer.dense is None:
         model.set_input_embeddings(Int8Embedding(embeddings.weight, getattr(embeddings, "padding_idx", None)))
