@@ -160,9 +160,9 @@ def main() -> None:
             f"{quantize.DENSE_ROWS}), and the weights' dense copy for larger products (prompts, big batches); its "
             "weights are 7-bit on x86 CPUs without AVX512-VNNI (FBGEMM's kernels there add pairs of products "
             "in 16 bits). bfloat16-int8head and float32-int8head are bfloat16 and float32 with the output "
-            "layer alone int8 in that way (float32-int8head with no dense copy, every product FBGEMM's (on AMX "
-            "CPUs oneDNN's, with FBGEMM's quantization and numbers), and its tied input embeddings int8 rows "
-            "too). "
+            "layer alone int8 in that way (float32-int8head with no dense copy, every product FBGEMM's "
+            "(on AMX CPUs oneDNN's, with FBGEMM's quantization and numbers), and its tied input embeddings "
+            "int8 rows too). "
             "float32-packed is float32 with oneDNN's packed products.",
             "",
             f"Measured on {cpu['model']} ({cpu['isa_class']}: {', '.join(cpu['flags'])}), "

@@ -341,9 +341,9 @@ def test_int8_linear_is_close_to_the_float_product(rows, compute, levels):
 def test_int8_product_through_onednn_is_fbgemms(rows):
     """oneDNN's int8 product (the output layer's on AMX CPUs) quantizes the activations as FBGEMM does: a
     lone row on its own range, several each on theirs (a row 1000x the others, a row all positive), so it
-    computes FBGEMM's numbers up to rounding, as close to the float product. 7-bit weights where oneDNN here has
-    neither AMX nor VNNI: its AVX2 and AVX-512 kernels add pairs of products in 16 bits, as FBGEMM's do
-    (8-bit weights there: 5% off instead of 0.3%)."""
+    computes FBGEMM's numbers up to rounding, as close to the float product. 7-bit weights where oneDNN
+    here has neither AMX nor VNNI: its AVX2 and AVX-512 kernels add pairs of products in 16 bits, as
+    FBGEMM's do (8-bit weights there: 5% off instead of 0.3%)."""
     levels = 127 if onednn_output_layer() else 63
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 64), torch.randn(96)
