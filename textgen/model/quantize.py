@@ -43,11 +43,12 @@ ones go to the dense copy.
 
 The output layer is the exception where the CPU has AMX's int8 unit: FBGEMM has no AMX kernel, and oneDNN's
 (`torch.ops.onednn.qlinear_pointwise`, which inductor's int8 passes call) multiplies a matrix that large
-faster at every batch size (`onednn_output_layer`); its activations are quantized here as FBGEMM would
-(`_onednn_product`), so the numbers are FBGEMM's up to rounding. GPT-2's [50257, 768] int8 output layer on
-the AMX Xeon (family 6 model 167), 2 threads, cold from memory, oneDNN against FBGEMM: 1 row 1.4-2.2 against
-2.0-2.3 ms, 8 rows 1.8-2.2 against 2.6-3.0, 32 rows 2.4-3.3 against 4.5-4.6, 64 rows 3.1-4.4 against 7.4-7.8.
-Not for the blocks' smaller matrices, where oneDNN's per-call cost loses (GPT-2's 48 block products: 1 row
+faster from a few rows up and as fast at one (`onednn_output_layer`); its activations are quantized here
+with FBGEMM's scale and zero point (`_onednn_product`), so the numbers are FBGEMM's up to the last bits.
+GPT-2's [50257, 768] int8 output layer on the AMX Xeon (family 6 model 167), 2 threads, cold from memory,
+oneDNN against FBGEMM: 1 row level (2.51 against 2.33 ms, 2.52 against 2.58, alternating), 8 rows 1.8-2.2
+against 2.6-3.0, 32 rows 2.4-4.3 against 4.5-6.8, 64 rows 3.1-4.4 against 7.4-7.8. Not for the blocks'
+smaller matrices, where oneDNN's per-call cost loses (GPT-2's 48 block products: 1 row
 11.8 against 8.6 ms, 32 rows 22.2 against 16.6), nor without AMX: capped to AVX512-VNNI it was only level
 (32 rows 4.0 against 4.7 ms), and to AVX2 4x slower. In the engine (random GPT-2 bfloat16-int8head, W's
 sampled streams in-process, alternating processes): 32 streams 823-877 tok/s against 797-845, one stream
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import struct
 import warnings
 from typing import Any
 
@@ -75,6 +77,8 @@ CHUNK_ROWS = 4096  # rows quantized at a time
 HAS_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
 # oneDNN's packed layout is chosen for products of this many rows (decoding batches; one row is as fast)
 ONEDNN_PACK_ROWS = 8
+# torch's SMALL_SCALE_THRESHOLD, a float32: FBGEMM quantizes activations with no finer step
+SMALL_SCALE = struct.unpack("f", struct.pack("f", 6.1e-5))[0]
 SMOOTHING = 0.5  # SmoothQuant's alpha: the share of each input channel's range moved into the weights
 CALIBRATION_TOKENS = 256
 # Varied on purpose (story, code, dates, science, dialogue), and not the text bench/quality.py measures on.
@@ -214,11 +218,12 @@ class Int8Linear(nn.Module):
             if self.onednn_packed is not None:
                 return self._onednn_product(activations)
             return torch.ops.quantized.linear_dynamic(activations, self.packed, False)  # float32
-        # Several rows share one range in FBGEMM. Each row x is taken as its range's middle m plus its
-        # half-width h times u, u spanning exactly [-1, 1]: every row's u then quantizes on its own range, as
-        # the row would alone, and x W' = h (u W') + m (1 W'). Scaled by its largest |x| alone, a row whose
-        # values lean to one side lost up to half its steps to the others: SmolLM2's int8 output layer, 32
-        # rows at a time, 17.67 perplexity in one pass against 17.55 one row at a time.
+        # Several rows share one range in FBGEMM's quantization (and oneDNN's here). Each row x is taken as
+        # its range's middle m plus its half-width h times u, u spanning exactly [-1, 1]: every row's u then
+        # quantizes on its own range, as the row would alone, and x W' = h (u W') + m (1 W'). Scaled by its
+        # largest |x| alone, a row whose values lean to one side lost up to half its steps to the others:
+        # SmolLM2's int8 output layer, 32 rows at a time, 17.67 perplexity in one pass against 17.55 one row
+        # at a time.
         low, high = activations.aminmax(dim=1, keepdim=True)
         middle, half = (high + low) / 2, ((high - low) / 2).clamp_(min=1e-12)
         if self.onednn_packed is not None:
@@ -243,16 +248,30 @@ class Int8Linear(nn.Module):
 
 def fbgemm_input_quantization(low: float, high: float) -> tuple[float, int]:
     """The uint8 scale and zero point FBGEMM's linear_dynamic quantizes activations spanning [low, high] with
-    (torch's quant_utils::ChooseQuantizationParams, full range): the span widened to take 0, the scale a
-    float32, the zero point the one whose end loses less, rounded to the nearest even."""
+    (torch's quant_utils::ChooseQuantizationParams, full range): the span widened to take 0 and to at least
+    255 steps of SMALL_SCALE, the scale a float32, the zero point the one whose end loses less, rounded to the
+    nearest even."""
     low, high = min(low, 0.0), max(high, 0.0)
     scale = (high - low) / 255
-    if float(torch.tensor(scale, dtype=torch.float32)) == 0.0:
+    if _float32(scale) == 0.0:
         scale = 0.1
+    if scale < SMALL_SCALE:
+        if low == 0.0:
+            high = _float32(SMALL_SCALE * 255)
+        elif high == 0.0:
+            low = _float32(-SMALL_SCALE * 255)
+        else:
+            amplifier = _float32(SMALL_SCALE / _float32(scale))
+            low, high = _float32(low * amplifier), _float32(high * amplifier)
+        scale = SMALL_SCALE
     from_min, from_max = -low / scale, 255 - high / scale
     zero = from_min if abs(low / scale) > 255 - abs(high / scale) else from_max
     zero = min(max(round(zero), 0), 255)  # Python rounds halves to even, as nearbyint does
-    return float(torch.tensor(scale, dtype=torch.float32)), zero
+    return _float32(scale), zero
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def int8_rows(
