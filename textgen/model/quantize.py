@@ -43,16 +43,15 @@ ones go to the dense copy.
 
 The output layer is the exception where the CPU has AMX's int8 unit: FBGEMM has no AMX kernel, and oneDNN's
 (`torch.ops.onednn.qlinear_pointwise`, which inductor's int8 passes call) multiplies a matrix that large
-faster from a few rows up and as fast at one (`onednn_output_layer`); its activations are quantized here
-with FBGEMM's scale and zero point (`_onednn_product`), so the numbers are FBGEMM's up to the last bits.
-GPT-2's [50257, 768] int8 output layer on the AMX Xeon (family 6 model 167), 2 threads, cold from memory,
-oneDNN against FBGEMM: 1 row level (2.51 against 2.33 ms, 2.52 against 2.58, alternating), 8 rows 1.8-2.2
-against 2.6-3.0, 32 rows 2.4-4.3 against 4.5-6.8, 64 rows 3.1-4.4 against 7.4-7.8. Not for the blocks'
-smaller matrices, where oneDNN's per-call cost loses (GPT-2's 48 block products: 1 row
-11.8 against 8.6 ms, 32 rows 22.2 against 16.6), nor without AMX: capped to AVX512-VNNI it was only level
-(32 rows 4.0 against 4.7 ms), and to AVX2 4x slower. In the engine (random GPT-2 bfloat16-int8head, W's
-sampled streams in-process, alternating processes): 32 streams 823-877 tok/s against 797-845, one stream
-level (89-109 against 91-105).
+faster from a few rows up and as fast at one (`onednn_output_layer`); its activations are quantized here with
+FBGEMM's scale and zero point (`_onednn_product`), so the numbers are FBGEMM's up to the last bits. GPT-2's
+[50257, 768] int8 output layer on the AMX Xeon (family 6 model 167), 2 threads, cold from memory, oneDNN
+against FBGEMM: 1 row level (2.51 against 2.33 ms, 2.52 against 2.58, alternating), 8 rows 1.8-2.2 against
+2.6-3.0, 32 rows 2.4-4.3 against 4.5-6.8, 64 rows 3.1-4.4 against 7.4-7.8. Not for the blocks' smaller
+matrices, where oneDNN's per-call cost loses (GPT-2's 48 block products: 1 row 11.8 against 8.6 ms, 32 rows
+22.2 against 16.6), nor without AMX: capped to AVX512-VNNI it was only level (32 rows 4.0 against 4.7 ms), and
+to AVX2 4x slower. In the engine (random GPT-2 bfloat16-int8head, W's sampled streams in-process, alternating
+processes): 32 streams 823-877 tok/s against 797-845, one stream level (89-109 against 91-105).
 """
 
 from __future__ import annotations
@@ -153,7 +152,8 @@ class Int8Linear(nn.Module):
         dense copy may be packed (not when it is also the input embeddings: linear.replace_projections);
         `out_dtype`: of the outputs (none: the inputs'); `dense`: keep W dense for large products (without
         it FBGEMM multiplies every product; where torch has no FBGEMM, W stays dense whatever it says);
-        `onednn`: oneDNN multiplies the int8 weights instead of FBGEMM (`onednn_output_layer`)."""
+        `onednn`: oneDNN multiplies the int8 weights instead of FBGEMM, all of int8 by default (for AMX,
+        `onednn_output_layer`: its AVX2 and AVX-512 kernels add pairs of products in 16 bits, as FBGEMM's)."""
         super().__init__()
         self.out_dtype = out_dtype
         weight = weight.detach()  # [out, in]
@@ -234,7 +234,7 @@ class Int8Linear(nn.Module):
 
     def _onednn_product(self, activations: torch.Tensor) -> torch.Tensor:
         """x W' through oneDNN, in float32, x quantized to uint8 on one range for all its rows as FBGEMM's
-        linear_dynamic quantizes it (`fbgemm_input_quantization`): the same numbers."""
+        linear_dynamic quantizes it (`fbgemm_input_quantization`): FBGEMM's numbers up to the last bits."""
         low, high = activations.aminmax()
         scale, zero = fbgemm_input_quantization(float(low), float(high))
         # round(x / scale) + zero as FBGEMM computes it: x times the float32 inverse, to the nearest even
