@@ -70,6 +70,12 @@ from textgen.model.linear import Linear, replace_projections
 
 log = logging.getLogger(__name__)
 
+
+def _float32(value: float) -> float:
+    """`value` rounded to the nearest float32, as C++ stores a double in a float."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 DENSE_ROWS = 64  # from this many rows (tokens) per product, the dense copy is faster
 PACKED_DENSE_ROWS = 4  # the same where the dense copy is bfloat16 packed for oneDNN
 CHUNK_ROWS = 4096  # rows quantized at a time
@@ -77,7 +83,7 @@ HAS_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
 # oneDNN's packed layout is chosen for products of this many rows (decoding batches; one row is as fast)
 ONEDNN_PACK_ROWS = 8
 # torch's SMALL_SCALE_THRESHOLD, a float32: FBGEMM quantizes activations with no finer step
-SMALL_SCALE = struct.unpack("f", struct.pack("f", 6.1e-5))[0]
+SMALL_SCALE = _float32(6.1e-5)
 SMOOTHING = 0.5  # SmoothQuant's alpha: the share of each input channel's range moved into the weights
 CALIBRATION_TOKENS = 256
 # Varied on purpose (story, code, dates, science, dialogue), and not the text bench/quality.py measures on.
@@ -238,8 +244,7 @@ class Int8Linear(nn.Module):
         low, high = activations.aminmax()
         scale, zero = fbgemm_input_quantization(float(low), float(high))
         # round(x / scale) + zero as FBGEMM computes it: x times the float32 inverse, to the nearest even
-        inverse = torch.tensor(1.0, dtype=torch.float32) / scale
-        codes = activations.mul(inverse).round_().add_(zero).clamp_(0, 255).to(torch.uint8)
+        codes = activations.mul(_float32(1 / scale)).round_().add_(zero).clamp_(0, 255).to(torch.uint8)
         return torch.ops.onednn.qlinear_pointwise(
             codes, scale, zero, self.onednn_packed, self.scales, self.zero_points,
             None, 1.0, 0, torch.float32, "none", [], "",
@@ -253,7 +258,7 @@ def fbgemm_input_quantization(low: float, high: float) -> tuple[float, int]:
     nearest even."""
     low, high = min(low, 0.0), max(high, 0.0)
     scale = (high - low) / 255
-    if _float32(scale) == 0.0:
+    if _float32(scale) <= 2.0**-128:  # 0 as a float32, or its float32 inverse infinite
         scale = 0.1
     if scale < SMALL_SCALE:
         if low == 0.0:
@@ -268,10 +273,6 @@ def fbgemm_input_quantization(low: float, high: float) -> tuple[float, int]:
     zero = from_min if abs(low / scale) > 255 - abs(high / scale) else from_max
     zero = min(max(round(zero), 0), 255)  # Python rounds halves to even, as nearbyint does
     return _float32(scale), zero
-
-
-def _float32(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def int8_rows(
