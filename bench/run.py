@@ -15,6 +15,7 @@ Everything is measured in the same run, on this machine, and the report names th
   format it serves: memory roofline at 1 client (a step streams every weight once), compute roofline at 32;
   auto's server then takes turns with the fastest anchor at one client (paired_one_stream);
 - the old service: transformers.pipeline behind a plain HTTP handler (baseline_server.py), one at a time.
+The report ends with issue #12's targets, each judged on this run's own figures (bench/targets.py).
 
     pip install -r requirements-bench.txt     # the anchors; llama-cpp-python builds from source
     python bench/run.py                       # bench/results/<date>-<cpu class>.{md,json}
@@ -50,7 +51,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import targets  # noqa: E402
 from bench.anchors import PROMPT_TEXT  # noqa: E402
+from bench.targets import judge  # noqa: E402
 from tests.server import Server, server_command, start_process, stop_on_sigterm  # noqa: E402
 from textgen.config import DTYPES as SERVED_DTYPES  # noqa: E402  (no torch: textgen/config.py)
 
@@ -117,7 +120,8 @@ class Prompts:
 
 
 def peak_rss_mb(pid: int) -> float:
-    """Largest peak resident set (VmHWM) among the server's processes: the one holding the model."""
+    """Largest peak resident set (VmHWM) among the server's processes, the one holding the model, in MiB
+    (`peak_rss_mb`: the name reports have kept since before it said so)."""
     import psutil
 
     peaks = []
@@ -381,7 +385,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## textgen and the old service (HTTP /generate)",
         "",
-        "| system | format | decoding | clients | tok/s | % of roofline | x best anchor | TTFT p50 ms | errors | peak RSS MB |",
+        "| system | format | decoding | clients | tok/s | % of roofline | x best anchor | TTFT p50 ms | errors "
+        "| peak RSS MiB |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["levels"]:
@@ -440,6 +445,12 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for i, r in enumerate(paired["rounds"], 1):
             lines.append(f"| {i} | {r['textgen']} | {r['anchor']} | {r['ratio']} |")
+    lines += [
+        "",
+        "## Issue #12's targets, judged on this run (bench/targets.py)",
+        "",
+        *targets.markdown(judge(report)),
+    ]
     quality = ROOT / "bench" / "results" / "quality.md"
     if quality.is_file():  # written by bench/quality.py on the real SmolLM2: what the speed costs
         lines += ["", "## Quality of the weight formats (bench/quality.py)", "", quality.read_text().strip()]
