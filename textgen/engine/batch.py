@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from textgen.engine.kv_cache import Segment, SegmentedCache, cache_layers, new_cache, row_spans
 from textgen.engine.prefix_cache import CachedPrefix
-from textgen.model.attention import decodes_with_segments
+from textgen.model.attention import cache_dtype, decodes_with_segments
 from textgen.model.native import native_decoding
 
 # A new segment rather than a merge when merging would pad more than this many positions (rows x columns),
@@ -87,8 +87,9 @@ class DecodeBatch:
         width = max(len(p) for p in prompts)
         segmented = decodes_with_segments(model)
         decoding = native_decoding(model) if segmented else None
+        stored = cache_dtype(model)
         if decoding is not None and not all_logits and all(len(p) == width for p in prompts):
-            return cls._prefill_natively(decoding, rows, prompts, vocab_size, count_prompt)
+            return cls._prefill_natively(decoding, rows, prompts, vocab_size, count_prompt, stored)
         input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros(len(prompts), width, dtype=torch.long)
         for i, p in enumerate(prompts):
@@ -99,7 +100,7 @@ class DecodeBatch:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=new_cache(staggered=segmented),
+            past_key_values=new_cache(staggered=segmented, dtype=stored),
             use_cache=True,
             logits_to_keep=0 if all_logits else 1,
         )
@@ -123,6 +124,7 @@ class DecodeBatch:
         prompts: list[list[int]],
         vocab_size: int,
         count_prompt: list[bool] | None,
+        stored: torch.dtype | None = None,
     ) -> tuple["DecodeBatch", torch.Tensor]:
         """`prefill` of prompts of one length through textgen's own pass: no padding, so every row's tokens
         are one part of a segmented pass (as a chunk of a prompt is, `extend`), each attending causally over
@@ -132,7 +134,7 @@ class DecodeBatch:
         16.8-17.1 ms). A lone prompt goes through the lone row's compiled pass, once there is one
         (textgen/model/compiled.py)."""
         count, width = len(prompts), len(prompts[0])
-        cache = new_cache(staggered=True, layers=len(decoding.layers))
+        cache = new_cache(staggered=True, layers=len(decoding.layers), dtype=stored)
         segment = Segment(cache, torch.zeros(count, 0, dtype=torch.long))
         input_ids = torch.tensor(prompts, dtype=torch.long)
         positions = torch.arange(width).repeat(count)
@@ -151,16 +153,18 @@ class DecodeBatch:
         count_prompt: bool,
         cached: CachedPrefix | None = None,
         staggered: bool = False,
+        stored: torch.dtype | None = None,
     ) -> "DecodeBatch":
         """A one-row batch whose prompt is computed piece by piece (`extend`): chunked prefill, or the rest of
         a prompt whose beginning came from the prefix cache (`cached`).
         `staggered`: its layers grow at different steps (the model decodes with textgen's attention;
-        kv_cache.new_cache)."""
-        cache = new_cache(len(prompt), staggered)  # each layer reserves room for the whole prompt
+        kv_cache.new_cache); `stored`: the dtype its cache keeps keys and values in (attention.py
+        `cache_dtype`)."""
+        cache = new_cache(len(prompt), staggered, dtype=stored)  # each layer has room for the whole prompt
         done = 0
         if cached is not None:
             done = cached.tokens
-            cache = new_cache(len(prompt), staggered, layers=len(cached.blocks[0].keys))
+            cache = new_cache(len(prompt), staggered, layers=len(cached.blocks[0].keys), dtype=stored)
             # Room for the whole prompt at once, the most any layer reserves: the cached beginning is copied
             # once, not again at the first chunk to make room.
             room = max(layer.room for layer in cache.layers)

@@ -27,7 +27,7 @@ from textgen.engine.prefix_cache import PrefixCache
 from textgen.engine.sampling import apply_penalties, sample
 from textgen.engine.sequence import Sequence
 from textgen.engine.speculative import Speculator
-from textgen.model.attention import decodes_with_segments
+from textgen.model.attention import cache_dtype, decodes_with_segments
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ class CausalRunner:
                 seq.params.penalize_prompt,
                 cached,
                 staggered=decodes_with_segments(self.model),
+                stored=cache_dtype(self.model),
             ),
         )
         self.filling[0] = fill

@@ -50,8 +50,11 @@ class GrowingLayer(DynamicLayer):
     The exception is a prompt's room while its chunks fill it: every reader gets the written part only.
     """
 
-    def __init__(self, prompt: int = 0, phase: int = 0, early: int = 0) -> None:
+    def __init__(
+        self, prompt: int = 0, phase: int = 0, early: int = 0, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
+        self.storage = dtype  # what the buffers hold keys and values in; None: the dtype they come in
         self.phase = phase  # capacities are kept at this residue of CAPACITY_STEP (PHASE_STRIDE)
         self.early = early  # it grows this many positions before it is full (< PHASE_STRIDE)
         # A prompt computed piece by piece (`prompt` tokens) reserves room for all of it when it first grows:
@@ -65,9 +68,10 @@ class GrowingLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
+        self.dtype = self.storage or key_states.dtype
         self.length = 0
-        self._keys = key_states.new_zeros(0)
-        self._values = value_states.new_zeros(0)
+        self._keys = key_states.new_zeros(0, dtype=self.dtype)
+        self._values = value_states.new_zeros(0, dtype=self.dtype)
 
     @property
     def capacity(self) -> int:
@@ -163,8 +167,9 @@ class GrowingLayer(DynamicLayer):
 
     def _reserve(self, like: torch.Tensor, capacity: int) -> None:
         batch, heads, _, dim = like.shape
-        keys = like.new_empty(batch, heads, capacity, dim)
-        values = like.new_empty(batch, heads, capacity, dim)
+        dtype = self.storage or like.dtype
+        keys = like.new_empty(batch, heads, capacity, dim, dtype=dtype)
+        values = like.new_empty(batch, heads, capacity, dim, dtype=dtype)
         if capacity != self.room:  # a prompt's room: its chunks fault in their own parts
             fault_in(keys, values)
         if self.length:
@@ -207,24 +212,31 @@ def spare_buffers(
     return keys, values
 
 
-def new_cache(prompt: int = 0, staggered: bool = False, layers: int | None = None) -> Cache:
+def new_cache(
+    prompt: int = 0, staggered: bool = False, layers: int | None = None, dtype: torch.dtype | None = None
+) -> Cache:
     """A cache whose layers (made at the first update, in order) are GrowingLayers, for a `prompt`-token
     prompt computed piece by piece if given; `staggered`: each with its own turn to grow (`staggered_layer`).
     Only for textgen's decode attention, which reads each layer's buffer as it is: Hugging Face's attention
     builds one mask for every layer, from the first layer's capacity. `layers`: that many made now, for a
     pass that needs them all before it writes any (textgen's own, whose compiled form takes every layer's
-    buffers at once: `SegmentedCache.open_lone`)."""
+    buffers at once: `SegmentedCache.open_lone`). `dtype`: what keys and values are stored in, if not the
+    dtype they are computed in (textgen/model/attention.py `cache_dtype`)."""
     if layers is not None:
-        return Cache(layers=[staggered_layer(i, prompt, staggered) for i in range(layers)])
+        return Cache(layers=[staggered_layer(i, prompt, staggered, dtype) for i in range(layers)])
     made = itertools.count()
-    return Cache(layer_class_to_replicate=lambda: staggered_layer(next(made), prompt, staggered))
+    return Cache(layer_class_to_replicate=lambda: staggered_layer(next(made), prompt, staggered, dtype))
 
 
-def staggered_layer(index: int, prompt: int = 0, staggered: bool = True) -> GrowingLayer:
-    """The `index`-th layer of a cache; `staggered`: with its phase and how early it grows (PHASE_STRIDE)."""
+def staggered_layer(
+    index: int, prompt: int = 0, staggered: bool = True, dtype: torch.dtype | None = None
+) -> GrowingLayer:
+    """The `index`-th layer of a cache; `staggered`: with its phase and how early it grows (PHASE_STRIDE);
+    `dtype`: its keys' and values' storage (None: as computed)."""
     if not staggered:
-        return GrowingLayer(prompt)
-    return GrowingLayer(prompt, phase_of(index), index // (CAPACITY_STEP // PHASE_STRIDE) % PHASE_STRIDE)
+        return GrowingLayer(prompt, dtype=dtype)
+    early = index // (CAPACITY_STEP // PHASE_STRIDE) % PHASE_STRIDE
+    return GrowingLayer(prompt, phase_of(index), early, dtype)
 
 
 def phase_of(layer: int) -> int:

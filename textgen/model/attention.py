@@ -58,9 +58,12 @@ def decode_attention(
     if kv_segments is not None:
         return segmented_attention(query, kv_segments, module.layer_idx, scale), None
     if query.shape[2] != 1 or kwargs.get("position_bias") is not None or dropout:
-        return sdpa_attention_forward(
+        computed = query.dtype
+        query, attention_mask = _as_stored(query, key, attention_mask)
+        out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+        return out.to(computed), None
     return _attend(query, key, value, attention_mask, scale), None
 
 
@@ -89,7 +92,12 @@ def _attend(
     scale: float,
     rows_kernel: RowsAttention | None = None,
 ) -> torch.Tensor:
-    """softmax(q kᵀ) v for a few query tokens per row; mask [B, 1, q, L], bool or additive. [B, q, H, D]."""
+    """softmax(q kᵀ) v for a few query tokens per row; mask [B, 1, q, L], bool or additive. [B, q, H, D],
+    in the queries' dtype, whatever the cache stores keys and values in (`cache_dtype`)."""
+    if key.dtype != query.dtype:
+        computed = query.dtype
+        query, mask = _as_stored(query, key, mask)
+        return _attend(query, key, value, mask, scale, rows_kernel).to(computed)
     rows, heads = query.shape[:2]
     if (
         rows_kernel is not None
@@ -132,6 +140,16 @@ def grouped_matmuls(
     return out.reshape(rows, heads, queries, dim).transpose(1, 2)
 
 
+def _as_stored(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The queries, and an additive mask, in the dtype the cache stores keys in (`cache_dtype`): torch's
+    attention kernels take one dtype; they widen what they read to float32 and add in it."""
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(key.dtype)
+    return query.to(key.dtype), mask
+
+
 def sdpa_wins(
     cpu: CpuInfo, rows: int, heads: int, kv_heads: int, dtype: torch.dtype, width: int | None
 ) -> bool:
@@ -153,6 +171,11 @@ def sdpa_wins(
     """
     if dtype == torch.bfloat16 and cpu.bf16_unit != "AMX":
         return rows == 1 and width is not None and width <= 160
+    if dtype == torch.float16:
+        # Keys and values stored in float16 (`cache_dtype`): torch's float16 matmuls are slow where the CPU
+        # has no float16 arithmetic, its SDPA is not (GPT-2's 12 layers, 32 rows of 160 columns, AVX2 caps on
+        # the AMX Xeon: the grouped matmuls 72 ms against 26 in float32; SDPA 21 against float32's 23).
+        return width is not None
     return rows == 1 or (kv_heads == heads and dtype == torch.bfloat16)
 
 
@@ -176,6 +199,25 @@ def compiled_attention_wins(
     if dtype != torch.bfloat16 or cpu.bf16_unit != "AVX512_BF16" or cpu.raw_isa_class == "amx":
         return False
     return kv_heads == heads or rows * width <= GROUPED_POSITIONS
+
+
+def cache_dtype(model: Any) -> torch.dtype | None:
+    """What textgen's KV cache stores `model`'s keys and values in, if not the dtype they are computed in
+    (None): its format's choice (`store_keys_as`), where the model decodes with textgen's attention, which
+    reads them in that dtype."""
+    return getattr(model, _CACHE_DTYPE, None)
+
+
+def store_keys_as(model: Any, dtype: torch.dtype | None) -> bool:
+    """Have textgen's KV cache store `model`'s keys and values in `dtype` (None: as computed), where the model
+    can decode with textgen's attention (switched to it here: `use_decode_attention`); whether it was set."""
+    if dtype is None or not use_decode_attention(model):
+        return False
+    setattr(model, _CACHE_DTYPE, dtype)
+    return True
+
+
+_CACHE_DTYPE = "textgen_cache_dtype"
 
 
 def decodes_with_segments(model: Any) -> bool:

@@ -252,11 +252,14 @@ class LoneRowPasses(AheadOfTime):
         kv_shape: tuple[int, int],
         layers: int,
         body: torch.nn.Module,
+        stored: torch.dtype | None = None,
     ) -> None:
-        """`body`: the model's module whose tensors `lone_row` reads (its blocks and final norm)."""
+        """`body`: the model's module whose tensors `lone_row` reads (its blocks and final norm); `stored`: the
+        dtype the KV cache holds keys and values in, if not the pass's (textgen/model/attention.py
+        `cache_dtype`)."""
         super().__init__()
         self.embed, self.lone_row, self.head, self.body = embed, lone_row, head, body
-        self.kv_shape, self.layers = kv_shape, layers
+        self.kv_shape, self.layers, self.stored = kv_shape, layers, stored
         # Passes it ran of one token, and of several (a prompt, a verification): tests check the path was
         # taken.
         self.steps = self.many = 0
@@ -281,8 +284,9 @@ class LoneRowPasses(AheadOfTime):
         its one-row step measured as fast."""
         kv_heads, head_dim = self.kv_shape
         shape = (1, kv_heads, EXAMPLE_CAPACITY, head_dim)
+        stored = self.stored or dtype
         buffers = [
-            (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(self.layers)
+            (torch.zeros(shape, dtype=stored), torch.zeros(shape, dtype=stored)) for _ in range(self.layers)
         ]
         several = lone_tokens(this_cpu()) > 1
         positions = torch.arange(EXAMPLE_TOKENS if several else 1)
@@ -311,7 +315,7 @@ class LoneRowPasses(AheadOfTime):
         if self.compiled is None or ids.numel() > lone_tokens(this_cpu()):
             return None
         kv_heads, head_dim = self.kv_shape
-        like = torch.empty(1, kv_heads, 0, head_dim, dtype=self.dtype)
+        like = torch.empty(1, kv_heads, 0, head_dim, dtype=self.stored or self.dtype)
         buffers = cache.open_lone(ids.numel(), like)  # textgen's SegmentedCache (engine/kv_cache.py)
         if buffers is None:
             return None
@@ -330,7 +334,7 @@ class LoneRowPasses(AheadOfTime):
         none of it (no guards), so whole contiguous buffers of its dtype, as SegmentedCache.open_lone gives,
         of at least 2 columns (its `capacity`). 8 µs for GPT-2's 24 buffers."""
         return all(
-            tensor.dtype == self.dtype and tensor.is_contiguous() and tensor.shape[2] >= 2
+            tensor.dtype == (self.stored or self.dtype) and tensor.is_contiguous() and tensor.shape[2] >= 2
             for layer in buffers
             for tensor in layer
         )

@@ -35,7 +35,8 @@ from textgen.model.quantize import onednn_output_layer
 # bfloat16's worst plus what the int8 output layer added on top of bfloat16 in the same run.
 # "float32-int8head" is float32 with the output layer int8: +0.05% with 8-bit weights (VNNI) and -0.39% with
 # 7-bit ones (FBGEMM capped to AVX2) on the AMX Xeon (session 28); counted at +0.23%, the most an int8 output
-# layer has added. With its tied input embeddings int8 rows too (2026-12-06): +0.11% and -0.34%.
+# layer has added. With its tied input embeddings int8 rows too (2026-12-06): +0.11% and -0.34%; with its
+# KV cache in float16 too (CACHE_DTYPES, session 33): +0.06% and -0.40%, the same answers.
 # "float32-packed" is float32 with oneDNN's products: the same perplexity and answers (Zen 4, session 21).
 QUALITY_COST: Mapping[str, float] = {
     "float32": 0.0,
@@ -61,6 +62,15 @@ SPEED_ORDER = ("int8", "bfloat16-int8head", "bfloat16", "float32-packed", "float
 BFLOAT16_LAYERS = ("bfloat16", "bfloat16-int8head")  # formats whose layers compute in bfloat16
 INT8_OUTPUT_LAYER = ("bfloat16-int8head", "float32-int8head")  # int8 output layer, the others as named
 FBGEMM_PRODUCTS = ("int8", *INT8_OUTPUT_LAYER)  # formats with FBGEMM's int8 products
+
+
+# What textgen's KV cache stores keys and values in, per format, where not in the dtype the layers compute
+# (textgen/model/attention.py `cache_dtype`). float32-int8head, `auto` on CPUs without native bfloat16:
+# float16 halves what float32 keys and values take, and every x86 CPU with AVX2 widens float16 in hardware
+# (F16C) as attention reads it; bfloat16 would round 8x coarser. W's 32 streams keep 32 rows of up to 160
+# positions: 377 MB of GPT-2's keys and values in float32, 189 in float16. Attention itself then runs as
+# fast or faster (`sdpa_wins`). float32 and float32-packed keep float32: they promise Hugging Face's numbers.
+CACHE_DTYPES: Mapping[str, torch.dtype] = {"float32-int8head": torch.float16}
 
 
 @dataclass(frozen=True)

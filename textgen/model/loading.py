@@ -13,7 +13,14 @@ import torch
 from textgen.config import Settings
 from textgen.model.allocator import bound_kernel_caches
 from textgen.model.cpu import detect_cpu
-from textgen.model.formats import BFLOAT16_LAYERS, INT8_OUTPUT_LAYER, int8_dense_dtype, serving_dtype
+from textgen.model.attention import store_keys_as
+from textgen.model.formats import (
+    BFLOAT16_LAYERS,
+    CACHE_DTYPES,
+    INT8_OUTPUT_LAYER,
+    int8_dense_dtype,
+    serving_dtype,
+)
 from textgen.model.linear import use_linear
 from textgen.model.memory import drop_pages, keep_freed_memory, release_freed_memory
 from textgen.model.sampling_defaults import SamplingDefaults, model_sampling_defaults
@@ -178,6 +185,8 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
 
             model = quantize_output_layer(model)
         model = use_linear(model, pack_float32=choice.dtype == "float32-packed")
+    if not config.is_encoder_decoder:  # an encoder-decoder's attention is its own, in its own dtype
+        store_keys_as(model, CACHE_DTYPES.get(choice.dtype))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     release_freed_memory()

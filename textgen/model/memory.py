@@ -162,7 +162,7 @@ def release_freed_memory() -> None:
 
 
 def kv_bytes_per_token(model: Any) -> int:
-    """Bytes one KV position takes: keys and values, in every layer that caches them, in the compute dtype.
+    """Bytes one KV position takes: keys and values, in every layer that caches them, in the dtype stored.
 
     For an encoder-decoder a position is either one of the decoder's (its self-attention cache: the start
     token and each token fed back) or one of the encoder's (the cross-attention cache: every decoder layer
@@ -180,7 +180,11 @@ def kv_bytes_per_token(model: Any) -> int:
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    dtype = getattr(model, "dtype", None) or torch.float32  # the compute dtype (int8 weights compute in it)
+    from textgen.model.attention import cache_dtype  # attention.py's imports come back here
+
+    # The cache's own dtype where the format stores keys and values in one, else the compute dtype (int8
+    # weights compute in it).
+    dtype = cache_dtype(model) or getattr(model, "dtype", None) or torch.float32
     return 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 

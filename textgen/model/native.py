@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from textgen.model.attention import compiled_attention_wins, sdpa_wins, segmented_attention
+from textgen.model.attention import cache_dtype, compiled_attention_wins, sdpa_wins, segmented_attention
 from textgen.model.compiled import AheadOfTime, Buffers, LoneRowPasses, compile_in_background
 from textgen.model.compiled_attention import RowsAttention, summed_attention
 from textgen.model.cpu import this_cpu
@@ -45,11 +45,17 @@ class NativeDecoding:
     final_norm: Callable[[torch.Tensor], torch.Tensor]
     head: Callable[[torch.Tensor], torch.Tensor]
 
-    def _programs(self, heads: int, kv_heads: int, head_dim: int, body: torch.nn.Module) -> None:
+    def _programs(self, heads: int, kv_heads: int, head_dim: int, model: Any, body: torch.nn.Module) -> None:
         """The lone row's compiled pass and the batch's compiled attention (compiled later, if ever); `body`:
         the model's module holding the tensors of the lone row's pass."""
         self.lone = LoneRowPasses(
-            self.embed, self.lone_row, self.head, (kv_heads, head_dim), len(self.layers), body
+            self.embed,
+            self.lone_row,
+            self.head,
+            (kv_heads, head_dim),
+            len(self.layers),
+            body,
+            cache_dtype(model),
         )
         self.attention = RowsAttention(heads, kv_heads, head_dim)
 
@@ -97,7 +103,7 @@ class GPT2Decoding(NativeDecoding):
             + _bound(block.ln_2, block.mlp.c_fc, block.mlp.act, block.mlp.c_proj)
             for block in body.h
         ]
-        self._programs(self.heads, self.heads, self.width // self.heads, body)
+        self._programs(self.heads, self.heads, self.width // self.heads, model, body)
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The input hidden states [T, width] of tokens `ids` [T] at `positions` [T]."""
@@ -144,7 +150,8 @@ class LlamaDecoding(NativeDecoding):
         ]
         config = model.config
         heads = config.num_attention_heads
-        self._programs(heads, config.num_key_value_heads or heads, body.layers[0].self_attn.head_dim, body)
+        head_dim = body.layers[0].self_attn.head_dim
+        self._programs(heads, config.num_key_value_heads or heads, head_dim, model, body)
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The input hidden states [T, width] of tokens `ids` [T] (positions enter as rotations, later)."""
@@ -213,8 +220,8 @@ def _attend_lone(
     head_dim] written at columns `positions` [T] of the layer's buffers, their queries [1, heads, T, head_dim]
     each over the columns up to its own (what textgen/model/attention.py computes for a lone row, with the
     mask made here)."""
-    keys.index_copy_(2, positions, key)
-    values.index_copy_(2, positions, value)
+    keys.index_copy_(2, positions, key.to(keys.dtype))  # the cache's dtype (attention.py `cache_dtype`)
+    values.index_copy_(2, positions, value.to(values.dtype))
     tokens = positions.shape[0]
     # Each token's positions, not the later tokens' nor spare room: [1, 1, T, C].
     visible = (torch.arange(keys.shape[2]).view(1, -1) <= positions.view(-1, 1)).view(1, 1, tokens, -1)
@@ -228,8 +235,8 @@ def _attend_lone(
         out = summed_attention(query, keys, values, visible, scaling)
     else:
         out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=visible, scale=scaling, enable_gqa=kv_heads != heads
-        )
+            query.to(keys.dtype), keys, values, attn_mask=visible, scale=scaling, enable_gqa=kv_heads != heads
+        ).to(query.dtype)
     return out.transpose(1, 2).reshape(tokens, -1)  # [1, heads, T, head_dim] to tokens-major
 
 
