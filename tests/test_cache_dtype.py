@@ -119,12 +119,19 @@ def test_a_lone_streams_compiled_pass_reads_and_writes_float16(models, cache_dir
 
 def test_encoder_decoders_and_other_formats_cache_what_they_compute(tiny_model_dir, cache_dir) -> None:  # type: ignore[no-untyped-def]
     """T5's attention is its own, which takes keys in its own dtype: no cache dtype is set for it; and the
-    formats that promise float32's numbers (float32, float32-packed) or compute in bfloat16 set none."""
+    formats that promise float32's numbers (float32, float32-packed) or compute in bfloat16 set none. The
+    loaded model says what its cache holds (the log, GET /info)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2)
     t5 = T5ForConditionalGeneration(config).eval()
     assert not store_keys_as(t5, torch.float16) and cache_dtype(t5) is None
-    for dtype in ("float32", "float32-packed", "bfloat16", "bfloat16-int8head", "int8"):
+    for dtype in ("float32", "float32-packed", "bfloat16", "bfloat16-int8head", "int8", "float32-int8head"):
         settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype=dtype, cache_dir=cache_dir)
-        assert cache_dtype(load_model(settings, resolve_model(settings)).model) is None, dtype
+        loaded = load_model(settings, resolve_model(settings))
+        computed = str(loaded.model.dtype).removeprefix("torch.")  # int8's: its dense copy's
+        # GET /info's kv_cache_dtype says what the cache holds
+        if dtype == "float32-int8head":
+            assert cache_dtype(loaded.model) == torch.float16 and loaded.kv_cache_dtype == "float16"
+        else:
+            assert cache_dtype(loaded.model) is None and loaded.kv_cache_dtype == computed, dtype

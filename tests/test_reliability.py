@@ -125,7 +125,9 @@ def test_info_describes_the_model_and_the_limits(tiny_server: Server, tiny_model
     info = httpx.get(f"{tiny_server.url}/info").json()
     assert info["status"] == "ready"
     assert info["model"] == "tiny-gpt2" and info["source"] == str(tiny_model_dir)
-    assert info["dtype"] == "float32" and info["context_length"] == 256
+    assert (
+        info["dtype"] == "float32" and info["context_length"] == 256 and info["kv_cache_dtype"] == "float32"
+    )
     assert info["compiled_step"] == "off: float32 decodes eagerly"  # textgen/model/compiled.py: bfloat16 only
     assert info["limits"]["max_new_tokens"] == 1024 and info["limits"]["max_body_bytes"] == 1 << 20
     assert info["limits"]["max_queue"] == 128 and info["limits"]["timeout_seconds"] == 600

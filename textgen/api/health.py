@@ -107,6 +107,7 @@ class ServerState:
             "revision": source.revision or source.sha256,
             "dtype": self.loaded.dtype if self.loaded else s.dtype,  # TEXTGEN_DTYPE resolved for this CPU
             "dtype_reason": self.loaded.dtype_reason if self.loaded else None,
+            "kv_cache_dtype": self.loaded.kv_cache_dtype if self.loaded else None,  # what the KV cache holds
             "cpu": self.cpu,
             "allocator": self.allocator,
             "compiled_step": self.compiled("step"),  # a lone stream's step (model/compiled.py), or why not

@@ -44,6 +44,7 @@ class LoadedModel:
     # What unset request fields fall back to before textgen's own defaults (logs and GET /info).
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     location: str = ""  # what the weights were read from: a Hub id or a local directory (ModelSource)
+    kv_cache_dtype: str = ""  # what the KV cache keeps keys and values in (logs and GET /info)
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -185,8 +186,10 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
 
             model = quantize_output_layer(model)
         model = use_linear(model, pack_float32=choice.dtype == "float32-packed")
-    if not config.is_encoder_decoder:  # an encoder-decoder's attention is its own, in its own dtype
-        store_keys_as(model, CACHE_DTYPES.get(choice.dtype))
+    stored = CACHE_DTYPES.get(choice.dtype)
+    # An encoder-decoder's attention is its own, and takes keys in the dtype it computes.
+    if config.is_encoder_decoder or not store_keys_as(model, stored):
+        stored = load_dtype
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     release_freed_memory()
@@ -203,9 +206,11 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
         choice.reason,
         defaults,
         source.location,
+        str(stored).removeprefix("torch."),
     )
     log.info("model %s from %s", source.model_id, source.describe())
     log.info("dtype %s (TEXTGEN_DTYPE=%s): %s", choice.dtype, settings.dtype, choice.reason)
+    log.info("KV cache: keys and values in %s", loaded.kv_cache_dtype)
     log.info(
         "CPU %s (%s, %d usable cores); %d torch threads; context %d tokens",
         cpu.model,
