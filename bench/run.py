@@ -53,7 +53,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import targets  # noqa: E402
 from bench.anchors import PROMPT_TEXT  # noqa: E402
-from bench.targets import judge  # noqa: E402
 from tests.server import Server, server_command, start_process, stop_on_sigterm  # noqa: E402
 from textgen.config import DTYPES as SERVED_DTYPES  # noqa: E402  (no torch: textgen/config.py)
 
@@ -449,7 +448,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Issue #12's targets, judged on this run (bench/targets.py)",
         "",
-        *targets.markdown(judge(report)),
+        *targets.markdown(targets.judge(report)),
     ]
     quality = ROOT / "bench" / "results" / "quality.md"
     if quality.is_file():  # written by bench/quality.py on the real SmolLM2: what the speed costs

@@ -1,4 +1,4 @@
-"""Issue #12's targets, judged on one run of bench/run.py: each target, the run's figures behind it, met or not.
+"""Issue #12's targets, judged on one run of bench/run.py: each target, the figures behind it, met or not.
 
 Every target is relative to the machine the run is on (its own roofline, the anchors run beside textgen, the
 same workload W), so a run judges itself on any CPU: the table says what holds there, not what held on the

@@ -6,6 +6,8 @@ and encoder-decoders keep the dtype they compute in."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -26,7 +28,7 @@ STEPS = 50  # past the first growth of every layer's buffers (kv_cache.CAPACITY_
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_dir, cache_dir):  # type: ignore[no-untyped-def]
+def models(tiny_model_dir: Path, cache_dir: Path) -> tuple[Any, Any]:
     """The tiny GPT-2 as float32-int8head, caching float16 as served and float32 as it would without."""
     settings = Settings(
         model_name=str(tiny_model_dir), threads=1, dtype="float32-int8head", cache_dir=cache_dir
@@ -50,7 +52,7 @@ def stored(batch: DecodeBatch) -> set[torch.dtype]:
     return {t.dtype for s in batch.segments for layer in s.layers() for t in (layer.keys, layer.values)}
 
 
-def test_float32_int8head_caches_float16_and_costs_half_the_bytes(models) -> None:  # type: ignore[no-untyped-def]
+def test_float32_int8head_caches_float16_and_costs_half_the_bytes(models: tuple[Any, Any]) -> None:
     half, full = models
     assert cache_dtype(half) == torch.float16 and cache_dtype(full) is None
     assert 2 * kv_bytes_per_token(half) == kv_bytes_per_token(full)  # the KV budget counts what is stored
@@ -58,7 +60,9 @@ def test_float32_int8head_caches_float16_and_costs_half_the_bytes(models) -> Non
 
 @torch.inference_mode()
 @pytest.mark.parametrize("lengths", [(5, 9, 13), (7, 7, 7)], ids=["hugging-face-pass", "textgens-pass"])
-def test_prompts_and_steps_store_float16_for_float32s_logits(models, lengths) -> None:  # type: ignore[no-untyped-def]
+def test_prompts_and_steps_store_float16_for_float32s_logits(
+    models: tuple[Any, Any], lengths: tuple[int, ...]
+) -> None:
     """Prompts of several lengths go through Hugging Face's pass (left-padded), of one length through
     textgen's; then steps, a prompt computed in chunks joins, and more steps."""
     half, full = models
@@ -87,7 +91,9 @@ def test_prompts_and_steps_store_float16_for_float32s_logits(models, lengths) ->
 
 
 @torch.inference_mode()
-def test_a_lone_streams_compiled_pass_reads_and_writes_float16(models, cache_dir, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_lone_streams_compiled_pass_reads_and_writes_float16(
+    models: tuple[Any, Any], cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The compiled pass of a lone row takes the cache's float16 buffers (exported for them) and computes
     the eager pass's logits, its prompt and each step, within float16's rounding."""
     half, _ = models
@@ -117,7 +123,9 @@ def test_a_lone_streams_compiled_pass_reads_and_writes_float16(models, cache_dir
         lone.compiled, lone.state = None, "off"
 
 
-def test_encoder_decoders_and_other_formats_cache_what_they_compute(tiny_model_dir, cache_dir) -> None:  # type: ignore[no-untyped-def]
+def test_encoder_decoders_and_other_formats_cache_what_they_compute(
+    tiny_model_dir: Path, cache_dir: Path
+) -> None:
     """T5's attention is its own, which takes keys in its own dtype: no cache dtype is set for it; and the
     formats that promise float32's numbers (float32, float32-packed) or compute in bfloat16 set none. The
     loaded model says what its cache holds (the log, GET /info)."""

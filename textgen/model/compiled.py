@@ -254,9 +254,9 @@ class LoneRowPasses(AheadOfTime):
         body: torch.nn.Module,
         stored: torch.dtype | None = None,
     ) -> None:
-        """`body`: the model's module whose tensors `lone_row` reads (its blocks and final norm); `stored`: the
-        dtype the KV cache holds keys and values in, if not the pass's (textgen/model/attention.py
-        `cache_dtype`)."""
+        """`body`: the model's module whose tensors `lone_row` reads (its blocks and final norm);
+        `stored`: the dtype the KV cache holds keys and values in, if not the pass's
+        (textgen/model/attention.py `cache_dtype`)."""
         super().__init__()
         self.embed, self.lone_row, self.head, self.body = embed, lone_row, head, body
         self.kv_shape, self.layers, self.stored = kv_shape, layers, stored
