@@ -176,7 +176,8 @@ def sdpa_wins(
         # has no float16 arithmetic, its SDPA is not (GPT-2's 12 layers, 32 rows of 160 columns, AVX2 caps on
         # the AMX Xeon: the grouped matmuls 72 ms against 26 in float32; SDPA 21 against float32's 23). A lone
         # row's compiled pass takes the elementwise products and sums, which inductor fuses with the widening
-        # to float32: its program 14.2-14.9 ms a token against 16.5 with SDPA (random GPT-2, same caps).
+        # to float32: its program 14.2-15.9 ms a token in four runs against 16.5 in one with SDPA (random
+        # GPT-2, same caps).
         return width is not None
     return rows == 1 or (kv_heads == heads and dtype == torch.bfloat16)
 
