@@ -384,8 +384,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## textgen and the old service (HTTP /generate)",
         "",
-        "| system | format | decoding | clients | tok/s | % of roofline | x best anchor | TTFT p50 ms | errors "
-        "| peak RSS MiB |",
+        "| system | format | decoding | clients | tok/s | % of roofline | x best anchor | TTFT p50 ms "
+        "| errors | peak RSS MiB |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["levels"]:
