@@ -211,6 +211,12 @@ def cache_dtype(model: Any) -> torch.dtype | None:
     return getattr(model, _CACHE_DTYPE, None)
 
 
+def kv_dtype(model: Any) -> torch.dtype:
+    """What the KV cache of `model` holds keys and values in: its cache's own dtype (`cache_dtype`), else the
+    dtype the model computes in (int8 weights compute in their dense copy's)."""
+    return cache_dtype(model) or getattr(model, "dtype", None) or torch.float32
+
+
 def store_keys_as(model: Any, dtype: torch.dtype | None) -> bool:
     """Have textgen's KV cache store `model`'s keys and values in `dtype` (None: as computed), where the model
     can decode with textgen's attention (switched to it here: `use_decode_attention`); whether it was set."""

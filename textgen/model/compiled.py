@@ -315,7 +315,7 @@ class LoneRowPasses(AheadOfTime):
         if self.compiled is None or ids.numel() > lone_tokens(this_cpu()):
             return None
         kv_heads, head_dim = self.kv_shape
-        like = torch.empty(1, kv_heads, 0, head_dim, dtype=self.stored or self.dtype)
+        like = torch.empty(1, kv_heads, 0, head_dim, dtype=self.buffers_dtype)
         buffers = cache.open_lone(ids.numel(), like)  # textgen's SegmentedCache (engine/kv_cache.py)
         if buffers is None:
             return None
@@ -329,12 +329,17 @@ class LoneRowPasses(AheadOfTime):
             self.many += 1
         return self.head(hidden if keep is None else hidden[keep])
 
+    @property
+    def buffers_dtype(self) -> torch.dtype:
+        """The dtype of the KV buffers the compiled program takes."""
+        return self.stored or self.dtype
+
     def _fits(self, buffers: Buffers) -> bool:
         """Whether the program can take `buffers`: it reads its inputs as laid out when exported and checks
         none of it (no guards), so whole contiguous buffers of its dtype, as SegmentedCache.open_lone gives,
         of at least 2 columns (its `capacity`). 8 µs for GPT-2's 24 buffers."""
         return all(
-            tensor.dtype == (self.stored or self.dtype) and tensor.is_contiguous() and tensor.shape[2] >= 2
+            tensor.dtype == self.buffers_dtype and tensor.is_contiguous() and tensor.shape[2] >= 2
             for layer in buffers
             for tensor in layer
         )

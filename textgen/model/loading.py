@@ -13,7 +13,7 @@ import torch
 from textgen.config import Settings
 from textgen.model.allocator import bound_kernel_caches
 from textgen.model.cpu import detect_cpu
-from textgen.model.attention import store_keys_as
+from textgen.model.attention import kv_dtype, store_keys_as
 from textgen.model.formats import (
     BFLOAT16_LAYERS,
     CACHE_DTYPES,
@@ -186,10 +186,8 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
 
             model = quantize_output_layer(model)
         model = use_linear(model, pack_float32=choice.dtype == "float32-packed")
-    stored = CACHE_DTYPES.get(choice.dtype)
-    # An encoder-decoder's attention is its own, and takes keys in the dtype it computes.
-    if config.is_encoder_decoder or not store_keys_as(model, stored):
-        stored = load_dtype
+    if not config.is_encoder_decoder:  # an encoder-decoder's attention is its own, in its own dtype
+        store_keys_as(model, CACHE_DTYPES.get(choice.dtype))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     release_freed_memory()
@@ -206,7 +204,7 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
         choice.reason,
         defaults,
         source.location,
-        str(stored).removeprefix("torch."),
+        str(kv_dtype(model)).removeprefix("torch."),
     )
     log.info("model %s from %s", source.model_id, source.describe())
     log.info("dtype %s (TEXTGEN_DTYPE=%s): %s", choice.dtype, settings.dtype, choice.reason)

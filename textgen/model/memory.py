@@ -180,12 +180,9 @@ def kv_bytes_per_token(model: Any) -> int:
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    from textgen.model.attention import cache_dtype  # attention.py's imports come back here
+    from textgen.model.attention import kv_dtype  # attention.py's imports come back here
 
-    # The cache's own dtype where the format stores keys and values in one, else the compute dtype (int8
-    # weights compute in it).
-    dtype = cache_dtype(model) or getattr(model, "dtype", None) or torch.float32
-    return 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+    return 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=kv_dtype(model)).element_size()
 
 
 def decoder_kv_shape(config: Any) -> tuple[int, int, int]:
