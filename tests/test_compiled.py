@@ -326,6 +326,8 @@ def test_the_server_compiles_its_steps_in_the_background(
     it ends."""
     from textgen.frontend.prepare import Frontend
 
+    if compiled_dtype(dtype) is None:  # float32-int8head on AMD's CPUs: test_packed_float32_layers_...
+        pytest.skip(f"{dtype}'s products are oneDNN's packed ones on this CPU: it decodes eagerly")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where that directory goes
 
     settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype=dtype, cache_dir=cache_dir)
@@ -423,7 +425,11 @@ def test_other_formats_and_models_decode_eagerly(loaded_tiny):
     assert start_compiling(loaded_tiny.model, "float32") == "off: float32 decodes eagerly"
     assert start_compiling(loaded_tiny.model, "float32-packed") == "off: float32-packed decodes eagerly"
     assert start_compiling(loaded_tiny.model, "int8") == "off: int8 decodes eagerly"
-    assert compiled_dtype("float32-int8head") == torch.float32
+    from .test_cpu import machine
+
+    intel, amd = machine("skylake"), machine("epyc-zen3")
+    assert compiled_dtype("float32-int8head", intel) == torch.float32
+    assert compiled_dtype("float32-int8head", amd) is None  # its layers packed for oneDNN there
     assert compiled_dtype("bfloat16") == compiled_dtype("bfloat16-int8head") == torch.bfloat16
     from transformers import T5Config, T5ForConditionalGeneration
 

@@ -25,6 +25,7 @@ from textgen.model.formats import (
     costly,
     emulated,
     int8_dense_dtype,
+    packs_float32,
     quality_key,
     serving_dtype,
 )
@@ -184,13 +185,12 @@ def test_auto_never_picks_an_emulated_format(name: str, quality: dict[str, float
 def test_auto_with_todays_quality_table(name: str) -> None:
     # int8 costs +1.03% (over the 1% limit; 7-bit weights +3.2%), bfloat16 +0.53%, and bfloat16 with the
     # output layer int8 +0.76%: chosen where bfloat16 is native (all three have VNNI for FBGEMM's int8).
-    # Elsewhere float32, with oneDNN's packed products on AMD's CPUs (float32-packed), with its output
-    # layer int8 on Intel's (+0.23% with 8-bit or 7-bit weights).
+    # Elsewhere float32's layers with the output layer int8 (+0.23% with 8-bit or 7-bit weights), their
+    # products oneDNN's packed ones on AMD's CPUs (`packs_float32`).
     choice = choose_dtype(machine(name))
+    assert choice.dtype == ("bfloat16-int8head" if name in NATIVE_BF16 else "float32-int8head")
     amd = machine(name).vendor == "AuthenticAMD"
-    assert choice.dtype == (
-        "bfloat16-int8head" if name in NATIVE_BF16 else "float32-packed" if amd else "float32-int8head"
-    )
+    assert packs_float32(choice.dtype, machine(name)) == (amd and name not in NATIVE_BF16)
 
 
 def test_reasons_say_why() -> None:
@@ -228,7 +228,7 @@ def test_bfloat16_int8head_needs_native_bfloat16_and_fbgemms_8bit_products() -> 
     assert zen4.dtype == "bfloat16-int8head"
     assert "its output layer with FBGEMM's int8 products (AVX512-VNNI)" in zen4.reason
     assert emulated("bfloat16-int8head", machine("epyc-zen3")) is not None
-    assert choose_dtype(machine("epyc-zen3")).dtype == "float32-packed"
+    assert choose_dtype(machine("epyc-zen3")).dtype == "float32-int8head"
     # FBGEMM held below VNNI: its output layer would be 7-bit weights, never measured: plain bfloat16.
     assert choose_dtype(capped("sapphire-rapids", FBGEMM_ENABLE_INSTRUCTIONS="AVX2")).dtype == "bfloat16"
     # ARM has bfloat16 (Graviton 3) but no FBGEMM.
@@ -263,17 +263,32 @@ def test_float32_int8head_is_float32_with_fbgemms_output_layer_where_bfloat16_is
     )
 
 
-def test_float32_packed_is_chosen_on_amds_cpus_without_native_bfloat16_only() -> None:
-    """oneMKL's float32 GEMM (float32's F.linear) is slow on AMD's CPUs, at home on Intel's."""
+def test_float32_layers_are_packed_on_amds_cpus_without_native_bfloat16_only() -> None:
+    """oneMKL's float32 GEMM (float32's F.linear) is slow on AMD's CPUs, at home on Intel's: there float32
+    layers multiply with oneDNN's packed kernels, float32-int8head's (auto) as float32-packed's."""
     zen3 = choose_dtype(machine("epyc-zen3"))
-    assert zen3.dtype == "float32-packed" and "oneDNN's packed kernels" in zen3.reason
+    assert zen3.dtype == "float32-int8head" and "oneDNN's packed kernels" in zen3.reason
+    assert packs_float32("float32-int8head", machine("epyc-zen3"))
     assert "bfloat16 not chosen" in zen3.reason and "emulates" in zen3.reason
+    # Without an int8 output layer's measured quality: float32-packed, the same products.
+    no_head = {"float32": 0.0, "float32-packed": 0.0}
+    packed = choose_dtype(machine("epyc-zen3"), no_head)
+    assert packed.dtype == "float32-packed" and "oneDNN's packed kernels" in packed.reason
     skylake = choose_dtype(machine("skylake"))  # Intel, AVX-512 without bfloat16: oneMKL's float32
-    assert skylake.dtype == "float32-int8head"
-    assert "float32-packed not chosen: oneMKL multiplies float32 at full speed on Intel's" in skylake.reason
+    assert skylake.dtype == "float32-int8head" and "oneDNN" not in skylake.reason
+    assert not packs_float32("float32-int8head", machine("skylake"))
+    skylake_no_head = choose_dtype(machine("skylake"), no_head)
+    assert skylake_no_head.dtype == "float32"
+    assert (
+        "float32-packed not chosen: oneMKL multiplies float32 at full speed on Intel's"
+        in skylake_no_head.reason
+    )
     assert choose_dtype(machine("epyc-zen4")).dtype == "bfloat16-int8head"  # bfloat16 first where native
-    # oneDNN held below AVX2 on the AMD: its kernels there were never measured; FBGEMM's int8 still runs.
-    assert choose_dtype(capped("epyc-zen3", ONEDNN_MAX_CPU_ISA="SSE41")).dtype == "float32-int8head"
+    # oneDNN held below AVX2 on the AMD: its kernels there were never measured; FBGEMM's int8 still runs,
+    # with oneMKL's float32 products.
+    sse = capped("epyc-zen3", ONEDNN_MAX_CPU_ISA="SSE41")
+    assert choose_dtype(sse).dtype == "float32-int8head" and not packs_float32("float32-int8head", sse)
+    assert packs_float32("float32-packed", sse) and not packs_float32("float32", machine("epyc-zen3"))
     # Unmeasured quality, or ARM: not chosen.
     assert choose_dtype(machine("epyc-zen3"), {"float32": 0.0}).dtype == "float32"
     graviton2 = choose_dtype(detect_cpu(GRAVITON2))
@@ -383,9 +398,7 @@ def test_onednn_capped_to_avx2_is_the_avx2_class_and_auto_never_emulates(name: s
     assert not cpu.native_bf16 and cpu.bf16_unit is None
     assert cpu.int8_dot and cpu.int8_unit == "AVX512-VNNI"  # int8 products are FBGEMM's, not capped here
     assert int8_dense_dtype(cpu) is torch.float32
-    assert choose_dtype(cpu).dtype == (
-        "float32-packed" if cpu.vendor == "AuthenticAMD" else "float32-int8head"
-    )
+    assert choose_dtype(cpu).dtype == "float32-int8head"
     for quality in (INT8_CHEAP, {"float32": 0.0, "bfloat16": 0.0, "int8": 0.0}):
         choice = choose_dtype(cpu, quality)
         assert choice.dtype == "int8"  # FBGEMM's products are not capped by oneDNN's cap
@@ -565,8 +578,7 @@ def test_this_process_under_caps() -> None:
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["torch_capability"] == "AVX2"
     assert info["isa_class"] == "avx2" and info["raw_isa_class"] == cpu.raw_isa_class
-    float32 = "float32-packed" if cpu.vendor == "AuthenticAMD" else "float32-int8head"
-    assert info["auto"] == float32 and info["native_bf16"] is False
+    assert info["auto"] == "float32-int8head" and info["native_bf16"] is False
     # oneMKL honours its cap on Intel CPUs only (textgen/model/cpu.py): elsewhere it is noted, not applied.
     applied = {
         k: v for k, v in AVX2_CAPS.items() if k != "MKL_ENABLE_INSTRUCTIONS" or cpu.vendor == "GenuineIntel"

@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from textgen.config import ConfigError, Settings, available_cores
 from textgen.engine.core import Engine
 from textgen.model.loading import configure_threads, load_model
+from textgen.model.native import start_compiling
 from textgen.model.source import ModelLoadError, resolve_model
 from textgen.engine.params import SamplingParams
 from textgen.model.cpu import detect_cpu
@@ -246,6 +247,35 @@ def test_float32_packed_packs_the_float32_products_for_onednn_and_float32_does_n
         got, expected = model(ids).logits[0], loaded_tiny.model(ids).logits[0]
     assert got.dtype == torch.float32
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert_generates(loaded, ids[0].tolist())
+
+
+def test_float32_int8head_packs_its_layers_where_float32_packed_is_for_the_cpu(
+    loaded_tiny, tiny_model_dir, cache_dir, monkeypatch
+):
+    """On AMD's CPUs (`float32_packing` says packing is for this one) float32-int8head's float32 layers are
+    packed for oneDNN as float32-packed's are, its output layer and embeddings int8 and its KV cache float16
+    all the same; its lone row then decodes eagerly (the compiled pass cannot take opaque weights), with
+    logits within the int8 output layer's rounding of float32's."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    monkeypatch.setattr("textgen.model.formats.float32_packing", lambda cpu: None)
+    settings = Settings(
+        model_name=str(tiny_model_dir), threads=1, dtype="float32-int8head", cache_dir=cache_dir
+    )
+    loaded = load_model(settings, resolve_model(settings))
+    model = loaded.model
+    blocks = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(blocks) == 4 * 2 and all(m.packed and m.weight.dtype == torch.float32 for m in blocks)
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.get_input_embeddings(), Int8Embedding)
+    assert loaded.kv_cache_dtype == "float16"
+    assert start_compiling(model, loaded.dtype) == (
+        "off: float32-int8head decodes eagerly (its float32 products are oneDNN's packed ones here)"
+    )
+    ids = torch.tensor([loaded.tokenizer.encode("What is AI? Artificial intelligence is")])
+    with torch.inference_mode():
+        got, expected = model(ids).logits[0, -1], loaded_tiny.model(ids).logits[0, -1]
+    assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
     assert_generates(loaded, ids[0].tolist())
 
 

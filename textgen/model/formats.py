@@ -52,13 +52,15 @@ MAX_QUALITY_COST = 0.01  # `auto` accepts at most +1% token-by-token perplexity 
 
 # Fastest first, when each runs natively: decoding streams the weights from memory, and int8 reads half the
 # bytes of bfloat16, which reads half of float32; bfloat16-int8head reads GPT-2's output layer (31% of it)
-# in int8; float32-packed reads float32's bytes with faster kernels where it is chosen (float32_packing);
-# float32-int8head reads 23% fewer bytes than float32 (GPT-2), with float32's kernels: under AVX2 caps on the
-# AMX Xeon, random GPT-2 in-process, one stream 46.9-48.6 tok/s against 40.1-40.6, 32 streams 377-382
-# against 327-328 (session 28). It comes after float32-packed, which it was not measured against: the two
-# are never both candidates but on AMD's CPUs, where float32-packed was measured ~2x float32.
+# in int8; float32-int8head reads 23% fewer bytes than float32 (GPT-2), with float32's kernels: under AVX2
+# caps on the AMX Xeon, random GPT-2 in-process, one stream 46.9-48.6 tok/s against 40.1-40.6, 32 streams
+# 377-382 against 327-328 (session 28); float32-packed reads float32's bytes with faster kernels where it is
+# for the CPU (float32_packing: AMD's), where float32-int8head's layers take them too (`packs_float32`) and
+# it is the faster: the same AVX2 caps with float32_packing answering as on AMD, in-process, alternating,
+# one stream 43.0-43.3 tok/s against 37.1-37.3, 32 streams 461.5-461.7 against 404.2-404.9, peak RSS
+# 1200 MiB against 1641-1648 (session 34; not yet measured on an AMD CPU).
 # A format this CPU emulates never gets this far.
-SPEED_ORDER = ("int8", "bfloat16-int8head", "bfloat16", "float32-packed", "float32-int8head", "float32")
+SPEED_ORDER = ("int8", "bfloat16-int8head", "bfloat16", "float32-int8head", "float32-packed", "float32")
 BFLOAT16_LAYERS = ("bfloat16", "bfloat16-int8head")  # formats whose layers compute in bfloat16
 INT8_OUTPUT_LAYER = ("bfloat16-int8head", "float32-int8head")  # int8 output layer, the others as named
 FBGEMM_PRODUCTS = ("int8", *INT8_OUTPUT_LAYER)  # formats with FBGEMM's int8 products
@@ -106,8 +108,12 @@ def float32_packing(cpu: CpuInfo) -> str | None:
     packed kernel at one row and 1.8-2.7x at 4-32 rows, its output layer 2.2-2.9x (Zen 4 EPYC, 2 threads,
     with its AVX-512 and capped to AVX2); the engine ran nearly twice as fast (in-process, random GPT-2: one
     stream 44.5-46.7 tok/s against 22.4-25.5, 32 streams 450-453 against 237-251). On Intel's, oneMKL is at
-    home: packed block products lost at one row there (AMX Xeon: 20.2 against 16.5 ms a step; not measured
-    since with the packed output layer); other vendors are unmeasured."""
+    home at one row: packed block products lost there (AMX Xeon: 20.2 against 16.5 ms a step), and
+    float32-int8head's lone row compiles with oneMKL's products, which a packed (opaque) weight cannot join:
+    under AVX2 caps on that Xeon, in-process, packed float32-int8head decoded one stream at 43.0-44.5 tok/s
+    against 57.0-58.9 compiled, though its batches ran faster (8 streams 238-244 against 172-175, 32 streams
+    458-464 against 396-405; session 34). Both would take two copies of the weights (+327 MiB for GPT-2,
+    over issue #12's 1.5 GB at 32 clients), so Intel's keep oneMKL. Other vendors are unmeasured."""
     if cpu.arch != "x86_64":
         return "measured on x86 only"
     if cpu.vendor != "AuthenticAMD":
@@ -119,6 +125,14 @@ def float32_packing(cpu: CpuInfo) -> str | None:
     if not cpu.avx2_for("oneDNN"):
         return f"oneDNN's packed float32 kernels were measured with AVX2 and up (this CPU: {cpu.isa_class})"
     return None
+
+
+def packs_float32(dtype: str, cpu: CpuInfo) -> bool:
+    """Whether `dtype`'s float32 layers multiply with oneDNN's packed kernels on `cpu`
+    (textgen/model/linear.py `pack_float32`) rather than oneMKL's: float32-packed's everywhere,
+    float32-int8head's where float32-packed is for the CPU (`float32_packing`: AMD's, where oneMKL's float32
+    GEMM is slow). float32 keeps F.linear."""
+    return dtype == "float32-packed" or (dtype == "float32-int8head" and float32_packing(cpu) is None)
 
 
 def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> DtypeChoice:
@@ -158,8 +172,14 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
         if dtype == "int8":
             native = f"runs FBGEMM's int8 products natively ({_int8_kernel(cpu)})"
         elif dtype == "float32-int8head":
+            layers = (
+                f"float32's layers with oneDNN's packed kernels ({cpu.vendor}: oneMKL's float32 GEMM is slow "
+                "here)"
+                if packs_float32(dtype, cpu)
+                else "float32's layers"
+            )
             native = (
-                "runs float32's layers and its output layer with FBGEMM's int8 products natively "
+                f"runs {layers} and its output layer with FBGEMM's int8 products natively "
                 f"({_int8_kernel(cpu)})"
             )
         elif dtype == "float32-packed":

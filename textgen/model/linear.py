@@ -18,9 +18,10 @@ the weights at ~15 GB/s at one row on that Xeon, torch.mv at ~25).
 float32 keeps F.linear at every batch size, and with it the exact batch invariance its tests check (a row
 computes the same thing alone and in a batch): on the AMX Xeon the packed kernel lost at one row (20.2
 against 16.5 ms) and F.linear and torch.mv were equal. TEXTGEN_DTYPE=float32-packed packs float32 weights
-for oneDNN too (`pack_float32`), which `auto` takes on AMD CPUs, where F.linear's float32 GEMM (oneMKL's)
-is slow (textgen/model/formats.py float32_packing); oneDNN picks its kernel by the number of rows, so a
-row's last bits can differ between batch sizes (GPT-2's [768, 3072] product: at every size from 2 rows).
+for oneDNN too (`pack_float32`), and so does float32-int8head (`auto` there) on AMD CPUs, where F.linear's
+float32 GEMM (oneMKL's) is slow (textgen/model/formats.py packs_float32); oneDNN picks its kernel by the
+number of rows, so a row's last bits can differ between batch sizes (GPT-2's [768, 3072] product: at every
+size from 2 rows).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from textgen.model.formats import (
     CACHE_DTYPES,
     INT8_OUTPUT_LAYER,
     int8_dense_dtype,
+    packs_float32,
     serving_dtype,
 )
 from textgen.model.linear import use_linear
@@ -185,7 +186,7 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
             from textgen.model.quantize import quantize_output_layer
 
             model = quantize_output_layer(model)
-        model = use_linear(model, pack_float32=choice.dtype == "float32-packed")
+        model = use_linear(model, pack_float32=packs_float32(choice.dtype, cpu))
     if not config.is_encoder_decoder:  # an encoder-decoder's attention is its own, in its own dtype
         store_keys_as(model, CACHE_DTYPES.get(choice.dtype))
     if tokenizer.pad_token is None:

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from textgen.model.attention import cache_dtype, compiled_attention_wins, sdpa_wins, segmented_attention
 from textgen.model.compiled import AheadOfTime, Buffers, LoneRowPasses, compile_in_background
 from textgen.model.compiled_attention import RowsAttention, summed_attention
-from textgen.model.cpu import this_cpu
-from textgen.model.formats import BFLOAT16_LAYERS
+from textgen.model.cpu import CpuInfo, this_cpu
+from textgen.model.formats import BFLOAT16_LAYERS, packs_float32
 
 
 class NativeDecoding:
@@ -285,7 +285,10 @@ def start_compiling(
         return "off: Hugging Face's forward pass decodes this model"
     tensors = compiled_dtype(dtype)
     if tensors is None:
-        decoding.lone.state = decoding.attention.state = f"off: {dtype} decodes eagerly"
+        # float32-int8head on AMD's CPUs (float32, float32-packed: batch invariance; int8: FBGEMM)
+        packed = dtype == "float32-int8head" and packs_float32(dtype, this_cpu())
+        why = " (its float32 products are oneDNN's packed ones here)" if packed else ""
+        decoding.lone.state = decoding.attention.state = f"off: {dtype} decodes eagerly{why}"
         return decoding.lone.state
     programs: list[AheadOfTime] = [decoding.lone]
     attention = decoding.attention
@@ -297,16 +300,20 @@ def start_compiling(
     return decoding.lone.state
 
 
-def compiled_dtype(dtype: str) -> torch.dtype | None:
-    """The tensors a format's lone-stream pass compiles for (`dtype`, TEXTGEN_DTYPE resolved), or None: it
-    decodes eagerly. bfloat16's layers (bfloat16-int8head's too: its output layer is outside the pass), and
-    float32-int8head's float32 ones, which promise nothing bit for bit (the int8 output layer already rounds
-    a row alone otherwise than in a batch): float32 and float32-packed keep the eager pass, whose rows
-    compute the same alone and in a batch (fused layer norms round otherwise), and int8's products are
+def compiled_dtype(dtype: str, cpu: CpuInfo | None = None) -> torch.dtype | None:
+    """The tensors a format's lone-stream pass compiles for (`dtype`, TEXTGEN_DTYPE resolved) on `cpu` (this
+    one by default), or None: it decodes eagerly. bfloat16's layers (bfloat16-int8head's too: its output
+    layer is outside the pass), and float32-int8head's float32 ones, which promise nothing bit for bit (the
+    int8 output layer already rounds a row alone otherwise than in a batch), where their products are
+    oneMKL's on the plain weights: where they are oneDNN's packed ones (`packs_float32`: AMD's CPUs) the
+    program cannot take its weights, which are opaque. float32 and float32-packed keep the eager pass, whose
+    rows compute the same alone and in a batch (fused layer norms round otherwise), and int8's products are
     FBGEMM's, which inductor cannot take."""
     if dtype in BFLOAT16_LAYERS:
         return torch.bfloat16
-    return torch.float32 if dtype == "float32-int8head" else None
+    if dtype == "float32-int8head" and not packs_float32(dtype, cpu or this_cpu()):
+        return torch.float32
+    return None
 
 
 def compile_state(model: Any, kind: str = "step") -> str:
