@@ -326,7 +326,7 @@ def test_the_server_compiles_its_steps_in_the_background(
     it ends."""
     from textgen.frontend.prepare import Frontend
 
-    if compiled_dtype(dtype) is None:  # float32-int8head on AMD's CPUs: test_packed_float32_layers_...
+    if compiled_dtype(dtype) is None:  # float32-int8head on AMD CPUs: tests/test_loading.py shows it
         pytest.skip(f"{dtype}'s products are oneDNN's packed ones on this CPU: it decodes eagerly")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where that directory goes
 

@@ -10,7 +10,8 @@ import httpx
 import jsonschema
 import pytest
 
-from textgen.model.formats import BFLOAT16_LAYERS, SPEED_ORDER
+from textgen.model.formats import SPEED_ORDER
+from textgen.model.native import compiled_dtype
 
 pytestmark = pytest.mark.real_model
 
@@ -80,14 +81,14 @@ def test_start_up_lines_say_what_the_server_chose(default_server):
     info = httpx.get(f"{default_server.url}/info", timeout=10).json()
     assert info["dtype"] in SPEED_ORDER and info["dtype_reason"]
     assert info["cpu"]["isa_class"] and info["cpu"]["cores"] >= 1
-    compiles = info["dtype"] in BFLOAT16_LAYERS
+    compiles = compiled_dtype(info["dtype"]) is not None  # this CPU's, as the server's
     assert f"compiled decoding step: {'compiling' if compiles else 'off'}" in log
 
 
 def test_a_lone_stream_answers_through_the_compiled_step(default_server):
-    """Where the server compiles a lone stream's step (bfloat16 layers, textgen/model/compiled.py), once it
-    has, the README question asked alone, unspeculated (every step one row and one token: the compiled
-    graph), still gets Paris."""
+    """Where the server compiles a lone stream's step (bfloat16 layers, float32-int8head's on Intel CPUs:
+    textgen/model/native.py compiled_dtype), once it has, the README question asked alone, unspeculated
+    (every step one row and one token: the compiled graph), still gets Paris."""
     deadline = time.monotonic() + 300
     while (
         state := httpx.get(f"{default_server.url}/info", timeout=10).json()["compiled_step"]
@@ -95,8 +96,8 @@ def test_a_lone_stream_answers_through_the_compiled_step(default_server):
         assert time.monotonic() < deadline, "still compiling after 300 s"
         time.sleep(1)
     dtype = httpx.get(f"{default_server.url}/info", timeout=10).json()["dtype"]
-    if dtype not in BFLOAT16_LAYERS:
-        assert state == f"off: {dtype} decodes eagerly"
+    if compiled_dtype(dtype) is None:
+        assert state.startswith(f"off: {dtype} decodes eagerly"), state
         pytest.skip(f"{dtype} decodes eagerly on this CPU: nothing compiled")
     assert state.startswith("compiled in "), state  # not "off: compiling failed (...)"
     body = {"prompt": "What is the capital of France?", "temperature": 0, "speculative": False}

@@ -57,8 +57,9 @@ MAX_QUALITY_COST = 0.01  # `auto` accepts at most +1% token-by-token perplexity 
 # 377-382 against 327-328 (session 28); float32-packed reads float32's bytes with faster kernels where it is
 # for the CPU (float32_packing: AMD's), where float32-int8head's layers take them too (`packs_float32`) and
 # it is the faster: the same AVX2 caps with float32_packing answering as on AMD, in-process, alternating,
-# one stream 43.0-43.3 tok/s against 37.1-37.3, 32 streams 461.5-461.7 against 404.2-404.9, peak RSS
-# 1200 MiB against 1641-1648 (session 34; not yet measured on an AMD CPU).
+# one stream 37.7-38.7 tok/s against 32.1-32.2, 32 streams 354.7-359.6 against 316.0-319.4, peak RSS
+# 1203-1245 MiB against 1644-1674 (session 34; with that Xeon's AVX-512 kernels 43.0-43.3 against
+# 37.1-37.3 and 461.5-461.7 against 404.2-404.9; not yet measured on an AMD CPU).
 # A format this CPU emulates never gets this far.
 SPEED_ORDER = ("int8", "bfloat16-int8head", "bfloat16", "float32-int8head", "float32-packed", "float32")
 BFLOAT16_LAYERS = ("bfloat16", "bfloat16-int8head")  # formats whose layers compute in bfloat16
@@ -108,12 +109,14 @@ def float32_packing(cpu: CpuInfo) -> str | None:
     packed kernel at one row and 1.8-2.7x at 4-32 rows, its output layer 2.2-2.9x (Zen 4 EPYC, 2 threads,
     with its AVX-512 and capped to AVX2); the engine ran nearly twice as fast (in-process, random GPT-2: one
     stream 44.5-46.7 tok/s against 22.4-25.5, 32 streams 450-453 against 237-251). On Intel's, oneMKL is at
-    home at one row: packed block products lost there (AMX Xeon: 20.2 against 16.5 ms a step), and
-    float32-int8head's lone row compiles with oneMKL's products, which a packed (opaque) weight cannot join:
-    under AVX2 caps on that Xeon, in-process, packed float32-int8head decoded one stream at 43.0-44.5 tok/s
-    against 57.0-58.9 compiled, though its batches ran faster (8 streams 238-244 against 172-175, 32 streams
-    458-464 against 396-405; session 34). Both would take two copies of the weights (+327 MiB for GPT-2,
-    over issue #12's 1.5 GB at 32 clients), so Intel's keep oneMKL. Other vendors are unmeasured."""
+    home: packed block products lost at one row there (AMX Xeon: 20.2 against 16.5 ms a step), and
+    float32-int8head's lone row compiles with oneMKL's products, which a packed (opaque) weight cannot join.
+    Under AVX2 caps on that Xeon, in-process, packed float32-int8head decoded one stream at 37.4-38.8 tok/s
+    against 54.3-55.5 compiled, its batches level (8 streams 184.8-188.0 against 189.3-190.1, 32 streams
+    355.1-359.6 against 354.7-359.5; session 34). With the Xeon's AVX-512 kernels its batches ran faster (8
+    streams 238-244 against 172-175, 32 streams 458-464 against 396-405) but one stream as slowly (43.0-44.5
+    against 57.0-58.9); having both would take two copies of the weights (+327 MiB for GPT-2). Other vendors
+    are unmeasured."""
     if cpu.arch != "x86_64":
         return "measured on x86 only"
     if cpu.vendor != "AuthenticAMD":
