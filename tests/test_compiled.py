@@ -419,6 +419,33 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def test_tracing_a_pass_that_reads_the_models_tensors_leaves_the_served_modules_alone(model, monkeypatch):
+    """A float32 pass's program takes the model's tensors as inputs, which torch.export swaps for fake
+    tensors in the traced modules while it traces: it traces a shadow of them (native.shadow_modules), so
+    the modules the engine runs meanwhile keep their real tensors (a request mid-trace failed otherwise), and
+    the program's inputs keep the body's names, by which the model's tensors are handed to it."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    import textgen.model.native as native
+
+    lone = native_decoding(model).lone
+    served = [*lone.body.parameters(), *lone.body.buffers()]
+    seen: list[torch.Tensor] = []
+    trace = native._lone_row
+
+    def watched(buffers, positions):  # called inside the pass as it is traced
+        seen.extend(tensor for module in lone.body.modules() for tensor in module._parameters.values())
+        return trace(buffers, positions)
+
+    monkeypatch.setattr(native, "_lone_row", watched)
+    with torch.inference_mode():
+        program, _ = lone.export(torch.float32)
+    assert seen and not any(isinstance(tensor, FakeTensor) for tensor in seen)
+    assert all(a is b for a, b in zip(served, [*lone.body.parameters(), *lone.body.buffers()]))
+    inputs = set(program.graph_signature.parameters) | set(program.graph_signature.buffers)
+    assert inputs and inputs <= set(lone.weights(torch.float32))
+
+
 def test_other_formats_and_models_decode_eagerly(loaded_tiny):
     """float32 and float32-packed promise a row computes the same alone and in a batch; int8's products are
     FBGEMM's. float32-int8head compiles its float32 layers (its int8 output layer promises no such thing)."""

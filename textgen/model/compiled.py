@@ -253,13 +253,16 @@ class LoneRowPasses(AheadOfTime):
         layers: int,
         body: torch.nn.Module,
         stored: torch.dtype | None = None,
+        traced: Callable[[], tuple[LoneRow, torch.nn.Module]] | None = None,
     ) -> None:
         """`body`: the model's module whose tensors `lone_row` reads (its blocks and final norm);
         `stored`: the dtype the KV cache holds keys and values in, if not the pass's
-        (textgen/model/attention.py `cache_dtype`)."""
+        (textgen/model/attention.py `cache_dtype`); `traced`: `lone_row` and `body` again over modules of
+        their own that share the model's tensors, for a program that takes the tensors as inputs (`export`).
+        """
         super().__init__()
         self.embed, self.lone_row, self.head, self.body = embed, lone_row, head, body
-        self.kv_shape, self.layers, self.stored = kv_shape, layers, stored
+        self.kv_shape, self.layers, self.stored, self.traced = kv_shape, layers, stored, traced
         # Passes it ran of one token, and of several (a prompt, a verification): tests check the path was
         # taken.
         self.steps = self.many = 0
@@ -294,8 +297,16 @@ class LoneRowPasses(AheadOfTime):
         # Any capacity, each layer its own (they grow at different steps): one program.
         tokens = {0: torch.export.Dim("tokens", min=1)} if several else None
         capacities = [torch.export.Dim(f"capacity{layer}", min=2) for layer in range(self.layers)]
+        # A program reading the model's tensors takes them as inputs (its body's), which torch.export
+        # (non-strict) swaps for fake tensors in the modules themselves while it traces: in the model's own,
+        # the engine thread would read them mid-step, and fail ("fake_mode.in_kernel_invocation must be
+        # False": float32-int8head's SmolLM2 under AVX2 caps, 20 requests as the server started). So it
+        # traces modules of its own (`traced`); the inputs keep the body's names (`weights`).
+        lone_row, body = self.lone_row, None
+        if weightless(dtype):
+            lone_row, body = self.traced() if self.traced is not None else (self.lone_row, self.body)
         program = torch.export.export(
-            _Pass(self.lone_row, self.body if weightless(dtype) else None),
+            _Pass(lone_row, body),
             example,
             dynamic_shapes={
                 "hidden": tokens,

@@ -22,6 +22,7 @@ pass above.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,6 +49,7 @@ class NativeDecoding:
     def _programs(self, heads: int, kv_heads: int, head_dim: int, model: Any, body: torch.nn.Module) -> None:
         """The lone row's compiled pass and the batch's compiled attention (compiled later, if ever); `body`:
         the model's module holding the tensors of the lone row's pass."""
+        whole = weakref.ref(model)  # not the model itself: _DECODINGS is keyed by it, weakly
         self.lone = LoneRowPasses(
             self.embed,
             self.lone_row,
@@ -56,6 +58,7 @@ class NativeDecoding:
             len(self.layers),
             body,
             cache_dtype(model),
+            traced=lambda: _traced_pass(whole),
         )
         self.attention = RowsAttention(heads, kv_heads, head_dim)
 
@@ -247,6 +250,34 @@ def _bound(*modules: torch.nn.Module) -> tuple[Any, ...]:
     12.4-13.4 ms through the modules' calls, 11.8-12.0 with these; 8 rows 17.0-17.7 against 16.2-16.5.
     textgen registers no hooks on the model."""
     return tuple(module.forward for module in modules)
+
+
+def _traced_pass(model: weakref.ref[Any]) -> tuple[Any, torch.nn.Module]:
+    """The lone row's pass of `model` and its body, for torch.export to trace, over a shadow of the model's
+    modules (`shadow_modules`): what export swaps in them stays out of the modules the engine runs."""
+    whole = model()
+    if whole is None:
+        raise RuntimeError("the model was released before its pass was traced")
+    decoding = _native_decoding(shadow_modules(whole))
+    assert decoding is not None  # the same kind of model as the one being served
+    return decoding.lone_row, decoding.lone.body
+
+
+def shadow_modules(module: torch.nn.Module, memo: dict[int, Any] | None = None) -> Any:
+    """A copy of `module` and its submodules that shares their tensors: each module a new object with its
+    own tables of parameters, buffers and submodules (a module reached twice copied once), so setting one of
+    the copy's tensors leaves the original's in place. It costs the modules' objects, not their weights."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    clone = memo[id(module)] = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = {
+        name: None if child is None else shadow_modules(child, memo)
+        for name, child in module._modules.items()
+    }
+    return clone
 
 
 _DECODINGS: weakref.WeakKeyDictionary[Any, NativeDecoding | None] = weakref.WeakKeyDictionary()
