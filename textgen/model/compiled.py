@@ -252,14 +252,13 @@ class LoneRowPasses(AheadOfTime):
         kv_shape: tuple[int, int],
         layers: int,
         body: torch.nn.Module,
+        traced: Callable[[], tuple[LoneRow, torch.nn.Module]],
         stored: torch.dtype | None = None,
-        traced: Callable[[], tuple[LoneRow, torch.nn.Module]] | None = None,
     ) -> None:
-        """`body`: the model's module whose tensors `lone_row` reads (its blocks and final norm);
+        """`body`: the model's module whose tensors `lone_row` reads (its blocks and final norm); `traced`:
+        `lone_row` and `body` again over modules of their own that share the model's tensors (`export`);
         `stored`: the dtype the KV cache holds keys and values in, if not the pass's
-        (textgen/model/attention.py `cache_dtype`); `traced`: `lone_row` and `body` again over modules of
-        their own that share the model's tensors, for a program that takes the tensors as inputs (`export`).
-        """
+        (textgen/model/attention.py `cache_dtype`)."""
         super().__init__()
         self.embed, self.lone_row, self.head, self.body = embed, lone_row, head, body
         self.kv_shape, self.layers, self.stored, self.traced = kv_shape, layers, stored, traced
@@ -302,9 +301,7 @@ class LoneRowPasses(AheadOfTime):
         # the engine thread would read them mid-step, and fail ("fake_mode.in_kernel_invocation must be
         # False": float32-int8head's SmolLM2 under AVX2 caps, 20 requests as the server started). So it
         # traces modules of its own (`traced`); the inputs keep the body's names (`weights`).
-        lone_row, body = self.lone_row, None
-        if weightless(dtype):
-            lone_row, body = self.traced() if self.traced is not None else (self.lone_row, self.body)
+        lone_row, body = self.traced() if weightless(dtype) else (self.lone_row, None)
         program = torch.export.export(
             _Pass(lone_row, body),
             example,

@@ -57,8 +57,8 @@ class NativeDecoding:
             (kv_heads, head_dim),
             len(self.layers),
             body,
+            lambda: _traced_pass(whole),
             cache_dtype(model),
-            traced=lambda: _traced_pass(whole),
         )
         self.attention = RowsAttention(heads, kv_heads, head_dim)
 
