@@ -52,14 +52,15 @@ MAX_QUALITY_COST = 0.01  # `auto` accepts at most +1% token-by-token perplexity 
 
 # Fastest first, when each runs natively: decoding streams the weights from memory, and int8 reads half the
 # bytes of bfloat16, which reads half of float32; bfloat16-int8head reads GPT-2's output layer (31% of it)
-# in int8; float32-int8head reads 23% fewer bytes than float32 (GPT-2), with float32's kernels: under AVX2
-# caps on the AMX Xeon, random GPT-2 in-process, one stream 46.9-48.6 tok/s against 40.1-40.6, 32 streams
-# 377-382 against 327-328 (session 28); float32-packed reads float32's bytes with faster kernels where it is
-# for the CPU (float32_packing: AMD's), where float32-int8head's layers take them too (`packs_float32`) and
-# it is the faster: the same AVX2 caps with float32_packing answering as on AMD, in-process, alternating,
-# one stream 37.7-38.7 tok/s against 32.1-32.2, 32 streams 354.7-359.6 against 316.0-319.4, peak RSS
-# 1203-1245 MiB against 1644-1674 (session 34; with that Xeon's AVX-512 kernels 43.0-43.3 against
-# 37.1-37.3 and 461.5-461.7 against 404.2-404.9; not yet measured on an AMD CPU).
+# in int8; float32-int8head reads 23% fewer bytes than float32 (GPT-2). On Intel's CPUs its layers are
+# float32's (oneMKL): under AVX2 caps on the AMX Xeon, random GPT-2 in-process, one stream 46.9-48.6 tok/s
+# against float32's 40.1-40.6, 32 streams 377-382 against 327-328 (session 28). On AMD's they are packed for
+# oneDNN (`packs_float32`), float32-packed's kernels, so it beats float32-packed by its fewer bytes: the
+# same caps with float32_packing answering as on AMD, in-process, alternating, one stream 37.7-38.7 tok/s
+# against 32.1-32.2, 32 streams 354.7-359.6 against 316.0-319.4, peak RSS 1203-1245 MiB against 1644-1674
+# (session 34; with that Xeon's AVX-512 kernels 43.0-43.3 against 37.1-37.3 and 461.5-461.7 against
+# 404.2-404.9; not yet measured on an AMD CPU). float32-packed: float32's bytes, oneDNN's packed kernels
+# where they are faster (float32_packing).
 # A format this CPU emulates never gets this far.
 SPEED_ORDER = ("int8", "bfloat16-int8head", "bfloat16", "float32-int8head", "float32-packed", "float32")
 BFLOAT16_LAYERS = ("bfloat16", "bfloat16-int8head")  # formats whose layers compute in bfloat16

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from textgen.model.attention import cache_dtype, compiled_attention_wins, sdpa_wins, segmented_attention
-from textgen.model.compiled import AheadOfTime, Buffers, LoneRowPasses, compile_in_background
+from textgen.model.compiled import AheadOfTime, Buffers, LoneRow, LoneRowPasses, compile_in_background
 from textgen.model.compiled_attention import RowsAttention, summed_attention
 from textgen.model.cpu import CpuInfo, this_cpu
 from textgen.model.formats import BFLOAT16_LAYERS, packs_float32
@@ -252,7 +252,7 @@ def _bound(*modules: torch.nn.Module) -> tuple[Any, ...]:
     return tuple(module.forward for module in modules)
 
 
-def _traced_pass(model: weakref.ref[Any]) -> tuple[Any, torch.nn.Module]:
+def _traced_pass(model: weakref.ref[Any]) -> tuple[LoneRow, torch.nn.Module]:
     """The lone row's pass of `model` and its body, for torch.export to trace, over a shadow of the model's
     modules (`shadow_modules`): what export swaps in them stays out of the modules the engine runs."""
     whole = model()
@@ -263,7 +263,9 @@ def _traced_pass(model: weakref.ref[Any]) -> tuple[Any, torch.nn.Module]:
     return decoding.lone_row, decoding.lone.body
 
 
-def shadow_modules(module: torch.nn.Module, memo: dict[int, Any] | None = None) -> Any:
+def shadow_modules(
+    module: torch.nn.Module, memo: dict[int, torch.nn.Module] | None = None
+) -> torch.nn.Module:
     """A copy of `module` and its submodules that shares their tensors: each module a new object with its
     own tables of parameters, buffers and submodules (a module reached twice copied once), so setting one of
     the copy's tensors leaves the original's in place. It costs the modules' objects, not their weights."""
