@@ -318,8 +318,8 @@ def start_compiling(
         return "off: Hugging Face's forward pass decodes this model"
     tensors = compiled_dtype(dtype)
     if tensors is None:
-        # float32-int8head compiles elsewhere: say why not here
-        packed = dtype == "float32-int8head" and packs_float32(dtype, this_cpu())
+        # float32-int8head compiles but where its layers are packed (`compiled_dtype`): say so
+        packed = dtype == "float32-int8head"
         why = " (its float32 products are oneDNN's packed ones here)" if packed else ""
         decoding.lone.state = decoding.attention.state = f"off: {dtype} decodes eagerly{why}"
         return decoding.lone.state
