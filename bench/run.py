@@ -13,7 +13,8 @@ Everything is measured in the same run, on this machine, and the report names th
 - the anchors (bench/anchors.py): CTranslate2 int8/float32 and llama.cpp q8_0/f32, in-process;
 - textgen for every TEXTGEN_DTYPE (auto first, and what auto chose and why), as % of the roofline of the
   format it serves: memory roofline at 1 client (a step streams every weight once), compute roofline at 32;
-  auto's server then takes turns with the fastest anchor at one client (paired_one_stream);
+  auto's server then takes turns with the fastest anchor at one client (paired_one_stream). The format auto
+  serves is not run again, and a format this CPU emulates runs at one client only (plan_formats);
 - the old service: transformers.pipeline behind a plain HTTP handler (baseline_server.py), one at a time.
 The report ends with issue #12's targets, each judged on this run's own figures (bench/targets.py).
 
@@ -29,7 +30,8 @@ the CTranslate2 anchors follow the caps (their GEMMs are oneMKL's):
     ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 \
         ATEN_CPU_CAPABILITY=avx2 python bench/run.py --anchors "CTranslate2 int8"
 
-Loopback only; every level is bounded in requests and time. Nothing else may run meanwhile.
+Loopback only; every level is bounded in requests and time (LEVEL_SECONDS), and the report says how long the
+run took: issue #12 asks for 20 minutes. Nothing else may run meanwhile.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from pathlib import Path
 
 import httpx
@@ -56,6 +58,9 @@ from bench.anchors import PROMPT_TEXT  # noqa: E402
 from tests.server import Server, server_command, start_process, stop_on_sigterm  # noqa: E402
 from textgen.config import DTYPES as SERVED_DTYPES  # noqa: E402  (no torch: textgen/config.py)
 
+if TYPE_CHECKING:
+    from textgen.model.cpu import CpuInfo
+
 MODEL_DIR = Path("/tmp/textgen-bench/gpt2-random")
 PROMPT_TOKENS, NEW_TOKENS = 32, 128
 MODES = {"top-p": {"temperature": 0.7, "top_p": 0.9}, "greedy": {"temperature": 0.0}}
@@ -63,6 +68,11 @@ MODES = {"top-p": {"temperature": 0.7, "top_p": 0.9}, "greedy": {"temperature": 
 # 29, AMX Xeon) gave the same format's TTFT as 22.3 ms on `auto`'s server and 15.9 on its own, and a first
 # token ~10 ms late comes in 1 request of 7-40 on that host (2026-12-06: 17.2 ms median, 6 of 40 at 24-31).
 ONE_CLIENT_REQUESTS = 8
+# A level stops sending after this many seconds (every client has had one request by then): on the AMX Xeon
+# no level of W reached it (session 33: float32's and float32-packed's longest 24-28 s), but at issue #12's
+# AVX2 EPYC's 14 tok/s one client's 8 requests alone would take 73 s, and the run must fit in
+# targets.MAX_RUN_MINUTES on any CPU.
+LEVEL_SECONDS = 30.0
 
 
 @dataclass
@@ -135,8 +145,16 @@ def peak_rss_mb(pid: int) -> float:
 
 
 async def run_level(
-    server: Server, system: str, mode: str, clients: int, requests: int, prompts: Prompts
+    server: Server,
+    system: str,
+    mode: str,
+    clients: int,
+    requests: int,
+    prompts: Prompts,
+    seconds: float = float("inf"),
 ) -> Level:
+    """`clients` in a closed loop until `requests` are done, or until `seconds` have passed and every client
+    has had one (no request is cut short: the level ends when the last one in flight does)."""
     body: dict[str, Any] = dict(max_new_tokens=NEW_TOKENS, ignore_eos=True, **MODES[mode])
     if system == "textgen":
         body.update(repetition_penalty=1.0, no_repeat_ngram_size=0, postprocess=False)
@@ -147,12 +165,14 @@ async def run_level(
 
     async def client(http: httpx.AsyncClient) -> None:
         nonlocal tokens, errors
-        while queue:
+        sent = 0
+        while queue and (sent == 0 or time.perf_counter() - began < seconds):
             queue.pop()
-            start = time.perf_counter()
+            sent += 1
+            sent_at = time.perf_counter()
             try:
                 response = await http.post("/generate", json=body | {"prompt": prompts.next()})
-                latency = time.perf_counter() - start
+                latency = time.perf_counter() - sent_at
                 if response.status_code != 200:
                     errors += 1
                     continue
@@ -167,19 +187,19 @@ async def run_level(
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=server.url, timeout=900, limits=limits) as http:
-        start = time.perf_counter()
+        began = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
-        seconds = time.perf_counter() - start
+        elapsed = time.perf_counter() - began
     ordered = sorted(latencies) or [float("nan")]
     return Level(
         system=system,
         mode=mode,
         clients=clients,
-        requests=requests,
+        requests=requests - len(queue),
         errors=errors,
         tokens=tokens,
-        seconds=round(seconds, 2),
-        tokens_per_second=round(tokens / seconds, 1),
+        seconds=round(elapsed, 2),
+        tokens_per_second=round(tokens / elapsed, 1),
         ttft_p50_ms=round(statistics.median(ttfts) * 1000, 1) if ttfts else float("nan"),
         latency_p50_s=round(statistics.median(ordered), 2),
         latency_p95_s=round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 2),
@@ -188,7 +208,12 @@ async def run_level(
 
 
 def bench_system(
-    system: str, server: Server, levels: list[int], prompts: Prompts, per_client: int
+    system: str,
+    server: Server,
+    levels: list[int],
+    prompts: Prompts,
+    per_client: int,
+    level_seconds: float = LEVEL_SECONDS,
 ) -> list[Level]:
     results = []
     for mode in MODES:
@@ -199,7 +224,7 @@ def bench_system(
             # 2-core Zen 4 EPYC with two each).
             per = per_client if clients <= 32 else 1
             requests = max(clients * per, ONE_CLIENT_REQUESTS) if system == "textgen" else max(clients, 2)
-            level = asyncio.run(run_level(server, system, mode, clients, requests, prompts))
+            level = asyncio.run(run_level(server, system, mode, clients, requests, prompts, level_seconds))
             print(json.dumps(asdict(level)), flush=True)
             results.append(level)
     return results
@@ -209,6 +234,57 @@ DTYPES = ("auto", *(dtype for dtype in SERVED_DTYPES if dtype != "auto"))  # aut
 GPT2_PARAMS = 124_439_808  # GPT2Config(): every weight is read once per decoding step
 GPT2_OUTPUT_PARAMS = 50257 * 768  # its output layer (the tied embeddings), int8 in the *-int8head formats
 BYTES = {"float32": 4, "float32-packed": 4, "bfloat16": 2, "int8": 1}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the run measures of one TEXTGEN_DTYPE: its client levels (none: not run) and why, if fewer."""
+
+    levels: tuple[int, ...]
+    why: str = ""
+    as_auto: bool = False  # not run: `auto` serves this format, so auto's rows are its figures
+
+
+def plan_formats(
+    dtypes: list[str],
+    cpu: CpuInfo,
+    levels: list[int],
+    other_levels: list[int],
+    emulated_levels: list[int],
+) -> dict[str, Plan]:
+    """Each format's levels on `cpu`: `levels` for `auto` and float32 (the targets compare them), none for the
+    format `auto` serves (its server would be auto's), `emulated_levels` for a format this CPU emulates (a
+    trap `auto` avoids: one client shows its cost; on issue #12's AVX2 EPYC bfloat16's 32 clients ran at 45
+    tok/s, ~3 minutes a level), `other_levels` for the rest."""
+    from textgen.model.formats import emulated, serving_dtype
+
+    served = serving_dtype("auto", cpu).dtype
+    plans = {}
+    for dtype in dtypes:
+        if dtype == "auto":
+            plans[dtype] = Plan(tuple(levels))
+        elif dtype == served and "auto" in dtypes:
+            plans[dtype] = Plan((), "the format `auto` serves on this CPU: its figures are auto's", True)
+        elif emulated(dtype, cpu):
+            plans[dtype] = Plan(
+                tuple(emulated_levels),
+                f"emulated on this CPU ({cpu.isa_class}), so `auto` "
+                "never serves it: one client shows what choosing it costs",
+            )
+        else:
+            plans[dtype] = Plan(tuple(levels if dtype == "float32" else other_levels))
+    return plans
+
+
+def run_minutes(report: dict[str, Any]) -> str:
+    """The run's duration, and how much of it went to one-time compiles (cached on disk for the next run)."""
+    if report.get("seconds") is None:
+        return "a time not recorded"
+    text = f"{report['seconds'] / 60:.1f} min"
+    compiling = sum(report.get("compile_wait_seconds", {}).values())
+    if compiling >= 1:
+        text += f", of it {compiling:.0f} s waiting for one-time compiles (cached on disk for the next run)"
+    return text
 
 
 def probe_now(threads: int) -> dict[str, Any]:
@@ -338,6 +414,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         f"`auto` chose **{report['auto']['dtype']}**: {report['auto']['reason']}",
         "",
+        f"The run took {run_minutes(report)} (bench/run.py, from its start to this report).",
+        "",
         f"Servers' memory allocator: {', '.join(allocators) or 'not recorded'} (TEXTGEN_ALLOCATOR).",
         "",
         "## Roofline of this machine (textgen/model/probe.py)",
@@ -402,6 +480,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"{ratio} | "
             f"{r['ttft_p50_ms']} | {r['errors']} | {r['peak_rss_mb']:.0f} |"
         )
+    fewer = [f"{dtype}: {plan['why']}" for dtype, plan in report.get("plan", {}).items() if plan["why"]]
+    if fewer:
+        lines += ["", "Formats measured at fewer levels or not run: " + "; ".join(fewer) + "."]
     lines += [
         "",
         "% of roofline: of the memory roofline at 1 client, of the compute roofline otherwise, for the format",
@@ -507,6 +588,7 @@ def textgen_levels(
     prompts: Prompts,
     threads: int,
     per_client: int,
+    level_seconds: float,
     cpu: dict[str, Any],
     while_up: Callable[[Server], None] | None = None,
 ) -> tuple[dict, list]:
@@ -519,6 +601,7 @@ def textgen_levels(
         info["ready_seconds"] = round(time.perf_counter() - started, 1)  # `bentoml serve` to /readyz 200
         # A lone stream's step and the batch's attention compile in the background once the server is
         # ready (textgen/model/compiled.py): measure after them, and say how long they took.
+        waited = time.perf_counter()
         while "compiling" in (info.get("compiled_step"), info.get("compiled_attention")):
             time.sleep(0.5)
             now = httpx.get(f"{server.url}/info", timeout=10).json()
@@ -526,12 +609,13 @@ def textgen_levels(
                 now["compiled_step"],
                 now["compiled_attention"],
             )
+        info["compile_wait_seconds"] = round(time.perf_counter() - waited, 1)
         # The server (a BentoML worker process) must see the same kernel picture as this process, caps
         # included, or its numbers would be filed under the wrong class.
         served = {k: info["cpu"].get(k) for k in ("isa_class", "caps", "torch_capability")}
         if served != {k: cpu.get(k) for k in served}:
             raise SystemExit(f"the {dtype} server runs another CPU picture than this process: {served}")
-        results = bench_system("textgen", server, levels, prompts, per_client)
+        results = bench_system("textgen", server, levels, prompts, per_client, level_seconds)
         if while_up is not None:
             while_up(server)
     for r in results:
@@ -548,6 +632,15 @@ def main() -> None:
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--levels", default="1,8,32,64", help="clients, for auto and float32")
     parser.add_argument("--other-levels", default="1,32", help="clients, for the other formats")
+    parser.add_argument(
+        "--emulated-levels", default="1", help="clients, for the formats this CPU emulates (auto avoids them)"
+    )
+    parser.add_argument(
+        "--level-seconds",
+        type=float,
+        default=LEVEL_SECONDS,
+        help="a level sends no new request after this (every client has had one)",
+    )
     parser.add_argument(
         "--per-client",
         type=int,
@@ -575,13 +668,23 @@ def main() -> None:
         args.render.write_text(json.dumps(report, indent=1))
         args.render.with_suffix(".md").write_text(markdown(report))
         return
-    from textgen.model.cpu import describe
+    started = time.perf_counter()  # the whole run, building the model included: what a user waits for
+    from textgen.model.cpu import describe, detect_cpu
 
     ensure_model()
     prompts = Prompts(PROMPT_TOKENS)
     cpu = describe()
-    started = time.perf_counter()
+    clients = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    plans = plan_formats(
+        args.dtypes.split(","),
+        detect_cpu(),
+        clients(args.levels),
+        clients(args.other_levels),
+        clients(args.emulated_levels),
+    )
     report: dict[str, Any] = {"cpu": cpu, "threads": args.threads, "date": str(dt.date.today())}
+    report["plan"] = {dtype: asdict(plan) for dtype, plan in plans.items()}
+    print(json.dumps(report["plan"]), flush=True)
     # Measured in this run, never read from an earlier run's cache: this host's bandwidth moves from day to
     # day (the same VM class), and the targets are % of what the machine does now.
     probes = [probe_now(args.threads)]
@@ -602,25 +705,31 @@ def main() -> None:
         report["paired"] = paired_one_stream(server, paired_with, prompts, args.threads, args.pairs)
 
     levels: list[Level] = []
-    for dtype in args.dtypes.split(","):
-        wanted = args.levels if dtype in ("auto", "float32") else args.other_levels
+    for dtype, plan in plans.items():
+        if not plan.levels:
+            continue
         pairing = dtype == "auto" and paired_with is not None and args.pairs > 0
         info, results = textgen_levels(
             dtype,
-            [int(x) for x in wanted.split(",")],
+            list(plan.levels),
             prompts,
             args.threads,
             args.per_client,
+            args.level_seconds,
             cpu,
             pair if pairing else None,
         )
         report.setdefault("ready_seconds", {})[dtype] = info["ready_seconds"]
+        report.setdefault("compile_wait_seconds", {})[dtype] = info["compile_wait_seconds"]
         report.setdefault("compiled_step", {})[dtype] = info.get("compiled_step")
         report.setdefault("compiled_attention", {})[dtype] = info.get("compiled_attention")
         # The worker's memory allocator (textgen/model/allocator.py).
         report.setdefault("allocator", {})[dtype] = info.get("allocator")
         if dtype == "auto":
             report["auto"] = {"dtype": info["dtype"], "reason": info["dtype_reason"]}
+            skipped = [d for d, p in plans.items() if p.as_auto]
+            if skipped and skipped != [info["dtype"]]:  # the plan left out a format auto does not serve
+                raise SystemExit(f"auto's server serves {info['dtype']}, this process expected {skipped[0]}")
         levels += results
         probes.append(probe_now(args.threads))
     if not args.skip_baseline:
@@ -634,7 +743,7 @@ def main() -> None:
             str(args.threads),
         ]
         with start_process(baseline, {}, ready_path="/") as server:
-            for level in bench_system("baseline", server, [1], prompts, args.per_client):
+            for level in bench_system("baseline", server, [1], prompts, args.per_client, args.level_seconds):
                 level.dtype = "float32"
                 levels.append(level)
     probes.append(probe_now(args.threads))

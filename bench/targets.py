@@ -17,6 +17,7 @@ ANCHOR_AT_32 = 1.5  # x the fastest anchor at 32 clients
 ANCHOR_AT_1 = 1.0  # x the fastest anchor at one client
 MAX_RSS_BYTES = 1.5e9  # peak RSS, 1.5 GB
 MAX_READY_SECONDS = 10.0  # `bentoml serve` to /readyz 200, from a local model
+MAX_RUN_MINUTES = 20  # the benchmark itself, start to report, on the machine it runs on
 CLIENTS_AGAINST_FLOAT32 = (1, 8, 32, 64)
 
 
@@ -61,6 +62,20 @@ def judge(report: dict[str, Any]) -> list[Verdict]:
             f"ready <= {MAX_READY_SECONDS:g} s after start, local model",
             "not measured" if ready is None else f"{ready} s",
             None if ready is None else ready <= MAX_READY_SECONDS,
+        )
+    )
+    seconds = report.get("seconds")
+    compiling = sum(report.get("compile_wait_seconds", {}).values())
+    verdicts.append(
+        Verdict(
+            f"the benchmark fits in {MAX_RUN_MINUTES} minutes",
+            (
+                "not recorded"
+                if seconds is None
+                else f"{seconds / 60:.1f} min"
+                + (f" ({compiling:.0f} s of it one-time compiles)" if compiling >= 1 else "")
+            ),
+            None if seconds is None else seconds <= MAX_RUN_MINUTES * 60,
         )
     )
     return verdicts

@@ -34,6 +34,8 @@ def report(levels: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
             {"anchor": "CTranslate2 int8", "mode": "greedy", "clients": 32, "tokens_per_second": 900.0},
         ],
         "ready_seconds": {"auto": 6.0, "float32": 5.0},
+        "compile_wait_seconds": {"auto": 51.6, "float32": 0.0},
+        "seconds": 1150,
         "levels": levels,
     }
     return {**made, **extra}
@@ -55,9 +57,10 @@ def test_a_run_that_meets_every_target_is_judged_so() -> None:
     )
     judged = judge(run)
     assert [v.met for v in judged] == [True] * len(judged), markdown(judged)
-    assert len(judged) == 9  # every target the issue names
+    assert len(judged) == 10  # every target the issue names
     text = "\n".join(markdown(judged))
     assert "80% (80.0 of 100.0 tok/s)" in text and "1.20 steps" in text
+    assert "| 19.2 min (52 s of it one-time compiles) | met |" in text
     assert "1.07x llama.cpp q8_0 (80.0 against 75.0)" in text  # the fastest anchor at one client
     assert "**not met**" not in text
 
@@ -72,6 +75,8 @@ def test_each_missed_target_says_what_the_run_measured() -> None:
             level("float32", "top-p", 64, 395.0),
         ],
         ready_seconds={"auto": 10.5},
+        seconds=1201,  # 20 min and a second
+        compile_wait_seconds={},
     )
     judged = judge(run)
     assert [v.met for v in judged] == [False] * len(judged), markdown(judged)
@@ -82,6 +87,7 @@ def test_each_missed_target_says_what_the_run_measured() -> None:
     assert measured[6] == "1 in 40 requests"
     assert measured[7] == "1431 MiB = 1.50 GB"  # over 1.5e9 bytes, although it rounds to 1.50
     assert measured[8] == "10.5 s"
+    assert measured[9] == "20.0 min"
 
 
 def test_rss_is_judged_in_bytes_and_the_pairs_ratio_decides_one_stream() -> None:

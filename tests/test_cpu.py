@@ -754,3 +754,40 @@ def test_the_benchmark_pairs_auto_with_the_fastest_anchor_at_one_client() -> Non
     assert "| 2 | 90.0 | 100.0 | 0.9 |" in text
     del report["paired"]  # reports from before the pairing render as they did
     assert "taking turns" not in markdown(report)
+
+
+def test_the_benchmark_runs_autos_format_once_and_emulated_formats_at_one_client() -> None:
+    """bench/run.py's plan per CPU: the explicit format `auto` serves is not run again (its server would be
+    auto's), and a format the CPU emulates, a trap `auto` avoids, runs at one client only: on issue #12's
+    AVX2 EPYC bfloat16's 32 clients ran at 45 tok/s, ~3 minutes a level, and the run must fit in 20."""
+    from bench.run import plan_formats
+    from textgen.config import DTYPES
+
+    def plan(name: str) -> dict[str, tuple[int, ...]]:
+        plans = plan_formats(list(DTYPES), machine(name), [1, 8, 32, 64], [1, 32], [1])
+        return {dtype: p.levels for dtype, p in plans.items()}
+
+    assert plan("epyc-zen3") == {
+        "auto": (1, 8, 32, 64),
+        "float32": (1, 8, 32, 64),
+        "float32-packed": (1, 32),
+        "float32-int8head": (),  # auto's format on AMD's AVX2 CPUs
+        "bfloat16": (1,),
+        "bfloat16-int8head": (1,),
+        "int8": (1, 32),  # its large products are float32's where bfloat16 is emulated: nothing emulated
+    }
+    assert plan("sapphire-rapids") == {
+        "auto": (1, 8, 32, 64),
+        "float32": (1, 8, 32, 64),
+        "float32-packed": (1, 32),
+        "float32-int8head": (1, 32),
+        "bfloat16": (1, 32),
+        "bfloat16-int8head": (),
+        "int8": (1, 32),
+    }
+    why = plan_formats(["auto", "bfloat16"], machine("skylake"), [1], [1, 32], [1])["bfloat16"].why
+    assert why.startswith("emulated on this CPU (avx512)")
+    # Without auto in the run, the format it would serve runs as any other.
+    assert plan_formats(["float32-int8head"], machine("epyc-zen3"), [1], [1, 32], [1])[
+        "float32-int8head"
+    ].levels == (1, 32)
