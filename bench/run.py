@@ -217,7 +217,7 @@ def bench_system(
 ) -> list[Level]:
     results = []
     for mode in MODES:
-        asyncio.run(run_level(server, system, mode, 1, 2, prompts))  # warm up this decoding mode
+        asyncio.run(run_level(server, system, mode, 1, 1, prompts))  # warm up this decoding mode
         for clients in levels:
             # Above 32 clients one request each: 64 streams start and end together, a full batch throughout,
             # and the slowest formats' 64-client levels no longer push the run past 20 minutes (20.8 on a
@@ -276,14 +276,32 @@ def plan_formats(
     return plans
 
 
+class Phases:
+    """Seconds per part of the run, each part timed from the end of the one before: where the time goes."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._mark = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._mark, 1)
+        self._mark = now
+
+
 def run_minutes(report: dict[str, Any]) -> str:
-    """The run's duration, and how much of it went to one-time compiles (cached on disk for the next run)."""
+    """The run's duration, where it went, and how much of it a second run on this machine would not pay."""
     if report.get("seconds") is None:
         return "a time not recorded"
     text = f"{report['seconds'] / 60:.1f} min"
+    phases = report.get("phases")
+    if phases:
+        text += ": " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items())
     compiling = sum(report.get("compile_wait_seconds", {}).values())
     if compiling >= 1:
-        text += f", of it {compiling:.0f} s waiting for one-time compiles (cached on disk for the next run)"
+        text += (
+            f"; the servers waited {compiling:.0f} s for one-time compiles (cached on disk for the next run)"
+        )
     return text
 
 
@@ -414,7 +432,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         f"`auto` chose **{report['auto']['dtype']}**: {report['auto']['reason']}",
         "",
-        f"The run took {run_minutes(report)} (bench/run.py, from its start to this report).",
+        f"The run took {run_minutes(report)}. Setup builds the model and converts the anchors' weights, once "
+        "per machine (cached in /tmp/textgen-bench).",
         "",
         f"Servers' memory allocator: {', '.join(allocators) or 'not recorded'} (TEXTGEN_ALLOCATOR).",
         "",
@@ -669,10 +688,18 @@ def main() -> None:
         args.render.with_suffix(".md").write_text(markdown(report))
         return
     started = time.perf_counter()  # the whole run, building the model included: what a user waits for
+    phases = Phases()
+    from bench.anchors import ANCHORS, convert
     from textgen.model.cpu import describe, detect_cpu
 
     ensure_model()
     prompts = Prompts(PROMPT_TOKENS)
+    names = [a.strip() for a in args.anchors.split(",") if a.strip()] or list(ANCHORS)
+    for name in [] if args.skip_anchors else names:  # converted once per machine, cached
+        try:
+            convert(ANCHORS[name], MODEL_DIR)
+        except Exception:  # noqa: BLE001  (run_anchors reports it in the anchor's rows)
+            pass
     cpu = describe()
     clients = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     plans = plan_formats(
@@ -685,20 +712,23 @@ def main() -> None:
     report: dict[str, Any] = {"cpu": cpu, "threads": args.threads, "date": str(dt.date.today())}
     report["plan"] = {dtype: asdict(plan) for dtype, plan in plans.items()}
     print(json.dumps(report["plan"]), flush=True)
+    phases.done("setup")
     # Measured in this run, never read from an earlier run's cache: this host's bandwidth moves from day to
     # day (the same VM class), and the targets are % of what the machine does now.
     probes = [probe_now(args.threads)]
     print(json.dumps(probes[0]["bandwidth_gbs"]), flush=True)
+    phases.done("probes")
     # The anchors first: the fastest at one client then takes turns with `auto`'s server (paired_one_stream).
     report["anchors"] = []
     if not args.skip_anchors:
-        from bench.anchors import ANCHORS, run_anchors
+        from bench.anchors import run_anchors
 
-        names = [a.strip() for a in args.anchors.split(",") if a.strip()] or list(ANCHORS)
         report["anchors"] = run_anchors(
             MODEL_DIR, (1, 32), tuple(MODES), anchors=names, threads=args.threads, rounds=2
         )
+    phases.done("anchors")
     probes.append(probe_now(args.threads))
+    phases.done("probes")
     paired_with = best_anchor(report["anchors"], "top-p", 1)
 
     def pair(server: Server) -> None:
@@ -731,7 +761,9 @@ def main() -> None:
             if skipped and skipped != [info["dtype"]]:  # the plan left out a format auto does not serve
                 raise SystemExit(f"auto's server serves {info['dtype']}, this process expected {skipped[0]}")
         levels += results
+        phases.done(f"{dtype}'s server")
         probes.append(probe_now(args.threads))
+        phases.done("probes")
     if not args.skip_baseline:
         baseline = lambda port: [  # noqa: E731
             sys.executable,
@@ -746,7 +778,10 @@ def main() -> None:
             for level in bench_system("baseline", server, [1], prompts, args.per_client, args.level_seconds):
                 level.dtype = "float32"
                 levels.append(level)
+        phases.done("the old service")
     probes.append(probe_now(args.threads))
+    phases.done("probes")
+    report["phases"] = phases.seconds
     report["roofline"] = roofline(probes, cpu["native_bf16"])
     report["levels"] = [asdict(r) for r in levels]
     report["seconds"] = round(time.perf_counter() - started)
