@@ -297,7 +297,7 @@ def run_minutes(report: dict[str, Any]) -> str:
     phases = report.get("phases")
     if phases:
         text += ": " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items())
-    compiling = sum(report.get("compile_wait_seconds", {}).values())
+    compiling = targets.compile_seconds(report)
     if compiling >= 1:
         text += (
             f"; the servers waited {compiling:.0f} s for one-time compiles (cached on disk for the next run)"
