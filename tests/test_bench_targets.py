@@ -125,3 +125,5 @@ def test_what_a_run_left_out_is_not_judged() -> None:
     against = judged["auto never slower than float32 at 1, 8, 32, 64 clients"]
     assert against.met is True and against.measured == "auto serves float32 here"
     assert "| not measured |" in "\n".join(markdown(list(judged.values())))
+    untimed = judge({**run, "seconds": None})[-1]  # reports from before the run timed itself
+    assert untimed.met is None and untimed.measured == "not recorded"
