@@ -276,6 +276,11 @@ def plan_formats(
     return plans
 
 
+def client_counts(text: str) -> list[int]:
+    """ "1,8,32" as [1, 8, 32]; "" as none."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 class Phases:
     """Seconds per part of the run, each part timed from the end of the one before: where the time goes."""
 
@@ -701,13 +706,12 @@ def main() -> None:
         except Exception:  # noqa: BLE001  (run_anchors reports it in the anchor's rows)
             pass
     cpu = describe()
-    clients = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     plans = plan_formats(
         args.dtypes.split(","),
         detect_cpu(),
-        clients(args.levels),
-        clients(args.other_levels),
-        clients(args.emulated_levels),
+        client_counts(args.levels),
+        client_counts(args.other_levels),
+        client_counts(args.emulated_levels),
     )
     report: dict[str, Any] = {"cpu": cpu, "threads": args.threads, "date": str(dt.date.today())}
     report["plan"] = {dtype: asdict(plan) for dtype, plan in plans.items()}
