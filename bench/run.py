@@ -277,7 +277,7 @@ def plan_formats(
 
 
 def client_counts(text: str) -> list[int]:
-    """ "1,8,32" as [1, 8, 32]; "" as none."""
+    """Client counts from a comma-separated list ("1,8,32"); none from an empty one."""
     return [int(x) for x in text.split(",") if x.strip()]
 
 
