@@ -700,15 +700,16 @@ def main() -> None:
     ensure_model()
     prompts = Prompts(PROMPT_TOKENS)
     names = [a.strip() for a in args.anchors.split(",") if a.strip()] or list(ANCHORS)
-    for name in [] if args.skip_anchors else names:  # converted once per machine, cached
+    for name in [] if args.skip_anchors else names:  # once per machine: run_anchors then finds them cached
         try:
             convert(ANCHORS[name], MODEL_DIR)
         except Exception:  # noqa: BLE001  (run_anchors reports it in the anchor's rows)
             pass
-    cpu = describe()
+    machine = detect_cpu()
+    cpu = describe(machine)
     plans = plan_formats(
         args.dtypes.split(","),
-        detect_cpu(),
+        machine,
         client_counts(args.levels),
         client_counts(args.other_levels),
         client_counts(args.emulated_levels),
@@ -719,9 +720,14 @@ def main() -> None:
     phases.done("setup")
     # Measured in this run, never read from an earlier run's cache: this host's bandwidth moves from day to
     # day (the same VM class), and the targets are % of what the machine does now.
-    probes = [probe_now(args.threads)]
-    print(json.dumps(probes[0]["bandwidth_gbs"]), flush=True)
-    phases.done("probes")
+    probes: list[dict[str, Any]] = []
+
+    def probe() -> None:
+        probes.append(probe_now(args.threads))
+        print(json.dumps(probes[-1]["bandwidth_gbs"]), flush=True)
+        phases.done("probes")
+
+    probe()
     # The anchors first: the fastest at one client then takes turns with `auto`'s server (paired_one_stream).
     report["anchors"] = []
     if not args.skip_anchors:
@@ -731,8 +737,7 @@ def main() -> None:
             MODEL_DIR, (1, 32), tuple(MODES), anchors=names, threads=args.threads, rounds=2
         )
     phases.done("anchors")
-    probes.append(probe_now(args.threads))
-    phases.done("probes")
+    probe()
     paired_with = best_anchor(report["anchors"], "top-p", 1)
 
     def pair(server: Server) -> None:
@@ -766,8 +771,7 @@ def main() -> None:
                 raise SystemExit(f"auto's server serves {info['dtype']}, this process expected {skipped[0]}")
         levels += results
         phases.done(f"{dtype}'s server")
-        probes.append(probe_now(args.threads))
-        phases.done("probes")
+        probe()
     if not args.skip_baseline:
         baseline = lambda port: [  # noqa: E731
             sys.executable,
@@ -783,8 +787,7 @@ def main() -> None:
                 level.dtype = "float32"
                 levels.append(level)
         phases.done("the old service")
-    probes.append(probe_now(args.threads))
-    phases.done("probes")
+    probe()
     report["phases"] = phases.seconds
     report["roofline"] = roofline(probes, cpu["native_bf16"])
     report["levels"] = [asdict(r) for r in levels]
