@@ -7,6 +7,7 @@ eager pass."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -198,26 +199,59 @@ def test_loading_leaves_no_unpacked_copy_in_the_temp_dir(compiled):
 
 @torch.inference_mode()
 def test_the_cache_key_is_the_program_with_its_weights_the_machine_and_torch(model, monkeypatch):
+    """The key is had without tracing the pass (`makings`): it changes with a weight's value, the model's
+    configuration, textgen's model code, inductor's options, the CPU's flags and torch's version."""
     from textgen.model import compiled as module
 
     steps = native_decoding(model).lone
     cpu = detect_cpu()
     options = module.inductor_options(cpu)
-    program, _ = steps.export(torch.float32)
-    key = module._package_key(program, options, cpu)
-    assert module._package_key(steps.export(torch.float32)[0], options, cpu) == key  # the same step
+
+    def key(**changes) -> str:  # type: ignore[no-untyped-def]
+        about, tensors = steps.makings(torch.float32)
+        return module._package_key(
+            about | changes.get("about", {}),
+            tensors,
+            changes.get("options", options),
+            changes.get("cpu", cpu),
+        )
+
+    first = key()
+    assert key() == first  # the same pass
     body = model.base_model
-    weights = (body.ln_f if hasattr(body, "ln_f") else body.norm).weight  # the final norm's: a constant
+    weights = (body.ln_f if hasattr(body, "ln_f") else body.norm).weight  # the final norm's
     saved = weights.clone()
-    weights[0] += 1.0  # one weight changed, the shapes the same
+    with torch.no_grad():
+        weights[0] += 1.0  # one weight changed, the shapes the same
     try:
-        assert module._package_key(steps.export(torch.float32)[0], options, cpu) != key
+        assert key() != first
     finally:
-        weights.copy_(saved)
-    assert module._package_key(steps.export(torch.float32)[0], options, cpu) == key  # restored
-    assert module._package_key(program, {**options, "max_autotune_gemm_backends": "ATEN"}, cpu) != key
+        with torch.no_grad():
+            weights.copy_(saved)
+    assert key() == first  # restored
+    epsilon = next(name for name in steps.config if "eps" in name)  # the norms' epsilon: no tensor shows it
+    assert key(about={"config": {**steps.config, epsilon: 1e-3}}) != first
+    assert key(about={"dtype": str(torch.bfloat16)}) != first
+    assert key(options={**options, "max_autotune_gemm_backends": "ATEN"}) != first
+    assert key(cpu=dataclasses.replace(cpu, flags=frozenset({"sse2"}), raw_flags=None)) != first
+    monkeypatch.setattr(module, "_code_fingerprint", lambda: "other code")
+    assert key() != first
+    monkeypatch.undo()
     monkeypatch.setattr(torch, "__version__", "0.0.1")
-    assert module._package_key(program, options, cpu) != key
+    assert key() != first
+
+
+def test_a_restart_finds_the_package_without_tracing_the_pass(compiled, packages, monkeypatch):
+    """Tracing holds the GIL for seconds (SmolLM2: 8 s on the AMX Xeon) and the server's engine steps beside
+    the thread that loads the package: a cached package is found and loaded without torch.export."""
+
+    def no_export(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the pass was traced to load a cached package")
+
+    monkeypatch.setattr(torch.export, "export", no_export)
+    with torch.inference_mode():
+        assert compiled.compile(torch.float32, packages), compiled.state
+    assert compiled.state.startswith("loaded from the cache in "), compiled.state
 
 
 def test_the_cache_keeps_the_most_recently_used_packages_of_each_kind(tmp_path):

@@ -33,21 +33,28 @@ which its package does not hold (FLOAT32_OPTIONS): inductor's default packed a s
 (+700 MB for GPT-2), and was slower than eager.
 
 Ahead of time rather than torch.compile (this module's way before), because the result can be kept:
-torch.compile caches no frozen graph ("Cannot cache a graph with freezing enabled"), so every start paid
-the compile again (GPT-2 15 s on the AMX Xeon, 31-39 s with the template on the Zen 4 EPYC; SmolLM2 40-60
-and ~110 s) and decoded slowly meanwhile. The package (the compiled library and the weights as laid out
-for its kernels, ~250 MB for GPT-2) goes to TEXTGEN_CACHE_DIR/compiled under a key of the program, every
-weight's values, the inductor settings, the CPU (its kernels use this CPU's instructions), the thread count
-and torch's version; a restart exports the step (seconds), finds the package and loads it: random GPT-2
-on the Zen 4 3.2-4.0 s after ready instead of 42-45. And no guards run at each call: on that Zen 4, in
-one process, alternating 250-step blocks (positions 0-249), the step took 8.37 ms (median) against
+torch.compile caches no frozen graph ("Cannot cache a graph with freezing enabled"), so every start paid the
+compile again (GPT-2 15 s on the AMX Xeon, 31-39 s with the template on the Zen 4 EPYC; SmolLM2 40-60 and ~110
+s) and decoded slowly meanwhile. The package (the compiled library and the weights as laid out for its
+kernels, ~250 MB for GPT-2) goes to TEXTGEN_CACHE_DIR/compiled under a key of what the program is made of (the
+model's configuration and every weight's values, textgen's model code, transformers' and torch's versions),
+the inductor settings, the CPU (its kernels use this CPU's instructions) and the thread count; a restart finds
+the package by that key and loads it: random GPT-2 on the Zen 4 3.2-4.0 s after ready instead of 42-45. The
+key is had without tracing the pass: torch.export holds the GIL throughout (SmolLM2's pass: 8.0 s on the AMX
+Xeon), and while a restarted server traced to learn its key, its engine stalled (SmolLM2, the offline default,
+on the AMX Xeon, requests of 20 tokens sent one after the other from ready: the package loaded 14.1 s after
+ready, one request took 10.0 s meanwhile; keyed so, loaded 7.7 s after ready, the requests meanwhile at 16-28
+tok/s against eager's 26-31, their first tokens 0.06-0.34 s). And no guards run at each call: on that Zen 4,
+in one process, alternating 250-step blocks (positions 0-249), the step took 8.37 ms (median) against
 torch.compile's 9.37 for random GPT-2, 13.07 against 14.21 for SmolLM2.
 
-On a miss it compiles in a process of its own (textgen/model/compile_step.py), at the lowest priority,
-while the server decodes eagerly: compiling in the server raised its peak RSS (random GPT-2: 1827 MB against
-1186) and tracing held the GIL (one stream, 124-137 ms a token meanwhile, against ~11). Compiling before
-ready would hold /readyz back by those seconds instead. If compiling fails (no C++ compiler, an op inductor
-cannot take), steps stay eager and the log says why. TEXTGEN_COMPILE=off never compiles.
+On a miss it compiles in a process of its own (textgen/model/compile_step.py), at the lowest priority, while
+the server decodes eagerly: compiling in the server raised its peak RSS (random GPT-2: 1827 MB against 1186)
+and tracing held the GIL (one stream, 124-137 ms a token meanwhile, against ~11), so the server neither traces
+nor compiles (SmolLM2's first request after ready on a miss: its first token 0.14 s, against 7.6 s while the
+server traced to key it). Compiling before ready would hold /readyz back by those seconds instead. If
+compiling fails (no C++ compiler, an op inductor cannot take), steps stay eager and the log says why.
+TEXTGEN_COMPILE=off never compiles.
 
 How a program is exported, keyed, cached, compiled apart and loaded is `AheadOfTime`'s, which the batch's
 attention of decoding rows (textgen/model/compiled_attention.py) uses too; one background thread compiles
@@ -56,6 +63,7 @@ the programs of a model one after the other (`compile_in_background`).
 
 from __future__ import annotations
 
+import functools
 import gc
 import getpass
 import hashlib
@@ -69,7 +77,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +134,16 @@ class AheadOfTime:
         """The program (torch.export) for tensors of `dtype`, and the arguments it was traced with."""
         raise NotImplementedError
 
+    def example(self, dtype: torch.dtype) -> tuple[Any, ...]:
+        """The arguments the program of `dtype` is traced with, and run once on when loaded."""
+        raise NotImplementedError
+
+    def makings(self, dtype: torch.dtype) -> tuple[dict[str, Any], Iterable[tuple[str, torch.Tensor]]]:
+        """What the program of `dtype` is made of, short of tracing it: what its graph depends on besides
+        textgen's code (`_code_fingerprint`) and torch's, and the tensors it holds or reads, by name. Its
+        package's key (`_package_key`)."""
+        raise NotImplementedError
+
     def options(self, cpu: CpuInfo, dtype: torch.dtype) -> dict[str, Any]:
         """Inductor's settings for the program of tensors of `dtype` on `cpu`."""
         raise NotImplementedError
@@ -164,31 +182,32 @@ class AheadOfTime:
         self, dtype: torch.dtype, cache_dir: Path | None, apart: Mapping[str, str] | None
     ) -> tuple[Any, Path, str]:
         """The compiled package loaded and run once, where it is and how it was had (`compile`)."""
-        program, example = self.export(dtype)
+        # Keyed without tracing: torch.export holds the GIL for seconds (SmolLM2's pass 8 s on the AMX
+        # Xeon), and a server whose cache has the package would stall its engine's steps that long to learn
+        # it; the compiling process traces, the server does not.
         cpu = detect_cpu()
         options = self.options(cpu, dtype)
-        name = f"{self.kind}-{_package_key(program, options, cpu)}.pt2"
+        name = f"{self.kind}-{_package_key(*self.makings(dtype), options, cpu)}.pt2"
         folder = _writable(cache_dir)
         if folder is not None and (folder / name).is_file():
             package, how = folder / name, "loaded from the cache"
             os.utime(package)  # recently used: kept by _prune
         elif folder is not None and apart is not None:
-            del program  # the child exports its own
             package, how = folder / name, "compiled in a process of its own"
             _compile_apart(apart, package, self.kind)
         elif folder is not None:
             package, how = folder / name, "compiled"
-            _compile(program, options, package)
+            _compile(self.export(dtype)[0], options, package)
             _prune(folder, self.kind)
         else:  # no cache: compiled into a temporary directory, removed once loaded (or failed)
             scratch = Path(tempfile.mkdtemp(prefix=f"textgen-{self.kind}-"))
             try:
                 package, how = scratch / name, "compiled"
-                _compile(program, options, package)
-                return self._load(package, example, dtype), package, how
+                _compile(self.export(dtype)[0], options, package)
+                return self._load(package, self.example(dtype), dtype), package, how
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-        return self._load(package, example, dtype), package, how
+        return self._load(package, self.example(dtype), dtype), package, how
 
     def _load(self, package: Path, example: tuple[Any, ...], dtype: torch.dtype) -> Any:
         """`package`'s runner, given the model's own tensors if its package holds none (`weights`), run once
@@ -254,14 +273,17 @@ class LoneRowPasses(AheadOfTime):
         body: torch.nn.Module,
         traced: Callable[[], tuple[LoneRow, torch.nn.Module]],
         stored: torch.dtype | None = None,
+        config: Mapping[str, Any] | None = None,
     ) -> None:
         """`body`: the model's module whose tensors `lone_row` reads (its blocks and final norm); `traced`:
         `lone_row` and `body` again over modules of their own that share the model's tensors (`export`);
         `stored`: the dtype the KV cache holds keys and values in, if not the pass's
-        (textgen/model/attention.py `cache_dtype`)."""
+        (textgen/model/attention.py `cache_dtype`); `config`: the model's configuration (its norms' epsilon,
+        its rotary embedding's base, ...: what the pass computes beyond its tensors' shapes)."""
         super().__init__()
         self.embed, self.lone_row, self.head, self.body = embed, lone_row, head, body
         self.kv_shape, self.layers, self.stored, self.traced = kv_shape, layers, stored, traced
+        self.config = dict(config or {})
         # Passes it ran of one token, and of several (a prompt, a verification): tests check the path was
         # taken.
         self.steps = self.many = 0
@@ -272,27 +294,41 @@ class LoneRowPasses(AheadOfTime):
     def weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
         if not weightless(dtype):
             return None
-        tensors = itertools.chain(
-            self.body.named_parameters(remove_duplicate=False),
-            self.body.named_buffers(remove_duplicate=False),
-        )
-        return {f"{_Pass.BODY}.{name}": tensor for name, tensor in tensors}
+        return {f"{_Pass.BODY}.{name}": tensor for name, tensor in _tensors_of(self.body)}
 
-    def export(self, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, torch.Tensor, Buffers]]:
-        """The pass as a program (torch.export) for buffers of `dtype`, and the arguments it was traced with
-        (tokens 0 embedded at their positions, buffers of EXAMPLE_CAPACITY zeroed). Of any number of tokens
-        where this CPU's passes take several (`lone_tokens`); elsewhere of one, as the step alone was: a
-        program dynamic in its rows has its products compiled for any number of them, and only on AMX was
-        its one-row step measured as fast."""
+    def example(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, Buffers]:
+        """Tokens 0 embedded at their positions, and buffers of EXAMPLE_CAPACITY zeroed: EXAMPLE_TOKENS of
+        them where this CPU's passes take several (`lone_tokens`), else one."""
         kv_heads, head_dim = self.kv_shape
         shape = (1, kv_heads, EXAMPLE_CAPACITY, head_dim)
         stored = self.stored or dtype
         buffers = [
             (torch.zeros(shape, dtype=stored), torch.zeros(shape, dtype=stored)) for _ in range(self.layers)
         ]
+        positions = torch.arange(EXAMPLE_TOKENS if lone_tokens(this_cpu()) > 1 else 1)
+        return self.embed(torch.zeros_like(positions), positions).to(dtype), positions, buffers
+
+    def makings(self, dtype: torch.dtype) -> tuple[dict[str, Any], Iterable[tuple[str, torch.Tensor]]]:
+        about = {
+            "pass": type(getattr(self.lone_row, "__self__", self.lone_row)).__qualname__,
+            # Not where it was read from, nor what transformers notes for itself ("_attn_implementation"...)
+            "config": {k: v for k, v in self.config.items() if not k.startswith("_")},
+            "dtype": str(dtype),
+            "stored": str(self.stored),
+            "kv_shape": list(self.kv_shape),
+            "layers": self.layers,
+            "tokens": "several" if lone_tokens(this_cpu()) > 1 else "one",
+            "weightless": weightless(dtype),
+        }
+        return about, _tensors_of(self.body)
+
+    def export(self, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, torch.Tensor, Buffers]]:
+        """The pass as a program (torch.export) for buffers of `dtype`, and the arguments it was traced with
+        (`example`). Of any number of tokens where this CPU's passes take several (`lone_tokens`); elsewhere
+        of one, as the step alone was: a program dynamic in its rows has its products compiled for any number
+        of them, and only on AMX was its one-row step measured as fast."""
+        example = self.example(dtype)
         several = lone_tokens(this_cpu()) > 1
-        positions = torch.arange(EXAMPLE_TOKENS if several else 1)
-        example = (self.embed(torch.zeros_like(positions), positions).to(dtype), positions, buffers)
         # Any capacity, each layer its own (they grow at different steps): one program.
         tokens = {0: torch.export.Dim("tokens", min=1)} if several else None
         capacities = [torch.export.Dim(f"capacity{layer}", min=2) for layer in range(self.layers)]
@@ -351,6 +387,13 @@ class LoneRowPasses(AheadOfTime):
             for layer in buffers
             for tensor in layer
         )
+
+
+def _tensors_of(module: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """`module`'s parameters and buffers by name, a tensor reached twice under each of its names."""
+    return itertools.chain(
+        module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
+    )
 
 
 class _Pass(torch.nn.Module):
@@ -592,33 +635,45 @@ def _compile_apart(environment: Mapping[str, str], package: Path, kind: str) -> 
         )
 
 
-def _package_key(program: Any, options: dict[str, Any], cpu: CpuInfo) -> str:
-    """What the package depends on: the program (its graph and every constant's values: the model's
-    weights), how inductor compiles it, for which CPU (its kernels use the instructions this CPU has)
-    and how many threads (the template's blocking), and torch's version."""
+def _package_key(
+    program: Mapping[str, Any],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    options: dict[str, Any],
+    cpu: CpuInfo,
+) -> str:
+    """What the package depends on: the program (what it is made of: `program` and `tensors`, by
+    AheadOfTime.makings, and the code that traces it: textgen's model wing, transformers' and torch's
+    versions), how inductor compiles it, for which CPU (its kernels use the instructions this CPU has) and
+    how many threads (the template's blocking)."""
+    import transformers  # the families' own functions (rotary embeddings, activations) are traced too
+
     digest = hashlib.sha256()
     about = {
         "version": PACKAGE_VERSION,
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "code": _code_fingerprint(),
         "cpu": [cpu.model, sorted(cpu.raw_flags or cpu.flags), [str(cap) for cap in cpu.caps]],
         "threads": torch.get_num_threads(),
         "options": options,
-        "graph": str(program.graph),
-        "inputs": str(program.call_spec),
-        "ranges": str(program.range_constraints),
+        "program": program,
     }
     digest.update(json.dumps(about, sort_keys=True, default=str).encode())
-    constants = {**program.state_dict, **program.constants}
-    for name in sorted(constants):
-        value = constants[name]
-        if not isinstance(value, torch.Tensor):  # an opaque object: its values cannot be read
-            raise ValueError(
-                f"the program holds {type(value).__name__} {name}, which cannot be fingerprinted"
-            )
+    for name, value in sorted(tensors, key=lambda named: named[0]):
         dense = value.to_dense() if value.is_mkldnn else value
         digest.update(f"{name} {dense.dtype} {list(dense.shape)}".encode())
         digest.update(dense.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:24]
+
+
+@functools.cache
+def _code_fingerprint() -> str:
+    """A digest of textgen's model wing (this folder's modules), which builds every pass it compiles: a
+    package compiled by other code is not loaded."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + source.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _prune(folder: Path, kind: str) -> None:

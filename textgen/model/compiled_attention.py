@@ -17,6 +17,7 @@ is `compiled_attention_wins` (textgen/model/attention.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -66,11 +67,22 @@ class RowsAttention(AheadOfTime):
         self.calls = 0  # how many times it ran (tests check the path was taken)
         self._scales: dict[float, torch.Tensor] = {}
 
-    def export(self, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, ...]]:
+    def example(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         query = torch.zeros(EXAMPLE_ROWS, self.heads, 1, self.head_dim, dtype=dtype)
         keys = torch.zeros(EXAMPLE_ROWS, self.kv_heads, EXAMPLE_WIDTH, self.head_dim, dtype=dtype)
         visible = torch.ones(EXAMPLE_ROWS, 1, 1, EXAMPLE_WIDTH, dtype=torch.bool)
-        example = (query, keys, keys.clone(), visible, torch.ones(()))
+        return query, keys, keys.clone(), visible, torch.ones(())
+
+    def makings(self, dtype: torch.dtype) -> tuple[dict[str, Any], Iterable[tuple[str, torch.Tensor]]]:
+        return {
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "dtype": str(dtype),
+        }, ()
+
+    def export(self, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, ...]]:
+        example = self.example(dtype)
         rows, width = Dim("rows", min=1), Dim("width", min=1)
         program = torch.export.export(
             _Rows(),

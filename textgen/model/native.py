@@ -59,6 +59,7 @@ class NativeDecoding:
             body,
             lambda: _traced_pass(whole),
             cache_dtype(model),
+            model.config.to_dict(),
         )
         self.attention = RowsAttention(heads, kv_heads, head_dim)
 
