@@ -52,6 +52,17 @@ def compiled(model, packages, monkeypatch):  # type: ignore[no-untyped-def]
     lone.compiled, lone.state = None, "off"
 
 
+@pytest.fixture
+def untraced(monkeypatch):  # type: ignore[no-untyped-def]
+    """torch.export fails in this process (a process compiling apart traces as usual): what passes with it
+    traced nothing here."""
+
+    def no_export(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a pass was traced in this process")
+
+    monkeypatch.setattr(torch.export, "export", no_export)
+
+
 @contextlib.contextmanager
 def eagerly(lone) -> Iterator[None]:  # type: ignore[no-untyped-def]
     """Passes in the block take the eager path, as if `lone` had not compiled."""
@@ -241,14 +252,9 @@ def test_the_cache_key_is_the_program_with_its_weights_the_machine_and_torch(mod
     assert key() != first
 
 
-def test_a_restart_finds_the_package_without_tracing_the_pass(compiled, packages, monkeypatch):
+def test_a_restart_finds_the_package_without_tracing_the_pass(compiled, packages, untraced):
     """Tracing holds the GIL for seconds (SmolLM2: 8 s on the AMX Xeon) and the server's engine steps beside
     the thread that loads the package: a cached package is found and loaded without torch.export."""
-
-    def no_export(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise AssertionError("the pass was traced to load a cached package")
-
-    monkeypatch.setattr(torch.export, "export", no_export)
     with torch.inference_mode():
         assert compiled.compile(torch.float32, packages), compiled.state
     assert compiled.state.startswith("loaded from the cache in "), compiled.state
@@ -350,14 +356,15 @@ def test_a_failed_compile_leaves_the_eager_step(model, monkeypatch, caplog, tmp_
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-int8head", "float32-int8head"])
 def test_the_server_compiles_its_steps_in_the_background(
-    dtype, tiny_model_dir, cache_dir, tmp_path, monkeypatch
+    dtype, tiny_model_dir, cache_dir, tmp_path, monkeypatch, untraced
 ):
     """The way the service starts it (Frontend.warmup): after the warm-up, bfloat16 layers (and
     float32-int8head's float32 ones) compile in a process of its own (the int8 output layer stays outside
     the step, so bfloat16-int8head finds bfloat16's package in the cache), after the batch's attention where
     it wins, and a lone stream's steps then go through the compiled pass (its prompt too, where
     `lone_tokens` says so). The compiling process's directory of inductor's working files is removed when
-    it ends."""
+    it ends. The server itself never traces a pass (torch.export holds the GIL for seconds: its engine
+    would stall), not even to find the package in the cache."""
     from textgen.frontend.prepare import Frontend
 
     if compiled_dtype(dtype) is None:  # float32-int8head on AMD CPUs: tests/test_loading.py shows it
