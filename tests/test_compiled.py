@@ -252,6 +252,27 @@ def test_the_cache_key_is_the_program_with_its_weights_the_machine_and_torch(mod
     assert key() != first
 
 
+def test_the_cache_key_reads_projections_packed_for_onednn() -> None:
+    """A bfloat16 projection's weight packed for oneDNN (where oneDNN computes bfloat16) is neither a
+    parameter nor a buffer; the key still reads its values: two models alike but for one projection's weights
+    (a merged LoRA fine-tune) get two packages."""
+    from textgen.model import compiled as module
+    from textgen.model.linear import Linear
+
+    cpu = detect_cpu()
+    options = module.inductor_options(cpu)
+    weight = torch.randn(16, 8).bfloat16()
+    changed = weight.clone()
+    changed[3, 5] += 1.0
+
+    def key(projection: torch.Tensor) -> str:
+        body = torch.nn.Sequential(Linear(projection, torch.zeros(16, dtype=torch.bfloat16)))
+        return module._package_key({}, module._held_tensors(body), options, cpu)
+
+    assert key(weight) == key(weight.clone())
+    assert key(changed) != key(weight)
+
+
 def test_a_restart_finds_the_package_without_tracing_the_pass(compiled, packages, untraced):
     """Tracing holds the GIL for seconds (SmolLM2: 8 s on the AMX Xeon) and the server's engine steps beside
     the thread that loads the package: a cached package is found and loaded without torch.export."""

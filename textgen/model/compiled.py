@@ -320,7 +320,7 @@ class LoneRowPasses(AheadOfTime):
             "tokens": "several" if lone_tokens(this_cpu()) > 1 else "one",
             "weightless": weightless(dtype),
         }
-        return about, _tensors_of(self.body)
+        return about, _held_tensors(self.body)
 
     def export(self, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, torch.Tensor, Buffers]]:
         """The pass as a program (torch.export) for buffers of `dtype`, and the arguments it was traced with
@@ -394,6 +394,23 @@ def _tensors_of(module: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     return itertools.chain(
         module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
     )
+
+
+def _held_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor `module` and its submodules hold, by name: their parameters and buffers, and the tensors
+    they keep as plain attributes, such as a projection's weight packed for oneDNN (textgen/model/linear.py),
+    which is neither but is what the product reads (a fine-tune that changed only the projections, as a
+    merged LoRA does, would otherwise find the base model's package)."""
+    held = []
+    for prefix, child in module.named_modules(remove_duplicate=False):
+        dotted = f"{prefix}." if prefix else ""
+        tensors = itertools.chain(
+            child.named_parameters(recurse=False),
+            child.named_buffers(recurse=False),
+            ((name, value) for name, value in vars(child).items() if isinstance(value, torch.Tensor)),
+        )
+        held += [(dotted + name, tensor) for name, tensor in tensors]
+    return held
 
 
 class _Pass(torch.nn.Module):
