@@ -218,13 +218,9 @@ def test_the_cache_key_is_the_program_with_its_weights_the_machine_and_torch(mod
     cpu = detect_cpu()
     options = module.inductor_options(cpu)
 
-    def key(**changes) -> str:  # type: ignore[no-untyped-def]
-        about, tensors = steps.makings(torch.float32)
+    def key(dtype: torch.dtype = torch.float32, **changes) -> str:  # type: ignore[no-untyped-def]
         return module._package_key(
-            about | changes.get("about", {}),
-            tensors,
-            changes.get("options", options),
-            changes.get("cpu", cpu),
+            *steps.makings(dtype), changes.get("options", options), changes.get("cpu", cpu)
         )
 
     first = key()
@@ -240,9 +236,16 @@ def test_the_cache_key_is_the_program_with_its_weights_the_machine_and_torch(mod
         with torch.no_grad():
             weights.copy_(saved)
     assert key() == first  # restored
-    epsilon = next(name for name in steps.config if "eps" in name)  # the norms' epsilon: no tensor shows it
-    assert key(about={"config": {**steps.config, epsilon: 1e-3}}) != first
-    assert key(about={"dtype": str(torch.bfloat16)}) != first
+    # The norms' epsilon, which no tensor shows: the model's configuration reaches the pass.
+    epsilon = next(name for name in steps.config if "eps" in name)
+    assert steps.config[epsilon] == getattr(model.config, epsilon)
+    steps.config[epsilon] = 1e-3
+    try:
+        assert key() != first
+    finally:
+        steps.config[epsilon] = getattr(model.config, epsilon)
+    assert key() == first
+    assert key(torch.bfloat16) != first
     assert key(options={**options, "max_autotune_gemm_backends": "ATEN"}) != first
     assert key(cpu=dataclasses.replace(cpu, flags=frozenset({"sse2"}), raw_flags=None)) != first
     monkeypatch.setattr(module, "_code_fingerprint", lambda: "other code")
