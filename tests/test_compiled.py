@@ -126,7 +126,7 @@ def test_the_program_takes_several_tokens_only_where_passes_of_several_take_it(m
 
     def tokens_dimension(several: int) -> object:
         monkeypatch.setattr("textgen.model.compiled.lone_tokens", lambda cpu: several)
-        program, _ = lone.export(torch.float32)
+        program = lone.export(torch.float32)
         hidden = next(
             node for node in program.graph.nodes if node.op == "placeholder" and node.name == "hidden"
         )
@@ -504,7 +504,7 @@ def test_tracing_a_pass_that_reads_the_models_tensors_leaves_the_served_modules_
 
     monkeypatch.setattr(native, "_lone_row", watched)
     with torch.inference_mode():
-        program, _ = lone.export(torch.float32)
+        program = lone.export(torch.float32)
     assert seen and not any(isinstance(tensor, FakeTensor) for tensor in seen)
     assert all(a is b for a, b in zip(served, [*lone.body.parameters(), *lone.body.buffers()]))
     inputs = set(program.graph_signature.parameters) | set(program.graph_signature.buffers)

@@ -130,8 +130,8 @@ class AheadOfTime:
         self.state = "off"  # for the log and GET /info
         self.thread: threading.Thread | None = None  # compiling in the background (`compile_in_background`)
 
-    def export(self, dtype: torch.dtype) -> tuple[Any, tuple[Any, ...]]:
-        """The program (torch.export) for tensors of `dtype`, and the arguments it was traced with."""
+    def export(self, dtype: torch.dtype) -> Any:
+        """The program (torch.export) for tensors of `dtype`, traced with `example`'s arguments."""
         raise NotImplementedError
 
     def example(self, dtype: torch.dtype) -> tuple[Any, ...]:
@@ -197,21 +197,21 @@ class AheadOfTime:
             _compile_apart(apart, package, self.kind)
         elif folder is not None:
             package, how = folder / name, "compiled"
-            _compile(self.export(dtype)[0], options, package)
+            _compile(self.export(dtype), options, package)
             _prune(folder, self.kind)
         else:  # no cache: compiled into a temporary directory, removed once loaded (or failed)
             scratch = Path(tempfile.mkdtemp(prefix=f"textgen-{self.kind}-"))
             try:
                 package, how = scratch / name, "compiled"
-                _compile(self.export(dtype)[0], options, package)
-                return self._load(package, self.example(dtype), dtype), package, how
+                _compile(self.export(dtype), options, package)
+                return self._load(package, dtype), package, how
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-        return self._load(package, self.example(dtype), dtype), package, how
+        return self._load(package, dtype), package, how
 
-    def _load(self, package: Path, example: tuple[Any, ...], dtype: torch.dtype) -> Any:
+    def _load(self, package: Path, dtype: torch.dtype) -> Any:
         """`package`'s runner, given the model's own tensors if its package holds none (`weights`), run once
-        on `example`."""
+        on `example`'s arguments."""
         # Loading holds the constants twice for a moment (random GPT-2, Zen 4: RSS +477 MB, then +240): what
         # exporting and fingerprinting freed (82 MB) goes back to the system first.
         gc.collect()
@@ -227,7 +227,7 @@ class AheadOfTime:
             runner.aoti_runner.load_constants(
                 {name: weights[name] for name in names}, check_full_update=True, user_managed=True
             )
-        runner(*example)
+        runner(*self.example(dtype))
         return runner
 
 
@@ -322,12 +322,11 @@ class LoneRowPasses(AheadOfTime):
         }
         return about, _held_tensors(self.body)
 
-    def export(self, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, torch.Tensor, Buffers]]:
-        """The pass as a program (torch.export) for buffers of `dtype`, and the arguments it was traced with
-        (`example`). Of any number of tokens where this CPU's passes take several (`lone_tokens`); elsewhere
-        of one, as the step alone was: a program dynamic in its rows has its products compiled for any number
-        of them, and only on AMX was its one-row step measured as fast."""
-        example = self.example(dtype)
+    def export(self, dtype: torch.dtype) -> Any:
+        """The pass as a program (torch.export) for buffers of `dtype`, traced with `example`'s arguments. Of
+        any number of tokens where this CPU's passes take several (`lone_tokens`); elsewhere of one, as the
+        step alone was: a program dynamic in its rows has its products compiled for any number of them, and
+        only on AMX was its one-row step measured as fast."""
         several = lone_tokens(this_cpu()) > 1
         # Any capacity, each layer its own (they grow at different steps): one program.
         tokens = {0: torch.export.Dim("tokens", min=1)} if several else None
@@ -340,14 +339,14 @@ class LoneRowPasses(AheadOfTime):
         lone_row, body = self.traced() if weightless(dtype) else (self.lone_row, None)
         program = torch.export.export(
             _Pass(lone_row, body),
-            example,
+            self.example(dtype),
             dynamic_shapes={
                 "hidden": tokens,
                 "positions": tokens,
                 "buffers": [({2: capacity}, {2: capacity}) for capacity in capacities],
             },
         )
-        return program, example
+        return program
 
     def run(
         self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, keep: torch.Tensor | None
@@ -397,10 +396,11 @@ def _tensors_of(module: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
 
 
 def _held_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Every tensor `module` and its submodules hold, by name: their parameters and buffers, and the tensors
-    they keep as plain attributes, such as a projection's weight packed for oneDNN (textgen/model/linear.py),
-    which is neither but is what the product reads (a fine-tune that changed only the projections, as a
-    merged LoRA does, would otherwise find the base model's package)."""
+    """Every tensor `module` and its submodules hold, by name (a tensor reached twice under each of its
+    names): their parameters and buffers, and the tensors they keep as plain attributes, such as a
+    projection's weight packed for oneDNN (textgen/model/linear.py), which is neither but is what the product
+    reads (a fine-tune that changed only the projections, as a merged LoRA does, would otherwise find the
+    base model's package)."""
     held = []
     for prefix, child in module.named_modules(remove_duplicate=False):
         dotted = f"{prefix}." if prefix else ""

@@ -81,15 +81,14 @@ class RowsAttention(AheadOfTime):
             "dtype": str(dtype),
         }, ()
 
-    def export(self, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, ...]]:
-        example = self.example(dtype)
+    def export(self, dtype: torch.dtype) -> Any:
         rows, width = Dim("rows", min=1), Dim("width", min=1)
         program = torch.export.export(
             _Rows(),
-            example,
+            self.example(dtype),
             dynamic_shapes=({0: rows}, {0: rows, 2: width}, {0: rows, 2: width}, {0: rows, 3: width}, None),
         )
-        return program, example
+        return program
 
     def options(self, cpu: CpuInfo, dtype: torch.dtype) -> dict[str, Any]:
         # No weights, so no freezing; one compile job at a time, in this thread (as the step's).
