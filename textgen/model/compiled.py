@@ -294,7 +294,7 @@ class LoneRowPasses(AheadOfTime):
     def weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
         if not weightless(dtype):
             return None
-        return {f"{_Pass.BODY}.{name}": tensor for name, tensor in _tensors_of(self.body)}
+        return {f"{_Pass.BODY}.{name}": tensor for name, tensor in _held_tensors(self.body)}
 
     def example(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, Buffers]:
         """Tokens 0 embedded at their positions, and buffers of EXAMPLE_CAPACITY zeroed: EXAMPLE_TOKENS of
@@ -386,13 +386,6 @@ class LoneRowPasses(AheadOfTime):
             for layer in buffers
             for tensor in layer
         )
-
-
-def _tensors_of(module: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
-    """`module`'s parameters and buffers by name, a tensor reached twice under each of its names."""
-    return itertools.chain(
-        module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
-    )
 
 
 def _held_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
