@@ -608,6 +608,15 @@ def test_the_real_machine() -> None:
 TINY = {"gemv_shape": (64, 32), "gemm_shape": (8, 32, 32), "budget_s": 0.0}
 
 
+def test_a_probes_rates_keep_their_digits_however_small() -> None:
+    """A real rate is never recorded as 0: CI once read a tiny probe's one slow call (2 KB in over 0.4 ms) as
+    0.0 GB/s, rounded to 2 decimals."""
+    from textgen.model.probe import _per_second
+
+    assert _per_second(64 * 32, 0.0005) == 0.004096
+    assert _per_second(170e6, 0.007781) == 21.85  # a step's weights at this host's rate: as before
+
+
 def test_probe_measures_once_then_reuses_its_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = detect_cpu()
     sizes = {k: TINY[k] for k in ("gemv_shape", "gemm_shape")}

@@ -185,7 +185,7 @@ def _measure(
 
     def record(table: dict[str, float | None], name: str, work: float, fn: Callable[[], Any]) -> None:
         try:
-            table[name] = round(work / _best_time(fn, budget_s) / 1e9, 2)
+            table[name] = _per_second(work, _best_time(fn, budget_s))
         except Exception as exc:  # e.g. a torch build without FBGEMM: report the rest
             table[name] = None
             errors[name] = f"{type(exc).__name__}: {exc}"
@@ -231,6 +231,12 @@ def _measure(
     finally:
         torch.set_num_threads(previous)
     return bandwidth, gflops, errors
+
+
+def _per_second(work: float, seconds: float) -> float:
+    """`work` per second in billions, to 4 significant digits: a real rate never reads as 0 (to 2 decimals,
+    a tiny probe's one call slowed by a busy host did: 2 KB in 0.5 ms, 0.004 GB/s, recorded as 0.0)."""
+    return float(f"{work / seconds / 1e9:.4g}")
 
 
 def _best_time(fn: Callable[[], Any], budget_s: float, max_reps: int = 200) -> float:
