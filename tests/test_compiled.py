@@ -21,7 +21,7 @@ from textgen.config import ConfigError, Settings
 from textgen.engine.batch import DecodeBatch
 from textgen.engine.params import SamplingParams
 from textgen.model.attention import compiled_attention_wins
-from textgen.model.compiled import MAX_TOKENS, lone_tokens
+from textgen.model.compiled import MAX_TOKENS, _compile, lone_tokens
 from textgen.model.cpu import detect_cpu, this_cpu
 from textgen.model.loading import load_model
 from textgen.model.native import compile_state, compiled_dtype, native_decoding, start_compiling
@@ -357,6 +357,23 @@ def test_without_a_cache_the_step_compiles_into_a_temporary_directory_removed_af
     assert not compiled.compile(torch.float32, None)
     assert compiled.state == "off: compiling failed (RuntimeError: cannot load)"
     assert not list(tmp_path.iterdir())
+
+
+def test_a_compile_parses_each_kernel_template_once(monkeypatch, tmp_path):
+    """Inductor's C++ GEMM template asks for the same jinja sources for every product it writes; within a
+    compile each is parsed once (compiled._parse_kernel_templates_once) and still renders each call anew."""
+    from torch._inductor.codegen.common import KernelTemplate
+
+    def compile_and_package(program, package_path, inductor_configs):  # type: ignore[no-untyped-def]
+        parsed = KernelTemplate._template_from_string("{{ rows }} rows of {{ width }}")
+        assert KernelTemplate._template_from_string("{{ rows }} rows of {{ width }}") is parsed
+        assert parsed.render(rows=1, width=576) == "1 rows of 576"
+        assert parsed.render(rows=32, width=1536) == "32 rows of 1536"
+        Path(package_path).write_bytes(b"package")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
+    _compile(None, {}, tmp_path / "step.pt2")
+    assert (tmp_path / "step.pt2").read_bytes() == b"package"
 
 
 def test_a_failed_compile_leaves_the_eager_step(model, monkeypatch, caplog, tmp_path):
