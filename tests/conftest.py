@@ -15,6 +15,13 @@ from tests.server import Server, start_server  # noqa: E402
 from tests.tiny_model import build_tiny_gpt2  # noqa: E402
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `after_the_rest` run last, in their order. What such a test waits for, a server's compile
+    in the background (SmolLM2's: 100-150 s on 2 cores, at the lowest priority), goes on while the other
+    tests run instead of being waited for alone (tests/test_real_model.py)."""
+    items.sort(key=lambda item: item.get_closest_marker("after_the_rest") is not None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")

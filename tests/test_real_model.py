@@ -85,6 +85,7 @@ def test_start_up_lines_say_what_the_server_chose(default_server):
     assert f"compiled decoding step: {'compiling' if compiles else 'off'}" in log
 
 
+@pytest.mark.after_the_rest  # the server compiles meanwhile, at the lowest priority
 def test_a_lone_stream_answers_through_the_compiled_step(default_server):
     """Where the server compiles a lone stream's step (bfloat16 layers, float32-int8head's on Intel CPUs:
     textgen/model/native.py compiled_dtype), once it has, the README question asked alone, unspeculated
