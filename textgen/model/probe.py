@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -197,17 +198,18 @@ def _measure(
             out_f, in_f = gemv_shape
             w32 = torch.empty(out_f, in_f).uniform_(-1, 1)
             x32 = torch.randn(1, in_f)
-            record(bandwidth, "float32", w32.nbytes, lambda: F.linear(x32, w32))
+            # Each call bound to its tensors now (partial), not by name: the weights are deleted once read.
+            record(bandwidth, "float32", w32.nbytes, partial(F.linear, x32, w32))
             if torch.backends.mkldnn.is_available():  # float32-packed's product (textgen/model/linear.py)
                 packed = Linear(w32, None, pack_float32=True)
-                record(bandwidth, "float32-packed", w32.nbytes, lambda: packed(x32))
+                record(bandwidth, "float32-packed", w32.nbytes, partial(packed, x32))
                 del packed
             reads: dict[str, float | None] = {}  # plain sums of the same bytes
-            record(reads, "read float32", w32.nbytes, lambda: w32.sum())
+            record(reads, "read float32", w32.nbytes, w32.sum)
             w16, x16 = w32.to(torch.bfloat16), x32.to(torch.bfloat16)
             del w32  # 128 MB at the default size: keep the peak down
-            record(bandwidth, "bfloat16", w16.nbytes, lambda: F.linear(x16, w16))
-            record(reads, "read bfloat16", w16.nbytes, lambda: w16.sum())
+            record(bandwidth, "bfloat16", w16.nbytes, partial(F.linear, x16, w16))
+            record(reads, "read bfloat16", w16.nbytes, w16.sum)
             # A plain read beat oneDNN's 1-row bfloat16 product on an AMD EPYC (Zen 4): 37.5-45 against
             # 18.6-21.2 GB/s, and inductor's GEMM template streamed at 32.5 (textgen/model/compiled.py).
             # The faster of two sums stands for the memory's rate: a roofline below a kernel's rate is no
@@ -217,7 +219,7 @@ def _measure(
             int8 = Int8Linear(w16.to(int8_compute), None)
             x8 = x32.to(int8_compute)
             del w16
-            record(bandwidth, "int8", out_f * in_f + 4 * out_f, lambda: int8(x8))
+            record(bandwidth, "int8", out_f * in_f + 4 * out_f, partial(int8, x8))
             del int8
             rows, in_g, out_g = gemm_shape
             work = 2.0 * rows * in_g * out_g
