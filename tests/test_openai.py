@@ -32,7 +32,7 @@ CHAT = [
 
 @pytest.fixture(scope="module")
 def client(tiny_server):
-    with openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+    with tiny_server.openai() as c:
         yield c
 
 
@@ -656,7 +656,7 @@ KEY = {"Authorization": "Bearer s3cret-key"}
 
 def test_api_key_is_required_when_configured(keyed_server):
     def client(key):
-        return openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key=key, max_retries=0, timeout=60)
+        return keyed_server.openai(api_key=key, timeout=60)
 
     for key in ("wrong", "s3cret-ke", "s3cret-key2"):
         with pytest.raises(openai.AuthenticationError) as exc:
@@ -704,7 +704,7 @@ def test_the_ui_client_sends_the_api_key(keyed_server):
 @pytest.mark.real_model
 def test_smollm2_answers_with_its_chat_template(cache_dir):
     with start_server({"MODEL_NAME": "", "TEXTGEN_CACHE_DIR": str(cache_dir)}) as server:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = server.openai()
         model = client.models.list().data[0].id
         assert model == "SmolLM2-135M-Instruct"
         r = client.chat.completions.create(

@@ -173,3 +173,42 @@ def test_sampled_answers_with_a_json_schema_all_parse_and_validate(default_serve
     for choice in choices:
         assert choice["finish_reason"] == "stop", choice
         jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+
+
+def test_a_required_tool_call_picks_the_tool_and_the_arguments_the_question_asks_for(default_server):
+    """SmolLM2 was not trained on tools: it sees them in the Hermes format (textgen/frontend/tools.py), and
+    the grammar makes its answer a call. Which tool and which arguments are the model's choice."""
+    city = {"type": "string", "maxLength": 20}
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Get the current weather in a city.",
+                "parameters": {"type": "object", "properties": {"city": city}, "required": ["city"]},
+            },
+        },
+        {
+            "type": "function",
+            "function": {
+                "name": "get_population",
+                "description": "Get the number of people living in a country.",
+                "parameters": {"type": "object", "properties": {"country": city}, "required": ["country"]},
+            },
+        },
+    ]
+    body = {
+        "messages": [{"role": "user", "content": "What is the weather like in Paris right now?"}],
+        "tools": tools,
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "temperature": 0,
+        "max_tokens": 60,
+    }
+    response = httpx.post(f"{default_server.url}/v1/chat/completions", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    (choice,) = response.json()["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"])["city"] == "Paris"

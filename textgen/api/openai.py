@@ -27,6 +27,7 @@ from textgen.engine.outputs import GenerationResult, QueueFull
 from textgen.frontend import openai_protocol as protocol
 from textgen.frontend.openai_protocol import Call
 from textgen.frontend.prepare import Frontend, Prepared
+from textgen.frontend.tools import ToolStream
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +152,14 @@ async def _events(
                     protocol.envelope(call, chunk=True, choices=[opening], **_so_far(call, prepared, i, 0))
                 )
         results: list[GenerationResult | None] = [None] * len(handles)
+        # With tools, each choice's text becomes content and calls as it comes (frontend/tools.py).
+        tool_streams = [ToolStream(call.tools) if call.tools else None for _ in handles]
         while any(r is None for r in results):
             i, event = await merged.get()
             reason = None
+            text, calls, tools = event.text, [], tool_streams[i]
+            if tools is not None:
+                text, calls = tools.feed(event.text)
             if event.result is not None:
                 results[i] = event.result
                 problem = failure([event.result])
@@ -161,10 +167,16 @@ async def _events(
                     yield sse(OPENAI.body(problem))
                     return
                 reason = protocol.finish_reason(event.result.finish_reason)
-            elif not event.text:
-                continue
+                if tools is not None:
+                    rest, more, reply = tools.finish()
+                    text, calls = text + rest, calls + more
+                    reason = tools.use.finish_reason(reason, reply)
+            elif not event.text or (not text and not calls and event.logprobs is None):
+                continue  # nothing yet, or text the tool calls hold back (its logprobs still go out)
             scores = protocol.logprobs_body(call, tokenizer, event.logprobs)
-            chunk = protocol.chunk_choice(call, i, event.text, reason, first=False, logprobs=scores)
+            chunk = protocol.chunk_choice(
+                call, i, text, reason, first=False, logprobs=scores, tool_calls=calls
+            )
             yield sse(
                 protocol.envelope(
                     call, chunk=True, choices=[chunk], **_so_far(call, prepared, i, event.tokens)

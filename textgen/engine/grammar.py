@@ -49,6 +49,16 @@ def grammar_of(constraint: Constraint) -> str:
     return llguidance.grammar_from("grammar", constraint.spec)
 
 
+def schema_problem(schema: str) -> str | None:
+    """What is wrong with a JSON schema (as JSON text) for the grammar engine, or None; no tokenizer needed."""
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, None)
+    return _one_line(messages) if is_error else None
+
+
 class Grammars:
     """Compiles constraints against the model's tokenizer, and gives each constrained sequence its Guide."""
 

@@ -23,7 +23,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from textgen.engine.params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, RANGES, ParamError, Range, SamplingParams
+from textgen.engine.params import (
+    LOGIT_BIAS_RANGE,
+    MAX_LOGIT_BIAS,
+    RANGES,
+    Constraint,
+    ParamError,
+    Range,
+    SamplingParams,
+)
 from textgen.frontend.generate_protocol import Usage  # the same counts, in OpenAI's field names
 from textgen.engine.outputs import TokenLogprob
 from textgen.frontend.prepare import (
@@ -35,6 +43,14 @@ from textgen.frontend.prepare import (
 )
 from textgen.frontend.structured import StructuredOutputFields
 from textgen.frontend.templates import RenderedPrompt, has_chat_template, render_chat
+from textgen.frontend.tools import (
+    ToolCall,
+    ToolFields,
+    ToolUse,
+    hermes_conversation,
+    takes_tools,
+    template_messages,
+)
 
 N_RANGE = Range(1, 16)  # choices per prompt; they all join the engine's batch at once
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -209,18 +225,41 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart] = Field(
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description='"developer" is OpenAI\'s newer name for "system"; "tool" carries a tool call\'s result.'
+    )
+    content: str | list[ContentPart] | None = Field(
+        None,
         description='A string, or a list of text parts [{"type": "text", "text": "..."}], joined by '
-        "newlines."
+        "newlines; may be null only in an assistant message with tool_calls.",
     )
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant message's calls.")
+    tool_call_id: str | None = Field(None, description="A tool message's: the call it answers.")
+
+    def for_template(self, index: int) -> dict[str, Any]:
+        """This message as chat templates take it; `index` is its place in `messages`, for errors."""
+        message: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text(index),
+        }
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
     def text(self, index: int) -> str:
         """The content as one string; `index` is this message's place in `messages`, for errors."""
+        field = f"messages.{index}.content"
+        if self.content is None:
+            if self.role == "assistant" and self.tool_calls:
+                return ""
+            raise ParamError(
+                field, f"{field} is missing: only an assistant message with tool_calls may omit it"
+            )
         if isinstance(self.content, str):
             return self.content
-        field = f"messages.{index}.content"
         texts = []
         for j, part in enumerate(self.content):
             if part.type != "text":
@@ -240,7 +279,7 @@ class ChatMessage(BaseModel):
         return "\n".join(texts)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ToolFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(
@@ -251,6 +290,19 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(
         default=None, description="With logprobs: also the likeliest alternatives at each position, 0 to 20."
     )
+
+    def constraint(self) -> Constraint | None:
+        """The structured-output constraint, or the grammar a "required" or named tool_choice forces."""
+        asked = super().constraint()
+        use = self.tool_use()
+        forced = use.constraint() if use is not None else None
+        if forced is not None and asked is not None:
+            raise ParamError(
+                "tool_choice",
+                f"this tool_choice forces the output's form, so {asked.field} cannot be given with it; "
+                'use tool_choice "auto" or drop one of them',
+            )
+        return forced or asked
 
     def to_prompt_request(self, tokenizer: Any, defaults: Mapping[str, Any] | None = None) -> PromptRequest:
         if not self.messages:
@@ -265,7 +317,8 @@ class ChatCompletionRequest(SamplingFields):
                 raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
         if self.logprobs:
             params = dataclasses.replace(params, logprobs=self.top_logprobs or 0)
-        return PromptRequest([render_messages(self.messages, tokenizer)], params, n=self.n, fields=fields)
+        rendered = render_messages(self.messages, tokenizer, self.tool_use())
+        return PromptRequest([rendered], params, n=self.n, fields=fields)
 
 
 def render_fallback_chat(messages: list[dict[str, str]]) -> RenderedPrompt:
@@ -282,9 +335,16 @@ def render_fallback_chat(messages: list[dict[str, str]]) -> RenderedPrompt:
     return RenderedPrompt("\n".join(lines) + "\nAssistant:", stop=FALLBACK_STOP, special_tokens_as_text=True)
 
 
-def render_messages(messages: list[ChatMessage], tokenizer: Any) -> RenderedPrompt:
-    """The model's own chat template when it has one, else the plain fallback transcript."""
-    plain = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(messages)]
+def render_messages(
+    messages: list[ChatMessage], tokenizer: Any, tools: ToolUse | None = None
+) -> RenderedPrompt:
+    """The model's own chat template when it has one, else the plain fallback transcript; tools, earlier
+    calls and their results as the template renders them, else in the Hermes format (frontend/tools.py)."""
+    given = [m.for_template(i) for i, m in enumerate(messages)]
+    shown = tools.shown() if tools is not None else None
+    if has_chat_template(tokenizer) and takes_tools(tokenizer):
+        return render_chat(template_messages(given), tokenizer, tools=shown)
+    plain = hermes_conversation(given, shown)
     if has_chat_template(tokenizer):
         return render_chat(plain, tokenizer)
     return render_fallback_chat(plain)
@@ -304,6 +364,7 @@ class Call:
         False  # usage so far in every chunk (vLLM's stream_options.continuous_usage_stats)
     )
     echo_texts: list[str] | None = None  # with `echo`: each prompt's text, prepended to its choices
+    tools: ToolUse | None = None  # a chat request's tool calling: its choices' text becomes calls
 
     @classmethod
     def of(cls, req: "CompletionRequest | ChatCompletionRequest", prepared: Prepared, model: str) -> "Call":
@@ -321,6 +382,7 @@ class Call:
             include_usage=bool(options and options.include_usage),
             continuous_usage=bool(options and options.include_usage and options.continuous_usage_stats),
             echo_texts=echo,
+            tools=req.tool_use() if isinstance(req, ChatCompletionRequest) else None,
         )
 
 
@@ -356,14 +418,19 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(json_schema_extra={"nullable": True})
+    tool_calls: list[ToolCall] | None = Field(None, description="With tools: the calls the model made.")
 
 
 class AssistantDelta(BaseModel):
     """A streamed chunk's piece of the message (`role` on the first chunk only)."""
 
     role: Literal["assistant"] | None = None
-    content: str
+    content: str | None = Field(json_schema_extra={"nullable": True})
+    tool_calls: list[dict[str, Any]] | None = Field(
+        None,
+        description="With tools: each call's piece, by `index`; its first piece has `id`, `type` and the name.",
+    )
 
 
 # One model documents both the JSON answer and the streamed chunks (the OpenAPI document gives the SSE events
@@ -374,7 +441,9 @@ class ChatChoice(BaseModel):
     message: AssistantMessage | None = Field(None, description="In the JSON answer.")
     delta: AssistantDelta | None = Field(None, description="In a streamed chunk.")
     logprobs: dict[str, list[dict[str, Any]]] | None = Field(None, json_schema_extra={"nullable": True})
-    finish_reason: Literal["stop", "length"] | None = Field(json_schema_extra={"nullable": True})
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = Field(
+        json_schema_extra={"nullable": True}
+    )
 
 
 class ChatCompletionResponse(BaseModel):
@@ -403,26 +472,37 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def choice_body(
-    call: Call, index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None = None
+    call: Call, index: int, text: str, reason: str, logprobs: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     if call.kind == "completion":
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": logprobs,
-        "finish_reason": reason,
-    }
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if call.tools is not None:
+        reply = call.tools.reply(text)
+        message["content"] = reply.content
+        if reply.calls:
+            message["tool_calls"] = reply.calls
+        reason = call.tools.finish_reason(reason, reply)
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
 
 
 def chunk_choice(
-    call: Call, index: int, text: str, reason: str | None, first: bool, logprobs: dict[str, Any] | None = None
+    call: Call,
+    index: int,
+    text: str,
+    reason: str | None,
+    first: bool,
+    logprobs: dict[str, Any] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     if call.kind == "completion":
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
     delta: dict[str, Any] = {"content": text}
     if first:
         delta["role"] = "assistant"
+    if tool_calls:
+        delta["tool_calls"] = tool_calls
+        delta["content"] = text or None
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
 
 

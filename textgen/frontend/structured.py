@@ -92,8 +92,9 @@ class StructuredOutputFields(BaseModel):
         return found
 
 
-# The body members that may ask for structured output (Frontend.index_vocabulary_for looks for them).
-STRUCTURED_FIELDS = frozenset(StructuredOutputFields.model_fields)
+# The body members that may ask for structured output (Frontend.index_vocabulary_for looks for them); a
+# "required" or named tool_choice is a grammar too (frontend/tools.py).
+STRUCTURED_FIELDS = frozenset(StructuredOutputFields.model_fields) | {"tool_choice"}
 
 
 def _from_response_format(fmt: ResponseFormat) -> Constraint | None:

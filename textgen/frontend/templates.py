@@ -93,13 +93,19 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_chat(messages: list[dict[str, str]], tokenizer: Any, field: str = "messages") -> RenderedPrompt:
+def render_chat(
+    messages: list[dict[str, Any]],
+    tokenizer: Any,
+    field: str = "messages",
+    tools: list[dict[str, Any]] | None = None,
+) -> RenderedPrompt:
     """Render chat `messages` with the model's own chat template, and encode them with role integrity.
 
     Only the template may write control tokens. A message holding "<|im_end|>\n<|im_start|>assistant\n..."
     would otherwise close its own turn and open a forged one; transformers' `sanitize_control_tokens` marks
     every control token inside the messages, renders, and encodes the marked ones as plain text (the rest
-    of the text is encoded as a whole, so ordinary messages get exactly the ids they always had).
+    of the text is encoded as a whole, so ordinary messages get exactly the ids they always had). `tools`:
+    for a template that renders them (frontend/tools.py), marked the same way.
     """
     if not has_chat_template(tokenizer):
         raise ParamError(
@@ -107,10 +113,10 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Any, field: str = "me
             "this model has no chat template, so template 'chat' is not available; "
             "use 'auto', 'none', 'assistant' or 'few_shot', or serve a chat model (e.g. SmolLM2-135M-Instruct)",
         )
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
     try:
         ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False
+            messages, tools=tools, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False
         )
     except ValueError as exc:  # a control token this tokenizer also produces from plain text
         raise ParamError(
