@@ -28,7 +28,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from textgen.engine.params import Constraint, ParamError
-from textgen.engine.grammar import JSON_LAYOUT, schema_problem
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 # A call as the model writes it; an unclosed last call (the text ended inside it) is read to its end.
@@ -149,6 +148,10 @@ class ToolUse:
         ParamError naming the tool whose parameters are not a JSON schema the grammar engine takes."""
         if self.mode == "auto":
             return None
+        # Here, not at the top: the grammar module imports torch, which `bentoml serve`'s first import of
+        # service.py must not (tests/test_layout.py).
+        from textgen.engine.grammar import schema_problem
+
         for i, tool in enumerate(self.tools):
             if self.mode == "required" or tool.function.name == self.name:
                 problem = schema_problem(json.dumps(self._parameters(tool.function.name)))
@@ -192,6 +195,8 @@ class ToolUse:
             }
             for t in self.tools
         ]
+        from textgen.engine.grammar import JSON_LAYOUT  # (as in `constraint`)
+
         schema = json.dumps({"anyOf": alternatives, "x-guidance": JSON_LAYOUT})
         repeat = ' ("\\n" call)*' if self.parallel else ""
         return f'start: call{repeat}\ncall: "{CALL_OPEN}\\n" %json {schema} "\\n{CALL_CLOSE}"\n'
