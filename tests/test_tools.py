@@ -74,10 +74,24 @@ def test_hermes_calls_become_tool_calls_and_the_text_before_them_content():
     assert len(use(parallel=False).reply(A_CALL + A_CALL).calls) == 1
 
 
+def test_an_answer_of_bare_json_calls_is_calls_as_llama_writes_them():
+    text = ' {"name": "get_time", "parameters": {"zone": "CET"}}; {"name": "get_weather", "arguments": {}}\n'
+    reply = use().reply(text)
+    assert reply.content is None and [c["function"]["name"] for c in reply.calls] == [
+        "get_time",
+        "get_weather",
+    ]
+    assert reply.calls[0]["function"]["arguments"] == '{"zone": "CET"}'
+    content, deltas, _ = stream(use(), [" {", '"name": "get_time", "parameters": {"zone": "CET"}}'])
+    assert content == "" and [d["function"]["name"] for d in deltas] == ["get_time"]
+
+
 @pytest.mark.parametrize(
     "text",
     [
         "It is sunny.",
+        '{"name": "get_time", "parameters": {"zone": "CET"}} is what I would call.',
+        '{"name": "Paris", "parameters": {}}',  # JSON, but not a call of a tool
         '<tool_call>\n{"name": "launch_rockets", "arguments": {}}\n</tool_call>',  # not one of the tools
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',  # cut short
         "<tool_call> is a tag I know.",
@@ -88,6 +102,8 @@ def test_text_that_is_not_a_whole_call_of_a_given_tool_stays_content(text):
     reply = use().reply(text)
     assert reply.content == text and reply.calls == []
     assert use().finish_reason("stop", reply) == "stop"
+    pieces = [text[i : i + 3] for i in range(0, len(text), 3)]
+    assert stream(use(), pieces)[:2] == (text, [])  # streamed: all of it arrives as content
 
 
 def test_a_call_the_budget_cut_short_is_dropped_and_the_whole_ones_stand():

@@ -8,7 +8,8 @@ assistant turn, each result as `<tool_response>...</tool_response>` in a user tu
 
 What the model writes, by `tool_choice`:
 - "auto" (the default when tools are given): its own choice; the Hermes calls in its text become `tool_calls`
-  and what comes before them `content`. A model that writes calls in another format answers in text.
+  and what comes before them `content`, as does an answer that is nothing but calls in bare JSON
+  ({"name": ..., "parameters": {...}}, Llama 3.1's and 3.2's). Calls in other formats stay text.
 - "required": one or more Hermes calls of the given tools, forced by a grammar (the same token masks as
   structured output, textgen/engine/grammar.py), so that even a model never trained on tools calls one with
   arguments valid against its schema; with `parallel_tool_calls: false` exactly one.
@@ -171,6 +172,9 @@ class ToolUse:
         """The generated text as the answer's content and calls."""
         if self.mode == "named":
             return ToolReply(None, [_call(self.name or "", text)])
+        bare = self._bare_calls(text)
+        if bare:
+            return ToolReply(None, bare if self.parallel else bare[:1])
         return self._hermes_reply(text)
 
     def finish_reason(self, reason: str, reply: ToolReply) -> str:
@@ -205,7 +209,6 @@ class ToolUse:
         start = text.find(CALL_OPEN)
         if start < 0:
             return ToolReply(text)
-        names = {t.function.name for t in self.tools}
         calls = []
         for found in _HERMES_CALL.finditer(text, start):
             try:
@@ -216,14 +219,36 @@ class ToolUse:
                 if calls and found.end() == len(text) and not found.group(0).endswith(CALL_CLOSE):
                     break  # the token budget cut the last call short (finish_reason "length"): the rest stand
                 return ToolReply(text)  # not a call after all: the text is the answer
-            if not isinstance(call, dict):
+            if (called := self._as_call(call)) is None:
                 return ToolReply(text)
-            arguments = call.get("arguments", call.get("parameters"))
-            if call.get("name") not in names or not isinstance(arguments, dict):
-                return ToolReply(text)
-            calls.append(_call(call["name"], json.dumps(arguments, ensure_ascii=False)))
+            calls.append(called)
         before = text[:start].strip()
         return ToolReply(before or None, calls if self.parallel else calls[:1])
+
+    def _bare_calls(self, text: str) -> list[dict[str, Any]] | None:
+        """Calls written as the whole answer in bare JSON, as Llama 3.1 and 3.2 write them:
+        {"name": ..., "parameters": {...}}, several separated by ";". None if the answer is anything else."""
+        text, calls, at = text.strip(), [], 0
+        while at < len(text):
+            try:
+                found, at = _JSON.raw_decode(text, at)
+            except json.JSONDecodeError:
+                return None
+            if (call := self._as_call(found)) is None:
+                return None
+            calls.append(call)
+            while at < len(text) and text[at] in "; \t\r\n":
+                at += 1
+        return calls
+
+    def _as_call(self, found: Any) -> dict[str, Any] | None:
+        """A call if `found` names one of the tools and gives its arguments as an object."""
+        if not isinstance(found, dict):
+            return None
+        arguments = found.get("arguments", found.get("parameters"))
+        if found.get("name") not in {t.function.name for t in self.tools} or not isinstance(arguments, dict):
+            return None
+        return _call(found["name"], json.dumps(arguments, ensure_ascii=False))
 
 
 # Where a JSON schema holds schemas (the rest of its keys are values: `properties`' keys are names).
@@ -282,8 +307,8 @@ class ToolStream:
         self.text += piece
         if self.use.mode == "named":
             return "", self._arguments(piece) if piece else []
-        if self.calling:
-            return "", []
+        if self.calling or (self.sent == 0 and self.text.lstrip()[:1] in ("", "{")):
+            return "", []  # in a call, or the answer may be bare JSON calls (Llama 3.x): held to the end
         start = self.text.find(CALL_OPEN, self.sent)
         if start >= 0:
             self.calling = True
