@@ -218,12 +218,15 @@ def test_the_vocabulary_is_indexed_off_the_event_loop_before_the_first_body_that
         frontend.warmup()
         assert not frontend.engine.grammars.indexed and not builders
         asyncio.run(frontend.index_vocabulary_for([{"prompt": "Hi", "max_new_tokens": 4}]))  # free text
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]}
+        asyncio.run(frontend.index_vocabulary_for([chat, chat | {"tool_choice": "auto"}]))  # calls unforced
         assert not builders
         asyncio.run(
             frontend.index_vocabulary_for([{"prompt": "Hi"}, {"prompt": "Hi", "guided_choice": ["a"]}])
         )
         assert frontend.engine.grammars.indexed and builders[0] is not threading.current_thread()
         asyncio.run(frontend.index_vocabulary_for([{"response_format": {"type": "json_object"}}]))
+        asyncio.run(frontend.index_vocabulary_for([chat | {"tool_choice": "required"}]))
         assert len(builders) == 1  # once
         params = SamplingParams(max_new_tokens=8, constraint=Constraint("choice", json.dumps(["yes", "no"])))
         (prepared,) = frontend.prepare([frontend_request(params)])

@@ -442,3 +442,35 @@ def test_langchain_binds_tools_runs_them_and_reads_structured_output(server):
 
     city = llm.with_structured_output(City, method="function_calling").invoke("The capital of France?")
     assert isinstance(city, City)
+
+
+def test_only_bodies_that_force_calls_may_constrain():
+    from textgen.frontend.structured import may_constrain
+
+    chat = {"messages": ASK, "tools": TOOLS}
+    assert not may_constrain(chat) and not may_constrain(chat | {"tool_choice": "auto"})
+    assert not may_constrain(chat | {"tool_choice": "none"}) and not may_constrain([chat])
+    assert may_constrain(chat | {"tool_choice": "required"})
+    assert may_constrain(chat | {"tool_choice": {"type": "function", "function": {"name": "get_time"}}})
+
+
+def test_each_streamed_choice_gets_its_own_calls(client):
+    chunks = list(
+        client.chat.completions.create(
+            messages=ASK,
+            model=MODEL,
+            tools=TOOLS,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            n=3,
+            seed=5,
+            max_tokens=200,
+            stream=True,
+        )
+    )
+    for index in range(3):
+        mine = [c for c in chunks if c.choices and c.choices[0].index == index]
+        content, calls, reason = collect(mine)
+        assert reason == "tool_calls" and content == "" and len(calls) == 1
+        (call,) = calls.values()
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from textgen.config import Settings
 from textgen.engine.handle import RequestHandle
 from textgen.engine.params import RANGES, ParamError, SamplingParams
-from textgen.frontend.structured import STRUCTURED_FIELDS
+from textgen.frontend.structured import may_constrain
 from textgen.frontend.templates import RenderedPrompt
 from textgen.model.sampling_defaults import SamplingDefaults
 
@@ -143,9 +143,7 @@ class Frontend:
         (random GPT-2 in-process, tcmalloc: 38 MB; 56 with glibc's malloc), and vLLM builds its grammar
         backend at the first structured request too. Others keep being answered meanwhile."""
         grammars = self.engine.grammars
-        if grammars.indexed or not any(
-            isinstance(b, dict) and not STRUCTURED_FIELDS.isdisjoint(b) for b in bodies
-        ):
+        if grammars.indexed or not any(may_constrain(b) for b in bodies):
             return
         await asyncio.to_thread(grammars.unsupported)
 

@@ -92,9 +92,16 @@ class StructuredOutputFields(BaseModel):
         return found
 
 
-# The body members that may ask for structured output (Frontend.index_vocabulary_for looks for them); a
-# "required" or named tool_choice is a grammar too (frontend/tools.py).
-STRUCTURED_FIELDS = frozenset(StructuredOutputFields.model_fields) | {"tool_choice"}
+# The body members that ask for structured output.
+STRUCTURED_FIELDS = frozenset(StructuredOutputFields.model_fields)
+
+
+def may_constrain(body: Any) -> bool:
+    """Whether a request body may ask for a grammar (Frontend.index_vocabulary_for asks): a structured-output
+    field, or a "required" or named tool_choice (frontend/tools.py)."""
+    if not isinstance(body, dict):
+        return False
+    return not STRUCTURED_FIELDS.isdisjoint(body) or body.get("tool_choice", "none") not in ("none", "auto")
 
 
 def _from_response_format(fmt: ResponseFormat) -> Constraint | None:
