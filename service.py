@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from textgen.api import generate as generate_routes
 from textgen.api import openai as openai_routes
+from textgen.api import openai_responses as responses_routes
 from textgen.api.bentoml_fixes import fix_timeout_middleware
 from textgen.api.drain import Drain
 from textgen.api.exit_status import stop_server, watch_for_failed_worker
@@ -152,6 +153,16 @@ class TextGen:
         """OpenAI-compatible chat completions; models without a chat template get a plain transcript."""
         await self.frontend.index_vocabulary_for(bodies)
         return openai_routes.chat_completions(self.frontend, bodies[0], ctx)
+
+    @bentoml.api(
+        route="/v1/responses",
+        input_spec=responses_routes.ResponsesBody,
+        output_spec=responses_routes.ResponsesReply,
+    )
+    async def responses(self, bodies: list[dict[str, Any]], ctx: bentoml.Context) -> Any:
+        """OpenAI's Responses API: the same conversation as chat, as a Response object or its typed events."""
+        await self.frontend.index_vocabulary_for([responses_routes.as_chat_fields(b) for b in bodies])
+        return responses_routes.responses(self.frontend, bodies[0], ctx)
 
 
 # /generate_stream returns its own StreamingResponse (errors before the stream starts are plain JSON), so

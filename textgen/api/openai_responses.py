@@ -1,0 +1,205 @@
+"""POST /v1/responses, OpenAI's Responses API: parse, go through the one door, answer as a Response object
+(JSON) or as its typed stream of events (SSE: response.created ... response.completed)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from textgen.api.bentoml_io import json_body, response_spec
+from textgen.api.errors import OPENAI, Problem, error_response, invalid_body, overloaded
+from textgen.api.responses import DeferredJSONResponse, event_stream, failure, sse
+from textgen.engine.handle import RequestHandle
+from textgen.engine.outputs import GenerationResult, QueueFull
+from textgen.engine.params import ParamError
+from textgen.frontend import responses_protocol as protocol
+from textgen.frontend.openai_protocol import check_model
+from textgen.frontend.prepare import Frontend, Prepared
+from textgen.frontend.tools import ToolStream, ToolUse
+
+log = logging.getLogger(__name__)
+
+ResponsesBody = json_body(protocol.ResponsesRequest, "OpenAI's Responses API body.")
+ResponsesReply = response_spec(protocol.ResponseObject, "application/json", "OpenAI's Response object.")
+
+
+def as_chat_fields(body: Any) -> Any:
+    """The fields of a body by which Frontend.index_vocabulary_for knows whether it may ask for a grammar."""
+    if not isinstance(body, dict):
+        return body
+    fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    asked = {"response_format": fmt} if isinstance(fmt, dict) and fmt.get("type") != "text" else {}
+    return asked | ({"tool_choice": body["tool_choice"]} if "tool_choice" in body else {})
+
+
+def responses(frontend: Frontend, raw: Any, ctx: Any) -> Response:
+    """POST /v1/responses; `ctx` is the API's bentoml.Context."""
+    response = _handle(frontend, raw)
+    ctx.response.status_code = response.status_code  # BentoML would answer 200 otherwise
+    return response
+
+
+def _handle(frontend: Frontend, raw: Any) -> Response:
+    if not isinstance(raw, dict):
+        return error_response(OPENAI, Problem(400, "the body must be a JSON object", "value_error"))
+    try:
+        req = protocol.ResponsesRequest.model_validate(raw)
+    except ValidationError as exc:
+        return error_response(OPENAI, invalid_body(exc))
+    try:
+        check_model(req.model, frontend.model_id)
+    except LookupError as exc:
+        return error_response(OPENAI, Problem(404, str(exc), "model_not_found", "model"))
+    try:
+        (prepared,) = frontend.prepare(
+            [req.to_prompt_request(frontend.tokenizer, frontend.sampling_defaults)]
+        )
+        tools = req.to_chat().tool_use()
+    except ParamError as exc:
+        prepared = exc
+    if isinstance(prepared, ParamError):  # about the chat request's fields: named as this API calls them
+        return error_response(OPENAI, Problem.of(prepared.renamed(protocol.RESPONSES_NAMES)))
+    try:
+        (handle,) = frontend.submit(prepared)
+    except QueueFull as exc:
+        log.info("refused a request: %s", exc)
+        return error_response(OPENAI, overloaded())
+    shape = protocol.ResponseShape(req, frontend.model_id)
+    if req.stream:
+        return event_stream(
+            _events(shape, prepared, handle, tools), [handle], frontend.settings.request_timeout
+        )
+    return ResponseAnswer(shape, prepared, handle, tools, frontend.settings.request_timeout)
+
+
+class ResponseAnswer(DeferredJSONResponse):
+    def __init__(
+        self,
+        shape: protocol.ResponseShape,
+        prepared: Prepared,
+        handle: RequestHandle,
+        tools: ToolUse | None,
+        timeout: float,
+    ) -> None:
+        super().__init__([handle], timeout, OPENAI)
+        self.shape, self.prepared, self.tools = shape, prepared, tools
+
+    def answer(self, results: list[GenerationResult]) -> dict[str, Any]:
+        (result,) = results
+        reply = self.tools.reply(result.text) if self.tools is not None else None
+        output = protocol.output_items(result.text, reply)
+        usage = protocol.usage_body(len(self.prepared.prompt_ids[0]), result.completion_tokens)
+        return self.shape.body(protocol.status_of(result.finish_reason), output, usage)
+
+
+class _Items:
+    """The output items of a streamed answer as they open, grow and close, and the events that say so."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.text = ""  # the open message's text
+        self.arguments = ""  # the open call's arguments
+        self.open: str | None = None  # "message" or "call"
+        self.sequence = itertools.count()
+
+    def event(self, kind: str, **fields: Any) -> str:
+        return sse({"type": kind, "sequence_number": next(self.sequence), **fields})
+
+    def content(self, text: str) -> list[str]:
+        if self.open != "message":
+            events = self.close()
+            item = protocol.message_item("", status="in_progress")
+            self.items.append(item)
+            self.open, self.text = "message", ""
+            part = protocol.output_text("")
+            events += [
+                self.event("response.output_item.added", output_index=self._index, item=item),
+                self.event("response.content_part.added", **self._where, content_index=0, part=part),
+            ]
+        else:
+            events = []
+        self.text += text
+        return events + [self.event("response.output_text.delta", **self._where, content_index=0, delta=text)]
+
+    def call(self, delta: dict[str, Any]) -> list[str]:
+        """A tool-call delta (frontend/tools.py ToolStream): a new call when it has an id, else more arguments."""
+        events = []
+        if "id" in delta:
+            events = self.close()
+            item = protocol.call_item(delta, status="in_progress")
+            self.items.append(item)
+            self.open, self.arguments = "call", ""
+            events.append(self.event("response.output_item.added", output_index=self._index, item=item))
+        piece = delta["function"].get("arguments", "")
+        if piece:
+            self.arguments += piece
+            events.append(self.event("response.function_call_arguments.delta", **self._where, delta=piece))
+        return events
+
+    def close(self) -> list[str]:
+        """The open item's closing events; its completed form replaces it."""
+        where, item = self._where if self.open else {}, self.items[-1] if self.items else None
+        if self.open == "message" and item is not None:
+            part = protocol.output_text(self.text)
+            done = protocol.message_item(self.text, item["id"])
+            events = [
+                self.event("response.output_text.done", **where, content_index=0, text=self.text),
+                self.event("response.content_part.done", **where, content_index=0, part=part),
+            ]
+        elif self.open == "call" and item is not None:
+            done = {**item, "arguments": self.arguments, "status": "completed"}
+            events = [self.event("response.function_call_arguments.done", **where, arguments=self.arguments)]
+        else:
+            return []
+        self.items[-1] = done
+        self.open = None
+        return events + [
+            self.event("response.output_item.done", output_index=where["output_index"], item=done)
+        ]
+
+    @property
+    def _index(self) -> int:
+        return len(self.items) - 1
+
+    @property
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": self.items[-1]["id"], "output_index": self._index}
+
+
+async def _events(
+    shape: protocol.ResponseShape, prepared: Prepared, handle: RequestHandle, tools: ToolUse | None
+) -> AsyncIterator[str]:
+    """The Responses API's events for one answer; leaving early (client disconnect) cancels it."""
+    out = _Items()
+    start = shape.body("in_progress", [])
+    yield out.event("response.created", response=start)
+    yield out.event("response.in_progress", response=start)
+    parser = ToolStream(tools) if tools is not None else None
+    try:
+        async for event in handle.stream():
+            text, calls = parser.feed(event.text) if parser is not None else (event.text, [])
+            if event.result is not None:
+                problem = failure([event.result])
+                if problem is not None:  # the stream has started: the error can only be an event now
+                    yield out.event("error", code=problem.reason, message=problem.message, param=None)
+                    return
+                if parser is not None:
+                    rest, more, _ = parser.finish()
+                    text, calls = text + rest, calls + more
+            for piece in [*(out.content(text) if text else []), *(e for c in calls for e in out.call(c))]:
+                yield piece
+            if event.result is not None:
+                for piece in out.close():
+                    yield piece
+                result = event.result
+                usage = protocol.usage_body(len(prepared.prompt_ids[0]), result.completion_tokens)
+                status = protocol.status_of(result.finish_reason)
+                yield out.event(f"response.{status}", response=shape.body(status, out.items, usage))
+                return
+    finally:
+        handle.cancel()

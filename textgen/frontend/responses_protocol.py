@@ -1,0 +1,341 @@
+"""OpenAI's Responses API (POST /v1/responses): its bodies, how they become a chat request, and its answers.
+
+The Responses API is what OpenAI's SDK documents first (`client.responses.create`) and what its Agents SDK
+speaks. A request is the same conversation as a chat completion in other clothes: `input` (a string, or
+items: messages, the model's earlier `function_call`s and their `function_call_output`s), `instructions`
+(a system message), flat function `tools`, `text.format` for structured output. So it becomes a
+ChatCompletionRequest (`to_chat`), which goes through the one door like every other dialect, and errors name
+the Responses fields. textgen keeps no responses: `previous_response_id` is refused; send the whole
+conversation in `input`, as with `store: false`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from textgen.engine.params import ParamError
+from textgen.frontend.openai_protocol import ChatCompletionRequest
+from textgen.frontend.prepare import FieldNames, PromptRequest, SpeculativeField
+from textgen.frontend.tools import ToolReply
+
+# The chat fields a Responses request's errors are about, under the Responses names.
+RESPONSES_NAMES = {
+    "max_completion_tokens": "max_output_tokens",
+    "max_tokens": "max_output_tokens",
+    "messages": "input",
+    "response_format": "text.format",
+}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextFormat(_Body):
+    """`text.format`: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "name", "schema"}."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextOptions(_Body):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = Field(None, description="Accepted and ignored.")
+
+
+class FunctionTool(_Body):
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunction(_Body):
+    type: Literal["function"]
+    name: str
+
+
+class ResponsesRequest(SpeculativeField):
+    """POST /v1/responses. Unknown fields are rejected (400), never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+    model: str | None = Field(None, description="The served model's id (GET /v1/models); optional.")
+    input: str | list[dict[str, Any]] = Field(
+        examples=["What is the capital of France?"],
+        description="A string (the user's message), or items: messages {role, content}, function_call and "
+        "function_call_output.",
+    )
+    instructions: str | None = Field(None, description="A system message before the input.")
+    max_output_tokens: int | None = Field(None, description="Default: the server's TEXTGEN_MAX_NEW_TOKENS.")
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[FunctionTool] | None = Field(
+        None, description="Function tools (textgen has no built-in tools)."
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    parallel_tool_calls: bool = True
+    text: TextOptions | None = None
+    stream: bool = False
+    store: bool | None = Field(None, description="Accepted: textgen keeps no responses in any case.")
+    previous_response_id: str | None = Field(
+        None, description="Not supported: textgen keeps no responses; send the conversation in `input`."
+    )
+    metadata: dict[str, str] | None = Field(None, description="Returned as given.")
+    user: str | None = Field(None, description="Accepted and ignored.")
+    truncation: Literal["disabled"] | None = Field(
+        None, description='"disabled" only: a conversation too long for the context is a 400.'
+    )
+    # textgen's and vLLM's extras, as on /v1/chat/completions
+    seed: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+    def to_chat(self) -> ChatCompletionRequest:
+        """The same request as a chat completion."""
+        if self.previous_response_id is not None:
+            raise ParamError(
+                "previous_response_id",
+                "textgen keeps no responses, so previous_response_id cannot be followed: send the whole "
+                "conversation in `input` (earlier messages, function_call and function_call_output items)",
+            )
+        body: dict[str, Any] = {"messages": self._messages()}
+        given = self.model_fields_set
+        extras = ("seed", "top_k", "min_p", "repetition_penalty", "speculative")
+        for name in ("model", "temperature", "top_p", *extras):
+            if name in given and getattr(self, name) is not None:
+                body[name] = getattr(self, name)
+        if self.max_output_tokens is not None:
+            body["max_completion_tokens"] = self.max_output_tokens
+        if self.tools:
+            body["tools"] = [
+                {"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                for t in self.tools
+            ]
+            body["parallel_tool_calls"] = self.parallel_tool_calls
+        if isinstance(self.tool_choice, NamedFunction):
+            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        elif self.tool_choice is not None:
+            body["tool_choice"] = self.tool_choice
+        fmt = self.text.format if self.text else None
+        if fmt is not None and fmt.type != "text":
+            schema = {"name": fmt.name or "response", "schema": fmt.schema_ or {}}
+            body["response_format"] = {"type": fmt.type} | (
+                {"json_schema": schema} if fmt.type == "json_schema" else {}
+            )
+        return ChatCompletionRequest.model_validate(body)
+
+    def to_prompt_request(self, tokenizer: Any, defaults: Mapping[str, Any] | None = None) -> PromptRequest:
+        """The engine's input; its ParamErrors name chat fields: RESPONSES_NAMES gives theirs here."""
+        request = self.to_chat().to_prompt_request(tokenizer, defaults)
+        return PromptRequest(
+            request.prompts,
+            request.params,
+            fields=FieldNames(prompt="input", max_tokens="max_output_tokens"),
+        )
+
+    def _messages(self) -> list[dict[str, Any]]:
+        """`instructions` and `input` as chat messages: a function_call joins the assistant turn before it."""
+        messages: list[dict[str, Any]] = []
+        if self.instructions is not None:
+            messages.append({"role": "system", "content": self.instructions})
+        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
+        for i, item in enumerate(items):
+            kind = item.get("type", "message")
+            where = f"input.{i}"
+            if kind == "message":
+                role = item.get("role")
+                if role not in ("system", "developer", "user", "assistant"):
+                    raise ParamError(
+                        "input", f"{where}.role must be system, developer, user or assistant; got {role!r}"
+                    )
+                messages.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
+            elif kind == "function_call":
+                call = {
+                    "id": _string(item, "call_id", where),
+                    "type": "function",
+                    "function": {
+                        "name": _string(item, "name", where),
+                        "arguments": _string(item, "arguments", where),
+                    },
+                }
+                last = messages[-1] if messages else None
+                if last is not None and last["role"] == "assistant":
+                    last.setdefault("tool_calls", []).append(call)
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif kind == "function_call_output":
+                output = _string(item, "output", where)
+                messages.append(
+                    {"role": "tool", "tool_call_id": _string(item, "call_id", where), "content": output}
+                )
+            else:
+                raise ParamError(
+                    "input",
+                    f"{where} is an item of type {kind!r}; textgen takes message, function_call and "
+                    "function_call_output items",
+                )
+        return messages
+
+
+def _string(item: dict[str, Any], key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise ParamError("input", f"{where}.{key} must be a string; got {value!r}")
+    return value
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content: a string, or parts of type input_text / output_text, joined by newlines."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ParamError("input", f"{where} must be a string or a list of text parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text") or not isinstance(part.get("text"), str):
+            raise ParamError(
+                "input",
+                f"{where}.{j} is a part of type {kind!r}; this server's model reads text only: "
+                'send {"type": "input_text", "text": "..."}',
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+# -- the answer ---------------------------------------------------------------------------------------
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+@dataclass
+class ResponseShape:
+    """What a Responses answer repeats of its request, and its id; `output` items are built per answer."""
+
+    request: ResponsesRequest
+    model: str
+    id: str = field(default_factory=lambda: _id("resp"))
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    def body(
+        self,
+        status: Literal["in_progress", "completed", "incomplete"],
+        output: list[dict[str, Any]],
+        usage: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        req = self.request
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+        choice = (
+            req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedFunction) else req.tool_choice
+        )
+        fmt = (
+            req.text.format.model_dump(by_alias=True, exclude_none=True)
+            if req.text and req.text.format
+            else None
+        )
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": req.parallel_tool_calls,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "tool_choice": choice or ("auto" if tools else "none"),
+            "tools": tools,
+            "text": {"format": fmt or {"type": "text"}},
+            "truncation": "disabled",
+            "store": False,
+            "metadata": req.metadata or {},
+            "usage": usage,
+        }
+
+
+class ResponseObject(BaseModel):
+    """The 200 body of /v1/responses; with `stream`, each event's `response` (created, in_progress,
+    completed or incomplete) has this shape, and the events between them carry the output as it grows."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete"]
+    incomplete_details: dict[str, str] | None = Field(
+        None,
+        json_schema_extra={"nullable": True},
+        description='{"reason": "max_output_tokens"} if cut short.',
+    )
+    model: str
+    output: list[dict[str, Any]] = Field(
+        description="A message {type: message, content: [{type: output_text, text}]} and/or function_call "
+        "items {type: function_call, call_id, name, arguments}."
+    )
+    usage: dict[str, Any] | None = Field(None, json_schema_extra={"nullable": True})
+
+
+def status_of(finish_reason: str) -> Literal["completed", "incomplete"]:
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+def usage_body(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def message_item(text: str, item_id: str | None = None, status: str = "completed") -> dict[str, Any]:
+    content = [] if status == "in_progress" else [output_text(text)]
+    return {
+        "type": "message",
+        "id": item_id or _id("msg"),
+        "status": status,
+        "role": "assistant",
+        "content": content,
+    }
+
+
+def output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+def call_item(call: dict[str, Any], item_id: str | None = None, status: str = "completed") -> dict[str, Any]:
+    """A chat tool call ({"id", "function": {"name", "arguments"}}) as a function_call output item."""
+    return {
+        "type": "function_call",
+        "id": item_id or _id("fc"),
+        "call_id": call["id"],
+        "name": call["function"]["name"],
+        "arguments": call["function"]["arguments"] if status == "completed" else "",
+        "status": status,
+    }
+
+
+def output_items(text: str, reply: ToolReply | None) -> list[dict[str, Any]]:
+    """A whole answer's output: its text as a message (if any), then its calls."""
+    if reply is None:
+        return [message_item(text)]
+    items = [message_item(reply.content)] if reply.content else []
+    return items + [call_item(c) for c in reply.calls]
