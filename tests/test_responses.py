@@ -4,6 +4,7 @@ the same conversation as a chat completion gives the same answer, streamed as th
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import httpx
 import jsonschema
@@ -29,6 +30,7 @@ def client(long_context_server):
 
 def test_the_same_conversation_gets_the_same_answer_as_chat(client):
     r = client.responses.create(
+        include=["reasoning.encrypted_content"],  # as the Agents SDK may send: nothing to add
         model=MODEL,
         instructions="Be brief.",
         input="What is AI?",
@@ -192,6 +194,7 @@ def test_text_format_constrains_the_output(client):
             "text.format",
         ),
         ({"reasoning": {"effort": "low"}}, "reasoning"),
+        ({"include": ["message.output_text.logprobs"]}, "include"),
     ],
 )
 def test_what_cannot_be_served_is_a_400_naming_the_field(long_context_server, body, param):
@@ -226,3 +229,48 @@ def test_a_function_call_joins_the_assistant_turn_before_it():
     with pytest.raises(ParamError) as exc:
         ResponsesRequest.model_validate({"input": [{"type": "function_call", "name": "f"}]}).to_chat()
     assert exc.value.field == "input" and "input.0.call_id" in exc.value.message
+
+
+def test_the_openai_agents_sdk_runs_a_tool_and_reads_structured_output(long_context_server):
+    """OpenAI's Agents SDK speaks the Responses API, streamed: a function tool it runs on the model's call,
+    and an agent whose output is a typed object (text.format)."""
+    import asyncio
+
+    from agents import Agent, ModelSettings, Runner, function_tool, set_tracing_disabled
+    from agents.models.openai_responses import OpenAIResponsesModel
+    from pydantic import BaseModel, Field
+
+    set_tracing_disabled(True)
+    asked = []
+
+    @function_tool
+    def get_time(zone: Literal["CET", "UTC"]) -> str:  # bounded: a random model's strings never end
+        """The time in a time zone."""
+        asked.append(zone)
+        return "14:00"
+
+    class City(BaseModel):
+        name: str = Field(max_length=8)
+        country: str = Field(max_length=8)
+
+    async def run() -> tuple[object, object]:
+        client = openai.AsyncOpenAI(base_url=f"{long_context_server.url}/v1", api_key="unused")
+        model = OpenAIResponsesModel(model=MODEL, openai_client=client)
+        settings = ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=200)
+        timer = Agent(
+            name="timer",
+            tools=[get_time],
+            model=model,
+            model_settings=settings,
+            tool_use_behavior="stop_on_first_tool",
+        )
+        cities = Agent(
+            name="cities", output_type=City, model=model, model_settings=ModelSettings(max_tokens=200)
+        )
+        timed = await Runner.run(timer, "What time is it in Paris?", max_turns=2)
+        city = await Runner.run(cities, "The capital of France?", max_turns=1)
+        return timed.final_output, city.final_output
+
+    timed, city = asyncio.run(run())
+    assert timed == "14:00" and asked in (["CET"], ["UTC"])
+    assert isinstance(city, City)

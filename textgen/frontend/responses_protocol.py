@@ -91,6 +91,11 @@ class ResponsesRequest(SpeculativeField):
     previous_response_id: str | None = Field(
         None, description="Not supported: textgen keeps no responses; send the conversation in `input`."
     )
+    include: list[str] | None = Field(
+        None,
+        description='Extra output to include: none to give (no reasoning: "reasoning.encrypted_content" is '
+        "accepted and adds nothing); others are a 400.",
+    )
     metadata: dict[str, str] | None = Field(None, description="Returned as given.")
     user: str | None = Field(None, description="Accepted and ignored.")
     truncation: Literal["disabled"] | None = Field(
@@ -110,6 +115,9 @@ class ResponsesRequest(SpeculativeField):
                 "textgen keeps no responses, so previous_response_id cannot be followed: send the whole "
                 "conversation in `input` (earlier messages, function_call and function_call_output items)",
             )
+        unknown = sorted(set(self.include or ()) - {"reasoning.encrypted_content"})
+        if unknown:
+            raise ParamError("include", f"textgen cannot include {', '.join(unknown)}; leave them out")
         body: dict[str, Any] = {"messages": self._messages()}
         given = self.model_fields_set
         extras = ("seed", "top_k", "min_p", "repetition_penalty", "speculative")
