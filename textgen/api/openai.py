@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -39,21 +40,35 @@ ChatReply = response_spec(protocol.ChatCompletionResponse, "application/json", "
 
 def completions(frontend: Frontend, raw: Any, ctx: Any) -> Response:
     """POST /v1/completions; `ctx` is the API's bentoml.Context."""
-    return _with_status(ctx, _handle(frontend, raw, protocol.CompletionRequest))
+    return with_status(ctx, _handle(frontend, raw, protocol.CompletionRequest))
 
 
 def chat_completions(frontend: Frontend, raw: Any, ctx: Any) -> Response:
     """POST /v1/chat/completions; `ctx` is the API's bentoml.Context."""
-    return _with_status(ctx, _handle(frontend, raw, protocol.ChatCompletionRequest))
+    return with_status(ctx, _handle(frontend, raw, protocol.ChatCompletionRequest))
 
 
-def _with_status(ctx: Any, response: Response) -> Response:
+def with_status(ctx: Any, response: Response) -> Response:
     # BentoML overwrites the status of an API that takes a Context with ctx's (200 unless set here).
     ctx.response.status_code = response.status_code
     return response
 
 
-def _handle(frontend: Frontend, raw: Any, model: type[BaseModel]) -> Response:
+@dataclass
+class Admitted:
+    """An OpenAI request that passed the one door and joined the engine."""
+
+    request: Any  # the route's parsed body
+    prepared: Prepared
+    handles: list[RequestHandle]
+
+
+def admit(
+    frontend: Frontend, raw: Any, model: type[BaseModel], names: dict[str, str] | None = None
+) -> Admitted | Response:
+    """Parse an OpenAI body as `model`, check the model it asks for, prepare it through the one door and
+    submit it; or the error answer. `names`: the route's own names for fields its errors may name under
+    another dialect's (the Responses API is prepared as a chat request)."""
     if not isinstance(raw, dict):
         return error_response(OPENAI, Problem(400, "the body must be a JSON object", "value_error"))
     try:
@@ -71,12 +86,20 @@ def _handle(frontend: Frontend, raw: Any, model: type[BaseModel]) -> Response:
     except ParamError as exc:
         prepared = exc
     if isinstance(prepared, ParamError):
-        return error_response(OPENAI, Problem.of(prepared))
+        return error_response(OPENAI, Problem.of(prepared.renamed(names) if names else prepared))
     try:
         handles = frontend.submit(prepared)
     except QueueFull as exc:
         log.info("refused a request: %s", exc)
         return error_response(OPENAI, overloaded())
+    return Admitted(req, prepared, handles)
+
+
+def _handle(frontend: Frontend, raw: Any, model: type[BaseModel]) -> Response:
+    admitted = admit(frontend, raw, model)
+    if isinstance(admitted, Response):
+        return admitted
+    req, prepared, handles = admitted.request, admitted.prepared, admitted.handles
     call = Call.of(req, prepared, frontend.model_id)
     if call.stream:
         return event_stream(

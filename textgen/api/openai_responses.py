@@ -4,25 +4,20 @@
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.responses import Response
 
 from textgen.api.bentoml_io import json_body, response_spec
-from textgen.api.errors import OPENAI, Problem, error_response, invalid_body, overloaded
+from textgen.api.errors import OPENAI
+from textgen.api.openai import admit, with_status
 from textgen.api.responses import DeferredJSONResponse, event_stream, failure, sse
 from textgen.engine.handle import RequestHandle
-from textgen.engine.outputs import GenerationResult, QueueFull
-from textgen.engine.params import ParamError
+from textgen.engine.outputs import GenerationResult
 from textgen.frontend import responses_protocol as protocol
-from textgen.frontend.openai_protocol import check_model
 from textgen.frontend.prepare import Frontend, Prepared
 from textgen.frontend.tools import ToolStream, ToolUse
-
-log = logging.getLogger(__name__)
 
 ResponsesBody = json_body(protocol.ResponsesRequest, "OpenAI's Responses API body.")
 ResponsesReply = response_spec(protocol.ResponseObject, "application/json", "OpenAI's Response object.")
@@ -39,36 +34,15 @@ def as_chat_fields(body: Any) -> Any:
 
 def responses(frontend: Frontend, raw: Any, ctx: Any) -> Response:
     """POST /v1/responses; `ctx` is the API's bentoml.Context."""
-    response = _handle(frontend, raw)
-    ctx.response.status_code = response.status_code  # BentoML would answer 200 otherwise
-    return response
+    return with_status(ctx, _handle(frontend, raw))
 
 
 def _handle(frontend: Frontend, raw: Any) -> Response:
-    if not isinstance(raw, dict):
-        return error_response(OPENAI, Problem(400, "the body must be a JSON object", "value_error"))
-    try:
-        req = protocol.ResponsesRequest.model_validate(raw)
-    except ValidationError as exc:
-        return error_response(OPENAI, invalid_body(exc))
-    try:
-        check_model(req.model, frontend.model_id)
-    except LookupError as exc:
-        return error_response(OPENAI, Problem(404, str(exc), "model_not_found", "model"))
-    try:
-        (prepared,) = frontend.prepare(
-            [req.to_prompt_request(frontend.tokenizer, frontend.sampling_defaults)]
-        )
-        tools = req.to_chat().tool_use()
-    except ParamError as exc:
-        prepared = exc
-    if isinstance(prepared, ParamError):  # about the chat request's fields: named as this API calls them
-        return error_response(OPENAI, Problem.of(prepared.renamed(protocol.RESPONSES_NAMES)))
-    try:
-        (handle,) = frontend.submit(prepared)
-    except QueueFull as exc:
-        log.info("refused a request: %s", exc)
-        return error_response(OPENAI, overloaded())
+    admitted = admit(frontend, raw, protocol.ResponsesRequest, protocol.RESPONSES_NAMES)
+    if isinstance(admitted, Response):
+        return admitted
+    req, prepared, (handle,) = admitted.request, admitted.prepared, admitted.handles
+    tools = req.to_chat().tool_use()  # checked as the request was prepared
     shape = protocol.ResponseShape(req, frontend.model_id)
     if req.stream:
         return event_stream(
