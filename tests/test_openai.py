@@ -19,7 +19,7 @@ from textgen.frontend.prepare import Choice, Prepared, PromptRequest
 from textgen.frontend.templates import RenderedPrompt
 from textgen.config import Settings
 from textgen.api.guards import authorized
-from textgen.engine.params import SamplingParams
+from textgen.engine.params import ParamError, SamplingParams
 from textgen.engine.outputs import Event, GenerationResult
 from textgen.frontend.templates import render_chat
 
@@ -284,6 +284,26 @@ def test_a_model_chat_template_is_used_when_present(tiny_model_dir):
     assert rendered.text == "<|user|>What is AI?\n<|assistant|>"
     assert rendered == render_chat([{"role": "user", "content": "What is AI?"}], tok)
     assert not rendered.add_special_tokens and rendered.stop == ()
+
+
+def test_chat_template_kwargs_reach_the_template(tiny_model_dir, client, model_id):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = (  # as Qwen3's: an empty thought when thinking is off
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
+        "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    )
+    messages = [openai_api.ChatMessage(role="user", content="Hi")]
+    assert openai_api.render_messages(messages, tok).text == "<|user|>Hi\n<|assistant|>"
+    off = openai_api.render_messages(messages, tok, template_options={"enable_thinking": False})
+    assert off.text == "<|user|>Hi\n<|assistant|><think></think>"
+    with pytest.raises(ParamError) as exc:  # textgen's own arguments stay textgen's
+        openai_api.render_messages(messages, tok, template_options={"add_generation_prompt": False})
+    assert exc.value.field == "chat_template_kwargs"
+    with pytest.raises(openai.BadRequestError) as bad:  # GPT-2 has no template to take them
+        client.chat.completions.create(
+            model=model_id, messages=CHAT, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+        )
+    assert bad.value.body["param"] == "chat_template_kwargs"
 
 
 # -- errors --------------------------------------------------------------------------------------

@@ -290,6 +290,10 @@ class ChatCompletionRequest(SamplingFields, ToolFields):
     top_logprobs: int | None = Field(
         default=None, description="With logprobs: also the likeliest alternatives at each position, 0 to 20."
     )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description="vLLM's: variables for the model's chat template, e.g. {\"enable_thinking\": false} for Qwen3.",
+    )
 
     def constraint(self) -> Constraint | None:
         """The structured-output constraint, or the grammar a "required" or named tool_choice forces."""
@@ -317,7 +321,7 @@ class ChatCompletionRequest(SamplingFields, ToolFields):
                 raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
         if self.logprobs:
             params = dataclasses.replace(params, logprobs=self.top_logprobs or 0)
-        rendered = render_messages(self.messages, tokenizer, self.tool_use())
+        rendered = render_messages(self.messages, tokenizer, self.tool_use(), self.chat_template_kwargs)
         return PromptRequest([rendered], params, n=self.n, fields=fields)
 
 
@@ -336,17 +340,25 @@ def render_fallback_chat(messages: list[dict[str, str]]) -> RenderedPrompt:
 
 
 def render_messages(
-    messages: list[ChatMessage], tokenizer: Any, tools: ToolUse | None = None
+    messages: list[ChatMessage],
+    tokenizer: Any,
+    tools: ToolUse | None = None,
+    template_options: dict[str, Any] | None = None,
 ) -> RenderedPrompt:
     """The model's own chat template when it has one, else the plain fallback transcript; tools, earlier
     calls and their results as the template renders them, else in the Hermes format (frontend/tools.py)."""
     given = [m.for_template(i) for i, m in enumerate(messages)]
     shown = tools.shown() if tools is not None else None
     if has_chat_template(tokenizer) and takes_tools(tokenizer):
-        return render_chat(template_messages(given), tokenizer, tools=shown)
+        return render_chat(template_messages(given), tokenizer, tools=shown, options=template_options)
     plain = hermes_conversation(given, shown)
     if has_chat_template(tokenizer):
-        return render_chat(plain, tokenizer)
+        return render_chat(plain, tokenizer, options=template_options)
+    if template_options:
+        raise ParamError(
+            "chat_template_kwargs",
+            "this model has no chat template, so chat_template_kwargs has nothing to set",
+        )
     return render_fallback_chat(plain)
 
 

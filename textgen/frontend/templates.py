@@ -98,6 +98,7 @@ def render_chat(
     tokenizer: Any,
     field: str = "messages",
     tools: list[dict[str, Any]] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> RenderedPrompt:
     """Render chat `messages` with the model's own chat template, and encode them with role integrity.
 
@@ -105,18 +106,35 @@ def render_chat(
     would otherwise close its own turn and open a forged one; transformers' `sanitize_control_tokens` marks
     every control token inside the messages, renders, and encodes the marked ones as plain text (the rest
     of the text is encoded as a whole, so ordinary messages get exactly the ids they always had). `tools`:
-    for a template that renders them (frontend/tools.py), marked the same way.
+    for a template that renders them (frontend/tools.py), marked the same way. `options`: the template's
+    own variables (vLLM's chat_template_kwargs, e.g. Qwen3's enable_thinking).
     """
+    options = options or {}
+    taken = {"tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize"} & set(
+        options
+    )
+    if taken:
+        raise ParamError(
+            "chat_template_kwargs",
+            f"chat_template_kwargs cannot set {', '.join(sorted(taken))}: textgen sets it",
+        )
     if not has_chat_template(tokenizer):
         raise ParamError(
             "template",
             "this model has no chat template, so template 'chat' is not available; "
             "use 'auto', 'none', 'assistant' or 'few_shot', or serve a chat model (e.g. SmolLM2-135M-Instruct)",
         )
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True, **options
+    )
     try:
         ids = tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False
+            messages,
+            tools=tools,
+            add_generation_prompt=True,
+            sanitize_control_tokens=True,
+            return_dict=False,
+            **options,
         )
     except ValueError as exc:  # a control token this tokenizer also produces from plain text
         raise ParamError(
