@@ -4,7 +4,9 @@ In-process (no HTTP), on a random-weight GPT-2 124M with GPT-2's real vocabulary
 loaded as the server loads it (TEXTGEN_DTYPE as given, default auto). Each row generates 64 tokens; the
 constrained rows follow a JSON schema whose one long string field keeps them inside the grammar for all 64
 (the mask of a JSON string allows most of the vocabulary: the dearest state to compute), and the median step
-time is compared at 1, 8 and 32 rows.
+time is compared at 1, 8 and 32 rows; so is a forced tool call (tool_choice "required": a Lark grammar of
+Hermes calls with the same schema as the tool's parameters, textgen/frontend/tools.py), and what compiling
+each request's grammar costs.
 
     python bench/structured.py            # writes bench/results/structured.md
 """
@@ -15,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ from bench.run import MODEL_DIR, ensure_model  # the random GPT-2 every benchmar
 from textgen.config import Settings
 from textgen.engine.core import Engine
 from textgen.engine.params import Constraint, SamplingParams
+from textgen.frontend.tools import FunctionDefinition, Tool, ToolUse
 from textgen.model.cpu import describe
 from textgen.model.loading import load_model
 from textgen.model.source import resolve_model
@@ -56,8 +60,15 @@ class StepTimes:
         pass
 
 
-def median_step_ms(engine: Engine, times: StepTimes, ids: list[int], rows: int, constrained: bool) -> float:
-    constraint = Constraint("json_schema", json.dumps(SCHEMA)) if constrained else None
+JSON_CONSTRAINT = Constraint("json_schema", json.dumps(SCHEMA))
+TOOL_CONSTRAINT = ToolUse(
+    "required", (Tool(type="function", function=FunctionDefinition(name="write_story", parameters=SCHEMA)),)
+).constraint()
+
+
+def median_step_ms(
+    engine: Engine, times: StepTimes, ids: list[int], rows: int, constraint: Constraint | None
+) -> float:
     params = [
         SamplingParams(
             max_new_tokens=TOKENS, temperature=1.0, top_p=1.0, seed=i, ignore_eos=True, constraint=constraint
@@ -72,6 +83,12 @@ def median_step_ms(engine: Engine, times: StepTimes, ids: list[int], rows: int, 
         1:
     ]  # the decoding steps with every row, not the prefill
     return 1000 * statistics.median(full)
+
+
+def timed(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -89,13 +106,22 @@ def main() -> None:
     engine.grammars.lltokenizer
     index_s = time.perf_counter() - started
     ids = loaded.tokenizer.encode(PROMPT)
-    median_step_ms(engine, times, ids, 1, True)  # warm-up
+    median_step_ms(engine, times, ids, 1, JSON_CONSTRAINT)  # warm-up
+    median_step_ms(engine, times, ids, 1, TOOL_CONSTRAINT)
+    compile_ms = {
+        kind: 1000 * min(timed(lambda: engine.grammars.guide(c)) for _ in range(20))
+        for kind, c in (("JSON schema", JSON_CONSTRAINT), ("forced tool call", TOOL_CONSTRAINT))
+    }
     rows = []
     for batch in (1, 8, 32):
-        free = median_step_ms(engine, times, ids, batch, False)
-        constrained = median_step_ms(engine, times, ids, batch, True)
-        rows.append((batch, free, constrained))
-        print(f"{batch:>2} rows: free {free:.1f} ms, constrained {constrained:.1f} ms", flush=True)
+        free = median_step_ms(engine, times, ids, batch, None)
+        constrained = median_step_ms(engine, times, ids, batch, JSON_CONSTRAINT)
+        called = median_step_ms(engine, times, ids, batch, TOOL_CONSTRAINT)
+        rows.append((batch, free, constrained, called))
+        print(
+            f"{batch:>2} rows: free {free:.1f} ms, JSON {constrained:.1f} ms, tool call {called:.1f} ms",
+            flush=True,
+        )
     engine.stop()
     cpu = describe()
     flags = ", ".join(
@@ -111,15 +137,23 @@ def main() -> None:
         f"Median decoding step, every row generating {TOKENS} tokens inside a JSON string (the mask allows",
         "most of the vocabulary, the dearest state), sampled; `python bench/structured.py`.",
         "",
-        "| rows | free | every row constrained | extra per step | extra per constrained row |",
-        "|---|---|---|---|---|",
+        "| rows | free | every row constrained | extra per step | extra per constrained row "
+        "| every row a forced tool call | extra per row |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for batch, free, constrained in rows:
+    for batch, free, constrained, called in rows:
         extra = constrained - free
         lines.append(
             f"| {batch} | {free:.1f} ms | {constrained:.1f} ms | {extra:+.1f} ms ({extra / free:+.0%}) "
-            f"| {extra / batch:+.2f} ms |"
+            f"| {extra / batch:+.2f} ms | {called:.1f} ms | {(called - free) / batch:+.2f} ms |"
         )
+    lines += [
+        "",
+        "Compiling a request's grammar (Grammars.guide, once per request, as it is submitted: on the "
+        "server's event loop; best of 20): "
+        + ", ".join(f"{kind} {ms:.2f} ms" for kind, ms in compile_ms.items())
+        + ".",
+    ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(args.out.read_text())

@@ -274,7 +274,8 @@ def test_a_template_that_takes_tools_renders_them_itself(tiny_model_dir):
     tok.chat_template = (
         "{% if tools %}<|tools|>{% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}"
         "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
-        "{% for c in m.tool_calls or [] %}[{{ c.function.name }} {{ c.function.arguments.city }}]{% endfor %}\n"
+        "{% for c in m.tool_calls or [] %}"
+        "[{{ c.function.name }} {{ c.function.arguments.city }}]{% endfor %}\n"
         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     text = render_messages(messages(HISTORY), tok, use()).text

@@ -101,7 +101,8 @@ class _Items:
         return events + [self.event("response.output_text.delta", **self._where, content_index=0, delta=text)]
 
     def call(self, delta: dict[str, Any]) -> list[str]:
-        """A tool-call delta (frontend/tools.py ToolStream): a new call when it has an id, else more arguments."""
+        """A tool-call delta (frontend/tools.py ToolStream): a new call when it has an id, else more
+        arguments."""
         events = []
         if "id" in delta:
             events = self.close()

@@ -50,7 +50,8 @@ def grammar_of(constraint: Constraint) -> str:
 
 
 def schema_problem(schema: str) -> str | None:
-    """What is wrong with a JSON schema (as JSON text) for the grammar engine, or None; no tokenizer needed."""
+    """What is wrong with a JSON schema (as JSON text) for the grammar engine, or None; needs no
+    tokenizer."""
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
     except (ValueError, TypeError) as exc:

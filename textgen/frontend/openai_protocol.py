@@ -292,7 +292,8 @@ class ChatCompletionRequest(SamplingFields, ToolFields):
     )
     chat_template_kwargs: dict[str, Any] | None = Field(
         default=None,
-        description="vLLM's: variables for the model's chat template, e.g. {\"enable_thinking\": false} for Qwen3.",
+        description="vLLM's: variables for the model's chat template, e.g. "
+        '{"enable_thinking": false} for Qwen3.',
     )
 
     def constraint(self) -> Constraint | None:
@@ -441,7 +442,8 @@ class AssistantDelta(BaseModel):
     content: str | None = Field(json_schema_extra={"nullable": True})
     tool_calls: list[dict[str, Any]] | None = Field(
         None,
-        description="With tools: each call's piece, by `index`; its first piece has `id`, `type` and the name.",
+        description="With tools: each call's piece, by `index`; its first piece has `id`, `type` and "
+        "the name.",
     )
 
 

@@ -38,7 +38,8 @@ class _Body(BaseModel):
 
 
 class TextFormat(_Body):
-    """`text.format`: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "name", "schema"}."""
+    """`text.format`: {"type": "text"}, {"type": "json_object"} or
+    {"type": "json_schema", "name": ..., "schema": {...}}."""
 
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None

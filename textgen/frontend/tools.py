@@ -1,10 +1,12 @@
-"""Tool calling on /v1/chat/completions: OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`, for any model.
+"""Tool calling on /v1/chat/completions: OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`, for any
+model.
 
-What the model is shown: a model whose chat template takes `tools` (Qwen2.5, Llama 3.1, ...) renders them, and
-the conversation's earlier calls and results, itself. For every other model (SmolLM2, GPT-2's plain transcript)
-textgen writes them in the Hermes format that Qwen2.5/3, Hermes and SmolLM3 were trained on: the tools' JSON in
-the system message, each earlier call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in its
-assistant turn, each result as `<tool_response>...</tool_response>` in a user turn.
+What the model is shown: a model whose chat template takes `tools` (Qwen2.5, Llama 3.1, ...) renders them,
+and the conversation's earlier calls and results, itself. For every other model (SmolLM2, GPT-2's plain
+transcript) textgen writes them in the Hermes format that Qwen2.5/3, Hermes and SmolLM3 were trained on: the
+tools' JSON in the system message, each earlier call as
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in its assistant turn, each result as
+`<tool_response>...</tool_response>` in a user turn.
 
 What the model writes, by `tool_choice`:
 - "auto" (the default when tools are given): its own choice; the Hermes calls in its text become `tool_calls`
@@ -120,7 +122,8 @@ class ToolFields(BaseModel):
             if choice.function.name not in names:
                 raise ParamError(
                     "tool_choice",
-                    f"tool_choice names {choice.function.name!r}, which is not among the tools ({', '.join(names)})",
+                    f"tool_choice names {choice.function.name!r}, which is not among the tools "
+                    f"({', '.join(names)})",
                 )
             return ToolUse("named", tuple(tools), choice.function.name, self.parallel_tool_calls)
         return ToolUse(choice or "auto", tuple(tools), None, self.parallel_tool_calls)
@@ -392,7 +395,8 @@ def _hermes_call(function: dict[str, Any]) -> str:
 def hermes_tools_text(tools: list[dict[str, Any]]) -> str:
     listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
     return (
-        "# Tools\n\nYou may call one or more functions to answer. Their signatures are within <tools></tools>:\n"
+        "# Tools\n\nYou may call one or more functions to answer. "
+        "Their signatures are within <tools></tools>:\n"
         f"<tools>\n{listed}\n</tools>\n\n"
         "For each call, write a JSON object with the function's name and arguments within "
         f"{CALL_OPEN}{CALL_CLOSE} tags:\n"
