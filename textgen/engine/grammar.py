@@ -8,9 +8,9 @@ too) against the model's own tokenizer: masks are computed per token of the voca
 tokens that straddle grammar symbols are allowed exactly when some continuation parses.
 
 Cost, measured on an Intel Xeon (family 6 model 167, AVX-512 and AMX, 2 threads) with GPT-2's 50257 tokens:
-0.28 s to index the vocabulary (once, before the first request that asks for structured output), under 1 ms
-to compile a small schema, and 0.13 to 0.18 ms per constrained row per step (+1% on a step of 1 row, +5% at
-32 rows: bench/results/structured.md).
+0.28-0.36 s to index the vocabulary (once, before the first request that asks for structured output), 0.4 ms
+to compile a small schema (0.9 for a forced tool call's grammar), and 0.15 to 0.27 ms per constrained row per
+step at 8 and 32 rows (+6% and +11% of bfloat16-int8head's eager steps: bench/results/structured.md).
 """
 
 from __future__ import annotations
