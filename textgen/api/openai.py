@@ -28,7 +28,6 @@ from textgen.engine.outputs import GenerationResult, QueueFull
 from textgen.frontend import openai_protocol as protocol
 from textgen.frontend.openai_protocol import Call
 from textgen.frontend.prepare import Frontend, Prepared
-from textgen.frontend.tools import ToolStream
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def _handle(frontend: Frontend, raw: Any, model: type[BaseModel]) -> Response:
     if isinstance(admitted, Response):
         return admitted
     req, prepared, handles = admitted.request, admitted.prepared, admitted.handles
-    call = Call.of(req, prepared, frontend.model_id)
+    call = Call.of(req, prepared, frontend.model_id, frontend.tokenizer)
     if call.stream:
         return event_stream(
             _events(call, prepared, handles, frontend.tokenizer), handles, frontend.settings.request_timeout
@@ -175,30 +174,30 @@ async def _events(
                     protocol.envelope(call, chunk=True, choices=[opening], **_so_far(call, prepared, i, 0))
                 )
         results: list[GenerationResult | None] = [None] * len(handles)
-        # With tools, each choice's text becomes content and calls as it comes (frontend/tools.py).
-        tool_streams = [ToolStream(call.tools) if call.tools else None for _ in handles]
+        # Each chat choice's text as reasoning, content and tool calls, as it comes.
+        answers = [protocol.AnswerStream(call) for _ in handles]
         while any(r is None for r in results):
             i, event = await merged.get()
             reason = None
-            text, calls, tools = event.text, [], tool_streams[i]
-            if tools is not None:
-                text, calls = tools.feed(event.text)
+            parts = answers[i].feed(event.text)
             if event.result is not None:
                 results[i] = event.result
                 problem = failure([event.result])
                 if problem is not None:  # the stream has started: the error can only be an event now
                     yield sse(OPENAI.body(problem))
                     return
-                reason = protocol.finish_reason(event.result.finish_reason)
-                if tools is not None:
-                    rest, more, reply = tools.finish()
-                    text, calls = text + rest, calls + more
-                    reason = tools.use.finish_reason(reason, reply)
-            elif not event.text or (not text and not calls and event.logprobs is None):
-                continue  # nothing yet, or text the tool calls hold back (its logprobs still go out)
+                more = answers[i].finish()
+                parts.reasoning, parts.content = (
+                    parts.reasoning + more.reasoning,
+                    parts.content + more.content,
+                )
+                parts.calls += more.calls
+                reason = answers[i].finish_reason(protocol.finish_reason(event.result.finish_reason))
+            elif not event.text or (parts == protocol.AnswerParts() and event.logprobs is None):
+                continue  # nothing yet, or text held back until it is known (its logprobs still go out)
             scores = protocol.logprobs_body(call, tokenizer, event.logprobs)
             chunk = protocol.chunk_choice(
-                call, i, text, reason, first=False, logprobs=scores, tool_calls=calls
+                call, i, parts.content, reason, False, scores, parts.calls, parts.reasoning
             )
             yield sse(
                 protocol.envelope(

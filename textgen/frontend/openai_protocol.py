@@ -43,9 +43,12 @@ from textgen.frontend.prepare import (
 )
 from textgen.frontend.structured import StructuredOutputFields
 from textgen.frontend.templates import RenderedPrompt, has_chat_template, render_chat
+from textgen.frontend.reasoning import ReasoningStream, opened_by, split_reasoning, thinks
 from textgen.frontend.tools import (
     ToolCall,
     ToolFields,
+    ToolReply,
+    ToolStream,
     ToolUse,
     hermes_conversation,
     takes_tools,
@@ -378,10 +381,21 @@ class Call:
     )
     echo_texts: list[str] | None = None  # with `echo`: each prompt's text, prepended to its choices
     tools: ToolUse | None = None  # a chat request's tool calling: its choices' text becomes calls
+    # A thinking model's chat (frontend/reasoning.py): whether the prompt opened <think>; None: no split.
+    thinking: bool | None = None
 
     @classmethod
-    def of(cls, req: "CompletionRequest | ChatCompletionRequest", prepared: Prepared, model: str) -> "Call":
+    def of(
+        cls,
+        req: "CompletionRequest | ChatCompletionRequest",
+        prepared: Prepared,
+        model: str,
+        tokenizer: Any = None,
+    ) -> "Call":
         kind: Literal["completion", "chat"] = "completion" if isinstance(req, CompletionRequest) else "chat"
+        thinking = None
+        if kind == "chat" and tokenizer is not None and thinks(tokenizer):
+            thinking = opened_by(prepared.request.prompts[0].text)
         echo = None
         if isinstance(req, CompletionRequest) and req.echo:
             echo = [p.text for p in prepared.request.prompts]
@@ -396,6 +410,7 @@ class Call:
             continuous_usage=bool(options and options.include_usage and options.continuous_usage_stats),
             echo_texts=echo,
             tools=req.tool_use() if isinstance(req, ChatCompletionRequest) else None,
+            thinking=thinking,
         )
 
 
@@ -433,6 +448,9 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None = Field(json_schema_extra={"nullable": True})
     tool_calls: list[ToolCall] | None = Field(None, description="With tools: the calls the model made.")
+    reasoning_content: str | None = Field(
+        None, description="A thinking model's reasoning (its <think> block), apart from the answer."
+    )
 
 
 class AssistantDelta(BaseModel):
@@ -445,6 +463,7 @@ class AssistantDelta(BaseModel):
         description="With tools: each call's piece, by `index`; its first piece has `id`, `type` and "
         "the name.",
     )
+    reasoning_content: str | None = Field(None, description="A thinking model's reasoning, as it comes.")
 
 
 # One model documents both the JSON answer and the streamed chunks (the OpenAPI document gives the SSE events
@@ -472,6 +491,46 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage | None = Field(None, json_schema_extra={"nullable": True})
 
 
+@dataclass
+class AnswerParts:
+    """A piece of a streamed chat answer: reasoning, content and tool-call deltas to send now."""
+
+    reasoning: str = ""
+    content: str = ""
+    calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+class AnswerStream:
+    """One streamed chat choice's text split as the JSON answer splits it: a thinking model's reasoning first
+    (frontend/reasoning.py), then tool calls in what is left (frontend/tools.py)."""
+
+    def __init__(self, call: Call) -> None:
+        self.thoughts = ReasoningStream(call.thinking) if call.thinking is not None else None
+        self.tools = ToolStream(call.tools) if call.tools is not None else None
+        self.reply: ToolReply | None = None  # the tool calls' reply, once finished
+
+    def feed(self, piece: str) -> AnswerParts:
+        reasoning, content = self.thoughts.feed(piece) if self.thoughts is not None else ("", piece)
+        return self._content(reasoning, content)
+
+    def finish(self) -> AnswerParts:
+        reasoning, content = self.thoughts.finish() if self.thoughts is not None else ("", "")
+        parts = self._content(reasoning, content)
+        if self.tools is not None:
+            rest, more, self.reply = self.tools.finish()
+            parts.content, parts.calls = parts.content + rest, parts.calls + more
+        return parts
+
+    def finish_reason(self, reason: str) -> str:
+        return self.tools.use.finish_reason(reason, self.reply) if self.tools and self.reply else reason
+
+    def _content(self, reasoning: str, content: str) -> AnswerParts:
+        if self.tools is None or not content:
+            return AnswerParts(reasoning, content)
+        text, calls = self.tools.feed(content)
+        return AnswerParts(reasoning, text, calls)
+
+
 def finish_reason(reason: str) -> str:
     """OpenAI knows `stop` and `length`; textgen's `eos` (the model ended its text) is a `stop`."""
     return "length" if reason == "length" else "stop"
@@ -491,6 +550,11 @@ def choice_body(
     if call.kind == "completion":
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
     message: dict[str, Any] = {"role": "assistant", "content": text}
+    if call.thinking is not None:
+        reasoning, text = split_reasoning(text, call.thinking)
+        message["content"] = text
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
     if call.tools is not None:
         reply = call.tools.reply(text)
         message["content"] = reply.content
@@ -508,15 +572,19 @@ def chunk_choice(
     first: bool,
     logprobs: dict[str, Any] | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
+    reasoning: str = "",
 ) -> dict[str, Any]:
     if call.kind == "completion":
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
     delta: dict[str, Any] = {"content": text}
     if first:
         delta["role"] = "assistant"
+    if reasoning:
+        delta["reasoning_content"] = reasoning
     if tool_calls:
         delta["tool_calls"] = tool_calls
-        delta["content"] = text or None
+    if (reasoning or tool_calls) and not text:
+        delta["content"] = None
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
 
 

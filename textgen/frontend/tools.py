@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from textgen.engine.params import Constraint, ParamError
+from textgen.frontend.reasoning import may_open, template_text
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 # A call as the model writes it; an unclosed last call (the text ended inside it) is read to its end.
@@ -316,7 +317,7 @@ class ToolStream:
         if start >= 0:
             self.calling = True
             return self._content_until(start), []
-        return self._content_until(len(self.text) - _partial_open(self.text)), []
+        return self._content_until(len(self.text) - may_open(self.text, CALL_OPEN)), []
 
     def finish(self) -> tuple[str, list[dict[str, Any]], ToolReply]:
         """What is left to send at the end: content, tool-call deltas, and the whole answer's reply."""
@@ -341,23 +342,12 @@ class ToolStream:
         return [{"index": 0, "function": {"arguments": piece}}]
 
 
-def _partial_open(text: str) -> int:
-    """How many of `text`'s last characters may begin "<tool_call>"."""
-    for n in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
-        if CALL_OPEN.startswith(text[-n:]):
-            return n
-    return 0
-
-
 # -- the conversation as the model sees it --------------------------------------------------------------
 
 
 def takes_tools(tokenizer: Any) -> bool:
     """Whether the model's chat template renders `tools` itself."""
-    template = getattr(tokenizer, "chat_template", None) or ""
-    if isinstance(template, dict):  # named templates (e.g. "default" and "tool_use")
-        template = " ".join(template.values())
-    return "tools" in template
+    return "tools" in template_text(tokenizer)
 
 
 def hermes_conversation(
