@@ -1,4 +1,5 @@
-"""A thinking model's reasoning apart from its answer, as vLLM's reasoning parsers, Ollama and LM Studio give it.
+"""A thinking model's reasoning apart from its answer, as vLLM's reasoning parsers, Ollama and LM Studio give
+it.
 
 Models whose chat template knows `<think>` (Qwen3, DeepSeek-R1 and its distillations, SmolLM3) write their
 reasoning as `<think>...</think>` before the answer, or after a prompt that already opened `<think>`
