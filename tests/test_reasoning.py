@@ -117,3 +117,47 @@ def test_thinking_turned_off_by_the_template_leaves_the_answer_whole(thinking_se
     off = {"chat_template_kwargs": {"enable_thinking": False}}
     message = chat(thinking_server, "Paris.", **off).json()["choices"][0]["message"]
     assert message["content"] == "Paris." and "reasoning_content" not in message
+
+
+def test_the_responses_api_gives_the_thought_as_a_reasoning_item():
+    import asyncio
+
+    from tests.test_openai import FakeHandle, collect, result
+    from textgen.api import openai_responses
+    from textgen.engine.outputs import Event
+    from textgen.engine.params import SamplingParams
+    from textgen.frontend.openai_protocol import AnswerStream, split_answer
+    from textgen.frontend.prepare import Choice, Prepared, PromptRequest
+    from textgen.frontend.responses_protocol import ResponseShape, ResponsesRequest, output_items
+    from textgen.frontend.templates import RenderedPrompt
+
+    reasoning, text, reply = split_answer(THOUGHT, False, None)
+    assert [i["type"] for i in output_items(text, reply, reasoning)] == ["reasoning", "message"]
+    request = ResponsesRequest.model_validate({"input": "Capital of France?"})
+    params = SamplingParams(max_new_tokens=20)
+    prepared = Prepared(PromptRequest([RenderedPrompt("abc")], params), [[1, 2, 3]], [Choice(0, params)])
+    pieces = ["<thi", "nk>\nParis is ", "in France.\n</th", "ink>\n\nPar", "is."]
+    handle = FakeHandle([Event(p) for p in pieces] + [Event("", result("eos"))])
+    events = asyncio.run(
+        collect(
+            openai_responses._events(ResponseShape(request, "m"), prepared, handle, AnswerStream(False, None))
+        )
+    )
+    data = [json.loads(e.removeprefix("data: ")) for e in events]
+    kinds = [d["type"] for d in data]
+    assert kinds[2:4] == ["response.output_item.added", "response.reasoning_text.delta"]
+    assert "".join(d["delta"] for d in data if d["type"] == "response.reasoning_text.delta") == (
+        "\nParis is in France.\n"
+    )
+    assert "".join(d["delta"] for d in data if d["type"] == "response.output_text.delta") == "Paris."
+    final = data[-1]["response"]
+    assert data[-1]["type"] == "response.completed" and [i["type"] for i in final["output"]] == [
+        "reasoning",
+        "message",
+    ]
+    assert final["output"][0]["content"] == [{"type": "reasoning_text", "text": "\nParis is in France.\n"}]
+    # Sent back as input, as the Agents SDK does, a reasoning item is left out of the conversation.
+    again = ResponsesRequest.model_validate(
+        {"input": [final["output"][0], {"role": "user", "content": "And Italy?"}]}
+    )
+    assert [m.role for m in again.to_chat().messages] == ["user"]

@@ -184,7 +184,7 @@ def test_text_format_constrains_the_output(client):
     [
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
-        ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+        ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"temperature": 9}, "temperature"),
         ({"tools": [{"type": "web_search"}]}, "tools"),

@@ -175,7 +175,7 @@ async def _events(
                 )
         results: list[GenerationResult | None] = [None] * len(handles)
         # Each chat choice's text as reasoning, content and tool calls, as it comes.
-        answers = [protocol.AnswerStream(call) for _ in handles]
+        answers = [protocol.AnswerStream(call.thinking, call.tools) for _ in handles]
         while any(r is None for r in results):
             i, event = await merged.get()
             reason = None
@@ -186,12 +186,7 @@ async def _events(
                 if problem is not None:  # the stream has started: the error can only be an event now
                     yield sse(OPENAI.body(problem))
                     return
-                more = answers[i].finish()
-                parts.reasoning, parts.content = (
-                    parts.reasoning + more.reasoning,
-                    parts.content + more.content,
-                )
-                parts.calls += more.calls
+                parts = parts + answers[i].finish()
                 reason = answers[i].finish_reason(protocol.finish_reason(event.result.finish_reason))
             elif not event.text or (parts == protocol.AnswerParts() and event.logprobs is None):
                 continue  # nothing yet, or text held back until it is known (its logprobs still go out)

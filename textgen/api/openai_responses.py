@@ -17,7 +17,9 @@ from textgen.engine.handle import RequestHandle
 from textgen.engine.outputs import GenerationResult
 from textgen.frontend import responses_protocol as protocol
 from textgen.frontend.prepare import Frontend, Prepared
-from textgen.frontend.tools import ToolStream, ToolUse
+from textgen.frontend.openai_protocol import AnswerStream, split_answer
+from textgen.frontend.reasoning import opened_by, thinks
+from textgen.frontend.tools import ToolUse
 
 ResponsesBody = json_body(protocol.ResponsesRequest, "OpenAI's Responses API body.")
 ResponsesReply = response_spec(protocol.ResponseObject, "application/json", "OpenAI's Response object.")
@@ -43,12 +45,14 @@ def _handle(frontend: Frontend, raw: Any) -> Response:
         return admitted
     req, prepared, (handle,) = admitted.request, admitted.prepared, admitted.handles
     tools = req.to_chat().tool_use()  # checked as the request was prepared
+    prompt = prepared.request.prompts[0].text
+    thinking = opened_by(prompt) if thinks(frontend.tokenizer) else None  # (frontend/reasoning.py)
     shape = protocol.ResponseShape(req, frontend.model_id)
+    timeout = frontend.settings.request_timeout
     if req.stream:
-        return event_stream(
-            _events(shape, prepared, handle, tools), [handle], frontend.settings.request_timeout
-        )
-    return ResponseAnswer(shape, prepared, handle, tools, frontend.settings.request_timeout)
+        answer = AnswerStream(thinking, tools)
+        return event_stream(_events(shape, prepared, handle, answer), [handle], timeout)
+    return ResponseAnswer(shape, prepared, handle, thinking, tools, timeout)
 
 
 class ResponseAnswer(DeferredJSONResponse):
@@ -57,16 +61,17 @@ class ResponseAnswer(DeferredJSONResponse):
         shape: protocol.ResponseShape,
         prepared: Prepared,
         handle: RequestHandle,
+        thinking: bool | None,
         tools: ToolUse | None,
         timeout: float,
     ) -> None:
         super().__init__([handle], timeout, OPENAI)
-        self.shape, self.prepared, self.tools = shape, prepared, tools
+        self.shape, self.prepared, self.thinking, self.tools = shape, prepared, thinking, tools
 
     def answer(self, results: list[GenerationResult]) -> dict[str, Any]:
         (result,) = results
-        reply = self.tools.reply(result.text) if self.tools is not None else None
-        output = protocol.output_items(result.text, reply)
+        reasoning, text, reply = split_answer(result.text, self.thinking, self.tools)
+        output = protocol.output_items(text, reply, reasoning)
         usage = protocol.usage_body(len(self.prepared.prompt_ids[0]), result.completion_tokens)
         return self.shape.body(protocol.status_of(result.finish_reason), output, usage)
 
@@ -76,9 +81,9 @@ class _Items:
 
     def __init__(self) -> None:
         self.items: list[dict[str, Any]] = []
-        self.text = ""  # the open message's text
+        self.text = ""  # the open message's (or reasoning item's) text
         self.arguments = ""  # the open call's arguments
-        self.open: str | None = None  # "message" or "call"
+        self.open: str | None = None  # "reasoning", "message" or "call"
         self.sequence = itertools.count()
 
     def event(self, kind: str, **fields: Any) -> str:
@@ -99,6 +104,18 @@ class _Items:
             events = []
         self.text += text
         return events + [self.event("response.output_text.delta", **self._where, content_index=0, delta=text)]
+
+    def reasoning(self, text: str) -> list[str]:
+        events = []
+        if self.open != "reasoning":
+            events = self.close()
+            item = protocol.reasoning_item("", status="in_progress")
+            self.items.append(item)
+            self.open, self.text = "reasoning", ""
+            events.append(self.event("response.output_item.added", output_index=self._index, item=item))
+        self.text += text
+        delta = self.event("response.reasoning_text.delta", **self._where, content_index=0, delta=text)
+        return events + [delta]
 
     def call(self, delta: dict[str, Any]) -> list[str]:
         """A tool-call delta (frontend/tools.py ToolStream): a new call when it has an id, else more
@@ -126,6 +143,9 @@ class _Items:
                 self.event("response.output_text.done", **where, content_index=0, text=self.text),
                 self.event("response.content_part.done", **where, content_index=0, part=part),
             ]
+        elif self.open == "reasoning" and item is not None:
+            done = protocol.reasoning_item(self.text, item["id"])
+            events = [self.event("response.reasoning_text.done", **where, content_index=0, text=self.text)]
         elif self.open == "call" and item is not None:
             done = {**item, "arguments": self.arguments, "status": "completed"}
             events = [self.event("response.function_call_arguments.done", **where, arguments=self.arguments)]
@@ -147,26 +167,27 @@ class _Items:
 
 
 async def _events(
-    shape: protocol.ResponseShape, prepared: Prepared, handle: RequestHandle, tools: ToolUse | None
+    shape: protocol.ResponseShape, prepared: Prepared, handle: RequestHandle, answer: AnswerStream
 ) -> AsyncIterator[str]:
     """The Responses API's events for one answer; leaving early (client disconnect) cancels it."""
     out = _Items()
     start = shape.body("in_progress", [])
     yield out.event("response.created", response=start)
     yield out.event("response.in_progress", response=start)
-    parser = ToolStream(tools) if tools is not None else None
     try:
         async for event in handle.stream():
-            text, calls = parser.feed(event.text) if parser is not None else (event.text, [])
+            parts = answer.feed(event.text)
             if event.result is not None:
                 problem = failure([event.result])
                 if problem is not None:  # the stream has started: the error can only be an event now
                     yield out.event("error", code=problem.reason, message=problem.message, param=None)
                     return
-                if parser is not None:
-                    rest, more, _ = parser.finish()
-                    text, calls = text + rest, calls + more
-            for piece in [*(out.content(text) if text else []), *(e for c in calls for e in out.call(c))]:
+                parts = parts + answer.finish()
+            for piece in out.reasoning(parts.reasoning) if parts.reasoning else []:
+                yield piece
+            for piece in out.content(parts.content) if parts.content else []:
+                yield piece
+            for piece in (e for c in parts.calls for e in out.call(c)):
                 yield piece
             if event.result is not None:
                 for piece in out.close():

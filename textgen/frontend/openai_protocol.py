@@ -491,6 +491,15 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage | None = Field(None, json_schema_extra={"nullable": True})
 
 
+def split_answer(
+    text: str, thinking: bool | None, tools: ToolUse | None
+) -> tuple[str | None, str, ToolReply | None]:
+    """A whole chat answer as (a thinking model's reasoning or None, the rest, its tool calls' reply or None
+    without tools): `thinking` says whether the prompt opened <think> (None: the model does not think)."""
+    reasoning, content = split_reasoning(text, thinking) if thinking is not None else (None, text)
+    return reasoning, content, tools.reply(content) if tools is not None else None
+
+
 @dataclass
 class AnswerParts:
     """A piece of a streamed chat answer: reasoning, content and tool-call deltas to send now."""
@@ -499,14 +508,21 @@ class AnswerParts:
     content: str = ""
     calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
+    def __add__(self, later: "AnswerParts") -> "AnswerParts":
+        return AnswerParts(
+            self.reasoning + later.reasoning, self.content + later.content, self.calls + later.calls
+        )
+
 
 class AnswerStream:
     """One streamed chat choice's text split as the JSON answer splits it: a thinking model's reasoning first
     (frontend/reasoning.py), then tool calls in what is left (frontend/tools.py)."""
 
-    def __init__(self, call: Call) -> None:
-        self.thoughts = ReasoningStream(call.thinking) if call.thinking is not None else None
-        self.tools = ToolStream(call.tools) if call.tools is not None else None
+    def __init__(self, thinking: bool | None, tools: ToolUse | None) -> None:
+        """`thinking`: whether the prompt opened <think> (None: the model does not think); `tools`: the
+        request's tool calling."""
+        self.thoughts = ReasoningStream(thinking) if thinking is not None else None
+        self.tools = ToolStream(tools) if tools is not None else None
         self.reply: ToolReply | None = None  # the tool calls' reply, once finished
 
     def feed(self, piece: str) -> AnswerParts:
@@ -549,14 +565,11 @@ def choice_body(
 ) -> dict[str, Any]:
     if call.kind == "completion":
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    if call.thinking is not None:
-        reasoning, text = split_reasoning(text, call.thinking)
-        message["content"] = text
-        if reasoning is not None:
-            message["reasoning_content"] = reasoning
-    if call.tools is not None:
-        reply = call.tools.reply(text)
+    reasoning, content, reply = split_answer(text, call.thinking, call.tools)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    if reply is not None and call.tools is not None:
         message["content"] = reply.content
         if reply.calls:
             message["tool_calls"] = reply.calls

@@ -94,8 +94,8 @@ class ResponsesRequest(SpeculativeField):
     )
     include: list[str] | None = Field(
         None,
-        description='Extra output to include: none to give (no reasoning: "reasoning.encrypted_content" is '
-        "accepted and adds nothing); others are a 400.",
+        description='Extra output to include: "reasoning.encrypted_content" is accepted and adds nothing (a '
+        "thought comes as plain reasoning_text); others are a 400.",
     )
     metadata: dict[str, str] | None = Field(None, description="Returned as given.")
     user: str | None = Field(None, description="Accepted and ignored.")
@@ -184,6 +184,8 @@ class ResponsesRequest(SpeculativeField):
                     last.setdefault("tool_calls", []).append(call)
                 else:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif kind == "reasoning":
+                continue  # an earlier answer's thought, sent back: chat templates leave thoughts out
             elif kind == "function_call_output":
                 output = _string(item, "output", where)
                 messages.append(
@@ -192,8 +194,8 @@ class ResponsesRequest(SpeculativeField):
             else:
                 raise ParamError(
                     "input",
-                    f"{where} is an item of type {kind!r}; textgen takes message, function_call and "
-                    "function_call_output items",
+                    f"{where} is an item of type {kind!r}; textgen takes message, function_call, "
+                    "function_call_output and reasoning items",
                 )
         return messages
 
@@ -342,9 +344,22 @@ def call_item(call: dict[str, Any], item_id: str | None = None, status: str = "c
     }
 
 
-def output_items(text: str, reply: ToolReply | None) -> list[dict[str, Any]]:
-    """A whole answer's output: its text as a message (if any), then its calls."""
+def reasoning_item(text: str, item_id: str | None = None, status: str = "completed") -> dict[str, Any]:
+    """A thinking model's thought (frontend/reasoning.py) as a reasoning output item."""
+    content = [] if status == "in_progress" else [{"type": "reasoning_text", "text": text}]
+    return {
+        "type": "reasoning",
+        "id": item_id or _id("rs"),
+        "summary": [],
+        "content": content,
+        "status": status,
+    }
+
+
+def output_items(text: str, reply: ToolReply | None, reasoning: str | None = None) -> list[dict[str, Any]]:
+    """A whole answer's output: its thought (if any), its text as a message (if any), then its calls."""
+    items = [reasoning_item(reasoning)] if reasoning is not None else []
     if reply is None:
-        return [message_item(text)]
-    items = [message_item(reply.content)] if reply.content else []
+        return items + [message_item(text)]
+    items += [message_item(reply.content)] if reply.content else []
     return items + [call_item(c) for c in reply.calls]
