@@ -1,7 +1,8 @@
 """A thinking model's reasoning apart from its answer on /v1/chat/completions (textgen/frontend/reasoning.py).
 
-The tiny model below has a chat template that knows <think>, as Qwen3's; what it "thinks" is written by a
-one-choice constraint, as a thinking model would write it.
+The tiny model below has a chat template that knows <think> and opens it (as DeepSeek-R1's); what a thinking
+model writes after it is scripted into the routes' streams in-process, since a grammar (which could write it
+live) leaves a model no room for a thought.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.server import start_server
-from tests.test_tools import A_CALL, TOOLS
+from tests.test_tools import A_CALL
 from tests.tiny_model import build_tiny_gpt2
 from textgen.frontend.reasoning import ReasoningStream, opened_by, split_reasoning, thinks
 
-THINKING_TEMPLATE = (  # ChatML, with an empty thought when thinking is off, as Qwen3's
+THINKING_TEMPLATE = (  # ChatML that opens the thought (as DeepSeek-R1's), or writes an empty one when thinking
+    # is off (as Qwen3's)
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}{% endif %}"
 )
 THOUGHT = "<think>\nParis is in France.\n</think>\n\nParis."
 
@@ -67,56 +70,70 @@ def thinking_server(tmp_path_factory, cache_dir):
         yield server
 
 
-def chat(server, said: str, **body):
-    body = {"messages": [{"role": "user", "content": "Capital of France?"}], "guided_choice": [said], **body}
-    return server.client().post("/v1/chat/completions", json=body)
+def chat(server, **body):
+    body = {"messages": [{"role": "user", "content": "Capital of France?"}], "max_tokens": 8, **body}
+    return server.client().post("/v1/chat/completions", json=body | {"temperature": 0}).json()["choices"][0]
 
 
-def streamed(server, said: str, **body) -> tuple[str, str, list, str]:
+def streamed(server, **body) -> tuple[str, str]:
     reasoning = content = ""
-    calls, reason = [], None
+    body = {"messages": [{"role": "user", "content": "Capital of France?"}], "max_tokens": 8, **body}
     with server.client() as client:
-        body = {
-            "messages": [{"role": "user", "content": "Capital of France?"}],
-            "guided_choice": [said],
-            **body,
-        }
-        with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as r:
+        with client.stream(
+            "POST", "/v1/chat/completions", json=body | {"stream": True, "temperature": 0}
+        ) as r:
             for line in r.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                (choice,) = json.loads(line[6:])["choices"]
-                delta = choice["delta"]
-                reasoning += delta.get("reasoning_content") or ""
-                content += delta.get("content") or ""
-                calls += delta.get("tool_calls") or []
-                reason = choice["finish_reason"] or reason
-    return reasoning, content, calls, reason
+                if line.startswith("data: {"):
+                    (choice,) = json.loads(line[6:])["choices"]
+                    reasoning += choice["delta"].get("reasoning_content") or ""
+                    content += choice["delta"].get("content") or ""
+    return reasoning, content
 
 
-def test_reasoning_content_apart_from_the_answer_streamed_or_not(thinking_server):
-    message = chat(thinking_server, THOUGHT).json()["choices"][0]["message"]
-    assert message["reasoning_content"] == "\nParis is in France.\n" and message["content"] == "Paris."
-    assert streamed(thinking_server, THOUGHT) == ("\nParis is in France.\n", "Paris.", [], "stop")
-    plain = chat(thinking_server, "Paris.").json()["choices"][0]["message"]
-    assert plain["content"] == "Paris." and "reasoning_content" not in plain
+def test_a_prompt_that_opened_a_thought_answers_with_reasoning_streamed_or_not(thinking_server):
+    # The template opens <think> (as DeepSeek-R1's); the random model never closes it within 8 tokens.
+    choice = chat(thinking_server)
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] == ""
+    assert choice["message"]["reasoning_content"]
+    assert streamed(thinking_server) == (choice["message"]["reasoning_content"], "")
+    off = chat(thinking_server, chat_template_kwargs={"enable_thinking": False})["message"]
+    assert off["content"] and "reasoning_content" not in off  # the template closed the thought itself
 
 
-def test_a_thought_then_a_tool_call(thinking_server):
+def test_an_answer_a_grammar_forces_is_never_a_thought(thinking_server):
+    forced = "not a thought</think>Paris."  # what the grammar allows is the answer, whatever it looks like
+    message = chat(thinking_server, guided_choice=[forced], max_tokens=100)["message"]
+    assert message["content"] == forced and "reasoning_content" not in message
+
+
+def test_a_thought_then_a_tool_call_streamed_or_not():
+    import asyncio
+
+    from tests.test_openai import FakeHandle, collect, plan, result
+    from textgen.api import openai as openai_http
+    from textgen.engine.outputs import Event
+    from textgen.frontend.openai_protocol import Call, choice_body
+    from textgen.frontend.tools import ToolUse
+    from tests.test_tools import use
+
     said = "<think>The weather tool.</think>\n" + A_CALL
-    choice = chat(thinking_server, said, tools=TOOLS).json()["choices"][0]
-    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
-    assert choice["message"]["reasoning_content"] == "The weather tool."
-    assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
-    reasoning, content, calls, reason = streamed(thinking_server, said, tools=TOOLS)
-    assert (reasoning, content, reason) == ("The weather tool.", "", "tool_calls")
+    call = Call("chat", "chatcmpl-x", 0, "m", stream=True, include_usage=False, tools=use(), thinking=False)
+    whole = choice_body(call, 0, said, "stop")
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] is None
+    assert whole["message"]["reasoning_content"] == "The weather tool."
+    assert whole["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    _, prepared = plan(1)
+    pieces = [said[i : i + 4] for i in range(0, len(said), 4)]
+    handle = FakeHandle([Event(p) for p in pieces] + [Event("", result("eos"))])
+    events = asyncio.run(collect(openai_http._events(call, prepared, [handle])))
+    chunks = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "The weather tool."
+    assert "".join(d.get("content") or "" for d in deltas) == ""  # the blank line after </think> is neither
+    calls = [t for d in deltas for t in d.get("tool_calls") or []]
     assert [c["function"]["name"] for c in calls] == ["get_weather"]
-
-
-def test_thinking_turned_off_by_the_template_leaves_the_answer_whole(thinking_server):
-    off = {"chat_template_kwargs": {"enable_thinking": False}}
-    message = chat(thinking_server, "Paris.", **off).json()["choices"][0]["message"]
-    assert message["content"] == "Paris." and "reasoning_content" not in message
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert isinstance(call.tools, ToolUse)
 
 
 def test_the_responses_api_gives_the_thought_as_a_reasoning_item():

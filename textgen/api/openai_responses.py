@@ -46,7 +46,9 @@ def _handle(frontend: Frontend, raw: Any) -> Response:
     req, prepared, (handle,) = admitted.request, admitted.prepared, admitted.handles
     tools = req.to_chat().tool_use()  # checked as the request was prepared
     prompt = prepared.request.prompts[0].text
-    thinking = opened_by(prompt) if thinks(frontend.tokenizer) else None  # (frontend/reasoning.py)
+    # (frontend/reasoning.py) A grammar (text.format, a forced tool call) leaves no room for a thought.
+    thinks_here = thinks(frontend.tokenizer) and prepared.request.params.constraint is None
+    thinking = opened_by(prompt) if thinks_here else None
     shape = protocol.ResponseShape(req, frontend.model_id)
     timeout = frontend.settings.request_timeout
     if req.stream:

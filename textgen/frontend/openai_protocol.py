@@ -394,7 +394,8 @@ class Call:
     ) -> "Call":
         kind: Literal["completion", "chat"] = "completion" if isinstance(req, CompletionRequest) else "chat"
         thinking = None
-        if kind == "chat" and tokenizer is not None and thinks(tokenizer):
+        forced = prepared.request.params.constraint is not None  # a grammar leaves no room for a thought
+        if kind == "chat" and tokenizer is not None and thinks(tokenizer) and not forced:
             thinking = opened_by(prepared.request.prompts[0].text)
         echo = None
         if isinstance(req, CompletionRequest) and req.echo:

@@ -5,8 +5,9 @@ Models whose chat template knows `<think>` (Qwen3, DeepSeek-R1 and its distillat
 reasoning as `<think>...</think>` before the answer, or after a prompt that already opened `<think>`
 (DeepSeek-R1's template ends with it). On /v1/chat/completions the text inside goes to the message's
 `reasoning_content` (streamed as `delta.reasoning_content`), the answer after it to `content`, where tool
-calls are then looked for. Models whose template has no `<think>` are untouched: a `<think>` they write stays
-in the content. Qwen3's `chat_template_kwargs: {"enable_thinking": false}` turns the thinking off.
+calls are then looked for. An answer a grammar forces (structured output, a forced tool call) is never split:
+the grammar leaves no room for a thought. Models whose template has no `<think>` are untouched: a `<think>`
+they write stays in the content. Qwen3's `chat_template_kwargs: {"enable_thinking": false}` turns the thinking off.
 """
 
 from __future__ import annotations
