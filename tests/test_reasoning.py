@@ -17,8 +17,8 @@ from tests.test_tools import A_CALL
 from tests.tiny_model import build_tiny_gpt2
 from textgen.frontend.reasoning import ReasoningStream, opened_by, split_reasoning, thinks
 
-THINKING_TEMPLATE = (  # ChatML that opens the thought (as DeepSeek-R1's), or writes an empty one when thinking
-    # is off (as Qwen3's)
+# ChatML that opens the thought (as DeepSeek-R1's), or writes an empty one when thinking is off (as Qwen3's)
+THINKING_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"

@@ -7,7 +7,8 @@ reasoning as `<think>...</think>` before the answer, or after a prompt that alre
 `reasoning_content` (streamed as `delta.reasoning_content`), the answer after it to `content`, where tool
 calls are then looked for. An answer a grammar forces (structured output, a forced tool call) is never split:
 the grammar leaves no room for a thought. Models whose template has no `<think>` are untouched: a `<think>`
-they write stays in the content. Qwen3's `chat_template_kwargs: {"enable_thinking": false}` turns the thinking off.
+they write stays in the content. Qwen3's `chat_template_kwargs: {"enable_thinking": false}` turns the
+thinking off.
 """
 
 from __future__ import annotations
