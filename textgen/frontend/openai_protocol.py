@@ -43,7 +43,7 @@ from textgen.frontend.prepare import (
 )
 from textgen.frontend.structured import StructuredOutputFields
 from textgen.frontend.templates import RenderedPrompt, has_chat_template, render_chat
-from textgen.frontend.reasoning import ReasoningStream, opened_by, split_reasoning, thinks
+from textgen.frontend.reasoning import ReasoningStream, split_reasoning, thinking_of
 from textgen.frontend.tools import (
     ToolCall,
     ToolFields,
@@ -394,9 +394,9 @@ class Call:
     ) -> "Call":
         kind: Literal["completion", "chat"] = "completion" if isinstance(req, CompletionRequest) else "chat"
         thinking = None
-        forced = prepared.request.params.constraint is not None  # a grammar leaves no room for a thought
-        if kind == "chat" and tokenizer is not None and thinks(tokenizer) and not forced:
-            thinking = opened_by(prepared.request.prompts[0].text)
+        if kind == "chat" and tokenizer is not None:
+            forced = prepared.request.params.constraint is not None
+            thinking = thinking_of(tokenizer, prepared.request.prompts[0].text, forced)
         echo = None
         if isinstance(req, CompletionRequest) and req.echo:
             echo = [p.text for p in prepared.request.prompts]

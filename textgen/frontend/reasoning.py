@@ -35,6 +35,13 @@ def opened_by(prompt: str) -> bool:
     return prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
 
 
+def thinking_of(tokenizer: Any, prompt: str, forced: bool) -> bool | None:
+    """How an answer to `prompt` may hold a thought: True if it starts inside one (the prompt opened
+    <think>), False if it may open one; None if the model does not think or a grammar forces the answer
+    (`forced`), which leaves no room for a thought."""
+    return None if forced or not thinks(tokenizer) else opened_by(prompt)
+
+
 def may_open(text: str, tag: str) -> int:
     """How many of `text`'s last characters may begin `tag` (held back from a stream until known)."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
