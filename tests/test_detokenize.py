@@ -53,7 +53,9 @@ def test_a_prefix_that_does_not_complete_is_released():
 
 def test_earliest_of_several_stop_strings_wins():
     m = StopMatcher(("\n\n", "Q:"))
+    assert m.matched is None
     assert m.feed("A: yes\nQ: next\n\n") == ("A: yes\n", True)
+    assert m.matched == "Q:"  # named: Anthropic's stop_sequence
 
 
 def test_no_stop_strings_emit_everything():

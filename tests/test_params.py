@@ -73,6 +73,18 @@ def test_min_tokens_fits_the_budget_and_errors_speak_the_callers_names():
     assert renamed.message == "min_tokens (6) must be at most max_completion_tokens (5)"
     budget = ParamError("max_new_tokens", "max_new_tokens must be in [1, 4096], got 0")
     assert budget.renamed({"max_new_tokens": "max_tokens"}).field == "max_tokens"
+    # Whole names, once: "stop" is not the start of "stopped", and a new name is not renamed again.
+    stop = ParamError(
+        "stop", "each stop string must have 1 to 256 characters; stopped at max_completion_tokens"
+    )
+    names = {
+        "stop": "stop_sequences",
+        "max_completion_tokens": "max_tokens",
+        "max_tokens": "max_output_tokens",
+    }
+    assert stop.renamed(names).message == (
+        "each stop_sequences string must have 1 to 256 characters; stopped at max_tokens"
+    )
 
 
 def test_logit_bias_is_bounded_like_openais():

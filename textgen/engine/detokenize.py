@@ -51,14 +51,16 @@ class StopMatcher:
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.pending = ""
+        self.matched: str | None = None  # the stop string that ended the text, once one has
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Add `delta`; return (text safe to emit, whether a stop string matched)."""
         text = self.pending + delta
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((text.find(s), s) for s in self.stops) if i >= 0]
         if hits:
             self.pending = ""
-            return text[: min(hits)], True
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            return text[:at], True
         hold = self._longest_stop_prefix_suffix(text)
         self.pending = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold], False

@@ -31,6 +31,7 @@ class GenerationResult:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # per generated token, when params.logprobs is set
     prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token, when params.prompt_logprobs
+    stop_sequence: str | None = None  # with finish_reason "stop": the stop string that ended the text
 
 
 @dataclass

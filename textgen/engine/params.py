@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,10 +18,13 @@ class ParamError(ValueError):
 
     def renamed(self, names: dict[str, str]) -> "ParamError":
         """The same error under the caller's names for fields (`max_tokens` for `max_new_tokens`), in the
-        field it names and wherever its message mentions one (`min_tokens` must be at most `max_tokens`)."""
-        message = self.message
-        for ours, theirs in names.items():
-            message = message.replace(ours, theirs)
+        field it names and wherever its message mentions one (`min_tokens` must be at most `max_tokens`):
+        whole names only, in one pass ("stop" renamed is not "stopped" renamed, nor a new name renamed
+        again)."""
+        if not names:
+            return self
+        ours = re.compile(r"\b(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")\b")
+        message = ours.sub(lambda found: names[found.group(1)], self.message)
         return ParamError(names.get(self.field, self.field), message)
 
 

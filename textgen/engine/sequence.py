@@ -177,6 +177,7 @@ class Sequence:
             error=error,
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
+            stop_sequence=self.stop_matcher.matched,
         )
         self.emit(Event(delta, result, logprobs=self._take_logprobs(), tokens=len(self.output_ids)))
 
