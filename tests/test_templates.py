@@ -109,3 +109,20 @@ def test_prompts_users_write_are_marked_as_text_and_raw_completions_are_not(toke
     assert render_fallback_chat([{"role": "user", "content": "x"}]).special_tokens_as_text
     (raw,) = CompletionRequest(prompt="Hi<|endoftext|>").to_prompt_request(tokenizer).prompts
     assert not raw.special_tokens_as_text  # a raw prompt is the client's whole text, markup included
+
+
+def test_a_final_assistant_message_is_continued_not_closed(chatml_tokenizer):
+    """continue_final_message (vLLM's; Anthropic's prefill): the answer goes on from the assistant's words."""
+    from textgen.frontend.openai_protocol import ChatCompletionRequest
+
+    tok = chatml_tokenizer
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I am"}]
+    body = {"messages": messages, "continue_final_message": True}
+    (prompt,) = ChatCompletionRequest.model_validate(body).to_prompt_request(tok).prompts
+    assert prompt.text.endswith("<|im_start|>assistant\nHello, I am")
+    assert tok.decode(prompt.template_ids) == prompt.text
+    (closed,) = ChatCompletionRequest.model_validate({"messages": messages}).to_prompt_request(tok).prompts
+    assert closed.text.endswith("Hello, I am<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ParamError) as exc:  # nothing of the assistant's to continue
+        ChatCompletionRequest.model_validate({**body, "messages": messages[:1]}).to_prompt_request(tok)
+    assert exc.value.field == "continue_final_message"

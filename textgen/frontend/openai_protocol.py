@@ -298,6 +298,11 @@ class ChatCompletionRequest(SamplingFields, ToolFields):
         description="vLLM's: variables for the model's chat template, e.g. "
         '{"enable_thinking": false} for Qwen3.',
     )
+    continue_final_message: bool = Field(
+        default=False,
+        description="vLLM's: the answer continues the last message, an assistant's, instead of starting a "
+        "turn of its own (a prefill: the start of the answer, written for the model).",
+    )
 
     def constraint(self) -> Constraint | None:
         """The structured-output constraint, or the grammar a "required" or named tool_choice forces."""
@@ -325,22 +330,34 @@ class ChatCompletionRequest(SamplingFields, ToolFields):
                 raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
         if self.logprobs:
             params = dataclasses.replace(params, logprobs=self.top_logprobs or 0)
-        rendered = render_messages(self.messages, tokenizer, self.tool_use(), self.chat_template_kwargs)
+        if self.continue_final_message:
+            last = self.messages[-1]
+            if last.role != "assistant" or last.tool_calls:
+                raise ParamError(
+                    "continue_final_message",
+                    "continue_final_message continues the last message, which must then be an assistant's "
+                    "text (without tool_calls)",
+                )
+        rendered = render_messages(
+            self.messages, tokenizer, self.tool_use(), self.chat_template_kwargs, self.continue_final_message
+        )
         return PromptRequest([rendered], params, n=self.n, fields=fields)
 
 
-def render_fallback_chat(messages: list[dict[str, str]]) -> RenderedPrompt:
+def render_fallback_chat(messages: list[dict[str, str]], continue_final: bool = False) -> RenderedPrompt:
     """The documented transcript for models without a chat template, e.g.
 
         System: Be brief.
         User: What is AI?
         Assistant:
 
-    The model continues after "Assistant:"; the stop string "\\nUser:" ends its turn.
+    The model continues after "Assistant:" (`continue_final`: after the last message, an assistant's); the
+    stop string "\\nUser:" ends its turn.
     """
     lines = [f"{FALLBACK_ROLES[m['role']]}: {m['content']}" for m in messages]
+    text = "\n".join(lines) + ("" if continue_final else "\nAssistant:")
     # The transcript's own text has no special tokens: all of it is encoded as plain text.
-    return RenderedPrompt("\n".join(lines) + "\nAssistant:", stop=FALLBACK_STOP, special_tokens_as_text=True)
+    return RenderedPrompt(text, stop=FALLBACK_STOP, special_tokens_as_text=True)
 
 
 def render_messages(
@@ -348,22 +365,25 @@ def render_messages(
     tokenizer: Any,
     tools: ToolUse | None = None,
     template_options: dict[str, Any] | None = None,
+    continue_final: bool = False,
 ) -> RenderedPrompt:
     """The model's own chat template when it has one, else the plain fallback transcript; tools, earlier
-    calls and their results as the template renders them, else in the Hermes format (frontend/tools.py)."""
+    calls and their results as the template renders them, else in the Hermes format (frontend/tools.py).
+    `continue_final`: the answer continues the last message (render_chat)."""
     given = [m.for_template(i) for i, m in enumerate(messages)]
     shown = tools.shown() if tools is not None else None
+    options, turn = template_options, {"continue_final": continue_final}
     if has_chat_template(tokenizer) and takes_tools(tokenizer):
-        return render_chat(template_messages(given), tokenizer, tools=shown, options=template_options)
+        return render_chat(template_messages(given), tokenizer, tools=shown, options=options, **turn)
     plain = hermes_conversation(given, shown)
     if has_chat_template(tokenizer):
-        return render_chat(plain, tokenizer, options=template_options)
+        return render_chat(plain, tokenizer, options=options, **turn)
     if template_options:
         raise ParamError(
             "chat_template_kwargs",
             "this model has no chat template, so chat_template_kwargs has nothing to set",
         )
-    return render_fallback_chat(plain)
+    return render_fallback_chat(plain, continue_final)
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,7 @@ def render_chat(
     field: str = "messages",
     tools: list[dict[str, Any]] | None = None,
     options: dict[str, Any] | None = None,
+    continue_final: bool = False,
 ) -> RenderedPrompt:
     """Render chat `messages` with the model's own chat template, and encode them with role integrity.
 
@@ -107,7 +108,8 @@ def render_chat(
     every control token inside the messages, renders, and encodes the marked ones as plain text (the rest
     of the text is encoded as a whole, so ordinary messages get exactly the ids they always had). `tools`:
     for a template that renders them (frontend/tools.py), marked the same way. `options`: the template's
-    own variables (vLLM's chat_template_kwargs, e.g. Qwen3's enable_thinking).
+    own variables (vLLM's chat_template_kwargs, e.g. Qwen3's enable_thinking). `continue_final`: the answer
+    continues the last message, an assistant's, instead of opening a turn of its own (a prefill).
     """
     options = options or {}
     taken = {"tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize"} & set(
@@ -124,14 +126,13 @@ def render_chat(
             "this model has no chat template, so template 'chat' is not available; "
             "use 'auto', 'none', 'assistant' or 'few_shot', or serve a chat model (e.g. SmolLM2-135M-Instruct)",
         )
-    text = tokenizer.apply_chat_template(
-        messages, tools=tools, tokenize=False, add_generation_prompt=True, **options
-    )
+    turn = {"add_generation_prompt": not continue_final, "continue_final_message": continue_final}
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **turn, **options)
     try:
         ids = tokenizer.apply_chat_template(
             messages,
             tools=tools,
-            add_generation_prompt=True,
+            **turn,
             sanitize_control_tokens=True,
             return_dict=False,
             **options,
