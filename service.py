@@ -20,6 +20,7 @@ from starlette.routing import Route
 from textgen.api import generate as generate_routes
 from textgen.api import openai as openai_routes
 from textgen.api import openai_responses as responses_routes
+from textgen.api import anthropic_messages as messages_routes
 from textgen.api.bentoml_fixes import fix_timeout_middleware
 from textgen.api.drain import Drain
 from textgen.api.exit_status import stop_server, watch_for_failed_worker
@@ -163,6 +164,25 @@ class TextGen:
         """OpenAI's Responses API: the same conversation as chat, as a Response object or its typed events."""
         await self.frontend.index_vocabulary_for([responses_routes.as_chat_fields(b) for b in bodies])
         return responses_routes.responses(self.frontend, bodies[0], ctx)
+
+    @bentoml.api(
+        route="/v1/messages",
+        input_spec=messages_routes.MessagesBody,
+        output_spec=messages_routes.MessagesReply,
+    )
+    async def messages(self, bodies: list[dict[str, Any]], ctx: bentoml.Context) -> Any:
+        """Anthropic's Messages API: the same conversation as chat, as a Message or its named events."""
+        await self.frontend.index_vocabulary_for([messages_routes.as_chat_fields(b) for b in bodies])
+        return messages_routes.messages(self.frontend, bodies[0], ctx)
+
+    @bentoml.api(
+        route="/v1/messages/count_tokens",
+        input_spec=messages_routes.CountBody,
+        output_spec=messages_routes.CountReply,
+    )
+    async def count_tokens(self, bodies: list[dict[str, Any]], ctx: bentoml.Context) -> Any:
+        """Anthropic's token count: the prompt /v1/messages would submit for this conversation, in tokens."""
+        return messages_routes.count_tokens(self.frontend, bodies[0], ctx)
 
 
 # /generate_stream returns its own StreamingResponse (errors before the stream starts are plain JSON), so

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -258,6 +259,23 @@ def test_chat_n_and_max_completion_tokens(client, model_id):
     )
     assert [c.index for c in r.choices] == [0, 1]
     assert r.usage.completion_tokens <= 8
+
+
+def test_chat_continues_a_final_assistant_message(client, model_id):
+    """vLLM's continue_final_message: the transcript ends with the assistant's words, not a new turn."""
+    messages = [{"role": "user", "content": "What is AI?"}, {"role": "assistant", "content": "AI is"}]
+    r = client.chat.completions.create(
+        model=model_id,
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"continue_final_message": True},
+    )
+    same = complete(
+        client, model_id, prompt="User: What is AI?\nAssistant: AI is", max_tokens=8, temperature=0
+    )
+    assert r.choices[0].message.content == same.choices[0].text
+    assert r.usage.prompt_tokens == same.usage.prompt_tokens
 
 
 def test_fallback_template_renders_a_plain_transcript():
@@ -669,6 +687,9 @@ def test_api_key_setting_and_check():
     assert authorized("k3y", "bearer k3y")
     for header in (None, "", "k3y", "Bearer", "Bearer k3", "Basic k3y"):
         assert not authorized("k3y", header)
+    assert authorized("k3y", None, "k3y") and authorized("k3y", "Bearer wrong", " k3y ")  # Anthropic's header
+    for header in (None, "", "k3", "Bearer k3y"):
+        assert not authorized("k3y", None, header)
 
 
 KEY = {"Authorization": "Bearer s3cret-key"}
@@ -689,6 +710,15 @@ def test_api_key_is_required_when_configured(keyed_server):
     no_header = httpx.post(f"{keyed_server.url}/v1/completions", json={"prompt": PROMPT}, timeout=60)
     assert no_header.status_code == 401 and no_header.json()["error"]["code"] == "invalid_api_key"
 
+    # Anthropic's clients send the key as X-Api-Key, and get its errors in Anthropic's shape.
+    ask = dict(model="tiny-gpt2", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    with anthropic.Anthropic(base_url=keyed_server.url, api_key="wrong", max_retries=0) as wrong:
+        with pytest.raises(anthropic.AuthenticationError) as refused:
+            wrong.messages.create(**ask)
+    assert refused.value.body["error"]["type"] == "authentication_error"
+    assert "X-Api-Key" in refused.value.body["error"]["message"]
+    with anthropic.Anthropic(base_url=keyed_server.url, api_key="s3cret-key", max_retries=0) as right:
+        assert right.messages.create(**ask).content
     good = client("s3cret-key")
     assert good.models.list().data[0].id == "tiny-gpt2"
     assert good.completions.create(model="tiny-gpt2", prompt=PROMPT, max_tokens=2).choices

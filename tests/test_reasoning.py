@@ -100,6 +100,27 @@ def test_a_prompt_that_opened_a_thought_answers_with_reasoning_streamed_or_not(t
     assert off["content"] and "reasoning_content" not in off  # the template closed the thought itself
 
 
+def test_anthropics_messages_api_answers_with_a_thinking_block(thinking_server):
+    import anthropic
+
+    thought = chat(thinking_server)["message"]["reasoning_content"]
+    ask = dict(
+        model="tiny-thinker", messages=[{"role": "user", "content": "Capital of France?"}], max_tokens=8
+    )
+    with anthropic.Anthropic(base_url=thinking_server.url, api_key="unused", max_retries=0) as client:
+        whole = client.messages.create(**ask, extra_body={"temperature": 0})
+        with client.messages.stream(**ask, extra_body={"temperature": 0}) as stream:
+            kinds = {e.delta.type for e in stream if e.type == "content_block_delta"}
+            final = stream.get_final_message()
+        off = client.messages.create(
+            **ask, extra_body={"temperature": 0, "chat_template_kwargs": {"enable_thinking": False}}
+        )
+    (block,) = whole.content
+    assert block.type == "thinking" and block.thinking == thought and whole.stop_reason == "max_tokens"
+    assert kinds == {"thinking_delta"} and final.content == whole.content
+    assert [b.type for b in off.content] == ["text"] and off.content[0].text
+
+
 def test_an_answer_a_grammar_forces_is_never_a_thought(thinking_server):
     forced = "not a thought</think>Paris."  # what the grammar allows is the answer, whatever it looks like
     message = chat(thinking_server, guided_choice=[forced], max_tokens=100)["message"]

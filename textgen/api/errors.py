@@ -4,6 +4,8 @@ textgen's routes answer in the shape BentoML uses for its own validation errors:
     {"error": "<summary>", "detail": [{"loc": ["<field>"], "msg": "<what is allowed>", "type": "<reason>"}]}
 OpenAI's routes (under /v1/) answer in OpenAI's, which its client libraries turn into typed exceptions:
     {"error": {"message": "...", "type": "invalid_request_error", "param": "<field>", "code": "<reason>"}}
+and Anthropic's Messages API (/v1/messages) in Anthropic's:
+    {"type": "error", "error": {"type": "invalid_request_error", "message": "..."}}
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from textgen.api.metrics import count_rejection
 from textgen.engine.params import RANGES, ParamError
 
 OPENAI_PREFIX = "/v1/"
+ANTHROPIC_PREFIX = "/v1/messages"
 RETRY_AFTER_SECONDS = 1  # after a 429: the queue drains in about a decoding step per token
 
 
@@ -68,13 +71,35 @@ class OpenAIShape:
         return {"error": {"message": p.message, "type": kind, "param": p.param, "code": code}}
 
 
+class AnthropicShape:
+    # Anthropic's error types by status (its SDK raises by status; the type is what its users read).
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        413: "request_too_large",
+        429: "rate_limit_error",
+        503: "overloaded_error",
+        504: "timeout_error",
+    }
+
+    def body(self, p: Problem) -> dict[str, Any]:
+        kind = self.TYPES.get(p.status, "api_error" if p.status >= 500 else "invalid_request_error")
+        # The field at fault is named in the message already; Anthropic's errors have no field of it.
+        return {"type": "error", "error": {"type": kind, "message": p.message}}
+
+
 TEXTGEN = TextgenShape()
 OPENAI = OpenAIShape()
-ErrorShape = TextgenShape | OpenAIShape
+ANTHROPIC = AnthropicShape()
+ErrorShape = TextgenShape | OpenAIShape | AnthropicShape
 
 
 def shape_for(path: str) -> ErrorShape:
     """The one place that decides which shape a route's errors take."""
+    if path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/"):
+        return ANTHROPIC
     return OPENAI if path.startswith(OPENAI_PREFIX) else TEXTGEN
 
 

@@ -26,19 +26,29 @@ UNGUARDED_PATHS = frozenset({*LIVENESS_PATHS, READINESS_PATH, "/metrics"})
 AVAILABLE_WHILE_LOADING = frozenset({"/", "/docs", "/docs.json", "/schema.json", INFO_PATH})
 RETRY_LOADING_SECONDS = 5
 GENERATION_PATHS = frozenset(
-    {"/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions", "/v1/responses"}
+    {
+        "/generate",
+        "/generate_stream",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/responses",
+        "/v1/messages",
+    }
 )
 # A client's X-Request-ID names its request in the engine's logs; anything else is ignored (no log injection).
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
-def authorized(api_key: str | None, authorization: str | None) -> bool:
-    """True when no key is configured, or `authorization` is `Bearer <key>`."""
+def authorized(api_key: str | None, authorization: str | None, x_api_key: str | None = None) -> bool:
+    """True when no key is configured, or `authorization` is `Bearer <key>`, or `x_api_key` (the X-Api-Key
+    header, where Anthropic's clients send it) is the key."""
     if api_key is None:
         return True
     scheme, _, token = (authorization or "").partition(" ")
     # compare_digest: the time taken does not reveal how much of the key was right.
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        return True
+    return x_api_key is not None and hmac.compare_digest(x_api_key.strip().encode(), api_key.encode())
 
 
 def is_json(content_type: str | None) -> bool:
@@ -63,9 +73,10 @@ class Guards:
             await error_response(shape_for(path), problem)(scope, receive, send)
 
         headers = Headers(scope=scope)
-        if not authorized(self.settings.api_key, headers.get("authorization")):
+        if not authorized(self.settings.api_key, headers.get("authorization"), headers.get("x-api-key")):
             message = (
-                "missing or wrong API key: send the server's TEXTGEN_API_KEY as 'Authorization: Bearer <key>'"
+                "missing or wrong API key: send the server's TEXTGEN_API_KEY as "
+                "'Authorization: Bearer <key>' (or 'X-Api-Key: <key>')"
             )
             auth = (("WWW-Authenticate", "Bearer"),)
             return await refuse(

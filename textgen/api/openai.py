@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from textgen.api.bentoml_io import json_body, response_spec
-from textgen.api.errors import OPENAI, Problem, error_response, invalid_body, overloaded
+from textgen.api.errors import OPENAI, ErrorShape, Problem, error_response, invalid_body, overloaded
 from textgen.api.responses import DeferredJSONResponse, event_stream, failure, sse
 from textgen.engine.handle import RequestHandle
 from textgen.engine.params import ParamError
@@ -63,21 +63,25 @@ class Admitted:
 
 
 def admit(
-    frontend: Frontend, raw: Any, model: type[BaseModel], names: dict[str, str] | None = None
+    frontend: Frontend,
+    raw: Any,
+    model: type[BaseModel],
+    names: dict[str, str] | None = None,
+    shape: ErrorShape = OPENAI,
 ) -> Admitted | Response:
     """Parse an OpenAI body as `model`, check the model it asks for, prepare it through the one door and
-    submit it; or the error answer. `names`: the route's own names for fields its errors may name under
-    another dialect's (the Responses API is prepared as a chat request)."""
+    submit it; or the error answer, in `shape`. `names`: the route's own names for fields its errors may name
+    under another dialect's (the Responses and Messages APIs are prepared as chat requests)."""
     if not isinstance(raw, dict):
-        return error_response(OPENAI, Problem(400, "the body must be a JSON object", "value_error"))
+        return error_response(shape, Problem(400, "the body must be a JSON object", "value_error"))
     try:
         req: Any = model.model_validate(raw)
     except ValidationError as exc:
-        return error_response(OPENAI, invalid_body(exc))
+        return error_response(shape, invalid_body(exc))
     try:
         protocol.check_model(req.model, frontend.model_id)
     except LookupError as exc:
-        return error_response(OPENAI, Problem(404, str(exc), "model_not_found", "model"))
+        return error_response(shape, Problem(404, str(exc), "model_not_found", "model"))
     try:
         (prepared,) = frontend.prepare(
             [req.to_prompt_request(frontend.tokenizer, frontend.sampling_defaults)]
@@ -85,12 +89,12 @@ def admit(
     except ParamError as exc:
         prepared = exc
     if isinstance(prepared, ParamError):
-        return error_response(OPENAI, Problem.of(prepared.renamed(names) if names else prepared))
+        return error_response(shape, Problem.of(prepared.renamed(names) if names else prepared))
     try:
         handles = frontend.submit(prepared)
     except QueueFull as exc:
         log.info("refused a request: %s", exc)
-        return error_response(OPENAI, overloaded())
+        return error_response(shape, overloaded())
     return Admitted(req, prepared, handles)
 
 

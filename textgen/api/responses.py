@@ -96,9 +96,11 @@ async def _client_gone(receive: Receive) -> None:
             return
 
 
-def sse(data: dict[str, Any] | str) -> str:
-    """One Server-Sent Event whose data is `data` as JSON (or a bare string such as [DONE])."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+def sse(data: dict[str, Any] | str, event: str | None = None) -> str:
+    """One Server-Sent Event whose data is `data` as JSON (or a bare string such as [DONE]); `event`: its
+    name (Anthropic's clients read an event by its name)."""
+    named = f"event: {event}\n" if event else ""
+    return f"{named}data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 def event_stream(

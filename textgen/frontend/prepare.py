@@ -184,6 +184,12 @@ class Frontend:
                 out.append(exc)
         return out
 
+    def count_tokens(self, request: PromptRequest) -> list[int]:
+        """Each prompt's length in tokens as it would be submitted, checked as `prepare` checks it, except
+        against the context: a client counts to find out whether a conversation fits."""
+        self._check_text(request)
+        return [len(ids) for ids in self._tokenize(request.prompts)]
+
     # -- the checks, once for every dialect ------------------------------------------------------
 
     def _check_text(self, request: PromptRequest) -> None:

@@ -1,0 +1,202 @@
+"""POST /v1/messages, Anthropic's Messages API: parse, go through the one door, answer as a Message (JSON) or
+as its named events (SSE: message_start, content_block_start/delta/stop, message_delta, message_stop); and
+POST /v1/messages/count_tokens. Errors in Anthropic's shape (textgen/api/errors.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse, Response
+
+from textgen.api.bentoml_io import json_body, response_spec
+from textgen.api.errors import ANTHROPIC, Problem, error_response, invalid_body
+from textgen.api.openai import admit, with_status
+from textgen.api.responses import DeferredJSONResponse, event_stream, failure, sse
+from textgen.engine.handle import RequestHandle
+from textgen.engine.outputs import GenerationResult
+from textgen.engine.params import ParamError
+from textgen.frontend import messages_protocol as protocol
+from textgen.frontend.openai_protocol import AnswerParts, AnswerStream, check_model, split_answer
+from textgen.frontend.prepare import Frontend, Prepared
+from textgen.frontend.reasoning import thinking_of
+from textgen.frontend.tools import ToolUse
+
+MessagesBody = json_body(protocol.MessagesRequest, "Anthropic's Messages API body.")
+MessagesReply = response_spec(protocol.MessageObject, "application/json", "Anthropic's Message object.")
+CountBody = json_body(protocol.CountTokensRequest, "Anthropic's count_tokens body.")
+CountReply = response_spec(protocol.TokenCount, "application/json", "The prompt's length in tokens.")
+
+
+def as_chat_fields(body: Any) -> Any:
+    """The fields of a body by which Frontend.index_vocabulary_for knows whether it may ask for a grammar."""
+    if not isinstance(body, dict):
+        return body
+    config, choice = body.get("output_config"), body.get("tool_choice")
+    fmt = config.get("format") if isinstance(config, dict) else None
+    asked = {"response_format": fmt} if isinstance(fmt, dict) else {}
+    forced = isinstance(choice, dict) and choice.get("type") in ("any", "tool")
+    return asked | ({"tool_choice": "required"} if forced else {})
+
+
+def messages(frontend: Frontend, raw: Any, ctx: Any) -> Response:
+    """POST /v1/messages; `ctx` is the API's bentoml.Context."""
+    return with_status(ctx, _handle(frontend, raw))
+
+
+def count_tokens(frontend: Frontend, raw: Any, ctx: Any) -> Response:
+    """POST /v1/messages/count_tokens: the prompt's tokens as /v1/messages would submit it."""
+    return with_status(ctx, _count(frontend, raw))
+
+
+def _count(frontend: Frontend, raw: Any) -> Response:
+    if not isinstance(raw, dict):
+        return error_response(ANTHROPIC, Problem(400, "the body must be a JSON object", "value_error"))
+    try:
+        req = protocol.CountTokensRequest.model_validate(raw)
+    except ValidationError as exc:
+        return error_response(ANTHROPIC, invalid_body(exc))
+    try:
+        check_model(req.model, frontend.model_id)
+    except LookupError as exc:
+        return error_response(ANTHROPIC, Problem(404, str(exc), "model_not_found", "model"))
+    try:
+        (tokens,) = frontend.count_tokens(req.to_prompt_request(frontend.tokenizer))
+    except ParamError as exc:
+        return error_response(ANTHROPIC, Problem.of(exc.renamed(protocol.MESSAGES_NAMES)))
+    return JSONResponse({"input_tokens": tokens})
+
+
+def _handle(frontend: Frontend, raw: Any) -> Response:
+    admitted = admit(frontend, raw, protocol.MessagesRequest, protocol.MESSAGES_NAMES, ANTHROPIC)
+    if isinstance(admitted, Response):
+        return admitted
+    req, prepared, (handle,) = admitted.request, admitted.prepared, admitted.handles
+    tools = req.to_chat().tool_use()  # checked as the request was prepared
+    prompt, forced = prepared.request.prompts[0].text, prepared.request.params.constraint is not None
+    answer = _Answer(req, frontend.model_id, len(prepared.prompt_ids[0]))
+    thinking = thinking_of(frontend.tokenizer, prompt, forced)  # (frontend/reasoning.py)
+    timeout = frontend.settings.request_timeout
+    if req.stream:
+        return event_stream(_events(answer, handle, AnswerStream(thinking, tools)), [handle], timeout)
+    return MessageAnswer(answer, prepared, handle, thinking, tools, timeout)
+
+
+class _Answer:
+    """What every form of one answer shares: its id, model, prompt length and the stop sequences asked."""
+
+    def __init__(self, req: protocol.MessagesRequest, model: str, input_tokens: int) -> None:
+        self.id, self.model, self.input_tokens = protocol.message_id(), model, input_tokens
+        self.stop_sequences = req.stop_sequences
+
+    def body(
+        self, content: list[dict[str, Any]], result: GenerationResult | None, called: bool
+    ) -> dict[str, Any]:
+        stop = protocol.stop_of(result, self.stop_sequences, called) if result else (None, None)
+        usage = protocol.usage_body(self.input_tokens, result.completion_tokens if result else 0)
+        return protocol.message_body(self.id, self.model, content, stop, usage)
+
+
+class MessageAnswer(DeferredJSONResponse):
+    def __init__(
+        self,
+        answer: _Answer,
+        prepared: Prepared,
+        handle: RequestHandle,
+        thinking: bool | None,
+        tools: ToolUse | None,
+        timeout: float,
+    ) -> None:
+        super().__init__([handle], timeout, ANTHROPIC)
+        self.message, self.thinking, self.tools = answer, thinking, tools
+
+    def answer(self, results: list[GenerationResult]) -> dict[str, Any]:
+        (result,) = results
+        reasoning, text, reply = split_answer(result.text, self.thinking, self.tools)
+        content = protocol.content_blocks(reasoning, text, reply)
+        return self.message.body(content, result, bool(reply and reply.calls))
+
+
+def _event(kind: str, **fields: Any) -> str:
+    return sse({"type": kind, **fields}, event=kind)
+
+
+class _Blocks:
+    """The content blocks of a streamed answer as they open, grow and close, and the events that say so."""
+
+    def __init__(self) -> None:
+        self.count = 0  # blocks opened
+        self.open: str | None = None  # "thinking" or "text"; a tool_use block closes when the next opens
+        self.called = False
+
+    def add(self, parts: AnswerParts) -> list[str]:
+        events = self._grow("thinking", parts.reasoning) + self._grow("text", parts.content)
+        for delta in parts.calls:
+            if "id" in delta:  # a new call (frontend/tools.py ToolStream)
+                events += self._start(protocol.tool_use_block(delta, whole=False), "tool_use")
+                self.called = True
+            piece = delta["function"].get("arguments", "")
+            if piece:
+                events.append(self._delta({"type": "input_json_delta", "partial_json": piece}))
+        return events
+
+    def finish(self) -> list[str]:
+        """The last block's closing event; an answer with no block gets an empty text block, as in JSON."""
+        events = [] if self.count else self._start(_empty("text"), "text")
+        return events + self.close()
+
+    def close(self) -> list[str]:
+        if self.open is None:
+            return []
+        self.open = None
+        return [_event("content_block_stop", index=self.count - 1)]
+
+    def _grow(self, kind: str, text: str) -> list[str]:
+        if not text:
+            return []
+        events = [] if self.open == kind else self._start(_empty(kind), kind)
+        field = "thinking" if kind == "thinking" else "text"
+        return events + [self._delta({"type": f"{field}_delta", field: text})]
+
+    def _start(self, block: dict[str, Any], kind: str) -> list[str]:
+        events = self.close()
+        self.count += 1
+        self.open = kind
+        return events + [_event("content_block_start", index=self.count - 1, content_block=block)]
+
+    def _delta(self, delta: dict[str, Any]) -> str:
+        return _event("content_block_delta", index=self.count - 1, delta=delta)
+
+
+def _empty(kind: str) -> dict[str, Any]:
+    return protocol.thinking_block("") if kind == "thinking" else protocol.text_block("")
+
+
+async def _events(answer: _Answer, handle: RequestHandle, parts: AnswerStream) -> AsyncIterator[str]:
+    """The Messages API's events for one answer; leaving early (client disconnect) cancels it."""
+    blocks = _Blocks()
+    yield _event("message_start", message=answer.body([], None, False))
+    yield _event("ping")
+    try:
+        async for event in handle.stream():
+            piece = parts.feed(event.text)
+            result = event.result
+            if result is not None:
+                problem = failure([result])
+                if problem is not None:  # the stream has started: the error can only be an event now
+                    yield sse(ANTHROPIC.body(problem), event="error")
+                    return
+                piece = piece + parts.finish()
+            for out in blocks.add(piece):
+                yield out
+            if result is not None:
+                for out in blocks.finish():
+                    yield out
+                stop, sequence = protocol.stop_of(result, answer.stop_sequences, blocks.called)
+                delta = {"stop_reason": stop, "stop_sequence": sequence}
+                yield _event("message_delta", delta=delta, usage={"output_tokens": result.completion_tokens})
+                yield _event("message_stop")
+                return
+    finally:
+        handle.cancel()
