@@ -79,7 +79,7 @@ def evaluate(tasks: Path, model: str, task: str, **model_args: object) -> dict:
         tasks=[task],
         task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
         log_samples=True,
-        apply_chat_template=model == "local-chat-completions",
+        apply_chat_template=model in ("local-chat-completions", "anthropic-chat-completions"),
     )
 
 
@@ -118,3 +118,23 @@ def test_local_chat_completions_generate_until_runs(tiny_server, tasks):
     samples = results["samples"]["textgen_gen"]
     assert len(samples) == len(QUESTIONS) and all(isinstance(s["resps"][0][0], str) for s in samples)
     assert "exact_match,none" in results["results"]["textgen_gen"]
+
+
+def test_anthropic_chat_completions_answers_as_chat_completions(tiny_server, tasks, monkeypatch):
+    """lm-eval's `anthropic-chat-completions` posts Anthropic's Messages bodies (x-api-key, content blocks,
+    stop_sequences): greedy, the same answers as through /v1/chat/completions. It drops the task's "\\n"
+    stop (Anthropic's API refuses blank stop sequences) and needs an EOS string of its own, so its answers
+    run on past the newline where the chat route's stop."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "unused")
+    answers = {}
+    for model, path in (
+        ("anthropic-chat-completions", "messages"),
+        ("local-chat-completions", "chat/completions"),
+    ):
+        url = f"{tiny_server.url}/v1/{path}"
+        results = evaluate(tasks, model, "textgen_gen", base_url=url, eos_string="<|endoftext|>")
+        answers[model] = [s["resps"][0][0] for s in results["samples"]["textgen_gen"]]
+    assert len(answers["anthropic-chat-completions"]) == len(QUESTIONS)
+    assert [a.split("\n")[0] for a in answers["anthropic-chat-completions"]] == answers[
+        "local-chat-completions"
+    ]
