@@ -17,7 +17,7 @@ import json
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from textgen.engine.outputs import GenerationResult
 from textgen.engine.params import ParamError
@@ -104,10 +104,21 @@ class Conversation(BaseModel):
         None, description="vLLM's: variables for the model's chat template."
     )
 
-    def to_chat(self, budget: dict[str, Any] | None = None) -> ChatCompletionRequest:
-        """The same conversation as a chat completion request; `budget`: the sampling fields to add."""
+    _chat: ChatCompletionRequest | None = PrivateAttr(None)
+
+    def to_chat(self) -> ChatCompletionRequest:
+        """The same conversation as a chat completion request (built once: the route reads its tool use)."""
+        if self._chat is None:
+            self._chat = self._as_chat()
+        return self._chat
+
+    def _sampling(self) -> dict[str, Any]:
+        """The chat request's sampling fields (a token count has none)."""
+        return {}
+
+    def _as_chat(self) -> ChatCompletionRequest:
         messages = self._chat_messages()
-        body: dict[str, Any] = {"messages": messages, **(budget or {})}
+        body: dict[str, Any] = {"messages": messages, **self._sampling()}
         if self.model is not None:
             body["model"] = self.model
         if self.chat_template_kwargs is not None:
@@ -167,7 +178,7 @@ class MessagesRequest(Conversation, SpeculativeField):
     min_p: float | None = None
     repetition_penalty: float | None = None
 
-    def to_chat(self, budget: dict[str, Any] | None = None) -> ChatCompletionRequest:
+    def _sampling(self) -> dict[str, Any]:
         given = self.model_fields_set
         sampling: dict[str, Any] = {"max_completion_tokens": self.max_tokens}
         for name in ("temperature", "top_p", "top_k", "seed", "min_p", "repetition_penalty", "speculative"):
@@ -175,7 +186,7 @@ class MessagesRequest(Conversation, SpeculativeField):
                 sampling[name] = getattr(self, name)
         if self.stop_sequences:
             sampling["stop"] = self.stop_sequences
-        return super().to_chat(sampling)
+        return sampling
 
     def to_prompt_request(self, tokenizer: Any, defaults: Any = None) -> PromptRequest:
         """The engine's input; its ParamErrors name chat fields: MESSAGES_NAMES gives theirs here."""

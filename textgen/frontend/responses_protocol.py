@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from textgen.engine.params import ParamError
 from textgen.frontend.openai_protocol import ChatCompletionRequest
@@ -108,8 +108,15 @@ class ResponsesRequest(SpeculativeField):
     min_p: float | None = None
     repetition_penalty: float | None = None
 
+    _chat: ChatCompletionRequest | None = PrivateAttr(None)
+
     def to_chat(self) -> ChatCompletionRequest:
-        """The same request as a chat completion."""
+        """The same request as a chat completion (built once: the route reads its tool use)."""
+        if self._chat is None:
+            self._chat = self._as_chat()
+        return self._chat
+
+    def _as_chat(self) -> ChatCompletionRequest:
         if self.previous_response_id is not None:
             raise ParamError(
                 "previous_response_id",

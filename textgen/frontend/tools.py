@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from textgen.engine.params import Constraint, ParamError
 from textgen.frontend.reasoning import may_open, template_text
@@ -101,9 +101,16 @@ class ToolFields(BaseModel):
         '"function": {"name": ...}}; "required" and a named function are forced by a grammar.',
     )
     parallel_tool_calls: bool = Field(True, description="false: at most one call per answer.")
+    # Checked once: the constraint, the rendering and the answer each ask.
+    _tool_use: tuple[ToolUse | None] | None = PrivateAttr(None)
 
     def tool_use(self) -> ToolUse | None:
         """What these fields ask for, checked; None when the model answers in text without tools."""
+        if self._tool_use is None:
+            self._tool_use = (self._checked_tool_use(),)
+        return self._tool_use[0]
+
+    def _checked_tool_use(self) -> ToolUse | None:
         tools, choice = self.tools or [], self.tool_choice
         if choice is not None and choice != "none" and not tools:
             raise ParamError("tool_choice", "tool_choice other than 'none' needs a non-empty tools list")
