@@ -83,6 +83,23 @@ def test_sampled_frequencies_are_the_nucleus_renormalised(top_p, draws, monkeypa
     assert (frequencies - expected).abs().max() < 0.015, frequencies.tolist()
 
 
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 1.0])
+def test_a_lone_row_samples_the_token_it_samples_in_a_batch(top_p, monkeypatch):
+    """A lone stream's path (`_sample_lone`) against the batch's, seed by seed: the same draws from the
+    row's generator, the same token, through rejected draws and, with DRAWS 1, the nucleus found first."""
+    torch.manual_seed(2)
+    logits = torch.randn(2, 5000) * 0.5  # flat: at top_p 0.5 about half the draws land outside
+    params = SamplingParams(temperature=0.8, top_p=top_p)
+    assert sampling._draws_lone(params)
+    for draws in (sampling.DRAWS, 1):
+        monkeypatch.setattr(sampling, "DRAWS", draws)
+        for seed in range(100):
+            alone = sample(logits[:1].clone(), [params], [torch.Generator().manual_seed(seed)])
+            rngs = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(7)]
+            batched = sample(logits.clone(), [params, params], rngs)
+            assert alone[0] == batched[0], (draws, seed)
+
+
 def test_each_row_of_a_batch_gets_its_own_exact_nucleus():
     """The boundary tokens of all rows are ranked together: no row's count may leak into another's."""
     torch.manual_seed(1)
