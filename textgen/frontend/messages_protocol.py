@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
@@ -139,6 +140,11 @@ class Conversation(BaseModel):
             body["response_format"] = {"type": "json_schema", "json_schema": schema}
         return ChatCompletionRequest.model_validate(body)
 
+    def to_prompt_request(self, tokenizer: Any, defaults: Mapping[str, Any] | None = None) -> PromptRequest:
+        """The engine's input; its ParamErrors name chat fields: MESSAGES_NAMES gives theirs here."""
+        request = self.to_chat().to_prompt_request(tokenizer, defaults)
+        return PromptRequest(request.prompts, request.params, fields=FieldNames("messages", "max_tokens"))
+
     def _chat_messages(self) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
         if self.system is not None:
@@ -188,18 +194,9 @@ class MessagesRequest(Conversation, SpeculativeField):
             sampling["stop"] = self.stop_sequences
         return sampling
 
-    def to_prompt_request(self, tokenizer: Any, defaults: Any = None) -> PromptRequest:
-        """The engine's input; its ParamErrors name chat fields: MESSAGES_NAMES gives theirs here."""
-        request = self.to_chat().to_prompt_request(tokenizer, defaults)
-        return PromptRequest(request.prompts, request.params, fields=FieldNames("messages", "max_tokens"))
-
 
 class CountTokensRequest(Conversation):
     """POST /v1/messages/count_tokens: the conversation whose prompt is counted."""
-
-    def to_prompt_request(self, tokenizer: Any) -> PromptRequest:
-        request = self.to_chat().to_prompt_request(tokenizer)
-        return PromptRequest(request.prompts, request.params, fields=FieldNames("messages", "max_tokens"))
 
 
 def _as_function(tool: dict[str, Any], index: int) -> dict[str, Any]:
@@ -234,15 +231,15 @@ def _as_tool_choice(choice: ToolChoice) -> Any:
     return {"auto": "auto", "any": "required", "none": "none"}[choice.type]
 
 
-def _block_type(block: Any, where: str) -> str:
+def _block_type(block: Any, where: str, field: str = "messages") -> str:
     if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-        raise ParamError("messages", f'{where} must be a block {{"type": ..., ...}}')
+        raise ParamError(field, f'{where} must be a block {{"type": ..., ...}}')
     return block["type"]
 
 
-def _text_of(block: dict[str, Any], where: str) -> str:
+def _text_of(block: dict[str, Any], where: str, field: str = "messages") -> str:
     if not isinstance(block.get("text"), str):
-        raise ParamError("messages", f'{where} is a text block without a string "text"')
+        raise ParamError(field, f'{where} is a text block without a string "text"')
     return block["text"]
 
 
@@ -263,10 +260,10 @@ def _texts(content: str | list[Any], where: str) -> str:
         raise ParamError(field, f"{where} must be a string or a list of text blocks")
     texts = []
     for j, block in enumerate(content):
-        kind = _block_type(block, f"{where}.{j}")
+        kind = _block_type(block, f"{where}.{j}", field)
         if kind != "text":
             raise _unreadable(kind, f"{where}.{j}", field)
-        texts.append(_text_of(block, f"{where}.{j}"))
+        texts.append(_text_of(block, f"{where}.{j}", field))
     return "\n".join(texts)
 
 
