@@ -350,5 +350,7 @@ def test_blocks_become_chat_messages():
         ).to_chat()
     assert exc.value.field == "messages" and "messages.0.content.0" in exc.value.message
     with pytest.raises(ParamError) as exc:
-        MessagesRequest.model_validate({"max_tokens": 4, "messages": [], "system": ["Be brief."]}).to_chat()
+        MessagesRequest.model_validate(
+            {"max_tokens": 4, "messages": [], "system": [{"text": "Be brief."}]}
+        ).to_chat()
     assert exc.value.field == "system" and "system.0" in exc.value.message
