@@ -7,20 +7,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
 from textgen.api.bentoml_io import json_body, response_spec
-from textgen.api.errors import ANTHROPIC, Problem, error_response, invalid_body
-from textgen.api.openai import admit, with_status
+from textgen.api.errors import ANTHROPIC, Problem, error_response
+from textgen.api.openai import admit, parse, with_status
 from textgen.api.responses import DeferredJSONResponse, event_stream, failure, sse
 from textgen.engine.handle import RequestHandle
 from textgen.engine.outputs import GenerationResult
 from textgen.engine.params import ParamError
 from textgen.frontend import messages_protocol as protocol
-from textgen.frontend.openai_protocol import AnswerParts, AnswerStream, check_model, split_answer
+from textgen.frontend.openai_protocol import AnswerParts, AnswerStream, prompt_thinks, split_answer
 from textgen.frontend.prepare import Frontend, Prepared
-from textgen.frontend.reasoning import thinking_of
 from textgen.frontend.tools import ToolUse
 
 MessagesBody = json_body(protocol.MessagesRequest, "Anthropic's Messages API body.")
@@ -51,16 +49,9 @@ def count_tokens(frontend: Frontend, raw: Any, ctx: Any) -> Response:
 
 
 def _count(frontend: Frontend, raw: Any) -> Response:
-    if not isinstance(raw, dict):
-        return error_response(ANTHROPIC, Problem(400, "the body must be a JSON object", "value_error"))
-    try:
-        req = protocol.CountTokensRequest.model_validate(raw)
-    except ValidationError as exc:
-        return error_response(ANTHROPIC, invalid_body(exc))
-    try:
-        check_model(req.model, frontend.model_id)
-    except LookupError as exc:
-        return error_response(ANTHROPIC, Problem(404, str(exc), "model_not_found", "model"))
+    req = parse(frontend, raw, protocol.CountTokensRequest, ANTHROPIC)
+    if isinstance(req, Response):
+        return req
     try:
         (tokens,) = frontend.count_tokens(req.to_prompt_request(frontend.tokenizer))
     except ParamError as exc:
@@ -74,9 +65,8 @@ def _handle(frontend: Frontend, raw: Any) -> Response:
         return admitted
     req, prepared, (handle,) = admitted.request, admitted.prepared, admitted.handles
     tools = req.to_chat().tool_use()  # checked as the request was prepared
-    prompt, forced = prepared.request.prompts[0].text, prepared.request.params.constraint is not None
     answer = _Answer(req, frontend.model_id, len(prepared.prompt_ids[0]))
-    thinking = thinking_of(frontend.tokenizer, prompt, forced)  # (frontend/reasoning.py)
+    thinking = prompt_thinks(prepared, frontend.tokenizer)
     timeout = frontend.settings.request_timeout
     if req.stream:
         return event_stream(_events(answer, handle, AnswerStream(thinking, tools)), [handle], timeout)

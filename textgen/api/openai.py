@@ -72,16 +72,9 @@ def admit(
     """Parse an OpenAI body as `model`, check the model it asks for, prepare it through the one door and
     submit it; or the error answer, in `shape`. `names`: the route's own names for fields its errors may name
     under another dialect's (the Responses and Messages APIs are prepared as chat requests)."""
-    if not isinstance(raw, dict):
-        return error_response(shape, Problem(400, "the body must be a JSON object", "value_error"))
-    try:
-        req: Any = model.model_validate(raw)
-    except ValidationError as exc:
-        return error_response(shape, invalid_body(exc))
-    try:
-        protocol.check_model(req.model, frontend.model_id)
-    except LookupError as exc:
-        return error_response(shape, Problem(404, str(exc), "model_not_found", "model"))
+    req = parse(frontend, raw, model, shape)
+    if isinstance(req, Response):
+        return req
     try:
         (prepared,) = frontend.prepare(
             [req.to_prompt_request(frontend.tokenizer, frontend.sampling_defaults)]
@@ -96,6 +89,21 @@ def admit(
         log.info("refused a request: %s", exc)
         return error_response(shape, overloaded())
     return Admitted(req, prepared, handles)
+
+
+def parse(frontend: Frontend, raw: Any, model: type[BaseModel], shape: ErrorShape = OPENAI) -> Any:
+    """`raw` parsed as `model`, for the served model; or the error answer (a Response), in `shape`."""
+    if not isinstance(raw, dict):
+        return error_response(shape, Problem(400, "the body must be a JSON object", "value_error"))
+    try:
+        req = model.model_validate(raw)
+    except ValidationError as exc:
+        return error_response(shape, invalid_body(exc))
+    try:
+        protocol.check_model(req.model, frontend.model_id)
+    except LookupError as exc:
+        return error_response(shape, Problem(404, str(exc), "model_not_found", "model"))
+    return req
 
 
 def _handle(frontend: Frontend, raw: Any, model: type[BaseModel]) -> Response:

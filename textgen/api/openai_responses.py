@@ -17,8 +17,7 @@ from textgen.engine.handle import RequestHandle
 from textgen.engine.outputs import GenerationResult
 from textgen.frontend import responses_protocol as protocol
 from textgen.frontend.prepare import Frontend, Prepared
-from textgen.frontend.openai_protocol import AnswerStream, split_answer
-from textgen.frontend.reasoning import thinking_of
+from textgen.frontend.openai_protocol import AnswerStream, prompt_thinks, split_answer
 from textgen.frontend.tools import ToolUse
 
 ResponsesBody = json_body(protocol.ResponsesRequest, "OpenAI's Responses API body.")
@@ -45,8 +44,7 @@ def _handle(frontend: Frontend, raw: Any) -> Response:
         return admitted
     req, prepared, (handle,) = admitted.request, admitted.prepared, admitted.handles
     tools = req.to_chat().tool_use()  # checked as the request was prepared
-    prompt, forced = prepared.request.prompts[0].text, prepared.request.params.constraint is not None
-    thinking = thinking_of(frontend.tokenizer, prompt, forced)  # (frontend/reasoning.py)
+    thinking = prompt_thinks(prepared, frontend.tokenizer)
     shape = protocol.ResponseShape(req, frontend.model_id)
     timeout = frontend.settings.request_timeout
     if req.stream:

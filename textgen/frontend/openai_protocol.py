@@ -415,8 +415,7 @@ class Call:
         kind: Literal["completion", "chat"] = "completion" if isinstance(req, CompletionRequest) else "chat"
         thinking = None
         if kind == "chat" and tokenizer is not None:
-            forced = prepared.request.params.constraint is not None
-            thinking = thinking_of(tokenizer, prepared.request.prompts[0].text, forced)
+            thinking = prompt_thinks(prepared, tokenizer)
         echo = None
         if isinstance(req, CompletionRequest) and req.echo:
             echo = [p.text for p in prepared.request.prompts]
@@ -433,6 +432,13 @@ class Call:
             tools=req.tool_use() if isinstance(req, ChatCompletionRequest) else None,
             thinking=thinking,
         )
+
+
+def prompt_thinks(prepared: Prepared, tokenizer: Any) -> bool | None:
+    """Whether a chat request's prompt opened a thought (None: the model does not think), for splitting its
+    answer (`split_answer`, `AnswerStream`); an answer a grammar forces is never a thought."""
+    forced = prepared.request.params.constraint is not None
+    return thinking_of(tokenizer, prepared.request.prompts[0].text, forced)
 
 
 def check_model(requested: str | None, served: str) -> None:
