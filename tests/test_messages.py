@@ -11,6 +11,7 @@ import httpx
 import jsonschema
 import pytest
 
+from tests.test_responses import CITY
 from tests.test_tools import MODEL, SCHEMAS, TIME, WEATHER
 from textgen.engine.params import ParamError
 from textgen.frontend.messages_protocol import MessagesRequest
@@ -179,7 +180,7 @@ def test_tools_are_called_and_their_results_taken_back(client):
         extra_body={"temperature": 0.8, "top_k": 50},
     )
     assert one.stop_reason == "tool_use" and check_calls(one.content, n=1)
-    named = client.messages.create(
+    forced = dict(
         model=MODEL,
         messages=ask,
         tools=TOOLS,
@@ -187,16 +188,10 @@ def test_tools_are_called_and_their_results_taken_back(client):
         max_tokens=100,
         extra_body=GREEDY,
     )
+    named = client.messages.create(**forced)
     assert named.stop_reason == "tool_use" and check_calls(named.content, n=1)[0].name == "get_time"
     # Streamed, a named call's input arrives as input_json_delta pieces the SDK adds up.
-    with client.messages.stream(
-        model=MODEL,
-        messages=ask,
-        tools=TOOLS,
-        tool_choice={"type": "tool", "name": "get_time"},
-        max_tokens=100,
-        extra_body=GREEDY,
-    ) as stream:
+    with client.messages.stream(**forced) as stream:
         events = list(stream)
         final = stream.get_final_message()
     assert [e.type for e in events if e.type == "content_block_start"] == ["content_block_start"]
@@ -226,12 +221,7 @@ def test_tools_are_called_and_their_results_taken_back(client):
 
 
 def test_output_config_constrains_the_output(client):
-    schema = {
-        "type": "object",
-        "properties": {"city": {"type": "string", "maxLength": 10}},
-        "required": ["city"],
-        "additionalProperties": False,
-    }
+    schema = CITY
     m = client.messages.create(
         model=MODEL,
         messages=[{"role": "user", "content": "A city as JSON."}],

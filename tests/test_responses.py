@@ -20,6 +20,12 @@ TOOLS = [
     {"type": "function", "name": "get_time", "parameters": TIME},
 ]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+CITY = {  # a structured output's schema
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 10}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -163,12 +169,7 @@ def test_streamed_calls_are_items_with_their_arguments(client):
 
 
 def test_text_format_constrains_the_output(client):
-    schema = {
-        "type": "object",
-        "properties": {"city": {"type": "string", "maxLength": 10}},
-        "required": ["city"],
-        "additionalProperties": False,
-    }
+    schema = CITY
     r = client.responses.create(
         model=MODEL,
         input="A city as JSON.",

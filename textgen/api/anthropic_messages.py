@@ -11,15 +11,15 @@ from starlette.responses import JSONResponse, Response
 
 from textgen.api.bentoml_io import json_body, response_spec
 from textgen.api.errors import ANTHROPIC, Problem, error_response
-from textgen.api.openai import admit, parse, with_status
-from textgen.api.responses import DeferredJSONResponse, event_stream, failure, sse
+from textgen.api.openai import SplitAnswer, admit, parse, with_status
+from textgen.api.responses import event_stream, failure, sse
 from textgen.engine.handle import RequestHandle
 from textgen.engine.outputs import GenerationResult
 from textgen.engine.params import ParamError
 from textgen.frontend import messages_protocol as protocol
-from textgen.frontend.openai_protocol import AnswerParts, AnswerStream, prompt_thinks, split_answer
-from textgen.frontend.prepare import Frontend, Prepared
-from textgen.frontend.tools import ToolUse
+from textgen.frontend.openai_protocol import AnswerParts, AnswerStream, prompt_thinks
+from textgen.frontend.prepare import Frontend
+from textgen.frontend.tools import ToolReply
 
 MessagesBody = json_body(protocol.MessagesRequest, "Anthropic's Messages API body.")
 MessagesReply = response_spec(protocol.MessageObject, "application/json", "Anthropic's Message object.")
@@ -70,7 +70,14 @@ def _handle(frontend: Frontend, raw: Any) -> Response:
     timeout = frontend.settings.request_timeout
     if req.stream:
         return event_stream(_events(answer, handle, AnswerStream(thinking, tools)), [handle], timeout)
-    return MessageAnswer(answer, prepared, handle, thinking, tools, timeout)
+
+    def body(
+        reasoning: str | None, text: str, reply: ToolReply | None, result: GenerationResult
+    ) -> dict[str, Any]:
+        content = protocol.content_blocks(reasoning, text, reply)
+        return answer.body(content, result, bool(reply and reply.calls))
+
+    return SplitAnswer(handle, timeout, ANTHROPIC, thinking, tools, body)
 
 
 class _Answer:
@@ -86,26 +93,6 @@ class _Answer:
         stop = protocol.stop_of(result, self.stop_sequences, called) if result else (None, None)
         usage = protocol.usage_body(self.input_tokens, result.completion_tokens if result else 0)
         return protocol.message_body(self.id, self.model, content, stop, usage)
-
-
-class MessageAnswer(DeferredJSONResponse):
-    def __init__(
-        self,
-        answer: _Answer,
-        prepared: Prepared,
-        handle: RequestHandle,
-        thinking: bool | None,
-        tools: ToolUse | None,
-        timeout: float,
-    ) -> None:
-        super().__init__([handle], timeout, ANTHROPIC)
-        self.message, self.thinking, self.tools = answer, thinking, tools
-
-    def answer(self, results: list[GenerationResult]) -> dict[str, Any]:
-        (result,) = results
-        reasoning, text, reply = split_answer(result.text, self.thinking, self.tools)
-        content = protocol.content_blocks(reasoning, text, reply)
-        return self.message.body(content, result, bool(reply and reply.calls))
 
 
 def _event(kind: str, **fields: Any) -> str:

@@ -26,7 +26,8 @@ from textgen.engine.handle import RequestHandle
 from textgen.engine.params import ParamError
 from textgen.engine.outputs import GenerationResult, QueueFull
 from textgen.frontend import openai_protocol as protocol
-from textgen.frontend.openai_protocol import Call
+from textgen.frontend.openai_protocol import Call, split_answer
+from textgen.frontend.tools import ToolReply, ToolUse
 from textgen.frontend.prepare import Frontend, Prepared
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,31 @@ def admit(
         log.info("refused a request: %s", exc)
         return error_response(shape, overloaded())
     return Admitted(req, prepared, handles)
+
+
+# A chat-shaped answer's JSON body from its parts: reasoning (or None), text, tool calls (or None), result.
+AnswerBody = Callable[[str | None, str, ToolReply | None, GenerationResult], dict[str, Any]]
+
+
+class SplitAnswer(DeferredJSONResponse):
+    """The JSON body of one chat-shaped answer (Responses, Messages), built by `body` from its parts once it
+    is done: a thinking model's thought, the text, the tool calls (`split_answer`)."""
+
+    def __init__(
+        self,
+        handle: RequestHandle,
+        timeout: float,
+        shape: ErrorShape,
+        thinking: bool | None,
+        tools: ToolUse | None,
+        body: AnswerBody,
+    ) -> None:
+        super().__init__([handle], timeout, shape)
+        self.thinking, self.tools, self.body_of = thinking, tools, body
+
+    def answer(self, results: list[GenerationResult]) -> dict[str, Any]:
+        (result,) = results
+        return self.body_of(*split_answer(result.text, self.thinking, self.tools), result)
 
 
 def parse(frontend: Frontend, raw: Any, model: type[BaseModel], shape: ErrorShape = OPENAI) -> Any:

@@ -11,14 +11,14 @@ from starlette.responses import Response
 
 from textgen.api.bentoml_io import json_body, response_spec
 from textgen.api.errors import OPENAI
-from textgen.api.openai import admit, with_status
-from textgen.api.responses import DeferredJSONResponse, event_stream, failure, sse
+from textgen.api.openai import SplitAnswer, admit, with_status
+from textgen.api.responses import event_stream, failure, sse
 from textgen.engine.handle import RequestHandle
 from textgen.engine.outputs import GenerationResult
 from textgen.frontend import responses_protocol as protocol
 from textgen.frontend.prepare import Frontend, Prepared
-from textgen.frontend.openai_protocol import AnswerStream, prompt_thinks, split_answer
-from textgen.frontend.tools import ToolUse
+from textgen.frontend.openai_protocol import AnswerStream, prompt_thinks
+from textgen.frontend.tools import ToolReply
 
 ResponsesBody = json_body(protocol.ResponsesRequest, "OpenAI's Responses API body.")
 ResponsesReply = response_spec(protocol.ResponseObject, "application/json", "OpenAI's Response object.")
@@ -50,28 +50,15 @@ def _handle(frontend: Frontend, raw: Any) -> Response:
     if req.stream:
         answer = AnswerStream(thinking, tools)
         return event_stream(_events(shape, prepared, handle, answer), [handle], timeout)
-    return ResponseAnswer(shape, prepared, handle, thinking, tools, timeout)
 
-
-class ResponseAnswer(DeferredJSONResponse):
-    def __init__(
-        self,
-        shape: protocol.ResponseShape,
-        prepared: Prepared,
-        handle: RequestHandle,
-        thinking: bool | None,
-        tools: ToolUse | None,
-        timeout: float,
-    ) -> None:
-        super().__init__([handle], timeout, OPENAI)
-        self.shape, self.prepared, self.thinking, self.tools = shape, prepared, thinking, tools
-
-    def answer(self, results: list[GenerationResult]) -> dict[str, Any]:
-        (result,) = results
-        reasoning, text, reply = split_answer(result.text, self.thinking, self.tools)
+    def body(
+        reasoning: str | None, text: str, reply: ToolReply | None, result: GenerationResult
+    ) -> dict[str, Any]:
         output = protocol.output_items(text, reply, reasoning)
-        usage = protocol.usage_body(len(self.prepared.prompt_ids[0]), result.completion_tokens)
-        return self.shape.body(protocol.status_of(result.finish_reason), output, usage)
+        usage = protocol.usage_body(len(prepared.prompt_ids[0]), result.completion_tokens)
+        return shape.body(protocol.status_of(result.finish_reason), output, usage)
+
+    return SplitAnswer(handle, timeout, OPENAI, thinking, tools, body)
 
 
 class _Items:
