@@ -288,6 +288,12 @@ def test_what_cannot_be_served_is_a_400_in_anthropics_shape(long_context_server,
     assert named in error["error"]["message"], r.text
 
 
+def test_the_sdk_lists_the_served_model(client, openai_client):
+    (model,) = client.models.list().data
+    assert model.id == MODEL and model.type == "model" and model.created_at.year > 2000
+    assert [m.id for m in openai_client.models.list().data] == [MODEL]  # OpenAI's reading of the same body
+
+
 def test_errors_are_the_sdks_typed_exceptions(client):
     with pytest.raises(anthropic.NotFoundError) as exc:
         client.messages.create(

@@ -15,6 +15,7 @@ server's limits are checked once for every dialect, in frontend/prepare.py.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import time
 import uuid
 from collections.abc import Mapping
@@ -648,10 +649,12 @@ def envelope(call: Call, *, chunk: bool, **fields: Any) -> dict[str, Any]:
 
 
 def models_body(model_id: str, created: int) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "textgen"}],
-    }
+    """GET /v1/models in OpenAI's shape and Anthropic's at once (each client reads its own fields: OpenAI's
+    `object`, `created`, `owned_by`; Anthropic's `type`, `display_name`, `created_at`, `has_more`)."""
+    since = datetime.datetime.fromtimestamp(created, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    model = {"id": model_id, "object": "model", "created": created, "owned_by": "textgen"}
+    model |= {"type": "model", "display_name": model_id, "created_at": since}
+    return {"object": "list", "data": [model], "has_more": False, "first_id": model_id, "last_id": model_id}
 
 
 # -- log-probabilities -------------------------------------------------------------------------------
