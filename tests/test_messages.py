@@ -114,8 +114,8 @@ def test_stop_sequences_end_the_answer_and_are_named(client):
         model=MODEL, messages=[{"role": "user", "content": "Count"}], max_tokens=16, extra_body=GREEDY
     )
     text = client.messages.create(**kwargs).content[0].text
-    stop = text[len(text) // 2 : len(text) // 2 + 3]
-    assert stop.strip(), text
+    # Three characters from the middle on, not blank (whatever text this CPU's numerics give).
+    stop = next(text[i : i + 3] for i in range(len(text) // 2, len(text) - 2) if text[i : i + 3].strip())
     m = client.messages.create(**kwargs, stop_sequences=["never written here", stop])
     assert m.stop_reason == "stop_sequence" and m.stop_sequence == stop
     assert m.content[0].text == text[: text.index(stop)]
