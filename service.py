@@ -182,6 +182,8 @@ class TextGen:
     )
     async def count_tokens(self, bodies: list[dict[str, Any]], ctx: bentoml.Context) -> Any:
         """Anthropic's token count: the prompt /v1/messages would submit for this conversation, in tokens."""
+        # Checked as /v1/messages checks it: a structured output's grammar too, so the index comes first.
+        await self.frontend.index_vocabulary_for([messages_routes.as_chat_fields(b) for b in bodies])
         return messages_routes.count_tokens(self.frontend, bodies[0], ctx)
 
 
