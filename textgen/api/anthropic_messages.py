@@ -104,15 +104,13 @@ class _Blocks:
 
     def __init__(self) -> None:
         self.count = 0  # blocks opened
-        self.open: str | None = None  # "thinking" or "text"; a tool_use block closes when the next opens
-        self.called = False
+        self.open: str | None = None  # the open block's kind: "thinking", "text" or "tool_use"
 
     def add(self, parts: AnswerParts) -> list[str]:
         events = self._grow("thinking", parts.reasoning) + self._grow("text", parts.content)
         for delta in parts.calls:
             if "id" in delta:  # a new call (frontend/tools.py ToolStream)
                 events += self._start(protocol.tool_use_block(delta, whole=False), "tool_use")
-                self.called = True
             piece = delta["function"].get("arguments", "")
             if piece:
                 events.append(self._delta({"type": "input_json_delta", "partial_json": piece}))
@@ -133,8 +131,7 @@ class _Blocks:
         if not text:
             return []
         events = [] if self.open == kind else self._start(_empty(kind), kind)
-        field = "thinking" if kind == "thinking" else "text"
-        return events + [self._delta({"type": f"{field}_delta", field: text})]
+        return events + [self._delta({"type": f"{kind}_delta", kind: text})]
 
     def _start(self, block: dict[str, Any], kind: str) -> list[str]:
         events = self.close()
@@ -170,7 +167,8 @@ async def _events(answer: _Answer, handle: RequestHandle, parts: AnswerStream) -
             if result is not None:
                 for out in blocks.finish():
                     yield out
-                stop, sequence = protocol.stop_of(result, answer.stop_sequences, blocks.called)
+                called = bool(parts.reply and parts.reply.calls)  # as the JSON answer's (SplitAnswer)
+                stop, sequence = protocol.stop_of(result, answer.stop_sequences, called)
                 delta = {"stop_reason": stop, "stop_sequence": sequence}
                 yield _event("message_delta", delta=delta, usage={"output_tokens": result.completion_tokens})
                 yield _event("message_stop")
