@@ -322,6 +322,12 @@ def test_chat_template_kwargs_reach_the_template(tiny_model_dir, client, model_i
             model=model_id, messages=CHAT, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
         )
     assert bad.value.body["param"] == "chat_template_kwargs"
+    # A thinking switch has nothing to turn on a model without a template: the answer is unchanged.
+    plain = client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=6, temperature=0)
+    switched = client.chat.completions.create(
+        model=model_id, messages=CHAT, max_tokens=6, temperature=0, reasoning_effort="none"
+    )
+    assert switched.choices[0].message.content == plain.choices[0].message.content
 
 
 # -- errors --------------------------------------------------------------------------------------

@@ -17,8 +17,11 @@ from tests.test_tools import A_CALL
 from tests.tiny_model import build_tiny_gpt2
 from textgen.frontend.reasoning import ReasoningStream, opened_by, split_reasoning, thinks
 
-# ChatML that opens the thought (as DeepSeek-R1's), or writes an empty one when thinking is off (as Qwen3's)
+# ChatML that opens the thought (as DeepSeek-R1's), or writes an empty one when thinking is off (as Qwen3's);
+# a reasoning effort given to it is written in a system line first (as gpt-oss's)
 THINKING_TEMPLATE = (
+    "{% if reasoning_effort is defined %}<|im_start|>system\nReasoning: {{ reasoning_effort }}<|im_end|>\n"
+    "{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
@@ -119,6 +122,49 @@ def test_anthropics_messages_api_answers_with_a_thinking_block(thinking_server):
     assert block.type == "thinking" and block.thinking == thought and whole.stop_reason == "max_tokens"
     assert kinds == {"thinking_delta"} and final.content == whole.content
     assert [b.type for b in off.content] == ["text"] and off.content[0].text
+
+
+def test_every_dialects_thinking_switch_turns_the_thought_off_and_on(thinking_server):
+    import anthropic
+    import openai
+
+    ask = {"messages": [{"role": "user", "content": "Capital of France?"}], "max_tokens": 8}
+    usage: dict[str, int] = {}
+
+    def answer(**body) -> tuple[str | None, str]:
+        with thinking_server.client() as client:
+            r = client.post("/v1/chat/completions", json=ask | body | {"temperature": 0})
+        usage[json.dumps(body)] = r.json()["usage"]["prompt_tokens"]
+        message = r.json()["choices"][0]["message"]
+        return message.get("reasoning_content"), message["content"]
+
+    on, off = answer(), answer(chat_template_kwargs={"enable_thinking": False})
+    assert on[0] and off[0] is None and off[1]
+    assert answer(reasoning_effort="none") == off
+    high = answer(reasoning_effort="high")  # thinking on, and the effort given to the template
+    assert high[0] and usage['{"reasoning_effort": "high"}'] > usage["{}"]
+    both = {"reasoning_effort": "none", "chat_template_kwargs": {"enable_thinking": True}}
+    assert answer(**both)[0]  # chat_template_kwargs wins over the switch
+
+    url = thinking_server.url
+    with anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0) as client:
+        ask["model"] = "tiny-thinker"
+        disabled = client.messages.create(**ask, thinking={"type": "disabled"}, extra_body={"temperature": 0})
+        enabled = client.messages.create(
+            **ask,
+            thinking={"type": "enabled", "budget_tokens": 1024},
+            extra_body={"temperature": 0, "output_config": {"effort": "high"}},
+        )
+    assert [(b.type, b.text) for b in disabled.content] == [("text", off[1])]
+    assert [(b.type, b.thinking) for b in enabled.content] == [("thinking", high[0])]
+    assert enabled.usage.input_tokens == usage['{"reasoning_effort": "high"}']
+
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+        request = dict(input="Capital of France?", max_output_tokens=8, temperature=0)
+        quiet = client.responses.create(**request, reasoning={"effort": "none"})
+        thought = client.responses.create(**request, reasoning={"effort": "high", "summary": "auto"})
+    assert [i.type for i in quiet.output] == ["message"] and quiet.output_text == off[1]
+    assert thought.output[0].type == "reasoning" and thought.output[0].content[0].text == high[0]
 
 
 def test_an_answer_a_grammar_forces_is_never_a_thought(thinking_server):

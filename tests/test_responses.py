@@ -194,7 +194,7 @@ def test_text_format_constrains_the_output(client):
             {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "foo"}}}},
             "text.format",
         ),
-        ({"reasoning": {"effort": "low"}}, "reasoning"),
+        ({"reasoning": {"effort": "extreme"}}, "reasoning"),
         ({"include": ["message.output_text.logprobs"]}, "include"),
     ],
 )

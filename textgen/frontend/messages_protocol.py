@@ -24,6 +24,7 @@ from textgen.engine.outputs import GenerationResult
 from textgen.engine.params import ParamError
 from textgen.frontend.openai_protocol import ChatCompletionRequest
 from textgen.frontend.prepare import FieldNames, PromptRequest, SpeculativeField
+from textgen.frontend.reasoning import Effort
 from textgen.frontend.tools import ToolReply
 
 # The chat fields a Messages request's errors are about, under the Messages names.
@@ -72,7 +73,9 @@ class OutputFormat(_Body):
 
 class OutputConfig(_Body):
     format: OutputFormat | None = None
-    effort: str | None = Field(None, description="Accepted and ignored.")
+    effort: Literal["low", "medium", "high", "max"] | None = Field(
+        None, description="With thinking enabled, the effort a template that reads one is given (gpt-oss's)."
+    )
 
 
 class Conversation(BaseModel):
@@ -92,8 +95,10 @@ class Conversation(BaseModel):
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = Field(
         None,
-        description="Accepted: whether a model thinks is its chat template's choice (chat_template_kwargs, "
-        "e.g. Qwen3's enable_thinking); a thinking model's thought comes as a thinking block.",
+        description='{"type": "disabled"} turns a thinking model\'s thought off, "enabled" or "adaptive" on '
+        "(its chat template's enable_thinking, as chat's reasoning_effort; budget_tokens is not enforced: "
+        "max_tokens bounds thought and answer together); the thought comes as a thinking block. No effect on "
+        "a model that does not think; chat_template_kwargs wins over it.",
     )
     output_config: OutputConfig | None = Field(
         None, description='{"format": {"type": "json_schema", "schema": {...}}}: structured output.'
@@ -124,6 +129,8 @@ class Conversation(BaseModel):
             body["model"] = self.model
         if self.chat_template_kwargs is not None:
             body["chat_template_kwargs"] = self.chat_template_kwargs
+        if self.thinking is not None:
+            body["reasoning_effort"] = self._effort(self.thinking)
         last = messages[-1] if messages else None
         if last is not None and last["role"] == "assistant" and not last.get("tool_calls"):
             body["continue_final_message"] = True  # a prefill: the answer goes on from it
@@ -144,6 +151,14 @@ class Conversation(BaseModel):
         """The engine's input; its ParamErrors name chat fields: MESSAGES_NAMES gives theirs here."""
         request = self.to_chat().to_prompt_request(tokenizer, defaults)
         return PromptRequest(request.prompts, request.params, fields=FieldNames("messages", "max_tokens"))
+
+    def _effort(self, thinking: ThinkingConfig) -> Effort:
+        """Chat's reasoning_effort for Anthropic's thinking: "none" when disabled, else output_config's effort
+        (Anthropic's "max" is OpenAI's "xhigh"), "high" by default, as Anthropic's."""
+        if thinking.type == "disabled":
+            return "none"
+        effort = self.output_config.effort if self.output_config is not None else None
+        return "xhigh" if effort == "max" else effort or "high"
 
     def _chat_messages(self) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []

@@ -44,7 +44,13 @@ from textgen.frontend.prepare import (
 )
 from textgen.frontend.structured import StructuredOutputFields
 from textgen.frontend.templates import RenderedPrompt, has_chat_template, render_chat
-from textgen.frontend.reasoning import ReasoningStream, split_reasoning, thinking_of
+from textgen.frontend.reasoning import (
+    Effort,
+    ReasoningStream,
+    split_reasoning,
+    thinking_of,
+    thinking_variables,
+)
 from textgen.frontend.tools import (
     ToolCall,
     ToolFields,
@@ -299,6 +305,12 @@ class ChatCompletionRequest(SamplingFields, ToolFields):
         description="vLLM's: variables for the model's chat template, e.g. "
         '{"enable_thinking": false} for Qwen3.',
     )
+    reasoning_effort: Effort | None = Field(
+        default=None,
+        description="OpenAI's: \"none\" turns a thinking model's thought off, any other effort on (its chat "
+        "template's enable_thinking; reasoning_effort for templates that read it, as gpt-oss's). No effect "
+        "on a model that does not think; chat_template_kwargs wins over it.",
+    )
     continue_final_message: bool = Field(
         default=False,
         description="vLLM's: the answer continues the last message, an assistant's, instead of starting a "
@@ -339,8 +351,14 @@ class ChatCompletionRequest(SamplingFields, ToolFields):
                     "continue_final_message continues the last message, which must then be an assistant's "
                     "text (without tool_calls)",
                 )
+        switch = thinking_variables(self.reasoning_effort) if self.reasoning_effort is not None else None
         rendered = render_messages(
-            self.messages, tokenizer, self.tool_use(), self.chat_template_kwargs, self.continue_final_message
+            self.messages,
+            tokenizer,
+            self.tool_use(),
+            self.chat_template_kwargs,
+            self.continue_final_message,
+            switch,
         )
         return PromptRequest([rendered], params, n=self.n, fields=fields)
 
@@ -367,13 +385,17 @@ def render_messages(
     tools: ToolUse | None = None,
     template_options: dict[str, Any] | None = None,
     continue_final: bool = False,
+    thinking: dict[str, Any] | None = None,
 ) -> RenderedPrompt:
     """The model's own chat template when it has one, else the plain fallback transcript; tools, earlier
     calls and their results as the template renders them, else in the Hermes format (frontend/tools.py).
-    `continue_final`: the answer continues the last message (render_chat)."""
+    `continue_final`: the answer continues the last message (render_chat). `thinking`: the template
+    variables a thinking switch sets (frontend/reasoning.py), under `template_options`; nothing to set, and
+    no error, without a template."""
     given = [m.for_template(i) for i, m in enumerate(messages)]
     shown = tools.shown() if tools is not None else None
-    options, turn = template_options, {"continue_final": continue_final}
+    options = {**(thinking or {}), **(template_options or {})} or None
+    turn = {"continue_final": continue_final}
     if has_chat_template(tokenizer) and takes_tools(tokenizer):
         return render_chat(template_messages(given), tokenizer, tools=shown, options=options, **turn)
     plain = hermes_conversation(given, shown)

@@ -7,8 +7,13 @@ reasoning as `<think>...</think>` before the answer, or after a prompt that alre
 `reasoning_content` (streamed as `delta.reasoning_content`), the answer after it to `content`, where tool
 calls are then looked for. An answer a grammar forces (structured output, a forced tool call) is never split:
 the grammar leaves no room for a thought. Models whose template has no `<think>` are untouched: a `<think>`
-they write stays in the content. Qwen3's `chat_template_kwargs: {"enable_thinking": false}` turns the
-thinking off.
+they write stays in the content.
+
+Whether such a model thinks is its chat template's choice, made from the template's variables: Qwen3's,
+SmolLM3's and GLM's `enable_thinking`, gpt-oss's `reasoning_effort`. Every dialect's switch sets them
+(`thinking_variables`): OpenAI's `reasoning_effort` ("none" is off), the Responses API's `reasoning.effort`,
+Anthropic's `thinking` ({"type": "disabled"} is off); vLLM's `chat_template_kwargs` sets them directly and
+wins over the switch. A model without a chat template, or whose template reads neither, is unaffected.
 """
 
 from __future__ import annotations
@@ -16,6 +21,17 @@ from __future__ import annotations
 from typing import Any, Literal
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+# OpenAI's reasoning efforts (the chat API's reasoning_effort, the Responses API's reasoning.effort).
+Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
+
+def thinking_variables(effort: Effort) -> dict[str, Any]:
+    """The chat template variables for a reasoning effort: "none" turns a thinking model's thought off, any
+    other effort on, and is given to templates that read it (gpt-oss's; vLLM passes it the same way)."""
+    if effort == "none":
+        return {"enable_thinking": False}
+    return {"enable_thinking": True, "reasoning_effort": effort}
 
 
 def template_text(tokenizer: Any) -> str:

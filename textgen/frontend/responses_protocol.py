@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from textgen.engine.params import ParamError
 from textgen.frontend.openai_protocol import ChatCompletionRequest
 from textgen.frontend.prepare import FieldNames, PromptRequest, SpeculativeField
+from textgen.frontend.reasoning import Effort
 from textgen.frontend.tools import ToolReply
 
 # The chat fields a Responses request's errors are about, under the Responses names.
@@ -51,6 +52,17 @@ class TextFormat(_Body):
 class TextOptions(_Body):
     format: TextFormat | None = None
     verbosity: Literal["low", "medium", "high"] | None = Field(None, description="Accepted and ignored.")
+
+
+class ReasoningOptions(_Body):
+    effort: Effort | None = Field(
+        None,
+        description="\"none\" turns a thinking model's thought off, any other effort on (as chat's "
+        "reasoning_effort); no effect on a model that does not think.",
+    )
+    summary: Literal["auto", "concise", "detailed"] | None = Field(
+        None, description="Accepted: the thought comes whole, as reasoning_text."
+    )
 
 
 class FunctionTool(_Body):
@@ -87,6 +99,7 @@ class ResponsesRequest(SpeculativeField):
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: bool = True
     text: TextOptions | None = None
+    reasoning: ReasoningOptions | None = None
     stream: bool = False
     store: bool | None = Field(None, description="Accepted: textgen keeps no responses in any case.")
     previous_response_id: str | None = Field(
@@ -134,6 +147,8 @@ class ResponsesRequest(SpeculativeField):
                 body[name] = getattr(self, name)
         if self.max_output_tokens is not None:
             body["max_completion_tokens"] = self.max_output_tokens
+        if self.reasoning is not None and self.reasoning.effort is not None:
+            body["reasoning_effort"] = self.reasoning.effort
         if self.tools:
             body["tools"] = [
                 {"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
