@@ -12,6 +12,7 @@ import httpx
 import jsonschema
 import pytest
 
+from textgen.engine.grammar import enforced_schema
 from textgen.engine.params import Constraint, ParamError, SamplingParams
 from textgen.frontend.generate_protocol import GenerateRequest
 from textgen.frontend.openai_protocol import ChatCompletionRequest
@@ -48,6 +49,45 @@ def test_sampled_outputs_all_parse_and_validate_while_sharing_steps(engine, enco
         jsonschema.validate(json.loads(result.text), SCHEMA)
     assert len({r.text for r in results}) > 10  # sampled: the masks constrain, they do not decide
     assert max(h.sequence.max_batch_size for h in handles) > 1  # they were batched together
+
+
+def test_an_object_has_only_the_properties_its_schema_lists(engine, encode):
+    # JSON Schema allows other properties unless additionalProperties says no; the grammar does not, as
+    # vLLM's and llama.cpp's do not: SmolLM2 went on adding properties until its budget ran out (grammar.py)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"}}}
+    constraint = schema_constraint(schema)
+    params = [
+        SamplingParams(max_new_tokens=60, temperature=1.0, top_p=1.0, seed=s, constraint=constraint)
+        for s in range(12)
+    ]
+    results = [h.wait(60) for h in [engine.submit(encode(PROMPT), p) for p in params]]
+    assert all(r.finish_reason == "eos" and set(json.loads(r.text)) <= {"a", "b"} for r in results), results
+    closed = json.loads(enforced_schema({"properties": {"o": {"properties": {}}}, "$defs": {"d": SCHEMA}}))
+    assert closed["additionalProperties"] is closed["properties"]["o"]["additionalProperties"] is False
+    assert closed["$defs"]["d"] == SCHEMA
+    # What a schema says of other properties stands, and the parts of one object stay open
+    for kept in (
+        {"properties": {"x": {}}, "additionalProperties": {"type": "string"}},
+        {"properties": {"x": {}}, "patternProperties": {"^y": {}}},
+        {"allOf": [{"properties": {"x": {}}}, {"properties": {"y": {}}}]},
+        {"properties": {"x": {}}, "anyOf": [{"properties": {"y": {}}}, {"required": ["x"]}]},
+    ):
+        assert json.loads(enforced_schema(kept)) == kept
+    assert json.loads(enforced_schema({"anyOf": [{"properties": {}}]})) == {
+        "anyOf": [{"properties": {}, "additionalProperties": False}]  # alternatives close one by one
+    }
+    # An integer without bounds is one of JSON's safe integers (at most 16 digits); given bounds stand
+    safe = 2**53 - 1
+    assert json.loads(enforced_schema({"type": "integer"})) == {
+        "type": "integer",
+        "minimum": -safe,
+        "maximum": safe,
+    }
+    assert (
+        json.loads(enforced_schema({"type": ["integer", "null"], "exclusiveMinimum": 0}))["maximum"] == safe
+    )
+    for kept in ({"type": "integer", "minimum": 0, "maximum": 9}, {"type": "integer", "enum": [2**60]}):
+        assert json.loads(enforced_schema(kept)) == kept
 
 
 def test_free_rows_are_untouched_by_their_constrained_neighbours(engine, encode):
