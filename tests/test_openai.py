@@ -261,6 +261,21 @@ def test_chat_n_and_max_completion_tokens(client, model_id):
     assert r.usage.completion_tokens <= 8
 
 
+def test_openais_bookkeeping_fields_are_accepted_and_change_nothing(client, model_id):
+    """Code written for OpenAI sends store, metadata, service_tier, ...: accepted (a misspelt field is not)."""
+    plain = client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=6, temperature=0)
+    kept = dict(store=True, metadata={"run": "1"}, service_tier="auto", prompt_cache_key="k", verbosity="low")
+    kept |= dict(safety_identifier="user-1", prompt_cache_retention="24h", modalities=["text"])
+    same = client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=6, temperature=0, **kept)
+    assert same.choices[0].message.content == plain.choices[0].message.content
+    answer = client.responses.create(model=model_id, input="Hi", max_output_tokens=4, service_tier="auto")
+    assert answer.id.startswith("resp_") and answer.usage.output_tokens <= 4
+    for field, value in (("modalities", ["text", "audio"]), ("stor", True)):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model=model_id, messages=CHAT, extra_body={field: value})
+        assert bad.value.body["param"] == field
+
+
 def test_chat_continues_a_final_assistant_message(client, model_id):
     """vLLM's continue_final_message: the transcript ends with the assistant's words, not a new turn."""
     messages = [{"role": "user", "content": "What is AI?"}, {"role": "assistant", "content": "AI is"}]

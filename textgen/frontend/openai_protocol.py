@@ -83,6 +83,19 @@ class StreamOptions(BaseModel):
     )
 
 
+class OpenAIBookkeeping(BaseModel):
+    """What OpenAI's SDK may send to the chat and Responses APIs that changes nothing on textgen, accepted and
+    ignored so that code written for OpenAI runs unchanged (vLLM ignores every unknown field; textgen still
+    refuses unknown ones, so that a misspelt field is an error)."""
+
+    service_tier: str | None = Field(None, description="Accepted and ignored.")
+    safety_identifier: str | None = Field(None, description="Accepted and ignored.")
+    prompt_cache_key: str | None = Field(
+        None, description="Accepted: textgen caches prompt prefixes by itself (TEXTGEN_PREFIX_CACHE_MB)."
+    )
+    prompt_cache_retention: str | None = Field(None, description="Accepted, as prompt_cache_key.")
+
+
 class SamplingFields(StructuredOutputFields, SpeculativeField):
     """The fields both routes share. Unknown fields are rejected (400), never silently ignored."""
 
@@ -289,7 +302,7 @@ class ChatMessage(BaseModel):
         return "\n".join(texts)
 
 
-class ChatCompletionRequest(SamplingFields, ToolFields):
+class ChatCompletionRequest(SamplingFields, ToolFields, OpenAIBookkeeping):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(
@@ -311,6 +324,10 @@ class ChatCompletionRequest(SamplingFields, ToolFields):
         "template's enable_thinking; reasoning_effort for templates that read it, as gpt-oss's). No effect "
         "on a model that does not think; chat_template_kwargs wins over it.",
     )
+    store: bool | None = Field(None, description="Accepted: textgen keeps no completions.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored (as store).")
+    verbosity: Literal["low", "medium", "high"] | None = Field(None, description="Accepted and ignored.")
+    modalities: list[Literal["text"]] | None = Field(None, description='["text"]: textgen writes text only.')
     continue_final_message: bool = Field(
         default=False,
         description="vLLM's: the answer continues the last message, an assistant's, instead of starting a "

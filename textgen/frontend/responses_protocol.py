@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from textgen.engine.params import ParamError
-from textgen.frontend.openai_protocol import ChatCompletionRequest
+from textgen.frontend.openai_protocol import ChatCompletionRequest, OpenAIBookkeeping
 from textgen.frontend.prepare import FieldNames, PromptRequest, SpeculativeField
 from textgen.frontend.reasoning import Effort
 from textgen.frontend.tools import ToolReply
@@ -78,7 +78,7 @@ class NamedFunction(_Body):
     name: str
 
 
-class ResponsesRequest(SpeculativeField):
+class ResponsesRequest(SpeculativeField, OpenAIBookkeeping):
     """POST /v1/responses. Unknown fields are rejected (400), never silently ignored."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
