@@ -276,6 +276,25 @@ def test_openais_bookkeeping_fields_are_accepted_and_change_nothing(client, mode
         assert bad.value.body["param"] == field
 
 
+def test_a_prediction_from_the_sdk_keeps_greedy_output(client, model_id):
+    # OpenAI's Predicted Outputs (tests/test_speculative.py: the drafts they make)
+    plain = client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=12, temperature=0)
+    text = plain.choices[0].message.content
+    predicted = client.chat.completions.create(
+        model=model_id,
+        messages=CHAT,
+        max_tokens=12,
+        temperature=0,
+        prediction={"type": "content", "content": text},
+    )
+    assert predicted.choices[0].message.content == text
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(
+            model=model_id, messages=CHAT, prediction={"type": "content", "content": [{"type": "image"}]}
+        )
+    assert bad.value.body["param"] == "prediction.content"
+
+
 def test_chat_continues_a_final_assistant_message(client, model_id):
     """vLLM's continue_final_message: the transcript ends with the assistant's words, not a new turn."""
     messages = [{"role": "user", "content": "What is AI?"}, {"role": "assistant", "content": "AI is"}]

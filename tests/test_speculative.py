@@ -363,3 +363,30 @@ def test_the_request_field_turns_speculation_on_and_off_per_request(frontend_off
     plain, none = drafted_by(CompletionRequest, completion)
     spec, some = drafted_by(CompletionRequest, {**completion, "speculative": True})
     assert none == 0 and some > 0 and spec == plain
+
+
+def test_a_prediction_drafts_the_answer_and_changes_nothing(frontend_off):
+    """OpenAI's Predicted Outputs: the predicted text is a source of drafts (with the server's speculation
+    off, a prediction turns it on for its request), and greedy output stays what it is without one."""
+    from textgen.frontend.openai_protocol import ChatCompletionRequest
+
+    frontend, counting = frontend_off
+    ask = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 40, "temperature": 0}
+    ask |= {"ignore_eos": True, "stop": []}
+
+    def answer(**body) -> tuple[str, int, int]:
+        before = counting.drafted, counting.accepted
+        text = run_body(frontend, ChatCompletionRequest, {**ask, **body})
+        return text, counting.drafted - before[0], counting.accepted - before[1]
+
+    plain, drafted, _ = answer()
+    assert drafted == 0  # the server's default is off
+    predicted, drafted, accepted = answer(prediction={"type": "content", "content": plain})
+    assert predicted == plain and accepted > 0.5 * drafted > 0
+    parts = {
+        "type": "content",
+        "content": [{"type": "text", "text": "unrelated words, "}, {"type": "text", "text": plain}],
+    }
+    assert answer(prediction=parts)[0] == plain
+    assert answer(prediction={"type": "content", "content": "zebra " * 40})[0] == plain  # a wrong one
+    assert answer(prediction={"type": "content", "content": plain}, speculative=False)[1:] == (0, 0)

@@ -135,6 +135,10 @@ class SamplingParams:
     # Speculative decoding (textgen/engine/speculative.py) for this request: None takes the server's
     # TEXTGEN_SPECULATIVE. It never changes greedy output, nor the distribution of sampled output.
     speculative: bool | None = None
+    # OpenAI's Predicted Outputs: tokens the output is expected to repeat much of (a file being edited),
+    # looked up for speculative drafts beside the prompt's; they turn speculation on unless `speculative`
+    # is False. Like every draft, they never change greedy output nor the distribution of sampled output.
+    prediction: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name, bounds in RANGES.items():

@@ -7,7 +7,8 @@ every accepted draft token is a step saved.
 Drafts come from prompt lookup (transformers' `prompt_lookup_num_tokens`, vLLM's n-gram proposer): find the
 row's last n tokens (n = 3, 2, 1) earlier in its prompt and output, and propose the k tokens that followed
 them. It costs no model at all and wins where the answer copies the prompt (extraction, summaries, code
-edits) or the output loops.
+edits) or the output loops. A request's prediction (OpenAI's Predicted Outputs: the text being edited) is
+looked up the same way, between the prompt and the output.
 
 Verification keeps the output exactly what decoding without it gives:
 - every position gets the row's full processing (logit_bias, repetition, presence and frequency penalties,
@@ -134,7 +135,7 @@ class Speculator:
             return False
         if params.speculative is not None:
             return params.speculative
-        return self.default_on and params.greedy
+        return bool(params.prediction) or (self.default_on and params.greedy)
 
     def propose(self, batch: DecodeBatch) -> list[list[int]] | None:
         """One draft per row, all of the same length, or None: take an ordinary step."""
@@ -151,7 +152,7 @@ class Speculator:
             if room <= 0:
                 return None
             try:
-                draft = self.drafter.draft(seq, room) if self.drafter else ngram_draft(seq.all_ids, room)
+                draft = self._draft(seq, room)
             except Exception as exc:  # drafting is optional: never let it fail a request
                 log.warning("drafting failed (%s); taking an ordinary step", type(exc).__name__)
                 if self.drafter:
@@ -162,6 +163,13 @@ class Speculator:
             drafts.append(draft)
         k = min(len(d) for d in drafts)
         return [d[:k] for d in drafts]
+
+    def _draft(self, seq: Sequence, room: int) -> list[int]:
+        """Up to `room` draft tokens: looked up in the prompt, the request's prediction (before the draft
+        model: a prediction is the text being edited) and the output so far, or the draft model's."""
+        if seq.params.prediction:
+            return ngram_draft([*seq.context_ids, *seq.params.prediction, *seq.output_ids], room)
+        return self.drafter.draft(seq, room) if self.drafter else ngram_draft(seq.all_ids, room)
 
     def _record(self, seq: Sequence, accepted: int) -> None:
         """Back off from a sequence whose drafts fail: after n verifications in a row that accepted nothing,

@@ -281,25 +281,39 @@ class ChatMessage(BaseModel):
             raise ParamError(
                 field, f"{field} is missing: only an assistant message with tool_calls may omit it"
             )
-        if isinstance(self.content, str):
-            return self.content
-        texts = []
-        for j, part in enumerate(self.content):
-            if part.type != "text":
-                raise ParamError(
-                    field,
-                    f"{field}.{j} is a part of type {part.type!r}; this server's model reads text only: "
-                    'send the content as a string or as parts {"type": "text", "text": "..."}',
-                )
-            if part.text is None or part.model_extra:
-                raise ParamError(
-                    field,
-                    f'{field}.{j}: a text part is {{"type": "text", "text": "..."}}, '
-                    f"got the keys {sorted(part.model_dump(exclude_none=True))}",
-                )
-            texts.append(part.text)
-        # Several text parts are joined by newlines, as vLLM does.
-        return "\n".join(texts)
+        return joined_text(self.content, field)
+
+
+def joined_text(content: str | list[ContentPart], field: str) -> str:
+    """Content given as a string or as text parts, as one string; `field` names it in errors."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        if part.type != "text":
+            raise ParamError(
+                field,
+                f"{field}.{j} is a part of type {part.type!r}; this server's model reads text only: "
+                'send the content as a string or as parts {"type": "text", "text": "..."}',
+            )
+        if part.text is None or part.model_extra:
+            raise ParamError(
+                field,
+                f'{field}.{j}: a text part is {{"type": "text", "text": "..."}}, '
+                f"got the keys {sorted(part.model_dump(exclude_none=True))}",
+            )
+        texts.append(part.text)
+    # Several text parts are joined by newlines, as vLLM does.
+    return "\n".join(texts)
+
+
+class Prediction(BaseModel):
+    """OpenAI's Predicted Outputs: text the answer is expected to repeat much of (a file being edited)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["content"]
+    content: str | list[ContentPart]
 
 
 class ChatCompletionRequest(SamplingFields, ToolFields, OpenAIBookkeeping):
@@ -323,6 +337,13 @@ class ChatCompletionRequest(SamplingFields, ToolFields, OpenAIBookkeeping):
         description="OpenAI's: \"none\" turns a thinking model's thought off, any other effort on (its chat "
         "template's enable_thinking; reasoning_effort for templates that read it, as gpt-oss's). No effect "
         "on a model that does not think; chat_template_kwargs wins over it.",
+    )
+    prediction: Prediction | None = Field(
+        None,
+        description='OpenAI\'s Predicted Outputs, {"type": "content", "content": "..."}: text the answer is '
+        "expected to repeat much of (a file being edited). It drafts tokens for speculative decoding beside "
+        "the prompt, and turns speculation on for the request unless `speculative` is false; greedy output "
+        "stays the same, sampled output keeps its distribution.",
     )
     store: bool | None = Field(None, description="Accepted: textgen keeps no completions.")
     metadata: dict[str, str] | None = Field(None, description="Accepted and ignored (as store).")
@@ -360,6 +381,10 @@ class ChatCompletionRequest(SamplingFields, ToolFields, OpenAIBookkeeping):
                 raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
         if self.logprobs:
             params = dataclasses.replace(params, logprobs=self.top_logprobs or 0)
+        if self.prediction is not None:
+            text = joined_text(self.prediction.content, "prediction.content")
+            predicted = tuple(tokenizer.encode(text, add_special_tokens=False))
+            params = dataclasses.replace(params, prediction=predicted)
         if self.continue_final_message:
             last = self.messages[-1]
             if last.role != "assistant" or last.tool_calls:
