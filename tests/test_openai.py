@@ -67,6 +67,16 @@ def test_the_routes_are_in_the_openapi_document(tiny_server):
         body = doc["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert "Speculative decoding" in body["properties"]["speculative"]["description"]
 
+    def events(route: str) -> str | None:
+        """The title of the schema a stream's events' data follow, or None: the route does not stream."""
+        stream = doc["paths"][route]["post"]["responses"]["200"]["content"].get("text/event-stream")
+        return stream and stream["schema"]["properties"]["data"]["contentSchema"]["anyOf"][0]["title"]
+
+    # Chat sends chunks of its answer's shape; the Responses and Messages APIs typed events holding theirs
+    assert events("/v1/chat/completions") == "ChatCompletionResponse"
+    assert events("/v1/responses") == "ResponseStreamEvent" and events("/v1/messages") == "MessageStreamEvent"
+    assert events("/v1/messages/count_tokens") is None
+
 
 # -- completions ---------------------------------------------------------------------------------
 
