@@ -12,7 +12,7 @@ import torch
 from scipy.stats import chi2
 
 from textgen.engine.core import Engine
-from textgen.engine.params import Constraint, SamplingParams
+from textgen.engine.params import Constraint, ParamError, SamplingParams
 from textgen.engine.speculative import ngram_draft
 
 REPETITIVE = "The quick brown fox jumps over the lazy dog. " * 4
@@ -390,3 +390,9 @@ def test_a_prediction_drafts_the_answer_and_changes_nothing(frontend_off):
     assert answer(prediction=parts)[0] == plain
     assert answer(prediction={"type": "content", "content": "zebra " * 40})[0] == plain  # a wrong one
     assert answer(prediction={"type": "content", "content": plain}, speculative=False)[1:] == (0, 0)
+    # The server's limit on a prompt's characters holds for a prediction too
+    long = ChatCompletionRequest.model_validate(
+        {**ask, "prediction": {"type": "content", "content": "x" * 32001}}
+    )
+    (refused,) = frontend.prepare([long.to_prompt_request(frontend.tokenizer)])
+    assert isinstance(refused, ParamError) and refused.field == "prediction"

@@ -381,10 +381,6 @@ class ChatCompletionRequest(SamplingFields, ToolFields, OpenAIBookkeeping):
                 raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
         if self.logprobs:
             params = dataclasses.replace(params, logprobs=self.top_logprobs or 0)
-        if self.prediction is not None:
-            text = joined_text(self.prediction.content, "prediction.content")
-            predicted = tuple(tokenizer.encode(text, add_special_tokens=False))
-            params = dataclasses.replace(params, prediction=predicted)
         if self.continue_final_message:
             last = self.messages[-1]
             if last.role != "assistant" or last.tool_calls:
@@ -402,7 +398,8 @@ class ChatCompletionRequest(SamplingFields, ToolFields, OpenAIBookkeeping):
             self.continue_final_message,
             switch,
         )
-        return PromptRequest([rendered], params, n=self.n, fields=fields)
+        predicted = joined_text(self.prediction.content, "prediction.content") if self.prediction else None
+        return PromptRequest([rendered], params, n=self.n, fields=fields, prediction=predicted)
 
 
 def render_fallback_chat(messages: list[dict[str, str]], continue_final: bool = False) -> RenderedPrompt:

@@ -50,6 +50,7 @@ class PromptRequest:
     n: int = 1  # choices per prompt; choice i samples with seed + i
     truncate: int | None = None  # keep only the last N prompt tokens instead of refusing an overflow
     fields: FieldNames = FieldNames()
+    prediction: str | None = None  # OpenAI's Predicted Outputs: drafts for speculation (SamplingParams)
 
 
 @dataclass
@@ -208,6 +209,12 @@ class Frontend:
                     f"{names.prompt} must be at most {limit} characters (TEXTGEN_MAX_PROMPT_CHARS), "
                     f"got {len(prompt.user_text)}",
                 )
+        if request.prediction is not None and len(request.prediction) > limit:
+            raise ParamError(
+                "prediction",
+                f"prediction must be at most {limit} characters (TEXTGEN_MAX_PROMPT_CHARS), "
+                f"got {len(request.prediction)}",
+            )
         self._check_logit_bias(request.params)
         self._check_constraint(request.params)
         wanted = request.params.max_new_tokens
@@ -255,10 +262,14 @@ class Frontend:
             prompt_ids[i] = ids = ids[cut:]
             if not self.loaded.is_encoder_decoder:  # an encoder's input does not share the decoder's context
                 self._check_context(len(ids), request, context)
+        asked = request.params
+        if request.prediction:  # tokenized here, as the prompts are: within the server's limits
+            predicted = tuple(self.tokenizer.encode(request.prediction, add_special_tokens=False))
+            asked = dataclasses.replace(asked, prediction=predicted)
         choices = []
         for p, prompt in enumerate(request.prompts):
             params = dataclasses.replace(
-                request.params,
+                asked,
                 max_new_tokens=request.params.max_new_tokens or self.settings.max_new_tokens,
                 stop=request.params.stop + prompt.stop,
                 penalize_prompt=request.params.penalize_prompt and prompt.penalize_prompt,
