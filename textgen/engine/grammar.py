@@ -37,13 +37,13 @@ ANY_OBJECT = '{"type": "object"}'
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-# A schema as the grammar enforces it: what a schema leaves open, a small model fills until its token budget runs
-# out. SmolLM2, asked for the README's {"city", "population"} schema, went on adding properties such as
+# A schema as the grammar enforces it: what a schema leaves open, a small model fills until its token budget
+# runs out. SmolLM2, asked for the README's {"city", "population"} schema, went on adding properties such as
 # "population_per_family_per_capita" (6 answers in 6 cut at 1024 tokens, none parsing), and, once objects were
 # closed, wrote "population": 1111... for as long. So:
 # - an object has only the properties its schema lists unless the schema says otherwise (additionalProperties,
-#   patternProperties), as vLLM's default grammar engine (xgrammar's strict mode) and llama.cpp's grammars have
-#   it; schemas that combine with others on the same object (allOf, $ref, anyOf / oneOf beside properties, if)
+#   patternProperties), as vLLM's default grammar engine (xgrammar's strict mode) and llama.cpp's grammars
+#   have it; schemas that combine with others on the same object (allOf, $ref, anyOf / oneOf beside properties, if)
 #   stay open: closed alone, one would refuse the properties another adds;
 # - an integer without bounds is one of JSON's safe integers, +-(2^53 - 1), which every parser reads exactly
 #   (RFC 7493): at most 16 digits, as llama.cpp's grammars allow.
