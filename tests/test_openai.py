@@ -280,6 +280,22 @@ def test_openais_bookkeeping_fields_are_accepted_and_change_nothing(client, mode
     assert same.choices[0].message.content == plain.choices[0].message.content
     answer = client.responses.create(model=model_id, input="Hi", max_output_tokens=4, service_tier="auto")
     assert answer.id.startswith("resp_") and answer.usage.output_tokens <= 4
+    hidden = {"include_obfuscation": False}  # the SDK's stream option: textgen pads no events anyway
+    chunks = client.chat.completions.create(
+        model=model_id,
+        messages=CHAT,
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True, **hidden},
+    )
+    assert [c.usage for c in chunks][-1].completion_tokens <= 4
+    events = client.responses.create(
+        model=model_id, input="Hi", max_output_tokens=4, stream=True, stream_options=hidden, background=False
+    )
+    assert [e.type for e in events][-1] in ("response.completed", "response.incomplete")
+    with pytest.raises(openai.BadRequestError) as bad:  # textgen keeps no responses to run in the background
+        client.responses.create(model=model_id, input="Hi", background=True)
+    assert bad.value.body["param"] == "background"
     for field, value in (("modalities", ["text", "audio"]), ("stor", True)):
         with pytest.raises(openai.BadRequestError) as bad:
             client.chat.completions.create(model=model_id, messages=CHAT, extra_body={field: value})

@@ -81,6 +81,9 @@ class StreamOptions(BaseModel):
         default=False,
         description="vLLM's: with include_usage, every chunk also carries its choice's usage so far.",
     )
+    include_obfuscation: bool | None = Field(
+        default=None, description="OpenAI's: accepted; textgen pads no stream events with obfuscation."
+    )
 
 
 class OpenAIBookkeeping(BaseModel):

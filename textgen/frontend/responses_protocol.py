@@ -65,6 +65,12 @@ class ReasoningOptions(_Body):
     )
 
 
+class ResponsesStreamOptions(_Body):
+    include_obfuscation: bool | None = Field(
+        None, description="OpenAI's: accepted; textgen pads no stream events with obfuscation."
+    )
+
+
 class FunctionTool(_Body):
     type: Literal["function"]
     name: str
@@ -101,6 +107,10 @@ class ResponsesRequest(SpeculativeField, OpenAIBookkeeping):
     text: TextOptions | None = None
     reasoning: ReasoningOptions | None = None
     stream: bool = False
+    stream_options: ResponsesStreamOptions | None = None
+    background: Literal[False] | None = Field(
+        None, description="false only: textgen keeps no responses, so none runs in the background."
+    )
     store: bool | None = Field(None, description="Accepted: textgen keeps no responses in any case.")
     previous_response_id: str | None = Field(
         None, description="Not supported: textgen keeps no responses; send the conversation in `input`."
