@@ -143,6 +143,7 @@ def test_every_dialects_thinking_switch_turns_the_thought_off_and_on(thinking_se
     assert answer(reasoning_effort="none") == off
     high = answer(reasoning_effort="high")  # thinking on, and the effort given to the template
     assert high[0] and usage['{"reasoning_effort": "high"}'] > usage["{}"]
+    low = answer(reasoning_effort="low")
     both = {"reasoning_effort": "none", "chat_template_kwargs": {"enable_thinking": True}}
     assert answer(**both)[0]  # chat_template_kwargs wins over the switch
 
@@ -150,14 +151,18 @@ def test_every_dialects_thinking_switch_turns_the_thought_off_and_on(thinking_se
     with anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0) as client:
         ask["model"] = "tiny-thinker"
         disabled = client.messages.create(**ask, thinking={"type": "disabled"}, extra_body={"temperature": 0})
+        greedy = {"temperature": 0}
         enabled = client.messages.create(
-            **ask,
-            thinking={"type": "enabled", "budget_tokens": 1024},
-            extra_body={"temperature": 0, "output_config": {"effort": "high"}},
+            **ask, thinking={"type": "enabled", "budget_tokens": 1024}, extra_body=greedy
         )
+        effort = {**greedy, "output_config": {"effort": "low"}}
+        lowly = client.messages.create(**ask, thinking={"type": "adaptive"}, extra_body=effort)
     assert [(b.type, b.text) for b in disabled.content] == [("text", off[1])]
+    # on, with Anthropic's default effort ("high") or output_config's, given to the template as chat's
     assert [(b.type, b.thinking) for b in enabled.content] == [("thinking", high[0])]
     assert enabled.usage.input_tokens == usage['{"reasoning_effort": "high"}']
+    assert [(b.type, b.thinking) for b in lowly.content] == [("thinking", low[0])]
+    assert lowly.usage.input_tokens == usage['{"reasoning_effort": "low"}']
 
     with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
         request = dict(input="Capital of France?", max_output_tokens=8, temperature=0)
