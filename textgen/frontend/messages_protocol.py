@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field
 
 from textgen.engine.outputs import GenerationResult
 from textgen.engine.params import ParamError
-from textgen.frontend.openai_protocol import ChatCompletionRequest
-from textgen.frontend.prepare import FieldNames, PromptRequest, SpeculativeField
+from textgen.frontend.openai_protocol import ChatCompletionRequest, ChatDialect
+from textgen.frontend.prepare import FieldNames, SpeculativeField
 from textgen.frontend.reasoning import Effort
 from textgen.frontend.tools import ToolReply
 
@@ -78,7 +77,7 @@ class OutputConfig(_Body):
     )
 
 
-class Conversation(BaseModel):
+class Conversation(ChatDialect):
     """What POST /v1/messages and /v1/messages/count_tokens share: the conversation and what shapes it.
     Unknown fields are rejected (400), never silently ignored."""
 
@@ -110,13 +109,7 @@ class Conversation(BaseModel):
         None, description="vLLM's: variables for the model's chat template."
     )
 
-    _chat: ChatCompletionRequest | None = PrivateAttr(None)
-
-    def to_chat(self) -> ChatCompletionRequest:
-        """The same conversation as a chat completion request (built once: the route reads its tool use)."""
-        if self._chat is None:
-            self._chat = self._as_chat()
-        return self._chat
+    FIELDS = FieldNames("messages", "max_tokens")
 
     def _sampling(self) -> dict[str, Any]:
         """The chat request's sampling fields (a token count has none)."""
@@ -146,11 +139,6 @@ class Conversation(BaseModel):
             schema = {"name": "output", "schema": fmt.schema_}
             body["response_format"] = {"type": "json_schema", "json_schema": schema}
         return ChatCompletionRequest.model_validate(body)
-
-    def to_prompt_request(self, tokenizer: Any, defaults: Mapping[str, Any] | None = None) -> PromptRequest:
-        """The engine's input; its ParamErrors name chat fields: MESSAGES_NAMES gives theirs here."""
-        request = self.to_chat().to_prompt_request(tokenizer, defaults)
-        return PromptRequest(request.prompts, request.params, fields=FieldNames("messages", "max_tokens"))
 
     def _effort(self, thinking: ThinkingConfig) -> Effort:
         """Chat's reasoning_effort for Anthropic's thinking: "none" when disabled, else output_config's effort

@@ -20,9 +20,9 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from textgen.engine.params import (
     LOGIT_BIAS_RANGE,
@@ -403,6 +403,29 @@ class ChatCompletionRequest(SamplingFields, ToolFields, OpenAIBookkeeping):
         )
         predicted = joined_text(self.prediction.content, "prediction.content") if self.prediction else None
         return PromptRequest([rendered], params, n=self.n, fields=fields, prediction=predicted)
+
+
+class ChatDialect(BaseModel):
+    """A body of another API that becomes a chat request (the Responses and Messages APIs): built once by
+    `_as_chat` (the route reads its tool use after preparing it) and prepared as chat, its ParamErrors naming
+    the prompt and the token budget by this dialect's names (`FIELDS`; its routes rename the other fields)."""
+
+    FIELDS: ClassVar[FieldNames]
+    _chat: ChatCompletionRequest | None = PrivateAttr(None)
+
+    def _as_chat(self) -> ChatCompletionRequest:
+        raise NotImplementedError
+
+    def to_chat(self) -> ChatCompletionRequest:
+        """The same request as a chat completion request."""
+        if self._chat is None:
+            self._chat = self._as_chat()
+        return self._chat
+
+    def to_prompt_request(self, tokenizer: Any, defaults: Mapping[str, Any] | None = None) -> PromptRequest:
+        """The engine's input, as the chat request's."""
+        request = self.to_chat().to_prompt_request(tokenizer, defaults)
+        return dataclasses.replace(request, fields=self.FIELDS)
 
 
 def render_fallback_chat(messages: list[dict[str, str]], continue_final: bool = False) -> RenderedPrompt:

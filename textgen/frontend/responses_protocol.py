@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field
 
 from textgen.engine.params import ParamError
-from textgen.frontend.openai_protocol import ChatCompletionRequest, OpenAIBookkeeping
-from textgen.frontend.prepare import FieldNames, PromptRequest, SpeculativeField
+from textgen.frontend.openai_protocol import ChatCompletionRequest, ChatDialect, OpenAIBookkeeping
+from textgen.frontend.prepare import FieldNames, SpeculativeField
 from textgen.frontend.reasoning import Effort
 from textgen.frontend.tools import ToolReply
 
@@ -84,7 +83,7 @@ class NamedFunction(_Body):
     name: str
 
 
-class ResponsesRequest(SpeculativeField, OpenAIBookkeeping):
+class ResponsesRequest(SpeculativeField, OpenAIBookkeeping, ChatDialect):
     """POST /v1/responses. Unknown fields are rejected (400), never silently ignored."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
@@ -131,13 +130,7 @@ class ResponsesRequest(SpeculativeField, OpenAIBookkeeping):
     min_p: float | None = None
     repetition_penalty: float | None = None
 
-    _chat: ChatCompletionRequest | None = PrivateAttr(None)
-
-    def to_chat(self) -> ChatCompletionRequest:
-        """The same request as a chat completion (built once: the route reads its tool use)."""
-        if self._chat is None:
-            self._chat = self._as_chat()
-        return self._chat
+    FIELDS = FieldNames(prompt="input", max_tokens="max_output_tokens")
 
     def _as_chat(self) -> ChatCompletionRequest:
         if self.previous_response_id is not None:
@@ -176,15 +169,6 @@ class ResponsesRequest(SpeculativeField, OpenAIBookkeeping):
                 {"json_schema": schema} if fmt.type == "json_schema" else {}
             )
         return ChatCompletionRequest.model_validate(body)
-
-    def to_prompt_request(self, tokenizer: Any, defaults: Mapping[str, Any] | None = None) -> PromptRequest:
-        """The engine's input; its ParamErrors name chat fields: RESPONSES_NAMES gives theirs here."""
-        request = self.to_chat().to_prompt_request(tokenizer, defaults)
-        return PromptRequest(
-            request.prompts,
-            request.params,
-            fields=FieldNames(prompt="input", max_tokens="max_output_tokens"),
-        )
 
     def _messages(self) -> list[dict[str, Any]]:
         """`instructions` and `input` as chat messages: a function_call joins the assistant turn before it."""
