@@ -304,21 +304,48 @@ def test_openais_bookkeeping_fields_are_accepted_and_change_nothing(client, mode
 
 def test_a_prediction_from_the_sdk_keeps_greedy_output(client, model_id):
     # OpenAI's Predicted Outputs (tests/test_speculative.py: the drafts they make)
-    plain = client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=12, temperature=0)
-    text = plain.choices[0].message.content
-    predicted = client.chat.completions.create(
-        model=model_id,
-        messages=CHAT,
-        max_tokens=12,
-        temperature=0,
-        prediction={"type": "content", "content": text},
+    greedy = dict(
+        model=model_id, messages=CHAT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
     )
+    plain = client.chat.completions.create(**greedy)
+    text = plain.choices[0].message.content
+    predicted = client.chat.completions.create(**greedy, prediction={"type": "content", "content": text})
     assert predicted.choices[0].message.content == text
+    # Its usage says how much of the prediction the model checked and kept (the SDK's typed fields)
+    assert plain.usage.completion_tokens_details.accepted_prediction_tokens == 0
+    details = predicted.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens >= 0
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(
             model=model_id, messages=CHAT, prediction={"type": "content", "content": [{"type": "image"}]}
         )
     assert bad.value.body["param"] == "prediction.content"
+
+
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_served(tiny_server, client, model_id):
+    """Each dialect's own field: OpenAI's prompt_tokens_details.cached_tokens (within prompt_tokens), the
+    Responses API's input_tokens_details.cached_tokens, Anthropic's cache_read_input_tokens (apart from
+    input_tokens, as Anthropic counts). A prompt's second sending is served from the cache."""
+    text = "Question: what is the weather like on the coast in spring? Answer: mild and windy. " * 4
+    twice = [complete(client, model_id, prompt=text + "Question:", max_tokens=2) for _ in range(2)]
+    assert twice[0].usage.prompt_tokens_details.cached_tokens == 0
+    cached = twice[1].usage.prompt_tokens_details.cached_tokens
+    assert 16 * (twice[1].usage.prompt_tokens // 16 - 1) <= cached < twice[1].usage.prompt_tokens
+    chat = dict(model=model_id, messages=[{"role": "user", "content": text + "Why?"}], max_tokens=2)
+    answers = [client.chat.completions.create(**chat) for _ in range(2)]
+    assert answers[1].usage.prompt_tokens_details.cached_tokens >= 16
+    asked = dict(model=model_id, input=text + "When?", max_output_tokens=2)
+    responses = [client.responses.create(**asked) for _ in range(2)]
+    assert responses[1].usage.input_tokens_details.cached_tokens >= 16
+    with anthropic.Anthropic(base_url=tiny_server.url, api_key="unused", max_retries=0) as claude:
+        message = dict(model=model_id, messages=[{"role": "user", "content": text + "How?"}])
+        whole = claude.messages.count_tokens(**message).input_tokens
+        again = claude.messages.create(**message, max_tokens=2)
+        with claude.messages.stream(**message, max_tokens=2) as stream:
+            streamed = stream.get_final_message()
+    for usage in (again.usage, streamed.usage):
+        assert usage.cache_read_input_tokens >= 16  # the chat answers' template and text
+        assert usage.input_tokens + usage.cache_read_input_tokens == whole
 
 
 def test_chat_continues_a_final_assistant_message(client, model_id):
@@ -726,7 +753,8 @@ def test_eos_is_reported_as_stop_and_usage_counts_the_prompt_once():
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
     reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
     assert sorted(r for r in reasons if r) == ["stop", "stop"]
-    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    usage = chunks[-1]["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (3, 4, 7)
 
 
 # -- API key ---------------------------------------------------------------------------------------

@@ -104,13 +104,16 @@ def test_a_prefix_cache_hit_gives_the_same_tokens_as_a_miss(loaded_tiny, encode,
     expected = [plain.submit(p, GREEDY).wait(30).text for p in prompts]
     engine = new_engine(loaded_tiny, prefix_cache_bytes=1 << 24)
     try:
-        first = engine.submit(prompts[0], GREEDY).wait(30).text  # a miss: computes and caches the prefix
+        missed = engine.submit(prompts[0], GREEDY).wait(30)  # a miss: computes and caches the prefix
         stats = engine.prefix_cache.stats
         assert stats.hit_tokens == 0 and stats.cached_blocks == len(prompts[0]) // BLOCK
-        again = [engine.submit(p, GREEDY).wait(30).text for p in prompts]  # all hits
+        hits = [engine.submit(p, GREEDY).wait(30) for p in prompts]  # all hits
         shared = len(encode(SHARED)) // BLOCK * BLOCK
         assert stats.hit_tokens >= shared * len(prompts)
-        assert [first] + again == [expected[0]] + expected
+        assert [r.text for r in [missed] + hits] == [expected[0]] + expected
+        # Each result says how many of its prompt's tokens the cache served (usage's cached tokens).
+        assert missed.cached_tokens == 0 and all(r.cached_tokens >= shared for r in hits)
+        assert sum(r.cached_tokens for r in hits) == stats.hit_tokens
         # Hits arriving together, next to a running stream, still get the same tokens.
         handles = [engine.submit(p, GREEDY) for p in prompts]
         assert [h.wait(30).text for h in handles] == expected

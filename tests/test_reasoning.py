@@ -160,9 +160,11 @@ def test_every_dialects_thinking_switch_turns_the_thought_off_and_on(thinking_se
     assert [(b.type, b.text) for b in disabled.content] == [("text", off[1])]
     # on, with Anthropic's default effort ("high") or output_config's, given to the template as chat's
     assert [(b.type, b.thinking) for b in enabled.content] == [("thinking", high[0])]
-    assert enabled.usage.input_tokens == usage['{"reasoning_effort": "high"}']
+    prompt = enabled.usage.input_tokens + enabled.usage.cache_read_input_tokens  # as Anthropic counts
+    assert prompt == usage['{"reasoning_effort": "high"}']
     assert [(b.type, b.thinking) for b in lowly.content] == [("thinking", low[0])]
-    assert lowly.usage.input_tokens == usage['{"reasoning_effort": "low"}']
+    prompt = lowly.usage.input_tokens + lowly.usage.cache_read_input_tokens
+    assert prompt == usage['{"reasoning_effort": "low"}']
 
     with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
         request = dict(input="Capital of France?", max_output_tokens=8, temperature=0)
@@ -170,6 +172,92 @@ def test_every_dialects_thinking_switch_turns_the_thought_off_and_on(thinking_se
         thought = client.responses.create(**request, reasoning={"effort": "high", "summary": "auto"})
     assert [i.type for i in quiet.output] == ["message"] and quiet.output_text == off[1]
     assert thought.output[0].type == "reasoning" and thought.output[0].content[0].text == high[0]
+
+
+def thought(opened: bool, budget: int | None, pieces: list[str]):
+    from textgen.engine.params import Thinking
+    from textgen.engine.thinking import Thought
+
+    state = Thought(Thinking("<think>", "</think>", (1, 2, 3), opened, budget))
+    forced = []
+    for piece in pieces:
+        if state.forced() is not None:
+            forced.append(state.forced())
+            state.advance("")
+        else:
+            state.advance(piece)
+    return state, forced
+
+
+def test_a_thought_is_found_in_the_text_counted_and_closed_at_its_budget():
+    # The model opens and closes it, each tag split across tokens: the tokens between, the closing ones too
+    state, forced = thought(False, None, ["Hi ", "<th", "ink>", "a", "b", "</", "think", ">", "c", "d"])
+    assert state.over and state.tokens == 5 and forced == []
+    # Opened by the prompt; a budget of 3: the closing tag's tokens are forced, one a step, then nothing
+    state, forced = thought(True, 3, ["a", "b", "c", "x", "x", "x", "d", "e"])
+    assert forced == [1, 2, 3] and state.over and state.tokens == 6 and state.forced() is None
+    state, forced = thought(True, 0, ["x", "x", "x", "a"])  # 0: closed before any thought
+    assert forced == [1, 2, 3] and state.tokens == 3
+    state, forced = thought(False, 2, ["a", "b", "c", "<think>", "d", "e", "x", "x", "x", "f"])
+    assert forced == [1, 2, 3] and state.tokens == 5  # counted from its opening, not the output's start
+    state, forced = thought(True, 4, ["a", "</think>", "b", "c", "d", "e"])
+    assert forced == [] and state.tokens == 2  # closed by the model within its budget
+
+
+def test_a_thinking_budget_closes_the_thought_and_the_answer_follows(thinking_server, tiny_model_dir):
+    """vLLM's thinking_token_budget on chat, Anthropic's thinking.budget_tokens: after that many tokens of
+    thought, </think> is forced and the model answers. usage counts the thought's tokens."""
+    import anthropic
+
+    greedy = {"max_tokens": 20, "ignore_eos": True}
+    with thinking_server.client() as client:
+
+        def ask(**body):
+            r = client.post(
+                "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "Capital of France?"}], "temperature": 0}
+                | greedy
+                | body,
+            ).json()
+            return r["choices"][0]["message"], r["usage"]
+
+        free, free_usage = ask()
+        bounded, usage = ask(thinking_token_budget=5)
+        closed, closed_usage = ask(thinking_token_budget=0)
+        refused = client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Hi"}], "thinking_token_budget": -1},
+        )
+    # The random model never closes its thought within 20 tokens; bounded, it says its 5 tokens of it
+    assert free["content"] == "" and free_usage["completion_tokens_details"]["reasoning_tokens"] == 20
+    tag = len(AutoTokenizer.from_pretrained(tiny_model_dir)("</think>")["input_ids"])  # the same vocabulary
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == 5 + tag
+    assert free["reasoning_content"].startswith(bounded["reasoning_content"]) and bounded["content"]
+    assert usage["completion_tokens"] == 20  # the budget bounds the thought, max_tokens the whole answer
+    assert closed_usage["completion_tokens_details"]["reasoning_tokens"] == tag and closed["content"]
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "thinking_token_budget"
+    streamed_thought = streamed(thinking_server, thinking_token_budget=5, max_tokens=20, ignore_eos=True)
+    assert streamed_thought == (bounded["reasoning_content"], bounded["content"])
+
+    message = dict(
+        model="tiny-thinker", max_tokens=20, messages=[{"role": "user", "content": "Capital of France?"}]
+    )
+    extra = {"temperature": 0}  # the Messages API has no ignore_eos; greedy, this model writes no EOS here
+    with anthropic.Anthropic(base_url=thinking_server.url, api_key="unused", max_retries=0) as claude:
+        budgeted = claude.messages.create(
+            **message, thinking={"type": "enabled", "budget_tokens": 5}, extra_body=extra
+        )
+        with pytest.raises(anthropic.BadRequestError) as bad:
+            claude.messages.create(**message, thinking={"type": "enabled", "budget_tokens": -3})
+    assert [(b.type, getattr(b, "thinking", None) or b.text) for b in budgeted.content] == [
+        ("thinking", bounded["reasoning_content"]),
+        ("text", bounded["content"]),
+    ]
+    assert bad.value.body["error"]["message"].startswith("thinking.budget_tokens")
+
+    with thinking_server.openai() as client:  # the Responses API counts the thought too
+        answer = client.responses.create(input="Capital of France?", max_output_tokens=8, temperature=0)
+    assert answer.usage.output_tokens_details.reasoning_tokens == answer.usage.output_tokens == 8
 
 
 def test_an_answer_a_grammar_forces_is_never_a_thought(thinking_server):

@@ -322,6 +322,9 @@ def test_a_repeated_prompt_is_served_from_the_prefix_cache_with_the_same_text(ti
     second = generate(tiny_server, **body)
     assert second["generated_text"] == first["generated_text"]
     assert metric(tiny_server, hits) >= before + 16 * (first["usage"]["prompt_tokens"] // 16 - 1)
+    # Each answer's usage says how much of its prompt the cache served (16-token blocks, never the last).
+    cached = second["usage"]["cached_prompt_tokens"]
+    assert 16 * (first["usage"]["prompt_tokens"] // 16 - 1) <= cached < first["usage"]["prompt_tokens"]
     assert metric(tiny_server, queried) >= 2 * first["usage"]["prompt_tokens"]
     assert metric(tiny_server, "textgen_prefix_cache_bytes") > 0
 

@@ -322,6 +322,11 @@ def frontend_off(loaded_tiny):
 
 def run_body(frontend, request_class, body: dict) -> str:
     """A request body as the HTTP routes take it (pydantic, then the one door), run to its end: the text."""
+    return run_prepared(frontend, request_class, body)[1].text
+
+
+def run_prepared(frontend, request_class, body: dict):
+    """As run_body: the prepared request and its result."""
     from textgen.frontend.prepare import Prepared
 
     request = request_class.model_validate(body)
@@ -330,7 +335,7 @@ def run_body(frontend, request_class, body: dict) -> str:
     )
     assert isinstance(prepared, Prepared), prepared
     (handle,) = frontend.submit(prepared)
-    return handle.wait(60).text
+    return prepared, handle.wait(60)
 
 
 def test_the_request_field_turns_speculation_on_and_off_per_request(frontend_off):
@@ -367,8 +372,10 @@ def test_the_request_field_turns_speculation_on_and_off_per_request(frontend_off
 
 def test_a_prediction_drafts_the_answer_and_changes_nothing(frontend_off):
     """OpenAI's Predicted Outputs: the predicted text is a source of drafts (with the server's speculation
-    off, a prediction turns it on for its request), and greedy output stays what it is without one."""
-    from textgen.frontend.openai_protocol import ChatCompletionRequest
+    off, a prediction turns it on for its request), and greedy output stays what it is without one. Its
+    usage counts the drafts the model checked: accepted when kept, rejected when not."""
+    from textgen.frontend.openai_protocol import ChatCompletionRequest, usage_body
+    from textgen.frontend.usage import TokenCounts
 
     frontend, counting = frontend_off
     ask = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 40, "temperature": 0}
@@ -376,8 +383,14 @@ def test_a_prediction_drafts_the_answer_and_changes_nothing(frontend_off):
 
     def answer(**body) -> tuple[str, int, int]:
         before = counting.drafted, counting.accepted
-        text = run_body(frontend, ChatCompletionRequest, {**ask, **body})
-        return text, counting.drafted - before[0], counting.accepted - before[1]
+        prepared, result = run_prepared(frontend, ChatCompletionRequest, {**ask, **body})
+        drafted, accepted = counting.drafted - before[0], counting.accepted - before[1]
+        details = usage_body(TokenCounts.of(prepared, [result]))["completion_tokens_details"]
+        counted = accepted, drafted - accepted
+        if "prediction" not in body or body.get("speculative") is False:
+            assert counted == (0, 0)
+        assert (details["accepted_prediction_tokens"], details["rejected_prediction_tokens"]) == counted
+        return result.text, drafted, accepted
 
     plain, drafted, _ = answer()
     assert drafted == 0  # the server's default is off

@@ -18,8 +18,9 @@ from textgen.engine.outputs import GenerationResult
 from textgen.engine.params import ParamError
 from textgen.frontend import messages_protocol as protocol
 from textgen.frontend.openai_protocol import AnswerParts, AnswerStream, prompt_thinks
-from textgen.frontend.prepare import Frontend
+from textgen.frontend.prepare import Frontend, Prepared
 from textgen.frontend.tools import ToolReply
+from textgen.frontend.usage import TokenCounts
 
 MessagesBody = json_body(protocol.MessagesRequest, "Anthropic's Messages API body.")
 MessagesReply = response_spec(protocol.MessageObject, "application/json", "Anthropic's Message object.")
@@ -65,8 +66,8 @@ def _handle(frontend: Frontend, raw: Any) -> Response:
         return admitted
     req, prepared, (handle,) = admitted.request, admitted.prepared, admitted.handles
     tools = req.to_chat().tool_use()  # checked as the request was prepared
-    answer = _Answer(req, frontend.model_id, len(prepared.prompt_ids[0]))
-    thinking = prompt_thinks(prepared, frontend.tokenizer)
+    answer = _Answer(req, frontend.model_id, prepared)
+    thinking = prompt_thinks(prepared)
     timeout = frontend.settings.request_timeout
     if req.stream:
         return event_stream(_events(answer, handle, AnswerStream(thinking, tools)), [handle], timeout)
@@ -81,18 +82,24 @@ def _handle(frontend: Frontend, raw: Any) -> Response:
 
 
 class _Answer:
-    """What every form of one answer shares: its id, model, prompt length and the stop sequences asked."""
+    """What every form of one answer shares: its id, model, prompt and the stop sequences asked."""
 
-    def __init__(self, req: protocol.MessagesRequest, model: str, input_tokens: int) -> None:
-        self.id, self.model, self.input_tokens = protocol.message_id(), model, input_tokens
+    def __init__(self, req: protocol.MessagesRequest, model: str, prepared: Prepared) -> None:
+        self.id, self.model, self.prepared = protocol.message_id(), model, prepared
         self.stop_sequences = req.stop_sequences
+
+    def usage(self, result: GenerationResult | None) -> dict[str, Any]:
+        """Before the answer (a stream's message_start) the whole prompt counts as input: what the prefix
+        cache serves is known once the answer is."""
+        if result is None:
+            return protocol.usage_body(TokenCounts(len(self.prepared.prompt_ids[0]), 0))
+        return protocol.usage_body(TokenCounts.of(self.prepared, [result]))
 
     def body(
         self, content: list[dict[str, Any]], result: GenerationResult | None, called: bool
     ) -> dict[str, Any]:
         stop = protocol.stop_of(result, self.stop_sequences, called) if result else (None, None)
-        usage = protocol.usage_body(self.input_tokens, result.completion_tokens if result else 0)
-        return protocol.message_body(self.id, self.model, content, stop, usage)
+        return protocol.message_body(self.id, self.model, content, stop, self.usage(result))
 
 
 def _event(kind: str, **fields: Any) -> str:
@@ -170,7 +177,8 @@ async def _events(answer: _Answer, handle: RequestHandle, parts: AnswerStream) -
                 called = bool(parts.reply and parts.reply.calls)  # as the JSON answer's (SplitAnswer)
                 stop, sequence = protocol.stop_of(result, answer.stop_sequences, called)
                 delta = {"stop_reason": stop, "stop_sequence": sequence}
-                yield _event("message_delta", delta=delta, usage={"output_tokens": result.completion_tokens})
+                # The whole usage, as Anthropic's API now sends it: its SDK updates each count it finds.
+                yield _event("message_delta", delta=delta, usage=answer.usage(result))
                 yield _event("message_stop")
                 return
     finally:

@@ -29,6 +29,7 @@ from textgen.frontend import openai_protocol as protocol
 from textgen.frontend.openai_protocol import Call, split_answer
 from textgen.frontend.tools import ToolReply, ToolUse
 from textgen.frontend.prepare import Frontend, Prepared
+from textgen.frontend.usage import TokenCounts
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def _handle(frontend: Frontend, raw: Any, model: type[BaseModel]) -> Response:
     if isinstance(admitted, Response):
         return admitted
     req, prepared, handles = admitted.request, admitted.prepared, admitted.handles
-    call = Call.of(req, prepared, frontend.model_id, frontend.tokenizer)
+    call = Call.of(req, prepared, frontend.model_id)
     if call.stream:
         return event_stream(
             _events(call, prepared, handles, frontend.tokenizer), handles, frontend.settings.request_timeout
@@ -145,10 +146,8 @@ def _handle(frontend: Frontend, raw: Any, model: type[BaseModel]) -> Response:
     return CompletionResponse(call, prepared, handles, frontend)
 
 
-def _usage(prepared: Prepared, results: list[GenerationResult]) -> dict[str, int]:
-    # Each prompt counts once however many choices continue it, as OpenAI counts.
-    prompt_tokens = sum(len(p) for p in prepared.prompt_ids)
-    return protocol.usage_body(prompt_tokens, sum(r.completion_tokens for r in results))
+def _usage(prepared: Prepared, results: list[GenerationResult]) -> dict[str, Any]:
+    return protocol.usage_body(TokenCounts.of(prepared, results))
 
 
 def _echo(call: Call, prepared: Prepared, choice: int) -> str:
@@ -160,7 +159,7 @@ def _so_far(call: Call, prepared: Prepared, choice: int, tokens: int) -> dict[st
     if not call.continuous_usage:
         return {}
     prompt_tokens = len(prepared.prompt_ids[prepared.choices[choice].prompt])
-    return {"usage": protocol.usage_body(prompt_tokens, tokens)}
+    return {"usage": protocol.usage_body(TokenCounts.so_far(prompt_tokens, tokens))}
 
 
 class CompletionResponse(DeferredJSONResponse):

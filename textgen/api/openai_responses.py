@@ -19,6 +19,7 @@ from textgen.frontend import responses_protocol as protocol
 from textgen.frontend.prepare import Frontend, Prepared
 from textgen.frontend.openai_protocol import AnswerStream, prompt_thinks
 from textgen.frontend.tools import ToolReply
+from textgen.frontend.usage import TokenCounts
 
 ResponsesBody = json_body(protocol.ResponsesRequest, "OpenAI's Responses API body.")
 ResponsesReply = response_spec(protocol.ResponseObject, "application/json", "OpenAI's Response object.")
@@ -44,7 +45,7 @@ def _handle(frontend: Frontend, raw: Any) -> Response:
         return admitted
     req, prepared, (handle,) = admitted.request, admitted.prepared, admitted.handles
     tools = req.to_chat().tool_use()  # checked as the request was prepared
-    thinking = prompt_thinks(prepared, frontend.tokenizer)
+    thinking = prompt_thinks(prepared)
     shape = protocol.ResponseShape(req, frontend.model_id)
     timeout = frontend.settings.request_timeout
     if req.stream:
@@ -55,7 +56,7 @@ def _handle(frontend: Frontend, raw: Any) -> Response:
         reasoning: str | None, text: str, reply: ToolReply | None, result: GenerationResult
     ) -> dict[str, Any]:
         output = protocol.output_items(text, reply, reasoning)
-        usage = protocol.usage_body(len(prepared.prompt_ids[0]), result.completion_tokens)
+        usage = protocol.usage_body(TokenCounts.of(prepared, [result]))
         return shape.body(protocol.status_of(result.finish_reason), output, usage)
 
     return SplitAnswer(handle, timeout, OPENAI, thinking, tools, body)
@@ -178,7 +179,7 @@ async def _events(
                 for piece in out.close():
                     yield piece
                 result = event.result
-                usage = protocol.usage_body(len(prepared.prompt_ids[0]), result.completion_tokens)
+                usage = protocol.usage_body(TokenCounts.of(prepared, [result]))
                 status = protocol.status_of(result.finish_reason)
                 yield out.event(f"response.{status}", response=shape.body(status, out.items, usage))
                 return

@@ -27,6 +27,7 @@ from textgen.engine.prefix_cache import PrefixCache
 from textgen.engine.sampling import apply_penalties, sample
 from textgen.engine.sequence import Sequence
 from textgen.engine.speculative import Speculator
+from textgen.engine.thinking import force_tokens
 from textgen.model.attention import cache_dtype, decodes_with_segments
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ class CausalRunner:
     def _begin(self, seq: Sequence, cached: Any) -> PromptFill:
         """Make the waiting prompt at the head one computed on its own, chunk by chunk, from its cached
         beginning if it has one."""
+        seq.cached_tokens = cached.tokens if cached is not None else 0
         fill = PromptFill(
             seq,
             self.batch_class.start(
@@ -450,6 +452,7 @@ def _choose(batch: DecodeBatch, logits: torch.Tensor) -> tuple[torch.Tensor, lis
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
     raw = logits[wanted] if wanted else None  # a copy: the penalties below change logits in place
     allowed = allowed_tokens([s.guide for s in seqs], logits.shape[1])  # structured output; None: free
+    force_tokens(allowed, [s.thought for s in seqs], logits.shape[1])  # a thought over its budget closes
     banned = lift_dead_bans([s.banned_tokens() for s in seqs], allowed)
     counts = [s.token_counts() for s in seqs]  # None for rows without presence/frequency penalties
     logits = apply_penalties(logits, params, batch.seen, banned, counts)

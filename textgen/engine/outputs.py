@@ -32,6 +32,10 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None  # per generated token, when params.logprobs is set
     prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token, when params.prompt_logprobs
     stop_sequence: str | None = None  # with finish_reason "stop": the stop string that ended the text
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache rather than computed
+    drafted_tokens: int = 0  # speculative draft tokens the model checked for this sequence
+    accepted_draft_tokens: int = 0  # of those, the ones it kept
+    reasoning_tokens: int = 0  # a thinking model's thought (SamplingParams.thinking), its tags' included
 
 
 @dataclass

@@ -78,6 +78,7 @@ RANGES: dict[str, Range] = {
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 LOGIT_BIAS_RANGE = Range(-100.0, 100.0)  # OpenAI's: -100 bans a token, 100 all but forces it
+THINKING_BUDGET_RANGE = Range(0, 1 << 20)  # 0: the thought is closed at once
 # Entries of one request's logit_bias: each costs a scattered write per step, and no real use (banning
 # or favouring a few words' tokens) needs more.
 MAX_LOGIT_BIAS = 1024
@@ -95,6 +96,25 @@ class Constraint:
     kind: ConstraintKind
     spec: str = ""
     field: str = "response_format"
+
+
+@dataclass(frozen=True)
+class Thinking:
+    """How a thinking model's answer holds its thought (`open` ... `close`), for the engine to count its
+    tokens and, with `budget`, bound them: a thought that reaches `budget` tokens is closed by forcing
+    `close_ids` (the tokens of `close`), and the answer follows (textgen/engine/thinking.py)."""
+
+    open: str  # "<think>"
+    close: str  # "</think>"
+    close_ids: tuple[int, ...]
+    opened: bool  # the prompt opened the thought: the output starts inside it
+    budget: int | None = None  # most tokens of thought; None: as many as max_new_tokens allows
+
+    def __post_init__(self) -> None:
+        if self.budget is not None:
+            THINKING_BUDGET_RANGE.check("thinking_token_budget", self.budget)
+        if not self.close_ids:
+            raise ValueError(f"{self.close!r} has no tokens to force")
 
 
 @dataclass(frozen=True)
@@ -139,6 +159,8 @@ class SamplingParams:
     # looked up for speculative drafts beside the prompt's; they turn speculation on unless `speculative`
     # is False. Like every draft, they never change greedy output nor the distribution of sampled output.
     prediction: tuple[int, ...] = ()
+    # A thinking model's thought: counted (usage's reasoning tokens) and, with a budget, bounded.
+    thinking: Thinking | None = None
 
     def __post_init__(self) -> None:
         for name, bounds in RANGES.items():

@@ -13,6 +13,7 @@ from textgen.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from textgen.engine.grammar import Guide
 from textgen.engine.outputs import Event, FinishReason, GenerationResult, TokenLogprob
 from textgen.engine.params import SamplingParams
+from textgen.engine.thinking import Thought
 
 
 class Sequence:
@@ -28,6 +29,7 @@ class Sequence:
     ) -> None:
         self.prompt_ids = prompt_ids
         self.guide = guide  # structured output: the grammar's state, None for free text
+        self.thought = Thought(params.thinking) if params.thinking is not None else None
         self.params = params
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.rng = torch.Generator().manual_seed(self.seed)  # this sequence's own random stream
@@ -43,6 +45,9 @@ class Sequence:
         self.cancelled = False
         self.request_id = ""  # set by the engine: names the request in logs (never the prompt)
         self.max_batch_size = 0
+        self.cached_tokens = 0  # prompt tokens the prefix cache served
+        self.drafted_tokens = 0  # speculative drafts checked, and those kept (OpenAI's prediction usage)
+        self.accepted_draft_tokens = 0
         self.submitted = time.perf_counter()
         self.started: float | None = None
         self.first_token: float | None = None
@@ -136,6 +141,8 @@ class Sequence:
         complete = self.guide is not None and self.guide.advance(token_id)  # nothing may follow
         last = eos or complete or len(self.output_ids) >= self.max_new_tokens
         text = "" if eos else self.detokenizer.push(token_id)
+        if self.thought is not None:
+            self.thought.advance(text)
         if last:
             text += self.detokenizer.flush()
         if len(self.output_ids) < self.params.min_tokens:
@@ -178,6 +185,10 @@ class Sequence:
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
             stop_sequence=self.stop_matcher.matched,
+            cached_tokens=self.cached_tokens,
+            drafted_tokens=self.drafted_tokens,
+            accepted_draft_tokens=self.accepted_draft_tokens,
+            reasoning_tokens=self.thought.tokens if self.thought is not None else 0,
         )
         self.emit(Event(delta, result, logprobs=self._take_logprobs(), tokens=len(self.output_ids)))
 

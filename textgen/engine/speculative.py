@@ -133,6 +133,8 @@ class Speculator:
             # Structured output advances its grammar token by token and masks each step by it: drafts
             # would need a mask per verified position. Not done: such rows take ordinary steps.
             return False
+        if params.thinking is not None and params.thinking.budget is not None:
+            return False  # its thought may have to be closed by force (textgen/engine/thinking.py)
         if params.speculative is not None:
             return params.speculative
         return bool(params.prediction) or (self.default_on and params.greedy)
@@ -204,9 +206,13 @@ class Speculator:
             return None
         keep = min(len(p) for p in produced)
         commit(batch, len(drafts[0]) + 1, [p[:keep] for p in produced])
-        self.on_speculation(sum(len(d) for d in drafts), sum(_kept_drafts(p, keep) for p in produced))
-        for seq, tokens in zip(batch.rows, produced):
+        kept = [_kept_drafts(p, keep) for p in produced]
+        self.on_speculation(sum(len(d) for d in drafts), sum(kept))
+        for seq, tokens, draft, accepted in zip(batch.rows, produced, drafts, kept):
             self._record(seq, accepted=len(tokens) - 1)
+            # Counted before the tokens are appended: the last one appended reports the sequence's usage.
+            seq.drafted_tokens += len(draft)
+            seq.accepted_draft_tokens += accepted
         appended = 0
         for seq, tokens in zip(batch.rows, produced):
             for token in tokens[:keep]:

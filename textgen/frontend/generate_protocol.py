@@ -198,6 +198,9 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     truncated_prompt_tokens: int = Field(0, description="Prompt tokens dropped by `truncate`.")
+    cached_prompt_tokens: int = Field(
+        0, description="Of `prompt_tokens`, those served from the prefix cache instead of computed."
+    )
 
 
 class Timings(BaseModel):
@@ -301,6 +304,7 @@ def usage(result: GenerationResult, truncated_tokens: int = 0) -> Usage:
         completion_tokens=result.completion_tokens,
         total_tokens=result.prompt_tokens + result.completion_tokens,
         truncated_prompt_tokens=truncated_tokens,
+        cached_prompt_tokens=result.cached_tokens,
     )
 
 

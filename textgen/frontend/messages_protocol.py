@@ -25,6 +25,7 @@ from textgen.frontend.openai_protocol import ChatCompletionRequest, ChatDialect
 from textgen.frontend.prepare import FieldNames, SpeculativeField
 from textgen.frontend.reasoning import Effort
 from textgen.frontend.tools import ToolReply
+from textgen.frontend.usage import TokenCounts
 
 # The chat fields a Messages request's errors are about, under the Messages names.
 MESSAGES_NAMES = {
@@ -33,6 +34,7 @@ MESSAGES_NAMES = {
     "response_format": "output_config.format",
     "function.name": "name",  # tools.0.function.name is tools.0.name
     "function.parameters": "input_schema",
+    "thinking_token_budget": "thinking.budget_tokens",
 }
 # Block types a request may hold that the model never sees: an earlier answer's thought (chat templates
 # leave thoughts out, and Anthropic's clients send them back with tool results).
@@ -95,9 +97,10 @@ class Conversation(ChatDialect):
     thinking: ThinkingConfig | None = Field(
         None,
         description='{"type": "disabled"} turns a thinking model\'s thought off, "enabled" or "adaptive" on '
-        "(its chat template's enable_thinking, as chat's reasoning_effort; budget_tokens is not enforced: "
-        "max_tokens bounds thought and answer together); the thought comes as a thinking block. No effect on "
-        "a model that does not think; chat_template_kwargs wins over it.",
+        "(its chat template's enable_thinking, as chat's reasoning_effort); the thought comes as a thinking "
+        "block. With enabled, budget_tokens bounds the thought: one still open after that many tokens is "
+        "closed and the answer follows (0 and up; Anthropic asks for 1024 and up). No effect on a model that "
+        "does not think; chat_template_kwargs wins over it.",
     )
     output_config: OutputConfig | None = Field(
         None, description='{"format": {"type": "json_schema", "schema": {...}}}: structured output.'
@@ -124,6 +127,8 @@ class Conversation(ChatDialect):
             body["chat_template_kwargs"] = self.chat_template_kwargs
         if self.thinking is not None:
             body["reasoning_effort"] = self._effort(self.thinking)
+            if self.thinking.type == "enabled" and self.thinking.budget_tokens is not None:
+                body["thinking_token_budget"] = self.thinking.budget_tokens
         last = messages[-1] if messages else None
         if last is not None and last["role"] == "assistant" and not last.get("tool_calls"):
             body["continue_final_message"] = True  # a prefill: the answer goes on from it
@@ -391,12 +396,13 @@ def stop_of(result: GenerationResult, asked: list[str] | None, called: bool) -> 
     return "end_turn", None
 
 
-def usage_body(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+def usage_body(counts: TokenCounts) -> dict[str, Any]:
+    # Anthropic counts cache reads apart: input_tokens + cache_read_input_tokens is the whole prompt.
     return {
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
+        "input_tokens": counts.prompt - counts.cached,
+        "output_tokens": counts.completion,
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_read_input_tokens": counts.cached,
     }
 
 

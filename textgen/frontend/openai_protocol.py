@@ -32,8 +32,9 @@ from textgen.engine.params import (
     ParamError,
     Range,
     SamplingParams,
+    THINKING_BUDGET_RANGE,
 )
-from textgen.frontend.generate_protocol import Usage  # the same counts, in OpenAI's field names
+from textgen.frontend.usage import TokenCounts
 from textgen.engine.outputs import TokenLogprob
 from textgen.frontend.prepare import (
     FieldNames,
@@ -48,7 +49,6 @@ from textgen.frontend.reasoning import (
     Effort,
     ReasoningStream,
     split_reasoning,
-    thinking_of,
     thinking_variables,
 )
 from textgen.frontend.tools import (
@@ -341,6 +341,11 @@ class ChatCompletionRequest(SamplingFields, ToolFields, OpenAIBookkeeping):
         "template's enable_thinking; reasoning_effort for templates that read it, as gpt-oss's). No effect "
         "on a model that does not think; chat_template_kwargs wins over it.",
     )
+    thinking_token_budget: int | None = Field(
+        None,
+        description="vLLM's: most tokens of a thinking model's thought; one still open then is closed "
+        "(</think> forced) and the answer follows. No effect on a model that does not think.",
+    )
     prediction: Prediction | None = Field(
         None,
         description='OpenAI\'s Predicted Outputs, {"type": "content", "content": "..."}: text the answer is '
@@ -384,6 +389,8 @@ class ChatCompletionRequest(SamplingFields, ToolFields, OpenAIBookkeeping):
                 raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
         if self.logprobs:
             params = dataclasses.replace(params, logprobs=self.top_logprobs or 0)
+        if self.thinking_token_budget is not None:  # checked whether or not the model thinks
+            THINKING_BUDGET_RANGE.check("thinking_token_budget", self.thinking_token_budget)
         if self.continue_final_message:
             last = self.messages[-1]
             if last.role != "assistant" or last.tool_calls:
@@ -402,7 +409,15 @@ class ChatCompletionRequest(SamplingFields, ToolFields, OpenAIBookkeeping):
             switch,
         )
         predicted = joined_text(self.prediction.content, "prediction.content") if self.prediction else None
-        return PromptRequest([rendered], params, n=self.n, fields=fields, prediction=predicted)
+        return PromptRequest(
+            [rendered],
+            params,
+            n=self.n,
+            fields=fields,
+            prediction=predicted,
+            chat=True,
+            thinking_budget=self.thinking_token_budget,
+        )
 
 
 class ChatDialect(BaseModel):
@@ -498,12 +513,8 @@ class Call:
         req: "CompletionRequest | ChatCompletionRequest",
         prepared: Prepared,
         model: str,
-        tokenizer: Any = None,
     ) -> "Call":
         kind: Literal["completion", "chat"] = "completion" if isinstance(req, CompletionRequest) else "chat"
-        thinking = None
-        if kind == "chat" and tokenizer is not None:
-            thinking = prompt_thinks(prepared, tokenizer)
         echo = None
         if isinstance(req, CompletionRequest) and req.echo:
             echo = [p.text for p in prepared.request.prompts]
@@ -518,15 +529,15 @@ class Call:
             continuous_usage=bool(options and options.include_usage and options.continuous_usage_stats),
             echo_texts=echo,
             tools=req.tool_use() if isinstance(req, ChatCompletionRequest) else None,
-            thinking=thinking,
+            thinking=prompt_thinks(prepared),  # None for a completion: never split
         )
 
 
-def prompt_thinks(prepared: Prepared, tokenizer: Any) -> bool | None:
+def prompt_thinks(prepared: Prepared) -> bool | None:
     """Whether a chat request's prompt opened a thought (None: the model does not think), for splitting its
-    answer (`split_answer`, `AnswerStream`); an answer a grammar forces is never a thought."""
-    forced = prepared.request.params.constraint is not None
-    return thinking_of(tokenizer, prepared.request.prompts[0].text, forced)
+    answer (`split_answer`, `AnswerStream`); an answer a grammar forces is never a thought (prepare.py)."""
+    thinking = prepared.choices[0].params.thinking
+    return thinking.opened if thinking is not None else None
 
 
 def check_model(requested: str | None, served: str) -> None:
@@ -538,6 +549,30 @@ def check_model(requested: str | None, served: str) -> None:
 
 
 # -- response bodies -------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens served from the prefix cache, not computed.")
+
+
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = Field(description="A thinking model's thought, its tags included.")
+    accepted_prediction_tokens: int = Field(
+        description="With a `prediction`: draft tokens looked up in it that the model checked and kept."
+    )
+    rejected_prediction_tokens: int = Field(description="With a `prediction`: checked and not kept.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="Prompt tokens the model saw, each prompt counted once.")
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = Field(
+        None, description="In a whole answer's usage.", json_schema_extra={"nullable": True}
+    )
+    completion_tokens_details: CompletionTokensDetails | None = Field(
+        None, description="In a whole answer's usage.", json_schema_extra={"nullable": True}
+    )
 
 
 class CompletionChoice(BaseModel):
@@ -667,12 +702,20 @@ def finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+def usage_body(counts: TokenCounts) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "prompt_tokens": counts.prompt,
+        "completion_tokens": counts.completion,
+        "total_tokens": counts.total,
     }
+    if counts.whole:
+        body["prompt_tokens_details"] = {"cached_tokens": counts.cached}
+        body["completion_tokens_details"] = {
+            "reasoning_tokens": counts.reasoning,
+            "accepted_prediction_tokens": counts.accepted_prediction,
+            "rejected_prediction_tokens": counts.rejected_prediction,
+        }
+    return body
 
 
 def choice_body(

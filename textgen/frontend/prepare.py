@@ -21,7 +21,8 @@ from pydantic import BaseModel, Field
 
 from textgen.config import Settings
 from textgen.engine.handle import RequestHandle
-from textgen.engine.params import RANGES, ParamError, SamplingParams
+from textgen.engine.params import RANGES, ParamError, SamplingParams, Thinking
+from textgen.frontend.reasoning import THINK_CLOSE, THINK_OPEN, thinking_of
 from textgen.frontend.structured import may_constrain
 from textgen.frontend.templates import RenderedPrompt
 from textgen.model.sampling_defaults import SamplingDefaults
@@ -51,6 +52,10 @@ class PromptRequest:
     truncate: int | None = None  # keep only the last N prompt tokens instead of refusing an overflow
     fields: FieldNames = FieldNames()
     prediction: str | None = None  # OpenAI's Predicted Outputs: drafts for speculation (SamplingParams)
+    # A chat answer: a thinking model's thought is told apart from it (its tokens counted: usage's reasoning
+    # tokens) and, with a budget, bounded (SamplingParams.thinking).
+    chat: bool = False
+    thinking_budget: int | None = None
 
 
 @dataclass
@@ -273,6 +278,7 @@ class Frontend:
                 max_new_tokens=request.params.max_new_tokens or self.settings.max_new_tokens,
                 stop=request.params.stop + prompt.stop,
                 penalize_prompt=request.params.penalize_prompt and prompt.penalize_prompt,
+                thinking=self._thinking(request, prompt),
             )
             for i in range(request.n):
                 choices.append(Choice(p, _with_seed(params, i, request.params.seed)))
@@ -286,6 +292,17 @@ class Frontend:
             for p in request.prompts
         ]
         return Prepared(dataclasses.replace(request, prompts=decoded), prompt_ids, choices, truncated)
+
+    def _thinking(self, request: PromptRequest, prompt: RenderedPrompt) -> Thinking | None:
+        """How a chat answer to `prompt` holds a thinking model's thought; None for other answers, and when
+        the model does not think or a grammar forces the answer (a budget then has nothing to bound)."""
+        if not request.chat:
+            return None
+        opened = thinking_of(self.tokenizer, prompt.text, request.params.constraint is not None)
+        if opened is None:
+            return None
+        close_ids = tuple(self.tokenizer.encode(THINK_CLOSE, add_special_tokens=False))
+        return Thinking(THINK_OPEN, THINK_CLOSE, close_ids, opened, request.thinking_budget)
 
     @staticmethod
     def _check_context(n: int, request: PromptRequest, context: int) -> None:

@@ -23,6 +23,7 @@ from textgen.frontend.openai_protocol import ChatCompletionRequest, ChatDialect,
 from textgen.frontend.prepare import FieldNames, SpeculativeField
 from textgen.frontend.reasoning import Effort
 from textgen.frontend.tools import ToolReply
+from textgen.frontend.usage import TokenCounts
 
 # The chat fields a Responses request's errors are about, under the Responses names.
 RESPONSES_NAMES = {
@@ -323,13 +324,13 @@ def status_of(finish_reason: str) -> Literal["completed", "incomplete"]:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-def usage_body(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+def usage_body(counts: TokenCounts) -> dict[str, Any]:
     return {
-        "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
-        "output_tokens": output_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": input_tokens + output_tokens,
+        "input_tokens": counts.prompt,
+        "input_tokens_details": {"cached_tokens": counts.cached},
+        "output_tokens": counts.completion,
+        "output_tokens_details": {"reasoning_tokens": counts.reasoning},
+        "total_tokens": counts.total,
     }
 
 
