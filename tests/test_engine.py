@@ -9,6 +9,7 @@ import torch
 from textgen.engine.batch import DecodeBatch
 from textgen.engine.handle import RequestHandle
 from textgen.engine.kv_cache import cache_layers
+from textgen.engine.outputs import GenerationResult
 from textgen.engine.params import SamplingParams
 from textgen.engine.sequence import Sequence
 
@@ -196,6 +197,63 @@ def test_min_tokens_holds_off_end_of_text_and_stop_strings(loaded_tiny):
     result = events[-1].result
     assert result.finish_reason == "stop" and result.text == " Paris the capital"
     assert "".join(e.text for e in events) == result.text
+
+
+def test_stop_token_ids_end_the_text_as_end_of_text_does_and_stop_strings_may_stay(loaded_tiny):
+    """vLLM's stop_token_ids (held off by min_tokens, not by ignore_eos; the token's text stays, as vLLM's
+    does for a token that is not special) and include_stop_str_in_output."""
+    tokenizer = loaded_tiny.tokenizer
+    eos = tokenizer.eos_token_id
+    words = tokenizer.encode(" Paris is the capital")
+
+    def run(params: SamplingParams, tokens: list[int]) -> tuple[list, GenerationResult]:
+        events: list = []
+        seq = Sequence([1, 2], params, tokenizer, {eos}, 256, events.append)
+        for token in tokens:
+            seq.append(token)
+            if seq.finish_reason is not None:
+                break
+        return events, events[-1].result
+
+    stop = words[2]  # " the"
+    events, result = run(SamplingParams(max_new_tokens=40, stop_token_ids=(stop,), ignore_eos=True), words)
+    assert result.finish_reason == "stop" and result.completion_tokens == 3
+    assert result.text == " Paris is the" and "".join(e.text for e in events) == result.text
+    held = SamplingParams(max_new_tokens=40, stop_token_ids=(stop,), min_tokens=4)
+    seq = Sequence([1, 2], held, tokenizer, {eos}, 256, lambda e: None)
+    assert {stop, eos} <= seq.banned_tokens()  # neither is sampled before min_tokens
+    _, result = run(held, words + words)
+    assert result.completion_tokens == len(words) + 3  # the first " the" came too early
+    # The stop string that ended the text, returned with it on request
+    kept = SamplingParams(max_new_tokens=40, stop=(" is",), include_stop_str_in_output=True)
+    events, result = run(kept, words)
+    assert result.text == " Paris is" and "".join(e.text for e in events) == " Paris is"
+    assert run(SamplingParams(max_new_tokens=40, stop=(" is",)), words)[1].text == " Paris"
+
+
+def test_special_tokens_are_left_out_of_the_text_unless_asked_for(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    words = tokenizer.encode(" Paris is")
+
+    def text(**params) -> str:
+        events: list = []
+        seq = Sequence(
+            [1, 2], SamplingParams(max_new_tokens=8, **params), tokenizer, {50256}, 256, events.append
+        )
+        for token in [*words, end, *words, 50256]:
+            seq.append(token)
+            if seq.finish_reason is not None:
+                break
+        assert "".join(e.text for e in events) == events[-1].result.text  # streamed as returned
+        return events[-1].result.text
+
+    assert text() == " Paris is Paris is"
+    assert text(skip_special_tokens=False) == " Paris is<|im_end|> Paris is"  # not end-of-text's
+    assert text(skip_special_tokens=False, stop_token_ids=(end,)) == " Paris is<|im_end|>"
 
 
 def test_min_tokens_and_logit_bias_in_the_engine(engine, encode, loaded_tiny):

@@ -18,8 +18,9 @@ _CONTEXT_TOKENS = 4
 class IncrementalDetokenizer:
     """Decode tokens one at a time into complete text deltas (vLLM's prefix/read offsets)."""
 
-    def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -27,9 +28,7 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (possibly empty)."""
         self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        prefix, full = self._decoded()
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""  # an incomplete character, or a token that adds no text (a special token)
         self.prefix_offset = self.read_offset
@@ -38,11 +37,15 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Text still held back when generation ends (a character the model never completed)."""
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        prefix, full = self._decoded()
         self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix) :]
+
+    def _decoded(self) -> tuple[str, str]:
+        """The text up to the read offset, and all of it, from the prefix offset."""
+        decode, skip = self.tokenizer.decode, self.skip_special_tokens
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip)
+        return prefix, decode(self.ids[self.prefix_offset :], skip_special_tokens=skip)
 
 
 class StopMatcher:

@@ -77,6 +77,7 @@ RANGES: dict[str, Range] = {
 }
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
 LOGIT_BIAS_RANGE = Range(-100.0, 100.0)  # OpenAI's: -100 bans a token, 100 all but forces it
 THINKING_BUDGET_RANGE = Range(0, 1 << 20)  # 0: the thought is closed at once
 # Entries of one request's logit_bias: each costs a scattered write per step, and no real use (banning
@@ -137,6 +138,11 @@ class SamplingParams:
     do_sample: bool = True
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # vLLM's: token ids that end the text as end-of-text does (not before min_tokens, but despite
+    # ignore_eos), and whether the stop string that ended it is returned with it.
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # vLLM's: False keeps special tokens' text (not end-of-text's)
     ignore_eos: bool = False
     # Whether repetition_penalty and no_repeat_ngram_size count the prompt's tokens (Hugging Face's way). A
     # continuation should not repeat its prompt; an answer must be free to repeat its question's words
@@ -178,6 +184,14 @@ class SamplingParams:
                     "stop",
                     f"each stop string must have 1 to {MAX_STOP_CHARS} characters, got {s!r}",
                 )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ParamError(
+                "stop_token_ids",
+                f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}",
+            )
+        for token in self.stop_token_ids:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ParamError("stop_token_ids", f"stop_token_ids holds {token!r}, not a token id (>= 0)")
         if self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
             raise ParamError(
                 "min_tokens",

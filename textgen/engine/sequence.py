@@ -34,12 +34,13 @@ class Sequence:
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.rng = torch.Generator().manual_seed(self.seed)  # this sequence's own random stream
         self.eos_token_ids = set() if params.ignore_eos else eos_token_ids
+        self.stop_token_ids = set(params.stop_token_ids)
         budget = params.max_new_tokens if params.max_new_tokens is not None else max_length
         self.max_new_tokens = min(budget, max_length - len(prompt_ids))
         self.emit = emit
         self.output_ids: list[int] = []
         self.text = ""
-        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
         self.stop_matcher = StopMatcher(params.stop)
         self.finish_reason: FinishReason | None = None
         self.cancelled = False
@@ -80,11 +81,18 @@ class Sequence:
 
     def banned_tokens(self) -> set[int]:
         """Tokens the next step must not sample: those that would complete an n-gram already present
-        (no_repeat_ngram_size), and end-of-text while fewer than min_tokens were generated."""
+        (no_repeat_ngram_size), and end-of-text and stop_token_ids while fewer than min_tokens were
+        generated."""
         banned = self._ngram_bans()
-        if len(self.output_ids) < self.params.min_tokens and self.eos_token_ids:
-            banned = banned | self.eos_token_ids  # a new set: the n-gram table's own must not change
+        if len(self.output_ids) < self.params.min_tokens:
+            banned = banned | self.early_ends(len(self.output_ids))  # a new set: never the n-gram table's
         return banned
+
+    def early_ends(self, generated: int) -> set[int]:
+        """The tokens that would end the text, while `generated` tokens are fewer than min_tokens."""
+        if generated >= self.params.min_tokens:
+            return set()
+        return self.eos_token_ids | self.stop_token_ids
 
     def _ngram_bans(self) -> set[int]:
         n = self.params.no_repeat_ngram_size
@@ -138,21 +146,26 @@ class Sequence:
         if self.params.penalizes_counts:
             self._count(token_id)
         eos = token_id in self.eos_token_ids
+        early = len(self.output_ids) < self.params.min_tokens
+        stop_token = token_id in self.stop_token_ids and not eos and not early
         complete = self.guide is not None and self.guide.advance(token_id)  # nothing may follow
-        last = eos or complete or len(self.output_ids) >= self.max_new_tokens
+        last = eos or stop_token or complete or len(self.output_ids) >= self.max_new_tokens
         text = "" if eos else self.detokenizer.push(token_id)
         if self.thought is not None:
             self.thought.advance(text)
         if last:
             text += self.detokenizer.flush()
-        if len(self.output_ids) < self.params.min_tokens:
+        if early:
             # Too early for a stop string to end the text (vLLM's min_tokens): the text so far goes out
             # unmatched, and matching starts with the text of token number min_tokens.
             delta, stopped = text, False
         else:
             delta, stopped = self.stop_matcher.feed(text)
         if stopped:
-            self._finish("stop", delta)
+            kept = self.stop_matcher.matched if self.params.include_stop_str_in_output else ""
+            self._finish("stop", delta + (kept or ""))
+        elif stop_token:  # as vLLM, the stop token's own text stays (none for a special token)
+            self._finish("stop", delta + self.stop_matcher.flush())
         elif last:
             self._finish("eos" if eos or complete else "length", delta + self.stop_matcher.flush())
         elif delta:

@@ -422,9 +422,7 @@ def banned_after(seq: Sequence, extra: list[int]) -> set[int]:
         for end in range(len(seq.all_ids), len(ids)):
             if end >= n - 1 and tuple(ids[end - n + 1 : end]) == key:
                 banned.add(ids[end])
-    if len(seq.output_ids) + len(extra) < params.min_tokens and seq.eos_token_ids:
-        banned |= seq.eos_token_ids
-    return banned
+    return banned | seq.early_ends(len(seq.output_ids) + len(extra))
 
 
 def counts_after(seq: Sequence, extra: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -28,7 +28,7 @@ class Thought:
         self.over = False  # closed (by the model, or by force): the rest is the answer
         self.tokens = 0  # of thought, the closing tag's included
         self._forcing: list[int] = []  # the closing tag's tokens still to force
-        self._text = ""  # the text since the thought opened (or since the output began, before that)
+        self._text = ""  # the thought's last characters (or the answer's first ones, before it opens)
         if self.inside:
             self._check_budget()  # a budget of 0 closes it at once
 
@@ -46,12 +46,12 @@ class Thought:
             self.over = not self._forcing
             return
         self._text += text
-        if not self.inside:
-            start = self._text.find(self.rule.open)
-            if start < 0:
-                self._text = self._text[-len(self.rule.open) :]  # a tag split across tokens is still found
+        if not self.inside:  # a thought opens the answer or there is none, as the answer is split
+            start = self._text.lstrip()
+            if not start.startswith(self.rule.open):
+                self.over = not self.rule.open.startswith(start)  # else only blanks and part of the tag yet
                 return
-            self.inside, self._text = True, self._text[start + len(self.rule.open) :]
+            self.inside, self._text = True, start[len(self.rule.open) :]
             if self.rule.close not in self._text:  # the opening tag's token: the thought begins after it
                 self._check_budget()
                 return

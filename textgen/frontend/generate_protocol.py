@@ -25,6 +25,7 @@ from textgen.frontend.prepare import (
     Prepared,
     PromptRequest,
     SpeculativeField,
+    OutputTextFields,
     sampling_field,
     shared_sampling_fields,
 )
@@ -57,7 +58,7 @@ def _bounded(name: str, description: str, textgen_default: Any = None) -> Any:
     )
 
 
-class GenerateRequest(StructuredOutputFields, SpeculativeField):
+class GenerateRequest(StructuredOutputFields, SpeculativeField, OutputTextFields):
     """A prompt, how to decode it, how to frame it (template) and how to clean the result."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)

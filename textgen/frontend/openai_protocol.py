@@ -41,6 +41,7 @@ from textgen.frontend.prepare import (
     Prepared,
     PromptRequest,
     SpeculativeField,
+    OutputTextFields,
     shared_sampling_fields,
 )
 from textgen.frontend.structured import StructuredOutputFields
@@ -99,7 +100,7 @@ class OpenAIBookkeeping(BaseModel):
     prompt_cache_retention: str | None = Field(None, description="Accepted, as prompt_cache_key.")
 
 
-class SamplingFields(StructuredOutputFields, SpeculativeField):
+class SamplingFields(StructuredOutputFields, SpeculativeField, OutputTextFields):
     """The fields both routes share. Unknown fields are rejected (400), never silently ignored."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from textgen.config import Settings
 from textgen.engine.handle import RequestHandle
-from textgen.engine.params import RANGES, ParamError, SamplingParams, Thinking
+from textgen.engine.params import MAX_STOP_TOKEN_IDS, RANGES, ParamError, SamplingParams, Thinking
 from textgen.frontend.reasoning import THINK_CLOSE, THINK_OPEN, thinking_of
 from textgen.frontend.structured import may_constrain
 from textgen.frontend.templates import RenderedPrompt
@@ -220,7 +220,7 @@ class Frontend:
                 f"prediction must be at most {limit} characters (TEXTGEN_MAX_PROMPT_CHARS), "
                 f"got {len(request.prediction)}",
             )
-        self._check_logit_bias(request.params)
+        self._check_vocabulary(request.params)
         self._check_constraint(request.params)
         wanted = request.params.max_new_tokens
         if wanted is not None and wanted > self.settings.max_new_tokens:
@@ -230,15 +230,19 @@ class Frontend:
                 f"(TEXTGEN_MAX_NEW_TOKENS), got {wanted}",
             )
 
-    def _check_logit_bias(self, params: SamplingParams) -> None:
+    def _check_vocabulary(self, params: SamplingParams) -> None:
         vocab = len(self.tokenizer)
-        bad = next((t for t, _ in params.logit_bias if t >= vocab), None)
-        if bad is not None:
-            raise ParamError(
-                "logit_bias",
-                f'logit_bias holds token id "{bad}", outside this model\'s vocabulary [0, {vocab}); '
-                "POST /tokenize gives the ids of a text",
-            )
+        for name, ids in (
+            ("logit_bias", [t for t, _ in params.logit_bias]),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:
+                raise ParamError(
+                    name,
+                    f'{name} holds token id "{bad}", outside this model\'s vocabulary [0, {vocab}); '
+                    "POST /tokenize gives the ids of a text",
+                )
 
     def _check_constraint(self, params: SamplingParams) -> None:
         constraint = params.constraint
@@ -400,6 +404,25 @@ SHARED_SAMPLING_FIELDS = (
 )
 
 
+class OutputTextFields(BaseModel):
+    """vLLM's options for where the text ends and what it shows, defined once for /generate and the OpenAI
+    routes."""
+
+    stop_token_ids: list[int] = Field(
+        default_factory=list,
+        description="vLLM's: token ids that end the text when generated, as end-of-text does (not before "
+        f"min_tokens, but despite ignore_eos), at most {MAX_STOP_TOKEN_IDS}. POST /tokenize gives the ids.",
+    )
+    include_stop_str_in_output: bool = Field(
+        False, description="vLLM's: the stop string that ended the text is returned with it."
+    )
+    skip_special_tokens: bool = Field(
+        True,
+        description="vLLM's: false keeps special tokens (<|im_start|>, <|im_end|>, ...) in the text; "
+        "end-of-text still ends it, without its text.",
+    )
+
+
 class SpeculativeField(BaseModel):
     """The per-request switch for speculative decoding, defined once for /generate and the OpenAI routes
     (each protocol's request model inherits it; SHARED_SAMPLING_FIELDS carries it to SamplingParams)."""
@@ -445,4 +468,10 @@ def shared_sampling_fields(request: Any, defaults: Mapping[str, Any] | None = No
     output included: frontend/structured.py), with the model's `defaults` (model/sampling_defaults.py) for
     the fields the client did not set."""
     fields = {name: sampling_field(request, name, defaults) for name in SHARED_SAMPLING_FIELDS}
-    return fields | {"logit_bias": logit_bias_pairs(request.logit_bias), "constraint": request.constraint()}
+    return fields | {
+        "logit_bias": logit_bias_pairs(request.logit_bias),
+        "constraint": request.constraint(),
+        "stop_token_ids": tuple(request.stop_token_ids),
+        "include_stop_str_in_output": request.include_stop_str_in_output,
+        "skip_special_tokens": request.skip_special_tokens,
+    }
