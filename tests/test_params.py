@@ -99,3 +99,16 @@ def test_logit_bias_is_bounded_like_openais():
         SamplingParams(logit_bias=tuple((i, 1.0) for i in range(1025)))
     with pytest.raises(ParamError, match="token ids"):
         SamplingParams(logit_bias=((-1, 1.0),))
+
+
+def test_the_readmes_parameter_table_lists_every_generate_field():
+    """The README's Parameters table is the /generate body's reference: every field, and no other."""
+    import re
+    from pathlib import Path
+
+    from textgen.frontend.generate_protocol import GenerateRequest
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("## Parameters", 1)[1].split("\n\n| field |", 1)[1].split("\n\n", 1)[0]
+    documented = re.findall(r"^\| `(\w+)` \|", table, flags=re.M)
+    assert sorted(documented) == sorted(GenerateRequest.model_fields)
