@@ -191,15 +191,18 @@ def thought(opened: bool, budget: int | None, pieces: list[str]):
 
 def test_a_thought_is_found_in_the_text_counted_and_closed_at_its_budget():
     # The model opens and closes it, each tag split across tokens: the tokens between, the closing ones too
-    state, forced = thought(False, None, ["Hi ", "<th", "ink>", "a", "b", "</", "think", ">", "c", "d"])
+    state, forced = thought(False, None, ["\n", "<th", "ink>", "a", "b", "</", "think", ">", "c", "d"])
     assert state.over and state.tokens == 5 and forced == []
+    # As the answer is split (frontend/reasoning.py): a thought opens the answer or there is none
+    state, _ = thought(False, 2, ["Hi ", "<think>", "a", "b", "c", "d"])
+    assert state.over and state.tokens == 0 and state.forced() is None
     # Opened by the prompt; a budget of 3: the closing tag's tokens are forced, one a step, then nothing
     state, forced = thought(True, 3, ["a", "b", "c", "x", "x", "x", "d", "e"])
     assert forced == [1, 2, 3] and state.over and state.tokens == 6 and state.forced() is None
     state, forced = thought(True, 0, ["x", "x", "x", "a"])  # 0: closed before any thought
     assert forced == [1, 2, 3] and state.tokens == 3
-    state, forced = thought(False, 2, ["a", "b", "c", "<think>", "d", "e", "x", "x", "x", "f"])
-    assert forced == [1, 2, 3] and state.tokens == 5  # counted from its opening, not the output's start
+    state, forced = thought(False, 2, [" ", "<think>", "d", "e", "x", "x", "x", "f"])
+    assert forced == [1, 2, 3] and state.tokens == 5  # counted from its opening
     state, forced = thought(True, 4, ["a", "</think>", "b", "c", "d", "e"])
     assert forced == [] and state.tokens == 2  # closed by the model within its budget
 
