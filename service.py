@@ -59,7 +59,10 @@ docs_redirect = Starlette(routes=[Route("/", lambda request: RedirectResponse("/
 
 @bentoml.asgi_app(docs_redirect, path="/docs")
 @bentoml.asgi_app(
-    openai_routes.models_app(lambda: state.source.model_id), path="/v1"
+    openai_routes.models_app(
+        lambda: state.source.model_id, lambda: state.loaded.context_length if state.loaded else None
+    ),
+    path="/v1",
 )  # mounted after the APIs
 @bentoml.service(
     name="textgen",

@@ -54,10 +54,21 @@ def complete(client, model_id, **kwargs):
 # -- models --------------------------------------------------------------------------------------
 
 
-def test_models_lists_the_served_model(client):
+def test_models_lists_the_served_model(tiny_server, client, tiny_model_dir):
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny-gpt2"]
     assert models[0].object == "model"
+    # vLLM's max_model_len: the context, as the server loaded it
+    context = json.loads((tiny_model_dir / "config.json").read_text())["n_positions"]
+    assert models[0].model_extra["max_model_len"] == context
+    # The SDKs' models.retrieve, OpenAI's and Anthropic's
+    assert client.models.retrieve("tiny-gpt2").model_dump() == models[0].model_dump()
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4o")
+    assert "it serves 'tiny-gpt2'" in missing.value.body["message"]
+    with anthropic.Anthropic(base_url=tiny_server.url, api_key="unused", max_retries=0) as claude:
+        info = claude.models.retrieve("tiny-gpt2")
+    assert (info.id, info.type, info.display_name) == ("tiny-gpt2", "model", "tiny-gpt2")
 
 
 def test_the_routes_are_in_the_openapi_document(tiny_server):

@@ -126,11 +126,17 @@ def parse(frontend: Frontend, raw: Any, model: type[BaseModel], shape: ErrorShap
         req = model.model_validate(raw)
     except ValidationError as exc:
         return error_response(shape, invalid_body(exc))
+    unknown = _unknown_model(req.model, frontend.model_id, shape)
+    return unknown if unknown is not None else req
+
+
+def _unknown_model(requested: str | None, served: str, shape: ErrorShape) -> Response | None:
+    """The 404 for a model this server does not serve, or None."""
     try:
-        protocol.check_model(req.model, frontend.model_id)
+        protocol.check_model(requested, served)
     except LookupError as exc:
         return error_response(shape, Problem(404, str(exc), "model_not_found", "model"))
-    return req
+    return None
 
 
 def _handle(frontend: Frontend, raw: Any, model: type[BaseModel]) -> Response:
@@ -250,11 +256,25 @@ async def _events(
 # -- GET /v1/models ----------------------------------------------------------------------------------
 
 
-def models_app(model_id: Callable[[], str]) -> Starlette:
-    """GET /v1/models (mounted at /v1); `model_id` names the served model."""
+def models_app(model_id: Callable[[], str], context_length: Callable[[], int | None]) -> Starlette:
+    """GET /v1/models and GET /v1/models/{id} (the SDKs' models.retrieve), mounted at /v1; `model_id` names
+    the served model, `context_length` is its context once it is loaded (None before)."""
     started = int(time.time())  # the model's `created`: when this server started
 
-    async def list_models(request: Request) -> Response:
-        return JSONResponse(protocol.models_body(model_id(), started))
+    def served() -> dict[str, Any]:
+        return protocol.model_body(model_id(), started, context_length())
 
-    return Starlette(routes=[Route("/models", list_models, methods=["GET"])])
+    async def list_models(request: Request) -> Response:
+        return JSONResponse(protocol.models_body(served()))
+
+    async def retrieve_model(request: Request) -> Response:
+        model = served()
+        unknown = _unknown_model(request.path_params["model"], model["id"], OPENAI)
+        return unknown if unknown is not None else JSONResponse(model)
+
+    return Starlette(
+        routes=[
+            Route("/models", list_models, methods=["GET"]),
+            Route("/models/{model:path}", retrieve_model, methods=["GET"]),
+        ]
+    )

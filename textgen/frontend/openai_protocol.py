@@ -779,12 +779,19 @@ def envelope(call: Call, *, chunk: bool, **fields: Any) -> dict[str, Any]:
     return {"id": call.id, "object": obj, "created": call.created, "model": call.model, **fields}
 
 
-def models_body(model_id: str, created: int) -> dict[str, Any]:
-    """GET /v1/models in OpenAI's shape and Anthropic's at once (each client reads its own fields: OpenAI's
-    `object`, `created`, `owned_by`; Anthropic's `type`, `display_name`, `created_at`, `has_more`)."""
+def model_body(model_id: str, created: int, context_length: int | None) -> dict[str, Any]:
+    """The served model in OpenAI's shape and Anthropic's at once (each client reads its own fields: OpenAI's
+    `object`, `created`, `owned_by`; Anthropic's `type`, `display_name`, `created_at`), with vLLM's
+    `max_model_len` (its context, once loaded) for clients that size requests by it."""
     since = datetime.datetime.fromtimestamp(created, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
-    model = {"id": model_id, "object": "model", "created": created, "owned_by": "textgen"}
+    model = {"id": model_id, "object": "model", "created": created, "owned_by": "textgen", "root": model_id}
     model |= {"type": "model", "display_name": model_id, "created_at": since}
+    return model | ({"max_model_len": context_length} if context_length is not None else {})
+
+
+def models_body(model: dict[str, Any]) -> dict[str, Any]:
+    """GET /v1/models: the one served model (`model_body`), listed as OpenAI and Anthropic list models."""
+    model_id = model["id"]
     return {"object": "list", "data": [model], "has_more": False, "first_id": model_id, "last_id": model_id}
 
 
