@@ -68,6 +68,7 @@ def test_generate_sends_every_parameter_and_shows_the_streamed_text(monkeypatch,
     param(app, "slider", "no_repeat_ngram_size").set_value(3)
     param(app, "number_input", "seed").set_value(42)
     param(app, "text_area", "stop").input("zzzz\nqq\\tq")
+    param(app, "text_area", "stop_token_ids").input("510\n 511")  # ids this seed does not sample here
     param(app, "toggle", "ignore_eos").set_value(True)
     assert param(app, "selectbox", "speculative").value == "server default"
     param(app, "selectbox", "speculative").select("on")
@@ -95,6 +96,9 @@ def test_generate_sends_every_parameter_and_shows_the_streamed_text(monkeypatch,
         "logprobs": None,
         "seed": 42,
         "stop": ["zzzz", "qq\tq"],
+        "stop_token_ids": [510, 511],  # typed one per line, sent as integers
+        "include_stop_str_in_output": False,
+        "skip_special_tokens": True,
         "speculative": True,
         "template": "assistant",
         "postprocess": False,

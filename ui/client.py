@@ -146,6 +146,7 @@ class Param:
     maximum: float | None = None
     exclusive_minimum: bool = False
     choices: tuple[str, ...] = ()
+    item_type: str = ""  # an array's items' type: string (stop) or integer (stop_token_ids)
 
     @property
     def allowed(self) -> str:
@@ -231,6 +232,7 @@ def parse_request_schema(schema: Mapping[str, Any]) -> RequestSchema:
             maximum=prop.get("maximum"),
             exclusive_minimum=exclusive_minimum,
             choices=tuple(prop.get("enum", ())),
+            item_type=_json_type(prop.get("items", {})) if kind == "array" else "",
         )
     return RequestSchema(params)
 

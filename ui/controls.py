@@ -36,6 +36,9 @@ DECODING = (
     "min_tokens",
     "seed",
     "stop",
+    "include_stop_str_in_output",
+    "stop_token_ids",
+    "skip_special_tokens",
     "speculative",
 )
 POSTPROCESSING = (
@@ -105,7 +108,7 @@ def to_widget(param: Param, value: Any) -> Any:
     """A request value as its widget holds it (clamped into the widget's range)."""
     kind = widget_kind(param)
     if kind == "lines":
-        return "\n".join(escape_line(s) for s in value or [])
+        return "\n".join(escape_line(str(item)) for item in value or [])
     if kind == "choice3":
         return CHOICE3_LABELS[value if isinstance(value, bool) else None]  # isinstance: 1 is not True here
     if kind in ("slider", "number") and value is not None:
@@ -122,7 +125,8 @@ def from_widget(param: Param, value: Any) -> Any:
     """A widget value as the request sends it."""
     kind = widget_kind(param)
     if kind == "lines":
-        return [unescape_line(line) for line in str(value or "").split("\n") if line]
+        lines = [unescape_line(line) for line in str(value or "").split("\n") if line]
+        return [_integer(line) for line in lines] if param.item_type == "integer" else lines
     if kind == "choice3":
         return next((v for v, label in CHOICE3_LABELS.items() if label == value), None)
     if param.type == "number" and value is not None:
@@ -130,6 +134,15 @@ def from_widget(param: Param, value: Any) -> Any:
     if param.type == "integer" and value is not None:
         return int(value)
     return value
+
+
+def _integer(line: str) -> int | str:
+    """A line of an integer list (stop_token_ids) as its integer; anything else as typed, for the server's
+    400 to name the field."""
+    try:
+        return int(line.strip())
+    except ValueError:
+        return line
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
