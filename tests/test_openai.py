@@ -539,7 +539,10 @@ def test_content_parts_are_the_same_as_a_string(client, model_id):
     parts = client.chat.completions.create(messages=as_parts, **kwargs)
     string = client.chat.completions.create(messages=as_string, **kwargs)
     assert parts.choices[0].message.content == string.choices[0].message.content
-    assert parts.usage.model_dump() == string.usage.model_dump()
+    # the same prompt: the second is served from the prefix cache, so only their cached tokens differ
+    assert parts.usage.model_dump(exclude={"prompt_tokens_details"}) == string.usage.model_dump(
+        exclude={"prompt_tokens_details"}
+    )
 
 
 def test_max_completion_tokens_on_both_routes_and_both_names_when_equal(client, model_id):
