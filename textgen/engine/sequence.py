@@ -162,7 +162,7 @@ class Sequence:
         else:
             delta, stopped = self.stop_matcher.feed(text)
         if stopped:
-            kept = self.stop_matcher.matched if self.params.include_stop_str_in_output else ""
+            kept = self.stop_matcher.matched if self.params.include_stop_str_in_output else None
             self._finish("stop", delta + (kept or ""))
         elif stop_token:  # as vLLM, the stop token's own text stays (none for a special token)
             self._finish("stop", delta + self.stop_matcher.flush())

@@ -34,7 +34,6 @@ from textgen.engine.params import (
     SamplingParams,
     THINKING_BUDGET_RANGE,
 )
-from textgen.frontend.usage import TokenCounts
 from textgen.engine.outputs import TokenLogprob
 from textgen.frontend.prepare import (
     FieldNames,
@@ -45,6 +44,7 @@ from textgen.frontend.prepare import (
     shared_sampling_fields,
 )
 from textgen.frontend.structured import StructuredOutputFields
+from textgen.frontend.usage import TokenCounts
 from textgen.frontend.templates import RenderedPrompt, has_chat_template, render_chat
 from textgen.frontend.reasoning import (
     Effort,
