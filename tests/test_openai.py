@@ -187,27 +187,19 @@ def test_stop_cuts_before_the_stop_string(client, model_id):
 
 
 def test_vllms_stop_token_ids_and_include_stop_str_in_output(client, model_id, tokenizer):
-    text = complete(client, model_id, max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
-    ids = tokenizer(text.choices[0].text)["input_ids"]
+    def greedy(**extra):
+        return complete(client, model_id, max_tokens=30, temperature=0, extra_body=extra).choices[0]
+
+    whole = greedy(ignore_eos=True).text
+    ids = tokenizer(whole)["input_ids"]
     k = next(i for i in range(3, len(ids)) if ids[i] not in ids[:i])  # a token's first time
-    stopped = complete(
-        client, model_id, max_tokens=30, temperature=0, extra_body={"stop_token_ids": [ids[k]]}
-    )
-    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == k + 1
-    assert stopped.choices[0].text == tokenizer.decode(ids[: k + 1])
-    stop = text.choices[0].text[6:9]
-    kept = complete(
-        client,
-        model_id,
-        max_tokens=30,
-        temperature=0,
-        stop=stop,
-        extra_body={"include_stop_str_in_output": True},
-    )
-    whole = text.choices[0].text
-    assert kept.choices[0].text == whole[: whole.index(stop) + len(stop)]
+    stopped = greedy(stop_token_ids=[ids[k]])
+    assert stopped.finish_reason == "stop" and stopped.text == tokenizer.decode(ids[: k + 1])
+    stop = whole[6:9]
+    kept = greedy(stop=stop, include_stop_str_in_output=True)  # vLLM's extras, in the body as stop is
+    assert kept.text == whole[: whole.index(stop) + len(stop)]
     with pytest.raises(openai.BadRequestError) as bad:
-        complete(client, model_id, max_tokens=3, extra_body={"stop_token_ids": [len(tokenizer) + 5]})
+        greedy(stop_token_ids=[len(tokenizer) + 5])
     assert bad.value.body["param"] == "stop_token_ids"
 
 
