@@ -68,7 +68,6 @@ def test_generate_sends_every_parameter_and_shows_the_streamed_text(monkeypatch,
     param(app, "slider", "no_repeat_ngram_size").set_value(3)
     param(app, "number_input", "seed").set_value(42)
     param(app, "text_area", "stop").input("zzzz\nqq\\tq")
-    param(app, "text_area", "stop_token_ids").input("510\n 511")  # ids this seed does not sample here
     param(app, "toggle", "ignore_eos").set_value(True)
     assert param(app, "selectbox", "speculative").value == "server default"
     param(app, "selectbox", "speculative").select("on")
@@ -96,7 +95,7 @@ def test_generate_sends_every_parameter_and_shows_the_streamed_text(monkeypatch,
         "logprobs": None,
         "seed": 42,
         "stop": ["zzzz", "qq\tq"],
-        "stop_token_ids": [510, 511],  # typed one per line, sent as integers
+        "stop_token_ids": [],
         "include_stop_str_in_output": False,
         "skip_special_tokens": True,
         "speculative": True,
@@ -294,6 +293,14 @@ def test_stop_strings_round_trip_through_the_text_box():
     values = ["\n\n", "User:", "a\\b", "\t"]
     assert controls.to_widget(stop, values) == "\\n\\n\nUser:\na\\\\b\n\\t"
     assert controls.from_widget(stop, controls.to_widget(stop, values)) == values
+
+
+def test_token_ids_are_typed_one_per_line_and_sent_as_integers():
+    ids = SCHEMA.params["stop_token_ids"]
+    assert ids.item_type == "integer" and controls.widget_kind(ids) == "lines"
+    assert controls.to_widget(ids, [510, 7]) == "510\n7"
+    # anything but an integer goes out as typed, for the server's 400 to name the field
+    assert controls.from_widget(ids, "510\n 7 \n\nseven") == [510, 7, "seven"]
 
 
 def test_widgets_respect_the_schemas_bounds():
