@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from textgen.engine.json_schema import enforced_schema
 from textgen.engine.params import Constraint, ParamError
 from textgen.frontend.reasoning import may_open, template_text
 
@@ -194,7 +195,8 @@ class ToolUse:
 
     def _parameters(self, name: str | None) -> dict[str, Any]:
         (tool,) = [t for t in self.tools if t.function.name == name]
-        return closed(tool.function.parameters or NO_PARAMETERS)
+        # Closed as the grammar closes any schema: tool_choice "required"'s grammar holds them inline
+        return json.loads(enforced_schema(tool.function.parameters or NO_PARAMETERS))
 
     def _calls_grammar(self) -> str:
         """A Lark grammar (llguidance's, with inline JSON schemas) of Hermes calls, one per line."""
@@ -260,34 +262,6 @@ class ToolUse:
         if found.get("name") not in {t.function.name for t in self.tools} or not isinstance(arguments, dict):
             return None
         return _call(found["name"], json.dumps(arguments, ensure_ascii=False))
-
-
-# Where a JSON schema holds schemas (the rest of its keys are values: `properties`' keys are names).
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
-
-
-def closed(schema: Any) -> Any:
-    """`schema` with every object that lists `properties` closed to others unless it says otherwise, as
-    OpenAI's strict mode and vLLM's default grammar engine (xgrammar's strict mode) read tool parameters.
-    Forced calls of SmolLM2 with open objects went on adding keys ("country", "location") that no function
-    takes, until the token budget ran out."""
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: closed(sub) for name, sub in out[key].items()}
-    for key in _SUBSCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [closed(sub) for sub in out[key]]
-    for key in _SUBSCHEMAS:
-        if key in out:
-            out[key] = closed(out[key])
-    if "properties" in out and not {"additionalProperties", "unevaluatedProperties"} & out.keys():
-        out["additionalProperties"] = False
-    return out
 
 
 def _call(name: str, arguments: str) -> dict[str, Any]:
