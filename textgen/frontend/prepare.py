@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -208,18 +209,9 @@ class Frontend:
                 continue
             if not prompt.user_text.strip():
                 raise ParamError(names.prompt, f"{names.prompt} must contain some non-whitespace text")
-            if len(prompt.user_text) > limit:
-                raise ParamError(
-                    names.prompt,
-                    f"{names.prompt} must be at most {limit} characters (TEXTGEN_MAX_PROMPT_CHARS), "
-                    f"got {len(prompt.user_text)}",
-                )
-        if request.prediction is not None and len(request.prediction) > limit:
-            raise ParamError(
-                "prediction",
-                f"prediction must be at most {limit} characters (TEXTGEN_MAX_PROMPT_CHARS), "
-                f"got {len(request.prediction)}",
-            )
+            _check_length(names.prompt, prompt.user_text, limit)
+        if request.prediction is not None:
+            _check_length("prediction", request.prediction, limit)
         self._check_vocabulary(request.params)
         self._check_constraint(request.params)
         wanted = request.params.max_new_tokens
@@ -305,8 +297,12 @@ class Frontend:
         opened = thinking_of(self.tokenizer, prompt.text, request.params.constraint is not None)
         if opened is None:
             return None
-        close_ids = tuple(self.tokenizer.encode(THINK_CLOSE, add_special_tokens=False))
-        return Thinking(THINK_OPEN, THINK_CLOSE, close_ids, opened, request.thinking_budget)
+        return Thinking(THINK_OPEN, THINK_CLOSE, self._think_close_ids, opened, request.thinking_budget)
+
+    @functools.cached_property
+    def _think_close_ids(self) -> tuple[int, ...]:
+        """The tokens a thought's budget forces: tokenized once, not per request."""
+        return tuple(self.tokenizer.encode(THINK_CLOSE, add_special_tokens=False))
 
     @staticmethod
     def _check_context(n: int, request: PromptRequest, context: int) -> None:
@@ -438,6 +434,14 @@ class SpeculativeField(BaseModel):
         "encoder-decoder models, are never speculated.",
         json_schema_extra={"nullable": True},
     )
+
+
+def _check_length(field_name: str, text: str, limit: int) -> None:
+    if len(text) > limit:
+        raise ParamError(
+            field_name,
+            f"{field_name} must be at most {limit} characters (TEXTGEN_MAX_PROMPT_CHARS), got {len(text)}",
+        )
 
 
 def checked_defaults(defaults: SamplingDefaults) -> SamplingDefaults:
