@@ -336,8 +336,50 @@ def test_the_responses_api_gives_the_thought_as_a_reasoning_item():
         "message",
     ]
     assert final["output"][0]["content"] == [{"type": "reasoning_text", "text": "\nParis is in France.\n"}]
+    assert all(d["logprobs"] == [] for d in data if d["type"] == "response.output_text.delta")
     # Sent back as input, as the Agents SDK does, a reasoning item is left out of the conversation.
     again = ResponsesRequest.model_validate(
         {"input": [final["output"][0], {"role": "user", "content": "And Italy?"}]}
     )
     assert [m.role for m in again.to_chat().messages] == ["user"]
+
+
+def test_a_thoughts_tokens_are_not_scored_as_the_message(tiny_model_dir):
+    """The Responses API's message logprobs: the tokens of its text, not the thought's before it, in a whole
+    answer (replayed token by token) as in its stream."""
+    import asyncio
+
+    from tests.test_openai import FakeHandle, collect, result
+    from textgen.api import openai_responses
+    from textgen.engine.outputs import Event, TokenLogprob
+    from textgen.engine.params import SamplingParams
+    from textgen.frontend.openai_protocol import AnswerStream
+    from textgen.frontend.prepare import Choice, Prepared, PromptRequest
+    from textgen.frontend.responses_protocol import ResponseShape, ResponsesRequest, message_logprobs
+    from textgen.frontend.templates import RenderedPrompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok(THOUGHT)["input_ids"]
+    scores = [TokenLogprob(t, -float(i)) for i, t in enumerate(ids)]
+    answer = result("eos", completion_tokens=len(ids))
+    answer.logprobs = scores
+    params = SamplingParams(max_new_tokens=20, logprobs=0)
+    entries = message_logprobs(tok, [], params, answer, False, None)
+    tokens = [e["token"] for e in entries]
+    assert "".join(tokens).lstrip() == "Paris." and "</" not in "".join(tokens)
+    assert [e["logprob"] for e in entries] == [-float(i) for i in range(len(ids) - len(tokens), len(ids))]
+    assert message_logprobs(tok, [], params, answer, None, None)[0]["token"] == tok.decode(ids[:1])
+
+    request = ResponsesRequest.model_validate(
+        {"input": "Capital of France?", "include": ["message.output_text.logprobs"]}
+    )
+    prepared = Prepared(PromptRequest([RenderedPrompt("abc")], params), [[1, 2, 3]], [Choice(0, params)])
+    events = [Event(tok.decode([t]), logprobs=[s]) for t, s in zip(ids, scores)]
+    handle = FakeHandle(events + [Event("", result("eos"))])
+    stream = openai_responses._events(
+        ResponseShape(request, "m"), prepared, handle, AnswerStream(False, None), tok
+    )
+    data = [json.loads(e.removeprefix("data: ")) for e in asyncio.run(collect(stream))]
+    streamed = [e for d in data if d["type"] == "response.output_text.delta" for e in d["logprobs"]]
+    assert streamed == entries
+    assert data[-1]["response"]["output"][1]["content"][0]["logprobs"] == entries

@@ -110,6 +110,46 @@ def test_stream_events_build_the_final_response(client):
     assert final.status == "completed" and json.loads(final.output_text) in ({"ok": True}, {"ok": False})
 
 
+def test_the_messages_tokens_are_scored_as_chat_scores_them(client):
+    """include "message.output_text.logprobs" (OpenAI's, vLLM's): the message's tokens with their
+    log-probabilities and top_logprobs alternatives, in the whole answer and in the stream's deltas."""
+    kwargs = dict(model=MODEL, input="What is AI?", max_output_tokens=6, temperature=0)
+    scored = dict(include=["message.output_text.logprobs"], top_logprobs=2)
+    whole = client.responses.create(**kwargs, **scored)
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is AI?"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    (part,) = whole.output[0].content
+    expected = chat.choices[0].logprobs.content
+    assert whole.top_logprobs == 2 and part.text == chat.choices[0].message.content
+    assert [e.token for e in part.logprobs] == [e.token for e in expected] and len(expected) == 6
+    assert [e.logprob for e in part.logprobs] == pytest.approx([e.logprob for e in expected], abs=1e-4)
+    for entry, reference in zip(part.logprobs, expected):
+        assert entry.bytes == list(entry.token.encode()) and len(entry.top_logprobs) == 2
+        assert [t.token for t in entry.top_logprobs] == [t.token for t in reference.top_logprobs]
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6  # greedy: the likeliest
+    events = list(client.responses.create(**kwargs, **scored, stream=True))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    streamed = [entry for d in deltas for entry in d.logprobs]
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert [e.token for e in streamed] == [e.token for e in done.logprobs] == [e.token for e in part.logprobs]
+
+    def dump(entries):  # the events' and the response's own SDK types, as plain data
+        return [e.model_dump() for e in entries]
+
+    assert dump(events[-1].response.output[0].content[0].logprobs) == dump(done.logprobs) == dump(streamed)
+    # Not asked for (top_logprobs alone asks for nothing, as in vLLM): empty lists, as OpenAI sends them.
+    plain = client.responses.create(**kwargs, top_logprobs=2)
+    assert plain.output[0].content[0].logprobs == []
+    events = list(client.responses.create(**kwargs, stream=True))
+    assert all(e.logprobs == [] for e in events if e.type == "response.output_text.delta")
+
+
 def check_calls(output) -> list:
     calls = [item for item in output if item.type == "function_call"]
     assert calls
@@ -195,7 +235,9 @@ def test_text_format_constrains_the_output(client):
             "text.format",
         ),
         ({"reasoning": {"effort": "extreme"}}, "reasoning"),
-        ({"include": ["message.output_text.logprobs"]}, "include"),
+        ({"include": ["file_search_call.results"]}, "include"),
+        ({"include": ["message.output_text.logprobs"], "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": -1}, "top_logprobs"),
     ],
 )
 def test_what_cannot_be_served_is_a_400_naming_the_field(long_context_server, body, param):

@@ -48,14 +48,20 @@ def _handle(frontend: Frontend, raw: Any) -> Response:
     thinking = prompt_thinks(prepared)
     shape = protocol.ResponseShape(req, frontend.model_id)
     timeout = frontend.settings.request_timeout
+    tokenizer = frontend.tokenizer
     if req.stream:
         answer = AnswerStream(thinking, tools)
-        return event_stream(_events(shape, prepared, handle, answer), [handle], timeout)
+        return event_stream(_events(shape, prepared, handle, answer, tokenizer), [handle], timeout)
 
     def body(
         reasoning: str | None, text: str, reply: ToolReply | None, result: GenerationResult
     ) -> dict[str, Any]:
-        output = protocol.output_items(text, reply, reasoning)
+        (choice,) = prepared.choices
+        scores = None
+        if req.wants_logprobs:
+            prompt_ids = prepared.prompt_ids[choice.prompt]
+            scores = protocol.message_logprobs(tokenizer, prompt_ids, choice.params, result, thinking, tools)
+        output = protocol.output_items(text, reply, reasoning, scores)
         usage = protocol.usage_body(TokenCounts.of(prepared, [result]))
         return shape.body(protocol.status_of(result.finish_reason), output, usage)
 
@@ -65,9 +71,11 @@ def _handle(frontend: Frontend, raw: Any) -> Response:
 class _Items:
     """The output items of a streamed answer as they open, grow and close, and the events that say so."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokenizer: Any) -> None:
         self.items: list[dict[str, Any]] = []
         self.text = ""  # the open message's (or reasoning item's) text
+        self.scores = protocol.MessageLogprobs(tokenizer)
+        self.logprobs: list[dict[str, Any]] = []  # the open message's tokens' scores, when asked
         self.arguments = ""  # the open call's arguments
         self.open: str | None = None  # "reasoning", "message" or "call"
         self.sequence = itertools.count()
@@ -75,12 +83,13 @@ class _Items:
     def event(self, kind: str, **fields: Any) -> str:
         return sse({"type": kind, "sequence_number": next(self.sequence), **fields})
 
-    def content(self, text: str) -> list[str]:
+    def content(self, text: str, logprobs: list[dict[str, Any]]) -> list[str]:
+        """Message text, and its tokens' scores (MessageLogprobs; [] unless asked)."""
         if self.open != "message":
             events = self.close()
             item = protocol.message_item("", status="in_progress")
             self.items.append(item)
-            self.open, self.text = "message", ""
+            self.open, self.text, self.logprobs = "message", "", []
             part = protocol.output_text("")
             events += [
                 self.event("response.output_item.added", output_index=self._index, item=item),
@@ -89,7 +98,11 @@ class _Items:
         else:
             events = []
         self.text += text
-        return events + [self.event("response.output_text.delta", **self._where, content_index=0, delta=text)]
+        self.logprobs += logprobs
+        delta = self.event(
+            "response.output_text.delta", **self._where, content_index=0, delta=text, logprobs=logprobs
+        )
+        return events + [delta]
 
     def reasoning(self, text: str) -> list[str]:
         events = []
@@ -123,10 +136,13 @@ class _Items:
         """The open item's closing events; its completed form replaces it."""
         where, item = self._where if self.open else {}, self.items[-1] if self.items else None
         if self.open == "message" and item is not None:
-            part = protocol.output_text(self.text)
-            done = protocol.message_item(self.text, item["id"])
+            text, logprobs = self.text, self.logprobs
+            part = protocol.output_text(text, logprobs)
+            done = protocol.message_item(text, item["id"], logprobs=logprobs)
             events = [
-                self.event("response.output_text.done", **where, content_index=0, text=self.text),
+                self.event(
+                    "response.output_text.done", **where, content_index=0, text=text, logprobs=logprobs
+                ),
                 self.event("response.content_part.done", **where, content_index=0, part=part),
             ]
         elif self.open == "reasoning" and item is not None:
@@ -153,10 +169,14 @@ class _Items:
 
 
 async def _events(
-    shape: protocol.ResponseShape, prepared: Prepared, handle: RequestHandle, answer: AnswerStream
+    shape: protocol.ResponseShape,
+    prepared: Prepared,
+    handle: RequestHandle,
+    answer: AnswerStream,
+    tokenizer: Any = None,
 ) -> AsyncIterator[str]:
     """The Responses API's events for one answer; leaving early (client disconnect) cancels it."""
-    out = _Items()
+    out = _Items(tokenizer)
     start = shape.body("in_progress", [])
     yield out.event("response.created", response=start)
     yield out.event("response.in_progress", response=start)
@@ -171,7 +191,8 @@ async def _events(
                 parts = parts + answer.finish()
             for piece in out.reasoning(parts.reasoning) if parts.reasoning else []:
                 yield piece
-            for piece in out.content(parts.content) if parts.content else []:
+            logprobs = out.scores.take(parts, event.logprobs, answer)
+            for piece in out.content(parts.content, logprobs) if parts.content else []:
                 yield piece
             for piece in (e for c in parts.calls for e in out.call(c)):
                 yield piece

@@ -691,6 +691,11 @@ class AnswerStream:
     def finish_reason(self, reason: str) -> str:
         return self.tools.use.finish_reason(reason, self.reply) if self.tools and self.reply else reason
 
+    @property
+    def in_thought(self) -> bool:
+        """Whether the text so far ends in a thought, or after its closing tag before the answer."""
+        return self.thoughts is not None and self.thoughts.state in ("reasoning", "after")
+
     def _content(self, reasoning: str, content: str) -> AnswerParts:
         if self.tools is None or not content:
             return AnswerParts(reasoning, content)

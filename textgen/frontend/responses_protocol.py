@@ -18,12 +18,24 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from textgen.engine.params import ParamError
-from textgen.frontend.openai_protocol import ChatCompletionRequest, ChatDialect, OpenAIBookkeeping
+from textgen.engine.detokenize import IncrementalDetokenizer
+from textgen.engine.outputs import GenerationResult, TokenLogprob
+from textgen.engine.params import RANGES, ParamError, SamplingParams
+from textgen.frontend.openai_protocol import (
+    AnswerParts,
+    AnswerStream,
+    ChatCompletionRequest,
+    ChatDialect,
+    OpenAIBookkeeping,
+    chat_logprobs,
+)
 from textgen.frontend.prepare import FieldNames, SpeculativeField
 from textgen.frontend.reasoning import Effort
-from textgen.frontend.tools import ToolReply
+from textgen.frontend.tools import ToolReply, ToolUse
 from textgen.frontend.usage import TokenCounts
+
+# What `include` names to have the message's tokens scored.
+LOGPROBS = "message.output_text.logprobs"
 
 # The chat fields a Responses request's errors are about, under the Responses names.
 RESPONSES_NAMES = {
@@ -117,8 +129,14 @@ class ResponsesRequest(SpeculativeField, OpenAIBookkeeping, ChatDialect):
     )
     include: list[str] | None = Field(
         None,
-        description='Extra output to include: "reasoning.encrypted_content" is accepted and adds nothing (a '
+        description='Extra output to include: "message.output_text.logprobs" (each token of the message\'s '
+        'text with its log-probability); "reasoning.encrypted_content" is accepted and adds nothing (a '
         "thought comes as plain reasoning_text); others are a 400.",
+    )
+    top_logprobs: int | None = Field(
+        None,
+        description='With include "message.output_text.logprobs": also the likeliest alternatives at each '
+        "position, 0 to 20.",
     )
     metadata: dict[str, str] | None = Field(None, description="Returned as given.")
     user: str | None = Field(None, description="Accepted and ignored.")
@@ -140,10 +158,14 @@ class ResponsesRequest(SpeculativeField, OpenAIBookkeeping, ChatDialect):
                 "textgen keeps no responses, so previous_response_id cannot be followed: send the whole "
                 "conversation in `input` (earlier messages, function_call and function_call_output items)",
             )
-        unknown = sorted(set(self.include or ()) - {"reasoning.encrypted_content"})
+        unknown = sorted(set(self.include or ()) - {"reasoning.encrypted_content", LOGPROBS})
         if unknown:
             raise ParamError("include", f"textgen cannot include {', '.join(unknown)}; leave them out")
         body: dict[str, Any] = {"messages": self._messages()}
+        if self.top_logprobs is not None:
+            RANGES["logprobs"].check("top_logprobs", self.top_logprobs)
+        if self.wants_logprobs:  # as vLLM reads them: top_logprobs alone asks for nothing
+            body |= {"logprobs": True, "top_logprobs": self.top_logprobs or 0}
         given = self.model_fields_set
         extras = ("seed", "top_k", "min_p", "repetition_penalty", "speculative")
         for name in ("model", "temperature", "top_p", *extras):
@@ -170,6 +192,10 @@ class ResponsesRequest(SpeculativeField, OpenAIBookkeeping, ChatDialect):
                 {"json_schema": schema} if fmt.type == "json_schema" else {}
             )
         return ChatCompletionRequest.model_validate(body)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return LOGPROBS in (self.include or ())
 
     def _messages(self) -> list[dict[str, Any]]:
         """`instructions` and `input` as chat messages: a function_call joins the assistant turn before it."""
@@ -289,6 +315,7 @@ class ResponseShape:
             "parallel_tool_calls": req.parallel_tool_calls,
             "temperature": req.temperature,
             "top_p": req.top_p,
+            "top_logprobs": req.top_logprobs,
             "tool_choice": choice or ("auto" if tools else "none"),
             "tools": tools,
             "text": {"format": fmt or {"type": "text"}},
@@ -334,8 +361,13 @@ def usage_body(counts: TokenCounts) -> dict[str, Any]:
     }
 
 
-def message_item(text: str, item_id: str | None = None, status: str = "completed") -> dict[str, Any]:
-    content = [] if status == "in_progress" else [output_text(text)]
+def message_item(
+    text: str,
+    item_id: str | None = None,
+    status: str = "completed",
+    logprobs: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    content = [] if status == "in_progress" else [output_text(text, logprobs)]
     return {
         "type": "message",
         "id": item_id or _id("msg"),
@@ -345,8 +377,9 @@ def message_item(text: str, item_id: str | None = None, status: str = "completed
     }
 
 
-def output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": []}
+def output_text(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A message's text; `logprobs` its tokens' (include "message.output_text.logprobs"), else []."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
 def call_item(call: dict[str, Any], item_id: str | None = None, status: str = "completed") -> dict[str, Any]:
@@ -373,10 +406,61 @@ def reasoning_item(text: str, item_id: str | None = None, status: str = "complet
     }
 
 
-def output_items(text: str, reply: ToolReply | None, reasoning: str | None = None) -> list[dict[str, Any]]:
-    """A whole answer's output: its thought (if any), its text as a message (if any), then its calls."""
+def output_items(
+    text: str,
+    reply: ToolReply | None,
+    reasoning: str | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """A whole answer's output: its thought (if any), its text as a message (if any), then its calls;
+    `logprobs`: the message's tokens' (`message_logprobs`)."""
     items = [reasoning_item(reasoning)] if reasoning is not None else []
     if reply is None:
-        return items + [message_item(text)]
-    items += [message_item(reply.content)] if reply.content else []
+        return items + [message_item(text, logprobs=logprobs)]
+    items += [message_item(reply.content, logprobs=logprobs)] if reply.content else []
     return items + [call_item(c) for c in reply.calls]
+
+
+class MessageLogprobs:
+    """The log-probabilities of the tokens whose text became the answer's message (its output_text), in
+    the Responses API's shape; a thought's tokens (its tags' too) and a tool call's are not the message's.
+    A step's scores go with the message text its text released: text held back (a call that may be
+    starting) keeps its scores waiting, and they are dropped if it turns out to be a call."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.waiting: list[TokenLogprob] = []
+
+    def take(
+        self, parts: AnswerParts, scores: list[TokenLogprob] | None, answer: AnswerStream
+    ) -> list[dict[str, Any]]:
+        """The entries to send with `parts`' message text (none without any): `scores` are the step's
+        that `answer` (its AnswerStream) split into `parts`."""
+        if answer.in_thought:
+            self.waiting = []
+            return []
+        self.waiting += scores or []
+        if not parts.content:
+            if parts.calls:
+                self.waiting = []
+            return []
+        taken, self.waiting = self.waiting, []
+        return chat_logprobs(self.tokenizer, taken)["content"]
+
+
+def message_logprobs(
+    tokenizer: Any,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    result: GenerationResult,
+    thinking: bool | None,
+    tools: ToolUse | None,
+) -> list[dict[str, Any]]:
+    """A whole answer's message logprobs: its tokens replayed one at a time, split as its stream is."""
+    text = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
+    answer, message = AnswerStream(thinking, tools), MessageLogprobs(tokenizer)
+    entries = []
+    for score in result.logprobs or []:
+        entries += message.take(answer.feed(text.push(score.token)), [score], answer)
+    last = answer.feed(text.flush())
+    return entries + message.take(last + answer.finish(), None, answer)
