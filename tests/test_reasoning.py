@@ -306,7 +306,7 @@ def test_the_responses_api_gives_the_thought_as_a_reasoning_item():
     from textgen.api import openai_responses
     from textgen.engine.outputs import Event
     from textgen.engine.params import SamplingParams
-    from textgen.frontend.openai_protocol import AnswerStream, split_answer
+    from textgen.frontend.answer import AnswerStream, split_answer
     from textgen.frontend.prepare import Choice, Prepared, PromptRequest
     from textgen.frontend.responses_protocol import ResponseShape, ResponsesRequest, output_items
     from textgen.frontend.templates import RenderedPrompt
@@ -353,7 +353,7 @@ def test_a_thoughts_tokens_are_not_scored_as_the_message(tiny_model_dir):
     from textgen.api import openai_responses
     from textgen.engine.outputs import Event, TokenLogprob
     from textgen.engine.params import SamplingParams
-    from textgen.frontend.openai_protocol import AnswerStream
+    from textgen.frontend.answer import AnswerStream
     from textgen.frontend.prepare import Choice, Prepared, PromptRequest
     from textgen.frontend.responses_protocol import ResponseShape, ResponsesRequest, message_logprobs
     from textgen.frontend.templates import RenderedPrompt

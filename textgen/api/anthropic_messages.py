@@ -17,7 +17,7 @@ from textgen.engine.handle import RequestHandle
 from textgen.engine.outputs import GenerationResult
 from textgen.engine.params import ParamError
 from textgen.frontend import messages_protocol as protocol
-from textgen.frontend.openai_protocol import AnswerParts, AnswerStream, prompt_thinks
+from textgen.frontend.answer import AnswerParts, AnswerStream, prompt_thinks
 from textgen.frontend.prepare import Frontend, Prepared
 from textgen.frontend.tools import ToolReply
 from textgen.frontend.usage import TokenCounts

@@ -26,7 +26,8 @@ from textgen.engine.handle import RequestHandle
 from textgen.engine.params import ParamError
 from textgen.engine.outputs import GenerationResult, QueueFull
 from textgen.frontend import openai_protocol as protocol
-from textgen.frontend.openai_protocol import Call, split_answer
+from textgen.frontend.answer import AnswerParts, AnswerStream, split_answer
+from textgen.frontend.openai_protocol import Call
 from textgen.frontend.tools import ToolReply, ToolUse
 from textgen.frontend.prepare import Frontend, Prepared
 from textgen.frontend.usage import TokenCounts
@@ -218,7 +219,7 @@ async def _events(
                 )
         results: list[GenerationResult | None] = [None] * len(handles)
         # Each chat choice's text as reasoning, content and tool calls, as it comes.
-        answers = [protocol.AnswerStream(call.thinking, call.tools) for _ in handles]
+        answers = [AnswerStream(call.thinking, call.tools) for _ in handles]
         while any(r is None for r in results):
             i, event = await merged.get()
             reason = None
@@ -231,7 +232,7 @@ async def _events(
                     return
                 parts = parts + answers[i].finish()
                 reason = answers[i].finish_reason(protocol.finish_reason(event.result.finish_reason))
-            elif not event.text or (parts == protocol.AnswerParts() and event.logprobs is None):
+            elif not event.text or (parts == AnswerParts() and event.logprobs is None):
                 continue  # nothing yet, or text held back until it is known (its logprobs still go out)
             scores = protocol.logprobs_body(call, tokenizer, event.logprobs)
             chunk = protocol.chunk_choice(

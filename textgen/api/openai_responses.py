@@ -17,7 +17,7 @@ from textgen.engine.handle import RequestHandle
 from textgen.engine.outputs import GenerationResult
 from textgen.frontend import responses_protocol as protocol
 from textgen.frontend.prepare import Frontend, Prepared
-from textgen.frontend.openai_protocol import AnswerStream, prompt_thinks
+from textgen.frontend.answer import AnswerStream, prompt_thinks
 from textgen.frontend.tools import ToolReply
 from textgen.frontend.usage import TokenCounts
 

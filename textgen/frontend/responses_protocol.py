@@ -21,9 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from textgen.engine.detokenize import IncrementalDetokenizer
 from textgen.engine.outputs import GenerationResult, TokenLogprob
 from textgen.engine.params import RANGES, ParamError, SamplingParams
+from textgen.frontend.answer import AnswerParts, AnswerStream
 from textgen.frontend.openai_protocol import (
-    AnswerParts,
-    AnswerStream,
     ChatCompletionRequest,
     ChatDialect,
     OpenAIBookkeeping,
