@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -269,6 +270,40 @@ def test_min_tokens_and_logit_bias_in_the_engine(engine, encode, loaded_tiny):
     result = held.wait(30)
     assert result.finish_reason == "eos" and result.completion_tokens == 7
     assert eos not in held.sequence.output_ids[:6]
+
+
+def test_a_bad_words_last_token_is_banned_after_the_rest_of_it(loaded_tiny):
+    from textgen.engine.speculative import banned_after
+
+    params = SamplingParams(bad_words_ids=((7,), (5, 6, 9)), no_repeat_ngram_size=0)
+    seq = Sequence([5, 6], params, loaded_tiny.tokenizer, set(), 256, lambda event: None)
+    assert seq.banned_tokens() == {7}  # a one-token word always; the prompt's "5 6" does not count
+    seq.append(5)
+    assert seq.banned_tokens() == {7}
+    seq.append(6)
+    assert seq.banned_tokens() == {7, 9}
+    assert banned_after(seq, [8]) == {7} and banned_after(seq, [5, 6]) == {7, 9}  # as drafts are checked
+
+
+def test_allowed_token_ids_and_bad_words_in_the_engine(engine, encode):
+    """vLLM's allowed_token_ids: the only tokens sampled; bad_words (as token sequences): a word's last
+    token is never sampled right after the rest of it."""
+    ids = encode(PROMPTS[0])
+    allowed = tuple(range(100, 140))
+    free = dict(temperature=1.5, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, ignore_eos=True)
+    handle = engine.submit(ids, SamplingParams(max_new_tokens=30, seed=1, allowed_token_ids=allowed, **free))
+    handle.wait(30)
+    assert len(handle.sequence.output_ids) == 30 and set(handle.sequence.output_ids) <= set(allowed)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    plain = engine.submit(ids, greedy)
+    plain.wait(30)
+    out = plain.sequence.output_ids
+    pair = (out[0], out[1])
+    banned = engine.submit(ids, dataclasses.replace(greedy, bad_words_ids=(pair,)))
+    banned.wait(30)
+    got = banned.sequence.output_ids
+    assert got[0] == out[0] and got[1] != out[1] and len(got) == 12
+    assert pair not in set(zip(got, got[1:]))
 
 
 def greedy_with_count_penalties(

@@ -203,6 +203,54 @@ def test_vllms_stop_token_ids_and_include_stop_str_in_output(client, model_id, t
     assert bad.value.body["param"] == "stop_token_ids"
 
 
+def test_vllms_allowed_token_ids_bad_words_and_truncate_prompt_tokens(client, model_id, tokenizer):
+    def greedy(logprobs=None, **extra):
+        return complete(client, model_id, max_tokens=12, temperature=0, logprobs=logprobs, extra_body=extra)
+
+    said = greedy(ignore_eos=True, logprobs=0).choices[0].logprobs.tokens
+    # A word the answer says after a space, one token there (" quick"; "quick" alone is two here, the
+    # spaced form vLLM's rule would miss): never said, at the start or after a space
+    word = next(w for w in said[1:] if w[0] == " " and w[1:].isalpha())
+    tokens = greedy(ignore_eos=True, bad_words=[word.strip()], logprobs=0).choices[0].logprobs.tokens
+    assert len(tokens) == 12 and word not in tokens
+    ids = tokenizer("".join(said))["input_ids"]
+    # Sampled, only the allowed tokens come (their texts, as logprobs name them)
+    allowed = sorted(set(ids))[:4]
+    sampled = complete(
+        client,
+        model_id,
+        max_tokens=10,
+        temperature=1.5,
+        seed=2,
+        logprobs=0,
+        extra_body={"allowed_token_ids": allowed, "ignore_eos": True},
+    ).choices[0]
+    assert set(sampled.logprobs.tokens) <= {tokenizer.decode([t]) for t in allowed}
+    # The prompt's last tokens only
+    long_prompt = PROMPT * 40
+    kept = complete(
+        client, model_id, prompt=long_prompt, max_tokens=2, extra_body={"truncate_prompt_tokens": 5}
+    )
+    assert kept.usage.prompt_tokens == 5
+    context = client.models.retrieve(model_id).max_model_len
+    with pytest.raises(openai.BadRequestError) as bad:
+        complete(client, model_id, prompt=long_prompt * 10, max_tokens=2)
+    assert "truncate_prompt_tokens" in bad.value.body["message"]
+    fits = complete(
+        client, model_id, prompt=long_prompt * 10, max_tokens=2, extra_body={"truncate_prompt_tokens": -1}
+    )
+    assert fits.usage.prompt_tokens == context - 2 and fits.usage.completion_tokens == 2
+    for extra, param in (
+        ({"allowed_token_ids": [len(tokenizer) + 1]}, "allowed_token_ids"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"bad_words": [" "]}, "bad_words"),
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ):
+        with pytest.raises(openai.BadRequestError) as bad:
+            greedy(**extra)
+        assert bad.value.body["param"] == param, bad.value.body
+
+
 def test_echo_prepends_the_prompt(client, model_id):
     plain = complete(client, model_id, max_tokens=5, temperature=0).choices[0].text
     assert (

@@ -98,6 +98,8 @@ def test_generate_sends_every_parameter_and_shows_the_streamed_text(monkeypatch,
         "stop_token_ids": [],
         "include_stop_str_in_output": False,
         "skip_special_tokens": True,
+        "allowed_token_ids": None,  # an empty list box: unset, not an empty list (which would allow nothing)
+        "bad_words": [],
         "speculative": True,
         "template": "assistant",
         "postprocess": False,

@@ -126,6 +126,8 @@ def from_widget(param: Param, value: Any) -> Any:
     kind = widget_kind(param)
     if kind == "lines":
         lines = [unescape_line(line) for line in str(value or "").split("\n") if line]
+        if not lines and param.default is None:
+            return None  # a list that is unset by default (allowed_token_ids): an empty one would mean none
         return [_integer(line) for line in lines] if param.item_type == "integer" else lines
     if kind == "choice3":
         return next((v for v, label in CHOICE3_LABELS.items() if label == value), None)

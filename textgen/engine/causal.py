@@ -20,7 +20,7 @@ import torch
 from textgen.engine.batch import DecodeBatch
 from textgen.engine.chunking import SHORT_PROMPT, ChunkSizer, PromptFill
 from textgen.engine.faults import FaultInjector
-from textgen.engine.grammar import allowed_tokens, apply_masks, lift_dead_bans
+from textgen.engine.grammar import allowed_tokens, apply_masks, lift_dead_bans, restrict
 from textgen.engine.logprobs import prompt_logprobs, sampled_logprobs
 from textgen.engine.outputs import TokenLogprob
 from textgen.engine.prefix_cache import PrefixCache
@@ -452,6 +452,7 @@ def _choose(batch: DecodeBatch, logits: torch.Tensor) -> tuple[torch.Tensor, lis
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
     raw = logits[wanted] if wanted else None  # a copy: the penalties below change logits in place
     allowed = allowed_tokens([s.guide for s in seqs], logits.shape[1])  # structured output; None: free
+    restrict(allowed, [s.allowed_mask(logits.shape[1]) for s in seqs])  # allowed_token_ids
     force_tokens(allowed, [s.thought for s in seqs], logits.shape[1])  # a thought over its budget closes
     banned = lift_dead_bans([s.banned_tokens() for s in seqs], allowed)
     counts = [s.token_counts() for s in seqs]  # None for rows without presence/frequency penalties

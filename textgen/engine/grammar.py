@@ -175,6 +175,17 @@ def allowed_tokens(guides: list[Guide | None], width: int) -> list[torch.Tensor 
     return [g.allowed(width) if g is not None else None for g in guides]
 
 
+def restrict(allowed: list[torch.Tensor | None], masks: list[torch.Tensor | None]) -> None:
+    """Per row, in place: only the tokens both its grammar's mask and its own `masks` (allowed_token_ids)
+    allow. Where they share none, the grammar's stands: structured output's text must still parse."""
+    for row, mask in enumerate(masks):
+        if mask is None:
+            continue
+        grammar = allowed[row]
+        both = mask if grammar is None else grammar & mask
+        allowed[row] = both if grammar is None or bool(both.any()) else grammar
+
+
 def lift_dead_bans(banned: list[set[int]], allowed: list[torch.Tensor | None]) -> list[set[int]]:
     """Bans with the grammar first: a guided row whose every allowed token is banned (no_repeat_ngram_size
     forbids the second `", "` of a JSON object, min_tokens forbids the end the grammar demands) loses its bans

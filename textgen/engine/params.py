@@ -78,6 +78,7 @@ RANGES: dict[str, Range] = {
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_BAD_WORDS = 64  # vLLM's bad_words: each at most MAX_STOP_CHARS characters
 LOGIT_BIAS_RANGE = Range(-100.0, 100.0)  # OpenAI's: -100 bans a token, 100 all but forces it
 THINKING_BUDGET_RANGE = Range(0, 1 << 20)  # 0: the thought is closed at once
 # Entries of one request's logit_bias: each costs a scattered write per step, and no real use (banning
@@ -167,6 +168,12 @@ class SamplingParams:
     prediction: tuple[int, ...] = ()
     # A thinking model's thought: counted (usage's reasoning tokens) and, with a budget, bounded.
     thinking: Thinking | None = None
+    # vLLM's: the only token ids the output may hold (empty: any), and words it must not (`bad_words`, as
+    # the client wrote them; `bad_words_ids`, each word's token sequences, filled in by the frontend, which
+    # has the tokenizer: the last token of one is banned wherever the output ends with the rest of it).
+    allowed_token_ids: tuple[int, ...] = ()
+    bad_words: tuple[str, ...] = ()
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         for name, bounds in RANGES.items():
@@ -192,6 +199,21 @@ class SamplingParams:
         for token in self.stop_token_ids:
             if isinstance(token, bool) or not isinstance(token, int) or token < 0:
                 raise ParamError("stop_token_ids", f"stop_token_ids holds {token!r}, not a token id (>= 0)")
+        for token in self.allowed_token_ids:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ParamError(
+                    "allowed_token_ids", f"allowed_token_ids holds {token!r}, not a token id (>= 0)"
+                )
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            raise ParamError(
+                "bad_words", f"bad_words takes at most {MAX_BAD_WORDS} words, got {len(self.bad_words)}"
+            )
+        for word in self.bad_words:
+            if not isinstance(word, str) or not word.strip() or len(word) > MAX_STOP_CHARS:
+                raise ParamError(
+                    "bad_words",
+                    f"each bad word must have 1 to {MAX_STOP_CHARS} characters, not all blank; got {word!r}",
+                )
         if self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
             raise ParamError(
                 "min_tokens",

@@ -55,6 +55,7 @@ class Sequence:
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[TokenLogprob] | None = None  # set by the runner at prefill
         self._unsent_logprobs = 0  # logprobs of tokens whose text is still held back
+        self._allowed: torch.Tensor | None = None  # allowed_token_ids as a mask, once built
         # How often each generated token was generated, sparse: ids and counts in the first len(_count_slot)
         # slots (capacity doubling), and each id's slot. Kept only for presence_penalty and frequency_penalty.
         self._count_slot: dict[int, int] = {}
@@ -81,12 +82,23 @@ class Sequence:
 
     def banned_tokens(self) -> set[int]:
         """Tokens the next step must not sample: those that would complete an n-gram already present
-        (no_repeat_ngram_size), and end-of-text and stop_token_ids while fewer than min_tokens were
-        generated."""
+        (no_repeat_ngram_size) or a bad word (bad_words), and end-of-text and stop_token_ids while fewer
+        than min_tokens were generated."""
         banned = self._ngram_bans()
+        if self.params.bad_words_ids:
+            banned = banned | bad_word_bans(self.params.bad_words_ids, self.output_ids)  # a new set
         if len(self.output_ids) < self.params.min_tokens:
             banned = banned | self.early_ends(len(self.output_ids))  # a new set: never the n-gram table's
         return banned
+
+    def allowed_mask(self, width: int) -> torch.Tensor | None:
+        """allowed_token_ids as a [width] bool mask over the logits (None: any token), built once."""
+        if not self.params.allowed_token_ids:
+            return None
+        if self._allowed is None or len(self._allowed) != width:
+            self._allowed = torch.zeros(width, dtype=torch.bool)
+            self._allowed[[t for t in self.params.allowed_token_ids if t < width]] = True
+        return self._allowed
 
     def early_ends(self, generated: int) -> set[int]:
         """The tokens that would end the text, while `generated` tokens are fewer than min_tokens."""
@@ -211,3 +223,14 @@ class Sequence:
         taken = self.logprobs[len(self.logprobs) - self._unsent_logprobs :] if self._unsent_logprobs else []
         self._unsent_logprobs = 0
         return taken
+
+
+def bad_word_bans(words: tuple[tuple[int, ...], ...], output_ids: list[int]) -> set[int]:
+    """The last token of every bad word whose other tokens end the output so far (a one-token word is
+    always banned). The prompt does not count, as in vLLM: a word may be asked about, not answered."""
+    banned = set()
+    for word in words:
+        *start, last = word
+        if not start or output_ids[len(output_ids) - len(start) :] == start:
+            banned.add(last)
+    return banned

@@ -54,7 +54,7 @@ from textgen.engine.sampling import (
     _nucleus_threshold,
     apply_penalties,
 )
-from textgen.engine.sequence import Sequence
+from textgen.engine.sequence import Sequence, bad_word_bans
 
 if TYPE_CHECKING:
     from textgen.engine.causal import CausalRunner
@@ -129,9 +129,10 @@ class Speculator:
         output does not change. A sampled request speculates only when it asks: its text is then drawn
         differently (same distribution), so a seed no longer gives the text it gives without
         speculation, nor, in a speculating batch, the same text whatever it is batched with."""
-        if params.logprobs is not None or params.constraint is not None:
-            # Structured output advances its grammar token by token and masks each step by it: drafts
-            # would need a mask per verified position. Not done: such rows take ordinary steps.
+        if params.logprobs is not None or params.constraint is not None or params.allowed_token_ids:
+            # Structured output advances its grammar token by token and masks each step by it (as
+            # allowed_token_ids masks it): drafts would need a mask per verified position. Not done: such
+            # rows take ordinary steps.
             return False
         if params.thinking is not None and params.thinking.budget is not None:
             return False  # its thought may have to be closed by force (textgen/engine/thinking.py)
@@ -422,6 +423,8 @@ def banned_after(seq: Sequence, extra: list[int]) -> set[int]:
         for end in range(len(seq.all_ids), len(ids)):
             if end >= n - 1 and tuple(ids[end - n + 1 : end]) == key:
                 banned.add(ids[end])
+    if params.bad_words_ids:
+        banned |= bad_word_bans(params.bad_words_ids, seq.output_ids + extra)
     return banned | seq.early_ends(len(seq.output_ids) + len(extra))
 
 

@@ -26,6 +26,7 @@ from textgen.frontend.prepare import (
     PromptRequest,
     SpeculativeField,
     OutputTextFields,
+    TokenRuleFields,
     sampling_field,
     shared_sampling_fields,
 )
@@ -58,7 +59,7 @@ def _bounded(name: str, description: str, textgen_default: Any = None) -> Any:
     )
 
 
-class GenerateRequest(StructuredOutputFields, SpeculativeField, OutputTextFields):
+class GenerateRequest(StructuredOutputFields, SpeculativeField, OutputTextFields, TokenRuleFields):
     """A prompt, how to decode it, how to frame it (template) and how to clean the result."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)

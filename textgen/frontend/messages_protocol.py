@@ -112,7 +112,7 @@ class Conversation(ChatDialect):
         None, description="vLLM's: variables for the model's chat template."
     )
 
-    FIELDS = FieldNames("messages", "max_tokens")
+    FIELDS = FieldNames("messages", "max_tokens", truncate=None)
 
     def _sampling(self) -> dict[str, Any]:
         """The chat request's sampling fields (a token count has none)."""

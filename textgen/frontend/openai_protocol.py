@@ -41,6 +41,7 @@ from textgen.frontend.prepare import (
     PromptRequest,
     SpeculativeField,
     OutputTextFields,
+    TokenRuleFields,
     shared_sampling_fields,
 )
 from textgen.frontend.structured import StructuredOutputFields
@@ -94,7 +95,7 @@ class OpenAIBookkeeping(BaseModel):
     prompt_cache_retention: str | None = Field(None, description="Accepted, as prompt_cache_key.")
 
 
-class SamplingFields(StructuredOutputFields, SpeculativeField, OutputTextFields):
+class SamplingFields(StructuredOutputFields, SpeculativeField, OutputTextFields, TokenRuleFields):
     """The fields both routes share. Unknown fields are rejected (400), never silently ignored."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -156,6 +157,26 @@ class SamplingFields(StructuredOutputFields, SpeculativeField, OutputTextFields)
         description="Neither end-of-text nor a stop string ends a choice before this many tokens (vLLM's). "
         f"Allowed: {RANGES['min_tokens']}, at most max_tokens.",
     )
+
+    truncate_prompt_tokens: int | None = Field(
+        default=None,
+        description="vLLM's: keep only the prompt's last N tokens (after templating) instead of refusing one "
+        "that does not fit the context; -1 keeps as much of its end as fits beside max_tokens.",
+    )
+
+    def truncated_to(self) -> int | None:
+        """truncate_prompt_tokens, checked: None, -1 (what fits) or a positive number of tokens."""
+        keep = self.truncate_prompt_tokens
+        if keep is not None and keep != -1 and keep < 1:
+            raise ParamError(
+                "truncate_prompt_tokens", f"truncate_prompt_tokens must be -1 or at least 1, got {keep}"
+            )
+        return keep
+
+    @staticmethod
+    def names(prompt: str, max_tokens: str) -> FieldNames:
+        """This dialect's names for the fields errors are about."""
+        return FieldNames(prompt=prompt, max_tokens=max_tokens, truncate="truncate_prompt_tokens")
 
     def token_budget(self) -> tuple[int | None, str]:
         """The token limit and the name the client gave it: max_tokens or max_completion_tokens.
@@ -231,7 +252,13 @@ class CompletionRequest(SamplingFields):
             RANGES["logprobs"].check("logprobs", self.logprobs)
             scored = self.logprobs if self.echo else None
             params = dataclasses.replace(params, logprobs=self.logprobs, prompt_logprobs=scored)
-        return PromptRequest(rendered, params, n=self.n, fields=FieldNames(prompt="prompt", max_tokens=name))
+        return PromptRequest(
+            rendered,
+            params,
+            n=self.n,
+            fields=self.names("prompt", name),
+            truncate=self.truncated_to(),
+        )
 
 
 class ContentPart(BaseModel):
@@ -375,7 +402,7 @@ class ChatCompletionRequest(SamplingFields, ToolFields, OpenAIBookkeeping):
         if not self.messages:
             raise ParamError("messages", "messages must hold at least one message")
         max_tokens, name = self.token_budget()
-        fields = FieldNames(prompt="messages", max_tokens=name)
+        fields = self.names("messages", name)
         # No max_tokens: as long as the server allows, capped by the context (frontend/prepare.py).
         params = self.to_sampling_params(max_tokens, name, defaults)
         if self.top_logprobs is not None:
@@ -409,6 +436,7 @@ class ChatCompletionRequest(SamplingFields, ToolFields, OpenAIBookkeeping):
             params,
             n=self.n,
             fields=fields,
+            truncate=self.truncated_to(),
             prediction=predicted,
             chat=True,
             thinking_budget=self.thinking_token_budget,

@@ -16,13 +16,20 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, Field
 
 from textgen.config import Settings
 from textgen.engine.handle import RequestHandle
-from textgen.engine.params import MAX_STOP_TOKEN_IDS, RANGES, ParamError, SamplingParams, Thinking
+from textgen.engine.params import (
+    MAX_BAD_WORDS,
+    MAX_STOP_TOKEN_IDS,
+    RANGES,
+    ParamError,
+    SamplingParams,
+    Thinking,
+)
 from textgen.frontend.reasoning import THINK_CLOSE, THINK_OPEN, thinking_of
 from textgen.frontend.structured import may_constrain
 from textgen.frontend.templates import RenderedPrompt
@@ -41,6 +48,7 @@ class FieldNames:
 
     prompt: str = "prompt"
     max_tokens: str = "max_new_tokens"
+    truncate: str | None = "truncate"  # the field that keeps a prompt's end, if the dialect has one
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ class PromptRequest:
     prompts: list[RenderedPrompt]
     params: SamplingParams  # max_new_tokens None: as many as the server and the context allow
     n: int = 1  # choices per prompt; choice i samples with seed + i
-    truncate: int | None = None  # keep only the last N prompt tokens instead of refusing an overflow
+    truncate: int | None = None  # keep only the last N prompt tokens, not refuse an overflow; -1: what fits
     fields: FieldNames = FieldNames()
     prediction: str | None = None  # OpenAI's Predicted Outputs: drafts for speculation (SamplingParams)
     # A chat answer: a thinking model's thought is told apart from it (its tokens counted: usage's reasoning
@@ -227,6 +235,7 @@ class Frontend:
         for name, ids in (
             ("logit_bias", [t for t, _ in params.logit_bias]),
             ("stop_token_ids", params.stop_token_ids),
+            ("allowed_token_ids", params.allowed_token_ids),
         ):
             bad = next((t for t in ids if t >= vocab), None)
             if bad is not None:
@@ -258,7 +267,10 @@ class Frontend:
         context = self.loaded.context_length
         truncated = []
         for i, ids in enumerate(prompt_ids):
-            cut = max(0, len(ids) - request.truncate) if request.truncate is not None else 0
+            keep = request.truncate
+            if keep == -1:  # as much as fits beside the answer's budget (at least one token)
+                keep = max(1, context - (request.params.max_new_tokens or 1))
+            cut = max(0, len(ids) - keep) if keep is not None else 0
             truncated.append(cut)
             prompt_ids[i] = ids = ids[cut:]
             if not self.loaded.is_encoder_decoder:  # an encoder's input does not share the decoder's context
@@ -267,6 +279,8 @@ class Frontend:
         if request.prediction:  # tokenized here, as the prompts are: within the server's limits
             predicted = tuple(self.tokenizer.encode(request.prediction, add_special_tokens=False))
             asked = dataclasses.replace(asked, prediction=predicted)
+        if asked.bad_words:
+            asked = dataclasses.replace(asked, bad_words_ids=self._bad_words_ids(asked.bad_words))
         choices = []
         for p, prompt in enumerate(request.prompts):
             params = dataclasses.replace(
@@ -299,6 +313,19 @@ class Frontend:
             return None
         return Thinking(THINK_OPEN, THINK_CLOSE, self._think_close_ids, opened, request.thinking_budget)
 
+    def _bad_words_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """Each bad word's token sequences: the word alone, and after a space, so that it is banned at the
+        text's start and after a space alike. vLLM takes the spaced form only where it has as many tokens
+        as the word alone, which misses most words of a byte-level BPE: GPT-2's " quick" is one token,
+        "quick" two."""
+        found: list[tuple[int, ...]] = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in found:
+                    found.append(ids)
+        return tuple(found)
+
     @functools.cached_property
     def _think_close_ids(self) -> tuple[int, ...]:
         """The tokens a thought's budget forces: tokenized once, not per request."""
@@ -319,8 +346,9 @@ class Frontend:
         # An explicit budget that does not fit is an error, so that a client never silently gets less.
         field_name = names.prompt if n >= context else names.max_tokens
         advice = f"shorten the prompt, set {names.max_tokens} to at most {max(context - n, 0)}"
-        if names.max_tokens == "max_new_tokens":  # /generate can also keep the prompt's end
-            advice += f", or set truncate to keep only the prompt's last {max(context - wanted, 0)} tokens"
+        if names.truncate is not None:
+            keep = max(context - wanted, 0)
+            advice += f", or set {names.truncate} to keep only the prompt's last {keep} tokens"
         raise ParamError(
             field_name,
             f"{_the_prompt(names)} is {n} tokens and {names.max_tokens} is {wanted}: together {n + wanted} tokens, "
@@ -419,6 +447,23 @@ class OutputTextFields(BaseModel):
     )
 
 
+class TokenRuleFields(BaseModel):
+    """vLLM's rules for which tokens the output may hold, defined once for /generate and the OpenAI routes."""
+
+    allowed_token_ids: Annotated[list[int], Field(min_length=1)] | None = Field(
+        None,
+        description="vLLM's: the only token ids the output may hold (end-of-text too: list it to let the "
+        "text end early). POST /tokenize gives the ids.",
+        json_schema_extra={"nullable": True},
+    )
+    bad_words: list[str] = Field(
+        default_factory=list,
+        description=f"vLLM's: words the output must not hold, at most {MAX_BAD_WORDS} (each as tokenized "
+        "alone and after a space): a word's last token is banned wherever the output ends with the rest of "
+        "it. The prompt does not count.",
+    )
+
+
 class SpeculativeField(BaseModel):
     """The per-request switch for speculative decoding, defined once for /generate and the OpenAI routes
     (each protocol's request model inherits it; SHARED_SAMPLING_FIELDS carries it to SamplingParams)."""
@@ -478,4 +523,6 @@ def shared_sampling_fields(request: Any, defaults: Mapping[str, Any] | None = No
         "stop_token_ids": tuple(request.stop_token_ids),
         "include_stop_str_in_output": request.include_stop_str_in_output,
         "skip_special_tokens": request.skip_special_tokens,
+        "allowed_token_ids": tuple(request.allowed_token_ids or ()),
+        "bad_words": tuple(request.bad_words),
     }

@@ -148,7 +148,7 @@ class ResponsesRequest(SpeculativeField, OpenAIBookkeeping, ChatDialect):
     min_p: float | None = None
     repetition_penalty: float | None = None
 
-    FIELDS = FieldNames(prompt="input", max_tokens="max_output_tokens")
+    FIELDS = FieldNames(prompt="input", max_tokens="max_output_tokens", truncate=None)
 
     def _as_chat(self) -> ChatCompletionRequest:
         if self.previous_response_id is not None:
