@@ -166,12 +166,14 @@ def test_worst_case_counts_the_prompt_and_every_token_it_may_generate(loaded_tin
 def test_a_consumer_that_falls_behind_holds_a_bounded_number_of_events():
     buffer = EventBuffer()
     for i in range(1000):
-        buffer.put(Event(f"{i} "))
+        buffer.put(Event(f"{i} ", tokens=i + 1, token_ids=[i]))
     final = GenerationResult("", "length", 1, 1000, 0, 0.0, 0.0, 0.0, 1)
-    buffer.put(Event("end", final))
+    buffer.put(Event("end", final, tokens=1000))
     assert len(buffer) == MAX_BUFFERED_EVENTS + 1
     events = [buffer.get_nowait() for _ in range(len(buffer))]
     assert "".join(e.text for e in events) == "".join(f"{i} " for i in range(1000)) + "end"  # nothing lost
+    assert [t for e in events for t in e.token_ids] == list(range(1000))  # nor a token id
+    assert events[-2].tokens == 1000  # the count so far, as the newest folded event had it
     assert events[-1].result is final
 
 

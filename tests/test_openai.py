@@ -251,6 +251,32 @@ def test_vllms_allowed_token_ids_bad_words_and_truncate_prompt_tokens(client, mo
         assert bad.value.body["param"] == param, bad.value.body
 
 
+def test_vllms_return_token_ids_and_tokens_named_by_id(client, model_id, tokenizer):
+    """return_token_ids: the prompt's ids and each choice's, whole and streamed (a chunk's since the last);
+    return_tokens_as_token_ids: logprobs name tokens "token_id:N"."""
+    extra = {"return_token_ids": True, "ignore_eos": True}
+    kw = dict(max_tokens=6, temperature=0, extra_body=extra)
+    whole = complete(client, model_id, **kw).choices[0]
+    assert whole.prompt_token_ids == tokenizer(PROMPT)["input_ids"] and len(whole.token_ids) == 6
+    assert tokenizer.decode(whole.token_ids) == whole.text
+    chunks = list(complete(client, model_id, stream=True, **kw))
+    assert [t for c in chunks for t in getattr(c.choices[0], "token_ids", None) or []] == whole.token_ids
+    assert chunks[0].choices[0].prompt_token_ids == whole.prompt_token_ids
+    assert all(getattr(c.choices[0], "prompt_token_ids", None) is None for c in chunks[1:])
+    assert not hasattr(complete(client, model_id, max_tokens=2).choices[0], "token_ids")  # only if asked
+
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = dict(model=model_id, messages=messages, max_tokens=6, temperature=0, logprobs=True)
+    named = extra | {"return_tokens_as_token_ids": True}
+    answer = client.chat.completions.create(**chat, extra_body=named)
+    ids = answer.choices[0].token_ids
+    assert len(ids) == 6 and answer.prompt_token_ids and isinstance(answer.prompt_token_ids[0], int)
+    assert [e.token for e in answer.choices[0].logprobs.content] == [f"token_id:{t}" for t in ids]
+    chunks = list(client.chat.completions.create(**chat, extra_body=named, stream=True))
+    assert chunks[0].prompt_token_ids == answer.prompt_token_ids
+    assert [t for c in chunks if c.choices for t in c.choices[0].token_ids or []] == ids
+
+
 def test_echo_prepends_the_prompt(client, model_id):
     plain = complete(client, model_id, max_tokens=5, temperature=0).choices[0].text
     assert (

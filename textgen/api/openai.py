@@ -27,7 +27,7 @@ from textgen.engine.params import ParamError
 from textgen.engine.outputs import GenerationResult, QueueFull
 from textgen.frontend import openai_protocol as protocol
 from textgen.frontend.answer import AnswerParts, AnswerStream, split_answer
-from textgen.frontend.openai_protocol import Call
+from textgen.frontend.openai_protocol import Call, TokenIds
 from textgen.frontend.tools import ToolReply, ToolUse
 from textgen.frontend.prepare import Frontend, Prepared
 from textgen.frontend.usage import TokenCounts
@@ -161,6 +161,10 @@ def _echo(call: Call, prepared: Prepared, choice: int) -> str:
     return call.echo_texts[prepared.choices[choice].prompt] if call.echo_texts else ""
 
 
+def _prompt_ids(prepared: Prepared, choice: int) -> list[int]:
+    return prepared.prompt_ids[prepared.choices[choice].prompt]
+
+
 def _so_far(call: Call, prepared: Prepared, choice: int, tokens: int) -> dict[str, Any]:
     """With continuous usage stats (vLLM's), a chunk's `usage`: its choice's counts so far; else nothing."""
     if not call.continuous_usage:
@@ -189,8 +193,10 @@ class CompletionResponse(DeferredJSONResponse):
                 call, self.tokenizer, r.logprobs, r.prompt_logprobs if echo else None
             )
             reason = protocol.finish_reason(r.finish_reason)
-            choices.append(protocol.choice_body(call, i, echo + r.text, reason, scores))
-        return protocol.envelope(call, chunk=False, choices=choices, usage=_usage(prepared, results))
+            ids = TokenIds(r.token_ids, _prompt_ids(prepared, i))
+            choices.append(protocol.choice_body(call, i, echo + r.text, reason, scores, ids))
+        top = TokenIds.of_chat(call, _prompt_ids(prepared, 0))
+        return protocol.envelope(call, chunk=False, choices=choices, usage=_usage(prepared, results), **top)
 
 
 async def _events(
@@ -209,14 +215,26 @@ async def _events(
             await merged.put((i, event))
 
     pumps = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    # With return_token_ids, the ids each choice generated that no chunk has named yet, and whether its
+    # prompt's still have to go with the next (a completion's choice names them once; a chat names them at
+    # the top of its first chunk).
+    unnamed: list[list[int]] = [[] for _ in handles]
+    prompt_unnamed = [call.kind == "completion" for _ in handles]
+
+    def token_ids(i: int, new: list[int]) -> TokenIds:
+        unnamed[i] += new
+        named = TokenIds(unnamed[i], _prompt_ids(prepared, i) if prompt_unnamed[i] else None)
+        unnamed[i], prompt_unnamed[i] = [], False
+        return named
+
     try:
         for i in range(len(handles)):
             echo = _echo(call, prepared, i)
             if call.kind == "chat" or echo:
-                opening = protocol.chunk_choice(call, i, echo, None, first=True)
-                yield sse(
-                    protocol.envelope(call, chunk=True, choices=[opening], **_so_far(call, prepared, i, 0))
-                )
+                opening = protocol.chunk_choice(call, i, echo, None, first=True, ids=token_ids(i, []))
+                top = TokenIds.of_chat(call, _prompt_ids(prepared, i)) if i == 0 else {}
+                so_far = _so_far(call, prepared, i, 0)
+                yield sse(protocol.envelope(call, chunk=True, choices=[opening], **so_far, **top))
         results: list[GenerationResult | None] = [None] * len(handles)
         # Each chat choice's text as reasoning, content and tool calls, as it comes.
         answers = [AnswerStream(call.thinking, call.tools) for _ in handles]
@@ -233,10 +251,12 @@ async def _events(
                 parts = parts + answers[i].finish()
                 reason = answers[i].finish_reason(protocol.finish_reason(event.result.finish_reason))
             elif not event.text or (parts == AnswerParts() and event.logprobs is None):
+                unnamed[i] += event.token_ids  # named with the next chunk
                 continue  # nothing yet, or text held back until it is known (its logprobs still go out)
             scores = protocol.logprobs_body(call, tokenizer, event.logprobs)
+            ids = token_ids(i, event.token_ids)
             chunk = protocol.chunk_choice(
-                call, i, parts.content, reason, False, scores, parts.calls, parts.reasoning
+                call, i, parts.content, reason, False, scores, parts.calls, parts.reasoning, ids
             )
             yield sse(
                 protocol.envelope(

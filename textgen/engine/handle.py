@@ -49,7 +49,12 @@ class EventBuffer:
                 logprobs = None
                 if last.logprobs is not None or event.logprobs is not None:
                     logprobs = (last.logprobs or []) + (event.logprobs or [])
-                self._events[-1] = Event(last.text + event.text, logprobs=logprobs)
+                self._events[-1] = Event(
+                    last.text + event.text,
+                    logprobs=logprobs,
+                    tokens=event.tokens,
+                    token_ids=last.token_ids + event.token_ids,
+                )
                 self.merged += 1
             else:
                 self._events.append(event)

@@ -9,7 +9,7 @@ instead of 5.5-6.3 (random GPT-2 124M, auto = bfloat16, AMX Xeon, 2 cores).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 # Why a sequence ended. The first three are answers; "cancelled" (client gone, timeout, shutdown) and
@@ -36,6 +36,7 @@ class GenerationResult:
     drafted_tokens: int = 0  # speculative draft tokens the model checked for this sequence
     accepted_draft_tokens: int = 0  # of those, the ones it kept
     reasoning_tokens: int = 0  # a thinking model's thought (SamplingParams.thinking), its tags' included
+    token_ids: list[int] = field(default_factory=list)  # the generated tokens, end-of-text's included
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Event:
     result: GenerationResult | None = None
     logprobs: list[TokenLogprob] | None = None  # of the tokens since the previous event (params.logprobs)
     tokens: int = 0  # tokens generated so far, this event's included (vLLM's continuous usage stats)
+    token_ids: list[int] = field(default_factory=list)  # the tokens generated since the previous event
 
 
 @dataclass(frozen=True)

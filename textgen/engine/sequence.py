@@ -56,6 +56,7 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob] | None = None  # set by the runner at prefill
         self._unsent_logprobs = 0  # logprobs of tokens whose text is still held back
         self._allowed: torch.Tensor | None = None  # allowed_token_ids as a mask, once built
+        self._sent_tokens = 0  # output tokens the events so far have named
         # How often each generated token was generated, sparse: ids and counts in the first len(_count_slot)
         # slots (capacity doubling), and each id's slot. Kept only for presence_penalty and frequency_penalty.
         self._count_slot: dict[int, int] = {}
@@ -182,7 +183,7 @@ class Sequence:
             self._finish("eos" if eos or complete else "length", delta + self.stop_matcher.flush())
         elif delta:
             self.text += delta
-            self.emit(Event(delta, logprobs=self._take_logprobs(), tokens=len(self.output_ids)))
+            self.emit(Event(delta, logprobs=self._take_logprobs(), **self._tokens_since()))
 
     def abort(self, reason: FinishReason, error: str | None = None) -> None:
         if self.finish_reason is None:
@@ -214,8 +215,14 @@ class Sequence:
             drafted_tokens=self.drafted_tokens,
             accepted_draft_tokens=self.accepted_draft_tokens,
             reasoning_tokens=self.thought.tokens if self.thought is not None else 0,
+            token_ids=self.output_ids,
         )
-        self.emit(Event(delta, result, logprobs=self._take_logprobs(), tokens=len(self.output_ids)))
+        self.emit(Event(delta, result, logprobs=self._take_logprobs(), **self._tokens_since()))
+
+    def _tokens_since(self) -> dict[str, Any]:
+        """An event's token fields: how many so far, and the ids since the previous event."""
+        sent, self._sent_tokens = self._sent_tokens, len(self.output_ids)
+        return {"tokens": len(self.output_ids), "token_ids": self.output_ids[sent:]}
 
     def _take_logprobs(self) -> list[TokenLogprob] | None:
         if self.logprobs is None:

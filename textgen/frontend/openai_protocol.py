@@ -158,6 +158,19 @@ class SamplingFields(StructuredOutputFields, SpeculativeField, OutputTextFields,
         f"Allowed: {RANGES['min_tokens']}, at most max_tokens.",
     )
 
+    return_token_ids: bool | None = Field(
+        default=None,
+        description="vLLM's: the token ids too: each choice's generated ones (`token_ids`; in a stream, each "
+        "chunk's since the last) and the prompt's (`prompt_token_ids`: in each choice of a completion, at "
+        "the top of a chat completion; in a stream, in the first chunk).",
+        json_schema_extra={"nullable": True},
+    )
+    return_tokens_as_token_ids: bool | None = Field(
+        default=None,
+        description='vLLM\'s: with logprobs, tokens are named "token_id:N" rather than by their text (a '
+        "token alone may not be whole UTF-8).",
+        json_schema_extra={"nullable": True},
+    )
     truncate_prompt_tokens: int | None = Field(
         default=None,
         description="vLLM's: keep only the prompt's last N tokens (after templating) instead of refusing one "
@@ -529,6 +542,8 @@ class Call:
     tools: ToolUse | None = None  # a chat request's tool calling: its choices' text becomes calls
     # A thinking model's chat (frontend/reasoning.py): whether the prompt opened <think>; None: no split.
     thinking: bool | None = None
+    token_ids: bool = False  # vLLM's return_token_ids: the prompt's and the choices' token ids too
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N"
 
     @classmethod
     def of(
@@ -553,6 +568,8 @@ class Call:
             echo_texts=echo,
             tools=req.tool_use() if isinstance(req, ChatCompletionRequest) else None,
             thinking=prompt_thinks(prepared),  # None for a completion: never split
+            token_ids=bool(req.return_token_ids),
+            tokens_as_ids=bool(req.return_tokens_as_token_ids),
         )
 
 
@@ -597,6 +614,8 @@ class CompletionChoice(BaseModel):
     # nullable spelled out: BentoML's OpenAPI writer keeps only the first member of `X | None`.
     logprobs: dict[str, list[Any]] | None = Field(None, json_schema_extra={"nullable": True})
     finish_reason: Literal["stop", "length"] | None
+    prompt_token_ids: list[int] | None = Field(None, description="With return_token_ids (vLLM's).")
+    token_ids: list[int] | None = Field(None, description="With return_token_ids (vLLM's).")
 
 
 class CompletionResponse(BaseModel):
@@ -643,6 +662,7 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length", "tool_calls"] | None = Field(
         json_schema_extra={"nullable": True}
     )
+    token_ids: list[int] | None = Field(None, description="With return_token_ids (vLLM's).")
 
 
 class ChatCompletionResponse(BaseModel):
@@ -655,6 +675,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = Field(None, json_schema_extra={"nullable": True})
+    prompt_token_ids: list[int] | None = Field(None, description="With return_token_ids (vLLM's).")
 
 
 def finish_reason(reason: str) -> str:
@@ -679,10 +700,17 @@ def usage_body(counts: TokenCounts) -> dict[str, Any]:
 
 
 def choice_body(
-    call: Call, index: int, text: str, reason: str, logprobs: dict[str, Any] | None = None
+    call: Call,
+    index: int,
+    text: str,
+    reason: str,
+    logprobs: dict[str, Any] | None = None,
+    ids: TokenIds | None = None,
 ) -> dict[str, Any]:
+    """One choice of a whole answer; `ids`: its prompt's and its own token ids (vLLM's return_token_ids)."""
     if call.kind == "completion":
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        body = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        return body | (ids.of_choice(call) if ids is not None else {})
     reasoning, content, reply = split_answer(text, call.thinking, call.tools)
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if reasoning is not None:
@@ -692,7 +720,8 @@ def choice_body(
         if reply.calls:
             message["tool_calls"] = reply.calls
         reason = call.tools.finish_reason(reason, reply)
-    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+    body = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+    return body | (ids.of_choice(call) if ids is not None else {})
 
 
 def chunk_choice(
@@ -704,9 +733,12 @@ def chunk_choice(
     logprobs: dict[str, Any] | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
     reasoning: str = "",
+    ids: TokenIds | None = None,
 ) -> dict[str, Any]:
+    """One choice's piece of a stream; `ids`: the token ids it names (vLLM's return_token_ids)."""
+    named = ids.of_choice(call) if ids is not None else {}
     if call.kind == "completion":
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason} | named
     delta: dict[str, Any] = {"content": text}
     if first:
         delta["role"] = "assistant"
@@ -716,7 +748,28 @@ def chunk_choice(
         delta["tool_calls"] = tool_calls
     if (reasoning or tool_calls) and not text:
         delta["content"] = None
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason} | named
+
+
+@dataclass
+class TokenIds:
+    """vLLM's return_token_ids for one choice (or one chunk of it): the ids it generated, and its prompt's
+    where they go with it (None elsewhere: a chat completion's prompt ids sit at the top of the body)."""
+
+    generated: list[int]
+    prompt: list[int] | None = None
+
+    def of_choice(self, call: Call) -> dict[str, Any]:
+        """The choice's fields: `token_ids`, and a completion's `prompt_token_ids`; none unless asked."""
+        if not call.token_ids:
+            return {}
+        prompt = {"prompt_token_ids": self.prompt} if call.kind == "completion" and self.prompt else {}
+        return prompt | {"token_ids": self.generated}
+
+    @staticmethod
+    def of_chat(call: Call, prompt: list[int]) -> dict[str, Any]:
+        """A chat completion's (or its first chunk's) top-level `prompt_token_ids`, when asked."""
+        return {"prompt_token_ids": prompt} if call.token_ids and call.kind == "chat" else {}
 
 
 def logprobs_body(
@@ -726,8 +779,8 @@ def logprobs_body(
     if scores is None:
         return None
     if call.kind == "chat":
-        return chat_logprobs(tokenizer, scores)
-    return completion_logprobs(tokenizer, (echoed or []) + scores)
+        return chat_logprobs(tokenizer, scores, call.tokens_as_ids)
+    return completion_logprobs(tokenizer, (echoed or []) + scores, as_ids=call.tokens_as_ids)
 
 
 def envelope(call: Call, *, chunk: bool, **fields: Any) -> dict[str, Any]:
@@ -757,18 +810,25 @@ def models_body(model: dict[str, Any]) -> dict[str, Any]:
 # -- log-probabilities -------------------------------------------------------------------------------
 
 
-def completion_logprobs(tokenizer: Any, scores: list[TokenLogprob], start_offset: int = 0) -> dict[str, Any]:
+def token_name(tokenizer: Any, token: int, as_ids: bool = False) -> str:
+    """A token as logprobs name it: its text, or "token_id:N" (vLLM's return_tokens_as_token_ids)."""
+    return f"token_id:{token}" if as_ids else tokenizer.decode([token])
+
+
+def completion_logprobs(
+    tokenizer: Any, scores: list[TokenLogprob], start_offset: int = 0, as_ids: bool = False
+) -> dict[str, Any]:
     """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset; the first token of
-    an echoed prompt has null log-probability and alternatives."""
+    an echoed prompt has null log-probability and alternatives. `as_ids`: tokens named by id."""
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     offset = start_offset
     for score in scores:
         text = tokenizer.decode([score.token])
-        tokens.append(text)
+        tokens.append(token_name(tokenizer, score.token, as_ids))
         offsets.append(offset)
         offset += len(text)
         token_logprobs.append(score.logprob)
-        top = {tokenizer.decode([t]): lp for t, lp in score.top}
+        top = {token_name(tokenizer, t, as_ids): lp for t, lp in score.top}
         top_logprobs.append(None if score.logprob is None else top)
     return {
         "tokens": tokens,
@@ -778,12 +838,17 @@ def completion_logprobs(tokenizer: Any, scores: list[TokenLogprob], start_offset
     }
 
 
-def chat_logprobs(tokenizer: Any, scores: list[TokenLogprob]) -> dict[str, Any]:
-    """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+def chat_logprobs(tokenizer: Any, scores: list[TokenLogprob], as_ids: bool = False) -> dict[str, Any]:
+    """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}; `as_ids`: tokens
+    named by id (their bytes stay their text's)."""
 
     def entry(token: int, logprob: float | None) -> dict[str, Any]:
         text = tokenizer.decode([token])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {
+            "token": token_name(tokenizer, token, as_ids),
+            "logprob": logprob,
+            "bytes": list(text.encode()),
+        }
 
     return {
         "content": [
