@@ -111,7 +111,7 @@ def test_prompts_users_write_are_marked_as_text_and_raw_completions_are_not(toke
     assert not raw.special_tokens_as_text  # a raw prompt is the client's whole text, markup included
 
 
-def test_a_final_assistant_message_is_continued_not_closed(chatml_tokenizer):
+def test_a_final_assistant_message_is_continued_not_closed(chatml_tokenizer, tokenizer):
     """continue_final_message (vLLM's; Anthropic's prefill): the answer goes on from the assistant's words."""
     from textgen.frontend.openai_protocol import ChatCompletionRequest
 
@@ -126,3 +126,14 @@ def test_a_final_assistant_message_is_continued_not_closed(chatml_tokenizer):
     with pytest.raises(ParamError) as exc:  # nothing of the assistant's to continue
         ChatCompletionRequest.model_validate({**body, "messages": messages[:1]}).to_prompt_request(tok)
     assert exc.value.field == "continue_final_message"
+    # vLLM's add_generation_prompt: false closes the conversation after its last message, no turn opened
+    body = {"messages": messages[:1], "add_generation_prompt": False}
+    (ended,) = ChatCompletionRequest.model_validate(body).to_prompt_request(tok).prompts
+    assert ended.text.endswith("<|im_start|>user\nHi<|im_end|>\n")
+    assert tok.decode(ended.template_ids) == ended.text
+    both = {"messages": messages, "continue_final_message": True, "add_generation_prompt": True}
+    with pytest.raises(ParamError) as exc:  # vLLM's rule: one or the other
+        ChatCompletionRequest.model_validate(both).to_prompt_request(tok)
+    assert exc.value.field == "add_generation_prompt"
+    plain = ChatCompletionRequest.model_validate(body).to_prompt_request(tokenizer)
+    assert plain.prompts[0].text == "User: Hi"  # without a template: the transcript without "Assistant:"

@@ -46,7 +46,7 @@ from textgen.frontend.prepare import (
 )
 from textgen.frontend.structured import StructuredOutputFields
 from textgen.frontend.usage import TokenCounts
-from textgen.frontend.templates import RenderedPrompt, has_chat_template, render_chat
+from textgen.frontend.templates import ChatEnd, RenderedPrompt, has_chat_template, render_chat
 from textgen.frontend.answer import prompt_thinks, split_answer
 from textgen.frontend.reasoning import Effort, thinking_variables
 from textgen.frontend.tools import (
@@ -397,6 +397,31 @@ class ChatCompletionRequest(SamplingFields, ToolFields, OpenAIBookkeeping):
         description="vLLM's: the answer continues the last message, an assistant's, instead of starting a "
         "turn of its own (a prefill: the start of the answer, written for the model).",
     )
+    add_generation_prompt: bool = Field(
+        default=True,
+        description="vLLM's: false ends the prompt after the last message, without opening the assistant's "
+        "turn (the model's template decides what then comes).",
+    )
+
+    def chat_end(self) -> ChatEnd:
+        """How the rendered conversation ends: the answer's turn opened, the last message continued, or
+        neither."""
+        if self.continue_final_message:
+            if self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
+                raise ParamError(
+                    "add_generation_prompt",
+                    "add_generation_prompt and continue_final_message cannot both be true: the answer "
+                    "either opens a turn of its own or continues the last message",
+                )
+            last = self.messages[-1]
+            if last.role != "assistant" or last.tool_calls:
+                raise ParamError(
+                    "continue_final_message",
+                    "continue_final_message continues the last message, which must then be an assistant's "
+                    "text (without tool_calls)",
+                )
+            return "continue"
+        return "answer" if self.add_generation_prompt else "closed"
 
     def constraint(self) -> Constraint | None:
         """The structured-output constraint, or the grammar a "required" or named tool_choice forces."""
@@ -426,21 +451,13 @@ class ChatCompletionRequest(SamplingFields, ToolFields, OpenAIBookkeeping):
             params = dataclasses.replace(params, logprobs=self.top_logprobs or 0)
         if self.thinking_token_budget is not None:  # checked whether or not the model thinks
             THINKING_BUDGET_RANGE.check("thinking_token_budget", self.thinking_token_budget)
-        if self.continue_final_message:
-            last = self.messages[-1]
-            if last.role != "assistant" or last.tool_calls:
-                raise ParamError(
-                    "continue_final_message",
-                    "continue_final_message continues the last message, which must then be an assistant's "
-                    "text (without tool_calls)",
-                )
         switch = thinking_variables(self.reasoning_effort) if self.reasoning_effort is not None else None
         rendered = render_messages(
             self.messages,
             tokenizer,
             self.tool_use(),
             self.chat_template_kwargs,
-            self.continue_final_message,
+            self.chat_end(),
             switch,
         )
         predicted = joined_text(self.prediction.content, "prediction.content") if self.prediction else None
@@ -479,18 +496,18 @@ class ChatDialect(BaseModel):
         return dataclasses.replace(request, fields=self.FIELDS)
 
 
-def render_fallback_chat(messages: list[dict[str, str]], continue_final: bool = False) -> RenderedPrompt:
+def render_fallback_chat(messages: list[dict[str, str]], end: ChatEnd = "answer") -> RenderedPrompt:
     """The documented transcript for models without a chat template, e.g.
 
         System: Be brief.
         User: What is AI?
         Assistant:
 
-    The model continues after "Assistant:" (`continue_final`: after the last message, an assistant's); the
-    stop string "\\nUser:" ends its turn.
+    The model continues after "Assistant:" (`end` "continue": after the last message, an assistant's;
+    "closed": after the last message, whoever's); the stop string "\\nUser:" ends its turn.
     """
     lines = [f"{FALLBACK_ROLES[m['role']]}: {m['content']}" for m in messages]
-    text = "\n".join(lines) + ("" if continue_final else "\nAssistant:")
+    text = "\n".join(lines) + ("\nAssistant:" if end == "answer" else "")
     # The transcript's own text has no special tokens: all of it is encoded as plain text.
     return RenderedPrompt(text, stop=FALLBACK_STOP, special_tokens_as_text=True)
 
@@ -500,18 +517,18 @@ def render_messages(
     tokenizer: Any,
     tools: ToolUse | None = None,
     template_options: dict[str, Any] | None = None,
-    continue_final: bool = False,
+    end: ChatEnd = "answer",
     thinking: dict[str, Any] | None = None,
 ) -> RenderedPrompt:
     """The model's own chat template when it has one, else the plain fallback transcript; tools, earlier
     calls and their results as the template renders them, else in the Hermes format (frontend/tools.py).
-    `continue_final`: the answer continues the last message (render_chat). `thinking`: the template
+    `end`: how the chat ends (templates.ChatEnd). `thinking`: the template
     variables a thinking switch sets (frontend/reasoning.py), under `template_options`; nothing to set, and
     no error, without a template."""
     given = [m.for_template(i) for i, m in enumerate(messages)]
     shown = tools.shown() if tools is not None else None
     options = {**(thinking or {}), **(template_options or {})} or None
-    turn = {"continue_final": continue_final}
+    turn = {"end": end}
     if has_chat_template(tokenizer) and takes_tools(tokenizer):
         return render_chat(template_messages(given), tokenizer, tools=shown, options=options, **turn)
     plain = hermes_conversation(given, shown)
@@ -522,7 +539,7 @@ def render_messages(
             "chat_template_kwargs",
             "this model has no chat template, so chat_template_kwargs has nothing to set",
         )
-    return render_fallback_chat(plain, continue_final)
+    return render_fallback_chat(plain, end)
 
 
 @dataclass(frozen=True)

@@ -93,13 +93,19 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+# How a rendered chat ends: with the assistant's turn opened for the answer (add_generation_prompt), with
+# the last message, an assistant's, left open for the answer to go on from (continue_final_message: a
+# prefill), or closed after the last message (vLLM's add_generation_prompt false).
+ChatEnd = Literal["answer", "continue", "closed"]
+
+
 def render_chat(
     messages: list[dict[str, Any]],
     tokenizer: Any,
     field: str = "messages",
     tools: list[dict[str, Any]] | None = None,
     options: dict[str, Any] | None = None,
-    continue_final: bool = False,
+    end: ChatEnd = "answer",
 ) -> RenderedPrompt:
     """Render chat `messages` with the model's own chat template, and encode them with role integrity.
 
@@ -108,8 +114,8 @@ def render_chat(
     every control token inside the messages, renders, and encodes the marked ones as plain text (the rest
     of the text is encoded as a whole, so ordinary messages get exactly the ids they always had). `tools`:
     for a template that renders them (frontend/tools.py), marked the same way. `options`: the template's
-    own variables (vLLM's chat_template_kwargs, e.g. Qwen3's enable_thinking). `continue_final`: the answer
-    continues the last message, an assistant's, instead of opening a turn of its own (a prefill).
+    own variables (vLLM's chat_template_kwargs, e.g. Qwen3's enable_thinking). `end`: how the rendered chat
+    ends (ChatEnd).
     """
     options = options or {}
     taken = {"tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize"} & set(
@@ -126,7 +132,7 @@ def render_chat(
             "this model has no chat template, so template 'chat' is not available; "
             "use 'auto', 'none', 'assistant' or 'few_shot', or serve a chat model (e.g. SmolLM2-135M-Instruct)",
         )
-    turn = {"add_generation_prompt": not continue_final, "continue_final_message": continue_final}
+    turn = {"add_generation_prompt": end == "answer", "continue_final_message": end == "continue"}
     text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **turn, **options)
     try:
         ids = tokenizer.apply_chat_template(
