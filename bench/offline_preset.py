@@ -21,7 +21,12 @@ Six checks per preset:
 * story: "Write a one-sentence story about a cat." 40 times: how many distinct answers (a near-greedy preset
   loses variety; this says how much);
 * story-t0.7: the same with temperature 0.7 in the body, as a client asking for variety sends it: the
-  preset's other fields (top_p, min_p) still apply, and this says whether they take the variety back.
+  preset's other fields (top_p, min_p) still apply, and this says whether they take the variety back;
+* open: 8 open-ended requests 3 times each through the OpenAI chat route (300 tokens at most), where only
+  the preset's penalties apply (the route's own are off, as OpenAI's): how many answers loop, some 6 words
+  coming 3 times or more;
+* paris-chat: the Paris question through the same route, 200 at once (its prompt counts for a repetition
+  penalty there, as in vLLM and Hugging Face).
 
 Each request has its own seed (base + i, the same for every preset: common random numbers make presets
 comparable with fewer samples; the seed does not change the distribution of the answers). Results merge into
@@ -38,8 +43,10 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +60,7 @@ import torch  # noqa: E402
 from textgen.config import Settings  # noqa: E402
 from textgen.frontend import generate_protocol as protocol  # noqa: E402
 from textgen.frontend.generate_protocol import GenerateRequest  # noqa: E402
+from textgen.frontend.openai_protocol import ChatCompletionRequest  # noqa: E402
 from textgen.frontend.prepare import Frontend, Prepared, checked_defaults  # noqa: E402
 from textgen.model.cpu import describe  # noqa: E402
 from textgen.model.loading import load_model  # noqa: E402
@@ -93,6 +101,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # min_p 0.5 after T 0.05 keeps the tokens with at least 0.5**0.05 = 0.966 of the likeliest's mass
     "t0.05-minp0.5": {"temperature": 0.05, "top_p": 0.9, "min_p": 0.5},
     "greedy": {"temperature": 0.0},  # = top_k 1
+    # Session 42: t0.02's answers through the OpenAI routes (penalties off there) looped in 17 of 24 open
+    # requests; a repetition penalty of the model's own reaches every route.
+    "t0.02-rep1.1": {"temperature": 0.02, "top_p": 0.9, "repetition_penalty": 1.1},
+    # /generate's own repetition_penalty: the same /generate answers as t0.02's, the OpenAI routes penalized
+    "t0.02-rep1.2": {"temperature": 0.02, "top_p": 0.9, "repetition_penalty": 1.2},
 }
 IN_FLIGHT = 128  # the engine's default batch (32) plus most of its queue (128): never QueueFull
 # The Paris checks: (requests in flight, seed base). paris20 as tests/test_real_model.py sends them (int8 and
@@ -100,7 +113,17 @@ IN_FLIGHT = 128  # the engine's default batch (32) plus most of its queue (128):
 PARIS_CHECKS = {"paris": (IN_FLIGHT, 0), "paris20": (20, 30_000), "paris1": (1, 40_000)}
 # The story checks: the fields the body adds to the prompt (story-t0.7: a client asking for variety).
 STORY_CHECKS: dict[str, dict[str, Any]] = {"story": {}, "story-t0.7": {"temperature": 0.7}}
-CHECKS = (*PARIS_CHECKS, "facts", *STORY_CHECKS)
+OPEN_PROMPTS = (
+    "Write a short story about a cat.",
+    "Tell me about the history of Rome.",
+    "Explain how computers work.",
+    "What should I cook for dinner tonight?",
+    "Describe your ideal vacation.",
+    "Give me some tips for learning to code.",
+    "Write a poem about the sea.",
+    "What is machine learning?",
+)
+CHECKS = (*PARIS_CHECKS, "facts", *STORY_CHECKS, "open", "paris-chat")
 
 
 def load_frontend(dtype: str) -> Frontend:
@@ -153,6 +176,30 @@ def generate(
     return texts
 
 
+def chat(frontend: Frontend, prompts: list[str], seed_base: int, max_tokens: int = 300) -> list[str]:
+    """The OpenAI chat route's answers (message text), one per prompt, IN_FLIGHT at a time."""
+    texts: list[str] = []
+    for start in range(0, len(prompts), IN_FLIGHT):
+        handles = []
+        for i, prompt in enumerate(prompts[start : start + IN_FLIGHT], start):
+            messages = [{"role": "user", "content": prompt}]
+            body = {"messages": messages, "max_tokens": max_tokens, "seed": seed_base + i}
+            request = ChatCompletionRequest.model_validate(body)
+            prompt_request = request.to_prompt_request(frontend.tokenizer, frontend.sampling_defaults)
+            (prepared,) = frontend.prepare([prompt_request])
+            assert isinstance(prepared, Prepared), prepared
+            handles.append(frontend.submit(prepared)[0])
+        texts += [h.wait(timeout=600).text for h in handles]
+    return texts
+
+
+def loops(text: str) -> bool:
+    """Whether an answer repeats itself: some sequence of 6 words comes 3 times or more."""
+    words = re.findall(r"\w+", text.lower())
+    runs = Counter(tuple(words[i : i + 6]) for i in range(len(words) - 5))
+    return bool(runs) and max(runs.values()) >= 3
+
+
 def first_token_mass(frontend: Frontend, question: str, rows: int, top: int = 5) -> list[tuple[str, float]]:
     """The model's own distribution (T = 1, before penalties) over the answer's first token, as the engine
     computes it with `rows` copies of the question prefilled together (int8 and bfloat16 logits depend on
@@ -197,6 +244,14 @@ def run_check(frontend: Frontend, check: str, n: int) -> dict[str, Any]:
             "distinct": sum(v["distinct"] for v in per.values()),
             "questions": per,
         }
+    elif check == "open":
+        answers = chat(frontend, [p for p in OPEN_PROMPTS for _ in range(n)], seed_base=50_000)
+        looped = [a for a in answers if loops(a)]
+        out = {"n": len(answers), "looped": len(looped), "examples": sorted(a[:120] for a in looped)[:3]}
+    elif check == "paris-chat":
+        answers = chat(frontend, [PARIS_QUESTION] * n, seed_base=60_000, max_tokens=60)
+        misses = [a for a in answers if "Paris" not in a]
+        out = {"n": n, "hits": n - len(misses), "miss_examples": sorted(set(m[:80] for m in misses))[:5]}
     elif check in STORY_CHECKS:
         answers = generate(frontend, [STORY_PROMPT] * n, seed_base=20_000, body=STORY_CHECKS[check])
         out = {"n": n, "distinct": len(set(a.strip() for a in answers)), "examples": sorted(set(answers))[:3]}
@@ -223,7 +278,8 @@ def report(data: dict[str, Any], out: Path) -> None:
         "`python bench/offline_preset.py` (issue #13). In-process through the server's path: the offline default",
         "loaded as `bentoml serve` loads it, each candidate set as the model's sampling defaults, every request a",
         "default /generate body (template auto, post-processed) with its own seed. Fields a preset leaves out keep",
-        "textgen's /generate defaults (top_p 0.9, repetition_penalty 1.2, no_repeat_ngram_size 2).",
+        "textgen's /generate defaults (top_p 0.9, repetition_penalty 1.2, no_repeat_ngram_size 2). The open",
+        "check goes through the OpenAI chat route instead, whose own penalties are off (OpenAI's semantics).",
         "",
     ]
     for dtype, run in sorted(data.get("runs", {}).items()):
@@ -244,8 +300,9 @@ def report(data: dict[str, Any], out: Path) -> None:
             '| preset | values | measured | Paris, 128 in flight | begin "L" '
             '| Paris, 20 at a time | begin "L" | Paris, one at a time | begin "L" '
             "| 8 facts × 40 right | distinct fact answers "
-            "| distinct cat stories | the same, the client sending temperature 0.7 |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| distinct cat stories | the same, the client sending temperature 0.7 "
+            "| open chat answers that loop | Paris, chat route |",
+            "| --- | --- | --- |" + " ---: |" * 12,
         ]
         for name, res in run["presets"].items():
             cells = [
@@ -262,6 +319,9 @@ def report(data: dict[str, Any], out: Path) -> None:
             )
             for check in STORY_CHECKS:
                 cells.append(f"{res[check]['distinct']}/{res[check]['n']}" if check in res else "—")
+            cells.append(f"{res['open']['looped']}/{res['open']['n']}" if "open" in res else "—")
+            chat_paris = res.get("paris-chat")
+            cells.append(pct(chat_paris["hits"], chat_paris["n"]) if chat_paris else "—")
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Per question (facts), right answers of 40:", ""]
         names = [n for n, r in run["presets"].items() if "facts" in r]
@@ -291,6 +351,7 @@ def main() -> None:
     parser.add_argument("--paris-n", type=int, default=200)
     parser.add_argument("--facts-n", type=int, default=40)
     parser.add_argument("--story-n", type=int, default=40)
+    parser.add_argument("--open-n", type=int, default=3, help="answers per open-ended request")
     parser.add_argument("--dtype", default="auto", help="TEXTGEN_DTYPE; auto is what the server serves")
     parser.add_argument("--json", type=Path, default=RESULTS / "offline-preset.json")
     parser.add_argument("--report", action="store_true", help="only rewrite the .md from the .json")
@@ -310,7 +371,8 @@ def main() -> None:
         )
         print(f"dtype {dtype}; first token: {run['first_token']}", flush=True)
         sizes = {"facts": args.facts_n, **dict.fromkeys(PARIS_CHECKS, args.paris_n)}
-        sizes.update(dict.fromkeys(STORY_CHECKS, args.story_n))
+        sizes.update(dict.fromkeys(STORY_CHECKS, args.story_n), open=args.open_n)
+        sizes["paris-chat"] = args.paris_n
         for name in args.presets.split(","):
             values = PRESETS[name]
             use_preset(frontend, values)

