@@ -2,7 +2,8 @@
 
 /v1/completions and /v1/chat/completions take OpenAI's bodies, plus vLLM's and textgen's extra fields
 (`top_k`, `min_p`, `repetition_penalty`, `no_repeat_ngram_size`, `ignore_eos`, `min_tokens`,
-`speculative`). Unlike /generate, nothing of textgen's is added to what the client asked for: those extras
+`speculative`, the token rules and output options /generate shares, `truncate_prompt_tokens`,
+`return_token_ids`, ...). Unlike /generate, nothing of textgen's is added to what the client asked for: those extras
 default to off (`speculative` to the server's default, as on /generate: it changes speed, not quality), no
 textgen template frames the prompt and no post-processing touches the output, because OpenAI clients
 expect the model's raw output. A sampling field the client leaves unset takes the model's own default when
