@@ -24,7 +24,7 @@ Six checks per preset:
   preset's other fields (top_p, min_p) still apply, and this says whether they take the variety back;
 * open: 8 open-ended requests 3 times each through the OpenAI chat route (300 tokens at most), where only
   the preset's penalties apply (the route's own are off, as OpenAI's): how many answers loop, some 6 words
-  coming 3 times or more;
+  coming 3 times or more, and how many end before 300 tokens;
 * paris-chat: the Paris question through the same route, 200 at once (its prompt counts for a repetition
   penalty there, as in vLLM and Hugging Face).
 
@@ -58,6 +58,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from textgen.config import Settings  # noqa: E402
+from textgen.engine.outputs import GenerationResult  # noqa: E402
 from textgen.frontend import generate_protocol as protocol  # noqa: E402
 from textgen.frontend.generate_protocol import GenerateRequest  # noqa: E402
 from textgen.frontend.openai_protocol import ChatCompletionRequest  # noqa: E402
@@ -176,9 +177,11 @@ def generate(
     return texts
 
 
-def chat(frontend: Frontend, prompts: list[str], seed_base: int, max_tokens: int = 300) -> list[str]:
-    """The OpenAI chat route's answers (message text), one per prompt, IN_FLIGHT at a time."""
-    texts: list[str] = []
+def chat(
+    frontend: Frontend, prompts: list[str], seed_base: int, max_tokens: int = 300
+) -> list[GenerationResult]:
+    """The OpenAI chat route's answers, one per prompt, IN_FLIGHT at a time."""
+    texts: list[GenerationResult] = []
     for start in range(0, len(prompts), IN_FLIGHT):
         handles = []
         for i, prompt in enumerate(prompts[start : start + IN_FLIGHT], start):
@@ -189,7 +192,7 @@ def chat(frontend: Frontend, prompts: list[str], seed_base: int, max_tokens: int
             (prepared,) = frontend.prepare([prompt_request])
             assert isinstance(prepared, Prepared), prepared
             handles.append(frontend.submit(prepared)[0])
-        texts += [h.wait(timeout=600).text for h in handles]
+        texts += [h.wait(timeout=600) for h in handles]
     return texts
 
 
@@ -245,11 +248,12 @@ def run_check(frontend: Frontend, check: str, n: int) -> dict[str, Any]:
             "questions": per,
         }
     elif check == "open":
-        answers = chat(frontend, [p for p in OPEN_PROMPTS for _ in range(n)], seed_base=50_000)
-        looped = [a for a in answers if loops(a)]
-        out = {"n": len(answers), "looped": len(looped), "examples": sorted(a[:120] for a in looped)[:3]}
+        results = chat(frontend, [p for p in OPEN_PROMPTS for _ in range(n)], seed_base=50_000)
+        looped = [r.text for r in results if loops(r.text)]
+        out = {"n": len(results), "looped": len(looped), "examples": sorted(a[:120] for a in looped)[:3]}
+        out["ended"] = sum(r.finish_reason != "length" for r in results)  # before max_tokens
     elif check == "paris-chat":
-        answers = chat(frontend, [PARIS_QUESTION] * n, seed_base=60_000, max_tokens=60)
+        answers = [r.text for r in chat(frontend, [PARIS_QUESTION] * n, seed_base=60_000, max_tokens=60)]
         misses = [a for a in answers if "Paris" not in a]
         out = {"n": n, "hits": n - len(misses), "miss_examples": sorted(set(m[:80] for m in misses))[:5]}
     elif check in STORY_CHECKS:
@@ -301,8 +305,8 @@ def report(data: dict[str, Any], out: Path) -> None:
             '| Paris, 20 at a time | begin "L" | Paris, one at a time | begin "L" '
             "| 8 facts × 40 right | distinct fact answers "
             "| distinct cat stories | the same, the client sending temperature 0.7 "
-            "| open chat answers that loop | Paris, chat route |",
-            "| --- | --- | --- |" + " ---: |" * 12,
+            "| open chat answers that loop | that end before 300 tokens | Paris, chat route |",
+            "| --- | --- | --- |" + " ---: |" * 13,
         ]
         for name, res in run["presets"].items():
             cells = [
@@ -319,7 +323,9 @@ def report(data: dict[str, Any], out: Path) -> None:
             )
             for check in STORY_CHECKS:
                 cells.append(f"{res[check]['distinct']}/{res[check]['n']}" if check in res else "—")
-            cells.append(f"{res['open']['looped']}/{res['open']['n']}" if "open" in res else "—")
+            opened = res.get("open")
+            cells.append(f"{opened['looped']}/{opened['n']}" if opened else "—")
+            cells.append(f"{opened['ended']}/{opened['n']}" if opened and "ended" in opened else "—")
             chat_paris = res.get("paris-chat")
             cells.append(pct(chat_paris["hits"], chat_paris["n"]) if chat_paris else "—")
             lines.append("| " + " | ".join(cells) + " |")

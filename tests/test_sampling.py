@@ -139,6 +139,22 @@ def test_repetition_penalty_follows_hf_semantics_and_ngram_ban():
     assert out.tolist() == [[1.0, -4.0, 1.0, float("-inf")]]
     untouched = apply_penalties(logits.clone(), [SamplingParams(repetition_penalty=1.0)], seen, [[]])
     assert torch.equal(untouched, logits)
+    # The tokens that end the text are spared: a chat template writes its end-of-turn after every message
+    spared = apply_penalties(logits.clone(), [SamplingParams(repetition_penalty=2.0)], seen, [[]], ends={0})
+    assert spared.tolist() == [[2.0, -4.0, 1.0, 0.5]]
+
+
+def test_a_chat_answer_penalized_for_repetition_still_ends(engine, encode, loaded_tiny):
+    """The end-of-text token in a prompt that counts for the repetition penalty does not keep the answer
+    from ending: made the likeliest token by logit_bias, end-of-text still comes first with a penalty of 10,
+    which would have left it a tenth of its logit, below the runner-up's."""
+    eos = loaded_tiny.tokenizer.eos_token_id
+    prompt = encode("Hi") + [eos] + encode("Hello")
+    runner_up = next(t for t in range(100, 200) if t not in prompt)
+    bias = ((eos, 6.0), (runner_up, 3.0))  # the tiny model's own logits are within +-1
+    params = SamplingParams(max_new_tokens=8, temperature=0, repetition_penalty=10.0, logit_bias=bias)
+    result = engine.submit(prompt, params).wait(30)
+    assert result.finish_reason == "eos" and result.completion_tokens == 1
 
 
 def test_a_vanishing_penalty_or_temperature_never_yields_nan() -> None:

@@ -456,7 +456,8 @@ def _choose(batch: DecodeBatch, logits: torch.Tensor) -> tuple[torch.Tensor, lis
     force_tokens(allowed, [s.thought for s in seqs], logits.shape[1])  # a thought over its budget closes
     banned = lift_dead_bans([s.banned_tokens() for s in seqs], allowed)
     counts = [s.token_counts() for s in seqs]  # None for rows without presence/frequency penalties
-    logits = apply_penalties(logits, params, batch.seen, banned, counts)
+    ends = set().union(*(s.end_tokens for s in seqs))  # spared by the repetition penalty
+    logits = apply_penalties(logits, params, batch.seen, banned, counts, ends)
     apply_masks(logits, allowed)
     tokens = sample(logits, params, [s.rng for s in seqs])
     scores: list[TokenLogprob | None] = [None] * len(seqs)

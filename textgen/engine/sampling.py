@@ -45,10 +45,16 @@ def apply_penalties(
     seen: torch.Tensor,
     banned: Sequence[Collection[int]],
     counts: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+    ends: Collection[int] = (),
 ) -> torch.Tensor:
-    """logit_bias; repetition penalty on tokens already present; presence and frequency penalties on tokens
-    generated so far (`counts[row]`: the row's generated ids and their counts, None for rows without those
-    penalties); -inf on `banned` tokens (those that would repeat an n-gram, end-of-text before min_tokens)."""
+    """logit_bias; repetition penalty on tokens already present but the `ends` (end-of-text, stop tokens);
+    presence and frequency penalties on tokens generated so far (`counts[row]`: the row's generated ids and
+    their counts, None for rows without those penalties); -inf on `banned` tokens (those that would repeat
+    an n-gram, end-of-text before min_tokens).
+
+    Ending the text is not repeating it: a chat template writes its end-of-turn token after every message,
+    so a prompt that counts for the penalty made the offline default's chat answers (repetition_penalty
+    1.2) run on to max_tokens instead of ending (Hugging Face and vLLM penalize it as any other token)."""
     _add_logit_bias(logits, params)
     # The floor keeps a legal but vanishing penalty (say 5e-324, which float32 rounds to 0) from
     # dividing by zero: infinite logits would turn the softmax into NaN.
@@ -56,6 +62,9 @@ def apply_penalties(
     if bool((penalty != 1.0).any()):
         # Only the few hundred seen tokens per row change: gather, penalize and put back just those.
         rows, tokens = seen[:, : logits.shape[1]].nonzero(as_tuple=True)
+        if ends:
+            kept = ~torch.isin(tokens, torch.tensor(sorted(ends), dtype=tokens.dtype))
+            rows, tokens = rows[kept], tokens[kept]
         values, factor = logits[rows, tokens], penalty[rows]
         logits[rows, tokens] = torch.where(values > 0, values / factor, values * factor)
     if counts is not None:

