@@ -45,7 +45,8 @@ def test_default_parameters_answer_the_readme_question(default_server):
     field left to its default) names Paris in at least 9 of 10 answers.
 
     For the offline default those defaults are textgen's own preset for its Q4_1 file (temperature 0.02, top_p
-    0.9, repetition_penalty 1.2, /generate's own: model/sampling_defaults.py), chosen by bench/offline_preset.py
+    0.9, repetition_penalty 1.2, /generate's own: model/sampling_defaults.py), chosen by
+    bench/offline_preset.py
     (bench/results/offline-preset.md, 2-core Intel Xeon with AMX): with it this body named Paris in 600/600
     answers in each of bfloat16-int8head (what `auto` serves there), float32-int8head and float32 (what it
     serves on CPUs without native bfloat16), 200 of them sent in waves of 20 as here and 200 one at a time;
@@ -81,7 +82,7 @@ def test_an_open_ended_chat_answer_does_not_loop(default_server):
     assert response.status_code == 200, response.text
     words = re.findall(r"\w+", response.json()["choices"][0]["message"]["content"].lower())
     runs = Counter(tuple(words[i : i + 6]) for i in range(len(words) - 5))
-    assert len(words) > 30 and max(runs.values()) < 3, runs.most_common(3)
+    assert len(words) >= 10 and max(runs.values()) < 3, runs.most_common(3)  # an answer, not a loop
 
 
 def test_start_up_lines_say_what_the_server_chose(default_server):

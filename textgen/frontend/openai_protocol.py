@@ -3,11 +3,11 @@
 /v1/completions and /v1/chat/completions take OpenAI's bodies, plus vLLM's and textgen's extra fields
 (`top_k`, `min_p`, `repetition_penalty`, `no_repeat_ngram_size`, `ignore_eos`, `min_tokens`,
 `speculative`, the token rules and output options /generate shares, `truncate_prompt_tokens`,
-`return_token_ids`, ...). Unlike /generate, nothing of textgen's is added to what the client asked for: those extras
-default to off (`speculative` to the server's default, as on /generate: it changes speed, not quality), no
-textgen template frames the prompt and no post-processing touches the output, because OpenAI clients
-expect the model's raw output. A sampling field the client leaves unset takes the model's own default when
-it has one (model/sampling_defaults.py; as vLLM's --generation-config auto), else OpenAI's.
+`return_token_ids`, ...). Unlike /generate, nothing of textgen's is added to what the client asked for:
+those extras default to off (`speculative` to the server's default, as on /generate: it changes speed, not
+quality), no textgen template frames the prompt and no post-processing touches the output, because OpenAI
+clients expect the model's raw output. A sampling field the client leaves unset takes the model's own
+default when it has one (model/sampling_defaults.py; as vLLM's --generation-config auto), else OpenAI's.
 
 Bounds are those of /generate (params.RANGES), checked by SamplingParams, under OpenAI's names; the
 server's limits are checked once for every dialect, in frontend/prepare.py.
