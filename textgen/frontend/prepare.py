@@ -475,8 +475,8 @@ class SpeculativeField(BaseModel):
         "model, TEXTGEN_DRAFT_MODEL) proposes a few tokens and one forward pass checks them all. Greedy "
         "output stays the same (exact in float32); sampled output keeps its distribution, though a seed then "
         "gives another text. true = on, false = off; unset or null = the server's TEXTGEN_SPECULATIVE, "
-        "which covers greedy requests only. Requests with logprobs or structured output, and "
-        "encoder-decoder models, are never speculated.",
+        "which covers greedy requests only. Requests with logprobs, structured output or allowed_token_ids, "
+        "and encoder-decoder models, are never speculated.",
         json_schema_extra={"nullable": True},
     )
 
