@@ -25,7 +25,7 @@ from textgen.engine.logprobs import prompt_logprobs, sampled_logprobs
 from textgen.engine.outputs import TokenLogprob
 from textgen.engine.prefix_cache import PrefixCache
 from textgen.engine.sampling import apply_penalties, sample
-from textgen.engine.sequence import Sequence
+from textgen.engine.sequence import Sequence, end_tokens_of
 from textgen.engine.speculative import Speculator
 from textgen.engine.thinking import force_tokens
 from textgen.model.attention import cache_dtype, decodes_with_segments
@@ -456,8 +456,7 @@ def _choose(batch: DecodeBatch, logits: torch.Tensor) -> tuple[torch.Tensor, lis
     force_tokens(allowed, [s.thought for s in seqs], logits.shape[1])  # a thought over its budget closes
     banned = lift_dead_bans([s.banned_tokens() for s in seqs], allowed)
     counts = [s.token_counts() for s in seqs]  # None for rows without presence/frequency penalties
-    ends = set().union(*(s.end_tokens for s in seqs))  # spared by the repetition penalty
-    logits = apply_penalties(logits, params, batch.seen, banned, counts, ends)
+    logits = apply_penalties(logits, params, batch.seen, banned, counts, end_tokens_of(seqs))
     apply_masks(logits, allowed)
     tokens = sample(logits, params, [s.rng for s in seqs])
     scores: list[TokenLogprob | None] = [None] * len(seqs)

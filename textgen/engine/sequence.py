@@ -237,6 +237,11 @@ class Sequence:
         return taken
 
 
+def end_tokens_of(seqs: list[Sequence]) -> set[int]:
+    """The tokens that end any of `seqs`' texts: what the repetition penalty spares in their batch."""
+    return set().union(*(s.end_tokens for s in seqs))
+
+
 def bad_word_bans(words: tuple[tuple[int, ...], ...], output_ids: list[int]) -> set[int]:
     """The last token of every bad word whose other tokens end the output so far (a one-token word is
     always banned). The prompt does not count, as in vLLM: a word may be asked about, not answered."""

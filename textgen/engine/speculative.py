@@ -54,7 +54,7 @@ from textgen.engine.sampling import (
     _nucleus_threshold,
     apply_penalties,
 )
-from textgen.engine.sequence import Sequence, bad_word_bans
+from textgen.engine.sequence import Sequence, bad_word_bans, end_tokens_of
 
 if TYPE_CHECKING:
     from textgen.engine.causal import CausalRunner
@@ -343,9 +343,8 @@ def choose(batch: DecodeBatch, logits: torch.Tensor, drafts: list[list[int]]) ->
             counts.append(counts_after(seq, draft[:j]))
             if j:
                 seen[r * width + j, torch.tensor(draft[:j]).clamp(max=seen.shape[1] - 1)] = True
-    ends = set().union(*(s.end_tokens for s in seqs))  # spared by the repetition penalty
     flat = logits.reshape(rows * width, vocab)
-    processed = apply_penalties(flat, flat_params, seen, banned, counts, ends)
+    processed = apply_penalties(flat, flat_params, seen, banned, counts, end_tokens_of(seqs))
     processed = processed.view(rows, width, vocab)
     out = []
     for r, (seq, draft) in enumerate(zip(seqs, drafts)):
