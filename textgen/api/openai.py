@@ -161,15 +161,11 @@ def _echo(call: Call, prepared: Prepared, choice: int) -> str:
     return call.echo_texts[prepared.choices[choice].prompt] if call.echo_texts else ""
 
 
-def _prompt_ids(prepared: Prepared, choice: int) -> list[int]:
-    return prepared.prompt_ids[prepared.choices[choice].prompt]
-
-
 def _so_far(call: Call, prepared: Prepared, choice: int, tokens: int) -> dict[str, Any]:
     """With continuous usage stats (vLLM's), a chunk's `usage`: its choice's counts so far; else nothing."""
     if not call.continuous_usage:
         return {}
-    prompt_tokens = len(prepared.prompt_ids[prepared.choices[choice].prompt])
+    prompt_tokens = len(prepared.prompt_of(choice))
     return {"usage": protocol.usage_body(TokenCounts.so_far(prompt_tokens, tokens))}
 
 
@@ -193,9 +189,9 @@ class CompletionResponse(DeferredJSONResponse):
                 call, self.tokenizer, r.logprobs, r.prompt_logprobs if echo else None
             )
             reason = protocol.finish_reason(r.finish_reason)
-            ids = TokenIds(r.token_ids, _prompt_ids(prepared, i))
+            ids = TokenIds(r.token_ids, prepared.prompt_of(i))
             choices.append(protocol.choice_body(call, i, echo + r.text, reason, scores, ids))
-        top = TokenIds.of_chat(call, _prompt_ids(prepared, 0))
+        top = TokenIds.of_chat(call, prepared.prompt_of(0))
         return protocol.envelope(call, chunk=False, choices=choices, usage=_usage(prepared, results), **top)
 
 
@@ -223,7 +219,7 @@ async def _events(
 
     def token_ids(i: int, new: list[int]) -> TokenIds:
         unnamed[i] += new
-        named = TokenIds(unnamed[i], _prompt_ids(prepared, i) if prompt_unnamed[i] else None)
+        named = TokenIds(unnamed[i], prepared.prompt_of(i) if prompt_unnamed[i] else None)
         unnamed[i], prompt_unnamed[i] = [], False
         return named
 
@@ -232,7 +228,7 @@ async def _events(
             echo = _echo(call, prepared, i)
             if call.kind == "chat" or echo:
                 opening = protocol.chunk_choice(call, i, echo, None, first=True, ids=token_ids(i, []))
-                top = TokenIds.of_chat(call, _prompt_ids(prepared, i)) if i == 0 else {}
+                top = TokenIds.of_chat(call, prepared.prompt_of(i)) if i == 0 else {}
                 so_far = _so_far(call, prepared, i, 0)
                 yield sse(protocol.envelope(call, chunk=True, choices=[opening], **so_far, **top))
         results: list[GenerationResult | None] = [None] * len(handles)

@@ -56,11 +56,10 @@ def _handle(frontend: Frontend, raw: Any) -> Response:
     def body(
         reasoning: str | None, text: str, reply: ToolReply | None, result: GenerationResult
     ) -> dict[str, Any]:
-        (choice,) = prepared.choices
         scores = None
         if req.wants_logprobs:
-            prompt_ids = prepared.prompt_ids[choice.prompt]
-            scores = protocol.message_logprobs(tokenizer, prompt_ids, choice.params, result, thinking, tools)
+            params, prompt_ids = prepared.choices[0].params, prepared.prompt_of(0)
+            scores = protocol.message_logprobs(tokenizer, prompt_ids, params, result, thinking, tools)
         output = protocol.output_items(text, reply, reasoning, scores)
         usage = protocol.usage_body(TokenCounts.of(prepared, [result]))
         return shape.body(protocol.status_of(result.finish_reason), output, usage)

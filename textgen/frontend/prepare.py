@@ -82,6 +82,10 @@ class Prepared:
     choices: list[Choice]
     truncated_tokens: list[int] = field(default_factory=list)  # dropped from each prompt's start
 
+    def prompt_of(self, choice: int) -> list[int]:
+        """The token ids of the prompt choice `choice` answers."""
+        return self.prompt_ids[self.choices[choice].prompt]
+
 
 class Frontend:
     """The loaded model's engine, and the one path from a PromptRequest to running sequences."""
@@ -175,7 +179,9 @@ class Frontend:
 
     def submit(self, prepared: Prepared) -> list[RequestHandle]:
         """Every choice enters the engine at once (they join the same step), or QueueFull is raised."""
-        return self.engine.submit_many([(prepared.prompt_ids[c.prompt], c.params) for c in prepared.choices])
+        return self.engine.submit_many(
+            [(prepared.prompt_of(i), c.params) for i, c in enumerate(prepared.choices)]
+        )
 
     def prepare(self, requests: list[PromptRequest]) -> list[Prepared | ParamError]:
         """Check and tokenize requests that arrived together (one tokenizer call for all their prompts)."""
