@@ -97,3 +97,40 @@ def test_the_attention_kernel_follows_the_cpu():
     assert sdpa_wins(zen4, 1, 12, 12, f32, 512) and sdpa_wins(zen4, 1, 12, 12, f32, None)
     # float32 batches: the matmuls, on every CPU.
     assert not any(sdpa_wins(cpu, 32, 12, 12, f32, 160) for cpu in (amx, zen4, zen3))
+
+
+@pytest.mark.parametrize("machine", ["epyc-zen3", "sapphire-rapids"])
+def test_float16_keys_reach_torchs_float16_kernels_only_where_the_cpu_has_float16_arithmetic(
+    machine, monkeypatch
+):
+    """float32-int8head's cache stores keys and values in float16. Without AVX512-FP16 torch's float16 SDPA
+    computes one element at a time (an AVX2 EPYC: 5-14x its float32 time), so before the compiled kernel is
+    there (or where there is none) they are widened to float32; with it, SDPA takes them as stored. Either
+    way the attention is the float32 one over the stored values."""
+    import torch.nn.functional as F
+
+    from tests.test_cpu import MACHINES
+    from textgen.model import attention
+    from textgen.model.cpu import detect_cpu
+
+    monkeypatch.setattr(attention, "this_cpu", lambda: detect_cpu(MACHINES[machine]))
+    seen: list[torch.dtype] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spied(query, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(query.dtype)
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spied)
+    torch.manual_seed(0)
+    for rows, width in ((1, 40), (5, 40)):
+        query = torch.randn(rows, 4, 1, 16)
+        key, value = (torch.randn(rows, 4, width, 16).half() for _ in range(2))
+        mask = torch.ones(rows, 1, 1, width, dtype=torch.bool)
+        mask[0, ..., :7] = False
+        ours = attention._attend(query, key, value, mask, 0.25)
+        reference = sdpa(query, key.float(), value.float(), attn_mask=mask, scale=0.25).transpose(1, 2)
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, reference, atol=2e-3, rtol=2e-3)
+    wanted = torch.float32 if machine == "epyc-zen3" else torch.float16
+    assert seen and set(seen) == {wanted}  # (five rows of float32 go to the matmuls)

@@ -24,7 +24,13 @@ from textgen.model.attention import compiled_attention_wins
 from textgen.model.compiled import MAX_TOKENS, _compile, lone_tokens
 from textgen.model.cpu import detect_cpu, this_cpu
 from textgen.model.loading import load_model
-from textgen.model.native import compile_state, compiled_dtype, native_decoding, start_compiling
+from textgen.model.native import (
+    attention_dtype,
+    compile_state,
+    compiled_dtype,
+    native_decoding,
+    start_compiling,
+)
 from textgen.model.source import resolve_model
 
 from .test_segments import prompt
@@ -403,46 +409,58 @@ def test_the_server_compiles_its_steps_in_the_background(
     float32-int8head's float32 ones) compile in a process of its own (the int8 output layer stays outside
     the step, so bfloat16-int8head finds bfloat16's package in the cache), after the batch's attention where
     it wins, and a lone stream's steps then go through the compiled pass (its prompt too, where
-    `lone_tokens` says so). The compiling process's directory of inductor's working files is removed when
-    it ends. The server itself never traces a pass (torch.export holds the GIL for seconds: its engine
-    would stall), not even to find the package in the cache."""
+    `lone_tokens` says so). Where float32-int8head's layers are packed for oneDNN (AMD's CPUs) its step
+    decodes eagerly, and its float16 keys and values go through the compiled attention where the CPU has no
+    float16 arithmetic. The compiling process's directory of inductor's working files is removed when it
+    ends. The server itself never traces a pass (torch.export holds the GIL for seconds: its engine would
+    stall), not even to find the package in the cache."""
     from textgen.frontend.prepare import Frontend
 
-    if compiled_dtype(dtype) is None:  # float32-int8head on AMD CPUs: tests/test_loading.py shows it
-        pytest.skip(f"{dtype}'s products are oneDNN's packed ones on this CPU: it decodes eagerly")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where that directory goes
 
     settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype=dtype, cache_dir=cache_dir)
     loaded = load_model(settings, resolve_model(settings))
-    steps = native_decoding(loaded.model).lone
+    decoding = native_decoding(loaded.model)
+    steps, attention = decoding.lone, decoding.attention
+    tensors, rows = compiled_dtype(dtype), attention_dtype(loaded.model, dtype)
+    assert rows is not None
+    attends = compiled_attention_wins(this_cpu(), 1, attention.heads, attention.kv_heads, rows, 1)
     frontend = Frontend(loaded, settings)
     try:
         frontend.warmup()
-        assert compile_state(loaded.model) == "compiling"
-        steps.thread.join()
-        # bfloat16-int8head's step is bfloat16's (its output layer is outside): loaded, not compiled.
-        expected = (
-            "loaded from the cache in "
-            if dtype == "bfloat16-int8head"
-            else "compiled in a process of its own in "
-        )
-        assert compile_state(loaded.model).startswith(expected), compile_state(loaded.model)
+        if tensors is None:  # float32-int8head on AMD CPUs
+            assert compile_state(loaded.model) == (
+                "off: float32-int8head decodes eagerly (its float32 products are oneDNN's packed ones here)"
+            )
+        else:
+            assert compile_state(loaded.model) == "compiling"
+        for program in (attention, steps):
+            if program.thread is not None:
+                program.thread.join()
+        # bfloat16-int8head's programs are bfloat16's (its output layer is outside): loaded, not compiled.
+        done = ("compiled in a process of its own in ", "loaded from the cache in ")
+        expected = done[1] if dtype == "bfloat16-int8head" else done[0]
+        if tensors is not None:
+            assert compile_state(loaded.model).startswith(expected), compile_state(loaded.model)
         # Before it, in the same thread, the batch's attention, where it wins on this CPU.
-        attention = native_decoding(loaded.model).attention
-        tensors = compiled_dtype(dtype)
-        assert tensors is not None
-        if compiled_attention_wins(this_cpu(), 1, attention.heads, attention.kv_heads, tensors, 1):
-            assert compile_state(loaded.model, "attention").startswith(expected)
+        if attends:
+            assert compile_state(loaded.model, "attention").startswith(done), compile_state(
+                loaded.model, "attention"
+            )
+            assert attention.dtype == rows  # float32-int8head's: float16, as its cache stores them
         else:
             assert compile_state(loaded.model, "attention").startswith("off: ")
-        steps.steps = steps.many = 0
+        steps.steps = steps.many = attention.calls = 0
         params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True, speculative=False)
         result = frontend.engine.submit(loaded.tokenizer.encode("What is AI?"), params).wait(60)
     finally:
         frontend.close()
     assert result.completion_tokens == 20 and result.error is None
-    # Every step after the prompt's pass, and that pass too where this CPU's products take many rows fast.
-    assert steps.steps == 19 and steps.many == int(lone_tokens(this_cpu()) > 1)
+    if tensors is None:  # every step eager, its attention compiled where it wins
+        assert steps.steps == 0 and attention.calls == (19 * len(decoding.layers) if attends else 0)
+    else:
+        # Every step after the prompt's pass, and that pass too where this CPU's products take many rows fast.
+        assert steps.steps == 19 and steps.many == int(lone_tokens(this_cpu()) > 1)
     assert not list(tmp_path.iterdir())
 
 

@@ -55,17 +55,22 @@ def rows_of(rows: int, heads: int, kv_heads: int, width: int, dtype: torch.dtype
     return query, keys, values, mask
 
 
-@pytest.mark.parametrize("dtype,heads,kv_heads", [(torch.float32, 4, 2), (torch.bfloat16, 4, 4)])
+@pytest.mark.parametrize(
+    "dtype,heads,kv_heads", [(torch.float32, 4, 2), (torch.bfloat16, 4, 4), (torch.float16, 4, 4)]
+)
 def test_one_program_attends_as_the_matmuls_at_every_size(kernels, dtype, heads, kv_heads):
+    """In float16 (float32-int8head's cache) against the matmuls over the same values widened to float32:
+    the program widens them as it reads them."""
     torch.manual_seed(0)
     kernel = kernels(heads, kv_heads, dtype)
-    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    tolerance = {torch.bfloat16: 2e-2, torch.float16: 2e-3}.get(dtype, 1e-5)
     for rows, width in ((1, 1), (1, 50), (5, 37), (17, 130)):
         query, keys, values, mask = rows_of(rows, heads, kv_heads, width, dtype)
         ours = kernel.run(query, keys, values, mask, 0.3)
         assert ours is not None and ours.shape == (rows, 1, heads, DIM) and ours.dtype == dtype
-        reference = grouped_matmuls(query, keys, values, mask, 0.3)
-        torch.testing.assert_close(ours, reference, atol=tolerance, rtol=tolerance)
+        wide = torch.float32 if dtype == torch.float16 else dtype
+        reference = grouped_matmuls(query.to(wide), keys.to(wide), values.to(wide), mask, 0.3)
+        torch.testing.assert_close(ours.to(wide), reference, atol=tolerance, rtol=tolerance)
     assert kernel.calls == 4
 
 
@@ -137,13 +142,21 @@ def decode(model, prompts: dict[int, list[int]]) -> Decoder:  # type: ignore[no-
 
 
 def test_where_it_is_used_follows_the_cpu():
-    """Measured faster only in bfloat16 where it is native without AMX (Zen 4): at every size without
-    grouped heads, with them up to GROUPED_POSITIONS rows x columns; never in float32 (a row computes the same
-    alone and in a batch there), nor on AMX or AVX2 CPUs."""
+    """Measured faster in bfloat16 where it is native without AMX (Zen 4): at every size without grouped
+    heads, with them up to GROUPED_POSITIONS rows x columns; never in float32 (a row computes the same alone
+    and in a batch there), nor in bfloat16 on AMX or AVX2 CPUs. Over float16 keys and values (float32-int8head's
+    cache) wherever the CPU has no float16 arithmetic (AVX512-FP16), whose own float16 kernels are slow."""
     from tests.test_cpu import MACHINES
     from textgen.model.cpu import detect_cpu
 
     amx, zen4, zen3 = (detect_cpu(MACHINES[n]) for n in ("sapphire-rapids", "epyc-zen4", "epyc-zen3"))
+    skylake = detect_cpu(MACHINES["skylake"])
+    f16 = torch.float16
+    assert all(compiled_attention_wins(cpu, 32, 12, 12, f16, 160) for cpu in (zen3, zen4, skylake))
+    assert compiled_attention_wins(zen3, 1, 12, 12, f16, 1) and compiled_attention_wins(
+        zen3, 8, 9, 3, f16, 999
+    )
+    assert not compiled_attention_wins(amx, 32, 12, 12, f16, 160)  # AVX512-FP16: torch's own kernels
     bf16 = torch.bfloat16
     assert compiled_attention_wins(zen4, 1, 12, 12, bf16, 1)  # compiled for GPT-2 there
     assert compiled_attention_wins(zen4, 64, 12, 12, bf16, 1000)

@@ -117,6 +117,8 @@ def test_parsing_keeps_the_model_vendor_and_only_the_flags_that_matter() -> None
     assert spr.torch_capability is None  # a faked CPU is not cross-checked against the real torch
     zen3 = machine("epyc-zen3")
     assert zen3.vendor == "AuthenticAMD" and zen3.flags == {"avx2", "fma"}
+    # float16 arithmetic (AVX512-FP16) only on the Sapphire Rapids: the others' float16 kernels are slow
+    assert spr.native_fp16 and not any(machine(n).native_fp16 for n in ("epyc-zen3", "epyc-zen4", "skylake"))
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,10 @@ from transformers.pytorch_utils import Conv1D
 from textgen.config import ConfigError, Settings, available_cores
 from textgen.engine.core import Engine
 from textgen.model.loading import configure_threads, load_model
-from textgen.model.native import start_compiling
+from textgen.model.native import compile_state, native_decoding, start_compiling
 from textgen.model.source import ModelLoadError, resolve_model
 from textgen.engine.params import SamplingParams
-from textgen.model.cpu import detect_cpu
+from textgen.model.cpu import detect_cpu, this_cpu
 from textgen.model.formats import int8_dense_dtype
 from textgen.model.linear import Linear, onednn_bfloat16, use_linear
 from textgen.model.quantize import (
@@ -269,9 +269,15 @@ def test_float32_int8head_packs_its_layers_where_float32_packed_is_for_the_cpu(
     assert len(blocks) == 4 * 2 and all(m.packed and m.weight.dtype == torch.float32 for m in blocks)
     assert isinstance(model.lm_head, Int8Linear) and isinstance(model.get_input_embeddings(), Int8Embedding)
     assert loaded.kv_cache_dtype == "float16"
-    assert start_compiling(model, loaded.dtype) == (
+    assert start_compiling(model, loaded.dtype, cache_dir) == (
         "off: float32-int8head decodes eagerly (its float32 products are oneDNN's packed ones here)"
     )
+    # Its batch's attention over the float16 cache compiles, where the CPU has no float16 arithmetic.
+    attention = native_decoding(model).attention
+    if attention.thread is not None:
+        attention.thread.join()
+    wanted = ("off: ",) if this_cpu().native_fp16 else ("compiled in ", "loaded from the cache in ")
+    assert compile_state(model, "attention").startswith(wanted), compile_state(model, "attention")
     ids = torch.tensor([loaded.tokenizer.encode("What is AI? Artificial intelligence is")])
     with torch.inference_mode():
         got, expected = model(ids).logits[0, -1], loaded_tiny.model(ids).logits[0, -1]

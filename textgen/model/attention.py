@@ -96,24 +96,45 @@ def _attend(
     in the queries' dtype, whatever the cache stores keys and values in (`cache_dtype`)."""
     if key.dtype != query.dtype:
         computed = query.dtype
-        query, mask = _as_stored(query, key, mask)
-        return _attend(query, key, value, mask, scale, rows_kernel).to(computed)
+        narrow, narrow_mask = _as_stored(query, key, mask)
+        out = _compiled_rows(rows_kernel, narrow, key, value, narrow_mask, scale)
+        if out is None and key.dtype == torch.float16 and not this_cpu().native_fp16:
+            # torch's float16 kernels compute one element at a time without AVX512-FP16 (`sdpa_wins`): the
+            # keys and values widened to float32 first (until the compiled kernel is there, or where none is).
+            return _attend(query, key.to(computed), value.to(computed), mask, scale)
+        if out is None:
+            out = _attend(narrow, key, value, narrow_mask, scale)
+        return out.to(computed)
+    out = _compiled_rows(rows_kernel, query, key, value, mask, scale)
+    if out is not None:
+        return out
     rows, heads = query.shape[:2]
-    if (
-        rows_kernel is not None
-        and mask is not None
-        and query.shape[2] == 1
-        and compiled_attention_wins(this_cpu(), rows, heads, key.shape[1], query.dtype, key.shape[2])
-    ):
-        out = rows_kernel.run(query, key, value, mask, scale)
-        if out is not None:
-            return out
     if sdpa_wins(this_cpu(), rows, heads, key.shape[1], query.dtype, key.shape[2]):
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, scale=scale, enable_gqa=key.shape[1] != heads
         )
         return out.transpose(1, 2)
     return grouped_matmuls(query, key, value, mask, scale)
+
+
+def _compiled_rows(
+    rows_kernel: RowsAttention | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor | None:
+    """`_attend` by the compiled attention of decoding rows where it is compiled and wins, else None."""
+    rows, heads = query.shape[:2]
+    if (
+        rows_kernel is None
+        or mask is None
+        or query.shape[2] != 1
+        or not compiled_attention_wins(this_cpu(), rows, heads, key.shape[1], query.dtype, key.shape[2])
+    ):
+        return None
+    return rows_kernel.run(query, key, value, mask, scale)
 
 
 def grouped_matmuls(
@@ -172,12 +193,15 @@ def sdpa_wins(
     if dtype == torch.bfloat16 and cpu.bf16_unit != "AMX":
         return rows == 1 and width is not None and width <= 160
     if dtype == torch.float16:
-        # Keys and values stored in float16 (`cache_dtype`): torch's float16 matmuls are slow where the CPU
-        # has no float16 arithmetic, its SDPA is not (GPT-2's 12 layers, 32 rows of 160 columns, AVX2 caps on
-        # the AMX Xeon: the grouped matmuls 72 ms against 26 in float32; SDPA 21 against float32's 23). A lone
-        # row's compiled pass takes the elementwise products and sums, which inductor fuses with the widening
-        # to float32: its program 14.2-15.9 ms a token in four runs against 16.5 in one with SDPA (random
-        # GPT-2, same caps).
+        # Keys and values stored in float16 (`cache_dtype`). Where the CPU has float16 arithmetic
+        # (AVX512-FP16: the AMX Xeon, whose float16 kernels stayed fast under AVX2 caps), torch's float16
+        # matmuls are slow and its SDPA is not (GPT-2's 12 layers, 32 rows of 160 columns: the grouped
+        # matmuls 72 ms against 26 in float32; SDPA 21 against float32's 23). Without it (an AVX2 EPYC, Zen 3,
+        # per layer) SDPA in float16 is slow too, 14.8 ms against 2.7 in float32 at 32 rows of 160, 0.49
+        # against 0.07 at one row: `_attend` takes the compiled kernel or widens to float32 before it gets
+        # here. A lone row's compiled pass takes the elementwise products and sums, which inductor fuses with
+        # the widening to float32: its program 14.2-15.9 ms a token in four runs against 16.5 in one with SDPA
+        # (random GPT-2, AVX2 caps on the AMX Xeon).
         return width is not None
     return rows == 1 or (kv_heads == heads and dtype == torch.bfloat16)
 
@@ -198,7 +222,15 @@ def compiled_attention_wins(
     160 0.87 against 0.96 ms), and not on AMX, where it gained nothing: on an Intel Xeon (family 6 model
     167), random GPT-2 bfloat16-int8head in-process, W's sampled streams, two pairs of processes, 32 streams
     949-950 tok/s compiled against 915-948, 8 streams 459-474 against 463-465.
+    Keys and values stored in float16 (float32-int8head's cache) wherever the CPU has no float16 arithmetic
+    (`CpuInfo.native_fp16`), whose own float16 kernels are slow there: on an AVX2 EPYC (Zen 3), GPT-2's 12
+    heads, per layer, against SDPA in float16 and in float32 over the same keys widened (and before the
+    widening's own cost): 32 rows of 160 2.3 against 14.8 and 2.9 ms, 64 rows of 160 3.1 against 29.6 and
+    4.9, 8 of 160 0.36 against 3.7 and 0.28, one of 160 0.13 against 0.49 and 0.07 (torch.compile's
+    program: its call costs more than AOTInductor's).
     """
+    if dtype == torch.float16:
+        return not cpu.native_fp16
     if dtype != torch.bfloat16 or cpu.bf16_unit != "AVX512_BF16" or cpu.raw_isa_class == "amx":
         return False
     return kv_heads == heads or rows * width <= GROUPED_POSITIONS

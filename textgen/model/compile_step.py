@@ -24,7 +24,7 @@ from pathlib import Path
 from textgen.config import Settings
 from textgen.model.compiled import PARENT, SCRATCH
 from textgen.model.loading import load_model
-from textgen.model.native import compiled_dtype, native_decoding
+from textgen.model.native import attention_dtype, compiled_dtype, native_decoding
 from textgen.model.source import resolve_model
 
 
@@ -41,8 +41,10 @@ def main() -> int:
     if decoding is None:
         print(f"{loaded.model_id}: Hugging Face's forward pass decodes this model", file=sys.stderr)
         return 1
-    program = decoding.lone if kind == "step" else decoding.attention
-    tensors = compiled_dtype(loaded.dtype)
+    if kind == "step":
+        program, tensors = decoding.lone, compiled_dtype(loaded.dtype)
+    else:
+        program, tensors = decoding.attention, attention_dtype(loaded.model, loaded.dtype)
     if tensors is None:
         print(f"{loaded.dtype} decodes eagerly: nothing to compile", file=sys.stderr)
         return 1

@@ -232,22 +232,21 @@ class AheadOfTime:
 
 
 def compile_in_background(
-    programs: Sequence[AheadOfTime],
-    dtype: torch.dtype,
+    programs: Sequence[tuple[AheadOfTime, torch.dtype]],
     cache_dir: Path | None = None,
     apart: Mapping[str, str] | None = None,
 ) -> threading.Thread:
-    """Compile `programs` for tensors of `dtype`, one after the other, in one background thread at the
-    lowest priority (the server answers meanwhile, and two compiles at once would only share the cores);
-    the thread is returned and set as each program's `thread`."""
+    """Compile `programs`, each for tensors of its dtype, one after the other, in one background thread at
+    the lowest priority (the server answers meanwhile, and two compiles at once would only share the
+    cores); the thread is returned and set as each program's `thread`."""
 
     def compile_all() -> None:
         _lowest_priority()  # this thread, and the processes it starts
-        for program in programs:
+        for program, dtype in programs:
             program.compile(dtype, cache_dir, apart)
 
     thread = threading.Thread(target=compile_all, name="textgen-compile", daemon=True)
-    for program in programs:
+    for program, _ in programs:
         program.state, program.thread = "compiling", thread
     thread.start()
     return thread

@@ -280,6 +280,16 @@ class CpuInfo:
         return bool({"avx512_bf16", "amx_bf16"} & self.usable_by("oneDNN"))
 
     @property
+    def native_fp16(self) -> bool:
+        """float16 arithmetic in hardware (AVX512-FP16, Sapphire Rapids and later), which torch's float16
+        attention and products use. Read from the raw flags: torch's kernels check the CPU itself, not the
+        libraries' caps (under AVX2 caps on the AMX Xeon its float16 attention stayed fast, session 28).
+        Without it they compute through float32 one element at a time: on an AVX2 EPYC (Zen 3), GPT-2's
+        12 heads, SDPA in float16 took 5-14x its time in float32 (textgen/model/attention.py)."""
+        assert self.raw_flags is not None
+        return not self.is_arm and "avx512_fp16" in self.raw_flags
+
+    @property
     def int8_dot(self) -> bool:
         """int8 dot products summed in 32 bits in hardware, as textgen's int8 products use them: on x86
         FBGEMM's AVX512-VNNI kernel (textgen/model/quantize.py; FBGEMM has none for AVX-VNNI or AMX)."""

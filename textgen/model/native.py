@@ -317,21 +317,33 @@ def start_compiling(
     decoding = native_decoding(model)
     if decoding is None:
         return "off: Hugging Face's forward pass decodes this model"
-    tensors = compiled_dtype(dtype)
+    tensors, rows = compiled_dtype(dtype), attention_dtype(model, dtype)
+    programs: list[tuple[AheadOfTime, torch.dtype]] = []
+    attention = decoding.attention
+    if rows is None:
+        attention.state = f"off: {dtype} decodes eagerly"
+    elif compiled_attention_wins(this_cpu(), 1, attention.heads, attention.kv_heads, rows, 1):
+        programs.append((attention, rows))
+    else:
+        attention.state = "off: the matmuls or SDPA are the faster kernels on this CPU"
     if tensors is None:
         # float32-int8head compiles but where its layers are packed (`compiled_dtype`): say so
         packed = dtype == "float32-int8head"
         why = " (its float32 products are oneDNN's packed ones here)" if packed else ""
-        decoding.lone.state = decoding.attention.state = f"off: {dtype} decodes eagerly{why}"
-        return decoding.lone.state
-    programs: list[AheadOfTime] = [decoding.lone]
-    attention = decoding.attention
-    if compiled_attention_wins(this_cpu(), 1, attention.heads, attention.kv_heads, tensors, 1):
-        programs.insert(0, attention)
+        decoding.lone.state = f"off: {dtype} decodes eagerly{why}"
     else:
-        attention.state = "off: the matmuls or SDPA are the faster kernels on this CPU"
-    compile_in_background(programs, tensors, cache_dir, apart)
+        programs.append((decoding.lone, tensors))
+    if programs:
+        compile_in_background(programs, cache_dir, apart)
     return decoding.lone.state
+
+
+def attention_dtype(model: Any, dtype: str) -> torch.dtype | None:
+    """The keys and values the batch's compiled attention of decoding rows would take for `model` served in
+    `dtype` (TEXTGEN_DTYPE resolved), or None: that format decodes eagerly. The cache's own dtype where it
+    has one (float32-int8head's float16, whose layers compile or not), else the lone pass's."""
+    cached = cache_dtype(model)
+    return cached if cached is not None else compiled_dtype(dtype)
 
 
 def compiled_dtype(dtype: str, cpu: CpuInfo | None = None) -> torch.dtype | None:
