@@ -144,8 +144,9 @@ def decode(model, prompts: dict[int, list[int]]) -> Decoder:  # type: ignore[no-
 def test_where_it_is_used_follows_the_cpu():
     """Measured faster in bfloat16 where it is native without AMX (Zen 4): at every size without grouped
     heads, with them up to GROUPED_POSITIONS rows x columns; never in float32 (a row computes the same alone
-    and in a batch there), nor in bfloat16 on AMX or AVX2 CPUs. Over float16 keys and values (float32-int8head's
-    cache) wherever the CPU has no float16 arithmetic (AVX512-FP16), whose own float16 kernels are slow."""
+    and in a batch there), nor in bfloat16 on AMX or AVX2 CPUs. Over float16 keys and values
+    (float32-int8head's cache) wherever the CPU has no float16 arithmetic (AVX512-FP16), whose own float16
+    kernels are slow."""
     from tests.test_cpu import MACHINES
     from textgen.model.cpu import detect_cpu
 

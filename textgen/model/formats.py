@@ -59,8 +59,8 @@ MAX_QUALITY_COST = 0.01  # `auto` accepts at most +1% token-by-token perplexity 
 # same caps with float32_packing answering as on AMD, in-process, alternating, one stream 37.7-38.7 tok/s
 # against 32.1-32.2, 32 streams 354.7-359.6 against 316.0-319.4, peak RSS 1203-1245 MiB against 1644-1674
 # (session 34; with that Xeon's AVX-512 kernels 43.0-43.3 against 37.1-37.3 and 461.5-461.7 against
-# 404.2-404.9; not yet measured on an AMD CPU). float32-packed: float32's bytes, oneDNN's packed kernels
-# where they are faster (float32_packing).
+# 404.2-404.9; an AMD EPYC Zen 3's own figures are in README "Performance"). float32-packed: float32's
+# bytes, oneDNN's packed kernels where they are faster (float32_packing).
 # A format this CPU emulates never gets this far.
 SPEED_ORDER = ("int8", "bfloat16-int8head", "bfloat16", "float32-int8head", "float32-packed", "float32")
 BFLOAT16_LAYERS = ("bfloat16", "bfloat16-int8head")  # formats whose layers compute in bfloat16
@@ -72,8 +72,10 @@ FBGEMM_PRODUCTS = ("int8", *INT8_OUTPUT_LAYER)  # formats with FBGEMM's int8 pro
 # (textgen/model/attention.py `cache_dtype`). float32-int8head, `auto` on CPUs without native bfloat16:
 # float16 halves what float32 keys and values take, and every x86 CPU with AVX2 widens float16 in hardware
 # (F16C) as attention reads it; bfloat16 would round 8x coarser. W's 32 streams keep 32 rows of up to 160
-# positions: 377 MB of GPT-2's keys and values in float32, 189 in float16. Attention itself then runs as
-# fast or faster (`sdpa_wins`). float32 and float32-packed keep float32: they promise Hugging Face's numbers.
+# positions: 377 MB of GPT-2's keys and values in float32, 189 in float16. Attention reads them through
+# inductor's compiled loops, which widen as they read, where the CPU has no float16 arithmetic (torch's own
+# float16 kernels are 5-14x slower there: `compiled_attention_wins`), and through SDPA where it has
+# (`sdpa_wins`). float32 and float32-packed keep float32: they promise Hugging Face's numbers.
 CACHE_DTYPES: Mapping[str, torch.dtype] = {"float32-int8head": torch.float16}
 
 
