@@ -54,7 +54,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import targets  # noqa: E402
-from bench.anchors import PROMPT_TEXT  # noqa: E402
+from bench.anchors import PROMPT_TEXT, llama_cpp_sdist  # noqa: E402
 from tests.server import Server, server_command, start_process, stop_on_sigterm  # noqa: E402
 from textgen.config import DTYPES as SERVED_DTYPES  # noqa: E402  (no torch: textgen/config.py)
 
@@ -110,8 +110,7 @@ def gpt2_vocabulary() -> Path | None:
     clone elsewhere, in the llama-cpp-python sdist the anchors' converter comes from (vendor/llama.cpp/
     models/, where ../shared's copy comes from). Without it make_model.py trains a stand-in tokenizer,
     which the anchors' converters refuse (session 43: a clone in /tmp ran without anchors)."""
-    from bench.anchors import llama_cpp_sdist
-    from bench.make_model import DEFAULT_VOCAB
+    from bench.make_model import DEFAULT_VOCAB  # here: it imports transformers
 
     if DEFAULT_VOCAB.is_file():
         return DEFAULT_VOCAB
