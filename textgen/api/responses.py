@@ -96,11 +96,18 @@ async def _client_gone(receive: Receive) -> None:
             return
 
 
+# Line breaks to Python's str.splitlines, which httpx's iter_lines follows, but raw in JSON text: a client
+# reading the stream line by line (guidellm does) would cut the event in two. Escaped, the JSON is the same.
+_LINE_BREAKS_JSON_KEEPS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: dict[str, Any] | str, event: str | None = None) -> str:
     """One Server-Sent Event whose data is `data` as JSON (or a bare string such as [DONE]); `event`: its
     name (Anthropic's clients read an event by its name)."""
     named = f"event: {event}\n" if event else ""
-    return f"{named}data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    if not isinstance(data, str):
+        data = json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS_JSON_KEEPS)
+    return f"{named}data: {data}\n\n"
 
 
 def event_stream(
