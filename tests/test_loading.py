@@ -7,6 +7,8 @@ import dataclasses
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -549,6 +551,33 @@ def test_offline_default_is_smollm2_with_one_warning_and_a_cached_conversion(cac
     assert len(warnings) == 1
     assert "Set MODEL_NAME" in warnings[0].message
     assert loaded.tokenizer.chat_template and loaded.context_length == 8192
+
+
+@pytest.mark.real_model
+def test_without_the_hub_the_default_falls_back_at_once_not_after_retries(cache_dir, tmp_path):
+    """HF_HUB_OFFLINE unset and the Hub unreachable (here: a closed port on loopback), nothing cached: one
+    request, then SmolLM2; huggingface_hub's own retries (5, sleeping 23 s in all) never start."""
+    from tests.server import ROOT, free_port
+
+    script = (
+        "from pathlib import Path; from textgen.config import Settings;"
+        "from textgen.model.source import resolve_model;"
+        f"s = resolve_model(Settings(model_name=None, cache_dir=Path({str(cache_dir)!r})));"
+        "print(s.model_id); print(s.fallback_reason)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env |= {
+        "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        "HF_HOME": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    model_id, reason = done.stdout.strip().splitlines()[-2:]
+    assert model_id == "SmolLM2-135M-Instruct" and "Connection refused" in reason, done.stdout
+    assert "Retrying" not in done.stderr, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
