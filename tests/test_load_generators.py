@@ -229,10 +229,10 @@ def test_a_short_guidellm_benchmark_finishes_without_errors(
 ):
     """Six requests through guidellm, none errored, each with all 8 tokens.
 
-    Once in CI (session 43, AMD Zen 3) one of the six requests errored, with nothing
-    saying why; 180 requests of guidellm and 3000 of its bodies here never repeated it. So a run with
-    errors is reported (its errors and the server's log as a warning, which CI prints) and run again,
-    and the second must be clean: a server that fails guidellm's requests fails it twice.
+    Once in CI (session 43, AMD Zen 3) one of the six requests errored, with nothing saying why; 180
+    requests of guidellm and 3000 of its bodies here never repeated it. So a run with errors is reported
+    (its errors and the server's log as a warning, which CI prints) and run again, and the second must be
+    clean: a server that fails guidellm's requests fails it twice.
     """
     benchmark = run_guidellm(tiny_server.url, tiny_model_dir, tmp_path, request_format)
     if errors := errored_requests(benchmark):

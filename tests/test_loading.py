@@ -565,7 +565,8 @@ def test_without_the_hub_the_default_falls_back_at_once_not_after_retries(cache_
         f"s = resolve_model(Settings(model_name=None, cache_dir=Path({str(cache_dir)!r})));"
         "print(s.model_id); print(s.fallback_reason)"
     )
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    # No HF_HUB_OFFLINE, and no cache location but the empty HF_HOME (a cached GPT-2 would be served).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env |= {
         "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
         "HF_HOME": str(tmp_path),
