@@ -5,10 +5,12 @@ Against float32: perplexity on a fixed English text, and greedy agreement on cha
 the first 48 generated tokens match float32's, and how many answers are identical).
 
     python bench/quality.py            # writes bench/results/quality.md
+    python bench/quality.py --formats float32,float16-int8head --out bench/results/quality-avx2.md
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -70,7 +72,11 @@ PROMPTS = [
 NEW_TOKENS = 48
 # Formats with FBGEMM's int8 products measured again with 7-bit weights, as FBGEMM takes them on x86 CPUs
 # without AVX512-VNNI (textgen/model/quantize.py weight_levels): row name -> TEXTGEN_DTYPE.
-SEVEN_BIT = {"int8, 7-bit weights": "int8", "float32-int8head, 7-bit weights": "float32-int8head"}
+SEVEN_BIT = {
+    "int8, 7-bit weights": "int8",
+    "float32-int8head, 7-bit weights": "float32-int8head",
+    "float16-int8head, 7-bit weights": "float16-int8head",
+}
 
 
 def perplexity(model, tokenizer) -> float:
@@ -116,11 +122,22 @@ def greedy_outputs(loaded) -> list[list[int]]:
 def main() -> None:
     from textgen.model.cpu import describe
 
+    every = [dtype for dtype in DTYPES if dtype != "auto"] + list(SEVEN_BIT)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--formats", default=",".join(every), help=f"rows to measure, float32 first (default: all of {every})"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality.md")
+    args = parser.parse_args()
+    names = args.formats.split(",")
+    if names[0] != "float32" or not set(names) <= set(every):
+        parser.error(f"--formats: float32 first, then any of {every}")
     cpu = describe()
     rows = []
     reference: list[list[int]] = []
-    formats = [dtype for dtype in DTYPES if dtype != "auto"]
-    for name in (*formats, *SEVEN_BIT):
+    for name in names:
         dtype = SEVEN_BIT.get(name, name)
         settings = Settings(model_name=None, threads=2, dtype=dtype)
         # int8 as this CPU's kernels take it; SEVEN_BIT as on x86 CPUs without AVX512-VNNI, which multiply
@@ -162,7 +179,8 @@ def main() -> None:
             "in 16 bits). bfloat16-int8head and float32-int8head are bfloat16 and float32 with the output "
             "layer alone int8 in that way (float32-int8head with no dense copy, every product FBGEMM's "
             "(on AMX CPUs oneDNN's, with FBGEMM's quantization and numbers), and its tied input embeddings "
-            "int8 rows too). "
+            "int8 rows too). float16-int8head is float32-int8head with its other layers' weights in float16 "
+            "(FBGEMM's float16 products, float32 arithmetic). "
             "float32-packed is float32 with oneDNN's packed products.",
             "",
             f"Measured on {cpu['model']} ({cpu['isa_class']}: {', '.join(cpu['flags'])}), "
@@ -174,7 +192,7 @@ def main() -> None:
             *rows,
         ]
     )
-    out = ROOT / "bench" / "results" / "quality.md"
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report + "\n")
     print(report)

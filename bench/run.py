@@ -255,7 +255,8 @@ def bench_system(
 DTYPES = ("auto", *(dtype for dtype in SERVED_DTYPES if dtype != "auto"))  # auto first
 GPT2_PARAMS = 124_439_808  # GPT2Config(): every weight is read once per decoding step
 GPT2_OUTPUT_PARAMS = 50257 * 768  # its output layer (the tied embeddings), int8 in the *-int8head formats
-BYTES = {"float32": 4, "float32-packed": 4, "bfloat16": 2, "int8": 1}
+# Bytes a weight, per kernel: float16 is float16-int8head's layers' (FBGEMM's float16 products)
+BYTES = {"float32": 4, "float32-packed": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
 @dataclass(frozen=True)
@@ -365,7 +366,7 @@ def _fastest(rates: dict[str, float | None], dtype: str) -> float | None:
 
 # Bytes a weight each of the probe's reads streamed, over its GPT-2-sized matrix (probe_now): "read" is the
 # faster of two plain sums, of float32 and of bfloat16 weights, counted as the smaller.
-READ_BYTES = {"float32": 4, "float32-packed": 4, "bfloat16": 2, "read": 2, "int8": 1}
+READ_BYTES = {"float32": 4, "float32-packed": 4, "float16": 2, "bfloat16": 2, "read": 2, "int8": 1}
 
 
 def memory_rate(measured: dict[str, Any], per_weight: float) -> float | None:
@@ -401,6 +402,8 @@ def roofline_formats(measured: dict[str, Any], native_bf16: bool) -> dict[str, d
         # (textgen/model/formats.py int8_dense_dtype), the fastest GEMM here: its compute roofline.
         dense = ("bfloat16" if native_bf16 else "float32") if dtype == "int8" else dtype
         gflops = _fastest(measured["gemm_gflops"], dense)
+        if dtype == "float16":  # float32's arithmetic on float16 weights: the machine's float32 peak too
+            gflops = max(filter(None, (gflops, _fastest(measured["gemm_gflops"], "float32"))), default=None)
         table[dtype] = {
             "bandwidth_gbps": memory,
             "product_gbps": product,
@@ -497,7 +500,8 @@ def markdown(report: dict[str, Any]) -> str:
             "read of fewer bytes than the format's step only if they exceed the reported last-level cache "
             f"(bench/run.py memory_rate). The reads here, GB/s: {streamed}. A product kernel that streams "
             "slower than the roof shows as a shortfall. GEMM: float32 and float32-packed (the same FLOPs) "
-            "both take the faster of their kernels, F.linear's (oneMKL) and oneDNN's packed one." + spread,
+            "both take the faster of their kernels, F.linear's (oneMKL) and oneDNN's packed one; float16 "
+            "(float32's arithmetic on float16 weights, FBGEMM's) the fastest of its own and theirs." + spread,
         ]
     best: dict[tuple[str, int], float] = {}  # fastest anchor per (decoding, clients)
     for a in report["anchors"]:

@@ -17,6 +17,7 @@ from textgen.config import Settings
 from textgen.engine.batch import DecodeBatch
 from textgen.model.attention import cache_dtype, store_keys_as
 from textgen.model.compiled import MAX_TOKENS
+from textgen.model.formats import CACHE_DTYPES
 from textgen.model.loading import load_model
 from textgen.model.memory import kv_bytes_per_token
 from textgen.model.native import native_decoding
@@ -137,12 +138,13 @@ def test_encoder_decoders_and_other_formats_cache_what_they_compute(
     config = T5Config(vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2)
     t5 = T5ForConditionalGeneration(config).eval()
     assert not store_keys_as(t5, torch.float16) and cache_dtype(t5) is None
-    for dtype in ("float32", "float32-packed", "bfloat16", "bfloat16-int8head", "int8", "float32-int8head"):
+    every = ("float32", "float32-packed", "bfloat16", "bfloat16-int8head", "int8", *CACHE_DTYPES)
+    for dtype in every:
         settings = Settings(model_name=str(tiny_model_dir), threads=1, dtype=dtype, cache_dir=cache_dir)
         loaded = load_model(settings, resolve_model(settings))
         computed = str(loaded.model.dtype).removeprefix("torch.")  # int8's: its dense copy's
         # GET /info's kv_cache_dtype says what the cache holds
-        if dtype == "float32-int8head":
+        if dtype in CACHE_DTYPES:  # float32-int8head's and float16-int8head's
             assert cache_dtype(loaded.model) == torch.float16 and loaded.kv_cache_dtype == "float16"
         else:
             assert cache_dtype(loaded.model) is None and loaded.kv_cache_dtype == computed, dtype

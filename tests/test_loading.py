@@ -24,7 +24,7 @@ from textgen.model.source import ModelLoadError, resolve_model
 from textgen.engine.params import SamplingParams
 from textgen.model.cpu import detect_cpu, this_cpu
 from textgen.model.formats import int8_dense_dtype
-from textgen.model.linear import Linear, onednn_bfloat16, use_linear
+from textgen.model.linear import Linear, fbgemm_float16, onednn_bfloat16, use_linear
 from textgen.model.quantize import (
     DENSE_ROWS,
     ONEDNN_PACK_ROWS,
@@ -287,6 +287,63 @@ def test_float32_int8head_packs_its_layers_where_float32_packed_is_for_the_cpu(
     assert_generates(loaded, ids[0].tolist())
 
 
+def test_float16_int8head_keeps_its_layers_weights_in_float16_for_fbgemm(
+    loaded_tiny, tiny_model_dir, cache_dir
+):
+    """float16-int8head (`auto` on AMD's AVX2 CPUs): every block product's weight is FBGEMM's float16 copy
+    and no float32 one is left, the output layer and embeddings are int8 and the KV cache float16 as
+    float32-int8head's; the lone row decodes eagerly (inductor cannot take FBGEMM's products), with logits
+    within the int8 output layer's rounding of float32's."""
+    if not fbgemm_float16():
+        pytest.skip("torch without FBGEMM")
+    settings = Settings(
+        model_name=str(tiny_model_dir), threads=1, dtype="float16-int8head", cache_dir=cache_dir
+    )
+    loaded = load_model(settings, resolve_model(settings))
+    model = loaded.model
+    assert loaded.dtype == "float16-int8head"
+    blocks = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(blocks) == 4 * 2 and all(m.float16 is not None for m in blocks)
+    assert all(
+        m.weight.dtype == torch.float32 and m.weight.shape == (m.out_features, m.in_features) for m in blocks
+    )
+    # the blocks' float32 weights went: the position embeddings are the one float matrix left
+    assert [name for name, t in model.named_parameters() if t.dim() == 2] == ["transformer.wpe.weight"]
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.get_input_embeddings(), Int8Embedding)
+    assert loaded.kv_cache_dtype == "float16"
+    assert start_compiling(model, loaded.dtype, cache_dir) == (
+        "off: float16-int8head decodes eagerly (its products are FBGEMM's, which inductor cannot take)"
+    )
+    attention = native_decoding(model).attention
+    if attention.thread is not None:
+        attention.thread.join()
+    ids = torch.tensor([loaded.tokenizer.encode("What is AI? Artificial intelligence is")])
+    with torch.inference_mode():
+        got, expected = model(ids).logits[0, -1], loaded_tiny.model(ids).logits[0, -1]
+    assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
+    assert_generates(loaded, ids[0].tolist())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40, 97])
+def test_float16_linear_is_float32_arithmetic_on_float16_weights(rows):
+    """FBGEMM's float16 product (float16-int8head's layers): x Wᵀ + b with W rounded to float16 and nothing
+    else, at one row and many, 2-D or 3-D, in float32, laid out as F.linear lays it."""
+    if not fbgemm_float16():
+        pytest.skip("torch without FBGEMM")
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64), torch.randn(96)
+    layer = Linear(weight.clone(), bias, float16=True)
+    assert layer.float16 is not None and not layer.packed
+    x = torch.randn(rows, 64)
+    expected = torch.nn.functional.linear(x, weight.half().float(), bias)
+    for shaped in (x, x.view(1, rows, 64)):
+        got = layer(shaped)
+        assert got.dtype == torch.float32 and got.shape == (*shaped.shape[:-1], 96) and got.is_contiguous()
+        torch.testing.assert_close(got.reshape(rows, 96), expected, rtol=1e-5, atol=1e-4)
+    # a weight that is also the input embeddings (pack=False) stays float32's
+    assert Linear(weight.clone(), bias, pack=False, float16=True).float16 is None
+
+
 @pytest.mark.parametrize("rows", [1, 3, 40, 96, 97])
 @pytest.mark.parametrize("pack", [True, False])
 def test_bfloat16_linear_equals_the_plain_product(rows, pack):
@@ -481,7 +538,8 @@ def test_bad_configuration_names_the_variable():
     with pytest.raises(ConfigError, match="TEXTGEN_THREADS must be a whole number, got 'two'"):
         Settings.from_env({"TEXTGEN_THREADS": "two"})
     with pytest.raises(
-        ConfigError, match="TEXTGEN_DTYPE must be one of float32, float32-packed, float32-int8head, bfloat16"
+        ConfigError,
+        match="TEXTGEN_DTYPE must be one of float32, float32-packed, float32-int8head, float16-int8head, bf",
     ):
         Settings.from_env({"TEXTGEN_DTYPE": "fp8"})
     settings = Settings.from_env({"MODEL_NAME": " gpt2 ", "TEXTGEN_THREADS": "2"})
@@ -489,7 +547,16 @@ def test_bad_configuration_names_the_variable():
 
 
 @pytest.mark.parametrize(
-    "dtype", ["float32", "float32-packed", "float32-int8head", "bfloat16", "bfloat16-int8head", "int8"]
+    "dtype",
+    [
+        "float32",
+        "float32-packed",
+        "float32-int8head",
+        "float16-int8head",
+        "bfloat16",
+        "bfloat16-int8head",
+        "int8",
+    ],
 )
 def test_encoder_decoder_models_load_with_seq2seq_class_and_generate(
     dtype, tmp_path, tiny_model_dir, cache_dir

@@ -9,9 +9,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # auto: chosen for this CPU (textgen/model/formats.py); bfloat16-int8head, float32-int8head: bfloat16 or
-# float32 but the output layer int8; float32-packed: float32 with oneDNN's packed products
+# float32 but the output layer int8; float16-int8head: float32-int8head with its layers' weights in float16
+# (FBGEMM widens them as it multiplies); float32-packed: float32 with oneDNN's packed products
 # (textgen/model/linear.py), not batch-invariant
-DTYPES = ("float32", "float32-packed", "float32-int8head", "bfloat16", "bfloat16-int8head", "int8", "auto")
+DTYPES = (
+    "float32",
+    "float32-packed",
+    "float32-int8head",
+    "float16-int8head",
+    "bfloat16",
+    "bfloat16-int8head",
+    "int8",
+    "auto",
+)
 # textgen/engine/speculative.py MODES (not imported: no torch here)
 SPECULATIVE_MODES = ("off", "ngram", "draft")
 # auto: unset request fields take the model's own sampling defaults (textgen/model/sampling_defaults.py);

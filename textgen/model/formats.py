@@ -38,6 +38,11 @@ from textgen.model.quantize import onednn_output_layer
 # layer has added. With its tied input embeddings int8 rows too (2026-12-06): +0.11% and -0.34%; with its
 # KV cache in float16 too (CACHE_DTYPES, session 33): +0.06% and -0.40%, the same answers.
 # "float32-packed" is float32 with oneDNN's products: the same perplexity and answers (Zen 4, session 21).
+# "float16-int8head" is float32-int8head with its layers' weights rounded to float16 (FBGEMM's products,
+# float32 arithmetic): with 7-bit output weights on an AVX2 EPYC (Zen 3, session 45) 17.48 token by token
+# against float32-int8head's 17.47 and float32's 17.53 (bench/results/2026-12-07-quality-avx2-session45.md),
+# 17.47 and 17.50 in one pass: float16 weights added +0.06% at most; counted at float32-int8head's +0.23%
+# plus that.
 QUALITY_COST: Mapping[str, float] = {
     "float32": 0.0,
     "float32-packed": 0.0,
@@ -47,6 +52,8 @@ QUALITY_COST: Mapping[str, float] = {
     "int8-7bit": 0.0320,  # +2.80% on the AMX Xeon, +3.20% on the Zen 4 (session 21)
     "float32-int8head": 0.0023,
     "float32-int8head-7bit": 0.0023,
+    "float16-int8head": 0.0029,
+    "float16-int8head-7bit": 0.0029,
 }
 MAX_QUALITY_COST = 0.01  # `auto` accepts at most +1% token-by-token perplexity (issue #12)
 
@@ -62,21 +69,36 @@ MAX_QUALITY_COST = 0.01  # `auto` accepts at most +1% token-by-token perplexity 
 # 404.2-404.9; an AMD EPYC Zen 3's own figures are in README "Performance"). float32-packed: float32's
 # bytes, oneDNN's packed kernels where they are faster (float32_packing).
 # A format this CPU emulates never gets this far.
-SPEED_ORDER = ("int8", "bfloat16-int8head", "bfloat16", "float32-int8head", "float32-packed", "float32")
+# float16-int8head reads half of float32-int8head's layers' bytes and computes as float32 does
+# (`float16_weights`).
+SPEED_ORDER = (
+    "int8",
+    "bfloat16-int8head",
+    "bfloat16",
+    "float16-int8head",
+    "float32-int8head",
+    "float32-packed",
+    "float32",
+)
 BFLOAT16_LAYERS = ("bfloat16", "bfloat16-int8head")  # formats whose layers compute in bfloat16
-INT8_OUTPUT_LAYER = ("bfloat16-int8head", "float32-int8head")  # int8 output layer, the others as named
+# int8 output layer, the others as named (float16-int8head's in float16 weights)
+INT8_OUTPUT_LAYER = ("bfloat16-int8head", "float32-int8head", "float16-int8head")
 FBGEMM_PRODUCTS = ("int8", *INT8_OUTPUT_LAYER)  # formats with FBGEMM's int8 products
 
 
 # What textgen's KV cache stores keys and values in, per format, where not in the dtype the layers compute
-# (textgen/model/attention.py `cache_dtype`). float32-int8head, `auto` on CPUs without native bfloat16:
+# (textgen/model/attention.py `cache_dtype`). float32-int8head and float16-int8head, `auto` on CPUs without
+# native bfloat16:
 # float16 halves what float32 keys and values take, and every x86 CPU with AVX2 widens float16 in hardware
 # (F16C) as attention reads it; bfloat16 would round 8x coarser. W's 32 streams keep 32 rows of up to 160
 # positions: 377 MB of GPT-2's keys and values in float32, 189 in float16. Attention reads them through
 # inductor's compiled loops, which widen as they read, where the CPU has no float16 arithmetic (torch's own
 # float16 kernels are 5-14x slower there: `compiled_attention_wins`), and through SDPA where it has
 # (`sdpa_wins`). float32 and float32-packed keep float32: they promise Hugging Face's numbers.
-CACHE_DTYPES: Mapping[str, torch.dtype] = {"float32-int8head": torch.float16}
+CACHE_DTYPES: Mapping[str, torch.dtype] = {
+    "float32-int8head": torch.float16,
+    "float16-int8head": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -133,6 +155,24 @@ def float32_packing(cpu: CpuInfo) -> str | None:
     return None
 
 
+def float16_weights(cpu: CpuInfo) -> str | None:
+    """Why float16-int8head is not for this CPU (a clause), or None where it is.
+
+    Its layers' weights are float16 and FBGEMM's products widen them to float32 as they read them (F16C),
+    so a decoding step streams half of float32's bytes for them and computes as float32 does. Where
+    float32-int8head's layers are oneDNN's packed ones (`float32_packing`: AMD's CPUs) FBGEMM's float16
+    products were faster at every size (AVX2 EPYC Zen 3, 2 threads, GPT-2's 48 block products: 1 row 10.5
+    against 20.4 ms, 32 rows 53.6 against 63.0, 256 rows 289 against 320; textgen/model/linear.py) and take
+    half the memory. On Intel's CPUs float32-int8head's lone row compiles with oneMKL's products, which
+    FBGEMM's would leave: unmeasured there."""
+    packing = float32_packing(cpu)
+    return (
+        None
+        if packing is None
+        else f"measured only where it replaces packed float32 products; here {packing}"
+    )
+
+
 def packs_float32(dtype: str, cpu: CpuInfo) -> bool:
     """Whether `dtype`'s float32 layers multiply with oneDNN's packed kernels on `cpu`
     (textgen/model/linear.py `pack_float32`) rather than oneMKL's: float32-packed's everywhere,
@@ -159,6 +199,8 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
         why = _not_native(dtype, cpu)
         if why is None and dtype == "float32-packed":
             why = float32_packing(cpu)
+        if why is None and dtype == "float16-int8head":
+            why = float16_weights(cpu)
         if why is None and dtype in FBGEMM_PRODUCTS and not cpu.fbgemm_kernels:
             why = (
                 "measured on x86 only, where FBGEMM multiplies it"
@@ -186,6 +228,12 @@ def choose_dtype(cpu: CpuInfo, quality: Mapping[str, float] | None = None) -> Dt
             )
             native = (
                 f"runs {layers} and its output layer with FBGEMM's int8 products natively "
+                f"({_int8_kernel(cpu)})"
+            )
+        elif dtype == "float16-int8head":
+            native = (
+                "runs float32's layers from float16 weights with FBGEMM's products (half the bytes, widened "
+                f"as they are read) and its output layer with FBGEMM's int8 products natively "
                 f"({_int8_kernel(cpu)})"
             )
         elif dtype == "float32-packed":

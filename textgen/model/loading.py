@@ -186,7 +186,8 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
             from textgen.model.quantize import quantize_output_layer
 
             model = quantize_output_layer(model)
-        model = use_linear(model, pack_float32=packs_float32(choice.dtype, cpu))
+        float16 = choice.dtype == "float16-int8head"
+        model = use_linear(model, pack_float32=packs_float32(choice.dtype, cpu), float16=float16)
     if not config.is_encoder_decoder:  # an encoder-decoder's attention is its own, in its own dtype
         store_keys_as(model, CACHE_DTYPES.get(choice.dtype))
     if tokenizer.pad_token is None:

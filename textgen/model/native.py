@@ -328,8 +328,10 @@ def start_compiling(
         attention.state = "off: the matmuls or SDPA are the faster kernels on this CPU"
     if tensors is None:
         # float32-int8head compiles but where its layers are packed (`compiled_dtype`): say so
-        packed = dtype == "float32-int8head"
-        why = " (its float32 products are oneDNN's packed ones here)" if packed else ""
+        why = {
+            "float32-int8head": " (its float32 products are oneDNN's packed ones here)",
+            "float16-int8head": " (its products are FBGEMM's, which inductor cannot take)",
+        }.get(dtype, "")
         decoding.lone.state = f"off: {dtype} decodes eagerly{why}"
     else:
         programs.append((decoding.lone, tensors))
@@ -353,8 +355,8 @@ def compiled_dtype(dtype: str, cpu: CpuInfo | None = None) -> torch.dtype | None
     int8 output layer already rounds a row alone otherwise than in a batch), where their products are
     oneMKL's on the plain weights: where they are oneDNN's packed ones (`packs_float32`: AMD's CPUs) the
     program cannot take its weights, which are opaque. float32 and float32-packed keep the eager pass, whose
-    rows compute the same alone and in a batch (fused layer norms round otherwise), and int8's products are
-    FBGEMM's, which inductor cannot take."""
+    rows compute the same alone and in a batch (fused layer norms round otherwise), and int8's and
+    float16-int8head's products are FBGEMM's, which inductor cannot take."""
     if dtype in BFLOAT16_LAYERS:
         return torch.bfloat16
     if dtype == "float32-int8head" and not packs_float32(dtype, cpu or this_cpu()):

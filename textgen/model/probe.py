@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from textgen.model.cpu import CpuInfo, detect_cpu
 from textgen.model.formats import int8_dense_dtype
-from textgen.model.linear import Linear
+from textgen.model.linear import Linear, fbgemm_float16
 from textgen.model.quantize import Int8Linear
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ CACHE_SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
 # ---------------------------------------------------------------------------------------------------------
 # Hardware probe
 
-PROBE_VERSION = 6  # bump when what or how the probe measures changes: old cache files stop matching
+PROBE_VERSION = 7  # bump when what or how the probe measures changes: old cache files stop matching
 GEMV_SHAPE = (8192, 4096)  # [out, in]: 128 MB in float32, beyond the cache of most (not all) CPUs
 GEMM_SHAPE = (1024, 1024, 1024)  # rows, in, out: 2.1 GFLOP per product
 BUDGET_S = 0.25  # timing per measurement, after one warm-up call
@@ -204,6 +204,10 @@ def _measure(
                 packed = Linear(w32, None, pack_float32=True)
                 record(bandwidth, "float32-packed", w32.nbytes, partial(packed, x32))
                 del packed
+            if fbgemm_float16():  # float16-int8head's layers' product: float16 weights, FBGEMM's
+                half = Linear(w32, None, float16=True)
+                record(bandwidth, "float16", w32.nbytes // 2, partial(half, x32))
+                del half
             reads: dict[str, float | None] = {}  # plain sums of the same bytes
             record(reads, "read float32", w32.nbytes, w32.sum)
             w16, x16 = w32.to(torch.bfloat16), x32.to(torch.bfloat16)
@@ -230,6 +234,9 @@ def _measure(
                 if dtype == torch.float32 and torch.backends.mkldnn.is_available():
                     packed = Linear(w, None, pack_float32=True)
                     record(gflops, "float32-packed", work, lambda: packed(x))
+                if dtype == torch.float32 and fbgemm_float16():
+                    half = Linear(w, None, float16=True)
+                    record(gflops, "float16", work, lambda: half(x))
     finally:
         torch.set_num_threads(previous)
     return bandwidth, gflops, errors
