@@ -77,6 +77,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from textgen.model.cpu import CpuInfo, detect_cpu, this_cpu
+from textgen.model.linear import Linear
 from textgen.model.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
@@ -283,6 +285,9 @@ class LoneRowPasses(AheadOfTime):
         self.embed, self.lone_row, self.head, self.body = embed, lone_row, head, body
         self.kv_shape, self.layers, self.stored, self.traced = kv_shape, layers, stored, traced
         self.config = dict(config or {})
+        # FBGEMM's float16 weights (float16-int8head's), by the handles its products take: inputs of the
+        # program, not constants (`float16_handles`)
+        self.handles = float16_handles(body)
         # Passes it ran of one token, and of several (a prompt, a verification): tests check the path was
         # taken.
         self.steps = self.many = 0
@@ -295,9 +300,9 @@ class LoneRowPasses(AheadOfTime):
             return None
         return {f"{_Pass.BODY}.{name}": tensor for name, tensor in _held_tensors(self.body)}
 
-    def example(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, Buffers]:
-        """Tokens 0 embedded at their positions, and buffers of EXAMPLE_CAPACITY zeroed: EXAMPLE_TOKENS of
-        them where this CPU's passes take several (`lone_tokens`), else one."""
+    def example(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, Buffers, list[torch.Tensor]]:
+        """Tokens 0 embedded at their positions, buffers of EXAMPLE_CAPACITY zeroed (EXAMPLE_TOKENS of them
+        where this CPU's passes take several, `lone_tokens`, else one), and the float16 weights' handles."""
         kv_heads, head_dim = self.kv_shape
         shape = (1, kv_heads, EXAMPLE_CAPACITY, head_dim)
         stored = self.stored or dtype
@@ -305,7 +310,8 @@ class LoneRowPasses(AheadOfTime):
             (torch.zeros(shape, dtype=stored), torch.zeros(shape, dtype=stored)) for _ in range(self.layers)
         ]
         positions = torch.arange(EXAMPLE_TOKENS if lone_tokens(this_cpu()) > 1 else 1)
-        return self.embed(torch.zeros_like(positions), positions).to(dtype), positions, buffers
+        hidden = self.embed(torch.zeros_like(positions), positions).to(dtype)
+        return hidden, positions, buffers, self.handles
 
     def makings(self, dtype: torch.dtype) -> tuple[dict[str, Any], Iterable[tuple[str, torch.Tensor]]]:
         about = {
@@ -318,8 +324,13 @@ class LoneRowPasses(AheadOfTime):
             "layers": self.layers,
             "tokens": "several" if lone_tokens(this_cpu()) > 1 else "one",
             "weightless": weightless(dtype),
+            "float16_handles": len(self.handles),
         }
-        return about, _held_tensors(self.body)
+        # A handle's bytes are a pointer, this process's: the key has its name, dtype and shape only
+        handles = {id(handle) for handle in self.handles}
+        return about, [
+            (name, _shape_only(t) if id(t) in handles else t) for name, t in _held_tensors(self.body)
+        ]
 
     def export(self, dtype: torch.dtype) -> Any:
         """The pass as a program (torch.export) for buffers of `dtype`, traced with `example`'s arguments. Of
@@ -336,16 +347,19 @@ class LoneRowPasses(AheadOfTime):
         # False": float32-int8head's SmolLM2 under AVX2 caps, 20 requests as the server started). So it
         # traces modules of its own (`traced`); the inputs keep the body's names (`weights`).
         lone_row, body = self.traced() if weightless(dtype) else (self.lone_row, None)
-        program = torch.export.export(
-            _Pass(lone_row, body),
-            self.example(dtype),
-            dynamic_shapes={
-                "hidden": tokens,
-                "positions": tokens,
-                "buffers": [({2: capacity}, {2: capacity}) for capacity in capacities],
-            },
-        )
-        return program
+        with warnings.catch_warnings():
+            # FBGEMM's float16 weights' handles, set into the traced body's products from the inputs (_Pass)
+            warnings.filterwarnings("ignore", message="The tensor attributes .*float16.* were assigned")
+            return torch.export.export(
+                _Pass(lone_row, body),
+                self.example(dtype),
+                dynamic_shapes={
+                    "hidden": tokens,
+                    "positions": tokens,
+                    "buffers": [({2: capacity}, {2: capacity}) for capacity in capacities],
+                    "handles": [None] * len(self.handles),
+                },
+            )
 
     def run(
         self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, keep: torch.Tensor | None
@@ -363,7 +377,7 @@ class LoneRowPasses(AheadOfTime):
             return None
         if not self._fits(buffers):
             return None  # the eager pass writes the tokens into the room made for them
-        hidden = self.compiled(self.embed(ids, positions), positions, buffers)
+        hidden = self.compiled(self.embed(ids, positions), positions, buffers, self.handles)
         cache.close_lone(ids.numel())
         if ids.numel() == 1:
             self.steps += 1
@@ -405,22 +419,46 @@ def _held_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return held
 
 
+def float16_handles(body: torch.nn.Module) -> list[torch.Tensor]:
+    """The handles of FBGEMM's float16 weights in `body`'s products (textgen/model/linear.py), in module
+    order. A handle is a few bytes whose storage owns FBGEMM's packed matrix: as a constant of the program,
+    AOTInductor would copy the bytes and lose the matrix ("Expected temporary cpp type wrapper"), so the
+    program takes the handles as inputs, at every call the model's own."""
+    return [layer.float16 for layer in _float16_layers(body) if layer.float16 is not None]
+
+
+def _shape_only(tensor: torch.Tensor) -> torch.Tensor:
+    """A stand-in of `tensor` for a package key: its dtype and shape, no values."""
+    return torch.zeros(tensor.shape, dtype=tensor.dtype)
+
+
 class _Pass(torch.nn.Module):
     """A `lone_row` as a module, which torch.export takes: the model's tensors it reads become the
     program's constants (the model itself is not a submodule: its int8 output layer is outside). With
     `body` (the module holding them) a submodule, they are its parameters and buffers instead, named as in
-    `body` after BODY: the names by which a package without weights is given them (LoneRowPasses.weights)."""
+    `body` after BODY: the names by which a package without weights is given them (LoneRowPasses.weights).
+    FBGEMM's float16 weights' handles are inputs (`float16_handles`): set into the traced body's products
+    before its pass runs."""
 
     BODY = "body"
 
     def __init__(self, lone_row: LoneRow, body: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.lone_row = lone_row
+        self.float16_layers = [] if body is None else list(_float16_layers(body))
         if body is not None:
             setattr(self, self.BODY, body)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, buffers: Buffers) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, positions: torch.Tensor, buffers: Buffers, handles: list[torch.Tensor]
+    ) -> torch.Tensor:
+        for layer, handle in zip(self.float16_layers, handles, strict=True):
+            layer.float16 = handle
         return self.lone_row(hidden, positions, buffers)
+
+
+def _float16_layers(body: torch.nn.Module) -> Iterable[Linear]:
+    return (m for m in body.modules() if isinstance(m, Linear) and m.float16 is not None)
 
 
 def inductor_options(cpu: CpuInfo, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:

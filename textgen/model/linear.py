@@ -27,6 +27,7 @@ size from 2 rows).
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,11 @@ def onednn_bfloat16() -> bool:
 
 # Up to this many rows a plain bfloat16 weight multiplies as W·xᵀ (Linear.forward): the most measured.
 TRANSPOSED_ROWS = 96
+
+
+# torch 2.13 calls FBGEMM's float16 products by these names deprecated (they have no replacement that a
+# compiled program can call: quantized::linear_dynamic_fp16 takes an object, not a tensor); said once.
+warnings.filterwarnings("ignore", message="fbgemm_.*fp16.* is deprecated", category=UserWarning)
 
 
 @functools.cache
@@ -79,11 +85,15 @@ class Linear(nn.Module):
         # streams half of float32's bytes and computes float32's way. On an AVX2 AMD EPYC (Zen 3, 2 threads,
         # GPT-2's 48 block products from memory, session 45) they beat oneDNN's packed float32 kernel at
         # every size: 1 row 10.5 against 20.4 ms, 8 rows 16.2 against 29.9, 32 rows 53.6 against 63.0, 256
-        # rows 289 against 320. W's float16 copy is FBGEMM's own: the float32 tensor goes.
-        self.float16: Any = None
+        # rows 289 against 320. W's float16 copy is FBGEMM's own, held by `float16`, a uint8 tensor of a
+        # few bytes (torch's handle to it: a tensor, unlike linear_prepack_fp16's object, so the compiled
+        # pass takes it as an input, textgen/model/compiled.py); the float32 tensor goes.
+        self.float16: torch.Tensor | None = None
         self.activation: tuple[str, list[Any], str] = ("none", [], "")  # oneDNN's, applied to the output
         if float16 and pack and weight.dtype == torch.float32 and fbgemm_float16():
-            self.float16 = torch.ops.quantized.linear_prepack_fp16(weight.detach().contiguous(), self.bias)
+            self.float16 = torch.ops._quantized.wrapped_fbgemm_pack_gemm_matrix_fp16(
+                weight.detach().contiguous()
+            )
             self.weight = torch.zeros((), dtype=weight.dtype).expand(weight.shape)  # dtype and shape only
             self.packed = self.gemv = self.transposed = False
             return
@@ -107,7 +117,9 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.float16 is not None:
             flat = x.reshape(-1, self.in_features)
-            out = torch.ops.quantized.linear_dynamic_fp16(flat, self.float16)
+            out = torch.ops._quantized.wrapped_fbgemm_linear_fp16_weight(
+                flat, self.float16, self.bias, self.out_features
+            )
             return out.view(*x.shape[:-1], self.out_features)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, *self.activation)

@@ -328,10 +328,8 @@ def start_compiling(
         attention.state = "off: the matmuls or SDPA are the faster kernels on this CPU"
     if tensors is None:
         # float32-int8head compiles but where its layers are packed (`compiled_dtype`): say so
-        why = {
-            "float32-int8head": " (its float32 products are oneDNN's packed ones here)",
-            "float16-int8head": " (its products are FBGEMM's, which inductor cannot take)",
-        }.get(dtype, "")
+        packed = dtype == "float32-int8head"
+        why = " (its float32 products are oneDNN's packed ones here)" if packed else ""
         decoding.lone.state = f"off: {dtype} decodes eagerly{why}"
     else:
         programs.append((decoding.lone, tensors))
@@ -354,11 +352,15 @@ def compiled_dtype(dtype: str, cpu: CpuInfo | None = None) -> torch.dtype | None
     layer is outside the pass), and float32-int8head's float32 ones, which promise nothing bit for bit (the
     int8 output layer already rounds a row alone otherwise than in a batch), where their products are
     oneMKL's on the plain weights: where they are oneDNN's packed ones (`packs_float32`: AMD's CPUs) the
-    program cannot take its weights, which are opaque. float32 and float32-packed keep the eager pass, whose
-    rows compute the same alone and in a batch (fused layer norms round otherwise), and int8's and
-    float16-int8head's products are FBGEMM's, which inductor cannot take."""
+    program cannot take its weights, which are opaque. float16-int8head's float32 pass compiles everywhere:
+    its products are FBGEMM's float16 ones, which the program calls by their weights' handles
+    (textgen/model/compiled.py `float16_handles`). float32 and float32-packed keep the eager pass, whose
+    rows compute the same alone and in a batch (fused layer norms round otherwise), and int8's products are
+    FBGEMM's int8 ones, which inductor cannot take."""
     if dtype in BFLOAT16_LAYERS:
         return torch.bfloat16
+    if dtype == "float16-int8head":
+        return torch.float32
     if dtype == "float32-int8head" and not packs_float32(dtype, cpu or this_cpu()):
         return torch.float32
     return None
