@@ -27,7 +27,6 @@ size from 2 rows).
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -46,9 +45,10 @@ def onednn_bfloat16() -> bool:
 TRANSPOSED_ROWS = 96
 
 
-# torch 2.13 calls FBGEMM's float16 products by these names deprecated (they have no replacement that a
-# compiled program can call: quantized::linear_dynamic_fp16 takes an object, not a tensor); said once.
-warnings.filterwarnings("ignore", message="fbgemm_.*fp16.* is deprecated", category=UserWarning)
+# FBGEMM's float16 products by a tensor handle: torch 2.13 calls these ops deprecated, in two log lines
+# printed once per process ("fbgemm_pack_gemm_matrix_fp16 is deprecated ..."), but has no other that a
+# compiled program can call (quantized::linear_dynamic_fp16 takes an object, not a tensor) and inductor
+# lowers these (torch/_inductor/quantized_lowerings.py).
 
 
 @functools.cache
