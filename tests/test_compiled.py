@@ -443,8 +443,10 @@ def test_the_server_compiles_its_steps_in_the_background(
     `lone_tokens` says so). Where float32-int8head's layers are packed for oneDNN (AMD's CPUs) its step
     decodes eagerly; float16-int8head's compiles everywhere, with FBGEMM's float16 products. The float16
     keys and values of both go through the compiled attention where the CPU has no float16 arithmetic. The
-    compiling process's directory of inductor's working files is removed when it ends. The server itself never traces a pass (torch.export holds the GIL for seconds: its engine would
-    stall), not even to find the package in the cache."""
+    compiling process's directory of inductor's working files is removed when it ends. The server itself never
+    traces a pass (torch.export holds the GIL for seconds: its engine would stall), not even to find the
+    package in the cache.
+    """
     from textgen.frontend.prepare import Frontend
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where that directory goes
