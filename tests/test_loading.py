@@ -16,7 +16,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.pytorch_utils import Conv1D
 
-from textgen.config import ConfigError, Settings, available_cores
+from textgen.config import DTYPES, ConfigError, Settings, available_cores
 from textgen.engine.core import Engine
 from textgen.model.loading import configure_threads, load_model
 from textgen.model.native import compile_state, compiled_dtype, native_decoding, start_compiling
@@ -541,18 +541,7 @@ def test_bad_configuration_names_the_variable():
     assert settings.model_name == "gpt2" and settings.threads == 2
 
 
-@pytest.mark.parametrize(
-    "dtype",
-    [
-        "float32",
-        "float32-packed",
-        "float32-int8head",
-        "float16-int8head",
-        "bfloat16",
-        "bfloat16-int8head",
-        "int8",
-    ],
-)
+@pytest.mark.parametrize("dtype", [dtype for dtype in DTYPES if dtype != "auto"])
 def test_encoder_decoder_models_load_with_seq2seq_class_and_generate(
     dtype, tmp_path, tiny_model_dir, cache_dir
 ):

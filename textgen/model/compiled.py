@@ -424,7 +424,12 @@ def float16_handles(body: torch.nn.Module) -> list[torch.Tensor]:
     order. A handle is a few bytes whose storage owns FBGEMM's packed matrix: as a constant of the program,
     AOTInductor would copy the bytes and lose the matrix ("Expected temporary cpp type wrapper"), so the
     program takes the handles as inputs, at every call the model's own."""
-    return [layer.float16 for layer in _float16_layers(body) if layer.float16 is not None]
+    return [layer.float16 for layer in _float16_layers(body)]
+
+
+def _float16_layers(body: torch.nn.Module) -> list[Any]:
+    """`body`'s products whose weights are FBGEMM's float16 ones (textgen/model/linear.py Linear)."""
+    return [m for m in body.modules() if isinstance(m, Linear) and m.float16 is not None]
 
 
 def _shape_only(tensor: torch.Tensor) -> torch.Tensor:
@@ -445,7 +450,7 @@ class _Pass(torch.nn.Module):
     def __init__(self, lone_row: LoneRow, body: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.lone_row = lone_row
-        self.float16_layers = [] if body is None else list(_float16_layers(body))
+        self.float16_layers = [] if body is None else _float16_layers(body)
         if body is not None:
             setattr(self, self.BODY, body)
 
@@ -455,10 +460,6 @@ class _Pass(torch.nn.Module):
         for layer, handle in zip(self.float16_layers, handles, strict=True):
             layer.float16 = handle
         return self.lone_row(hidden, positions, buffers)
-
-
-def _float16_layers(body: torch.nn.Module) -> Iterable[Linear]:
-    return (m for m in body.modules() if isinstance(m, Linear) and m.float16 is not None)
 
 
 def inductor_options(cpu: CpuInfo, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:

@@ -45,15 +45,14 @@ def onednn_bfloat16() -> bool:
 TRANSPOSED_ROWS = 96
 
 
-# FBGEMM's float16 products by a tensor handle: torch 2.13 calls these ops deprecated, in two log lines
-# printed once per process ("fbgemm_pack_gemm_matrix_fp16 is deprecated ..."), but has no other that a
-# compiled program can call (quantized::linear_dynamic_fp16 takes an object, not a tensor) and inductor
-# lowers these (torch/_inductor/quantized_lowerings.py).
-
-
 @functools.cache
 def fbgemm_float16() -> bool:
-    """Whether torch has FBGEMM's float16-weight products (x86 builds; FBGEMM itself needs AVX2)."""
+    """Whether torch has FBGEMM's float16-weight products (x86 builds; FBGEMM itself needs AVX2).
+
+    Linear calls them by a tensor handle (`_quantized.wrapped_fbgemm_*_fp16*`): torch 2.13 calls those ops
+    deprecated, in two log lines printed once per process, but has no others that a compiled program can
+    call (quantized::linear_dynamic_fp16 takes an object, not a tensor), and inductor lowers these
+    (torch/_inductor/quantized_lowerings.py)."""
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
@@ -63,8 +62,8 @@ class Linear(nn.Module):
     float32: F.linear, or W packed for oneDNN with `pack_float32`, or W rounded to float16 and packed for
     FBGEMM with `float16` (the arithmetic stays float32).
 
-    A packed weight is opaque (oneDNN's tensor, FBGEMM's object): `weight` still answers its dtype and shape
-    (model code reads them), but not its values.
+    A packed weight is opaque (oneDNN's tensor, FBGEMM's behind its handle): `weight` still answers its dtype
+    and shape (model code reads them), but not its values.
     """
 
     def __init__(
