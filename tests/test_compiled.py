@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from textgen.config import ConfigError, Settings
 from textgen.engine.batch import DecodeBatch
 from textgen.engine.params import SamplingParams
+from textgen.model import float16_op
 from textgen.model.attention import compiled_attention_wins
 from textgen.model.compiled import MAX_TOKENS, _compile, lone_tokens
 from textgen.model.cpu import detect_cpu, this_cpu
@@ -454,6 +456,8 @@ def test_the_server_compiles_its_steps_in_the_background(
             assert attention.dtype == rows  # float32-int8head's: float16, as its cache stores them
         else:
             assert compile_state(loaded.model, "attention").startswith("off: ")
+        if dtype == "float16-int8head":  # its program multiplies on every thread: textgen's op
+            assert float16_op.loaded() and _calls_textgen_float16_linear(cache_dir, steps)
         steps.steps = steps.many = attention.calls = 0
         params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True, speculative=False)
         ids = loaded.tokenizer.encode("What is AI?")
@@ -631,3 +635,15 @@ def test_prompts_take_the_compiled_pass_where_the_template_multiplies_many_rows_
     assert lone_tokens(machine("cooper-lake")) == 1
     assert lone_tokens(capped("sapphire-rapids", ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16")) == 1
     assert lone_tokens(machine("epyc-zen3")) == 1
+
+
+def _calls_textgen_float16_linear(cache_dir: Path, program) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the newest package of `program`'s kind calls textgen::float16_linear (AOTInductor's proxy
+    executor calls ops outside its C shim by the names in the package's wrapper.json)."""
+    package = max((cache_dir / "compiled").glob(f"{program.kind}-*.pt2"), key=lambda p: p.stat().st_mtime)
+    with zipfile.ZipFile(package) as archive:
+        return any(
+            b'"textgen::float16_linear"' in archive.read(name)
+            for name in archive.namelist()
+            if name.endswith("wrapper.json")
+        )

@@ -85,6 +85,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from textgen.model import float16_op
 from textgen.model.cpu import CpuInfo, detect_cpu, this_cpu
 from textgen.model.linear import Linear
 from textgen.model.memory import release_freed_memory
@@ -164,6 +165,7 @@ class AheadOfTime:
         same model, to compile in that process rather than this one (textgen/model/compile_step.py)."""
         _inductor_cache_dir()
         start = time.perf_counter()
+        float16_op.wait()  # float16 layers' products are textgen's op once it is built (the key says which)
         try:
             runner, package, how = self._load_or_compile(dtype, cache_dir, apart)
         except Exception as exc:  # no C++ compiler, an op inductor cannot take: stay eager
@@ -325,6 +327,7 @@ class LoneRowPasses(AheadOfTime):
             "tokens": "several" if lone_tokens(this_cpu()) > 1 else "one",
             "weightless": weightless(dtype),
             "float16_handles": len(self.handles),
+            "float16_op": bool(self.handles) and float16_op.loaded(),
         }
         # A handle's bytes are a pointer, this process's: the key has its name, dtype and shape only
         handles = {id(handle) for handle in self.handles}
@@ -347,6 +350,8 @@ class LoneRowPasses(AheadOfTime):
         # False": float32-int8head's SmolLM2 under AVX2 caps, 20 requests as the server started). So it
         # traces modules of its own (`traced`); the inputs keep the body's names (`weights`).
         lone_row, body = self.traced() if weightless(dtype) else (self.lone_row, None)
+        if self.handles:
+            float16_op.wait()  # the program calls textgen's threaded op if it can be built
         with warnings.catch_warnings():
             # FBGEMM's float16 weights' handles, set into the traced body's products from the inputs (_Pass)
             warnings.filterwarnings("ignore", message="The tensor attributes .*float16.* were assigned")

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textgen.model import float16_op
+
 
 @functools.cache
 def onednn_bfloat16() -> bool:
@@ -116,9 +118,12 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.float16 is not None:
             flat = x.reshape(-1, self.in_features)
-            out = torch.ops._quantized.wrapped_fbgemm_linear_fp16_weight(
-                flat, self.float16, self.bias, self.out_features
-            )
+            if float16_op.loaded():  # every thread
+                out = torch.ops.textgen.float16_linear(flat, self.float16, self.bias, self.out_features)
+            else:  # one thread, until textgen's op is built (textgen/model/float16_op.py)
+                out = torch.ops._quantized.wrapped_fbgemm_linear_fp16_weight(
+                    flat, self.float16, self.bias, self.out_features
+                )
             return out.view(*x.shape[:-1], self.out_features)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, *self.activation)

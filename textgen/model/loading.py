@@ -22,6 +22,7 @@ from textgen.model.formats import (
     packs_float32,
     serving_dtype,
 )
+from textgen.model import float16_op
 from textgen.model.linear import use_linear
 from textgen.model.memory import drop_pages, keep_freed_memory, release_freed_memory
 from textgen.model.sampling_defaults import SamplingDefaults, model_sampling_defaults
@@ -187,6 +188,8 @@ def _load_pretrained(source: ModelSource, settings: Settings) -> LoadedModel:
 
             model = quantize_output_layer(model)
         float16 = choice.dtype == "float16-int8head"
+        if float16:
+            float16_op.prepare(settings.cache_dir)
         model = use_linear(model, pack_float32=packs_float32(choice.dtype, cpu), float16=float16)
     if not config.is_encoder_decoder:  # an encoder-decoder's attention is its own, in its own dtype
         store_keys_as(model, CACHE_DTYPES.get(choice.dtype))
