@@ -51,10 +51,11 @@ TRANSPOSED_ROWS = 96
 def fbgemm_float16() -> bool:
     """Whether torch has FBGEMM's float16-weight products (x86 builds; FBGEMM itself needs AVX2).
 
-    Linear calls them by a tensor handle (`_quantized.wrapped_fbgemm_*_fp16*`): torch 2.13 calls those ops
-    deprecated, in two log lines printed once per process, but has no others that a compiled program can
-    call (quantized::linear_dynamic_fp16 takes an object, not a tensor), and inductor lowers these
-    (torch/_inductor/quantized_lowerings.py)."""
+    Linear holds them by a tensor handle (`_quantized.wrapped_fbgemm_pack_gemm_matrix_fp16`), the one form a
+    compiled program can take (quantized::linear_dynamic_fp16 takes an object, not a tensor), and multiplies
+    with textgen::float16_linear (textgen/model/float16_op.py: every thread) or, until it is built, torch's
+    op on the handle (one thread). torch 2.13 calls its handle ops deprecated, in two log lines printed once
+    per process."""
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
@@ -86,9 +87,10 @@ class Linear(nn.Module):
         # streams half of float32's bytes and computes float32's way. On an AVX2 AMD EPYC (Zen 3, 2 threads,
         # GPT-2's 48 block products from memory, session 45) they beat oneDNN's packed float32 kernel at
         # every size: 1 row 10.5 against 20.4 ms, 8 rows 16.2 against 29.9, 32 rows 53.6 against 63.0, 256
-        # rows 289 against 320. W's float16 copy is FBGEMM's own, held by `float16`, a uint8 tensor of a
-        # few bytes (torch's handle to it: a tensor, unlike linear_prepack_fp16's object, so the compiled
-        # pass takes it as an input, textgen/model/compiled.py); the float32 tensor goes.
+        # rows 289 against 320 (FBGEMM on both threads: textgen/model/float16_op.py). W's float16 copy is
+        # FBGEMM's own, held by `float16`, a uint8 tensor of a few bytes (torch's handle to it: a tensor,
+        # unlike linear_prepack_fp16's object, so the compiled pass takes it as an input,
+        # textgen/model/compiled.py); the float32 tensor goes.
         self.float16: torch.Tensor | None = None
         self.activation: tuple[str, list[Any], str] = ("none", [], "")  # oneDNN's, applied to the output
         if float16 and pack and weight.dtype == torch.float32 and fbgemm_float16():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from textgen.model.cpu import CpuInfo, detect_cpu
 from textgen.model.formats import int8_dense_dtype
+from textgen.model import float16_op
 from textgen.model.linear import Linear, fbgemm_float16
 from textgen.model.quantize import Int8Linear
 
@@ -33,7 +34,7 @@ CACHE_SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
 # ---------------------------------------------------------------------------------------------------------
 # Hardware probe
 
-PROBE_VERSION = 7  # bump when what or how the probe measures changes: old cache files stop matching
+PROBE_VERSION = 8  # bump when what or how the probe measures changes: old cache files stop matching
 GEMV_SHAPE = (8192, 4096)  # [out, in]: 128 MB in float32, beyond the cache of most (not all) CPUs
 GEMM_SHAPE = (1024, 1024, 1024)  # rows, in, out: 2.1 GFLOP per product
 BUDGET_S = 0.25  # timing per measurement, after one warm-up call
@@ -142,6 +143,8 @@ def probe(
     if cached is not None:
         return cached
     started = time.perf_counter()
+    if fbgemm_float16():  # float16-int8head's products as its layers run them: on every thread
+        float16_op.prepare(cache_dir, background=False)
     int8_compute = int8_dense_dtype(cpu)  # what textgen's int8 layers multiply in on this CPU
     bandwidth, gflops, errors = _measure(threads, gemv_shape, gemm_shape, budget_s, int8_compute)
     result = Probe(
