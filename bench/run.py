@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -335,8 +336,13 @@ def run_minutes(report: dict[str, Any]) -> str:
 
 def probe_now(threads: int) -> dict[str, Any]:
     """Bandwidth over GPT-2-sized weights and GEMM peak, per format, measured now (~7 s; never cached)."""
+    from textgen.config import Settings
+    from textgen.model import float16_op
     from textgen.model.probe import probe
 
+    # float16's products as the servers run them, built (once) where the servers look for it: their own start
+    # then loads it rather than building it beside their warm-up.
+    float16_op.prepare(Settings.from_env(os.environ).cache_dir, background=False)
     with tempfile.TemporaryDirectory() as cache_dir:
         # A 1-row product over ~500 MB of float32 (GPT-2's weights): the bytes a float32 step streams.
         return probe(Path(cache_dir), threads, gemv_shape=(30_000, 4096)).to_dict()

@@ -24,7 +24,6 @@ import hashlib
 import logging
 import os
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -72,11 +71,19 @@ def wait(timeout: float | None = None) -> bool:
 
 
 def library_path(cache_dir: Path) -> Path:
-    """Where the library for this source, this torch and these flags lies."""
+    """Where the library for this source and this torch lies (not where either is installed: a copy of the
+    project elsewhere finds the same library)."""
     digest = hashlib.sha256()
     digest.update(SOURCE.read_bytes())
-    digest.update(" ".join([torch.__version__, *_command(Path("x.so"))[1:]]).encode())  # any compiler
+    digest.update(" ".join([torch.__version__, *FLAGS, f"abi={_abi()}"]).encode())
     return cache_dir / "ops" / f"float16_linear-{digest.hexdigest()[:16]}.so"
+
+
+FLAGS = ["-O2", "-shared", "-fPIC", "-std=c++20"]
+
+
+def _abi() -> int:
+    return int(torch._C._GLIBCXX_USE_CXX11_ABI)
 
 
 def _command(target: Path) -> list[str]:
@@ -84,9 +91,8 @@ def _command(target: Path) -> list[str]:
 
     includes = [flag for path in cpp_extension.include_paths() for flag in ("-I", path)]
     lib = cpp_extension.library_paths()[0]
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     compiler = os.environ.get("CXX") or "g++"
-    flags = ["-O2", "-shared", "-fPIC", "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes]
+    flags = [*FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={_abi()}", *includes]
     return [
         compiler,
         *flags,
@@ -126,17 +132,18 @@ def _build_and_load(path: Path) -> None:
 
 
 def _build(path: Path) -> None:
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        target = Path(scratch) / path.name
-        try:
-            done = subprocess.run(
-                _command(target), capture_output=True, text=True, timeout=600, preexec_fn=lambda: os.nice(19)
-            )
-        except FileNotFoundError as exc:
-            raise RuntimeError(f"no C++ compiler: {exc}") from None
+    scratch = path.with_name(f"{path.stem}.{os.getpid()}.tmp")  # the library appears whole or not at all
+    try:
+        done = subprocess.run(
+            _command(scratch), capture_output=True, text=True, timeout=600, preexec_fn=lambda: os.nice(19)
+        )
         if done.returncode != 0:
             raise RuntimeError(f"the compiler failed: {done.stderr.strip()[-1500:]}")
-        os.replace(target, path)
+        os.replace(scratch, path)
+    except FileNotFoundError as exc:
+        raise RuntimeError(f"no C++ compiler: {exc}") from None
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def _load(path: Path) -> None:
