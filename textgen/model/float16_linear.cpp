@@ -11,8 +11,8 @@
 
 namespace {
 
-at::Tensor float16_linear(const at::Tensor& x, const at::Tensor& handle, const std::optional<at::Tensor>& bias,
-                          int64_t out_features) {
+at::Tensor float16_linear(const at::Tensor& x, const at::Tensor& handle,
+                          const std::optional<at::Tensor>& bias, int64_t out_features) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "textgen::float16_linear multiplies float32 activations");
   TORCH_CHECK(handle.scalar_type() == at::kByte && handle.numel() > 0,
               "textgen::float16_linear takes a handle from _quantized.wrapped_fbgemm_pack_gemm_matrix_fp16");
