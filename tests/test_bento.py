@@ -127,7 +127,8 @@ def test_bento_pins_the_model_and_serves_it_offline(bento: str, home: Path) -> N
     }
     assert carried == {pinned["tag"].replace(":", "/")}  # the pinned model travels with the Bento, alone
     # Every wing of the library travels too (a container has no checkout to fall back on).
-    for module in ("service.py", "textgen/api/generate.py", "textgen/engine/core.py", "textgen/model/cpu.py"):
+    wings = ("textgen/api/generate.py", "textgen/engine/core.py", "textgen/model/cpu.py")
+    for module in ("service.py", *wings, "textgen/model/float16_linear.cpp"):  # its C++ too, built at start
         assert Path("src") / module in names, module  # Path drops the archive's leading "./"
 
     command = lambda port: [  # noqa: E731

@@ -35,12 +35,17 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("float16_linear.cpp")
 
 _lock = threading.Lock()
-_loaded = False
+_loaded: Path | None = None  # the library this process loaded
 _builder: threading.Thread | None = None
 
 
 def loaded() -> bool:
     """Whether torch.ops.textgen.float16_linear is there (Linear.forward asks at every call)."""
+    return _loaded is not None
+
+
+def loaded_from() -> Path | None:
+    """The library this process loaded the op from (once per process, whichever cache asked first)."""
     return _loaded
 
 
@@ -48,9 +53,13 @@ def prepare(cache_dir: Path, background: bool = True) -> None:
     """Load the op from the cache, or build it (in a low-priority thread with `background`) and load it."""
     global _builder
     with _lock:
-        if _loaded or _builder is not None:
+        if _loaded is not None or _builder is not None:
             return
-        path = library_path(cache_dir)
+        try:
+            path = library_path(cache_dir)
+        except OSError as exc:  # a copy of textgen without float16_linear.cpp
+            _warn(exc)
+            return
         if path.exists():  # built before: a load (or, if it cannot, the warning)
             _build_and_load(path)
             return
@@ -67,7 +76,7 @@ def wait(timeout: float | None = None) -> bool:
     builder = _builder
     if builder is not None:
         builder.join(timeout)
-    return _loaded
+    return loaded()
 
 
 def library_path(cache_dir: Path) -> Path:
@@ -117,17 +126,21 @@ def _build_and_load(path: Path) -> None:
                 _build(path)
         _load(path)
     except Exception as exc:  # no compiler, no headers, a torch without FBGEMM's classes: one thread it is
-        log.warning(
-            "FBGEMM's float16 products stay on one thread: could not build textgen::float16_linear (%s). "
-            "Install a C++ compiler (g++) for them to use every thread.",
-            exc,
-        )
+        _warn(exc)
         return
     log.info(
         "FBGEMM's float16 products on %d threads from now: textgen::float16_linear ready in %.1f s (%s)",
         torch.get_num_threads(),
         time.perf_counter() - started,
         path,
+    )
+
+
+def _warn(exc: BaseException) -> None:
+    log.warning(
+        "FBGEMM's float16 products stay on one thread: could not build textgen::float16_linear (%s). "
+        "Install a C++ compiler (g++) for them to use every thread.",
+        exc,
     )
 
 
@@ -156,4 +169,4 @@ def _load(path: Path) -> None:
     ) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], out_features))
 
-    _loaded = True
+    _loaded = path
