@@ -2,6 +2,7 @@
 once into the cache, the same numbers as torch's one-thread op, and its absence survived."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,9 @@ pytestmark = pytest.mark.skipif(not fbgemm_float16(), reason="torch without FBGE
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_op_is_built_into_the_cache_and_gives_torchs_products_bit_for_bit(cache_dir):
-    float16_op.prepare(cache_dir, background=False)
-    assert float16_op.loaded() and float16_op.library_path(cache_dir).is_file()
+def test_the_op_gives_torchs_products_bit_for_bit_on_every_thread(cache_dir):
+    float16_op.prepare(cache_dir, background=False)  # built here, or loaded already by an earlier test
+    assert float16_op.loaded() and float16_op.loaded_from().is_file()
     torch.manual_seed(0)
     weight, bias = torch.randn(300, 64), torch.randn(300)
     layer = Linear(weight, bias, float16=True)
@@ -38,6 +39,8 @@ def test_the_op_is_built_into_the_cache_and_gives_torchs_products_bit_for_bit(ca
         torch.set_num_threads(threads)
     with pytest.raises(RuntimeError, match="has 300 outputs, not 299"):
         torch.ops.textgen.float16_linear(x, layer.float16, None, 299)
+    with pytest.raises(RuntimeError, match="takes a handle from"):  # not a handle: refused, not followed
+        torch.ops.textgen.float16_linear(x, torch.zeros(64, dtype=torch.uint8), None, 300)
 
 
 SCRIPT = """
@@ -61,7 +64,12 @@ def _run(cache: Path) -> subprocess.CompletedProcess:
 
 def test_a_built_op_loads_without_a_compiler_and_without_one_products_stay_on_one_thread(cache_dir, tmp_path):
     float16_op.prepare(cache_dir, background=False)
-    cached = _run(cache_dir)
+    built = (
+        tmp_path / "built"
+    )  # the library as a build leaves it in a cache, under the name a process looks for
+    (built / "ops").mkdir(parents=True)
+    shutil.copy(float16_op.loaded_from(), float16_op.library_path(built))
+    cached = _run(built)
     assert cached.returncode == 0, cached.stderr
     assert "loaded True 64.0" in cached.stdout and "float16_linear ready in" in cached.stderr
 

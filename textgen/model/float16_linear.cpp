@@ -14,9 +14,10 @@ namespace {
 at::Tensor float16_linear(const at::Tensor& x, const at::Tensor& handle,
                           const std::optional<at::Tensor>& bias, int64_t out_features) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "textgen::float16_linear multiplies float32 activations");
-  TORCH_CHECK(handle.scalar_type() == at::kByte && handle.numel() > 0,
+  using Handle = c10::intrusive_ptr<LinearPackedParamsBase>;
+  TORCH_CHECK(handle.scalar_type() == at::kByte && handle.storage().nbytes() == sizeof(Handle),
               "textgen::float16_linear takes a handle from _quantized.wrapped_fbgemm_pack_gemm_matrix_fp16");
-  auto& weight = *static_cast<c10::intrusive_ptr<LinearPackedParamsBase>*>(handle.storage().mutable_data());
+  auto& weight = *static_cast<Handle*>(handle.storage().mutable_data());
   at::Tensor out = weight->apply_dynamic(x.contiguous());
   TORCH_CHECK(out.size(-1) == out_features, "textgen::float16_linear: the handle's matrix has ", out.size(-1),
               " outputs, not ", out_features);
