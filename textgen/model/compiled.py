@@ -350,8 +350,6 @@ class LoneRowPasses(AheadOfTime):
         # False": float32-int8head's SmolLM2 under AVX2 caps, 20 requests as the server started). So it
         # traces modules of its own (`traced`); the inputs keep the body's names (`weights`).
         lone_row, body = self.traced() if weightless(dtype) else (self.lone_row, None)
-        if self.handles:
-            float16_op.wait()  # the program calls textgen's threaded op if it can be built
         with warnings.catch_warnings():
             # FBGEMM's float16 weights' handles, set into the traced body's products from the inputs (_Pass)
             warnings.filterwarnings("ignore", message="The tensor attributes .*float16.* were assigned")
