@@ -64,9 +64,8 @@ def _run(cache: Path) -> subprocess.CompletedProcess:
 
 def test_a_built_op_loads_without_a_compiler_and_without_one_products_stay_on_one_thread(cache_dir, tmp_path):
     float16_op.prepare(cache_dir, background=False)
-    built = (
-        tmp_path / "built"
-    )  # the library as a build leaves it in a cache, under the name a process looks for
+    # the library as a build leaves it in a cache, under the name a process looks for
+    built = tmp_path / "built"
     (built / "ops").mkdir(parents=True)
     shutil.copy(float16_op.loaded_from(), float16_op.library_path(built))
     cached = _run(built)

@@ -4,7 +4,7 @@ float16-int8head's layers (textgen/model/linear.py) keep their weights in FBGEMM
 tensor handle, the only form a compiled program can take (textgen/model/compiled.py). torch's op on that
 handle (`_quantized.wrapped_fbgemm_linear_fp16_weight`) asks FBGEMM for one thread; its op on the same packing
 held as an object (`quantized::linear_dynamic_fp16`) splits the columns over every thread, but an object
-cannot be a program's input. float16_linear.cpp is ~10 lines that call the object's method through the
+cannot be a program's input. float16_linear.cpp is ~15 lines that call the object's method through the
 handle. GPT-2's 48 block products read from memory, AMD EPYC Zen 3, 2 threads (session 46), torch's handle
 op against this one: 1 row 11.8 against 7.9 ms, 8 rows 25.3 against 15.1, 32 rows 83.7 against 39.8, 128
 rows 288 against 145; the outputs are bit for bit the same (each column is FBGEMM's same sum, only spread
@@ -51,24 +51,25 @@ def loaded_from() -> Path | None:
 
 def prepare(cache_dir: Path, background: bool = True) -> None:
     """Load the op from the cache, or build it (in a low-priority thread with `background`) and load it."""
-    global _builder
     with _lock:
-        if _loaded is not None or _builder is not None:
-            return
-        try:
-            path = library_path(cache_dir)
-        except OSError as exc:  # a copy of textgen without float16_linear.cpp
-            _warn(exc)
-            return
-        if path.exists():  # built before: a load (or, if it cannot, the warning)
-            _build_and_load(path)
-            return
-        _builder = threading.Thread(
-            target=_build_and_load, args=(path,), name="textgen-float16-op", daemon=True
-        )
-        _builder.start()
+        if _loaded is None and _builder is None:
+            _start(cache_dir)
     if not background:
-        wait()
+        wait()  # this call's build, or one an earlier call started
+
+
+def _start(cache_dir: Path) -> None:
+    global _builder
+    try:
+        path = library_path(cache_dir)
+    except OSError as exc:  # a copy of textgen without float16_linear.cpp
+        _warn(exc)
+        return
+    if path.exists():  # built before: a load (or, if it cannot, the warning)
+        _build_and_load(path)
+        return
+    _builder = threading.Thread(target=_build_and_load, args=(path,), name="textgen-float16-op", daemon=True)
+    _builder.start()
 
 
 def wait(timeout: float | None = None) -> bool:
