@@ -24,7 +24,7 @@ from textgen.model.source import ModelLoadError, resolve_model
 from textgen.engine.params import SamplingParams
 from textgen.model.cpu import detect_cpu, this_cpu
 from textgen.model.formats import int8_dense_dtype
-from textgen.model.linear import Linear, fbgemm_float16, onednn_bfloat16, use_linear
+from textgen.model.linear import Linear, TanhGELU, fbgemm_float16, onednn_bfloat16, use_linear
 from textgen.model.quantize import (
     DENSE_ROWS,
     ONEDNN_PACK_ROWS,
@@ -406,6 +406,29 @@ def test_packed_mlp_applies_its_activation_inside_the_product(family, tiny_model
     product, activation = (mlp.c_fc, mlp.act) if family == "gpt2" else (mlp.gate_proj, mlp.act_fn)
     assert isinstance(activation, torch.nn.Identity) and product.activation[0] in ("gelu", "swish")
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_float16_layers_take_the_tanh_gelu_in_one_kernel_and_float32_keeps_transformers(tiny_model_dir):
+    """After FBGEMM's float16 products GPT-2's GELU is torch's one kernel (TanhGELU), which computes what
+    transformers' seven ops do up to rounding; float32 layers keep transformers' module (Hugging Face's
+    logits bit for bit)."""
+    if not fbgemm_float16():
+        pytest.skip("this torch has no FBGEMM float16 products")
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import NewGELUActivation
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        halves = use_linear(copy.deepcopy(model), float16=True)
+        assert isinstance(halves.transformer.h[0].mlp.act, TanhGELU)
+        got = halves(input_ids=ids).logits
+        for block in halves.transformer.h:  # the same float16 products with transformers' GELU
+            block.mlp.act = NewGELUActivation()
+        expected = halves(input_ids=ids).logits
+        plain = use_linear(copy.deepcopy(model))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(plain.transformer.h[0].mlp.act, NewGELUActivation)
 
 
 @pytest.mark.parametrize("levels", [127, 63])
